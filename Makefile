@@ -1,0 +1,46 @@
+# Every target bootstraps .venv itself; a fresh clone needs only Python 3.11 and make.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+REPO   ?= models
+RUNS   ?= runs
+
+.PHONY: serve models test test-fast lint clean
+
+# torch is pinned to 2.13.0: that CPU build lies on this machine's disk, while an
+# unpinned torch may pull a multi-GB CUDA build. It is installed before the
+# project so that the `train` extra finds it already satisfied.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[train,dev]'
+	touch $@
+
+# Demo models, built on first run: a byte-level GRU trained with the quick preset
+# (about 3 minutes on 2 cores), exported and verified into the model repository.
+$(REPO)/text/1/model.onnx: | $(STAMP)
+	$(BIN)/rnnserve train --task text --arch gru --quick --out $(RUNS)/text-gru --overwrite
+	$(BIN)/rnnserve export $(RUNS)/text-gru/best.pt --repo $(REPO) --name text --version 1 --overwrite
+
+models: $(REPO)/text/1/model.onnx
+
+# The gRPC server lands with issue B; until then `serve` builds the demo models
+# and lists the repository it will serve.
+serve: models
+	$(BIN)/rnnserve models --repo $(REPO)
+	@echo "model repository ready in $(REPO)/ (the gRPC server is not built yet)"
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check rnnserve training export tests
+	$(BIN)/mypy rnnserve training export
+
+clean:
+	rm -rf $(VENV) $(RUNS) $(REPO) *.egg-info

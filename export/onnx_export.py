@@ -1,0 +1,231 @@
+"""Export a checkpoint to ONNX with the recurrent state as declared input/output pairs.
+
+The exporter is pinned: torch's TorchScript-based exporter (``dynamo=False``) at
+opset 17. Measured with torch 2.13 it emits the native ``LSTM``/``GRU`` ops with
+dynamic batch and time axes; the dynamo exporter keeps the traced time length in
+its output shapes (onnxruntime then warns on every run at other lengths) and got
+GRU's ``linear_before_reset`` wrong before onnxscript 0.7.1. Whatever the exporter
+does, ``verify`` checks the file before it enters the repository.
+
+Graph interface (names also recorded in the metadata):
+
+- ``input``: (batch, time) uint8 byte values, or (batch, time, F) float32 frames
+- ``h_in`` [, ``c_in``]: (batch, layers, hidden) float32, batch-major
+- ``logits``: (batch, time, outputs) float32
+- ``h_out`` [, ``c_out``]: (batch, layers, hidden) float32
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+import rnnserve
+from rnnserve.errors import ExportError, ModelRepositoryError
+from rnnserve.export import repository
+from rnnserve.export.metadata import (
+    BATCH,
+    TIME,
+    InputSpec,
+    ModelMetadata,
+    OutputSpec,
+    StatePair,
+)
+from rnnserve.training.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
+from rnnserve.training.model import RecurrentModel
+
+OPSET = 17
+TESTED_TORCH = "2.13."
+DUMMY_BATCH = 1
+DUMMY_TIME = 8
+DATA_INPUT = "input"
+DATA_OUTPUT = "logits"
+
+
+class StreamingWrapper(nn.Module):
+    """``forward(x, *states) -> (y, *new_states)``: flat tensors, as ONNX wants them."""
+
+    def __init__(self, model: RecurrentModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y, new = self.model(x, tuple(states))
+        return (y, *new)
+
+
+def state_names(model: RecurrentModel) -> list[tuple[str, str]]:
+    return [(f"{n}_in", f"{n}_out") for n in model.config.state_names]
+
+
+def build_metadata(model: RecurrentModel, ckpt: dict[str, Any], name: str,
+                   extra_export: dict[str, Any]) -> ModelMetadata:
+    cfg = model.config
+    if cfg.input_kind == "bytes":
+        inp = InputSpec(name=DATA_INPUT, dtype="uint8", shape=(BATCH, TIME), kind="utf8_bytes")
+        out = OutputSpec(name=DATA_OUTPUT, dtype="float32", shape=(BATCH, TIME, cfg.output_size),
+                         meaning="logits over the next byte value (0..255)")
+    else:
+        inp = InputSpec(name=DATA_INPUT, dtype="float32", shape=(BATCH, TIME, cfg.input_size),
+                        kind="features")
+        labels = ckpt.get("labels")
+        out = OutputSpec(name=DATA_OUTPUT, dtype="float32", shape=(BATCH, TIME, cfg.output_size),
+                         meaning="logits per frame",
+                         labels=tuple(labels) if labels else None)
+    states = tuple(
+        StatePair(input=i, output=o, shape=(BATCH, cfg.num_layers, cfg.hidden_size))
+        for i, o in state_names(model)
+    )
+    training = {k: v for k, v in ckpt.get("metrics", {}).items()
+                if isinstance(v, int | float | str)}
+    training["step"] = int(ckpt.get("step", 0))
+    if "data" in ckpt:
+        training["corpus"] = ckpt["data"]
+    return ModelMetadata(
+        name=name, arch=cfg.arch, task=str(ckpt["task"]), input=inp, outputs=(out,),
+        states=states, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+        training=training, export=extra_export, rnnserve_version=rnnserve.__version__,
+    )
+
+
+def export_onnx(model: RecurrentModel, metadata: ModelMetadata) -> onnx.ModelProto:
+    """Trace ``model`` at batch 1 x 8 steps with dynamic batch/time; attach metadata."""
+    cfg = model.config
+    model = model.eval()
+    if cfg.input_kind == "bytes":
+        x = torch.randint(0, 256, (DUMMY_BATCH, DUMMY_TIME), dtype=torch.uint8)
+    else:
+        x = torch.randn(DUMMY_BATCH, DUMMY_TIME, cfg.input_size)
+    states = model.initial_state(DUMMY_BATCH)
+    pairs = state_names(model)
+    in_names = [DATA_INPUT, *(i for i, _ in pairs)]
+    out_names = [DATA_OUTPUT, *(o for _, o in pairs)]
+    dynamic: dict[str, dict[int, str]] = {DATA_INPUT: {0: BATCH, 1: TIME},
+                                          DATA_OUTPUT: {0: BATCH, 1: TIME}}
+    for i, o in pairs:
+        dynamic[i] = {0: BATCH}
+        dynamic[o] = {0: BATCH}
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of dynamo, and warns that
+        # RNN batch sizes are traced; both are handled (see module docstring).
+        warnings.simplefilter("ignore")
+        try:
+            tmp = tempfile.TemporaryDirectory(prefix="rnnserve-export-")
+            traced = Path(tmp.name) / "traced.onnx"
+            torch.onnx.export(
+                StreamingWrapper(model), (x, *states), traced,
+                input_names=in_names, output_names=out_names, dynamic_axes=dynamic,
+                opset_version=OPSET, dynamo=False, do_constant_folding=True,
+            )
+        except Exception as exc:
+            raise ExportError(f"torch.onnx.export failed: {exc}") from exc
+    with tmp:
+        proto = onnx.load(str(traced))
+    set_metadata(proto, metadata)
+    return proto
+
+
+def set_metadata(proto: onnx.ModelProto, metadata: ModelMetadata) -> None:
+    keep = [p for p in proto.metadata_props if not p.key.startswith("rnnserve.")]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    for key, value in metadata.to_props().items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name = "rnnserve"
+    proto.producer_version = rnnserve.__version__
+    proto.doc_string = f"rnnserve {metadata.arch} model {metadata.name!r} ({metadata.task})"
+
+
+def write_model_atomically(proto: onnx.ModelProto, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".model.", suffix=".onnx.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(proto.SerializeToString())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    repo: str | Path,
+    name: str,
+    version: int | None = None,
+    *,
+    overwrite: bool = False,
+    tolerance: float = 1e-5,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> repository.ModelVersion:
+    """Export, verify, and only then publish ``REPO/NAME/VERSION/model.onnx``.
+
+    The model is written into a hidden staging directory inside the model's folder
+    and renamed into place after verification passed, so a server scanning the
+    repository never sees a half-written or unverified version.
+    """
+    from rnnserve.export.verify import verify_file
+
+    repository.check_name(name)
+    ckpt_path = Path(checkpoint)
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt)
+    if not torch.__version__.startswith(TESTED_TORCH):
+        log(f"warning: export is tested with torch {TESTED_TORCH}x, this is {torch.__version__}")
+    repo_path = Path(repo)
+    model_dir = repo_path / name
+    try:
+        if repo_path.exists() and not repo_path.is_dir():
+            raise ModelRepositoryError(f"model repository {str(repo_path)!r} is not a directory")
+        model_dir.mkdir(parents=True, exist_ok=True)
+        if version is None:
+            version = repository.next_version(repo_path, name)
+        if version < 1:
+            raise ModelRepositoryError(f"versions are positive integers, got {version}")
+        final_dir = model_dir / str(version)
+        if final_dir.exists() and not overwrite:
+            raise ModelRepositoryError(
+                f"{str(final_dir)!r} already exists; pick another --version or pass --overwrite"
+            )
+        staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".staging-{version}-"))
+    except OSError as exc:
+        raise ModelRepositoryError(
+            f"cannot write to model repository {str(repo_path)!r}: {exc.strerror or exc}"
+        ) from exc
+    try:
+        export_info = {
+            "exporter": f"torch.onnx TorchScript-based (dynamo=False), torch {torch.__version__}",
+            "opset": OPSET,
+            "onnx": onnx.__version__,
+            "traced_batch": DUMMY_BATCH,
+            "traced_time": DUMMY_TIME,
+            "checkpoint": str(ckpt_path.resolve()),
+            "checkpoint_sha256": file_sha256(ckpt_path),
+        }
+        metadata = build_metadata(model, ckpt, name, export_info)
+        log(f"exporting {ckpt_path} -> {final_dir / repository.MODEL_FILE} (opset {OPSET})")
+        proto = export_onnx(model, metadata)
+        staged = staging / repository.MODEL_FILE
+        write_model_atomically(proto, staged)
+        report = verify_file(staged, model=model, tolerance=tolerance, seed=seed, log=log)
+        report.raise_if_failed()
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.replace(staging, final_dir)
+    except OSError as exc:
+        raise ModelRepositoryError(
+            f"cannot write to model repository {str(repo_path)!r}: {exc.strerror or exc}"
+        ) from exc
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return repository.ModelVersion(name, version, final_dir / repository.MODEL_FILE)

@@ -1,0 +1,344 @@
+"""Verification of an exported model against its contract.
+
+Runs at the end of every export and as ``rnnserve verify MODEL``. Checks:
+
+1. structure: the ONNX checker passes; metadata parses; graph inputs/outputs carry
+   the declared names with dynamic ``batch`` (and ``time``) axes;
+2. ops: native ``LSTM``/``GRU`` nodes, one per layer, no ``Loop``/``Scan``; every GRU
+   node has ``linear_before_reset=1`` (PyTorch's formulation);
+3. streaming: at random batch sizes 1..16 and sequence lengths never seen at export,
+   random chunkings run with the state carried forward give the outputs and final
+   state of one whole-sequence run;
+4. batching: each row of a batched run equals that row run alone (the server batches
+   unrelated sessions together);
+5. parity with torch, when the torch model is at hand: outputs and final states.
+
+Every comparison starts from random non-zero states. The largest absolute
+differences are printed and written into the model's ``rnnserve.verification``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rnnserve.errors import MissingDependencyError, ModelMetadataError, VerificationError
+from rnnserve.export.metadata import BATCH, TIME, ModelMetadata
+
+FORBIDDEN_OPS = ("Loop", "Scan")
+RECURRENT_OP = {"lstm": "LSTM", "gru": "GRU"}
+MAX_BATCH = 16
+
+
+@dataclass
+class VerificationReport:
+    path: str
+    tolerance: float
+    failures: list[str] = field(default_factory=list)
+    ops: dict[str, int] = field(default_factory=dict)
+    max_abs_diff_chunked_vs_whole: float = 0.0
+    max_abs_diff_batched_vs_single: float = 0.0
+    max_abs_diff_vs_torch: float | None = None
+    torch_parity: str = "not run"
+    cases: list[tuple[int, int, int]] = field(default_factory=list)  # (batch, time, chunks)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def raise_if_failed(self) -> None:
+        if self.failures:
+            raise VerificationError(f"{self.path}: verification failed: {'; '.join(self.failures)}")
+
+    def to_metadata(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "failures": self.failures,
+            "tolerance": self.tolerance,
+            "max_abs_diff_vs_torch": self.max_abs_diff_vs_torch,
+            "torch_parity": self.torch_parity,
+            "max_abs_diff_chunked_vs_whole": self.max_abs_diff_chunked_vs_whole,
+            "max_abs_diff_batched_vs_single": self.max_abs_diff_batched_vs_single,
+            "cases": len(self.cases),
+            "batch_sizes": sorted({c[0] for c in self.cases}),
+            "lengths": sorted({c[1] for c in self.cases}),
+            "ops": self.ops,
+            "onnxruntime": _ort().__version__,
+            "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+
+def _ort() -> Any:
+    import onnxruntime
+
+    return onnxruntime
+
+
+def _onnx() -> Any:
+    try:
+        import onnx
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "verification needs the onnx package: pip install 'rnnserve[train]'"
+        ) from exc
+    return onnx
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest |a - b|; infinite when shapes differ or anything is not finite."""
+    if a.shape != b.shape:
+        return math.inf
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    if d.size == 0:
+        return 0.0
+    if not np.isfinite(d).all():
+        return math.inf
+    return float(d.max())
+
+
+def _dims(value_info: Any) -> list[int | str]:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def check_structure(proto: Any, meta: ModelMetadata, report: VerificationReport) -> None:
+    onnx = _onnx()
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        report.failures.append(f"ONNX checker: {str(exc).splitlines()[0]}")
+    graph_inputs = {i.name: i for i in proto.graph.input}
+    graph_outputs = {o.name: o for o in proto.graph.output}
+    expected_in = [meta.input.name, *(s.input for s in meta.states)]
+    expected_out = [*(o.name for o in meta.outputs), *(s.output for s in meta.states)]
+    if sorted(graph_inputs) != sorted(expected_in):
+        report.failures.append(f"graph inputs {sorted(graph_inputs)} != declared {expected_in}")
+    if sorted(graph_outputs) != sorted(expected_out):
+        report.failures.append(f"graph outputs {sorted(graph_outputs)} != declared {expected_out}")
+    for name, info in [*graph_inputs.items(), *graph_outputs.items()]:
+        dims = _dims(info)
+        if not dims or not isinstance(dims[0], str) or not dims[0]:
+            report.failures.append(f"{name}: batch axis is not dynamic (dims {dims})")
+    for name in (meta.input.name, *(o.name for o in meta.outputs)):
+        info = graph_inputs.get(name) or graph_outputs.get(name)
+        if info is not None:
+            dims = _dims(info)
+            if len(dims) < 2 or not isinstance(dims[1], str):
+                report.failures.append(f"{name}: time axis is not dynamic (dims {dims})")
+
+    ops = Counter(n.op_type for n in proto.graph.node)
+    report.ops = dict(sorted(ops.items()))
+    wanted = RECURRENT_OP.get(meta.arch)
+    if wanted is None:
+        report.failures.append(f"unknown arch {meta.arch!r}")
+    elif ops.get(wanted, 0) != meta.num_layers:
+        report.failures.append(
+            f"expected {meta.num_layers} native {wanted} node(s), found {ops.get(wanted, 0)}"
+        )
+    for op in FORBIDDEN_OPS:
+        if ops.get(op):
+            report.failures.append(f"graph contains {op} (an unrolled or looped recurrence)")
+    for node in proto.graph.node:
+        if node.op_type == "GRU":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("linear_before_reset") != 1:
+                report.failures.append(
+                    f"GRU node {node.name!r} has linear_before_reset="
+                    f"{attrs.get('linear_before_reset', 0)}; PyTorch's GRU needs 1"
+                )
+        if node.op_type in ("LSTM", "GRU"):
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            direction = attrs.get("direction", b"forward")
+            if direction not in (b"forward", "forward"):
+                report.failures.append(f"{node.op_type} node {node.name!r} runs {direction!r}")
+
+
+class _Runner:
+    """Runs the ONNX model on named numpy arrays; states in metadata order."""
+
+    def __init__(self, path: Path, meta: ModelMetadata) -> None:
+        ort = _ort()
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.meta = meta
+        self.out_names = [o.name for o in meta.outputs] + [s.output for s in meta.states]
+
+    def __call__(self, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray,
+                                                                         list[np.ndarray]]:
+        feeds = {self.meta.input.name: x}
+        feeds.update({s.input: v for s, v in zip(self.meta.states, states, strict=True)})
+        res = self.sess.run(self.out_names, feeds)
+        return res[0], res[len(self.meta.outputs):]
+
+
+def _random_input(meta: ModelMetadata, rng: np.random.Generator, b: int, t: int) -> np.ndarray:
+    if meta.input.kind == "utf8_bytes":
+        return rng.integers(0, 256, size=(b, t), dtype=np.uint8)
+    if meta.input.kind == "features":
+        feat = [d for d in meta.input.shape[2:] if isinstance(d, int)]
+        return rng.standard_normal((b, t, *feat)).astype(np.float32)
+    raise ModelMetadataError(f"verification does not yet generate {meta.input.kind!r} input")
+
+
+def _random_states(meta: ModelMetadata, rng: np.random.Generator, b: int) -> list[np.ndarray]:
+    return [rng.uniform(-0.9, 0.9, size=(b, *s.row_shape())).astype(np.float32)
+            for s in meta.states]
+
+
+def _cut_points(rng: np.random.Generator, t: int) -> list[int]:
+    """Random chunk boundaries; always includes a chunk of length 1 when t > 2."""
+    k = int(rng.integers(2, min(t, 9) + 1))
+    cuts = sorted(set(rng.choice(np.arange(1, t), size=k - 1, replace=False).tolist()))
+    if t > 2 and 1 not in np.diff([0, *cuts, t]):
+        cuts = sorted(set(cuts) | {cuts[0] - 1 if cuts[0] > 1 else 1})
+    return [0, *cuts, t]
+
+
+def verification_cases(rng: np.random.Generator, n: int, avoid_time: int) -> list[tuple[int, int]]:
+    """(batch, time) pairs: always batch 1 and 16, lengths other than the traced one."""
+    cases = [(1, 101), (MAX_BATCH, 37), (13, 101)]
+    while len(cases) < n:
+        b = int(rng.integers(1, MAX_BATCH + 1))
+        t = int(rng.integers(2, 121))
+        if t != avoid_time:
+            cases.append((b, t))
+    return cases[:n]
+
+
+def verify_file(
+    path: str | Path,
+    *,
+    model: Any = None,
+    checkpoint: str | Path | None = None,
+    tolerance: float = 1e-5,
+    seed: int = 0,
+    n_cases: int = 8,
+    write: bool = True,
+    log: Callable[[str], None] = print,
+) -> VerificationReport:
+    """Verify ``path``; compare with torch when ``model`` or ``checkpoint`` is given.
+
+    With ``write`` the report replaces ``rnnserve.verification`` in the file
+    (atomically). A failed check is recorded in the report, not raised: call
+    ``raise_if_failed()``.
+    """
+    onnx = _onnx()
+    started = time.perf_counter()
+    path = Path(path)
+    proto = onnx.load(str(path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    meta = ModelMetadata.from_props(props, source=str(path))
+    report = VerificationReport(path=str(path), tolerance=tolerance)
+    check_structure(proto, meta, report)
+    log(f"verify {path}: ops {report.ops}")
+    if model is None and checkpoint is not None:
+        model = _load_torch_model(checkpoint)
+    if model is None:
+        recorded = meta.verification.get("max_abs_diff_vs_torch")
+        report.torch_parity = "skipped: no checkpoint given" + (
+            f" (export measured {recorded:.2e})" if isinstance(recorded, float) else ""
+        )
+        report.max_abs_diff_vs_torch = recorded if isinstance(recorded, float) else None
+    else:
+        report.torch_parity = "run"
+        report.max_abs_diff_vs_torch = 0.0
+
+    runner = _Runner(path, meta)
+    rng = np.random.default_rng(seed)
+    traced = int(meta.export.get("traced_time", 8))
+    for i, (b, t) in enumerate(verification_cases(rng, n_cases, traced)):
+        x = _random_input(meta, rng, b, t)
+        s0 = _random_states(meta, rng, b)
+        try:
+            y_whole, s_whole = runner(x, s0)
+        except Exception as exc:  # onnxruntime refuses the shapes: the contract is broken
+            msg = " ".join(str(exc).split())[:300]
+            report.failures.append(f"onnxruntime failed at batch {b}, time {t}: {msg}")
+            continue
+        if y_whole.shape[:2] != (b, t):
+            report.failures.append(f"output shape {y_whole.shape} at batch {b}, time {t}")
+            continue
+        # streaming: chunks with the state carried
+        cuts = _cut_points(rng, t)
+        states, ys = s0, []
+        for a, z in zip(cuts[:-1], cuts[1:], strict=True):
+            y, states = runner(x[:, a:z], states)
+            ys.append(y)
+        d_chunk = max(max_abs_diff(np.concatenate(ys, axis=1), y_whole),
+                      *(max_abs_diff(s, w) for s, w in zip(states, s_whole, strict=True)))
+        report.max_abs_diff_chunked_vs_whole = max(report.max_abs_diff_chunked_vs_whole, d_chunk)
+        # batching: one row alone equals that row in the batch
+        row = int(rng.integers(0, b))
+        y_row, s_row = runner(x[row:row + 1], [s[row:row + 1] for s in s0])
+        d_batch = max(max_abs_diff(y_row, y_whole[row:row + 1]),
+                      *(max_abs_diff(s, w[row:row + 1]) for s, w in zip(s_row, s_whole,
+                                                                        strict=True)))
+        report.max_abs_diff_batched_vs_single = max(report.max_abs_diff_batched_vs_single,
+                                                    d_batch)
+        line = (f"  case {i + 1}/{n_cases}: batch {b:2d}, time {t:3d}, {len(cuts) - 1} chunks: "
+                f"chunked {d_chunk:.1e}, row {row} alone {d_batch:.1e}")
+        if model is not None:
+            d_torch = _torch_diff(model, x, s0, y_whole, s_whole)
+            report.max_abs_diff_vs_torch = max(report.max_abs_diff_vs_torch or 0.0, d_torch)
+            line += f", vs torch {d_torch:.1e}"
+        report.cases.append((b, t, len(cuts) - 1))
+        log(line)
+
+    for label, value in (("chunked vs whole", report.max_abs_diff_chunked_vs_whole),
+                         ("batched vs single", report.max_abs_diff_batched_vs_single),
+                         ("onnx vs torch", report.max_abs_diff_vs_torch if model is not None
+                          else None)):
+        if value is not None and not value <= tolerance:
+            report.failures.append(f"{label}: largest difference {value:.3e} > {tolerance:.0e}")
+    report.seconds = time.perf_counter() - started
+    torch_part = (f"vs torch {report.max_abs_diff_vs_torch:.2e}" if model is not None
+                  else f"torch parity {report.torch_parity}")
+    log(f"verify {'PASSED' if report.passed else 'FAILED'} in {report.seconds:.1f}s: "
+        f"largest differences: chunked vs whole {report.max_abs_diff_chunked_vs_whole:.2e}, "
+        f"batched vs single {report.max_abs_diff_batched_vs_single:.2e}, {torch_part} "
+        f"(tolerance {tolerance:.0e})")
+    for failure in report.failures:
+        log(f"  FAILED: {failure}")
+    if write:
+        _write_report(proto, meta, report, path)
+    return report
+
+
+def _write_report(proto: Any, meta: ModelMetadata, report: VerificationReport,
+                  path: Path) -> None:
+    from dataclasses import replace
+
+    from rnnserve.export.onnx_export import set_metadata, write_model_atomically
+
+    set_metadata(proto, replace(meta, verification=report.to_metadata()))
+    write_model_atomically(proto, path)
+
+
+def _load_torch_model(checkpoint: str | Path) -> Any:
+    from rnnserve.errors import require_train_extra
+
+    require_train_extra("comparing with torch")
+    from rnnserve.training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    return model_from_checkpoint(load_checkpoint(checkpoint))
+
+
+def _torch_diff(model: Any, x: np.ndarray, s0: list[np.ndarray], y_onnx: np.ndarray,
+                s_onnx: list[np.ndarray]) -> float:
+    import torch
+
+    with torch.no_grad():
+        y, s = model.eval()(torch.from_numpy(x), tuple(torch.from_numpy(v) for v in s0))
+    return max(max_abs_diff(y.numpy(), y_onnx),
+               *(max_abs_diff(a.numpy(), b) for a, b in zip(s, s_onnx, strict=True)))
+
+
+__all__ = ["VerificationReport", "verify_file", "max_abs_diff", "BATCH", "TIME"]

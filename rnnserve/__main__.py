@@ -1,0 +1,3 @@
+from rnnserve.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the 'train' extra (torch) is not installed")
+
+from rnnserve.training.checkpoint import new_model_checkpoint, save_checkpoint  # noqa: E402
+from rnnserve.training.data import TextCorpus, load_text_corpus  # noqa: E402
+from rnnserve.training.model import ModelConfig  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_corpus() -> TextCorpus:
+    """Only the pydoc topics (~465 KB): loads in well under a second."""
+    return load_text_corpus(("pydoc_topics",))
+
+
+def tiny_config(arch: str, input_kind: str = "bytes", **kw: object) -> ModelConfig:
+    base: dict[str, object] = dict(
+        arch=arch,
+        input_kind=input_kind,
+        input_size=256 if input_kind == "bytes" else 20,
+        output_size=256 if input_kind == "bytes" else 7,
+        hidden_size=24,
+        num_layers=2,
+        embed_size=16,
+    )
+    base.update(kw)
+    return ModelConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path: Path):
+    """Write an untrained (seeded random) checkpoint and return its path."""
+
+    def make(arch: str, input_kind: str = "bytes", seed: int = 0, **kw: object) -> Path:
+        path = tmp_path / f"{arch}-{input_kind}-{seed}.pt"
+        task = "text" if input_kind == "bytes" else "features"
+        save_checkpoint(path, new_model_checkpoint(tiny_config(arch, input_kind, **kw), task, seed))
+        return path
+
+    return make

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rnnserve.errors import DataError
+from rnnserve.training.data import is_validation, load_text_corpus, unigram_entropy_bits
+
+
+def test_split_is_deterministic_disjoint_and_about_ten_percent(small_corpus) -> None:
+    again = load_text_corpus(("pydoc_topics",))
+    assert again.sha256 == small_corpus.sha256
+    assert np.array_equal(again.val, small_corpus.val)
+    n_train, n_val = small_corpus.documents
+    assert 0.03 < n_val / (n_train + n_val) < 0.2
+    # a validation document never appears in the training bytes
+    from pydoc_data.topics import topics
+
+    val_keys = [k for k in sorted(topics) if is_validation(f"pydoc:{k}", 10)]
+    assert val_keys
+    sample = topics[val_keys[0]].strip().encode()[:400]
+    assert sample in small_corpus.val.tobytes()
+    assert sample not in small_corpus.train.tobytes()
+
+
+def test_membership_does_not_depend_on_the_other_documents() -> None:
+    # adding a source never moves an existing document between splits
+    assert is_validation("pydoc:assert", 10) == is_validation("pydoc:assert", 10)
+    assert any(is_validation(f"doc:{i}", 10) for i in range(100))
+    assert not all(is_validation(f"doc:{i}", 10) for i in range(100))
+
+
+def test_english_text_has_the_expected_unigram_entropy(small_corpus) -> None:
+    assert 4.4 < unigram_entropy_bits(small_corpus.val) < 5.0
+    assert small_corpus.train.dtype == np.uint8
+
+
+def test_unknown_source_is_refused() -> None:
+    with pytest.raises(DataError, match="unknown text sources"):
+        load_text_corpus(("wikipedia",))

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from rnnserve.errors import UsageError
+from rnnserve.training.checkpoint import load_checkpoint
+from rnnserve.training.train import BEST, LAST, PRESETS, TrainConfig, train_text
+
+TINY = replace(PRESETS["quick"], hidden_size=32, num_layers=1, embed_size=16, batch_size=16,
+               seq_len=32, steps=150, lr=2e-2, warmup_steps=5, eval_every=75, eval_bytes=4096,
+               eval_shards=4, sources=("pydoc_topics",), threads=1)
+
+
+@pytest.mark.parametrize("arch", ["lstm", "gru"])
+def test_tiny_model_learns_and_writes_checkpoints(tmp_path, small_corpus, arch) -> None:
+    evals: list[tuple[int, float]] = []
+    result = train_text(replace(TINY, arch=arch), tmp_path, progress=False,
+                        corpus=small_corpus, on_eval=lambda s, v: evals.append((s, v)))
+    assert [s for s, _ in evals] == [75, 150]
+    # better than a model that ignores context
+    assert result["val_bits_per_byte"] < result["unigram_entropy_bits"] - 0.3
+    ckpt = load_checkpoint(tmp_path / LAST)
+    assert ckpt["step"] == 150 and ckpt["model_config"]["arch"] == arch
+    assert ckpt["metrics"]["val_scope"] == "full"
+    assert (tmp_path / BEST).is_file()
+    assert TrainConfig.from_dict(ckpt["train_config"]) == replace(TINY, arch=arch)
+
+
+def test_a_finished_run_can_be_extended(tmp_path, small_corpus) -> None:
+    cfg = replace(TINY, steps=10, eval_every=10)
+    train_text(cfg, tmp_path, progress=False, corpus=small_corpus)
+    train_text(TINY, tmp_path, progress=False, corpus=small_corpus, resume=True, steps=16)
+    ckpt = load_checkpoint(tmp_path / LAST)
+    assert ckpt["step"] == 16 and ckpt["train_config"]["steps"] == 16
+
+
+def test_interrupted_run_resumes_bit_exactly(tmp_path, small_corpus) -> None:
+    cfg = replace(TINY, steps=40, eval_every=20, dropout=0.1, num_layers=2)
+    train_text(cfg, tmp_path / "straight", progress=False, corpus=small_corpus)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_20(step: int, _: float) -> None:
+        if step == 20:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_text(cfg, tmp_path / "cut", progress=False, corpus=small_corpus, on_eval=stop_at_20)
+    assert load_checkpoint(tmp_path / "cut" / LAST)["step"] == 20
+    train_text(cfg, tmp_path / "cut", progress=False, corpus=small_corpus, resume=True)
+    a = load_checkpoint(tmp_path / "straight" / LAST)["model_state"]
+    b = load_checkpoint(tmp_path / "cut" / LAST)["model_state"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+
+
+def test_existing_run_is_not_overwritten_silently(tmp_path, small_corpus) -> None:
+    train_text(replace(TINY, steps=2, eval_every=2), tmp_path, progress=False, corpus=small_corpus)
+    with pytest.raises(UsageError, match="--resume"):
+        train_text(TINY, tmp_path, progress=False, corpus=small_corpus)
+
+
+def test_val_metric_is_finite_bits_per_byte(tmp_path, small_corpus) -> None:
+    r = train_text(replace(TINY, steps=3, eval_every=3), tmp_path, progress=False,
+                   corpus=small_corpus)
+    assert math.isfinite(r["val_bits_per_byte"]) and 0 < r["val_bits_per_byte"] < 9
