@@ -60,7 +60,6 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     eval_every: int = 500
-    eval_bytes: int = 65536  # periodic evaluation reads this much; the final one all of it
     eval_shards: int = 16  # contiguous validation streams evaluated side by side
     seed: int = 1234
     val_percent: int = 10
@@ -98,8 +97,7 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     "default": TrainConfig(),
     "quick": TrainConfig(
-        hidden_size=256, dropout=0.0, steps=1200, lr=5e-3, warmup_steps=30, eval_every=400,
-        eval_bytes=32768,
+        hidden_size=256, dropout=0.0, steps=1200, lr=5e-3, warmup_steps=30, eval_every=400
     ),
 }
 
@@ -269,8 +267,9 @@ def train_text(
     loss_ema: float | None = None
     val_bpb = float(ckpt["metrics"].get("val_bits_per_byte", math.nan)) if ckpt else math.nan
     step = start_step
+    val_step = int(ckpt["metrics"].get("val_step", start_step)) if ckpt else 0
 
-    def snapshot(final: bool) -> dict[str, Any]:
+    def snapshot() -> dict[str, Any]:
         return {
             "task": "text",
             "model_config": model.config.to_dict(),
@@ -282,7 +281,7 @@ def train_text(
             "data": corpus.describe(),
             "metrics": {
                 "val_bits_per_byte": val_bpb,
-                "val_scope": "full" if final else f"first {cfg.eval_bytes} bytes",
+                "val_step": val_step,
                 "best_val_bits_per_byte": best,
                 "unigram_entropy_bits": entropy,
                 "train_loss_bits_per_byte": bits_per_byte(loss_ema) if loss_ema else math.nan,
@@ -314,14 +313,13 @@ def train_text(
                        lr=f"{lr:.1e}")
             final = step == cfg.steps
             if final or step % cfg.eval_every == 0:
-                data = corpus.val if final else corpus.val[: cfg.eval_bytes]
-                val_bpb = evaluate_bits_per_byte(model, data, cfg.eval_shards)
+                val_bpb = evaluate_bits_per_byte(model, corpus.val, cfg.eval_shards)
+                val_step = step
                 improved = val_bpb < best
                 best = min(best, val_bpb)
-                scope = "all" if final else f"first {data.size:,} bytes"
-                bar.write(f"step {step}: validation {val_bpb:.3f} bits/byte ({scope}; "
-                          f"unigram entropy {entropy:.2f})")
-                payload = snapshot(final)
+                bar.write(f"step {step}: validation {val_bpb:.3f} bits/byte "
+                          f"(unigram entropy {entropy:.2f})")
+                payload = snapshot()
                 save_checkpoint(out / LAST, payload)
                 if improved:
                     save_checkpoint(out / BEST, payload)
@@ -329,10 +327,10 @@ def train_text(
                     on_eval(step, val_bpb)
     except KeyboardInterrupt:
         bar.close()
-        save_checkpoint(out / LAST, snapshot(False))
+        save_checkpoint(out / LAST, snapshot())
         raise
     bar.close()
-    result = snapshot(True)["metrics"]
+    result = snapshot()["metrics"]
     result.update(info)
     result["steps"] = step
     return result

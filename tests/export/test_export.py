@@ -172,3 +172,12 @@ def test_verify_writes_its_figures_into_the_metadata(tmp_path, make_checkpoint) 
     assert after["cases"] == 4 and after["torch_parity"] == "run"
     assert after["max_abs_diff_vs_torch"] == report.max_abs_diff_vs_torch
     assert after["verified_at"] >= before
+
+
+def test_a_model_that_fails_verification_is_never_published(tmp_path, make_checkpoint) -> None:
+    ckpt = make_checkpoint("lstm")
+    # a negative tolerance fails every comparison: the export must stop before publishing
+    with pytest.raises(VerificationError, match="verification failed"):
+        export_checkpoint(ckpt, tmp_path, "l", tolerance=-1.0, log=_quiet)
+    assert repository.versions(tmp_path, "l") == []
+    assert list((tmp_path / "l").iterdir()) == []

@@ -11,7 +11,7 @@ from rnnserve.training.checkpoint import load_checkpoint
 from rnnserve.training.train import BEST, LAST, PRESETS, TrainConfig, train_text
 
 TINY = replace(PRESETS["quick"], hidden_size=32, num_layers=1, embed_size=16, batch_size=16,
-               seq_len=32, steps=150, lr=2e-2, warmup_steps=5, eval_every=75, eval_bytes=4096,
+               seq_len=32, steps=150, lr=2e-2, warmup_steps=5, eval_every=75,
                eval_shards=4, sources=("pydoc_topics",), threads=1)
 
 
@@ -25,7 +25,8 @@ def test_tiny_model_learns_and_writes_checkpoints(tmp_path, small_corpus, arch) 
     assert result["val_bits_per_byte"] < result["unigram_entropy_bits"] - 0.3
     ckpt = load_checkpoint(tmp_path / LAST)
     assert ckpt["step"] == 150 and ckpt["model_config"]["arch"] == arch
-    assert ckpt["metrics"]["val_scope"] == "full"
+    assert ckpt["metrics"]["val_step"] == 150
+    assert ckpt["metrics"]["val_bits_per_byte"] == evals[-1][1]
     assert (tmp_path / BEST).is_file()
     assert TrainConfig.from_dict(ckpt["train_config"]) == replace(TINY, arch=arch)
 
