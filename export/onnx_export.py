@@ -122,7 +122,7 @@ def export_onnx(model: RecurrentModel, metadata: ModelMetadata) -> onnx.ModelPro
             tmp = tempfile.TemporaryDirectory(prefix="rnnserve-export-")
             traced = Path(tmp.name) / "traced.onnx"
             torch.onnx.export(
-                StreamingWrapper(model), (x, *states), traced,
+                StreamingWrapper(model).eval(), (x, *states), traced,
                 input_names=in_names, output_names=out_names, dynamic_axes=dynamic,
                 opset_version=OPSET, dynamo=False, do_constant_folding=True,
             )

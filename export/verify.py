@@ -15,6 +15,16 @@ Runs at the end of every export and as ``rnnserve verify MODEL``. Checks:
 
 Every comparison starts from random non-zero states. The largest absolute
 differences are printed and written into the model's ``rnnserve.verification``.
+
+Tolerances. Streaming and batching compare onnxruntime with itself and must agree
+within ``tolerance`` (1e-5) in absolute terms; measured, they agree exactly. ONNX vs
+torch compares two float32 implementations whose sums run in different orders. It
+passes when the largest difference is within ``tolerance``; trained language models
+have logits near 40 and LSTM cell states near 100, where float32 steps are 4e-6 to
+8e-6 and a few of them exceed 1e-5. So verification also runs torch in float64 (the
+exact answer, for this purpose) and a larger difference passes only when it is
+float32 rounding: onnxruntime is no farther from float64 than twice torch float32's
+own distance from it, plus ``tolerance``. Both distances are reported.
 """
 
 from __future__ import annotations
@@ -46,6 +56,8 @@ class VerificationReport:
     max_abs_diff_chunked_vs_whole: float = 0.0
     max_abs_diff_batched_vs_single: float = 0.0
     max_abs_diff_vs_torch: float | None = None
+    torch_vs_float64: float | None = None
+    onnx_vs_float64: float | None = None
     torch_parity: str = "not run"
     cases: list[tuple[int, int, int]] = field(default_factory=list)  # (batch, time, chunks)
     seconds: float = 0.0
@@ -64,6 +76,8 @@ class VerificationReport:
             "failures": self.failures,
             "tolerance": self.tolerance,
             "max_abs_diff_vs_torch": self.max_abs_diff_vs_torch,
+            "torch_float32_vs_float64": self.torch_vs_float64,
+            "onnx_vs_float64": self.onnx_vs_float64,
             "torch_parity": self.torch_parity,
             "max_abs_diff_chunked_vs_whole": self.max_abs_diff_chunked_vs_whole,
             "max_abs_diff_batched_vs_single": self.max_abs_diff_batched_vs_single,
@@ -249,7 +263,7 @@ def verify_file(
         report.max_abs_diff_vs_torch = recorded if isinstance(recorded, float) else None
     else:
         report.torch_parity = "run"
-        report.max_abs_diff_vs_torch = 0.0
+        cmp = _TorchComparison(model)
 
     runner = _Runner(path, meta)
     rng = np.random.default_rng(seed)
@@ -286,21 +300,21 @@ def verify_file(
         line = (f"  case {i + 1}/{n_cases}: batch {b:2d}, time {t:3d}, {len(cuts) - 1} chunks: "
                 f"chunked {d_chunk:.1e}, row {row} alone {d_batch:.1e}")
         if model is not None:
-            d_torch = _torch_diff(model, x, s0, y_whole, s_whole)
-            report.max_abs_diff_vs_torch = max(report.max_abs_diff_vs_torch or 0.0, d_torch)
+            d_torch = cmp.add(x, s0, [y_whole, *s_whole])
             line += f", vs torch {d_torch:.1e}"
         report.cases.append((b, t, len(cuts) - 1))
         log(line)
 
     for label, value in (("chunked vs whole", report.max_abs_diff_chunked_vs_whole),
-                         ("batched vs single", report.max_abs_diff_batched_vs_single),
-                         ("onnx vs torch", report.max_abs_diff_vs_torch if model is not None
-                          else None)):
-        if value is not None and not value <= tolerance:
+                         ("batched vs single", report.max_abs_diff_batched_vs_single)):
+        if not value <= tolerance:
             report.failures.append(f"{label}: largest difference {value:.3e} > {tolerance:.0e}")
+    if model is not None:
+        cmp.finish(report, tolerance)
     report.seconds = time.perf_counter() - started
-    torch_part = (f"vs torch {report.max_abs_diff_vs_torch:.2e}" if model is not None
-                  else f"torch parity {report.torch_parity}")
+    torch_part = (f"vs torch {report.max_abs_diff_vs_torch:.2e} (float32 rounding: torch "
+                  f"{report.torch_vs_float64:.1e}, onnx {report.onnx_vs_float64:.1e} from float64)"
+                  if model is not None else f"torch parity {report.torch_parity}")
     log(f"verify {'PASSED' if report.passed else 'FAILED'} in {report.seconds:.1f}s: "
         f"largest differences: chunked vs whole {report.max_abs_diff_chunked_vs_whole:.2e}, "
         f"batched vs single {report.max_abs_diff_batched_vs_single:.2e}, {torch_part} "
@@ -331,14 +345,42 @@ def _load_torch_model(checkpoint: str | Path) -> Any:
     return model_from_checkpoint(load_checkpoint(checkpoint))
 
 
-def _torch_diff(model: Any, x: np.ndarray, s0: list[np.ndarray], y_onnx: np.ndarray,
-                s_onnx: list[np.ndarray]) -> float:
-    import torch
+class _TorchComparison:
+    """ONNX outputs against torch float32, and both against torch float64."""
 
-    with torch.no_grad():
-        y, s = model.eval()(torch.from_numpy(x), tuple(torch.from_numpy(v) for v in s0))
-    return max(max_abs_diff(y.numpy(), y_onnx),
-               *(max_abs_diff(a.numpy(), b) for a, b in zip(s, s_onnx, strict=True)))
+    def __init__(self, model: Any) -> None:
+        import copy
+
+        self.model = model.eval()
+        self.model64 = copy.deepcopy(model).double().eval()
+        self.max_abs = self.t32 = self.o64 = 0.0
+
+    def add(self, x: np.ndarray, s0: list[np.ndarray], onnx_out: list[np.ndarray]) -> float:
+        import torch
+
+        x64 = torch.from_numpy(x) if x.dtype == np.uint8 else torch.from_numpy(x).double()
+        with torch.no_grad():
+            y, s = self.model(torch.from_numpy(x), tuple(torch.from_numpy(v) for v in s0))
+            y64, s64 = self.model64(x64, tuple(torch.from_numpy(v).double() for v in s0))
+        case_max = 0.0
+        for got, r32, r64 in zip(onnx_out, (y, *s), (y64, *s64), strict=True):
+            case_max = max(case_max, max_abs_diff(got, r32.numpy()))
+            self.t32 = max(self.t32, max_abs_diff(r32.numpy(), r64.numpy()))
+            self.o64 = max(self.o64, max_abs_diff(got, r64.numpy()))
+        self.max_abs = max(self.max_abs, case_max)
+        return case_max
+
+    def finish(self, report: VerificationReport, tolerance: float) -> None:
+        report.max_abs_diff_vs_torch = self.max_abs
+        report.torch_vs_float64 = self.t32
+        report.onnx_vs_float64 = self.o64
+        if self.max_abs <= tolerance:
+            return
+        if not self.o64 <= 2 * self.t32 + tolerance:
+            report.failures.append(
+                f"onnx vs torch: largest difference {self.max_abs:.3e} > {tolerance:.0e}, and "
+                f"onnx is {self.o64:.2e} from float64 where torch float32 is {self.t32:.2e}"
+            )
 
 
 __all__ = ["VerificationReport", "verify_file", "max_abs_diff", "BATCH", "TIME"]

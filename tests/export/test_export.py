@@ -170,6 +170,8 @@ def test_verify_writes_its_figures_into_the_metadata(tmp_path, make_checkpoint) 
     assert report.passed and len(report.cases) == 4
     after = _meta(_session(mv.path)).verification
     assert after["cases"] == 4 and after["torch_parity"] == "run"
+    assert 0 < after["torch_float32_vs_float64"] < 1e-5
+    assert 0 < after["onnx_vs_float64"] < 1e-5
     assert after["max_abs_diff_vs_torch"] == report.max_abs_diff_vs_torch
     assert after["verified_at"] >= before
 
