@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from rnnserve.errors import MissingDependencyError, ModelMetadataError, VerificationError
-from rnnserve.export.metadata import BATCH, TIME, ModelMetadata
+from rnnserve.export.metadata import ModelMetadata
 
 FORBIDDEN_OPS = ("Loop", "Scan")
 RECURRENT_OP = {"lstm": "LSTM", "gru": "GRU"}
@@ -383,4 +383,4 @@ class _TorchComparison:
             )
 
 
-__all__ = ["VerificationReport", "verify_file", "max_abs_diff", "BATCH", "TIME"]
+__all__ = ["VerificationReport", "verify_file", "max_abs_diff"]

@@ -1,0 +1,145 @@
+"""Cross-session batching: one step of many sessions in one onnxruntime call.
+
+Each model version has one ``Batcher``. ``await batcher.step(state, x)`` queues one
+session's chunk; a single consumer task takes the first waiting step as soon as it
+arrives (no polling), gathers more until the batch is full or ``max_delay_s`` has
+passed, splits them by chunk length (so no padding ever enters a state), and runs
+each group in a worker thread. Results are scattered back to the waiting callers.
+
+The caller keeps at most one step of a session in flight (the core holds a lock
+per session), so a batch never holds two steps of one session and a session's
+chunks stay in order. A full queue answers ``Overloaded`` at once instead of
+blocking the producer; a failed run fails every step in it, and the batcher goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from rnnserve.server.errors import BatchFailed, Overloaded
+from rnnserve.server.runtime import ModelRuntime
+
+log = logging.getLogger("rnnserve.batcher")
+
+# (batch size, seconds the oldest step waited, seconds the run took)
+BatchHook = Callable[[int, float, float], None]
+
+
+@dataclass
+class _Step:
+    x: np.ndarray
+    state: list[np.ndarray]
+    future: asyncio.Future[tuple[list[np.ndarray], list[np.ndarray]]]
+    queued_at: float
+
+
+class Batcher:
+    def __init__(self, runtime: ModelRuntime, *, max_batch_size: int = 64,
+                 max_delay_s: float = 0.002, max_queue: int = 4096,
+                 on_batch: BatchHook | None = None) -> None:
+        if max_batch_size < 1 or max_delay_s < 0 or max_queue < 1:
+            raise ValueError("max batch size and queue must be >= 1, max delay >= 0")
+        self.runtime = runtime
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self._queue: asyncio.Queue[_Step] = asyncio.Queue(maxsize=max_queue)
+        self._on_batch = on_batch
+        self._executor = ThreadPoolExecutor(max_workers=1,
+                                            thread_name_prefix=f"ort-{runtime.name}")
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.steps = 0
+        self.largest_batch = 0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._consume(), name=f"batcher-{self.runtime.name}-{self.runtime.version}")
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop the consumer and the worker thread."""
+        if self._task is not None:
+            await self._queue.join()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    async def step(self, state: list[np.ndarray], x: np.ndarray
+                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Run one chunk of one session; return its outputs and its new state."""
+        loop = asyncio.get_running_loop()
+        item = _Step(x, state, loop.create_future(), time.perf_counter())
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            raise Overloaded(f"model {self.runtime.name!r} has {self._queue.maxsize} steps "
+                             "queued; retry after a short delay") from None
+        return await item.future
+
+    async def _consume(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.max_delay_s
+            while len(batch) < self.max_batch_size:
+                try:
+                    batch.append(self._queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+            groups: dict[tuple[int, ...], list[_Step]] = defaultdict(list)
+            for item in batch:
+                if not item.future.done():  # the caller may have gone away
+                    groups[item.x.shape].append(item)
+            for group in groups.values():
+                await self._run(loop, group)
+            for _ in batch:
+                self._queue.task_done()
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, group: list[_Step]) -> None:
+        waited = time.perf_counter() - min(s.queued_at for s in group)
+        started = time.perf_counter()
+        try:
+            outputs, states = await loop.run_in_executor(
+                self._executor, self.runtime.run, [s.x for s in group],
+                [s.state for s in group])
+        except Exception:
+            log.exception("batch of %d steps failed on model %s v%d", len(group),
+                          self.runtime.name, self.runtime.version)
+            for s in group:
+                if not s.future.done():
+                    s.future.set_exception(BatchFailed("the model failed to run this chunk"))
+            return
+        seconds = time.perf_counter() - started
+        for s, out, st in zip(group, outputs, states, strict=True):
+            if not s.future.done():
+                s.future.set_result((out, st))
+        self.batches += 1
+        self.steps += len(group)
+        self.largest_batch = max(self.largest_batch, len(group))
+        if self._on_batch is not None:
+            self._on_batch(len(group), waited, seconds)

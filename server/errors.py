@@ -1,0 +1,80 @@
+"""Errors of the serving core, each with the status code an API adapter answers with.
+
+Hierarchy::
+
+    CoreError                      code: INTERNAL
+    ├── ModelNotFound              NOT_FOUND (names the models that exist)
+    ├── DeviceUnavailable          FAILED_PRECONDITION (cuda demanded, not obtained)
+    ├── InvalidChunk               INVALID_ARGUMENT (says what was expected)
+    ├── SessionError
+    │   ├── SessionNotFound        NOT_FOUND
+    │   ├── SessionExpired         NOT_FOUND, reason "expired": idle too long
+    │   ├── SessionEvicted         RESOURCE_EXHAUSTED, reason "evicted": caps reached
+    │   ├── SessionClosed          FAILED_PRECONDITION: ended or closed
+    │   └── SessionExists          ALREADY_EXISTS
+    ├── Overloaded                 RESOURCE_EXHAUSTED (queue full; retry later)
+    └── BatchFailed                INTERNAL (the run failed; message is generic)
+
+The code is a name from grpc.StatusCode, so the core never imports grpc.
+"""
+
+from __future__ import annotations
+
+
+class CoreError(Exception):
+    code = "INTERNAL"
+    reason = "internal"
+
+
+class ModelNotFound(CoreError):
+    code = "NOT_FOUND"
+    reason = "model_not_found"
+
+
+class DeviceUnavailable(CoreError):
+    code = "FAILED_PRECONDITION"
+    reason = "device_unavailable"
+
+
+class InvalidChunk(CoreError):
+    code = "INVALID_ARGUMENT"
+    reason = "invalid_chunk"
+
+
+class SessionError(CoreError):
+    pass
+
+
+class SessionNotFound(SessionError):
+    code = "NOT_FOUND"
+    reason = "session_unknown"
+
+
+class SessionExpired(SessionError):
+    code = "NOT_FOUND"
+    reason = "session_expired"
+
+
+class SessionEvicted(SessionError):
+    code = "RESOURCE_EXHAUSTED"
+    reason = "session_evicted"
+
+
+class SessionClosed(SessionError):
+    code = "FAILED_PRECONDITION"
+    reason = "session_closed"
+
+
+class SessionExists(SessionError):
+    code = "ALREADY_EXISTS"
+    reason = "session_exists"
+
+
+class Overloaded(CoreError):
+    code = "RESOURCE_EXHAUSTED"
+    reason = "overloaded"
+
+
+class BatchFailed(CoreError):
+    code = "INTERNAL"
+    reason = "batch_failed"

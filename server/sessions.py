@@ -1,0 +1,183 @@
+"""Session state between requests: an in-memory store behind a small interface.
+
+A session belongs to one model version and holds one state row per state pair
+(each shaped like the metadata's state without the batch axis), the sequence
+number its next chunk must carry, and when it was last used.
+
+Sessions end in four ways, each remembered for a while (a tombstone) so that a
+client asking for it afterwards learns what happened instead of "unknown":
+closed by the client or by its last chunk; expired after ``idle_timeout_s``
+without a request; evicted, least recently used first, when a new session would
+exceed ``max_sessions`` or ``max_state_bytes``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from rnnserve.server.errors import (
+    SessionClosed,
+    SessionError,
+    SessionEvicted,
+    SessionExists,
+    SessionExpired,
+    SessionNotFound,
+)
+
+ENDED_REASONS = ("closed", "expired", "evicted")
+
+
+@dataclass
+class Session:
+    id: str
+    model: str
+    version: int
+    state: list[np.ndarray]
+    next_seq: int = 0
+    created: float = 0.0
+    last_used: float = 0.0
+    nbytes: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        self.nbytes = sum(s.nbytes for s in self.state)
+
+
+class SessionStore(Protocol):
+    """What the core needs from a store; a shared (e.g. Redis) store implements it too."""
+
+    def create(self, model: str, version: int, state: list[np.ndarray],
+               session_id: str | None = None) -> Session: ...
+
+    def get(self, session_id: str) -> Session: ...
+
+    def update(self, session: Session, state: list[np.ndarray], next_seq: int) -> None: ...
+
+    def close(self, session_id: str) -> Session: ...
+
+    def expire_idle(self) -> list[Session]: ...
+
+
+EventHook = Callable[[str, Session], None]  # (reason, session): created/closed/expired/evicted
+
+
+class MemorySessionStore:
+    """Sessions in this process's memory, in least-recently-used order."""
+
+    def __init__(self, *, idle_timeout_s: float = 300.0, max_sessions: int = 10_000,
+                 max_state_bytes: int = 1 << 30, tombstones: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_event: EventHook | None = None) -> None:
+        if idle_timeout_s <= 0 or max_sessions < 1 or max_state_bytes < 1:
+            raise ValueError("idle timeout, max sessions and max state bytes must be positive")
+        self.idle_timeout_s = idle_timeout_s
+        self.max_sessions = max_sessions
+        self.max_state_bytes = max_state_bytes
+        self._clock = clock
+        self._on_event = on_event
+        self._live: OrderedDict[str, Session] = OrderedDict()  # oldest use first
+        self._ended: OrderedDict[str, str] = OrderedDict()  # id -> reason
+        self._max_tombstones = tombstones
+        self.state_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def _event(self, reason: str, session: Session) -> None:
+        if self._on_event is not None:
+            self._on_event(reason, session)
+
+    def _end(self, session: Session, reason: str) -> None:
+        del self._live[session.id]
+        self.state_bytes -= session.nbytes
+        self._ended[session.id] = reason
+        self._ended.move_to_end(session.id)
+        while len(self._ended) > self._max_tombstones:
+            self._ended.popitem(last=False)
+        self._event(reason, session)
+
+    def create(self, model: str, version: int, state: list[np.ndarray],
+               session_id: str | None = None) -> Session:
+        now = self._clock()
+        sid = session_id or uuid.uuid4().hex
+        if sid in self._live:
+            raise SessionExists(f"session {sid!r} already exists; resume it or pick another id")
+        session = Session(sid, model, version, state, created=now, last_used=now)
+        if session.nbytes > self.max_state_bytes:
+            raise SessionEvicted(f"one session of {model!r} needs {session.nbytes} state bytes, "
+                                 f"more than the server's cap of {self.max_state_bytes}")
+        self.expire_idle()
+        while self._live and (len(self._live) >= self.max_sessions
+                              or self.state_bytes + session.nbytes > self.max_state_bytes):
+            _, oldest = next(iter(self._live.items()))
+            self._end(oldest, "evicted")
+        self._ended.pop(sid, None)
+        self._live[sid] = session
+        self.state_bytes += session.nbytes
+        self._event("created", session)
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self._live.get(session_id)
+        now = self._clock()
+        if session is not None and now - session.last_used > self.idle_timeout_s:
+            self._end(session, "expired")
+            session = None
+        if session is None:
+            raise self._gone(session_id)
+        session.last_used = now
+        self._live.move_to_end(session_id)
+        return session
+
+    def _gone(self, session_id: str) -> SessionError:
+        reason = self._ended.get(session_id)
+        if reason == "expired":
+            return SessionExpired(f"session {session_id!r} expired after "
+                                  f"{self.idle_timeout_s:g}s without a request; open a new one")
+        if reason == "evicted":
+            return SessionEvicted(f"session {session_id!r} was evicted: the server reached its "
+                                  "session or state memory cap; open a new one")
+        if reason == "closed":
+            return SessionClosed(f"session {session_id!r} has ended; open a new one")
+        return SessionNotFound(f"session {session_id!r} is unknown to this server")
+
+    def update(self, session: Session, state: list[np.ndarray], next_seq: int) -> None:
+        if self._live.get(session.id) is not session:
+            raise self._gone(session.id)
+        nbytes = sum(s.nbytes for s in state)
+        self.state_bytes += nbytes - session.nbytes
+        session.state, session.nbytes, session.next_seq = state, nbytes, next_seq
+        session.last_used = self._clock()
+        self._live.move_to_end(session.id)
+
+    def close(self, session_id: str) -> Session:
+        session = self._live.get(session_id)
+        if session is None:
+            raise self._gone(session_id)
+        self._end(session, "closed")
+        return session
+
+    def expire_idle(self) -> list[Session]:
+        """End every session idle longer than the timeout (oldest first, so it stops early)."""
+        deadline = self._clock() - self.idle_timeout_s
+        expired = []
+        while self._live:
+            _, oldest = next(iter(self._live.items()))
+            if oldest.last_used >= deadline:
+                break
+            self._end(oldest, "expired")
+            expired.append(oldest)
+        return expired
+
+    def next_expiry_in(self) -> float | None:
+        """Seconds until the least recently used session expires; None when there is none."""
+        if not self._live:
+            return None
+        _, oldest = next(iter(self._live.items()))
+        return max(0.0, oldest.last_used + self.idle_timeout_s - self._clock())

@@ -1,0 +1,165 @@
+"""The serving core on real onnxruntime sessions of exported models."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import numpy as np
+import pytest
+
+from rnnserve.export.onnx_export import export_checkpoint
+from rnnserve.server.batcher import Batcher
+from rnnserve.server.errors import (
+    BatchFailed,
+    DeviceUnavailable,
+    InvalidChunk,
+    ModelNotFound,
+    Overloaded,
+)
+from rnnserve.server.runtime import ModelRegistry, RuntimeOptions
+from rnnserve.server.sessions import MemorySessionStore
+from rnnserve.training.checkpoint import new_model_checkpoint, save_checkpoint
+
+from ..conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")
+    for name, arch, kind, seed in [("text", "gru", "bytes", 1), ("text", "gru", "bytes", 2),
+                                   ("feat", "lstm", "features", 3)]:
+        ckpt = root / f"{name}-{seed}.pt"
+        task = "text" if kind == "bytes" else "features"
+        save_checkpoint(ckpt, new_model_checkpoint(tiny_config(arch, kind), task, seed))
+        export_checkpoint(ckpt, root / "models", name, log=lambda _: None)
+    return root / "models"
+
+
+@pytest.fixture(scope="module")
+def registry(repo):
+    return ModelRegistry(repo, RuntimeOptions(device="cpu", intra_op_threads=1))
+
+
+def test_registry_serves_the_highest_version_and_names_what_exists(registry) -> None:
+    assert [m.key for m in registry] == [("feat", 1), ("text", 1), ("text", 2)]
+    assert registry.get("text").version == 2
+    assert registry.get("text", 1).version == 1
+    with pytest.raises(ModelNotFound, match=r"model 'nope' not found; available: \['feat', "):
+        registry.get("nope")
+    with pytest.raises(ModelNotFound, match=r"no version 9; available: \[1, 2\]"):
+        registry.get("text", 9)
+    assert all(m.provider == "CPUExecutionProvider" for m in registry)
+
+
+def test_demanding_cuda_without_it_is_a_clear_error(repo) -> None:
+    try:
+        ModelRegistry(repo, RuntimeOptions(device="cuda"))
+    except DeviceUnavailable as exc:
+        assert "cuda" in str(exc).lower()
+    else:
+        pytest.skip("this machine really has CUDA for onnxruntime")
+
+
+def test_chunks_are_checked_against_the_metadata(registry) -> None:
+    text, feat = registry.get("text"), registry.get("feat")
+    with pytest.raises(InvalidChunk, match="takes uint8 input"):
+        text.check_chunk(np.zeros(4, dtype=np.int64))
+    with pytest.raises(InvalidChunk, match=r"chunks shaped \['time', 20\]"):
+        feat.check_chunk(np.zeros((4, 21), dtype=np.float32))
+    with pytest.raises(InvalidChunk, match="empty chunk"):
+        text.check_chunk(np.zeros(0, dtype=np.uint8))
+    with pytest.raises(InvalidChunk, match="NaN"):
+        feat.check_chunk(np.full((2, 20), np.nan, dtype=np.float32))
+
+
+def _whole(runtime, x):
+    outs, states = runtime.run([x], [runtime.zero_state()])
+    return outs[0][0], states[0]
+
+
+async def _stream(batcher, store, runtime, x, cuts):
+    session = store.create(runtime.name, runtime.version, runtime.zero_state())
+    ys = []
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        chunk = runtime.check_chunk(x[a:b])
+        outs, new_state = await batcher.step(store.get(session.id).state, chunk)
+        store.update(session, new_state, session.next_seq + 1)
+        ys.append(outs[0])
+        await asyncio.sleep(random.random() * 0.002)  # interleave sessions differently
+    return np.concatenate(ys), session
+
+
+@pytest.mark.parametrize("name", ["text", "feat"])
+def test_32_interleaved_sessions_match_their_whole_sequence_runs(registry, name) -> None:
+    runtime = registry.get(name)
+    rng = np.random.default_rng(11)
+    random.seed(11)
+    inputs, cuts = [], []
+    for _ in range(32):
+        t = int(rng.integers(12, 60))
+        if runtime.meta.input.kind == "utf8_bytes":
+            inputs.append(rng.integers(0, 256, t, dtype=np.uint8))
+        else:
+            inputs.append(rng.standard_normal((t, 20)).astype(np.float32))
+        k = int(rng.integers(1, 8))
+        cuts.append([0, *sorted(rng.choice(np.arange(1, t), k, replace=False).tolist()), t])
+
+    async def main():
+        store = MemorySessionStore()
+        sizes = []
+        batcher = Batcher(runtime, max_batch_size=16, max_delay_s=0.003,
+                          on_batch=lambda n, w, s: sizes.append(n))
+        batcher.start()
+        results = await asyncio.gather(*(_stream(batcher, store, runtime, x, c)
+                                         for x, c in zip(inputs, cuts, strict=True)))
+        await batcher.stop()
+        return results, sizes, batcher
+
+    results, sizes, batcher = asyncio.run(main())
+    assert max(sizes) > 1, "no batch ever held more than one session"
+    assert batcher.steps == sum(len(c) - 1 for c in cuts) and max(sizes) <= 16
+    for x, (y, session) in zip(inputs, results, strict=True):
+        y_whole, s_whole = _whole(runtime, x)
+        assert np.abs(y - y_whole).max() <= 1e-5
+        for got, want in zip(session.state, s_whole, strict=True):
+            assert np.abs(got - want).max() <= 1e-5
+
+
+def test_a_failed_run_fails_its_batch_and_the_batcher_goes_on(registry) -> None:
+    runtime = registry.get("text")
+    good = runtime.check_chunk(np.arange(5, dtype=np.uint8))
+    bad_state = [np.zeros((3, 3), dtype=np.float32)]  # not this model's state shape
+
+    async def main():
+        batcher = Batcher(runtime, max_batch_size=8, max_delay_s=0.01)
+        batcher.start()
+        r = await asyncio.gather(batcher.step(runtime.zero_state(), good),
+                                 batcher.step(bad_state, good), return_exceptions=True)
+        after = await batcher.step(runtime.zero_state(), good)
+        await batcher.stop()
+        return r, after
+
+    (first, second), after = asyncio.run(main())
+    assert isinstance(first, BatchFailed) and isinstance(second, BatchFailed)
+    assert "failed to run" in str(first)
+    np.testing.assert_array_equal(after[0][0], _whole(runtime, good)[0])
+
+
+def test_a_full_queue_answers_overloaded_at_once(registry) -> None:
+    runtime = registry.get("text")
+    x = runtime.check_chunk(np.arange(3, dtype=np.uint8))
+
+    async def main():
+        batcher = Batcher(runtime, max_queue=2)  # consumer not started: the queue fills
+        waiting = [asyncio.ensure_future(batcher.step(runtime.zero_state(), x))
+                   for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="retry"):
+            await batcher.step(runtime.zero_state(), x)
+        batcher.start()
+        done = await asyncio.gather(*waiting)
+        await batcher.stop()
+        return done
+
+    assert len(asyncio.run(main())) == 2

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rnnserve.server.errors import (
+    SessionClosed,
+    SessionEvicted,
+    SessionExists,
+    SessionExpired,
+    SessionNotFound,
+)
+from rnnserve.server.sessions import MemorySessionStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def state(n_floats: int = 8) -> list[np.ndarray]:
+    return [np.zeros(n_floats, dtype=np.float32)]
+
+
+def store(**kw):
+    clock = Clock()
+    events: list[tuple[str, str]] = []
+    s = MemorySessionStore(clock=clock, on_event=lambda r, sess: events.append((r, sess.id)),
+                           **kw)
+    return s, clock, events
+
+
+def test_idle_sessions_expire_with_a_distinct_status() -> None:
+    s, clock, events = store(idle_timeout_s=10)
+    a = s.create("m", 1, state())
+    clock.now += 9
+    assert s.get(a.id) is a  # used: the timer restarts
+    clock.now += 9
+    assert s.get(a.id) is a
+    clock.now += 11
+    with pytest.raises(SessionExpired, match="expired after 10s"):
+        s.get(a.id)
+    assert ("expired", a.id) in events and len(s) == 0 and s.state_bytes == 0
+
+
+def test_reaper_expires_oldest_first_and_reports_next_deadline() -> None:
+    s, clock, _ = store(idle_timeout_s=10)
+    a = s.create("m", 1, state())
+    clock.now += 5
+    b = s.create("m", 1, state())
+    assert s.next_expiry_in() == pytest.approx(5)
+    clock.now += 6
+    assert [x.id for x in s.expire_idle()] == [a.id]
+    assert s.get(b.id) is b
+    with pytest.raises(SessionExpired):
+        s.get(a.id)
+
+
+def test_least_recently_used_is_evicted_at_the_session_cap() -> None:
+    s, clock, events = store(max_sessions=2)
+    a = s.create("m", 1, state())
+    clock.now += 1
+    b = s.create("m", 1, state())
+    clock.now += 1
+    s.get(a.id)  # a is now more recent than b
+    c = s.create("m", 1, state())
+    with pytest.raises(SessionEvicted, match="evicted"):
+        s.get(b.id)
+    assert s.get(a.id) is a and s.get(c.id) is c
+    assert ("evicted", b.id) in events
+
+
+def test_state_memory_cap_evicts_until_the_new_session_fits() -> None:
+    s, _, _ = store(max_state_bytes=100)
+    a = s.create("m", 1, state(10))  # 40 bytes
+    b = s.create("m", 1, state(10))  # 80
+    c = s.create("m", 1, state(15))  # 60 more: a must go, then 100 fits
+    assert s.state_bytes == 100
+    with pytest.raises(SessionEvicted):
+        s.get(a.id)
+    assert s.get(b.id) is b and s.get(c.id) is c
+    with pytest.raises(SessionEvicted, match="more than the server's cap"):
+        s.create("m", 1, state(26))
+
+
+def test_closed_unknown_and_duplicate_ids_have_their_own_errors() -> None:
+    s, _, _ = store()
+    a = s.create("m", 1, state(), session_id="mine")
+    with pytest.raises(SessionExists):
+        s.create("m", 1, state(), session_id="mine")
+    s.close(a.id)
+    with pytest.raises(SessionClosed, match="has ended"):
+        s.get("mine")
+    with pytest.raises(SessionNotFound, match="unknown"):
+        s.get("never-seen")
+
+
+def test_update_replaces_state_and_accounts_bytes() -> None:
+    s, _, _ = store()
+    a = s.create("m", 1, state(4))
+    s.update(a, [np.ones(6, dtype=np.float32)], next_seq=3)
+    assert s.state_bytes == 24 and a.next_seq == 3 and a.state[0][0] == 1
+    s.close(a.id)
+    with pytest.raises(SessionClosed):
+        s.update(a, state(), 4)
