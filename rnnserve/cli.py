@@ -115,10 +115,49 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-write", action="store_true", help="leave the model file untouched")
     v.set_defaults(func=_cmd_verify)
 
+    s = sub.add_parser("serve", help="serve a model repository over gRPC",
+                       description="Settings: defaults < --config TOML < RNNSERVE_* environment "
+                       "< these flags.")
+    s.add_argument("--config", help="TOML file with settings (keys as the flags, with _)")
+    _add_settings_flags(s)
+    s.set_defaults(func=_cmd_serve)
+
     m = sub.add_parser("models", help="list the models in a repository")
     m.add_argument("--repo", required=True)
     m.set_defaults(func=_cmd_models)
     return p
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per server setting, documented by the setting's docstring."""
+    from rnnserve.server.settings import Settings
+
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=None, help=field.description)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(),
+                                help=f"{field.description} (default: {field.default})")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from rnnserve.server.app import run
+    from rnnserve.server.settings import Settings
+
+    names = Settings.model_fields
+    try:
+        settings = Settings.load(args.config, **{k: getattr(args, k) for k in names})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise RnnserveError(f"setting {where}: {err['msg']}") from None
+    except (FileNotFoundError, ValueError) as exc:
+        raise RnnserveError(str(exc).splitlines()[0]) from exc
+    return run(settings)
 
 
 def _log(line: str) -> None:

@@ -11,8 +11,11 @@ Hierarchy::
     │   ├── SessionExpired         NOT_FOUND, reason "expired": idle too long
     │   ├── SessionEvicted         RESOURCE_EXHAUSTED, reason "evicted": caps reached
     │   ├── SessionClosed          FAILED_PRECONDITION: ended or closed
-    │   └── SessionExists          ALREADY_EXISTS
+    │   ├── SessionExists          ALREADY_EXISTS
+    │   ├── SessionBusy            FAILED_PRECONDITION: another chunk is in flight
+    │   └── OutOfOrder             FAILED_PRECONDITION: names the expected sequence number
     ├── Overloaded                 RESOURCE_EXHAUSTED (queue full; retry later)
+    ├── ShuttingDown               UNAVAILABLE (draining; go to another replica)
     └── BatchFailed                INTERNAL (the run failed; message is generic)
 
 The code is a name from grpc.StatusCode, so the core never imports grpc.
@@ -78,3 +81,18 @@ class Overloaded(CoreError):
 class BatchFailed(CoreError):
     code = "INTERNAL"
     reason = "batch_failed"
+
+
+class SessionBusy(SessionError):
+    code = "FAILED_PRECONDITION"
+    reason = "session_busy"
+
+
+class OutOfOrder(SessionError):
+    code = "FAILED_PRECONDITION"
+    reason = "out_of_order"
+
+
+class ShuttingDown(CoreError):
+    code = "UNAVAILABLE"
+    reason = "shutting_down"

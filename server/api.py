@@ -1,0 +1,195 @@
+"""gRPC adapter for the native API (rnnserve.v1.Inference): convert, call the core, convert."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import numpy as np
+
+from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from rnnserve.server.core import ChunkInput, ChunkOutput, Core
+from rnnserve.server.errors import CoreError, InvalidChunk, ShuttingDown
+from rnnserve.server.metrics import Metrics
+from rnnserve.server.runtime import ModelRuntime
+
+log = logging.getLogger("rnnserve.api")
+
+DTYPES: dict[int, np.dtype[Any]] = {
+    pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
+    pb.DATA_TYPE_FLOAT16: np.dtype("<f2"),
+    pb.DATA_TYPE_UINT8: np.dtype("u1"),
+    pb.DATA_TYPE_INT16: np.dtype("<i2"),
+    pb.DATA_TYPE_INT32: np.dtype("<i4"),
+    pb.DATA_TYPE_INT64: np.dtype("<i8"),
+}
+TO_PB = {np.dtype(v).newbyteorder("="): k for k, v in DTYPES.items()}
+BY_NAME = {"float32": pb.DATA_TYPE_FLOAT32, "float16": pb.DATA_TYPE_FLOAT16,
+           "uint8": pb.DATA_TYPE_UINT8, "int16": pb.DATA_TYPE_INT16, "int32": pb.DATA_TYPE_INT32,
+           "int64": pb.DATA_TYPE_INT64}
+
+
+def tensor_to_numpy(t: pb.Tensor) -> np.ndarray:
+    dtype = DTYPES.get(t.dtype)
+    if dtype is None:
+        name = pb.DataType.Name(t.dtype) if t.dtype in pb.DataType.values() else t.dtype
+        raise InvalidChunk(f"tensor dtype {name} is not supported; "
+                           f"use one of {[pb.DataType.Name(k) for k in DTYPES]}")
+    shape = tuple(t.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidChunk(f"tensor shape {list(shape)} has a negative dimension")
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if n * dtype.itemsize != len(t.data):
+        raise InvalidChunk(f"tensor of shape {list(shape)} and dtype {dtype.name} needs "
+                           f"{n * dtype.itemsize} bytes, got {len(t.data)}")
+    return np.frombuffer(t.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def numpy_to_tensor(a: np.ndarray) -> pb.Tensor:
+    code = TO_PB[a.dtype.newbyteorder("=")]
+    return pb.Tensor(dtype=code, shape=a.shape, data=a.astype(DTYPES[code]).tobytes())
+
+
+def chunk_input(chunk: pb.Chunk) -> ChunkInput:
+    which = chunk.WhichOneof("data")
+    if which == "tensor":
+        return ChunkInput(array=tensor_to_numpy(chunk.tensor))
+    if which == "text":
+        return ChunkInput(text=chunk.text)
+    if which == "pcm16":
+        return ChunkInput(pcm16=chunk.pcm16)
+    return ChunkInput()
+
+
+def chunk_result(out: ChunkOutput) -> pb.ChunkResult:
+    return pb.ChunkResult(seq=out.seq, end=out.end, outputs=[
+        pb.NamedTensor(name=name, tensor=numpy_to_tensor(a)) for name, a in out.outputs])
+
+
+def session_info(session, runtime: ModelRuntime) -> pb.SessionInfo:  # type: ignore[no-untyped-def]
+    return pb.SessionInfo(session_id=session.id, model=runtime.name, version=runtime.version,
+                          next_seq=session.next_seq)
+
+
+def model_metadata(runtime: ModelRuntime, versions: list[int]) -> pb.ModelMetadata:
+    meta = runtime.meta
+    dyn = [-1 if d == "time" else int(d) for d in meta.input.shape[1:]]
+    return pb.ModelMetadata(
+        name=runtime.name, version=runtime.version, versions=versions, arch=meta.arch,
+        task=meta.task, input_kind=meta.input.kind,
+        input=pb.TensorInfo(name=meta.input.name, dtype=BY_NAME[meta.input.dtype], shape=dyn),
+        outputs=[pb.TensorInfo(name=o.name, dtype=BY_NAME[o.dtype],
+                               shape=[-1 if d == "time" else int(d) for d in o.shape[1:]])
+                 for o in meta.outputs],
+        labels=list(meta.outputs[0].labels or ()),
+        sample_rate=meta.input.sample_rate or 0, hop_samples=meta.input.hop_samples or 0,
+        state_bytes_per_session=meta.state_bytes_per_session(),
+        execution_provider=runtime.provider,
+        properties=meta.to_props(),
+    )
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, core: Core, metrics: Metrics, draining: asyncio.Event) -> None:
+        self.core = core
+        self.metrics = metrics
+        self.draining = draining
+
+    async def _requests(self, request_iterator: AsyncIterator[pb.StreamRequest]
+                        ) -> AsyncIterator[pb.StreamRequest]:
+        """The stream's requests, until the client half-closes or the server drains."""
+        it = request_iterator.__aiter__()
+        drain = asyncio.ensure_future(self.draining.wait())
+        try:
+            while True:
+                nxt = asyncio.ensure_future(it.__anext__())
+                await asyncio.wait((nxt, drain), return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    raise ShuttingDown("the server is shutting down; resume the session on "
+                                       "another replica")
+                try:
+                    req = nxt.result()
+                except StopAsyncIteration:
+                    return
+                yield req
+        finally:
+            drain.cancel()
+
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        if isinstance(exc, CoreError):
+            await context.abort(grpc.StatusCode[exc.code], str(exc))
+        log.exception("unexpected error")
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+    async def Stream(self, request_iterator: AsyncIterator[pb.StreamRequest],
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamResponse]:
+        session_id = None
+        try:
+            async for req in self._requests(request_iterator):
+                kind = req.WhichOneof("kind")
+                if session_id is None:
+                    if kind != "open":
+                        raise InvalidChunk("the first message of a stream must open a session")
+                    o = req.open
+                    session, runtime = self.core.open(o.model, o.version, o.session_id, o.resume)
+                    session_id = session.id
+                    yield pb.StreamResponse(opened=session_info(session, runtime))
+                elif kind == "chunk":
+                    out = await self.core.step(session_id, req.chunk.seq,
+                                               chunk_input(req.chunk), req.chunk.end)
+                    yield pb.StreamResponse(result=chunk_result(out))
+                else:
+                    raise InvalidChunk("a session is open on this stream; send chunks")
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def OpenSession(self, request: pb.OpenSessionRequest,
+                          context: grpc.aio.ServicerContext) -> pb.SessionInfo:
+        try:
+            session, runtime = self.core.open(request.model, request.version,
+                                              request.session_id, request.resume)
+            return session_info(session, runtime)
+        except Exception as exc:
+            await self._fail(context, exc)
+            raise
+
+    async def Step(self, request: pb.StepRequest,
+                   context: grpc.aio.ServicerContext) -> pb.StepResponse:
+        try:
+            out = await self.core.step(request.session_id, request.chunk.seq,
+                                       chunk_input(request.chunk), request.chunk.end)
+            return pb.StepResponse(result=chunk_result(out))
+        except Exception as exc:
+            await self._fail(context, exc)
+            raise
+
+    async def CloseSession(self, request: pb.CloseSessionRequest,
+                           context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:
+        try:
+            self.core.close(request.session_id)
+            return pb.CloseSessionResponse()
+        except Exception as exc:
+            await self._fail(context, exc)
+            raise
+
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        runtimes = list(self.core.registry)
+        return pb.ListModelsResponse(models=[
+            model_metadata(r, [x.version for x in runtimes if x.name == r.name])
+            for r in runtimes])
+
+    async def GetModelMetadata(self, request: pb.GetModelMetadataRequest,
+                               context: grpc.aio.ServicerContext) -> pb.ModelMetadata:
+        try:
+            runtime = self.core.registry.get(request.model, request.version or None)
+            versions = [r.version for r in self.core.registry if r.name == runtime.name]
+            return model_metadata(runtime, versions)
+        except Exception as exc:
+            await self._fail(context, exc)
+            raise

@@ -1,0 +1,130 @@
+"""The server process: reads the settings, wires the parts, serves, drains on SIGTERM.
+
+Only this module reads ``Settings``; the parts get narrow arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from rnnserve.errors import ModelRepositoryError
+from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from rnnserve.server.api import InferenceServicer
+from rnnserve.server.batcher import Batcher
+from rnnserve.server.core import Core
+from rnnserve.server.metrics import Metrics
+from rnnserve.server.runtime import ModelRegistry, RuntimeOptions
+from rnnserve.server.sessions import MemorySessionStore, Session
+from rnnserve.server.settings import Settings
+
+log = logging.getLogger("rnnserve.server")
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+
+
+class RnnServer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._draining = asyncio.Event()
+
+    async def start(self) -> None:
+        s = self.settings
+        options = RuntimeOptions(device=s.device, device_id=s.device_id,
+                                 intra_op_threads=s.intra_op_threads,
+                                 inter_op_threads=s.inter_op_threads)
+        self.registry = ModelRegistry(s.repo, options)
+        if not len(self.registry):
+            raise ModelRepositoryError(f"no models in {str(s.repo)!r}; export one with "
+                                       "`rnnserve export CHECKPOINT --repo DIR --name NAME`")
+        self.metrics = Metrics(CollectorRegistry())
+        self.store = MemorySessionStore(idle_timeout_s=s.idle_timeout_s,
+                                        max_sessions=s.max_sessions,
+                                        max_state_bytes=s.max_state_bytes,
+                                        on_event=self._session_event)
+        self.batchers = {
+            rt.key: Batcher(rt, max_batch_size=s.max_batch_size,
+                            max_delay_s=s.max_batch_delay_ms / 1000, max_queue=s.max_queue,
+                            on_batch=self.metrics.batch_hook(rt.name, rt.version))
+            for rt in self.registry
+        }
+        for b in self.batchers.values():
+            b.start()
+        self.core = Core(self.registry, self.store, self.batchers)
+
+        self.server = grpc.aio.server()
+        pb_grpc.add_InferenceServicer_to_server(
+            InferenceServicer(self.core, self.metrics, self._draining), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = [SERVICE, health.SERVICE_NAME]
+        if s.reflection:
+            names.append(reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, self.server)
+        self.grpc_port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        await self.server.start()
+        self._httpd, _ = start_http_server(s.metrics_port, addr=s.host,
+                                           registry=self.metrics.registry)
+        self.metrics_port = self._httpd.server_port
+        self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        for rt in self.registry:
+            log.info("serving %s version %d (%s, %s input) on %s", rt.name, rt.version,
+                     rt.meta.arch, rt.meta.input.kind, rt.provider)
+
+    def _session_event(self, event: str, session: Session) -> None:
+        self.metrics.sessions.labels(session.model, str(session.version), event).inc()
+        self.metrics.active_sessions.set(len(self.store))
+
+    async def _reap(self) -> None:
+        while True:
+            wait = self.store.next_expiry_in()
+            await asyncio.sleep(self.settings.idle_timeout_s if wait is None else wait + 0.01)
+            self.store.expire_idle()
+
+    async def stop(self) -> None:
+        """Drain: NOT_SERVING, no new sessions, in-flight chunks answered, then stop."""
+        grace = self.settings.shutdown_grace_s
+        log.info("shutting down: answering in-flight chunks (grace %.1fs)", grace)
+        await self.health.enter_graceful_shutdown()
+        self.core.accepting = False
+        self._draining.set()
+        await self.server.stop(grace)
+        self._reaper.cancel()
+        for b in self.batchers.values():
+            await b.stop()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        log.info("stopped")
+
+
+async def serve(settings: Settings) -> int:
+    server = RnnServer(settings)
+    await server.start()
+    ready = {"event": "ready", "grpc_port": server.grpc_port,
+             "metrics_port": server.metrics_port, "host": settings.host}
+    print(json.dumps(ready), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+    return 0
+
+
+def run(settings: Settings) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve(settings))

@@ -1,0 +1,103 @@
+"""The serving core: sessions opened, stepped in order and closed, over the batchers.
+
+API adapters (native gRPC now, the Open Inference Protocol later) convert their
+messages into calls on ``Core`` and its errors into status codes. A rejected chunk
+never touches the session: validation happens before the step is queued, and the
+state is replaced only when the step's result is delivered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rnnserve.server.batcher import Batcher
+from rnnserve.server.errors import InvalidChunk, OutOfOrder, SessionBusy, ShuttingDown
+from rnnserve.server.runtime import ModelRegistry, ModelRuntime
+from rnnserve.server.sessions import MemorySessionStore, Session
+
+
+@dataclass(frozen=True)
+class ChunkInput:
+    """One chunk as the client sent it: exactly one of the three is set."""
+
+    array: np.ndarray | None = None
+    text: str | None = None
+    pcm16: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ChunkOutput:
+    seq: int
+    outputs: list[tuple[str, np.ndarray]]
+    end: bool
+
+
+class Core:
+    def __init__(self, registry: ModelRegistry, store: MemorySessionStore,
+                 batchers: dict[tuple[str, int], Batcher]) -> None:
+        self.registry = registry
+        self.store = store
+        self.batchers = batchers
+        self.accepting = True
+        self._busy: set[str] = set()
+
+    def open(self, model: str, version: int = 0, session_id: str = "",
+             resume: bool = False) -> tuple[Session, ModelRuntime]:
+        if resume:
+            session = self.store.get(session_id)
+            runtime = self.registry.get(session.model, session.version)
+            if model and (model != session.model or (version and version != session.version)):
+                raise InvalidChunk(f"session {session_id!r} belongs to model {session.model!r} "
+                                   f"version {session.version}, not {model!r}")
+            return session, runtime
+        if not self.accepting:
+            raise ShuttingDown("the server is shutting down and opens no new sessions; "
+                               "open the session on another replica")
+        runtime = self.registry.get(model, version or None)
+        session = self.store.create(runtime.name, runtime.version, runtime.zero_state(),
+                                    session_id or None)
+        return session, runtime
+
+    def decode(self, runtime: ModelRuntime, chunk: ChunkInput) -> np.ndarray:
+        kind = runtime.meta.input.kind
+        if chunk.text is not None:
+            if kind != "utf8_bytes":
+                raise InvalidChunk(f"model {runtime.name!r} takes {kind} input, not text")
+            return np.frombuffer(chunk.text.encode("utf-8"), dtype=np.uint8)
+        if chunk.pcm16 is not None:
+            if kind != "pcm16":
+                raise InvalidChunk(f"model {runtime.name!r} takes {kind} input, not PCM16 audio")
+            if len(chunk.pcm16) % 2:
+                raise InvalidChunk("PCM16 audio must have an even number of bytes")
+            return np.frombuffer(chunk.pcm16, dtype="<i2").astype(np.int16)
+        if chunk.array is None:
+            raise InvalidChunk("the chunk carries no data: set tensor, text or pcm16")
+        return chunk.array
+
+    async def step(self, session_id: str, seq: int, chunk: ChunkInput,
+                   end: bool = False) -> ChunkOutput:
+        session = self.store.get(session_id)
+        runtime = self.registry.get(session.model, session.version)
+        if session_id in self._busy:
+            raise SessionBusy(f"session {session_id!r} has a chunk in flight; send the next "
+                              "chunk after its answer")
+        if seq != session.next_seq:
+            raise OutOfOrder(f"session {session_id!r} expects chunk {session.next_seq}, "
+                             f"got {seq}")
+        x = runtime.check_chunk(self.decode(runtime, chunk))
+        batcher = self.batchers[runtime.key]
+        self._busy.add(session_id)
+        try:
+            outputs, new_state = await batcher.step(session.state, x)
+        finally:
+            self._busy.discard(session_id)
+        self.store.update(session, new_state, seq + 1)
+        if end:
+            self.store.close(session_id)
+        names = [o.name for o in runtime.meta.outputs]
+        return ChunkOutput(seq, list(zip(names, outputs, strict=True)), end)
+
+    def close(self, session_id: str) -> None:
+        self.store.close(session_id)

@@ -1,0 +1,76 @@
+"""Server settings: defaults < a TOML file < ``RNNSERVE_*`` environment < command-line flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RNNSERVE_", extra="forbid",
+                                      use_attribute_docstrings=True)
+
+    repo: Path = Path("models")
+    """Model repository: REPO/<name>/<version>/model.onnx."""
+    host: str = "0.0.0.0"
+    """Address the gRPC and metrics servers bind; 127.0.0.1 for loopback only."""
+    grpc_port: int = Field(8001, ge=0, le=65535)
+    """gRPC port (0: any free port, printed at start)."""
+    metrics_port: int = Field(8002, ge=0, le=65535)
+    """Prometheus /metrics port (0: any free port)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when onnxruntime obtains it, else CPU; cuda: fail without it."""
+    device_id: int = Field(0, ge=0)
+    """CUDA device ordinal."""
+    intra_op_threads: int = Field(0, ge=0)
+    """onnxruntime threads inside one run (0: onnxruntime's default)."""
+    inter_op_threads: int = Field(0, ge=0)
+    """onnxruntime threads across independent nodes (0: default)."""
+    max_batch_size: int = Field(64, ge=1)
+    """Most session steps in one onnxruntime run."""
+    max_batch_delay_ms: float = Field(2.0, ge=0)
+    """Longest wait for more steps once one is queued."""
+    max_queue: int = Field(4096, ge=1)
+    """Queued steps per model version beyond which requests get RESOURCE_EXHAUSTED."""
+    idle_timeout_s: float = Field(300.0, gt=0)
+    """A session without a request for this long expires."""
+    max_sessions: int = Field(10_000, ge=1)
+    """Live sessions beyond which the least recently used is evicted."""
+    max_state_bytes: int = Field(1 << 30, ge=1)
+    """State memory beyond which the least recently used sessions are evicted."""
+    shutdown_grace_s: float = Field(10.0, ge=0)
+    """On SIGTERM: how long in-flight chunks may take before the server stops."""
+    reflection: bool = True
+    """Serve gRPC server reflection."""
+
+    _config_file: Path | None = None
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **flags: Any) -> Settings:
+        """Settings from flags (None values ignored) over env over ``config_file``."""
+        if config_file and not Path(config_file).is_file():
+            raise FileNotFoundError(f"config file {str(config_file)!r} not found")
+        cls._config_file = Path(config_file) if config_file else None
+        try:
+            return cls(**{k: v for k, v in flags.items() if v is not None})
+        finally:
+            cls._config_file = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        if cls._config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._config_file))
+        return tuple(sources)
