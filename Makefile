@@ -39,8 +39,8 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check rnnserve training export server tests
-	$(BIN)/mypy rnnserve training export server
+	$(BIN)/ruff check rnnserve training export server client protos/generate.py tests
+	$(BIN)/mypy rnnserve training export server client
 
 clean:
 	rm -rf $(VENV) $(RUNS) $(REPO) *.egg-info

@@ -20,6 +20,7 @@ models, raw byte values for text models) or a numpy array shaped (time, *frame).
 
 from __future__ import annotations
 
+import asyncio
 from types import TracebackType
 from typing import Any
 
@@ -79,6 +80,7 @@ class StreamSession:
         self.version = 0
         self.next_seq = 0
         self.pcm16 = False
+        self._failed = False
 
     async def __aenter__(self) -> StreamSession:
         self._call = self._stub.Stream(timeout=self._timeout)
@@ -93,9 +95,16 @@ class StreamSession:
 
     async def send(self, data: Data, end: bool = False) -> dict[str, np.ndarray]:
         """Send one chunk and wait for its outputs (name -> array shaped (time, ...))."""
-        await self._call.write(pb.StreamRequest(
-            chunk=make_chunk(self.next_seq, data, end, pcm16=self.pcm16)))
-        resp = await self._call.read()  # raises AioRpcError with the server's status
+        try:
+            try:
+                await self._call.write(pb.StreamRequest(
+                    chunk=make_chunk(self.next_seq, data, end, pcm16=self.pcm16)))
+            except asyncio.InvalidStateError:
+                pass  # the server already ended the call: read() raises its status
+            resp = await self._call.read()  # raises AioRpcError with the server's status
+        except grpc.aio.AioRpcError:
+            self._failed = True  # the stream is over; its status was raised once
+            raise
         if resp is grpc.aio.EOF:
             raise ConnectionError("the server ended the stream without answering the chunk")
         self.next_seq += 1
@@ -103,7 +112,7 @@ class StreamSession:
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
-        if self._call is None:
+        if self._call is None or self._failed:
             return
         if et is not None:
             self._call.cancel()

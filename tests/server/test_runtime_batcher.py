@@ -8,7 +8,6 @@ import random
 import numpy as np
 import pytest
 
-from rnnserve.export.onnx_export import export_checkpoint
 from rnnserve.server.batcher import Batcher
 from rnnserve.server.errors import (
     BatchFailed,
@@ -19,21 +18,6 @@ from rnnserve.server.errors import (
 )
 from rnnserve.server.runtime import ModelRegistry, RuntimeOptions
 from rnnserve.server.sessions import MemorySessionStore
-from rnnserve.training.checkpoint import new_model_checkpoint, save_checkpoint
-
-from ..conftest import tiny_config
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("repo")
-    for name, arch, kind, seed in [("text", "gru", "bytes", 1), ("text", "gru", "bytes", 2),
-                                   ("feat", "lstm", "features", 3)]:
-        ckpt = root / f"{name}-{seed}.pt"
-        task = "text" if kind == "bytes" else "features"
-        save_checkpoint(ckpt, new_model_checkpoint(tiny_config(arch, kind), task, seed))
-        export_checkpoint(ckpt, root / "models", name, log=lambda _: None)
-    return root / "models"
 
 
 @pytest.fixture(scope="module")

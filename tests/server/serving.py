@@ -1,0 +1,64 @@
+"""Start the real ``rnnserve serve`` process on 127.0.0.1 with ephemeral ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[str]
+    grpc_port: int
+    metrics_port: int
+    log: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.read().decode()
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+def start_server(repo: Path, log: Path, *flags: str) -> ServerProcess:
+    cmd = [sys.executable, "-m", "rnnserve", "serve", "--repo", str(repo), "--host",
+           "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--device", "cpu",
+           "--intra-op-threads", "1", *flags]
+    err = open(log, "w")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    deadline = time.monotonic() + 60
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line or time.monotonic() > deadline:
+        proc.kill()
+        raise RuntimeError(f"server did not start: {log.read_text()[-2000:]}")
+    ready = json.loads(line)
+    return ServerProcess(proc, ready["grpc_port"], ready["metrics_port"], log)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total

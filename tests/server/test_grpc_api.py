@@ -1,0 +1,232 @@
+"""The native API through gRPC against a real ``rnnserve serve`` process on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rnnserve.client import AsyncClient, Client
+from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
+
+from .serving import metric_value, start_server
+
+
+@pytest.fixture(scope="module")
+def server(repo, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    srv = start_server(repo, log, "--max-batch-delay-ms", "5", "--max-batch-size", "32")
+    yield srv
+    assert srv.stop() == 0, log.read_text()[-3000:]
+
+
+def whole_run(repo, name: str, version: int, x: np.ndarray) -> np.ndarray:
+    """The reference: one onnxruntime run of the whole sequence from a zero state."""
+    sess = ort.InferenceSession(str(repo / name / str(version) / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    feeds = {"input": x[None]}
+    for i in sess.get_inputs()[1:]:
+        feeds[i.name] = np.zeros((1, *i.shape[1:]), dtype=np.float32)
+    return sess.run(["logits"], feeds)[0][0]
+
+
+def random_cuts(rng: np.random.Generator, t: int) -> list[int]:
+    k = int(rng.integers(1, min(t, 8)))
+    return [0, *sorted(rng.choice(np.arange(1, t), k, replace=False).tolist()), t]
+
+
+def test_32_concurrent_sessions_stream_exactly_and_batch(server, repo) -> None:
+    rng = np.random.default_rng(5)
+    jobs = []
+    for i in range(32):
+        name = "text" if i % 2 else "feat"
+        t = int(rng.integers(10, 50))
+        x = (rng.integers(0, 256, t, dtype=np.uint8) if name == "text"
+             else rng.standard_normal((t, 20)).astype(np.float32))
+        jobs.append((name, x, random_cuts(rng, t)))
+    before = metric_value(server.metrics(), "rnnserve_batch_size_count")
+
+    async def one(client: AsyncClient, name: str, x: np.ndarray, cuts: list[int]):
+        ys = []
+        async with client.stream(name) as s:
+            assert s.version == (2 if name == "text" else 1)
+            for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+                out = await s.send(x[a:b], end=b == len(x))
+                assert out["logits"].shape[0] == b - a
+                ys.append(out["logits"])
+                await asyncio.sleep(random.random() * 0.003)
+        return np.concatenate(ys)
+
+    async def main():
+        async with AsyncClient(server.target) as client:
+            return await asyncio.gather(*(one(client, *job) for job in jobs))
+
+    random.seed(5)
+    results = asyncio.run(main())
+    for (name, x, cuts), y in zip(jobs, results, strict=True):
+        want = whole_run(repo, name, 2 if name == "text" else 1, x)
+        diff = float(np.abs(y - want).max())
+        assert diff <= 1e-5, f"{name} session with cuts {cuts} differs by {diff:.2e}"
+
+    text = server.metrics()
+    batches = metric_value(text, "rnnserve_batch_size_count") - before
+    steps = sum(len(c) - 1 for _, _, c in jobs)
+    assert 0 < batches < steps, f"{steps} steps ran in {batches} batches: none were batched"
+    assert metric_value(text, "rnnserve_batch_size_bucket", le="1.0") < \
+        metric_value(text, "rnnserve_batch_size_count")
+
+
+def test_text_chunks_and_unary_steps_give_the_streamed_answer(server, repo) -> None:
+    sentence = "The quick brown fox jumps over the lazy dog."
+    want = whole_run(repo, "text", 2, np.frombuffer(sentence.encode(), dtype=np.uint8))
+    with Client(server.target, timeout=10) as client:
+        info = client.open_session("text")
+        assert info.version == 2 and info.next_seq == 0
+        ys = [client.step(info.session_id, 0, sentence[:10])["logits"],
+              client.step(info.session_id, 1, sentence[10:].encode())["logits"]]
+        client.close_session(info.session_id)
+    assert np.abs(np.concatenate(ys) - want).max() <= 1e-5
+
+
+def code_and_message(call, *args, **kw) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        call(*args, **kw)
+    return err.value.code(), err.value.details()
+
+
+def test_errors_name_the_problem_and_leave_the_session_untouched(server, repo) -> None:
+    x = np.frombuffer(b"hello world", dtype=np.uint8)
+    want = whole_run(repo, "text", 1, x)
+    with Client(server.target, timeout=10) as client:
+        code, msg = code_and_message(client.open_session, "nope")
+        assert code == grpc.StatusCode.NOT_FOUND and "'nope' not found" in msg and "text" in msg
+        code, msg = code_and_message(client.open_session, "text", version=9)
+        assert code == grpc.StatusCode.NOT_FOUND and "no version 9" in msg
+        code, msg = code_and_message(client.step, "no-such-session", 0, "x")
+        assert code == grpc.StatusCode.NOT_FOUND and "unknown" in msg
+
+        sid = client.open_session("text", version=1).session_id
+        first = client.step(sid, 0, x[:4])["logits"]
+        # rejected chunks: each leaves the state and the expected sequence number alone
+        for bad, expect_code, needle in [
+            (np.zeros(3, dtype=np.float32), grpc.StatusCode.INVALID_ARGUMENT, "takes uint8"),
+            (np.zeros((3, 2), dtype=np.uint8), grpc.StatusCode.INVALID_ARGUMENT, "shaped"),
+            (np.zeros(0, dtype=np.uint8), grpc.StatusCode.INVALID_ARGUMENT, "empty chunk"),
+        ]:
+            code, msg = code_and_message(client.step, sid, 1, bad)
+            assert code == expect_code and needle in msg, msg
+        code, msg = code_and_message(client.step, sid, 5, x[4:])
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "expects chunk 1, got 5" in msg
+        bad_bytes = pb.StepRequest(session_id=sid, chunk=pb.Chunk(seq=1, tensor=pb.Tensor(
+            dtype=pb.DATA_TYPE_UINT8, shape=[4], data=b"abc")))
+        code, msg = code_and_message(client.stub.Step, bad_bytes)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "needs 4 bytes, got 3" in msg
+        rest = client.step(sid, 1, x[4:], end=True)["logits"]
+        assert np.abs(np.concatenate([first, rest]) - want).max() <= 1e-5
+        code, msg = code_and_message(client.step, sid, 2, x[:1])
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "has ended" in msg
+
+
+def test_a_rejected_chunk_on_a_stream_keeps_the_session_resumable(server, repo) -> None:
+    x = np.frombuffer(b"streaming text", dtype=np.uint8)
+    want = whole_run(repo, "text", 2, x)
+
+    async def main():
+        async with AsyncClient(server.target, timeout=10) as client:
+            async with client.stream("text") as s:
+                first = (await s.send(x[:5]))["logits"]
+                sid = s.session_id
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await s.send(np.zeros((2, 2), dtype=np.float32))
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            async with client.stream("text", session_id=sid, resume=True) as s2:
+                assert s2.next_seq == 1
+                rest = (await s2.send(x[5:], end=True))["logits"]
+        return np.concatenate([first, rest])
+
+    assert np.abs(asyncio.run(main()) - want).max() <= 1e-5
+
+
+def test_health_reflection_and_metadata(server) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "rnnserve.v1.Inference"):
+            resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        resp = next(iter(stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)))
+        names = {s.name for s in resp.list_services_response.service}
+        assert {"rnnserve.v1.Inference", "grpc.health.v1.Health"} <= names
+    with Client(server.target, timeout=5) as client:
+        models = {(m.name, m.version): m for m in client.list_models()}
+        assert set(models) == {("feat", 1), ("text", 1), ("text", 2)}
+        feat = models[("feat", 1)]
+        assert feat.input_kind == "features" and list(feat.input.shape) == [-1, 20]
+        assert list(feat.outputs[0].shape) == [-1, 7] and feat.arch == "lstm"
+        assert feat.execution_provider == "CPUExecutionProvider"
+        assert feat.state_bytes_per_session == 2 * 2 * 24 * 4
+        assert "rnnserve.verification" in feat.properties
+        assert list(models[("text", 2)].versions) == [1, 2]
+
+
+def test_idle_sessions_expire_and_the_oldest_is_evicted(repo, tmp_path) -> None:
+    srv = start_server(repo, tmp_path / "s.log", "--idle-timeout-s", "0.5",
+                       "--max-sessions", "2")
+    try:
+        with Client(srv.target, timeout=5) as client:
+            a = client.open_session("text").session_id
+            time.sleep(1.0)
+            code, msg = code_and_message(client.step, a, 0, "x")
+            assert code == grpc.StatusCode.NOT_FOUND and "expired" in msg
+            b = client.open_session("text").session_id
+            client.open_session("text")
+            client.open_session("text")  # third live session: b, the oldest, goes
+            code, msg = code_and_message(client.step, b, 0, "x")
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "evicted" in msg
+        text = srv.metrics()
+        assert metric_value(text, "rnnserve_sessions_total", event="expired") >= 1
+        assert metric_value(text, "rnnserve_sessions_total", event="evicted") == 1
+    finally:
+        assert srv.stop() == 0
+
+
+def test_sigterm_answers_in_flight_chunks_then_ends_streams_cleanly(repo, tmp_path) -> None:
+    srv = start_server(repo, tmp_path / "s.log", "--shutdown-grace-s", "5")
+    answered: list[int] = []
+
+    async def stream_until_refused(client: AsyncClient, i: int) -> grpc.StatusCode:
+        try:
+            async with client.stream("text") as s:
+                while True:
+                    await s.send(f"chunk {i} ")
+                    answered.append(i)
+                    await asyncio.sleep(0.01)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    async def main():
+        async with AsyncClient(srv.target, timeout=20) as client:
+            tasks = [asyncio.create_task(stream_until_refused(client, i)) for i in range(8)]
+            while len(answered) < 40:
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+            srv.proc.send_signal(15)
+            codes = await asyncio.gather(*tasks)
+            return codes, time.monotonic() - started
+
+    codes, seconds = asyncio.run(main())
+    assert all(c == grpc.StatusCode.UNAVAILABLE for c in codes), codes
+    assert srv.proc.wait(10) == 0
+    assert seconds < 5
+    log = (tmp_path / "s.log").read_text()
+    assert "shutting down" in log and "stopped" in log and "Traceback" not in log
