@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 REPO   ?= models
 RUNS   ?= runs
 
-.PHONY: serve models test test-fast lint clean
+.PHONY: serve models test test-fast lint protos clean
 
 # torch is pinned to 2.13.0: that CPU build lies on this machine's disk, while an
 # unpinned torch may pull a multi-GB CUDA build. It is installed before the
@@ -26,11 +26,13 @@ $(REPO)/text/1/model.onnx: | $(STAMP)
 
 models: $(REPO)/text/1/model.onnx
 
-# The gRPC server lands with issue B; until then `serve` builds the demo models
-# and lists the repository it will serve.
+# Builds the demo models when absent, then serves them: gRPC on :8001, metrics on :8002.
+# Extra flags through ARGS, e.g. make serve ARGS="--device cpu --max-batch-size 32".
 serve: models
-	$(BIN)/rnnserve models --repo $(REPO)
-	@echo "model repository ready in $(REPO)/ (the gRPC server is not built yet)"
+	$(BIN)/rnnserve serve --repo $(REPO) $(ARGS)
+
+protos: $(STAMP)
+	$(BIN)/python protos/generate.py
 
 test: $(STAMP)
 	$(BIN)/pytest

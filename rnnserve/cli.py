@@ -122,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(s)
     s.set_defaults(func=_cmd_serve)
 
+    st = sub.add_parser("stream", help="stream a text file (or stdin) to a running server")
+    st.add_argument("file", nargs="?", help="text file (default: standard input)")
+    st.add_argument("--model", required=True)
+    st.add_argument("--version", type=int, default=0, dest="model_version",
+                    help="model version (default: the highest)")
+    st.add_argument("--server", default="127.0.0.1:8001", help="HOST:PORT of rnnserve serve")
+    st.add_argument("--chunk-bytes", type=_positive, default=16, help="bytes per chunk")
+    st.add_argument("--timeout", type=float, default=30.0, help="seconds per chunk")
+    st.set_defaults(func=_cmd_stream)
+
     m = sub.add_parser("models", help="list the models in a repository")
     m.add_argument("--repo", required=True)
     m.set_defaults(func=_cmd_models)
@@ -158,6 +168,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         raise RnnserveError(str(exc).splitlines()[0]) from exc
     return run(settings)
+
+
+def _cmd_stream(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from rnnserve.client.stream import stream_text
+
+    if args.file is None:
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            with open(args.file, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise RnnserveError(f"cannot read {args.file!r}: {exc.strerror}") from exc
+    return asyncio.run(stream_text(args.server, args.model, args.model_version, data,
+                                   args.chunk_bytes, args.timeout))
 
 
 def _log(line: str) -> None:

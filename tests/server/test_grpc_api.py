@@ -230,3 +230,31 @@ def test_sigterm_answers_in_flight_chunks_then_ends_streams_cleanly(repo, tmp_pa
     assert seconds < 5
     log = (tmp_path / "s.log").read_text()
     assert "shutting down" in log and "stopped" in log and "Traceback" not in log
+
+
+def test_stream_command_against_the_server(server, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    text = tmp_path / "in.txt"
+    text.write_text("Streaming a text file, chunk by chunk, to rnnserve.\n")
+    proc = subprocess.run([sys.executable, "-m", "rnnserve", "stream", "--model", "text",
+                           "--server", server.target, "--chunk-bytes", "8", str(text)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:3] == ["0", "sent", "Streamin"]
+    assert "next-byte guesses" in lines[0]
+    assert lines[-1].startswith("52 bytes in 7 chunks; the model spent")
+    assert "session" in proc.stderr and "on text version 2" in proc.stderr
+    # from standard input, and a clear one-line error for an unknown model
+    proc = subprocess.run([sys.executable, "-m", "rnnserve", "stream", "--model", "text",
+                           "--server", server.target], input="hello", capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "5 bytes in 1 chunks" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "rnnserve", "stream", "--model", "nope",
+                           "--server", server.target], input="hello", capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "rnnserve stream: error: NOT_FOUND: model 'nope' not found")
