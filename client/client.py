@@ -29,28 +29,9 @@ import numpy as np
 
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-
-_DTYPES: dict[int, np.dtype[Any]] = {
-    pb.DATA_TYPE_FLOAT32: np.dtype("<f4"), pb.DATA_TYPE_FLOAT16: np.dtype("<f2"),
-    pb.DATA_TYPE_UINT8: np.dtype("u1"), pb.DATA_TYPE_INT16: np.dtype("<i2"),
-    pb.DATA_TYPE_INT32: np.dtype("<i4"), pb.DATA_TYPE_INT64: np.dtype("<i8"),
-}
-_CODES = {v.newbyteorder("="): k for k, v in _DTYPES.items()}
+from rnnserve.protos.tensors import from_tensor, to_tensor
 
 Data = str | bytes | np.ndarray
-
-
-def to_tensor(a: np.ndarray) -> pb.Tensor:
-    code = _CODES.get(a.dtype.newbyteorder("="))
-    if code is None:
-        raise TypeError(f"dtype {a.dtype} cannot be sent; use one of "
-                        f"{sorted(str(d) for d in _CODES)}")
-    return pb.Tensor(dtype=code, shape=a.shape, data=a.astype(_DTYPES[code]).tobytes())
-
-
-def from_tensor(t: pb.Tensor) -> np.ndarray:
-    dtype = _DTYPES[t.dtype]
-    return np.frombuffer(t.data, dtype=dtype).reshape(tuple(t.shape))
 
 
 def make_chunk(seq: int, data: Data, end: bool = False, *, pcm16: bool = False) -> pb.Chunk:

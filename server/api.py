@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
-import numpy as np
 
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from rnnserve.protos.tensors import BY_NAME, TensorError, from_tensor, to_tensor
 from rnnserve.server.core import ChunkInput, ChunkOutput, Core
 from rnnserve.server.errors import CoreError, InvalidChunk, ShuttingDown
 from rnnserve.server.metrics import Metrics
@@ -19,45 +18,13 @@ from rnnserve.server.runtime import ModelRuntime
 
 log = logging.getLogger("rnnserve.api")
 
-DTYPES: dict[int, np.dtype[Any]] = {
-    pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
-    pb.DATA_TYPE_FLOAT16: np.dtype("<f2"),
-    pb.DATA_TYPE_UINT8: np.dtype("u1"),
-    pb.DATA_TYPE_INT16: np.dtype("<i2"),
-    pb.DATA_TYPE_INT32: np.dtype("<i4"),
-    pb.DATA_TYPE_INT64: np.dtype("<i8"),
-}
-TO_PB = {np.dtype(v).newbyteorder("="): k for k, v in DTYPES.items()}
-BY_NAME = {"float32": pb.DATA_TYPE_FLOAT32, "float16": pb.DATA_TYPE_FLOAT16,
-           "uint8": pb.DATA_TYPE_UINT8, "int16": pb.DATA_TYPE_INT16, "int32": pb.DATA_TYPE_INT32,
-           "int64": pb.DATA_TYPE_INT64}
-
-
-def tensor_to_numpy(t: pb.Tensor) -> np.ndarray:
-    dtype = DTYPES.get(t.dtype)
-    if dtype is None:
-        name = pb.DataType.Name(t.dtype) if t.dtype in pb.DataType.values() else t.dtype
-        raise InvalidChunk(f"tensor dtype {name} is not supported; "
-                           f"use one of {[pb.DataType.Name(k) for k in DTYPES]}")
-    shape = tuple(t.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidChunk(f"tensor shape {list(shape)} has a negative dimension")
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if n * dtype.itemsize != len(t.data):
-        raise InvalidChunk(f"tensor of shape {list(shape)} and dtype {dtype.name} needs "
-                           f"{n * dtype.itemsize} bytes, got {len(t.data)}")
-    return np.frombuffer(t.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
-
-
-def numpy_to_tensor(a: np.ndarray) -> pb.Tensor:
-    code = TO_PB[a.dtype.newbyteorder("=")]
-    return pb.Tensor(dtype=code, shape=a.shape, data=a.astype(DTYPES[code]).tobytes())
-
-
 def chunk_input(chunk: pb.Chunk) -> ChunkInput:
     which = chunk.WhichOneof("data")
     if which == "tensor":
-        return ChunkInput(array=tensor_to_numpy(chunk.tensor))
+        try:
+            return ChunkInput(array=from_tensor(chunk.tensor))
+        except TensorError as exc:
+            raise InvalidChunk(str(exc)) from None
     if which == "text":
         return ChunkInput(text=chunk.text)
     if which == "pcm16":
@@ -67,7 +34,7 @@ def chunk_input(chunk: pb.Chunk) -> ChunkInput:
 
 def chunk_result(out: ChunkOutput) -> pb.ChunkResult:
     return pb.ChunkResult(seq=out.seq, end=out.end, outputs=[
-        pb.NamedTensor(name=name, tensor=numpy_to_tensor(a)) for name, a in out.outputs])
+        pb.NamedTensor(name=name, tensor=to_tensor(a)) for name, a in out.outputs])
 
 
 def session_info(session, runtime: ModelRuntime) -> pb.SessionInfo:  # type: ignore[no-untyped-def]

@@ -24,8 +24,6 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=registry)
         self.compute = Histogram("rnnserve_compute_seconds", "onnxruntime time per batch",
                                  labels, buckets=LATENCY_BUCKETS, registry=registry)
-        self.chunks = Counter("rnnserve_chunks_total", "Chunks answered or refused",
-                              (*labels, "code"), registry=registry)
         self.sessions = Counter("rnnserve_sessions_total",
                                 "Sessions by what happened: created, closed, expired, evicted",
                                 ("model", "version", "event"), registry=registry)
