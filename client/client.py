@@ -21,6 +21,7 @@ models, raw byte values for text models) or a numpy array shaped (time, *frame).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
@@ -50,12 +51,18 @@ def outputs(result: pb.ChunkResult) -> dict[str, np.ndarray]:
 
 
 class StreamSession:
-    """One session on one bidirectional stream; chunks are numbered for you."""
+    """One session on one bidirectional stream; chunks are numbered for you.
+
+    Requests flow through a queue that grpc consumes on its own: when the server
+    ends the stream (say, while draining), the next ``send`` raises the server's
+    status, not a local write error.
+    """
 
     def __init__(self, stub: pb_grpc.InferenceStub, open_req: pb.OpenSessionRequest,
                  timeout: float | None) -> None:
         self._stub, self._open, self._timeout = stub, open_req, timeout
         self._call: Any = None
+        self._outbox: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
         self.session_id = ""
         self.model = ""
         self.version = 0
@@ -63,42 +70,47 @@ class StreamSession:
         self.pcm16 = False
         self._failed = False
 
-    async def __aenter__(self) -> StreamSession:
-        self._call = self._stub.Stream(timeout=self._timeout)
-        await self._call.write(pb.StreamRequest(open=self._open))
-        resp = await self._call.read()  # raises AioRpcError with the server's status
+    async def _requests(self) -> AsyncIterator[pb.StreamRequest]:
+        while (req := await self._outbox.get()) is not None:
+            yield req
+
+    async def _read(self, what: str) -> pb.StreamResponse:
+        try:
+            resp = await self._call.read()  # raises AioRpcError with the server's status
+        except grpc.aio.AioRpcError:
+            self._failed = True  # the stream is over; its status was raised once
+            raise
         if resp is grpc.aio.EOF:
-            raise ConnectionError("the server ended the stream without opening the session")
-        info = resp.opened
+            self._failed = True
+            raise ConnectionError(f"the server ended the stream without {what}")
+        return resp
+
+    async def __aenter__(self) -> StreamSession:
+        self._call = self._stub.Stream(self._requests(), timeout=self._timeout)
+        self._outbox.put_nowait(pb.StreamRequest(open=self._open))
+        info = (await self._read("opening the session")).opened
         self.session_id, self.model, self.version = info.session_id, info.model, info.version
         self.next_seq = info.next_seq
         return self
 
     async def send(self, data: Data, end: bool = False) -> dict[str, np.ndarray]:
         """Send one chunk and wait for its outputs (name -> array shaped (time, ...))."""
-        try:
-            try:
-                await self._call.write(pb.StreamRequest(
-                    chunk=make_chunk(self.next_seq, data, end, pcm16=self.pcm16)))
-            except asyncio.InvalidStateError:
-                pass  # the server already ended the call: read() raises its status
-            resp = await self._call.read()  # raises AioRpcError with the server's status
-        except grpc.aio.AioRpcError:
-            self._failed = True  # the stream is over; its status was raised once
-            raise
-        if resp is grpc.aio.EOF:
-            raise ConnectionError("the server ended the stream without answering the chunk")
+        chunk = make_chunk(self.next_seq, data, end, pcm16=self.pcm16)
+        self._outbox.put_nowait(pb.StreamRequest(chunk=chunk))
+        resp = await self._read("answering the chunk")
         self.next_seq += 1
         return outputs(resp.result)
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
-        if self._call is None or self._failed:
+        if self._call is None:
+            return
+        self._outbox.put_nowait(None)  # half-close
+        if self._failed:
             return
         if et is not None:
             self._call.cancel()
             return
-        await self._call.done_writing()
         while await self._call.read() is not grpc.aio.EOF:
             pass
 
