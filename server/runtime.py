@@ -39,12 +39,19 @@ class RuntimeOptions:
     inter_op_threads: int = 0
 
 
+# Set when device "auto" asked onnxruntime for CUDA and got the CPU: later models go
+# straight to the CPU instead of repeating onnxruntime's error for each of them.
+_cuda_fell_back = False
+
+
 def providers_for(options: RuntimeOptions) -> list[Any]:
     if options.device not in DEVICES:
         raise DeviceUnavailable(f"unknown device {options.device!r}; choose from {DEVICES}")
     if options.device == "cpu":
         return [CPU]
     available = ort.get_available_providers()
+    if options.device == "auto" and _cuda_fell_back:
+        return [CPU]
     if CUDA not in available:
         if options.device == "cuda":
             raise DeviceUnavailable(
@@ -68,8 +75,21 @@ class ModelRuntime:
         so.inter_op_num_threads = options.inter_op_threads
         so.log_severity_level = 3
         providers = providers_for(options)
-        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        quiet = options.device == "auto" and CUDA in [p[0] for p in providers
+                                                      if isinstance(p, tuple)]
+        if quiet:  # a failed CUDA attempt is expected on CPU machines: say it once, below
+            ort.set_default_logger_severity(4)
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=providers)
+        finally:
+            if quiet:
+                ort.set_default_logger_severity(2)
         obtained = self.session.get_providers()
+        if quiet and CUDA not in obtained:
+            global _cuda_fell_back
+            _cuda_fell_back = True
+            log.info("device auto: onnxruntime could not start CUDA (no GPU, or CUDA 13 / "
+                     "cuDNN 9 libraries missing); serving on the CPU")
         if options.device == "cuda" and CUDA not in obtained:
             raise DeviceUnavailable(
                 f"model {name!r} v{version}: CUDA was demanded but onnxruntime fell back to "

@@ -147,3 +147,11 @@ def test_a_full_queue_answers_overloaded_at_once(registry) -> None:
         return done
 
     assert len(asyncio.run(main())) == 2
+
+
+def test_auto_device_serves_on_what_onnxruntime_really_gives(repo) -> None:
+    registry = ModelRegistry(repo, RuntimeOptions(device="auto", intra_op_threads=1))
+    obtained = {m.provider for m in registry}
+    assert obtained <= {"CPUExecutionProvider", "CUDAExecutionProvider"} and len(obtained) == 1
+    for m in registry:
+        assert m.provider == m.session.get_providers()[0]
