@@ -121,6 +121,11 @@ def test_errors_name_the_problem_and_leave_the_session_untouched(server, repo) -
         ]:
             code, msg = code_and_message(client.step, sid, 1, bad)
             assert code == expect_code and needle in msg, msg
+        code, msg = code_and_message(client.step, sid, 1, b"\x00\x01", pcm16=True)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "not PCM16" in msg
+        code, msg = code_and_message(client.stub.Step, pb.StepRequest(
+            session_id=sid, chunk=pb.Chunk(seq=1)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "carries no data" in msg
         code, msg = code_and_message(client.step, sid, 5, x[4:])
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "expects chunk 1, got 5" in msg
         bad_bytes = pb.StepRequest(session_id=sid, chunk=pb.Chunk(seq=1, tensor=pb.Tensor(
