@@ -13,7 +13,6 @@ from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.protos.tensors import BY_NAME, TensorError, from_tensor, to_tensor
 from rnnserve.server.core import ChunkInput, ChunkOutput, Core
 from rnnserve.server.errors import CoreError, InvalidChunk, ShuttingDown
-from rnnserve.server.metrics import Metrics
 from rnnserve.server.runtime import ModelRuntime
 
 log = logging.getLogger("rnnserve.api")
@@ -61,9 +60,8 @@ def model_metadata(runtime: ModelRuntime, versions: list[int]) -> pb.ModelMetada
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, core: Core, metrics: Metrics, draining: asyncio.Event) -> None:
+    def __init__(self, core: Core, draining: asyncio.Event) -> None:
         self.core = core
-        self.metrics = metrics
         self.draining = draining
 
     async def _requests(self, request_iterator: AsyncIterator[pb.StreamRequest]

@@ -64,7 +64,7 @@ class RnnServer:
 
         self.server = grpc.aio.server()
         pb_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.core, self.metrics, self._draining), self.server)
+            InferenceServicer(self.core, self._draining), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [SERVICE, health.SERVICE_NAME]

@@ -15,7 +15,7 @@ import numpy as np
 from rnnserve.server.batcher import Batcher
 from rnnserve.server.errors import InvalidChunk, OutOfOrder, SessionBusy, ShuttingDown
 from rnnserve.server.runtime import ModelRegistry, ModelRuntime
-from rnnserve.server.sessions import MemorySessionStore, Session
+from rnnserve.server.sessions import Session, SessionStore
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class ChunkOutput:
 
 
 class Core:
-    def __init__(self, registry: ModelRegistry, store: MemorySessionStore,
+    def __init__(self, registry: ModelRegistry, store: SessionStore,
                  batchers: dict[tuple[str, int], Batcher]) -> None:
         self.registry = registry
         self.store = store

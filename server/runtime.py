@@ -176,6 +176,10 @@ class ModelRegistry:
 
     def get(self, name: str, version: int | None = None) -> ModelRuntime:
         """The named version, or the highest when ``version`` is None or 0."""
+        if version:
+            found = self._models.get((name, version))
+            if found is not None:  # the per-chunk path: one dict lookup
+                return found
         versions = sorted(v for n, v in self._models if n == name)
         if not versions:
             names = sorted({n for n, _ in self._models})
