@@ -22,7 +22,7 @@ from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.server.api import InferenceServicer
 from rnnserve.server.batcher import Batcher
 from rnnserve.server.core import Core
-from rnnserve.server.metrics import Metrics
+from rnnserve.server.metrics import Metrics, ServingCollector
 from rnnserve.server.runtime import ModelRegistry, RuntimeOptions
 from rnnserve.server.sessions import MemorySessionStore, Session
 from rnnserve.server.settings import Settings
@@ -60,7 +60,11 @@ class RnnServer:
         }
         for b in self.batchers.values():
             b.start()
-        self.core = Core(self.registry, self.store, self.batchers)
+        self.core = Core(self.registry, self.store, self.batchers,
+                         on_chunk=self.metrics.observe_chunk)
+        self.metrics.registry.register(ServingCollector(
+            lambda: ((rt, self.batchers[rt.key]) for rt in self.registry),
+            lambda: self.store.bytes_by_model))
 
         self.server = grpc.aio.server()
         pb_grpc.add_InferenceServicer_to_server(

@@ -8,6 +8,8 @@ state is replaced only when the step's result is delivered.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,10 +36,16 @@ class ChunkOutput:
     end: bool
 
 
+# (model, seconds this chunk took end to end, seconds from open to first output or None)
+ChunkHook = Callable[[ModelRuntime, float, float | None], None]
+
+
 class Core:
     def __init__(self, registry: ModelRegistry, store: SessionStore,
-                 batchers: dict[tuple[str, int], Batcher]) -> None:
+                 batchers: dict[tuple[str, int], Batcher],
+                 on_chunk: ChunkHook | None = None) -> None:
         self.registry = registry
+        self._on_chunk = on_chunk
         self.store = store
         self.batchers = batchers
         self.accepting = True
@@ -58,6 +66,7 @@ class Core:
         runtime = self.registry.get(model, version or None)
         session = self.store.create(runtime.name, runtime.version, runtime.zero_state(),
                                     session_id or None)
+        session.opened_at = time.perf_counter()
         return session, runtime
 
     def decode(self, runtime: ModelRuntime, chunk: ChunkInput) -> np.ndarray:
@@ -78,6 +87,7 @@ class Core:
 
     async def step(self, session_id: str, seq: int, chunk: ChunkInput,
                    end: bool = False) -> ChunkOutput:
+        started = time.perf_counter()
         session = self.store.get(session_id)
         runtime = self.registry.get(session.model, session.version)
         if session_id in self._busy:
@@ -96,6 +106,11 @@ class Core:
         self.store.update(session, new_state, seq + 1)
         if end:
             self.store.close(session_id)
+        if self._on_chunk is not None:
+            done = time.perf_counter()
+            first = done - session.opened_at if session.opened_at else None
+            self._on_chunk(runtime, done - started, first)
+        session.opened_at = 0.0
         names = [o.name for o in runtime.meta.outputs]
         return ChunkOutput(seq, list(zip(names, outputs, strict=True)), end)
 

@@ -44,6 +44,7 @@ class Session:
     created: float = 0.0
     last_used: float = 0.0
     nbytes: int = field(default=0)
+    opened_at: float = 0.0  # perf_counter when opened here; 0 once it has answered a chunk
 
     def __post_init__(self) -> None:
         self.nbytes = sum(s.nbytes for s in self.state)
@@ -85,9 +86,15 @@ class MemorySessionStore:
         self._ended: OrderedDict[str, str] = OrderedDict()  # id -> reason
         self._max_tombstones = tombstones
         self.state_bytes = 0
+        self.bytes_by_model: dict[tuple[str, int], int] = {}  # read by the metrics thread
 
     def __len__(self) -> int:
         return len(self._live)
+
+    def _account(self, session: Session, delta: int) -> None:
+        self.state_bytes += delta
+        key = (session.model, session.version)
+        self.bytes_by_model[key] = self.bytes_by_model.get(key, 0) + delta
 
     def _event(self, reason: str, session: Session) -> None:
         if self._on_event is not None:
@@ -95,7 +102,7 @@ class MemorySessionStore:
 
     def _end(self, session: Session, reason: str) -> None:
         del self._live[session.id]
-        self.state_bytes -= session.nbytes
+        self._account(session, -session.nbytes)
         self._ended[session.id] = reason
         self._ended.move_to_end(session.id)
         while len(self._ended) > self._max_tombstones:
@@ -119,7 +126,7 @@ class MemorySessionStore:
             self._end(oldest, "evicted")
         self._ended.pop(sid, None)
         self._live[sid] = session
-        self.state_bytes += session.nbytes
+        self._account(session, session.nbytes)
         self._event("created", session)
         return session
 
@@ -151,7 +158,7 @@ class MemorySessionStore:
         if self._live.get(session.id) is not session:
             raise self._gone(session.id)
         nbytes = sum(s.nbytes for s in state)
-        self.state_bytes += nbytes - session.nbytes
+        self._account(session, nbytes - session.nbytes)
         session.state, session.nbytes, session.next_seq = state, nbytes, next_seq
         session.last_used = self._clock()
         self._live.move_to_end(session.id)

@@ -50,7 +50,10 @@ def test_32_concurrent_sessions_stream_exactly_and_batch(server, repo) -> None:
         x = (rng.integers(0, 256, t, dtype=np.uint8) if name == "text"
              else rng.standard_normal((t, 20)).astype(np.float32))
         jobs.append((name, x, random_cuts(rng, t)))
-    before = metric_value(server.metrics(), "rnnserve_batch_size_count")
+    first = server.metrics()
+    before = metric_value(first, "rnnserve_batch_size_count")
+    latency_before = metric_value(first, "rnnserve_chunk_latency_seconds_count")
+    ttfo_before = metric_value(first, "rnnserve_time_to_first_output_seconds_count")
 
     async def one(client: AsyncClient, name: str, x: np.ndarray, cuts: list[int]):
         ys = []
@@ -80,6 +83,12 @@ def test_32_concurrent_sessions_stream_exactly_and_batch(server, repo) -> None:
     assert 0 < batches < steps, f"{steps} steps ran in {batches} batches: none were batched"
     assert metric_value(text, "rnnserve_batch_size_bucket", le="1.0") < \
         metric_value(text, "rnnserve_batch_size_count")
+    assert metric_value(text, "rnnserve_chunk_latency_seconds_count") - latency_before == steps
+    assert metric_value(text, "rnnserve_time_to_first_output_seconds_count") - ttfo_before == 32
+    assert metric_value(text, "rnnserve_model_info", model="feat", arch="lstm",
+                        provider="CPUExecutionProvider") == 1
+    assert metric_value(text, "rnnserve_state_bytes") == 0  # every session ended
+    assert metric_value(text, "rnnserve_model_load_seconds", model="text", version="2") > 0
 
 
 def test_text_chunks_and_unary_steps_give_the_streamed_answer(server, repo) -> None:
@@ -88,6 +97,8 @@ def test_text_chunks_and_unary_steps_give_the_streamed_answer(server, repo) -> N
     with Client(server.target, timeout=10) as client:
         info = client.open_session("text")
         assert info.version == 2 and info.next_seq == 0
+        held = metric_value(server.metrics(), "rnnserve_state_bytes", model="text", version="2")
+        assert held == 2 * 24 * 4  # one GRU session: 2 layers x 24 hidden x float32
         ys = [client.step(info.session_id, 0, sentence[:10])["logits"],
               client.step(info.session_id, 1, sentence[10:].encode())["logits"]]
         client.close_session(info.session_id)
