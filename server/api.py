@@ -14,8 +14,10 @@ from rnnserve.protos.tensors import BY_NAME, TensorError, from_tensor, to_tensor
 from rnnserve.server.core import ChunkInput, ChunkOutput, Core
 from rnnserve.server.errors import CoreError, InvalidChunk, ShuttingDown
 from rnnserve.server.runtime import ModelRuntime
+from rnnserve.server.sessions import Session
 
 log = logging.getLogger("rnnserve.api")
+
 
 def chunk_input(chunk: pb.Chunk) -> ChunkInput:
     which = chunk.WhichOneof("data")
@@ -36,7 +38,7 @@ def chunk_result(out: ChunkOutput) -> pb.ChunkResult:
         pb.NamedTensor(name=name, tensor=to_tensor(a)) for name, a in out.outputs])
 
 
-def session_info(session, runtime: ModelRuntime) -> pb.SessionInfo:  # type: ignore[no-untyped-def]
+def session_info(session: Session, runtime: ModelRuntime) -> pb.SessionInfo:
     return pb.SessionInfo(session_id=session.id, model=runtime.name, version=runtime.version,
                           next_seq=session.next_seq)
 

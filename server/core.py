@@ -111,8 +111,7 @@ class Core:
             first = done - session.opened_at if session.opened_at else None
             self._on_chunk(runtime, done - started, first)
         session.opened_at = 0.0
-        names = [o.name for o in runtime.meta.outputs]
-        return ChunkOutput(seq, list(zip(names, outputs, strict=True)), end)
+        return ChunkOutput(seq, list(zip(runtime.data_output_names, outputs, strict=True)), end)
 
     def close(self, session_id: str) -> None:
         self.store.close(session_id)

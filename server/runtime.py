@@ -106,8 +106,8 @@ class ModelRuntime:
         self._np_dtype = np.dtype(self.meta.input.dtype)
         self._frame_shape = tuple(int(d) for d in self.meta.input.shape[2:])
         self._state_dtypes = [np.dtype(s.dtype) for s in self.meta.states]
-        self._output_names = [o.name for o in self.meta.outputs] + [s.output for s in
-                                                                     self.meta.states]
+        self.data_output_names = [o.name for o in self.meta.outputs]
+        self._output_names = self.data_output_names + [s.output for s in self.meta.states]
         self.load_seconds = time.perf_counter() - started
         log.info("loaded model %s version %d from %s on %s in %.2fs", name, version, path,
                  self.provider, self.load_seconds)

@@ -23,11 +23,16 @@ def test_split_is_deterministic_disjoint_and_about_ten_percent(small_corpus) -> 
     assert sample not in small_corpus.train.tobytes()
 
 
-def test_membership_does_not_depend_on_the_other_documents() -> None:
-    # adding a source never moves an existing document between splits
-    assert is_validation("pydoc:assert", 10) == is_validation("pydoc:assert", 10)
-    assert any(is_validation(f"doc:{i}", 10) for i in range(100))
-    assert not all(is_validation(f"doc:{i}", 10) for i in range(100))
+def test_adding_a_source_never_moves_a_document_between_splits(small_corpus) -> None:
+    from pydoc_data.topics import topics
+
+    both = load_text_corpus(("pydoc_topics", "idle_docs"))
+    assert both.documents[0] > small_corpus.documents[0]
+    for key in sorted(topics)[:40]:
+        sample = topics[key].strip().encode()[:200]
+        in_val = is_validation(f"pydoc:{key}", 10)
+        assert (sample in both.val.tobytes()) == in_val, key
+        assert (sample in small_corpus.val.tobytes()) == in_val, key
 
 
 def test_english_text_has_the_expected_unigram_entropy(small_corpus) -> None:
