@@ -90,9 +90,11 @@ class RecurrentModel(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, config.output_size)
 
-    def initial_state(self, batch: int, device: torch.device | str = "cpu") -> State:
+    def initial_state(self, batch: int, device: torch.device | str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> State:
         shape = self.config.state_shape(batch)
-        return tuple(torch.zeros(shape, device=device) for _ in self.config.state_names)
+        return tuple(torch.zeros(shape, device=device, dtype=dtype)
+                     for _ in self.config.state_names)
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """x: (B, T) byte values (any integer dtype) or (B, T, F) float frames.
@@ -104,7 +106,7 @@ class RecurrentModel(nn.Module):
         else:
             e = self.input_stage(x)  # (B, T, E)
         if state is None:
-            state = self.initial_state(x.shape[0], x.device)
+            state = self.initial_state(x.shape[0], x.device, e.dtype)
         # torch keeps layer-major state (L, B, H); ours is batch-major (B, L, H).
         s = tuple(t.transpose(0, 1).contiguous() for t in state)  # (L, B, H) each
         if self.config.arch == "lstm":
