@@ -15,9 +15,13 @@ Every value is a string; structured ones are JSON. Keys:
 ``rnnserve.training``      JSON: metrics of the checkpoint (e.g. validation bits per byte)
 ``rnnserve.export``        JSON: exporter, opset, torch/onnx versions, checkpoint sha256
 ``rnnserve.verification``  JSON: largest differences found by verification, and what ran
+``rnnserve.decoding``      JSON, optional: how to turn outputs into decisions (speech
+                           models: the streaming keyword rule of ``rnnserve.kws``)
 =========================  ================================================================
 
-Shapes use the string ``"batch"`` and ``"time"`` for the dynamic axes.
+Shapes use the strings ``"batch"``, ``"time"`` (input steps: bytes, feature frames or
+samples) and ``"frames"`` (output frames of a PCM16 model: samples / hop) for the
+dynamic axes.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ INPUT_KINDS = ("utf8_bytes", "features", "pcm16")
 DTYPES = ("float32", "float16", "uint8", "int16", "int32", "int64")
 BATCH = "batch"
 TIME = "time"
+FRAMES = "frames"
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class ModelMetadata:
     training: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
+    decoding: dict[str, Any] = field(default_factory=dict)
     rnnserve_version: str = ""
 
     def state_bytes_per_session(self) -> int:
@@ -112,6 +118,7 @@ class ModelMetadata:
             PREFIX + "training": _dumps(self.training),
             PREFIX + "export": _dumps(self.export),
             PREFIX + "verification": _dumps(self.verification),
+            **({PREFIX + "decoding": _dumps(self.decoding)} if self.decoding else {}),
         }
 
     @classmethod
@@ -149,6 +156,7 @@ class ModelMetadata:
                 training=_loads(props, "training", {}),
                 export=_loads(props, "export", {}),
                 verification=_loads(props, "verification", {}),
+                decoding=_loads(props, "decoding", {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelMetadataError(f"{source} has malformed rnnserve metadata: {exc!r}") from exc

@@ -9,10 +9,13 @@ does, ``verify`` checks the file before it enters the repository.
 
 Graph interface (names also recorded in the metadata):
 
-- ``input``: (batch, time) uint8 byte values, or (batch, time, F) float32 frames
+- ``input``: (batch, time) uint8 byte values, or (batch, time, F) float32 frames,
+  or (batch, samples) int16 PCM for speech models (samples a multiple of the hop)
+- ``frame_in`` (speech only): (batch, win - hop) float32, the window overlap
 - ``h_in`` [, ``c_in``]: (batch, layers, hidden) float32, batch-major
-- ``logits``: (batch, time, outputs) float32
-- ``h_out`` [, ``c_out``]: (batch, layers, hidden) float32
+- ``logits``: (batch, time, outputs) float32; speech models: ``posteriors``
+  (batch, frames, labels), frames = samples / hop
+- ``frame_out``, ``h_out`` [, ``c_out``]: the new states, same shapes
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import onnx
 import torch
@@ -34,6 +37,7 @@ from rnnserve.errors import ExportError, ModelRepositoryError
 from rnnserve.export import repository
 from rnnserve.export.metadata import (
     BATCH,
+    FRAMES,
     TIME,
     InputSpec,
     ModelMetadata,
@@ -42,6 +46,7 @@ from rnnserve.export.metadata import (
 )
 from rnnserve.training.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 from rnnserve.training.model import RecurrentModel
+from rnnserve.training.speech_model import SpeechModel, speech_model_from_checkpoint
 
 OPSET = 17
 TESTED_TORCH = "2.13."
@@ -49,12 +54,15 @@ DUMMY_BATCH = 1
 DUMMY_TIME = 8
 DATA_INPUT = "input"
 DATA_OUTPUT = "logits"
+SPEECH_OUTPUT = "posteriors"
+
+Exportable: TypeAlias = RecurrentModel | SpeechModel
 
 
 class StreamingWrapper(nn.Module):
     """``forward(x, *states) -> (y, *new_states)``: flat tensors, as ONNX wants them."""
 
-    def __init__(self, model: RecurrentModel) -> None:
+    def __init__(self, model: Exportable) -> None:
         super().__init__()
         self.model = model
 
@@ -63,13 +71,45 @@ class StreamingWrapper(nn.Module):
         return (y, *new)
 
 
-def state_names(model: RecurrentModel) -> list[tuple[str, str]]:
-    return [(f"{n}_in", f"{n}_out") for n in model.config.state_names]
+def state_names(model: Exportable) -> list[tuple[str, str]]:
+    names = model.state_names if isinstance(model, SpeechModel) else model.config.state_names
+    return [(f"{n}_in", f"{n}_out") for n in names]
 
 
-def build_metadata(model: RecurrentModel, ckpt: dict[str, Any], name: str,
+def output_name(model: Exportable) -> str:
+    return SPEECH_OUTPUT if isinstance(model, SpeechModel) else DATA_OUTPUT
+
+
+def model_for_checkpoint(ckpt: dict[str, Any]) -> Exportable:
+    if ckpt.get("task") == "speech":
+        return speech_model_from_checkpoint(ckpt)
+    return model_from_checkpoint(ckpt)
+
+
+def build_metadata(model: Exportable, ckpt: dict[str, Any], name: str,
                    extra_export: dict[str, Any]) -> ModelMetadata:
     cfg = model.config
+    decoding: dict[str, Any] = {}
+    rnn_states = tuple(
+        StatePair(input=i, output=o, shape=(BATCH, cfg.num_layers, cfg.hidden_size))
+        for i, o in state_names(model) if i != "frame_in"
+    )
+    if isinstance(model, SpeechModel):
+        fe = model.frontend.fe
+        inp = InputSpec(name=DATA_INPUT, dtype="int16", shape=(BATCH, TIME), kind="pcm16",
+                        sample_rate=fe.sample_rate, hop_samples=fe.hop_samples)
+        out = OutputSpec(name=SPEECH_OUTPUT, dtype="float32",
+                         shape=(BATCH, FRAMES, cfg.output_size),
+                         meaning=f"posteriors per {1000 * fe.hop_samples // fe.sample_rate} ms "
+                         "frame (softmax over the labels; frames = samples / hop)",
+                         labels=tuple(ckpt["labels"]))
+        states = (StatePair(input="frame_in", output="frame_out", shape=(BATCH, fe.overlap)),
+                  *rnn_states)
+        decoding = {"rule": "rnnserve.kws/1", **dict(ckpt.get("decision_rule", {})),
+                    "silence_label": ckpt["labels"][0],
+                    "frame_seconds": fe.hop_samples / fe.sample_rate}
+        extra_export = {**extra_export, "frontend": ckpt["frontend"]}
+        return _metadata(model, ckpt, name, inp, out, states, extra_export, decoding)
     if cfg.input_kind == "bytes":
         inp = InputSpec(name=DATA_INPUT, dtype="uint8", shape=(BATCH, TIME), kind="utf8_bytes")
         out = OutputSpec(name=DATA_OUTPUT, dtype="float32", shape=(BATCH, TIME, cfg.output_size),
@@ -81,36 +121,44 @@ def build_metadata(model: RecurrentModel, ckpt: dict[str, Any], name: str,
         out = OutputSpec(name=DATA_OUTPUT, dtype="float32", shape=(BATCH, TIME, cfg.output_size),
                          meaning="logits per frame",
                          labels=tuple(labels) if labels else None)
-    states = tuple(
-        StatePair(input=i, output=o, shape=(BATCH, cfg.num_layers, cfg.hidden_size))
-        for i, o in state_names(model)
-    )
+    return _metadata(model, ckpt, name, inp, out, rnn_states, extra_export, decoding)
+
+
+def _metadata(model: Exportable, ckpt: dict[str, Any], name: str, inp: InputSpec,
+              out: OutputSpec, states: tuple[StatePair, ...], extra_export: dict[str, Any],
+              decoding: dict[str, Any]) -> ModelMetadata:
+    cfg = model.config
     training = {k: v for k, v in ckpt.get("metrics", {}).items()
-                if isinstance(v, int | float | str)}
+                if isinstance(v, int | float | str | dict)}
     training["step"] = int(ckpt.get("step", 0))
     if "data" in ckpt:
-        training["corpus"] = ckpt["data"]
+        training["corpus" if ckpt["task"] == "text" else "data"] = ckpt["data"]
     return ModelMetadata(
         name=name, arch=cfg.arch, task=str(ckpt["task"]), input=inp, outputs=(out,),
         states=states, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-        training=training, export=extra_export, rnnserve_version=rnnserve.__version__,
+        training=training, export=extra_export, decoding=decoding,
+        rnnserve_version=rnnserve.__version__,
     )
 
 
-def export_onnx(model: RecurrentModel, metadata: ModelMetadata) -> onnx.ModelProto:
+def export_onnx(model: Exportable, metadata: ModelMetadata) -> onnx.ModelProto:
     """Trace ``model`` at batch 1 x 8 steps with dynamic batch/time; attach metadata."""
     cfg = model.config
     model = model.eval()
-    if cfg.input_kind == "bytes":
+    if isinstance(model, SpeechModel):
+        hop = model.frontend.fe.hop_samples
+        x = torch.randint(-3000, 3000, (DUMMY_BATCH, DUMMY_TIME * hop), dtype=torch.int16)
+    elif cfg.input_kind == "bytes":
         x = torch.randint(0, 256, (DUMMY_BATCH, DUMMY_TIME), dtype=torch.uint8)
     else:
         x = torch.randn(DUMMY_BATCH, DUMMY_TIME, cfg.input_size)
     states = model.initial_state(DUMMY_BATCH)
     pairs = state_names(model)
     in_names = [DATA_INPUT, *(i for i, _ in pairs)]
-    out_names = [DATA_OUTPUT, *(o for _, o in pairs)]
-    dynamic: dict[str, dict[int, str]] = {DATA_INPUT: {0: BATCH, 1: TIME},
-                                          DATA_OUTPUT: {0: BATCH, 1: TIME}}
+    out_names = [output_name(model), *(o for _, o in pairs)]
+    dynamic: dict[str, dict[int, str]] = {
+        DATA_INPUT: {0: BATCH, 1: TIME},
+        output_name(model): {0: BATCH, 1: FRAMES if isinstance(model, SpeechModel) else TIME}}
     for i, o in pairs:
         dynamic[i] = {0: BATCH}
         dynamic[o] = {0: BATCH}
@@ -178,7 +226,7 @@ def export_checkpoint(
     repository.check_name(name)
     ckpt_path = Path(checkpoint)
     ckpt = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt)
+    model = model_for_checkpoint(ckpt)
     if not torch.__version__.startswith(TESTED_TORCH):
         log(f"warning: export is tested with torch {TESTED_TORCH}x, this is {torch.__version__}")
     repo_path = Path(repo)

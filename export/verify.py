@@ -11,7 +11,12 @@ Runs at the end of every export and as ``rnnserve verify MODEL``. Checks:
    state of one whole-sequence run;
 4. batching: each row of a batched run equals that row run alone (the server batches
    unrelated sessions together);
-5. parity with torch, when the torch model is at hand: outputs and final states.
+5. parity with torch, when the torch model is at hand: outputs and final states;
+6. speech models (PCM16 input, front end in the graph): the graph's log-mel front
+   end, cut out of the ONNX file, against the offline float64 reference of
+   ``rnnserve.audio.log_mel`` on a test signal; with the torch model at hand, the
+   whole graph from PCM against the torch float64 recurrent part fed with the
+   offline features.
 
 Every comparison starts from random non-zero states. The largest absolute
 differences are printed and written into the model's ``rnnserve.verification``.
@@ -56,6 +61,8 @@ class VerificationReport:
     max_abs_diff_chunked_vs_whole: float = 0.0
     max_abs_diff_batched_vs_single: float = 0.0
     max_abs_diff_vs_torch: float | None = None
+    frontend_vs_offline: float | None = None  # log-mel features, graph vs numpy float64
+    posteriors_vs_offline: float | None = None  # graph from PCM vs torch on offline features
     torch_vs_float64: float | None = None
     onnx_vs_float64: float | None = None
     torch_parity: str = "not run"
@@ -81,6 +88,9 @@ class VerificationReport:
             "torch_parity": self.torch_parity,
             "max_abs_diff_chunked_vs_whole": self.max_abs_diff_chunked_vs_whole,
             "max_abs_diff_batched_vs_single": self.max_abs_diff_batched_vs_single,
+            **({"frontend_vs_offline": self.frontend_vs_offline,
+                "posteriors_vs_offline": self.posteriors_vs_offline}
+               if self.frontend_vs_offline is not None else {}),
             "cases": len(self.cases),
             "batch_sizes": sorted({c[0] for c in self.cases}),
             "lengths": sorted({c[1] for c in self.cases}),
@@ -193,7 +203,17 @@ class _Runner:
         return res[0], res[len(self.meta.outputs):]
 
 
+def _steps_per_frame(meta: ModelMetadata) -> int:
+    """Input steps per output step: the hop for PCM16 models, else 1."""
+    return int(meta.input.hop_samples or 1) if meta.input.kind == "pcm16" else 1
+
+
 def _random_input(meta: ModelMetadata, rng: np.random.Generator, b: int, t: int) -> np.ndarray:
+    """A batch of ``t`` output steps of input (``t`` hops of samples for PCM16)."""
+    if meta.input.kind == "pcm16":
+        n = t * _steps_per_frame(meta)
+        level = rng.uniform(50, 20000, size=(b, 1))
+        return np.clip(rng.standard_normal((b, n)) * level, -32768, 32767).astype(np.int16)
     if meta.input.kind == "utf8_bytes":
         return rng.integers(0, 256, size=(b, t), dtype=np.uint8)
     if meta.input.kind == "features":
@@ -267,6 +287,7 @@ def verify_file(
 
     runner = _Runner(path, meta)
     rng = np.random.default_rng(seed)
+    hop = _steps_per_frame(meta)
     traced = int(meta.export.get("traced_time", 8))
     for i, (b, t) in enumerate(verification_cases(rng, n_cases, traced)):
         x = _random_input(meta, rng, b, t)
@@ -284,7 +305,7 @@ def verify_file(
         cuts = _cut_points(rng, t)
         states, ys = s0, []
         for a, z in zip(cuts[:-1], cuts[1:], strict=True):
-            y, states = runner(x[:, a:z], states)
+            y, states = runner(x[:, a * hop:z * hop], states)
             ys.append(y)
         d_chunk = max(max_abs_diff(np.concatenate(ys, axis=1), y_whole),
                       *(max_abs_diff(s, w) for s, w in zip(states, s_whole, strict=True)))
@@ -311,6 +332,8 @@ def verify_file(
             report.failures.append(f"{label}: largest difference {value:.3e} > {tolerance:.0e}")
     if model is not None:
         cmp.finish(report, tolerance)
+    if meta.input.kind == "pcm16":
+        _check_frontend(proto, meta, runner, model, report, log)
     report.seconds = time.perf_counter() - started
     torch_part = (f"vs torch {report.max_abs_diff_vs_torch:.2e} (float32 rounding: torch "
                   f"{report.torch_vs_float64:.1e}, onnx {report.onnx_vs_float64:.1e} from float64)"
@@ -324,6 +347,72 @@ def verify_file(
     if write:
         _write_report(proto, meta, report, path)
     return report
+
+
+FRONTEND_TOLERANCE = 1e-3  # log-mel (natural log) of float32 DFTs vs float64
+
+
+def probe_signal(sample_rate: int, hop: int, seconds: float = 1.5) -> np.ndarray:
+    """Deterministic int16 test audio: gliding harmonics, noise, a pause, a click."""
+    rng = np.random.default_rng(7)
+    n = int(seconds * sample_rate) // hop * hop
+    t = np.arange(n) / sample_rate
+    f0 = 120 + 80 * t / seconds
+    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12)) * (0.5 + 0.5 * np.sin(7 * t))
+    x = 0.25 * voiced + 0.003 * rng.standard_normal(n)
+    x[n // 2: n // 2 + 30 * hop] = 0.0  # digital silence: features at the log floor
+    x[n // 4] = 0.9
+    return np.clip(np.round(x * 32768), -32768, 32767).astype(np.int16)
+
+
+def _check_frontend(proto: Any, meta: ModelMetadata, runner: _Runner, model: Any,
+                    report: VerificationReport, log: Callable[[str], None]) -> None:
+    """The graph's front end against ``rnnserve.audio.log_mel`` (float64, numpy FFT)."""
+    from rnnserve.audio import FrontEnd, log_mel
+
+    onnx = _onnx()
+    fe = FrontEnd(**meta.export.get("frontend", {}))
+    x = probe_signal(fe.sample_rate, fe.hop_samples)
+    reference = log_mel(x, fe)
+    logs = [n.output[0] for n in proto.graph.node if n.op_type == "Log"]
+    if len(logs) != 1:
+        report.failures.append(f"expected one Log node (the log-mel front end), found {len(logs)}")
+        return
+    state_in = meta.states[0].input
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    extracted = onnx.utils.Extractor(inferred).extract_model([meta.input.name, state_in], logs)
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(extracted.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    feats = sess.run(None, {meta.input.name: x[None],
+                            state_in: np.zeros((1, fe.overlap), dtype=np.float32)})[0][0]
+    report.frontend_vs_offline = max_abs_diff(feats, reference)
+    line = f"  front end vs offline log-mel (float64): {report.frontend_vs_offline:.1e}"
+    if not report.frontend_vs_offline <= FRONTEND_TOLERANCE:
+        report.failures.append(f"front end vs offline log-mel: largest difference "
+                               f"{report.frontend_vs_offline:.3e} > {FRONTEND_TOLERANCE:.0e}")
+    if model is not None:
+        import copy
+
+        import torch
+
+        m64 = copy.deepcopy(model).double().eval()
+        states = [np.zeros((1, *s.row_shape()), dtype=np.float32) for s in meta.states]
+        got, _ = runner(x[None], states)
+        with torch.no_grad():
+            logits, _ = m64.rnn(m64.normalize(torch.from_numpy(reference)[None]))
+            want = torch.softmax(logits, dim=-1).numpy()
+        report.posteriors_vs_offline = max_abs_diff(got, want)
+        line += (f"; posteriors from PCM vs torch on offline features "
+                 f"{report.posteriors_vs_offline:.1e}")
+        if not report.posteriors_vs_offline <= FRONTEND_TOLERANCE:
+            report.failures.append(
+                f"posteriors from PCM vs torch on offline features: largest difference "
+                f"{report.posteriors_vs_offline:.3e} > {FRONTEND_TOLERANCE:.0e}")
+    log(line)
 
 
 def _write_report(proto: Any, meta: ModelMetadata, report: VerificationReport,
@@ -340,9 +429,10 @@ def _load_torch_model(checkpoint: str | Path) -> Any:
     from rnnserve.errors import require_train_extra
 
     require_train_extra("comparing with torch")
-    from rnnserve.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from rnnserve.export.onnx_export import model_for_checkpoint
+    from rnnserve.training.checkpoint import load_checkpoint
 
-    return model_from_checkpoint(load_checkpoint(checkpoint))
+    return model_for_checkpoint(load_checkpoint(checkpoint))
 
 
 class _TorchComparison:
@@ -358,7 +448,7 @@ class _TorchComparison:
     def add(self, x: np.ndarray, s0: list[np.ndarray], onnx_out: list[np.ndarray]) -> float:
         import torch
 
-        x64 = torch.from_numpy(x) if x.dtype == np.uint8 else torch.from_numpy(x).double()
+        x64 = torch.from_numpy(x) if x.dtype.kind in "iu" else torch.from_numpy(x).double()
         with torch.no_grad():
             y, s = self.model(torch.from_numpy(x), tuple(torch.from_numpy(v) for v in s0))
             y64, s64 = self.model64(x64, tuple(torch.from_numpy(v).double() for v in s0))

@@ -45,13 +45,13 @@ def session_info(session: Session, runtime: ModelRuntime) -> pb.SessionInfo:
 
 def model_metadata(runtime: ModelRuntime, versions: list[int]) -> pb.ModelMetadata:
     meta = runtime.meta
-    dyn = [-1 if d == "time" else int(d) for d in meta.input.shape[1:]]
+    dyn = [-1 if isinstance(d, str) else int(d) for d in meta.input.shape[1:]]
     return pb.ModelMetadata(
         name=runtime.name, version=runtime.version, versions=versions, arch=meta.arch,
         task=meta.task, input_kind=meta.input.kind,
         input=pb.TensorInfo(name=meta.input.name, dtype=BY_NAME[meta.input.dtype], shape=dyn),
         outputs=[pb.TensorInfo(name=o.name, dtype=BY_NAME[o.dtype],
-                               shape=[-1 if d == "time" else int(d) for d in o.shape[1:]])
+                               shape=[-1 if isinstance(d, str) else int(d) for d in o.shape[1:]])
                  for o in meta.outputs],
         labels=list(meta.outputs[0].labels or ()),
         sample_rate=meta.input.sample_rate or 0, hop_samples=meta.input.hop_samples or 0,
