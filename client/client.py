@@ -132,10 +132,13 @@ class AsyncClient:
         await self._channel.close()
 
     def stream(self, model: str, version: int = 0, session_id: str = "",
-               resume: bool = False) -> StreamSession:
+               resume: bool = False, *, pcm16: bool = False) -> StreamSession:
+        """A streaming session; ``pcm16``: ``bytes`` chunks are PCM16 audio, not tensors."""
         req = pb.OpenSessionRequest(model=model, version=version, session_id=session_id,
                                     resume=resume)
-        return StreamSession(self.stub, req, self.timeout)
+        session = StreamSession(self.stub, req, self.timeout)
+        session.pcm16 = pcm16
+        return session
 
     async def list_models(self) -> list[pb.ModelMetadata]:
         resp = await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)

@@ -1,5 +1,11 @@
-"""``rnnserve stream``: stream text to a running server and show what the model predicts.
+"""``rnnserve stream``: stream text or audio to a running server and show what comes back.
 
+Audio (``--wav``): the WAV file is sent as PCM16 chunks of ``--chunk-ms``, one per
+chunk duration as a microphone would (or as fast as possible with ``--fast``); the
+model's per-frame posteriors go through its streaming decision rule (from its
+metadata, ``rnnserve.kws``) and each detection is printed with its time in the audio.
+
+Text:
 For a byte-level language model each chunk's outputs are the logits of the byte
 that follows each input byte. The command prints, per chunk, the text sent and the
 model's most likely next byte at each position, then the bits per byte the model
@@ -8,6 +14,8 @@ spent on the whole text (lower is better; about 8 means it guesses blindly).
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import sys
 
@@ -16,6 +24,8 @@ import numpy as np
 
 from rnnserve.client.client import AsyncClient
 from rnnserve.errors import RnnserveError
+from rnnserve.kws import DecisionRule, StreamingDetector
+from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 
 
 def _show(data: bytes) -> str:
@@ -62,4 +72,68 @@ async def stream_text(server: str, model: str, version: int, data: bytes, chunk_
     if predicted:
         print(f"{len(data)} bytes in {math.ceil(len(data) / chunk_bytes)} chunks; the model "
               f"spent {nats / predicted / math.log(2):.3f} bits per byte predicting them")
+    return 0
+
+
+def decision_rule(meta: pb.ModelMetadata) -> tuple[DecisionRule, str, float]:
+    """The model's streaming decision rule, silence label and frame duration (metadata)."""
+    raw = meta.properties.get("rnnserve.decoding")
+    if not raw:
+        raise RnnserveError(f"model {meta.name!r} declares no decision rule "
+                            "(rnnserve.decoding); is it a keyword model?")
+    d = json.loads(raw)
+    return DecisionRule.from_dict(d), str(d["silence_label"]), float(d["frame_seconds"])
+
+
+async def stream_audio(server: str, model: str, version: int, pcm: np.ndarray, chunk_ms: int,
+                       realtime: bool, timeout: float, show_unknown: bool = False) -> int:
+    """Stream PCM16 audio chunk by chunk, as a microphone would; print detections."""
+    async with AsyncClient(server, timeout=timeout) as client:
+        try:
+            meta = await client.model_metadata(model, version)
+            if meta.input_kind != "pcm16":
+                raise RnnserveError(f"model {model!r} takes {meta.input_kind} input; "
+                                    "`rnnserve stream --wav` sends PCM16 audio")
+            rule, silence, frame_seconds = decision_rule(meta)
+            labels = list(meta.labels)
+            chunk = meta.sample_rate * chunk_ms // 1000
+            if chunk < 1 or chunk % meta.hop_samples or (meta.sample_rate * chunk_ms) % 1000:
+                raise RnnserveError(
+                    f"--chunk-ms {chunk_ms} is not a whole number of {meta.hop_samples}-sample "
+                    f"hops at {meta.sample_rate} Hz (use a multiple of "
+                    f"{1000 * meta.hop_samples // meta.sample_rate} ms)")
+            pcm = np.concatenate([pcm, np.zeros((-len(pcm)) % meta.hop_samples, np.int16)])
+            if not len(pcm):
+                raise RnnserveError("nothing to stream: the audio is empty")
+            detector = StreamingDetector(labels, rule, labels.index(silence))
+            latencies: list[float] = []
+            detections = 0
+            loop = asyncio.get_running_loop()
+            async with client.stream(model, version, pcm16=True) as s:
+                print(f"session {s.session_id} on {s.model} version {s.version}: "
+                      f"{len(pcm) / meta.sample_rate:.2f}s of audio in {chunk_ms} ms chunks"
+                      f"{' in real time' if realtime else ', as fast as possible'}",
+                      file=sys.stderr)
+                started = loop.time()
+                for i, a in enumerate(range(0, len(pcm), chunk)):
+                    if realtime:  # open loop: chunk i leaves when its audio has been heard
+                        await asyncio.sleep(max(0.0, started + (i + 1) * chunk_ms / 1000
+                                                - loop.time()))
+                    piece = pcm[a:a + chunk]
+                    sent = loop.time()
+                    out = await s.send(piece.astype("<i2").tobytes(),
+                                       end=a + chunk >= len(pcm))
+                    latencies.append(loop.time() - sent)
+                    for d in detector.push(out[meta.outputs[0].name]):
+                        if d.label == silence or (d.label.startswith("_") and not show_unknown):
+                            continue
+                        detections += 1
+                        print(f"{d.seconds(frame_seconds):7.2f}s  {d.label:<10} "
+                              f"score {d.score:.2f}", flush=True)
+        except grpc.aio.AioRpcError as exc:
+            raise RnnserveError(f"{exc.code().name}: {exc.details()}") from None
+    lat = np.array(latencies) * 1000
+    print(f"{detections} detection(s); {len(lat)} chunks; chunk latency p50 "
+          f"{np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms, "
+          f"max {lat.max():.1f} ms", file=sys.stderr)
     return 0

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import rnnserve
 from rnnserve.errors import RnnserveError, require_train_extra
@@ -59,11 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     t = sub.add_parser("train", help="train a model; writes last.pt and best.pt into --out")
-    t.add_argument("--task", choices=["text"], default="text",
-                   help="text: byte-level language model on text shipped with Python")
-    t.add_argument("--arch", choices=["lstm", "gru"], default="gru")
+    t.add_argument("--task", choices=["text", "speech"], default="text",
+                   help="text: byte-level language model on text shipped with Python; "
+                   "speech: keyword spotting on audio synthesized with espeak-ng")
+    t.add_argument("--arch", choices=["lstm", "gru"],
+                   help="recurrent layer (default: gru for text, lstm for speech)")
     t.add_argument("--out", required=True, help="directory for the checkpoint files")
-    t.add_argument("--quick", action="store_true", help="small fast preset (about 2.5 minutes)")
+    t.add_argument("--quick", action="store_true",
+                   help="small fast preset (text about 2.5 minutes, speech about 4)")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     t.add_argument("--overwrite", action="store_true", help="start again over an existing run")
     t.add_argument("--steps", type=_positive, help="optimizer steps (extends a resumed run)")
@@ -77,17 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=_positive)
     t.add_argument("--seed", type=int)
     t.add_argument("--sources", type=_sources,
-                   help="comma-separated text sources (default: pydoc_topics,idle_docs; "
+                   help="text: comma-separated text sources (default: pydoc_topics,idle_docs; "
                    "also: stdlib_docstrings)")
+    t.add_argument("--data-dir", help="speech: cache of the synthesized data set "
+                   "(default: ~/.cache/rnnserve/speech)")
     t.add_argument("--threads", type=_positive, help="torch threads (default: all cores)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train)
 
     i = sub.add_parser("init", help="write an untrained checkpoint (for speed tests)")
     i.add_argument("--arch", choices=["lstm", "gru"], required=True)
-    i.add_argument("--input", choices=["bytes", "features"], required=True, dest="input_kind")
+    i.add_argument("--input", choices=["bytes", "features", "pcm16"], required=True,
+                   dest="input_kind", help="pcm16: a speech model with the log-mel front end")
     i.add_argument("--input-size", type=_positive, help="feature size (features input)")
-    i.add_argument("--outputs", type=_positive, help="output size (default: 256 for bytes)")
+    i.add_argument("--outputs", type=_positive,
+                   help="output size (default: 256 for bytes, the keyword labels for pcm16)")
     i.add_argument("--hidden", type=_positive, default=256, dest="hidden_size")
     i.add_argument("--layers", type=_positive, default=2, dest="num_layers")
     i.add_argument("--embed", type=_positive, default=64, dest="embed_size")
@@ -122,8 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(s)
     s.set_defaults(func=_cmd_serve)
 
-    st = sub.add_parser("stream", help="stream a text file (or stdin) to a running server")
+    st = sub.add_parser("stream", help="stream a text file (or stdin) or a WAV file to a "
+                        "running server")
     st.add_argument("file", nargs="?", help="text file (default: standard input)")
+    st.add_argument("--wav", help="stream this WAV file (16-bit PCM; resampled to the "
+                    "model's rate) to a speech model and print its detections")
+    st.add_argument("--chunk-ms", type=_positive, default=40,
+                    help="audio per chunk in milliseconds (default 40)")
+    st.add_argument("--fast", action="store_true",
+                    help="send audio as fast as the server answers instead of in real time")
+    st.add_argument("--show-unknown", action="store_true",
+                    help="also print detections of words that are not keywords")
     st.add_argument("--model", required=True)
     st.add_argument("--version", type=int, default=0, dest="model_version",
                     help="model version (default: the highest)")
@@ -131,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--chunk-bytes", type=_positive, default=16, help="bytes per chunk")
     st.add_argument("--timeout", type=float, default=30.0, help="seconds per chunk")
     st.set_defaults(func=_cmd_stream)
+
+    sy = sub.add_parser("say", help="synthesize speech with espeak-ng into a 16 kHz WAV file "
+                        "(to stream to a keyword model)")
+    sy.add_argument("text", help="what to say, e.g. \"Go left. Stop.\"")
+    sy.add_argument("--out", required=True, help="WAV file to write")
+    sy.add_argument("--voice", default="en-us+m3", help="espeak-ng voice[+variant]")
+    sy.add_argument("--speed", type=_positive, default=150, help="words per minute")
+    sy.add_argument("--pitch", type=int, default=50, help="0..99")
+    sy.set_defaults(func=_cmd_say)
 
     m = sub.add_parser("models", help="list the models in a repository")
     m.add_argument("--repo", required=True)
@@ -173,7 +198,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_stream(args: argparse.Namespace) -> int:
     import asyncio
 
-    from rnnserve.client.stream import stream_text
+    from rnnserve.client.stream import stream_audio, stream_text
+
+    if args.wav is not None:
+        if args.file is not None:
+            raise RnnserveError("give either a text file or --wav, not both")
+        return asyncio.run(_stream_wav(args, stream_audio))
 
     if args.file is None:
         data = sys.stdin.buffer.read()
@@ -187,12 +217,33 @@ def _cmd_stream(args: argparse.Namespace) -> int:
                                    args.chunk_bytes, args.timeout))
 
 
+async def _stream_wav(args: argparse.Namespace, stream_audio: Any) -> int:
+    import grpc
+
+    from rnnserve.audio import read_wav
+    from rnnserve.client.client import AsyncClient
+
+    async with AsyncClient(args.server, timeout=args.timeout) as client:
+        try:
+            meta = await client.model_metadata(args.model, args.model_version)
+        except grpc.aio.AioRpcError as exc:
+            raise RnnserveError(f"{exc.code().name}: {exc.details()}") from None
+    pcm, _ = read_wav(args.wav, rate=meta.sample_rate or None)
+    return int(await stream_audio(args.server, args.model, args.model_version, pcm,
+                                  args.chunk_ms, not args.fast, args.timeout,
+                                  args.show_unknown))
+
+
 def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     require_train_extra("training")
+    if args.task == "speech":
+        return _train_speech(args)
+    if args.data_dir is not None:
+        raise RnnserveError("--data-dir is for --task speech")
     from rnnserve.training.train import PRESETS, train_text
 
     cfg = PRESETS["quick" if args.quick else "default"]
@@ -202,7 +253,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume and (overrides or args.quick):
         raise RnnserveError("--resume continues the saved run; only --steps may change it")
     try:
-        cfg = replace(cfg, task=args.task, arch=args.arch, **overrides)
+        cfg = replace(cfg, task=args.task, arch=args.arch or "gru", **overrides)
         cfg.model_config()  # validate dimensions before loading data
     except ValueError as exc:
         raise RnnserveError(str(exc)) from exc
@@ -215,11 +266,56 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_speech(args: argparse.Namespace) -> int:
+    from rnnserve.training.speech_train import PRESETS, train_speech
+
+    for flag in ("seq_len", "sources"):
+        if getattr(args, flag) is not None:
+            raise RnnserveError(f"--{flag.replace('_', '-')} is for --task text")
+    cfg = PRESETS["quick" if args.quick else "default"]
+    overrides = {k: getattr(args, k) for k in (
+        "hidden_size", "num_layers", "embed_size", "dropout", "batch_size", "lr",
+        "eval_every", "seed", "threads") if getattr(args, k) is not None}
+    if args.arch is not None:
+        overrides["arch"] = args.arch
+    if args.resume and (overrides or args.quick):
+        raise RnnserveError("--resume continues the saved run; only --steps may change it")
+    try:
+        cfg = replace(cfg, **overrides)
+        cfg.model_config()
+    except ValueError as exc:
+        raise RnnserveError(str(exc)) from exc
+    result = train_speech(cfg, args.out, resume=args.resume, steps=args.steps,
+                          overwrite=args.overwrite, progress=not args.no_progress,
+                          cache_dir=args.data_dir, log=_log)
+    by_label = ", ".join(f"{k} {v:.0%}" for k, v in result["val_accuracy_by_label"].items())
+    print(f"held-out voices: accuracy {result['val_accuracy']:.2%} on {result['val_clips']} "
+          f"clips ({result['val_false_alarms']} false alarms, {result['val_missed_keywords']} "
+          f"missed keywords; by label: {by_label}); {result['steps']} steps, "
+          f"{result['total_seconds']:.0f}s in all; checkpoints in {args.out}")
+    return 0
+
+
 def _cmd_init(args: argparse.Namespace) -> int:
     require_train_extra("init")
     from rnnserve.training.checkpoint import new_model_checkpoint, save_checkpoint
     from rnnserve.training.model import ModelConfig
 
+    if args.input_kind == "pcm16":
+        from rnnserve.audio import FRONT_END
+        from rnnserve.training.speech_data import LABELS
+        from rnnserve.training.speech_train import new_speech_checkpoint
+
+        cfg = ModelConfig(arch=args.arch, input_kind="features", input_size=FRONT_END.n_mels,
+                          output_size=args.outputs or len(LABELS), hidden_size=args.hidden_size,
+                          num_layers=args.num_layers, embed_size=args.embed_size)
+        ckpt = new_speech_checkpoint(cfg, seed=args.seed)
+        try:
+            save_checkpoint(args.out, ckpt)
+        except OSError as exc:
+            raise RnnserveError(f"cannot write {args.out!r}: {exc.strerror or exc}") from exc
+        print(f"wrote untrained {args.arch} speech checkpoint {args.out}")
+        return 0
     if args.input_kind == "features" and args.input_size is None:
         raise RnnserveError("--input features needs --input-size")
     input_size = 256 if args.input_kind == "bytes" else args.input_size
@@ -291,6 +387,23 @@ def _recorded_checkpoint(model_path: object) -> str | None:
     from rnnserve.training.checkpoint import file_sha256
 
     return path if file_sha256(path) == meta.export.get("checkpoint_sha256") else None
+
+
+def _cmd_say(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rnnserve.audio import FRONT_END, write_wav
+    from rnnserve.training.speech_data import synthesize_sentence
+
+    pcm = synthesize_sentence(args.text, args.voice, args.speed, args.pitch)
+    try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_wav(args.out, pcm, FRONT_END.sample_rate)
+    except OSError as exc:
+        raise RnnserveError(f"cannot write {args.out!r}: {exc.strerror or exc}") from exc
+    print(f"wrote {args.out}: {len(pcm) / FRONT_END.sample_rate:.2f}s at "
+          f"{FRONT_END.sample_rate} Hz")
+    return 0
 
 
 def _cmd_models(args: argparse.Namespace) -> int:

@@ -12,10 +12,11 @@ import pytest
 from rnnserve.export.metadata import ModelMetadata
 
 
-def rnnserve(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def rnnserve(*args: str, cwd: Path | None = None,
+             timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "RNNSERVE_DEBUG"}
     return subprocess.run([sys.executable, "-m", "rnnserve", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=300)
+                          text=True, cwd=cwd, env=env, timeout=timeout)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -90,7 +91,8 @@ def test_init_export_verify_models_end_to_end(tmp_path) -> None:
 
 def test_serving_side_imports_no_torch() -> None:
     code = ("import sys, rnnserve.cli, rnnserve.export.metadata, rnnserve.export.repository, "
-            "rnnserve.server.app, rnnserve.client.stream; "
+            "rnnserve.server.app, rnnserve.client.stream, rnnserve.audio, rnnserve.kws, "
+            "rnnserve.training.speech_data; "
             "rnnserve.cli.build_parser(); sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

@@ -1,0 +1,115 @@
+"""PCM16 audio streamed over gRPC to a speech model served by a real ``rnnserve serve``."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from rnnserve.client import AsyncClient, Client
+from rnnserve.export.onnx_export import export_checkpoint
+from rnnserve.export.verify import probe_signal
+from rnnserve.training.checkpoint import save_checkpoint
+from rnnserve.training.model import ModelConfig
+from rnnserve.training.speech_data import LABELS
+from rnnserve.training.speech_train import new_speech_checkpoint
+
+from .serving import start_server
+
+
+@pytest.fixture(scope="module")
+def speech_repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("speech-repo")
+    cfg = ModelConfig(arch="lstm", input_kind="features", input_size=80,
+                      output_size=len(LABELS), hidden_size=48, num_layers=2, embed_size=24)
+    ckpt = new_speech_checkpoint(cfg, seed=11)
+    save_checkpoint(root / "sp.pt", ckpt)
+    export_checkpoint(root / "sp.pt", root / "models", "speech", log=lambda _: None)
+    return root / "models"
+
+
+@pytest.fixture(scope="module")
+def server(speech_repo, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    srv = start_server(speech_repo, log, "--max-batch-delay-ms", "2")
+    yield srv
+    assert srv.stop() == 0, log.read_text()[-3000:]
+
+
+def utterance(seconds: float = 2.0) -> np.ndarray:
+    return probe_signal(16000, 160, seconds)
+
+
+def whole_run(repo, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(repo / "speech" / "1" / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    feeds = {"input": x[None]}
+    for i in sess.get_inputs()[1:]:
+        feeds[i.name] = np.zeros((1, *i.shape[1:]), dtype=np.float32)
+    return sess.run(["posteriors"], feeds)[0][0]
+
+
+async def stream(target: str, x: np.ndarray, chunk: int) -> np.ndarray:
+    parts = []
+    async with AsyncClient(target, timeout=30) as client:
+        async with client.stream("speech", pcm16=True) as s:
+            for a in range(0, len(x), chunk):
+                out = await s.send(x[a:a + chunk].astype("<i2").tobytes(),
+                                   end=a + chunk >= len(x))
+                parts.append(out["posteriors"])
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize("chunk_ms", [20, 40, 100])
+def test_streamed_posteriors_equal_the_whole_utterance(server, speech_repo, chunk_ms) -> None:
+    x = utterance()
+    whole = whole_run(speech_repo, x)
+    got = asyncio.run(stream(server.target, x, 16 * chunk_ms))
+    assert got.shape == whole.shape == (len(x) // 160, len(LABELS))
+    assert np.abs(got - whole).max() <= 1e-4
+
+
+def test_concurrent_audio_streams_with_different_chunkings_are_each_exact(
+        server, speech_repo) -> None:
+    rng = np.random.default_rng(3)
+    xs = [np.roll(utterance(1.0), int(rng.integers(0, 16000))) for _ in range(12)]
+    chunks = [16 * ms for ms in (20, 40, 100, 10, 60, 30) * 2]
+
+    async def main() -> list[np.ndarray]:
+        return await asyncio.gather(*(stream(server.target, x, c)
+                                      for x, c in zip(xs, chunks, strict=True)))
+
+    for x, got in zip(xs, asyncio.run(main()), strict=True):
+        assert np.abs(got - whole_run(speech_repo, x)).max() <= 1e-4
+
+
+def test_metadata_tells_a_client_how_to_send_audio(server) -> None:
+    with Client(server.target, timeout=10) as c:
+        meta = next(m for m in c.list_models() if m.name == "speech")
+    assert meta.input_kind == "pcm16" and meta.sample_rate == 16000 and meta.hop_samples == 160
+    assert list(meta.labels) == list(LABELS)
+    assert list(meta.outputs[0].shape) == [-1, len(LABELS)]
+    assert "rnnserve.decoding" in meta.properties
+
+
+def test_a_chunk_that_is_not_whole_hops_is_refused_and_the_session_goes_on(
+        server, speech_repo) -> None:
+    x = utterance(0.6)
+    whole = whole_run(speech_repo, x)
+    with Client(server.target, timeout=10) as c:
+        sid = c.open_session("speech").session_id
+        first = c.step(sid, 0, x[:320].astype("<i2").tobytes(), pcm16=True)["posteriors"]
+        for bad in (x[320:420], x[320:321], x[320:640][:-1]):
+            with pytest.raises(grpc.RpcError) as err:
+                c.step(sid, 1, bad.astype("<i2").tobytes(), pcm16=True)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "multiple of 160 samples" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:  # odd byte count: not PCM16 at all
+            c.step(sid, 1, x[320:640].astype("<i2").tobytes()[:-1], pcm16=True)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        rest = c.step(sid, 1, x[320:].astype("<i2").tobytes(), end=True,
+                      pcm16=True)["posteriors"]
+    assert np.abs(np.concatenate([first, rest]) - whole).max() <= 1e-4
