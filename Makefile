@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 REPO   ?= models
 RUNS   ?= runs
 
-.PHONY: serve models test test-fast lint protos clean
+.PHONY: serve models test test-fast lint protos clean system-deps
 
 # torch is pinned to 2.13.0: that CPU build lies on this machine's disk, while an
 # unpinned torch may pull a multi-GB CUDA build. It is installed before the
@@ -20,11 +20,27 @@ $(STAMP): pyproject.toml
 
 # Demo models, built on first run: a byte-level GRU trained with the quick preset
 # (about 3 minutes on 2 cores), exported and verified into the model repository.
+# Debian packages (espeak-ng); installs them when missing and run as root.
+system-deps:
+	@scripts/system-deps
+
 $(REPO)/text/1/model.onnx: | $(STAMP)
 	$(BIN)/rnnserve train --task text --arch gru --quick --out $(RUNS)/text-gru --overwrite
 	$(BIN)/rnnserve export $(RUNS)/text-gru/best.pt --repo $(REPO) --name text --version 1 --overwrite
 
-models: $(REPO)/text/1/model.onnx
+# The keyword model: a GRU trained with the quick speech preset on audio that
+# espeak-ng synthesizes (about 4 minutes), exported with its log-mel front end in
+# the graph; and a demo sentence to stream to it.
+$(REPO)/speech/1/model.onnx: | $(STAMP) system-deps
+	$(BIN)/rnnserve train --task speech --quick --out $(RUNS)/speech --overwrite
+	$(BIN)/rnnserve export $(RUNS)/speech/best.pt --repo $(REPO) --name speech --version 1 --overwrite
+
+$(RUNS)/demo-commands.wav: | $(STAMP) system-deps
+	$(BIN)/rnnserve say "$(DEMO_SENTENCE)" --out $@
+
+DEMO_SENTENCE ?= Go left. Stop. Now turn right, and say yes.
+
+models: $(REPO)/text/1/model.onnx $(REPO)/speech/1/model.onnx $(RUNS)/demo-commands.wav
 
 # Builds the demo models when absent, then serves them: gRPC on :8001, metrics on :8002.
 # Extra flags through ARGS, e.g. make serve ARGS="--device cpu --max-batch-size 32".
@@ -34,10 +50,10 @@ serve: models
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/pytest
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) system-deps
 	$(BIN)/pytest -m "not slow"
 
 lint: $(STAMP)
