@@ -293,6 +293,10 @@ def _train_speech(args: argparse.Namespace) -> int:
           f"clips ({result['val_false_alarms']} false alarms, {result['val_missed_keywords']} "
           f"missed keywords; by label: {by_label}); {result['steps']} steps, "
           f"{result['total_seconds']:.0f}s in all; checkpoints in {args.out}")
+    best = result["best"]
+    if best["step"] != result["steps"]:
+        print(f"best.pt is the evaluation at step {best['step']}: held-out accuracy "
+              f"{best['val_accuracy']:.2%}")
     return 0
 
 

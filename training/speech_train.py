@@ -300,6 +300,8 @@ def train_speech(
     loss_ema: float | None = None
     loop_started = time.perf_counter()
     decision = DecisionRule.from_dict(ckpt["decision_rule"]) if ckpt else cfg.rule
+    best_at = {"step": int(ckpt["metrics"].get("best_val_step", 0)) if ckpt else 0,
+               "val_accuracy": best}
 
     def snapshot() -> dict[str, Any]:
         return {
@@ -317,6 +319,7 @@ def train_speech(
             "step": step,
             "data": data.describe(),
             "metrics": {**metrics, "best_val_accuracy": best,
+                        "best_val_step": best_at["step"],
                         "train_seconds": elapsed_before + time.perf_counter() - loop_started,
                         "data_seconds": prep_seconds, "torch": str(torch.__version__)},
         }
@@ -359,6 +362,8 @@ def train_speech(
                 decision = rule
                 improved = metrics["val_accuracy"] > best
                 best = max(best, metrics["val_accuracy"])
+                if improved:
+                    best_at = {"step": step, "val_accuracy": best}
                 bar.write(f"step {step}: held-out voices: accuracy "
                           f"{metrics['val_accuracy']:.2%} ({metrics['val_clips']} clips, "
                           f"{metrics['val_false_alarms']} false alarms, "
@@ -375,7 +380,7 @@ def train_speech(
         raise
     bar.close()
     result = snapshot()["metrics"]
-    result.update({"parameters": params, "steps": step,
+    result.update({"parameters": params, "steps": step, "best": best_at,
                    "total_seconds": time.perf_counter() - started})
     return result
 

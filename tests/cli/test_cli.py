@@ -102,7 +102,7 @@ def test_quick_gru_preset_reaches_the_target_and_exports(tmp_path) -> None:
     """The README's demo path: quick GRU to <= 2.3 bits/byte, exported and verified."""
     out = tmp_path / "run"
     proc = rnnserve("train", "--task", "text", "--arch", "gru", "--quick", "--out", str(out),
-                    "--no-progress")
+                    "--no-progress", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = proc.stdout.strip().splitlines()[-1]
     bpb = float(line.split("validation: ")[1].split(" bits")[0])
