@@ -257,10 +257,9 @@ def _plan(cfg: SpeechDataConfig, variants: Sequence[str], per_keyword: int, n_un
         return (int(rng.integers(cfg.speed_wpm[0], cfg.speed_wpm[1] + 1)),
                 int(rng.integers(cfg.pitch[0], cfg.pitch[1] + 1)))
 
-    for k, word in enumerate(KEYWORDS):
+    for word in KEYWORDS:
         for _ in range(per_keyword):
             items.append(_Item(LABELS.index(word), word, voice(), *prosody()))
-        del k
     for i in range(n_unknown):
         word = UNKNOWN_WORDS[i % len(UNKNOWN_WORDS)]
         items.append(_Item(LABELS.index(UNKNOWN), word, voice(), *prosody()))
