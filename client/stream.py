@@ -22,6 +22,7 @@ import sys
 import grpc
 import numpy as np
 
+from rnnserve.audio import resample, to_pcm16
 from rnnserve.client.client import AsyncClient
 from rnnserve.errors import RnnserveError
 from rnnserve.kws import DecisionRule, StreamingDetector
@@ -37,16 +38,23 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+async def _metadata_for(client: AsyncClient, model: str, version: int, kind: str,
+                        sends: str) -> pb.ModelMetadata:
+    """The model's metadata, refused with a clear message when it takes other input."""
+    meta = await client.model_metadata(model, version)
+    if meta.input_kind != kind:
+        raise RnnserveError(f"model {model!r} takes {meta.input_kind} input; {sends}")
+    return meta
+
+
 async def stream_text(server: str, model: str, version: int, data: bytes, chunk_bytes: int,
                       timeout: float) -> int:
     if not data:
         raise RnnserveError("nothing to stream: the input is empty")
     async with AsyncClient(server, timeout=timeout) as client:
         try:
-            meta = await client.model_metadata(model, version)
-            if meta.input_kind != "utf8_bytes":
-                raise RnnserveError(f"model {model!r} takes {meta.input_kind} input; "
-                                    "`rnnserve stream` sends text")
+            meta = await _metadata_for(client, model, version, "utf8_bytes",
+                                       "`rnnserve stream` sends text")
             nats, predicted = 0.0, 0
             prev: np.ndarray | None = None  # log-probabilities for the next byte
             async with client.stream(model, version) as s:
@@ -85,15 +93,17 @@ def decision_rule(meta: pb.ModelMetadata) -> tuple[DecisionRule, str, float]:
     return DecisionRule.from_dict(d), str(d["silence_label"]), float(d["frame_seconds"])
 
 
-async def stream_audio(server: str, model: str, version: int, pcm: np.ndarray, chunk_ms: int,
-                       realtime: bool, timeout: float, show_unknown: bool = False) -> int:
-    """Stream PCM16 audio chunk by chunk, as a microphone would; print detections."""
+async def stream_audio(server: str, model: str, version: int, pcm: np.ndarray, rate: int,
+                       chunk_ms: int, realtime: bool, timeout: float,
+                       show_unknown: bool = False) -> int:
+    """Stream int16 audio at ``rate`` Hz (resampled to the model's rate) chunk by chunk,
+    as a microphone would; print the detections."""
     async with AsyncClient(server, timeout=timeout) as client:
         try:
-            meta = await client.model_metadata(model, version)
-            if meta.input_kind != "pcm16":
-                raise RnnserveError(f"model {model!r} takes {meta.input_kind} input; "
-                                    "`rnnserve stream --wav` sends PCM16 audio")
+            meta = await _metadata_for(client, model, version, "pcm16",
+                                       "`rnnserve stream --wav` sends PCM16 audio")
+            if rate != meta.sample_rate:
+                pcm = to_pcm16(resample(pcm / 32768.0, rate, meta.sample_rate))
             rule, silence, frame_seconds = decision_rule(meta)
             labels = list(meta.labels)
             chunk = meta.sample_rate * chunk_ms // 1000

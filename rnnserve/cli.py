@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import rnnserve
 from rnnserve.errors import RnnserveError, require_train_extra
@@ -203,7 +203,12 @@ def _cmd_stream(args: argparse.Namespace) -> int:
     if args.wav is not None:
         if args.file is not None:
             raise RnnserveError("give either a text file or --wav, not both")
-        return asyncio.run(_stream_wav(args, stream_audio))
+        from rnnserve.audio import read_wav
+
+        pcm, rate = read_wav(args.wav)
+        return asyncio.run(stream_audio(args.server, args.model, args.model_version, pcm, rate,
+                                        args.chunk_ms, not args.fast, args.timeout,
+                                        args.show_unknown))
 
     if args.file is None:
         data = sys.stdin.buffer.read()
@@ -215,23 +220,6 @@ def _cmd_stream(args: argparse.Namespace) -> int:
             raise RnnserveError(f"cannot read {args.file!r}: {exc.strerror}") from exc
     return asyncio.run(stream_text(args.server, args.model, args.model_version, data,
                                    args.chunk_bytes, args.timeout))
-
-
-async def _stream_wav(args: argparse.Namespace, stream_audio: Any) -> int:
-    import grpc
-
-    from rnnserve.audio import read_wav
-    from rnnserve.client.client import AsyncClient
-
-    async with AsyncClient(args.server, timeout=args.timeout) as client:
-        try:
-            meta = await client.model_metadata(args.model, args.model_version)
-        except grpc.aio.AioRpcError as exc:
-            raise RnnserveError(f"{exc.code().name}: {exc.details()}") from None
-    pcm, _ = read_wav(args.wav, rate=meta.sample_rate or None)
-    return int(await stream_audio(args.server, args.model, args.model_version, pcm,
-                                  args.chunk_ms, not args.fast, args.timeout,
-                                  args.show_unknown))
 
 
 def _log(line: str) -> None:

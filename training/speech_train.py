@@ -40,7 +40,7 @@ from rnnserve.training.speech_data import (
     load_speech_data,
 )
 from rnnserve.training.speech_model import LogMelFrontEnd, SpeechModel
-from rnnserve.training.train import BEST, LAST, _Progress
+from rnnserve.training.train import BEST, LAST, _Progress, lr_at
 
 IGNORE = -100
 TRANSITION = 6
@@ -106,14 +106,6 @@ PRESETS: dict[str, SpeechTrainConfig] = {
                                steps=1000, batch_size=128, lr=1e-2, warmup_steps=30,
                                eval_every=250),
 }
-
-
-def lr_at(cfg: SpeechTrainConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(
-        math.pi * progress)))
 
 
 def augment(x: torch.Tensor, cfg: SpeechTrainConfig, gen: torch.Generator) -> torch.Tensor:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -102,7 +102,21 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
+class Schedule(Protocol):
+    """What ``lr_at`` reads: the text and the speech training configs both have it."""
+
+    @property
+    def lr(self) -> float: ...
+    @property
+    def warmup_steps(self) -> int: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def min_lr_ratio(self) -> float: ...
+
+
+def lr_at(cfg: Schedule, step: int) -> float:
+    """Linear warm-up, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     span = max(1, cfg.steps - cfg.warmup_steps)
