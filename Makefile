@@ -57,7 +57,7 @@ test-fast: $(STAMP) system-deps
 	$(BIN)/pytest -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check rnnserve training export server client protos/generate.py tests
+	$(BIN)/ruff check rnnserve training export server client protos/generate.py tests deploy
 	$(BIN)/mypy rnnserve training export server client
 
 clean:

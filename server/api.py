@@ -13,6 +13,7 @@ from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.protos.tensors import BY_NAME, TensorError, from_tensor, to_tensor
 from rnnserve.server.core import ChunkInput, ChunkOutput, Core
 from rnnserve.server.errors import CoreError, InvalidChunk, ShuttingDown
+from rnnserve.server.interceptor import rpc_model
 from rnnserve.server.runtime import ModelRuntime
 from rnnserve.server.sessions import Session
 
@@ -25,7 +26,7 @@ def chunk_input(chunk: pb.Chunk) -> ChunkInput:
         try:
             return ChunkInput(array=from_tensor(chunk.tensor))
         except TensorError as exc:
-            raise InvalidChunk(str(exc)) from None
+            return ChunkInput(invalid=str(exc))  # rejected by the core, counted per model
     if which == "text":
         return ChunkInput(text=chunk.text)
     if which == "pcm16":
@@ -105,6 +106,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     o = req.open
                     session, runtime = self.core.open(o.model, o.version, o.session_id, o.resume)
                     session_id = session.id
+                    rpc_model(runtime.name, runtime.version)
                     yield pb.StreamResponse(opened=session_info(session, runtime))
                 elif kind == "chunk":
                     out = await self.core.step(session_id, req.chunk.seq,
@@ -120,6 +122,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             session, runtime = self.core.open(request.model, request.version,
                                               request.session_id, request.resume)
+            rpc_model(runtime.name, runtime.version)
             return session_info(session, runtime)
         except Exception as exc:
             await self._fail(context, exc)
@@ -127,6 +130,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def Step(self, request: pb.StepRequest,
                    context: grpc.aio.ServicerContext) -> pb.StepResponse:
+        rpc_model(*self.core.model_of(request.session_id))
         try:
             out = await self.core.step(request.session_id, request.chunk.seq,
                                        chunk_input(request.chunk), request.chunk.end)
@@ -137,6 +141,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def CloseSession(self, request: pb.CloseSessionRequest,
                            context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:
+        rpc_model(*self.core.model_of(request.session_id))
         try:
             self.core.close(request.session_id)
             return pb.CloseSessionResponse()
@@ -155,6 +160,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                context: grpc.aio.ServicerContext) -> pb.ModelMetadata:
         try:
             runtime = self.core.registry.get(request.model, request.version or None)
+            rpc_model(runtime.name, runtime.version)
             versions = [r.version for r in self.core.registry if r.name == runtime.name]
             return model_metadata(runtime, versions)
         except Exception as exc:

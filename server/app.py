@@ -14,7 +14,7 @@ import sys
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 
 from rnnserve.errors import ModelRepositoryError
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
@@ -22,7 +22,8 @@ from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.server.api import InferenceServicer
 from rnnserve.server.batcher import Batcher
 from rnnserve.server.core import Core
-from rnnserve.server.metrics import Metrics, ServingCollector
+from rnnserve.server.interceptor import MetricsInterceptor
+from rnnserve.server.metrics import Limits, Metrics, ServingCollector
 from rnnserve.server.runtime import ModelRegistry, RuntimeOptions
 from rnnserve.server.sessions import MemorySessionStore, Session
 from rnnserve.server.settings import Settings
@@ -47,7 +48,10 @@ class RnnServer:
         if not len(self.registry):
             raise ModelRepositoryError(f"no models in {str(s.repo)!r}; export one with "
                                        "`rnnserve export CHECKPOINT --repo DIR --name NAME`")
+        disable_created_metrics()  # no *_created series: Prometheus would store them as gauges
         self.metrics = Metrics(CollectorRegistry())
+        for rt in self.registry:
+            self.metrics.add_model(rt.name, rt.version)
         self.store = MemorySessionStore(idle_timeout_s=s.idle_timeout_s,
                                         max_sessions=s.max_sessions,
                                         max_state_bytes=s.max_state_bytes,
@@ -64,9 +68,11 @@ class RnnServer:
                          on_chunk=self.metrics.observe_chunk)
         self.metrics.registry.register(ServingCollector(
             lambda: ((rt, self.batchers[rt.key]) for rt in self.registry),
-            lambda: self.store.bytes_by_model))
+            self.store.usage_by_model,
+            Limits(max_batch_size=s.max_batch_size, max_queue=s.max_queue,
+                   max_sessions=s.max_sessions, max_state_bytes=s.max_state_bytes)))
 
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(interceptors=[MetricsInterceptor(self.metrics)])
         pb_grpc.add_InferenceServicer_to_server(
             InferenceServicer(self.core, self._draining), self.server)
         self.health = health.aio.HealthServicer()
@@ -88,8 +94,7 @@ class RnnServer:
                      rt.meta.arch, rt.meta.input.kind, rt.provider)
 
     def _session_event(self, event: str, session: Session) -> None:
-        self.metrics.sessions.labels(session.model, str(session.version), event).inc()
-        self.metrics.active_sessions.set(len(self.store))
+        self.metrics.session_event(event, session.model, session.version)
 
     async def _reap(self) -> None:
         while True:

@@ -29,8 +29,8 @@ from rnnserve.server.runtime import ModelRuntime
 
 log = logging.getLogger("rnnserve.batcher")
 
-# (batch size, seconds the oldest step waited, seconds the run took)
-BatchHook = Callable[[int, float, float], None]
+# (seconds each step of the batch waited in the queue, seconds the run took)
+BatchHook = Callable[[list[float], float], None]
 
 
 @dataclass
@@ -121,8 +121,8 @@ class Batcher:
                 self._queue.task_done()
 
     async def _run(self, loop: asyncio.AbstractEventLoop, group: list[_Step]) -> None:
-        waited = time.perf_counter() - min(s.queued_at for s in group)
         started = time.perf_counter()
+        waits = [started - s.queued_at for s in group]
         try:
             outputs, states = await loop.run_in_executor(
                 self._executor, self.runtime.run, [s.x for s in group],
@@ -142,4 +142,4 @@ class Batcher:
         self.steps += len(group)
         self.largest_batch = max(self.largest_batch, len(group))
         if self._on_batch is not None:
-            self._on_batch(len(group), waited, seconds)
+            self._on_batch(waits, seconds)

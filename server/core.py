@@ -8,6 +8,7 @@ state is replaced only when the step's result is delivered.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,18 +16,27 @@ from dataclasses import dataclass
 import numpy as np
 
 from rnnserve.server.batcher import Batcher
-from rnnserve.server.errors import InvalidChunk, OutOfOrder, SessionBusy, ShuttingDown
+from rnnserve.server.errors import (
+    CoreError,
+    InvalidChunk,
+    OutOfOrder,
+    SessionBusy,
+    ShuttingDown,
+)
 from rnnserve.server.runtime import ModelRegistry, ModelRuntime
 from rnnserve.server.sessions import Session, SessionStore
 
 
 @dataclass(frozen=True)
 class ChunkInput:
-    """One chunk as the client sent it: exactly one of the three is set."""
+    """One chunk as the client sent it: exactly one of the three is set, or ``invalid``
+    says why the adapter could not convert it (rejected in ``step`` once the session is
+    known, so that the rejection is counted against its model)."""
 
     array: np.ndarray | None = None
     text: str | None = None
     pcm16: bytes | None = None
+    invalid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -36,8 +46,10 @@ class ChunkOutput:
     end: bool
 
 
-# (model, seconds this chunk took end to end, seconds from open to first output or None)
-ChunkHook = Callable[[ModelRuntime, float, float | None], None]
+# Called once per chunk, answered or rejected: (api, model, version, status code name,
+# seconds from receipt to answer, seconds from open to this first answer or None).
+# model is "" and version 0 when the session was not found.
+ChunkHook = Callable[[str, str, int, str, float, float | None], None]
 
 
 class Core:
@@ -70,6 +82,8 @@ class Core:
         return session, runtime
 
     def decode(self, runtime: ModelRuntime, chunk: ChunkInput) -> np.ndarray:
+        if chunk.invalid is not None:
+            raise InvalidChunk(chunk.invalid)
         kind = runtime.meta.input.kind
         if chunk.text is not None:
             if kind != "utf8_bytes":
@@ -86,9 +100,37 @@ class Core:
         return chunk.array
 
     async def step(self, session_id: str, seq: int, chunk: ChunkInput,
-                   end: bool = False) -> ChunkOutput:
+                   end: bool = False, api: str = "native") -> ChunkOutput:
+        """Advance a session by one chunk; every call is counted by its outcome."""
         started = time.perf_counter()
-        session = self.store.get(session_id)
+        session: Session | None = None
+        code = "UNKNOWN"
+        try:
+            session = self.store.get(session_id)
+            out = await self._step(session, seq, chunk, end)
+            code = "OK"
+            return out
+        except CoreError as exc:
+            code = exc.code
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"  # the caller went away; the state did not advance
+            raise
+        finally:
+            if self._on_chunk is not None:
+                done = time.perf_counter()
+                first = None
+                if session is not None and code == "OK" and session.opened_at:
+                    first = done - session.opened_at
+                    session.opened_at = 0.0
+                self._on_chunk(api, session.model if session else "",
+                               session.version if session else 0, code, done - started, first)
+            elif session is not None and code == "OK":
+                session.opened_at = 0.0
+
+    async def _step(self, session: Session, seq: int, chunk: ChunkInput,
+                    end: bool) -> ChunkOutput:
+        session_id = session.id
         runtime = self.registry.get(session.model, session.version)
         if session_id in self._busy:
             raise SessionBusy(f"session {session_id!r} has a chunk in flight; send the next "
@@ -106,12 +148,12 @@ class Core:
         self.store.update(session, new_state, seq + 1)
         if end:
             self.store.close(session_id)
-        if self._on_chunk is not None:
-            done = time.perf_counter()
-            first = done - session.opened_at if session.opened_at else None
-            self._on_chunk(runtime, done - started, first)
-        session.opened_at = 0.0
         return ChunkOutput(seq, list(zip(runtime.data_output_names, outputs, strict=True)), end)
+
+    def model_of(self, session_id: str) -> tuple[str, int]:
+        """(model, version) of a live session, ("", 0) when there is none; for labels."""
+        session = self.store.peek(session_id)
+        return (session.model, session.version) if session is not None else ("", 0)
 
     def close(self, session_id: str) -> None:
         self.store.close(session_id)

@@ -1,89 +1,192 @@
-"""Prometheus metrics of the serving core, on an injected registry (never the global one).
+"""Prometheus metrics of the server, on an injected registry (never the global one).
 
 Names start with ``rnnserve_``, use base units and end counters in ``_total``;
-labels are model and version, never a session id.
+labels are model and version (plus api, method and status code where they apply),
+never a session id. The catalogue, with the recording rules and dashboard built on
+it, is in docs/monitoring.md.
+
+Three sources feed it:
+
+- the gRPC interceptor (``server/interceptor.py``): one count per RPC by api, method,
+  model, version and status code; open streams; unary RPC durations;
+- the core and the batchers, through hooks: every chunk by its status code, the
+  latency of answered chunks only (a rejected chunk is never a latency sample),
+  queue wait per step, compute time and size per batch, time to first output;
+- a collector read at scrape time: queue depth, live sessions and state bytes per
+  model, the configured limits beside them (for saturation ratios), model info.
 """
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
-LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
-                   2.0, 5.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+from rnnserve.server.sessions import ENDED_REASONS
+
+# Sub-millisecond to seconds, dense around the 100 ms streaming budget so that
+# histogram_quantile interpolates within a few per cent of the measured value.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005,
+                   0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+                   0.75, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+SLO_SECONDS = 0.1  # the streaming latency budget; a bucket boundary (rules use le="0.1")
+assert SLO_SECONDS in LATENCY_BUCKETS
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The configured limits, exported beside the values they bound."""
+
+    max_batch_size: int
+    max_queue: int
+    max_sessions: int
+    max_state_bytes: int
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        labels = ("model", "version")
-        self.batch_size = Histogram("rnnserve_batch_size", "Sessions stepped in one run",
-                                    labels, buckets=BATCH_BUCKETS, registry=registry)
-        self.queue_wait = Histogram("rnnserve_queue_wait_seconds",
-                                    "Time the oldest step of a batch waited", labels,
-                                    buckets=LATENCY_BUCKETS, registry=registry)
-        self.compute = Histogram("rnnserve_compute_seconds", "onnxruntime time per batch",
-                                 labels, buckets=LATENCY_BUCKETS, registry=registry)
-        self.sessions = Counter("rnnserve_sessions_total",
-                                "Sessions by what happened: created, closed, expired, evicted",
-                                ("model", "version", "event"), registry=registry)
-        self.active_sessions = Gauge("rnnserve_active_sessions", "Live sessions",
-                                     registry=registry)
-        self.chunk_latency = Histogram("rnnserve_chunk_latency_seconds",
-                                       "Server time per answered chunk, receipt to answer",
-                                       labels, buckets=LATENCY_BUCKETS, registry=registry)
-        self.first_output = Histogram("rnnserve_time_to_first_output_seconds",
-                                      "From opening a session to its first answered chunk",
-                                      labels, buckets=LATENCY_BUCKETS, registry=registry)
+        mv = ("model", "version")
+        self.requests = Counter(
+            "rnnserve_requests_total", "RPCs by api, method, model, version and status code",
+            ("api", "method", "model", "version", "code"), registry=registry)
+        self.request_duration = Histogram(
+            "rnnserve_request_duration_seconds", "Duration of unary RPCs",
+            ("api", "method"), buckets=LATENCY_BUCKETS, registry=registry)
+        self.streams = Gauge("rnnserve_open_streams", "Streaming RPCs in progress",
+                             ("api", "method"), registry=registry)
+        self.chunks = Counter(
+            "rnnserve_chunks_total", "Chunks by api, model, version and status code",
+            ("api", "model", "version", "code"), registry=registry)
+        self.chunk_latency = Histogram(
+            "rnnserve_chunk_latency_seconds",
+            "Server time per answered chunk, from receipt to answer (answered chunks only)",
+            ("api", *mv), buckets=LATENCY_BUCKETS, registry=registry)
+        self.first_output = Histogram(
+            "rnnserve_time_to_first_output_seconds",
+            "From opening a session to its first answered chunk", mv,
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.queue_wait = Histogram(
+            "rnnserve_queue_wait_seconds", "Time each step waited for its batch to start",
+            mv, buckets=LATENCY_BUCKETS, registry=registry)
+        self.compute = Histogram(
+            "rnnserve_compute_seconds", "onnxruntime time per batch run", mv,
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.batch_size = Histogram(
+            "rnnserve_batch_size", "Session steps in one onnxruntime run", mv,
+            buckets=BATCH_BUCKETS, registry=registry)
+        self.sessions_started = Counter(
+            "rnnserve_sessions_started_total", "Sessions opened", mv, registry=registry)
+        self.sessions_ended = Counter(
+            "rnnserve_sessions_ended_total",
+            "Sessions ended, by reason: closed (by the client), expired (idle), evicted (caps)",
+            (*mv, "reason"), registry=registry)
+        build = Info("rnnserve_build", "Versions of the server and what it runs on",
+                     registry=registry)
+        build.info(_versions())
 
-    def observe_chunk(self, runtime: Any, seconds: float, first: float | None) -> None:
-        key = (runtime.name, str(runtime.version))
-        self.chunk_latency.labels(*key).observe(seconds)
+    def add_model(self, model: str, version: int) -> None:
+        """Create the per-model series at zero, so rates exist before the first event."""
+        v = str(version)
+        self.sessions_started.labels(model, v)
+        for reason in ENDED_REASONS:
+            self.sessions_ended.labels(model, v, reason)
+
+    def observe_chunk(self, api: str, model: str, version: int, code: str, seconds: float,
+                      first: float | None) -> None:
+        v = str(version) if version else ""
+        self.chunks.labels(api, model, v, code).inc()
+        if code != "OK":
+            return
+        self.chunk_latency.labels(api, model, v).observe(seconds)
         if first is not None:
-            self.first_output.labels(*key).observe(first)
+            self.first_output.labels(model, v).observe(first)
 
-    def batch_hook(self, model: str, version: int):  # type: ignore[no-untyped-def]
+    def observe_rpc(self, api: str, method: str, model: str, version: int, code: str,
+                    seconds: float | None) -> None:
+        self.requests.labels(api, method, model, str(version) if version else "", code).inc()
+        if seconds is not None:
+            self.request_duration.labels(api, method).observe(seconds)
+
+    def session_event(self, event: str, model: str, version: int) -> None:
+        if event == "created":
+            self.sessions_started.labels(model, str(version)).inc()
+        else:
+            self.sessions_ended.labels(model, str(version), event).inc()
+
+    def batch_hook(self, model: str, version: int) -> Callable[[list[float], float], None]:
         size = self.batch_size.labels(model, str(version))
         wait = self.queue_wait.labels(model, str(version))
         compute = self.compute.labels(model, str(version))
 
-        def on_batch(n: int, waited: float, seconds: float) -> None:
-            size.observe(n)
-            wait.observe(waited)
+        def on_batch(waits: list[float], seconds: float) -> None:
+            size.observe(len(waits))
+            for w in waits:
+                wait.observe(w)
             compute.observe(seconds)
 
         return on_batch
 
 
+def _versions() -> dict[str, str]:
+    import grpc
+    import onnxruntime
+
+    from rnnserve import __version__
+
+    return {"version": __version__, "onnxruntime": onnxruntime.__version__,
+            "grpcio": grpc.__version__, "python": platform.python_version()}
+
+
 class ServingCollector(Collector):
-    """Read at scrape time: per model version, queue depth, state bytes and what it runs on."""
+    """Read at scrape time: per model version, queue, sessions, state and what it runs on."""
 
     def __init__(self, models: Callable[[], Iterable[tuple[Any, Any]]],
-                 state_bytes: Callable[[], dict[tuple[str, int], int]]) -> None:
+                 sessions: Callable[[], dict[tuple[str, int], tuple[int, int]]],
+                 limits: Limits) -> None:
         self._models = models  # -> (runtime, batcher) pairs
-        self._state_bytes = state_bytes  # -> bytes held per (model, version)
+        self._sessions = sessions  # -> (live sessions, state bytes) per (model, version)
+        self._limits = limits
 
     def collect(self) -> Iterator[Any]:
         labels = ["model", "version"]
-        depth = GaugeMetricFamily("rnnserve_queue_depth", "Steps waiting for a batch",
-                                  labels=labels)
-        state = GaugeMetricFamily("rnnserve_state_bytes", "Recurrent state held for live sessions",
-                                  labels=labels)
-        load = GaugeMetricFamily("rnnserve_model_load_seconds", "Time to load the model",
-                                 labels=labels)
-        info = InfoMetricFamily("rnnserve_model", "Served model versions", labels=labels)
-        held = dict(self._state_bytes())  # one copy, made under the GIL
+        lim = self._limits
+
+        def family(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=labels)
+
+        depth = family("rnnserve_queue_depth", "Steps waiting for a batch")
+        queue_cap = family("rnnserve_queue_capacity",
+                           "Queued steps beyond which chunks get RESOURCE_EXHAUSTED")
+        max_batch = family("rnnserve_max_batch_size", "Most session steps in one run")
+        active = family("rnnserve_active_sessions", "Live sessions")
+        state = family("rnnserve_state_bytes", "Recurrent state held for live sessions")
+        load = family("rnnserve_model_load_seconds", "Time to load the model")
+        info = InfoMetricFamily("rnnserve_model", "Served model versions and their provider",
+                                labels=labels)
+        held = dict(self._sessions())  # one copy, made under the GIL
         for runtime, batcher in self._models():
             lbl = [runtime.name, str(runtime.version)]
             depth.add_metric(lbl, batcher.queue_depth)
-            state.add_metric(lbl, held.get(runtime.key, 0))
+            queue_cap.add_metric(lbl, lim.max_queue)
+            max_batch.add_metric(lbl, lim.max_batch_size)
+            n, nbytes = held.get(runtime.key, (0, 0))
+            active.add_metric(lbl, n)
+            state.add_metric(lbl, nbytes)
             load.add_metric(lbl, runtime.load_seconds)
             info.add_metric(lbl, {"arch": runtime.meta.arch, "task": runtime.meta.task,
                                   "input_kind": runtime.meta.input.kind,
                                   "provider": runtime.provider})
-        yield from (depth, state, load, info)
+        yield from (depth, queue_cap, max_batch, active, state, load, info)
+        yield GaugeMetricFamily("rnnserve_session_capacity",
+                                "Live sessions beyond which the least recently used is evicted",
+                                value=lim.max_sessions)
+        yield GaugeMetricFamily("rnnserve_state_bytes_capacity",
+                                "State memory beyond which sessions are evicted",
+                                value=lim.max_state_bytes)

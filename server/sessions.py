@@ -58,6 +58,8 @@ class SessionStore(Protocol):
 
     def get(self, session_id: str) -> Session: ...
 
+    def peek(self, session_id: str) -> Session | None: ...
+
     def update(self, session: Session, state: list[np.ndarray], next_seq: int) -> None: ...
 
     def close(self, session_id: str) -> Session: ...
@@ -87,6 +89,7 @@ class MemorySessionStore:
         self._max_tombstones = tombstones
         self.state_bytes = 0
         self.bytes_by_model: dict[tuple[str, int], int] = {}  # read by the metrics thread
+        self.count_by_model: dict[tuple[str, int], int] = {}
 
     def __len__(self) -> int:
         return len(self._live)
@@ -100,9 +103,19 @@ class MemorySessionStore:
         if self._on_event is not None:
             self._on_event(reason, session)
 
+    def usage_by_model(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """(live sessions, state bytes) per (model, version); safe from another thread."""
+        counts, nbytes = dict(self.count_by_model), dict(self.bytes_by_model)
+        return {k: (n, nbytes.get(k, 0)) for k, n in counts.items()}
+
+    def _count(self, session: Session, delta: int) -> None:
+        key = (session.model, session.version)
+        self.count_by_model[key] = self.count_by_model.get(key, 0) + delta
+
     def _end(self, session: Session, reason: str) -> None:
         del self._live[session.id]
         self._account(session, -session.nbytes)
+        self._count(session, -1)
         self._ended[session.id] = reason
         self._ended.move_to_end(session.id)
         while len(self._ended) > self._max_tombstones:
@@ -127,6 +140,7 @@ class MemorySessionStore:
         self._ended.pop(sid, None)
         self._live[sid] = session
         self._account(session, session.nbytes)
+        self._count(session, 1)
         self._event("created", session)
         return session
 
@@ -141,6 +155,10 @@ class MemorySessionStore:
         session.last_used = now
         self._live.move_to_end(session_id)
         return session
+
+    def peek(self, session_id: str) -> Session | None:
+        """The live session with this id, or None; no side effect (no expiry, no LRU move)."""
+        return self._live.get(session_id)
 
     def _gone(self, session_id: str) -> SessionError:
         reason = self._ended.get(session_id)

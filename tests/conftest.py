@@ -31,6 +31,20 @@ def tiny_config(arch: str, input_kind: str = "bytes", **kw: object) -> ModelConf
     return ModelConfig(**base)  # type: ignore[arg-type]
 
 
+def build_repo(root: Path) -> Path:
+    """A model repository of tiny untrained models: text v1, v2 (GRU, bytes) and
+    feat v1 (LSTM, 20 features -> 7 outputs); returns its path."""
+    from rnnserve.export.onnx_export import export_checkpoint
+
+    for name, arch, kind, seed in [("text", "gru", "bytes", 1), ("text", "gru", "bytes", 2),
+                                   ("feat", "lstm", "features", 3)]:
+        ckpt = root / f"{name}-{seed}.pt"
+        task = "text" if kind == "bytes" else "features"
+        save_checkpoint(ckpt, new_model_checkpoint(tiny_config(arch, kind), task, seed))
+        export_checkpoint(ckpt, root / "models", name, log=lambda _: None)
+    return root / "models"
+
+
 @pytest.fixture
 def make_checkpoint(tmp_path: Path):
     """Write an untrained (seeded random) checkpoint and return its path."""

@@ -209,8 +209,8 @@ def test_idle_sessions_expire_and_the_oldest_is_evicted(repo, tmp_path) -> None:
             code, msg = code_and_message(client.step, b, 0, "x")
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "evicted" in msg
         text = srv.metrics()
-        assert metric_value(text, "rnnserve_sessions_total", event="expired") >= 1
-        assert metric_value(text, "rnnserve_sessions_total", event="evicted") == 1
+        assert metric_value(text, "rnnserve_sessions_ended_total", reason="expired") >= 1
+        assert metric_value(text, "rnnserve_sessions_ended_total", reason="evicted") == 1
     finally:
         assert srv.stop() == 0
 

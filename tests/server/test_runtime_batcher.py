@@ -93,7 +93,7 @@ def test_32_interleaved_sessions_match_their_whole_sequence_runs(registry, name)
         store = MemorySessionStore()
         sizes = []
         batcher = Batcher(runtime, max_batch_size=16, max_delay_s=0.003,
-                          on_batch=lambda n, w, s: sizes.append(n))
+                          on_batch=lambda waits, s: sizes.append(len(waits)))
         batcher.start()
         results = await asyncio.gather(*(_stream(batcher, store, runtime, x, c)
                                          for x, c in zip(inputs, cuts, strict=True)))

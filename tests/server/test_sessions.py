@@ -104,9 +104,10 @@ def test_update_replaces_state_and_accounts_bytes() -> None:
     s.update(a, [np.ones(6, dtype=np.float32)], next_seq=3)
     assert s.state_bytes == 24 and a.next_seq == 3 and a.state[0][0] == 1
     b = s.create("other", 2, state(2))
-    assert s.bytes_by_model == {("m", 1): 24, ("other", 2): 8}
+    assert s.usage_by_model() == {("m", 1): (1, 24), ("other", 2): (1, 8)}
     s.close(b.id)
-    assert s.bytes_by_model[("other", 2)] == 0
+    assert s.usage_by_model()[("other", 2)] == (0, 0)
+    assert s.peek(a.id) is a and s.peek(b.id) is None
     s.close(a.id)
     with pytest.raises(SessionClosed):
         s.update(a, state(), 4)

@@ -1,0 +1,135 @@
+"""Per-RPC metrics through a ``grpc.aio`` server interceptor.
+
+Every RPC of every service (native API, health, reflection, and later the Open
+Inference Protocol) is counted once when it completes, by api, method, model,
+version and final status code; streams in progress are a gauge; unary RPCs get a
+duration. A client that cancels a stream while the server waits for its next
+message is sometimes seen by the server as a half-close (the read returns end of
+stream, nothing is cancelled): that stream then counts with the status the server
+answered (OK), as the server cannot tell the two apart. The handlers name the model they served with :func:`rpc_model`, through
+a context variable that the interceptor sets for each call, so no handler needs to
+know about metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from rnnserve.server.metrics import Metrics
+
+# service name -> api label; other services count as api="other"
+APIS = {
+    "rnnserve.v1.Inference": "native",
+    "inference.GRPCInferenceService": "kserve_v2",
+    "grpc.health.v1.Health": "health",
+    "grpc.reflection.v1alpha.ServerReflection": "reflection",
+    "grpc.reflection.v1.ServerReflection": "reflection",
+}
+
+
+@dataclass
+class _Call:
+    model: str = ""
+    version: int = 0
+    cancelled: bool = False  # the handler was cancelled: the client went away
+
+
+_current: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("rnnserve_rpc",
+                                                                       default=None)
+
+
+def rpc_model(model: str, version: int) -> None:
+    """Name the model a handler is serving, for the labels of this RPC's metrics."""
+    call = _current.get()
+    if call is not None:
+        call.model, call.version = model, version
+
+
+def _code_name(context: grpc.aio.ServicerContext, call: _Call) -> str:
+    code = context.code()
+    if code is None:
+        return "CANCELLED" if call.cancelled or context.cancelled() else "OK"
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    for c in grpc.StatusCode:  # some grpc versions report the integer value
+        if c.value[0] == code:
+            return c.name
+    return "UNKNOWN"
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails],
+                                     Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        api = APIS.get(service, "other")
+        metrics = self._metrics
+
+        def begin(context: grpc.aio.ServicerContext, streaming: bool) -> _Call:
+            call = _Call()
+            _current.set(call)  # this RPC's task has its own context
+            started = time.perf_counter()
+            if streaming:
+                gauge = metrics.streams.labels(api, method)
+                gauge.inc()
+
+            def done(_: Any) -> None:
+                code = _code_name(context, call)
+                if streaming:
+                    gauge.dec()
+                metrics.observe_rpc(api, method, call.model, call.version, code,
+                                    None if streaming else time.perf_counter() - started)
+
+            context.add_done_callback(done)
+            return call
+
+        def wrap(inner: Any, streaming: bool) -> Any:
+            if inspect.isasyncgenfunction(inner):
+                async def gen(request: Any, context: grpc.aio.ServicerContext
+                              ) -> AsyncIterator[Any]:
+                    call = begin(context, streaming)
+                    try:
+                        async for resp in inner(request, context):
+                            yield resp
+                    except asyncio.CancelledError:
+                        call.cancelled = True
+                        raise
+                return gen
+
+            async def coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                call = begin(context, streaming)  # a streaming coroutine writes via context
+                try:
+                    return await inner(request, context)
+                except asyncio.CancelledError:
+                    call.cancelled = True
+                    raise
+            return coro
+
+        ser, des = handler.response_serializer, handler.request_deserializer
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                wrap(handler.unary_unary, False), des, ser)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                wrap(handler.unary_stream, True), des, ser)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                wrap(handler.stream_unary, True), des, ser)
+        return grpc.stream_stream_rpc_method_handler(
+            wrap(handler.stream_stream, True), des, ser)

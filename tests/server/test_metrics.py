@@ -1,0 +1,144 @@
+"""Metrics stay exact under errors: a rejected chunk counts once, with its code, and is
+never a latency sample; RPCs are counted by method and final code, streams included."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rnnserve.client import AsyncClient, Client
+from rnnserve.client.client import make_chunk
+from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
+
+from .serving import metric_value, start_server
+
+
+@pytest.fixture(scope="module")
+def server(repo, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    srv = start_server(repo, log)
+    yield srv
+    assert srv.stop() == 0, log.read_text()[-3000:]
+
+
+def counts(text: str) -> dict[str, float]:
+    feat = {"model": "feat", "version": "1"}
+    return {
+        "ok": metric_value(text, "rnnserve_chunks_total", code="OK", **feat),
+        "invalid": metric_value(text, "rnnserve_chunks_total", code="INVALID_ARGUMENT", **feat),
+        "order": metric_value(text, "rnnserve_chunks_total", code="FAILED_PRECONDITION", **feat),
+        "unknown": metric_value(text, "rnnserve_chunks_total", code="NOT_FOUND", model=""),
+        "latency": metric_value(text, "rnnserve_chunk_latency_seconds_count", **feat),
+        "latency_all": metric_value(text, "rnnserve_chunk_latency_seconds_count"),
+        "first": metric_value(text, "rnnserve_time_to_first_output_seconds_count", **feat),
+        "step_ok": metric_value(text, "rnnserve_requests_total", method="Step", code="OK", **feat),
+        "step_invalid": metric_value(text, "rnnserve_requests_total", method="Step",
+                                     code="INVALID_ARGUMENT", **feat),
+        "step_unknown": metric_value(text, "rnnserve_requests_total", method="Step",
+                                     code="NOT_FOUND", model=""),
+        "stream_ok": metric_value(text, "rnnserve_requests_total", method="Stream", code="OK",
+                                  **feat),
+        "stream_invalid": metric_value(text, "rnnserve_requests_total", method="Stream",
+                                       code="INVALID_ARGUMENT", **feat),
+        "stream_cancelled": metric_value(text, "rnnserve_requests_total", method="Stream",
+                                         code="CANCELLED"),
+        "health": metric_value(text, "rnnserve_requests_total", api="health", method="Check",
+                               code="OK"),
+        "started": metric_value(text, "rnnserve_sessions_started_total", **feat),
+        "closed": metric_value(text, "rnnserve_sessions_ended_total", reason="closed", **feat),
+    }
+
+
+def test_rejected_chunks_count_as_errors_never_as_latency(server) -> None:
+    rng = np.random.default_rng(0)
+    good = rng.standard_normal((5, 20)).astype(np.float32)
+    wrong = rng.standard_normal((5, 19)).astype(np.float32)
+    before = counts(server.metrics())
+    with Client(server.target, timeout=10) as client:
+        sid = client.open_session("feat").session_id
+        for seq in range(3):
+            client.step(sid, seq, good)
+            with pytest.raises(grpc.RpcError) as err:
+                client.step(sid, seq + 1, wrong)  # rejected: the session stays at seq + 1
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.RpcError) as err:
+                client.step(sid, seq + 7, good)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            with pytest.raises(grpc.RpcError) as err:
+                client.step("nobody", 0, good)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        client.step(sid, 3, good, end=True)
+        health = health_pb2_grpc.HealthStub(client._channel)
+        health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+    after = counts(server.metrics())
+    delta = {k: after[k] - before[k] for k in before}
+    assert delta["ok"] == 4 and delta["latency"] == 4 and delta["latency_all"] == 4
+    assert delta["invalid"] == 3 and delta["order"] == 3 and delta["unknown"] == 3
+    assert delta["first"] == 1  # only the first answered chunk of the session
+    assert delta["step_ok"] == 4 and delta["step_invalid"] == 3 and delta["step_unknown"] == 3
+    assert delta["started"] == 1 and delta["closed"] == 1
+    assert delta["health"] == 1
+
+
+def test_streams_are_counted_by_final_code_and_the_gauge_returns_to_zero(server) -> None:
+    x = np.zeros((2, 20), dtype=np.float32)
+    before = counts(server.metrics())
+
+    async def main() -> None:
+        async with AsyncClient(server.target, timeout=10) as client:
+            async with client.stream("feat") as s:  # a clean stream
+                await s.send(x)
+                await s.send(x, end=True)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async with client.stream("feat") as s:  # aborted by a bad chunk
+                    await s.send(np.zeros((2, 3), dtype=np.float32))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # a stream the client cancels mid-way, while the server waits for its next chunk
+            call = client.stub.Stream()
+            await call.write(pb.StreamRequest(open=pb.OpenSessionRequest(model="feat")))
+            await call.read()
+            await call.write(pb.StreamRequest(chunk=make_chunk(0, x)))
+            await call.read()
+            assert metric_value(server.metrics(), "rnnserve_open_streams", method="Stream") == 1
+            call.cancel()
+            await asyncio.sleep(0.3)
+
+    asyncio.run(main())
+    after = counts(server.metrics())
+    delta = {k: after[k] - before[k] for k in before}
+    assert delta["stream_invalid"] == 1
+    # the cancelled stream is CANCELLED, or OK when gRPC delivered the cancel to the
+    # waiting server as an end of stream (see server/interceptor.py)
+    assert delta["stream_ok"] + delta["stream_cancelled"] == 2 and delta["stream_ok"] >= 1
+    assert delta["ok"] == 3 and delta["latency"] == 3 and delta["invalid"] == 1
+    assert metric_value(server.metrics(), "rnnserve_open_streams") == 0
+
+
+def test_per_model_gauges_and_limits(server) -> None:
+    def live(**labels: str) -> tuple[float, float]:
+        text = server.metrics()
+        return (metric_value(text, "rnnserve_active_sessions", **labels),
+                metric_value(text, "rnnserve_state_bytes", **labels))
+
+    feat0, text0 = live(model="feat"), live(model="text", version="2")
+    with Client(server.target, timeout=10) as client:
+        a = client.open_session("feat").session_id
+        b = client.open_session("text").session_id
+        feat1, text1 = live(model="feat"), live(model="text", version="2")
+        assert feat1[0] - feat0[0] == 1 and text1[0] - text0[0] == 1
+        assert feat1[1] - feat0[1] == 2 * 2 * 24 * 4  # LSTM h and c: 2 layers x 24 floats
+        client.close_session(a)
+        client.close_session(b)
+    assert live(model="feat") == feat0 and live(model="text", version="2") == text0
+    text = server.metrics()
+    assert metric_value(text, "rnnserve_queue_capacity", model="feat") == 4096
+    assert metric_value(text, "rnnserve_max_batch_size", model="text", version="1") == 64
+    assert metric_value(text, "rnnserve_session_capacity") == 10_000
+    assert metric_value(text, "rnnserve_build_info", version="0.1.0") == 1
+    assert "session" not in {label.split("=")[0] for line in text.splitlines()
+                             if not line.startswith("#") and "{" in line
+                             for label in line[line.index("{") + 1:line.index("}")].split(",")}
