@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 REPO   ?= models
 RUNS   ?= runs
 
-.PHONY: serve models test test-fast lint protos clean system-deps
+.PHONY: serve models test test-fast bench lint protos clean system-deps
 
 # torch is pinned to 2.13.0: that CPU build lies on this machine's disk, while an
 # unpinned torch may pull a multi-GB CUDA build. It is installed before the
@@ -46,6 +46,12 @@ models: $(REPO)/text/1/model.onnx $(REPO)/speech/1/model.onnx $(RUNS)/demo-comma
 # Extra flags through ARGS, e.g. make serve ARGS="--device cpu --max-batch-size 32".
 serve: models
 	$(BIN)/rnnserve serve --repo $(REPO) $(ARGS)
+
+# Real-time streams against the demo speech model (a server started for the run):
+# latency percentiles, throughput and capacity per level, runs/bench/bench.{json,png}.
+# More through ARGS, e.g. make bench ARGS="--streams 1,8,32,128 --duration-s 20".
+bench: models
+	$(BIN)/rnnserve bench --repo $(REPO) --model speech --out $(RUNS)/bench $(ARGS)
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py

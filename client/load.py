@@ -30,6 +30,7 @@ from rnnserve.client.client import AsyncClient, Data
 @dataclass
 class LoadResult:
     latencies: list[float] = field(default_factory=list)  # seconds, answered chunks
+    times: list[float] = field(default_factory=list)  # when each was due, from the start
     errors: Counter[str] = field(default_factory=Counter)  # status code name -> chunks
     sessions: int = 0
     late: int = 0  # chunks sent more than one chunk duration after they were due
@@ -46,7 +47,7 @@ class LoadResult:
 
 async def _one_stream(client: AsyncClient, model: str, chunk: Callable[[int], Data],
                       chunk_s: float, t0: float, until: float, session_chunks: int,
-                      pcm16: bool, result: LoadResult) -> None:
+                      pcm16: bool, result: LoadResult, origin: float) -> None:
     k = 0
     loop = asyncio.get_running_loop()
     while t0 + k * chunk_s < until:
@@ -66,6 +67,7 @@ async def _one_stream(client: AsyncClient, model: str, chunk: Callable[[int], Da
                     last = i == session_chunks - 1 or due + chunk_s >= until
                     await s.send(chunk(k), end=last)
                     result.latencies.append(loop.time() - due)
+                    result.times.append(due - origin)
                     if last:
                         break
         except grpc.aio.AioRpcError as exc:
@@ -87,7 +89,7 @@ async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data]
         result.started = time.time() + 0.05
         await asyncio.gather(*(
             _one_stream(client, model, chunk, chunk_s, start + i * chunk_s / streams, until,
-                        session_chunks, pcm16, result)
+                        session_chunks, pcm16, result, start)
             for i in range(streams)))
         result.ended = time.time()
     return result

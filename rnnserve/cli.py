@@ -157,6 +157,31 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--pitch", type=int, default=50, help="0..99")
     sy.set_defaults(func=_cmd_say)
 
+    b = sub.add_parser(
+        "bench", help="real-time streams swept over concurrency: latency percentiles, "
+        "throughput, capacity; writes bench.json and bench.png",
+        description="Each stream sends one chunk per --chunk-ms (open loop). Capacity is the "
+        "most streams with p99 chunk latency <= 100 ms and no errors.")
+    where = b.add_mutually_exclusive_group(required=True)
+    where.add_argument("--server", help="HOST:PORT of a running rnnserve serve")
+    where.add_argument("--repo", help="start rnnserve serve on 127.0.0.1 with this repository "
+                       "for the run, and stop it after")
+    b.add_argument("--model", required=True)
+    b.add_argument("--version", type=int, default=0, dest="model_version",
+                   help="model version (default: the highest)")
+    b.add_argument("--streams", default="1,4,16,64",
+                   help="comma-separated numbers of concurrent streams (default 1,4,16,64)")
+    b.add_argument("--duration-s", type=float, default=10.0, help="seconds per level")
+    b.add_argument("--chunk-ms", type=_positive, default=40, help="audio per chunk (ms); "
+                   "for feature models one frame per hop, for text see --chunk-bytes")
+    b.add_argument("--chunk-bytes", type=_positive, default=16, help="bytes per text chunk")
+    b.add_argument("--out", default="runs/bench", help="where bench.json and bench.png go")
+    b.add_argument("--serve-arg", action="append", default=[], metavar="FLAG",
+                   help="extra flag for the started server (with --repo), e.g. "
+                   "--serve-arg=--max-batch-size=1; repeatable")
+    b.add_argument("--no-plot", action="store_true", help="write bench.json only")
+    b.set_defaults(func=_cmd_bench)
+
     m = sub.add_parser("models", help="list the models in a repository")
     m.add_argument("--repo", required=True)
     m.set_defaults(func=_cmd_models)
@@ -220,6 +245,23 @@ def _cmd_stream(args: argparse.Namespace) -> int:
             raise RnnserveError(f"cannot read {args.file!r}: {exc.strerror}") from exc
     return asyncio.run(stream_text(args.server, args.model, args.model_version, data,
                                    args.chunk_bytes, args.timeout))
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rnnserve.client.bench import run_bench
+
+    try:
+        levels = [int(x) for x in args.streams.split(",") if x.strip()]
+    except ValueError:
+        raise RnnserveError(f"--streams takes numbers like 1,4,16, not {args.streams!r}") from None
+    if args.duration_s <= 0:
+        raise RnnserveError("--duration-s must be positive")
+    run_bench(args.server, args.repo, args.model, args.model_version, levels, args.duration_s,
+              args.chunk_ms, args.chunk_bytes, Path(args.out), args.serve_arg,
+              make_plot=not args.no_plot)
+    return 0
 
 
 def _log(line: str) -> None:

@@ -6,9 +6,11 @@ version and final status code; streams in progress are a gauge; unary RPCs get a
 duration. A client that cancels a stream while the server waits for its next
 message is sometimes seen by the server as a half-close (the read returns end of
 stream, nothing is cancelled): that stream then counts with the status the server
-answered (OK), as the server cannot tell the two apart. The handlers name the model they served with :func:`rpc_model`, through
-a context variable that the interceptor sets for each call, so no handler needs to
-know about metrics.
+answered (OK), as the server cannot tell the two apart.
+
+The handlers name the model they served with :func:`rpc_model`, through a context
+variable that the interceptor sets for each call, so no handler needs to know about
+metrics.
 """
 
 from __future__ import annotations

@@ -91,7 +91,8 @@ def test_init_export_verify_models_end_to_end(tmp_path) -> None:
 
 def test_serving_side_imports_no_torch() -> None:
     code = ("import sys, rnnserve.cli, rnnserve.export.metadata, rnnserve.export.repository, "
-            "rnnserve.server.app, rnnserve.client.stream, rnnserve.audio, rnnserve.kws, "
+            "rnnserve.server.app, rnnserve.client.stream, rnnserve.client.bench, "
+            "rnnserve.client.load, rnnserve.audio, rnnserve.kws, "
             "rnnserve.training.speech_data; "
             "rnnserve.cli.build_parser(); sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

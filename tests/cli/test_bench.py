@@ -1,0 +1,49 @@
+"""A short run of `rnnserve bench` on a tiny model: the output's format and that every
+figure is there (not a speed)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from ..conftest import build_repo
+from .test_cli import assert_one_line_error, rnnserve
+
+
+def test_bench_sweeps_levels_and_writes_json_and_plot(tmp_path) -> None:
+    repo = build_repo(tmp_path)
+    out = tmp_path / "bench"
+    proc = rnnserve("bench", "--repo", str(repo), "--model", "feat", "--streams", "1,3",
+                    "--duration-s", "1", "--out", str(out),
+                    "--serve-arg=--intra-op-threads=1", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.split()[:3] == ["streams", "chunks/s", "p50"] for line in lines), lines
+    assert any(line.startswith("capacity: ") for line in lines), lines
+    report = json.loads((out / "bench.json").read_text())
+    assert report["model"] == "feat" and report["arch"] == "lstm"
+    assert report["provider"] == "CPUExecutionProvider" and report["chunk_ms"] == 40
+    assert report["machine"]["cpus"] >= 1 and report["budget_ms"] == 100
+    levels = report["levels"]
+    assert [lv["streams"] for lv in levels] == [1, 3]
+    for lv in levels:
+        assert set(lv["latency_ms"]) == {"p50", "p90", "p99", "p99.9", "max"}
+        ms = lv["latency_ms"]
+        assert all(math.isfinite(v) and v > 0 for v in ms.values())
+        assert ms["p50"] <= ms["p90"] <= ms["p99"] <= ms["p99.9"] <= ms["max"]
+        # one chunk per 40 ms per stream for a second, give or take the last tick
+        assert 20 * lv["streams"] <= lv["answered"] <= 26 * lv["streams"]
+        assert lv["throughput"] == lv["answered"] / lv["duration_s"]
+        assert lv["errors"] == {} and lv["sessions"] == lv["streams"]
+    within = [lv["streams"] for lv in levels if lv["latency_ms"]["p99"] <= 100]
+    assert report["capacity_streams"] == max(within, default=0)
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "server.log").exists()
+
+
+def test_bench_refuses_bad_arguments(tmp_path) -> None:
+    proc = rnnserve("bench", "--server", "127.0.0.1:1", "--model", "x", "--streams", "1,a",
+                    "--out", str(tmp_path))
+    assert_one_line_error(proc, "--streams")
+    proc = rnnserve("bench", "--model", "x")
+    assert proc.returncode == 2 and "--server" in proc.stderr
