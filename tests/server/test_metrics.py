@@ -142,3 +142,21 @@ def test_per_model_gauges_and_limits(server) -> None:
     assert "session" not in {label.split("=")[0] for line in text.splitlines()
                              if not line.startswith("#") and "{" in line
                              for label in line[line.index("{") + 1:line.index("}")].split(",")}
+
+
+def test_health_watch_streams_through_the_interceptor(server) -> None:
+    async def main() -> None:
+        async with AsyncClient(server.target, timeout=10) as client:
+            stub = health_pb2_grpc.HealthStub(client._channel)
+            call = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+            first = await call.read()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            assert metric_value(server.metrics(), "rnnserve_open_streams", api="health",
+                                method="Watch") == 1
+            call.cancel()
+            await asyncio.sleep(0.3)
+
+    asyncio.run(main())
+    text = server.metrics()
+    assert metric_value(text, "rnnserve_open_streams", api="health", method="Watch") == 0
+    assert metric_value(text, "rnnserve_requests_total", api="health", method="Watch") == 1
