@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 from pydantic_settings import (
@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     reflection: bool = True
     """Serve gRPC server reflection."""
 
-    _config_file: Path | None = None
+    _config_file: ClassVar[Path | None] = None  # set only while load() builds one
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **flags: Any) -> Settings:
