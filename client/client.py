@@ -21,6 +21,7 @@ models, raw byte values for text models) or a numpy array shaped (time, *frame).
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from rnnserve.protos.headers import SESSION_HEADER
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.protos.tensors import from_tensor, to_tensor
@@ -44,6 +46,16 @@ def make_chunk(seq: int, data: Data, end: bool = False, *, pcm16: bool = False) 
         return pb.Chunk(seq=seq, tensor=to_tensor(np.frombuffer(data, dtype=np.uint8)),
                         end=end)
     return pb.Chunk(seq=seq, tensor=to_tensor(np.asarray(data)), end=end)
+
+
+def new_session_id() -> str:
+    """Sessions are named by the client, so that the first call already carries the
+    routing header a load balancer hashes (the server takes the id as given)."""
+    return uuid.uuid4().hex
+
+
+def _routing(session_id: str) -> tuple[tuple[str, str], ...]:
+    return ((SESSION_HEADER, session_id),)
 
 
 def outputs(result: pb.ChunkResult) -> dict[str, np.ndarray]:
@@ -86,7 +98,8 @@ class StreamSession:
         return resp
 
     async def __aenter__(self) -> StreamSession:
-        self._call = self._stub.Stream(self._requests(), timeout=self._timeout)
+        self._call = self._stub.Stream(self._requests(), timeout=self._timeout,
+                                       metadata=_routing(self._open.session_id))
         self._outbox.put_nowait(pb.StreamRequest(open=self._open))
         info = (await self._read("opening the session")).opened
         self.session_id, self.model, self.version = info.session_id, info.model, info.version
@@ -134,7 +147,8 @@ class AsyncClient:
     def stream(self, model: str, version: int = 0, session_id: str = "",
                resume: bool = False, *, pcm16: bool = False) -> StreamSession:
         """A streaming session; ``pcm16``: ``bytes`` chunks are PCM16 audio, not tensors."""
-        req = pb.OpenSessionRequest(model=model, version=version, session_id=session_id,
+        req = pb.OpenSessionRequest(model=model, version=version,
+                                    session_id=session_id or new_session_id(),
                                     resume=resume)
         session = StreamSession(self.stub, req, self.timeout)
         session.pcm16 = pcm16
@@ -165,20 +179,21 @@ class Client:
 
     def open_session(self, model: str, version: int = 0, session_id: str = "",
                      resume: bool = False) -> pb.SessionInfo:
+        session_id = session_id or new_session_id()
         return self.stub.OpenSession(pb.OpenSessionRequest(
             model=model, version=version, session_id=session_id, resume=resume),
-            timeout=self.timeout)
+            timeout=self.timeout, metadata=_routing(session_id))
 
     def step(self, session_id: str, seq: int, data: Data, end: bool = False,
              pcm16: bool = False) -> dict[str, np.ndarray]:
         resp = self.stub.Step(pb.StepRequest(session_id=session_id,
                                              chunk=make_chunk(seq, data, end, pcm16=pcm16)),
-                              timeout=self.timeout)
+                              timeout=self.timeout, metadata=_routing(session_id))
         return outputs(resp.result)
 
     def close_session(self, session_id: str) -> None:
         self.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id),
-                               timeout=self.timeout)
+                               timeout=self.timeout, metadata=_routing(session_id))
 
     def list_models(self) -> list[pb.ModelMetadata]:
         return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)

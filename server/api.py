@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from rnnserve.protos.headers import SESSION_HEADER
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.protos.tensors import BY_NAME, TensorError, from_tensor, to_tensor
@@ -18,6 +19,23 @@ from rnnserve.server.runtime import ModelRuntime
 from rnnserve.server.sessions import Session
 
 log = logging.getLogger("rnnserve.api")
+
+
+def routed_session_id(context: grpc.aio.ServicerContext, body_id: str) -> str:
+    """The session id of a call: the request's, checked against the routing header.
+
+    Load balancers hash ``x-rnnserve-session`` to pick a pod; a call whose header
+    names another session than its body would be routed by the wrong key, so it is
+    refused. A new session opened without an id takes the header's.
+    """
+    header = next((v for k, v in context.invocation_metadata() or ()
+                   if k == SESSION_HEADER), None)
+    if header is None or header == body_id:
+        return body_id
+    if not body_id:
+        return str(header)
+    raise InvalidChunk(f"the {SESSION_HEADER} header names session {header!r} but the "
+                       f"request names {body_id!r}; send the same id in both")
 
 
 def chunk_input(chunk: pb.Chunk) -> ChunkInput:
@@ -104,7 +122,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     if kind != "open":
                         raise InvalidChunk("the first message of a stream must open a session")
                     o = req.open
-                    session, runtime = self.core.open(o.model, o.version, o.session_id, o.resume)
+                    sid = routed_session_id(context, o.session_id)
+                    session, runtime = self.core.open(o.model, o.version, sid, o.resume)
                     session_id = session.id
                     rpc_model(runtime.name, runtime.version)
                     yield pb.StreamResponse(opened=session_info(session, runtime))
@@ -120,8 +139,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def OpenSession(self, request: pb.OpenSessionRequest,
                           context: grpc.aio.ServicerContext) -> pb.SessionInfo:
         try:
-            session, runtime = self.core.open(request.model, request.version,
-                                              request.session_id, request.resume)
+            sid = routed_session_id(context, request.session_id)
+            session, runtime = self.core.open(request.model, request.version, sid,
+                                              request.resume)
             rpc_model(runtime.name, runtime.version)
             return session_info(session, runtime)
         except Exception as exc:
@@ -132,6 +152,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                    context: grpc.aio.ServicerContext) -> pb.StepResponse:
         rpc_model(*self.core.model_of(request.session_id))
         try:
+            routed_session_id(context, request.session_id)
             out = await self.core.step(request.session_id, request.chunk.seq,
                                        chunk_input(request.chunk), request.chunk.end)
             return pb.StepResponse(result=chunk_result(out))
@@ -143,6 +164,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                            context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:
         rpc_model(*self.core.model_of(request.session_id))
         try:
+            routed_session_id(context, request.session_id)
             self.core.close(request.session_id)
             return pb.CloseSessionResponse()
         except Exception as exc:

@@ -274,3 +274,22 @@ def test_stream_command_against_the_server(server, tmp_path) -> None:
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "rnnserve stream: error: NOT_FOUND: model 'nope' not found")
+
+
+def test_routing_header_names_the_session_and_must_agree(server) -> None:
+    """x-rnnserve-session (hashed by load balancers for affinity) and the body agree."""
+    with Client(server.target, timeout=10) as client:
+        info = client.open_session("text")  # the client names the session, header included
+        assert len(info.session_id) == 32
+        stub = client.stub
+        header = (("x-rnnserve-session", "from-header"),)
+        opened = stub.OpenSession(pb.OpenSessionRequest(model="text"), metadata=header)
+        assert opened.session_id == "from-header"
+        chunk = pb.Chunk(seq=0, text="hi")
+        code, msg = code_and_message(stub.Step, pb.StepRequest(session_id=info.session_id,
+                                                              chunk=chunk), metadata=header)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "from-header" in msg and info.session_id in msg
+        client.step(info.session_id, 0, "hi")  # untouched by the refused call: still at 0
+        client.close_session(info.session_id)
+        client.close_session("from-header")
