@@ -1,0 +1,194 @@
+"""The Kubernetes manifests: every overlay renders with kustomize and validates
+against the Kubernetes API schemas; custom resources have what they need; ports,
+probes, grace period and settings agree with the server's own code."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from rnnserve.protos.headers import SESSION_HEADER
+from rnnserve.server.app import SERVICE
+from rnnserve.server.metrics import Limits, Metrics, ServingCollector
+from rnnserve.server.settings import Settings
+
+K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+OVERLAYS = ("cpu", "gpu")
+K8S_VERSIONS = ("1.30.0", "1.32.0")  # the oldest supported and kubectl's own
+MARGIN_S = 5  # terminationGracePeriodSeconds - preStop sleep - drain grace
+
+
+def kustomize(path: Path) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl (with its built-in kustomize) is needed to render deploy/k8s")
+    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, kustomize(K8S / "overlays" / request.param)
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind
+             and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, (kind, name, [d["metadata"]["name"] for d in found])
+    return found[0]
+
+
+def validate(path: Path, version: str) -> subprocess.CompletedProcess[str]:
+    tool = Path(sys.executable).with_name("kubernetes-validate")
+    return subprocess.run([str(tool), "--strict", "-k", version, str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_overlay_validates_strictly(rendered, version, tmp_path) -> None:
+    overlay, docs = rendered
+    path = tmp_path / f"{overlay}.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    run = validate(path, version)
+    assert run.returncode == 0, run.stdout + run.stderr
+    builtin = {"ConfigMap", "Service", "Deployment", "PodDisruptionBudget",
+               "HorizontalPodAutoscaler", "NetworkPolicy"}
+    assert {d["kind"] for d in docs} == builtin | {"ServiceMonitor"}
+    passed = run.stdout.count(" passed for resource ")
+    assert passed == sum(d["kind"] in builtin for d in docs), run.stdout
+
+
+def test_the_validator_is_strict(rendered, tmp_path) -> None:
+    """A misspelt field fails validation, so the passes above mean something."""
+    _, docs = rendered
+    broken = copy.deepcopy(one(docs, "Deployment"))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["prot"] = 1
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(broken))
+    assert validate(path, K8S_VERSIONS[0]).returncode != 0
+
+
+def settings_of(docs: list[dict[str, Any]]) -> Settings:
+    data = one(docs, "ConfigMap")["data"]
+    fields = Settings.model_fields
+    for key in data:
+        assert key.startswith("RNNSERVE_") and key[9:].lower() in fields, key
+    return Settings(**{k[9:].lower(): v for k, v in data.items()})
+
+
+def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (c,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def test_ports_probes_and_settings_agree_with_the_server(rendered) -> None:
+    overlay, docs = rendered
+    s = settings_of(docs)
+    defaults = Settings()
+    assert (s.grpc_port, s.metrics_port) == (defaults.grpc_port, defaults.metrics_port)
+    assert s.host == "0.0.0.0" and s.device == ("cuda" if overlay == "gpu" else "cpu")
+    c = container(docs)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc": s.grpc_port, "metrics": s.metrics_port}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"]["port"] == s.grpc_port, probe
+    assert c["readinessProbe"]["grpc"]["service"] == SERVICE
+    assert c["envFrom"][0]["configMapRef"]["name"] == one(docs, "ConfigMap")["metadata"]["name"]
+    for svc in (d for d in docs if d["kind"] == "Service"):
+        for p in svc["spec"]["ports"]:
+            assert p["targetPort"] in ports and p["port"] == ports[p["targetPort"]], p
+    for rule in one(docs, "NetworkPolicy")["spec"]["ingress"]:
+        for p in rule["ports"]:
+            assert p["port"] in ports
+    # one thread per CPU the pod is given
+    assert s.intra_op_threads == int(c["resources"]["limits"]["cpu"])
+
+
+def test_grace_period_covers_the_drain(rendered) -> None:
+    _, docs = rendered
+    s = settings_of(docs)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    c = container(docs)
+    sleep = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] == sleep + s.shutdown_grace_s + MARGIN_S
+    live = c["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] > sleep + s.shutdown_grace_s
+
+
+def test_pod_runs_as_the_images_non_root_user(rendered) -> None:
+    _, docs = rendered
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    sc = container(docs)["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] and sc["readOnlyRootFilesystem"]
+    assert sc["capabilities"]["drop"] == ["ALL"] and not sc["allowPrivilegeEscalation"]
+    dockerfile = (K8S.parent / "docker" / "Dockerfile").read_text()
+    assert f"USER {pod['securityContext']['runAsUser']}:" in dockerfile
+
+
+def test_service_monitor_scrapes_the_metrics_port_of_one_service(rendered) -> None:
+    _, docs = rendered
+    sm = one(docs, "ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    match = sm["spec"]["selector"]["matchLabels"]
+    services = [d for d in docs if d["kind"] == "Service"
+                and match.items() <= d["metadata"]["labels"].items()]
+    assert len(services) == 1 and services[0]["spec"].get("clusterIP") != "None"
+    names = {p["name"] for p in services[0]["spec"]["ports"]}
+    for ep in sm["spec"]["endpoints"]:
+        assert ep["port"] in names and ep["path"] == "/metrics"
+
+
+def test_autoscaler_metric_exists_and_scales_before_eviction(rendered) -> None:
+    overlay, docs = rendered
+    s = settings_of(docs)
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == one(docs, "Deployment")["metadata"]["name"]
+    (pods,) = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    adapter = yaml.safe_load((K8S / "prometheus-adapter.yaml").read_text())["rules"]
+    served = {r["name"]["as"]: r["seriesQuery"].split("{")[0] for r in adapter}
+    assert pods["metric"]["name"] in served
+    # the series the adapter reads are ones the server exports
+    registry = CollectorRegistry()
+    Metrics(registry)
+    registry.register(ServingCollector(lambda: [], lambda: {}, Limits(1, 1, 1, 1)))
+    exported = {m.name for m in registry.collect()}
+    for series in served.values():
+        assert series.removesuffix("_bucket") in exported, series
+    if pods["metric"]["name"] == "rnnserve_active_sessions":
+        assert float(pods["target"]["averageValue"]) < s.max_sessions
+
+
+def test_gpu_overlay_asks_for_a_gpu_node(rendered) -> None:
+    overlay, docs = rendered
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    limits = container(docs)["resources"]["limits"]
+    if overlay == "gpu":
+        assert limits["nvidia.com/gpu"] == "1"
+        assert pod["nodeSelector"] and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert container(docs)["image"].endswith("-cuda")
+    else:
+        assert "nvidia.com/gpu" not in limits and "nodeSelector" not in pod
+
+
+def test_istio_component_hashes_on_the_clients_session_header(tmp_path) -> None:
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "overlays" / "cpu", tmp_path)],
+        "components": [os.path.relpath(K8S / "routing", tmp_path)]}))
+    docs = kustomize(tmp_path)
+    dr = one(docs, "DestinationRule")
+    assert dr["apiVersion"] == "networking.istio.io/v1"
+    assert dr["spec"]["host"] == one(docs, "Service", "rnnserve")["metadata"]["name"]
+    lb = dr["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"]
+    assert lb["httpHeaderName"] == SESSION_HEADER
