@@ -30,6 +30,7 @@ from rnnserve.server.settings import Settings
 
 log = logging.getLogger("rnnserve.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+LINGER_S = 0.25  # after the last RPC of a drain ends, before connections close
 
 
 class RnnServer:
@@ -72,7 +73,8 @@ class RnnServer:
             Limits(max_batch_size=s.max_batch_size, max_queue=s.max_queue,
                    max_sessions=s.max_sessions, max_state_bytes=s.max_state_bytes)))
 
-        self.server = grpc.aio.server(interceptors=[MetricsInterceptor(self.metrics)])
+        self.rpcs = MetricsInterceptor(self.metrics)
+        self.server = grpc.aio.server(interceptors=[self.rpcs])
         pb_grpc.add_InferenceServicer_to_server(
             InferenceServicer(self.core, self._draining), self.server)
         self.health = health.aio.HealthServicer()
@@ -109,7 +111,18 @@ class RnnServer:
         await self.health.enter_graceful_shutdown()
         self.core.accepting = False
         self._draining.set()
-        await self.server.stop(grace)
+        # Wait for the inference RPCs: streams end with UNAVAILABLE at once, unary calls
+        # are answered. Then give the statuses a moment on the wire (a client still
+        # writing its next chunk would otherwise see a broken pipe instead of the
+        # status), and stop: what is left is health Watch and reflection streams,
+        # which never end by themselves and must not hold up the exit.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        for pause in (LINGER_S, 0.0):
+            while self.rpcs.in_flight and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+        await self.server.stop(0)
         self._reaper.cancel()
         for b in self.batchers.values():
             await b.stop()

@@ -36,6 +36,8 @@ APIS = {
     "grpc.reflection.v1.ServerReflection": "reflection",
 }
 
+INFERENCE_APIS = frozenset({"native", "kserve_v2"})
+
 
 @dataclass
 class _Call:
@@ -70,6 +72,9 @@ def _code_name(context: grpc.aio.ServicerContext, call: _Call) -> str:
 class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        # inference RPCs begun and not yet completed (what a drain waits for; a health
+        # Watch or a reflection stream does not end when the server drains)
+        self.in_flight = 0
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -87,11 +92,14 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             call = _Call()
             _current.set(call)  # this RPC's task has its own context
             started = time.perf_counter()
+            inference = api in INFERENCE_APIS
+            self.in_flight += inference
             if streaming:
                 gauge = metrics.streams.labels(api, method)
                 gauge.inc()
 
             def done(_: Any) -> None:
+                self.in_flight -= inference
                 code = _code_name(context, call)
                 if streaming:
                     gauge.dec()
