@@ -5,11 +5,18 @@ duration (open loop, see ``client/load.py``) for ``duration_s``; the report give
 the chunk latency percentiles (p50, p90, p99, p99.9, max, measured from when each
 chunk was due), the throughput, the errors by status code and the chunks that went
 out late, and the capacity: the most streams served with p99 <= 100 ms and no error.
-It writes ``bench.json`` and ``bench.png`` (percentiles and throughput against
-streams; latency over time at the highest level).
+A closed-loop run (each stream sends as soon as it is answered) gives the
+throughput at saturation. It writes ``bench.json`` and ``bench.png``.
+
+With ``--baselines`` the same invocation also measures, on the same machine with
+the same messages: the transport ceiling (``client/echo.py``: the API with no
+model), rnnserve unbatched (max batch size 1), and the compute ceiling
+(onnxruntime alone running full batches in a loop), and prints the ratios.
 
 The server is one already running (``--server``) or one this command starts on
-127.0.0.1 from a model repository (``--repo``) and stops at the end.
+127.0.0.1 from a model repository (``--repo``, or a reference ``--workload`` built
+on first use) and stops at the end. The load runs in ``--load-procs`` processes;
+the report says how busy the busiest was, so a saturated load generator is seen.
 """
 
 from __future__ import annotations
@@ -30,12 +37,20 @@ from typing import Any
 import numpy as np
 
 from rnnserve.client.client import AsyncClient, Data
-from rnnserve.client.load import LoadResult, realtime_streams
+from rnnserve.client.load import LoadGenerator, LoadResult
 from rnnserve.errors import RnnserveError
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 
 BUDGET_S = 0.1  # capacity: p99 within this, and no errors
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+BUSY = 0.85  # a load process this busy (CPU / wall) may be what limits the figures
+
+# The reference workloads of docs/DESIGN: (arch, input, hidden size, layers, chunk)
+WORKLOADS = {
+    "speech-small": ("lstm", "pcm16", 256, 2, 40),
+    "speech-large": ("lstm", "pcm16", 768, 3, 40),
+    "text-small": ("gru", "bytes", 512, 2, 16),
+}
 
 
 @dataclass
@@ -48,6 +63,7 @@ class Level:
     errors: dict[str, int]
     throughput: float  # answered chunks per second
     latency_ms: dict[str, float]  # p50, p90, p99, p99.9, max
+    load_busy: float  # the busiest load process: CPU time / wall time
     timeline: list[tuple[float, float]] = field(default_factory=list, repr=False)
 
     @property
@@ -89,36 +105,39 @@ def summarize(streams: int, duration_s: float, result: LoadResult) -> Level:
            for q in PERCENTILES}
     pct["max"] = float(lat.max()) if lat.size else float("nan")
     return Level(streams, duration_s, result.answered, result.sessions, result.late,
-                 dict(result.errors), result.answered / duration_s, pct,
+                 dict(result.errors), result.answered / duration_s, pct, round(result.busy, 3),
                  [(t, x) for t, x in zip(result.times, result.latencies, strict=True)])
 
 
-async def sweep(server: str, model: str, version: int, levels: list[int], duration_s: float,
-                chunk_ms: int, chunk_bytes: int, log: Callable[[str], None]
-                ) -> tuple[pb.ModelMetadata, list[Level]]:
+async def fetch_metadata(server: str, model: str, version: int) -> pb.ModelMetadata:
     async with AsyncClient(server, timeout=30) as client:
-        meta = await client.model_metadata(model, version)
-    chunk, pcm16 = chunk_maker(meta, chunk_ms, chunk_bytes)
+        return await client.model_metadata(model, version)
+
+
+def sweep(gen: LoadGenerator, server: str, meta: pb.ModelMetadata, levels: list[int],
+          duration_s: float, chunk_ms: int, chunk_bytes: int,
+          log: Callable[[str], None]) -> list[Level]:
     out = []
+    blob = meta.SerializeToString()
     for n in levels:
-        result = await realtime_streams(server, model, chunk, streams=n,
-                                        chunk_s=chunk_ms / 1000, duration_s=duration_s,
-                                        pcm16=pcm16)
+        result = gen.run(server, meta.name, blob, streams=n, chunk_ms=chunk_ms,
+                         chunk_bytes=chunk_bytes, duration_s=duration_s)
         level = summarize(n, duration_s, result)
         log(row(level))
         out.append(level)
-    return meta, out
+    return out
 
 
 HEADER = (f"{'streams':>8} {'chunks/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
-          f"{'p99.9 ms':>9} {'max ms':>8} {'late':>6}  errors")
+          f"{'p99.9 ms':>9} {'max ms':>8} {'late':>6} {'load':>5}  errors")
 
 
 def row(level: Level) -> str:
     ms = level.latency_ms
     errors = ", ".join(f"{k} {v}" for k, v in sorted(level.errors.items())) or "-"
     return (f"{level.streams:>8} {level.throughput:>9.1f} {ms['p50']:>8.2f} {ms['p90']:>8.2f} "
-            f"{ms['p99']:>8.2f} {ms['p99.9']:>9.2f} {ms['max']:>8.2f} {level.late:>6}  {errors}")
+            f"{ms['p99']:>8.2f} {ms['p99.9']:>9.2f} {ms['max']:>8.2f} {level.late:>6} "
+            f"{level.load_busy:>5.2f}  {errors}")
 
 
 def capacity(levels: list[Level]) -> int:
@@ -126,33 +145,39 @@ def capacity(levels: list[Level]) -> int:
     return max((lv.streams for lv in levels if lv.within_budget), default=0)
 
 
-def plot(report: dict[str, Any], levels: list[Level], path: Path) -> None:
+def plot(report: dict[str, Any], runs: dict[str, list[Level]], path: Path) -> None:
+    """Left: p50/p99 and throughput against streams, for rnnserve and each baseline;
+    right: every chunk's latency over time at rnnserve's highest level."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, tl) = plt.subplots(1, 2, figsize=(12, 4.5))
-    xs = [lv.streams for lv in levels]
-    for key in ("p50", "p90", "p99", "p99.9"):
-        ax.plot(xs, [lv.latency_ms[key] for lv in levels], marker="o", label=key)
-    ax.axhline(BUDGET_S * 1000, color="red", linestyle="--", linewidth=1, label="budget")
+    fig, (ax, tl) = plt.subplots(1, 2, figsize=(13, 4.8))
+    tp = ax.twinx()
+    styles = {"rnnserve": "-", "transport": "--", "unbatched": ":"}
+    for name, levels in runs.items():
+        xs = [lv.streams for lv in levels]
+        style = styles.get(name, "-.")
+        for key, color in (("p50", "tab:blue"), ("p99", "tab:red")):
+            ax.plot(xs, [lv.latency_ms[key] for lv in levels], marker="o", markersize=3,
+                    linestyle=style, color=color, label=f"{name} {key}")
+        tp.plot(xs, [lv.throughput for lv in levels], linestyle=style, color="grey",
+                marker="s", markersize=3, label=f"{name} chunks/s")
+    ax.axhline(BUDGET_S * 1000, color="black", linewidth=0.8, label="100 ms budget")
+    every = sorted({lv.streams for levels in runs.values() for lv in levels})
     ax.set_xscale("log", base=2)
-    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xticks(every, [str(x) for x in every])
     ax.minorticks_off()
     ax.set_yscale("log")
     ax.set_xlabel("concurrent real-time streams")
     ax.set_ylabel("chunk latency (ms)")
-    ax.set_title(f"{report['model']}: {report['chunk_ms']} ms chunks, "
-                 f"capacity {report['capacity_streams']} streams")
-    tp = ax.twinx()
-    tp.plot(xs, [lv.throughput for lv in levels], color="grey", marker="s", linestyle=":",
-            label="chunks/s")
     tp.set_ylabel("answered chunks per second")
-    lines = ax.get_legend_handles_labels()
-    more = tp.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=8)
-    top = levels[-1]
+    ax.set_title(f"{report['model']} ({report['arch']}, {report['input_kind']}), "
+                 f"{report['chunk_ms']} ms chunks: capacity {report['capacity_streams']}")
+    lines, more = ax.get_legend_handles_labels(), tp.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=7)
+    top = runs["rnnserve"][-1]
     if top.timeline:
         t, lat = zip(*top.timeline, strict=True)
         tl.scatter(t, np.asarray(lat) * 1000, s=2, alpha=0.4)
@@ -162,18 +187,16 @@ def plot(report: dict[str, Any], levels: list[Level], path: Path) -> None:
     tl.set_yscale("log")
     tl.set_xlabel("seconds since the level started")
     tl.set_ylabel("chunk latency (ms)")
-    tl.set_title(f"latency over time at {top.streams} streams")
+    tl.set_title(f"rnnserve, latency over time at {top.streams} streams")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-class SpawnedServer:
-    """``rnnserve serve`` on 127.0.0.1 with free ports, for ``bench --repo``."""
+class Spawned:
+    """A server process on 127.0.0.1 that prints a JSON ready line with its gRPC port."""
 
-    def __init__(self, repo: str, flags: list[str], log_path: Path) -> None:
-        cmd = [sys.executable, "-m", "rnnserve", "serve", "--repo", repo, "--host", "127.0.0.1",
-               "--grpc-port", "0", "--metrics-port", "0", *flags]
+    def __init__(self, cmd: list[str], log_path: Path) -> None:
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
         assert self.proc.stdout is not None
@@ -181,8 +204,12 @@ class SpawnedServer:
         if not line:
             self.proc.wait(30)
             raise RnnserveError(f"the server did not start; see {log_path}")
-        ready = json.loads(line)
-        self.target = f"127.0.0.1:{ready['grpc_port']}"
+        self.target = f"127.0.0.1:{json.loads(line)['grpc_port']}"
+
+    @classmethod
+    def rnnserve(cls, repo: str, flags: list[str], log_path: Path) -> Spawned:
+        return cls([sys.executable, "-m", "rnnserve", "serve", "--repo", repo, "--host",
+                    "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", *flags], log_path)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -194,45 +221,190 @@ class SpawnedServer:
         self._log.close()
 
 
+def as_array(data: Data, meta: pb.ModelMetadata) -> np.ndarray:
+    if isinstance(data, bytes):
+        return np.frombuffer(data, dtype="<i2" if meta.input_kind == "pcm16" else np.uint8)
+    return np.asarray(data)
+
+
+def compute_ceiling(model_path: Path, meta: pb.ModelMetadata, batch: int, chunk_ms: int,
+                    chunk_bytes: int, seconds: float, threads: int) -> dict[str, Any]:
+    """onnxruntime alone: full batches of one chunk per session, back to back, no gRPC."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    chunk, _ = chunk_maker(meta, chunk_ms, chunk_bytes)
+    x = as_array(chunk(0), meta)
+    types = {"tensor(float)": np.float32, "tensor(int16)": np.int16,
+             "tensor(uint8)": np.uint8, "tensor(int64)": np.int64}
+    first, *states = sess.get_inputs()
+    feeds = {first.name: np.stack([x] * batch).astype(types[first.type])}
+    for i in states:
+        feeds[i.name] = np.zeros([batch, *i.shape[1:]], dtype=types[i.type])
+    sess.run(None, feeds)  # warm up
+    runs, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        sess.run(None, feeds)
+        runs += 1
+    steps = runs * batch / elapsed
+    return {"batch": batch, "runs_per_s": runs / elapsed, "steps_per_s": steps,
+            "run_ms": 1000 * elapsed / runs, "streams": steps * chunk_ms / 1000,
+            "provider": sess.get_providers()[0]}
+
+
+def build_workload(name: str, root: Path) -> tuple[Path, int]:
+    """The reference workload's model repository (random weights), built on first use
+    by the project's own code; returns it and the workload's chunk (ms or bytes)."""
+    arch, kind, hidden, layers, chunk = WORKLOADS[name]
+    repo = root / name
+    if not (repo / name / "1" / "model.onnx").exists():
+        from rnnserve.errors import require_train_extra
+
+        require_train_extra(f"building the {name} workload")
+        from rnnserve.audio import FRONT_END
+        from rnnserve.export.onnx_export import export_checkpoint
+        from rnnserve.training.checkpoint import new_model_checkpoint, save_checkpoint
+        from rnnserve.training.model import ModelConfig
+        from rnnserve.training.speech_data import LABELS
+        from rnnserve.training.speech_train import new_speech_checkpoint
+
+        root.mkdir(parents=True, exist_ok=True)
+        if kind == "pcm16":
+            cfg = ModelConfig(arch=arch, input_kind="features", input_size=FRONT_END.n_mels,
+                              output_size=len(LABELS), hidden_size=hidden, num_layers=layers)
+            ckpt = new_speech_checkpoint(cfg)
+        else:
+            cfg = ModelConfig(arch=arch, input_kind="bytes", input_size=256, output_size=256,
+                              hidden_size=hidden, num_layers=layers)
+            ckpt = new_model_checkpoint(cfg, "text")
+        path = root / f"{name}.pt"
+        save_checkpoint(path, ckpt)
+        export_checkpoint(path, repo, name, 1, overwrite=True, log=lambda _: None)
+    return repo, chunk
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
 def run_bench(server: str | None, repo: str | None, model: str, version: int,
               levels: list[int], duration_s: float, chunk_ms: int, chunk_bytes: int,
-              out: Path, serve_flags: list[str], make_plot: bool = True) -> dict[str, Any]:
+              out: Path, serve_flags: list[str], *, make_plot: bool = True,
+              baselines: bool = False, load_procs: int = 1, max_batch_size: int = 64,
+              saturation_streams: int = 0) -> dict[str, Any]:
     if (server is None) == (repo is None):
         raise RnnserveError("give either --server HOST:PORT or --repo DIR (to start one)")
+    if baselines and repo is None:
+        raise RnnserveError("--baselines starts its own servers: give --repo, not --server")
     if not levels or min(levels) < 1:
         raise RnnserveError("--streams needs positive numbers, e.g. 1,4,16")
+    levels = sorted(set(levels))
     out.mkdir(parents=True, exist_ok=True)
-    spawned = SpawnedServer(repo, serve_flags, out / "server.log") if repo else None
-    target = spawned.target if spawned else server
-    assert target is not None
     log = lambda line: print(line, flush=True)  # noqa: E731
-    try:
-        print(f"rnnserve bench: {model} at {target}, {chunk_ms} ms chunks, "
-              f"{duration_s:g} s per level", flush=True)
-        log(HEADER)
-        meta, results = asyncio.run(sweep(target, model, version, sorted(set(levels)),
-                                          duration_s, chunk_ms, chunk_bytes, log))
-    finally:
-        if spawned is not None:
-            spawned.stop()
+    flags = [*serve_flags, f"--max-batch-size={max_batch_size}"]
+    runs: dict[str, list[Level]] = {}
+    with LoadGenerator(load_procs) as gen:
+        spawned = Spawned.rnnserve(repo, flags, out / "server.log") if repo else None
+        target = spawned.target if spawned else server
+        assert target is not None
+        try:
+            meta = asyncio.run(fetch_metadata(target, model, version))
+            log(f"rnnserve bench: {meta.name} v{meta.version} ({meta.arch}, {meta.input_kind}, "
+                f"{meta.execution_provider}) at {target}; {chunk_ms} ms chunks, "
+                f"{duration_s:g} s per level, {gen.procs} load process(es)")
+            log(f"\nrnnserve (max batch size {max_batch_size})\n{HEADER}")
+            runs["rnnserve"] = sweep(gen, target, meta, levels, duration_s, chunk_ms,
+                                     chunk_bytes, log)
+            n = saturation_streams or levels[-1]
+            closed = summarize(n, duration_s, gen.run(
+                target, meta.name, meta.SerializeToString(), streams=n, chunk_ms=chunk_ms,
+                chunk_bytes=chunk_bytes, duration_s=duration_s, closed_loop=True))
+            log(f"closed loop, {n} streams: {closed.throughput:.0f} chunks/s, "
+                f"p50 {closed.latency_ms['p50']:.2f} ms, load {closed.load_busy:.2f}")
+        finally:
+            if spawned is not None:
+                spawned.stop()
+        ceiling: dict[str, Any] | None = None
+        if baselines:
+            assert repo is not None
+            blob = out / "metadata.bin"
+            blob.write_bytes(meta.SerializeToString())
+            echo = Spawned([sys.executable, "-m", "rnnserve.client.echo", "--metadata",
+                            str(blob)], out / "echo.log")
+            try:
+                log(f"\ntransport ceiling (same API and messages, no model)\n{HEADER}")
+                runs["transport"] = sweep(gen, echo.target, meta, levels, duration_s, chunk_ms,
+                                          chunk_bytes, log)
+            finally:
+                echo.stop()
+            one = Spawned.rnnserve(repo, [*serve_flags, "--max-batch-size=1"],
+                                   out / "server-unbatched.log")
+            try:
+                log(f"\nrnnserve unbatched (max batch size 1)\n{HEADER}")
+                runs["unbatched"] = sweep(gen, one.target, meta, levels, duration_s, chunk_ms,
+                                          chunk_bytes, log)
+            finally:
+                one.stop()
+            path = Path(repo) / meta.name / str(meta.version) / "model.onnx"
+            ceiling = compute_ceiling(path, meta, max_batch_size, chunk_ms, chunk_bytes,
+                                      min(duration_s, 10.0), threads=0)
+            log(f"\ncompute ceiling (onnxruntime alone, batch {max_batch_size}): "
+                f"{ceiling['steps_per_s']:.0f} chunks/s = {ceiling['streams']:.0f} real-time "
+                f"streams ({ceiling['run_ms']:.2f} ms per run)")
+    caps = {name: capacity(lv) for name, lv in runs.items()}
+    busy = max(lv.load_busy for levels_ in runs.values() for lv in levels_)
     report: dict[str, Any] = {
         "model": meta.name, "version": meta.version, "arch": meta.arch,
         "input_kind": meta.input_kind, "provider": meta.execution_provider,
+        "state_bytes_per_session": meta.state_bytes_per_session,
         "chunk_ms": chunk_ms, "duration_s": duration_s, "budget_ms": BUDGET_S * 1000,
-        "capacity_streams": capacity(results),
-        "load_generator": "one process (asyncio)",
+        "max_batch_size": max_batch_size,
+        "capacity_streams": caps["rnnserve"],
+        "saturation": {"streams": closed.streams, "throughput": closed.throughput,
+                       "latency_ms": closed.latency_ms, "load_busy": closed.load_busy},
+        "load_generator": {"processes": load_procs, "busiest": busy,
+                           "saturated": busy >= BUSY},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "levels": [{k: v for k, v in asdict(lv).items() if k != "timeline"} for lv in results],
+        "levels": [{k: v for k, v in asdict(lv).items() if k != "timeline"}
+                   for lv in runs["rnnserve"]],
     }
-    print(f"capacity: {report['capacity_streams']} real-time streams with p99 <= "
+    if baselines:
+        assert ceiling is not None
+        report["baselines"] = {
+            "transport": {"capacity_streams": caps["transport"],
+                          "levels": [{k: v for k, v in asdict(lv).items() if k != "timeline"}
+                                     for lv in runs["transport"]]},
+            "unbatched": {"capacity_streams": caps["unbatched"],
+                          "levels": [{k: v for k, v in asdict(lv).items() if k != "timeline"}
+                                     for lv in runs["unbatched"]]},
+            "compute_ceiling": ceiling,
+        }
+        report["ratios"] = {
+            "capacity_vs_transport": _ratio(caps["rnnserve"], caps["transport"]),
+            "capacity_vs_unbatched": _ratio(caps["rnnserve"], caps["unbatched"]),
+            "saturation_vs_compute_ceiling": _ratio(closed.throughput, ceiling["steps_per_s"]),
+        }
+    print(f"\ncapacity: {caps['rnnserve']} real-time streams with p99 <= "
           f"{BUDGET_S * 1000:g} ms and no errors (of the levels run)")
+    if baselines:
+        r = report["ratios"]
+        print(f"  vs transport ceiling {caps['transport']}: {r['capacity_vs_transport']}; "
+              f"vs unbatched {caps['unbatched']}: {r['capacity_vs_unbatched']}; "
+              f"saturation throughput vs compute ceiling: "
+              f"{r['saturation_vs_compute_ceiling']}")
+    if busy >= BUSY:
+        print(f"note: a load process was {busy:.0%} busy: the load generator may be the "
+              "limit; run with more --load-procs (or on another machine)")
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     written = [out / "bench.json"]
     if make_plot:
         try:
-            plot(report, results, out / "bench.png")
+            plot(report, runs, out / "bench.png")
             written.append(out / "bench.png")
         except ImportError:
             print("no plot: matplotlib is missing (pip install 'rnnserve[bench]')",

@@ -8,18 +8,26 @@ so a chunk whose predecessor is answered late goes out late; its latency is
 measured from when it was due, not from when it went out, so a slow server cannot
 hide its queue from the figures (no coordinated omission).
 
+``closed_loop=True`` instead sends each chunk as soon as the previous one is
+answered (saturation), latency from the send.
+
     result = asyncio.run(realtime_streams("127.0.0.1:8001", "speech", chunk_fn,
                                           streams=32, chunk_s=0.04, duration_s=30))
     result.percentile(99)
+
+``run_load`` spreads the streams over several processes (a Python client process
+saturates one core long before a server does) and reports how busy they were.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
@@ -36,6 +44,7 @@ class LoadResult:
     late: int = 0  # chunks sent more than one chunk duration after they were due
     started: float = 0.0  # wall clock (time.time()) of the first chunk's due time
     ended: float = 0.0
+    busy: float = 0.0  # the busiest load process's CPU time / wall time (0..1)
 
     @property
     def answered(self) -> int:
@@ -44,27 +53,41 @@ class LoadResult:
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies, q)) if self.latencies else float("nan")
 
+    def merge(self, other: LoadResult) -> None:
+        self.latencies += other.latencies
+        self.times += other.times
+        self.errors.update(other.errors)
+        self.sessions += other.sessions
+        self.late += other.late
+        self.started = min(self.started or other.started, other.started)
+        self.ended = max(self.ended, other.ended)
+        self.busy = max(self.busy, other.busy)
+
 
 async def _one_stream(client: AsyncClient, model: str, chunk: Callable[[int], Data],
                       chunk_s: float, t0: float, until: float, session_chunks: int,
-                      pcm16: bool, result: LoadResult, origin: float) -> None:
+                      pcm16: bool, result: LoadResult, origin: float,
+                      closed_loop: bool) -> None:
     k = 0
     loop = asyncio.get_running_loop()
-    while t0 + k * chunk_s < until:
+    if t0 > loop.time():
+        await asyncio.sleep(t0 - loop.time())
+    while (loop.time() if closed_loop else t0 + k * chunk_s) < until:
         try:
             async with client.stream(model, pcm16=pcm16) as s:
                 result.sessions += 1
                 for i in range(session_chunks):
-                    due = t0 + k * chunk_s
+                    due = loop.time() if closed_loop else t0 + k * chunk_s
                     if due >= until:
                         break
                     k += 1
                     wait = due - loop.time()
                     if wait > 0:
                         await asyncio.sleep(wait)
-                    elif -wait > chunk_s:
+                    elif -wait > chunk_s and not closed_loop:
                         result.late += 1
-                    last = i == session_chunks - 1 or due + chunk_s >= until
+                    last = i == session_chunks - 1 or (
+                        not closed_loop and due + chunk_s >= until)
                     await s.send(chunk(k), end=last)
                     result.latencies.append(loop.time() - due)
                     result.times.append(due - origin)
@@ -78,18 +101,93 @@ async def _one_stream(client: AsyncClient, model: str, chunk: Callable[[int], Da
 async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data], *,
                            streams: int, chunk_s: float, duration_s: float,
                            session_chunks: int = 250, pcm16: bool = False,
-                           timeout: float = 30.0) -> LoadResult:
-    """Run ``streams`` real-time streams for ``duration_s``; ``chunk(k)`` gives chunk k."""
+                           timeout: float = 30.0, closed_loop: bool = False,
+                           start_at: float | None = None,
+                           phases: list[float] | None = None) -> LoadResult:
+    """Run ``streams`` real-time streams for ``duration_s``; ``chunk(k)`` gives chunk k.
+
+    ``start_at``: wall-clock time (time.time()) of the start, to line up several
+    processes; ``phases``: each stream's offset in seconds (default: spread evenly
+    over one chunk duration).
+    """
     result = LoadResult()
     loop = asyncio.get_running_loop()
     async with AsyncClient(target, timeout=timeout) as client:
         await client.list_models()  # connect before the clock starts
-        start = loop.time() + 0.05
+        wall = time.time()
+        start_wall = max(start_at or wall + 0.05, wall)
+        start = loop.time() + (start_wall - wall)
         until = start + duration_s
-        result.started = time.time() + 0.05
+        result.started = start_wall
+        if phases is None:
+            phases = [i * chunk_s / streams for i in range(streams)]
+        await asyncio.sleep(max(0.0, start - loop.time()))
+        cpu0, wall0 = time.process_time(), time.time()
         await asyncio.gather(*(
-            _one_stream(client, model, chunk, chunk_s, start + i * chunk_s / streams, until,
-                        session_chunks, pcm16, result, start)
-            for i in range(streams)))
+            _one_stream(client, model, chunk, chunk_s, start + phase, until, session_chunks,
+                        pcm16, result, start, closed_loop)
+            for phase in phases))
         result.ended = time.time()
+    result.busy = (time.process_time() - cpu0) / max(1e-9, result.ended - wall0)
     return result
+
+
+@dataclass(frozen=True)
+class LoadJob:
+    """One process's share of a load run (picklable: crosses to a worker process)."""
+
+    target: str
+    model: str
+    meta: bytes  # serialized ModelMetadata: the worker builds its own chunks from it
+    chunk_ms: int
+    chunk_bytes: int
+    phases: tuple[float, ...]
+    duration_s: float
+    start_at: float
+    closed_loop: bool
+    session_chunks: int
+
+
+def _work(job: LoadJob) -> LoadResult:
+    from rnnserve.client.bench import chunk_maker
+    from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
+
+    meta = pb.ModelMetadata()
+    meta.ParseFromString(job.meta)
+    chunk, pcm16 = chunk_maker(meta, job.chunk_ms, job.chunk_bytes)
+    return asyncio.run(realtime_streams(
+        job.target, job.model, chunk, streams=len(job.phases), chunk_s=job.chunk_ms / 1000,
+        duration_s=job.duration_s, session_chunks=job.session_chunks, pcm16=pcm16,
+        closed_loop=job.closed_loop, start_at=job.start_at, phases=list(job.phases)))
+
+
+class LoadGenerator:
+    """A pool of load processes, kept across the levels of a sweep."""
+
+    def __init__(self, procs: int) -> None:
+        self.procs = max(1, procs)
+        self._pool: Any = multiprocessing.get_context("spawn").Pool(self.procs)
+
+    def run(self, target: str, model: str, meta: bytes, *, streams: int, chunk_ms: int,
+            chunk_bytes: int, duration_s: float, closed_loop: bool = False,
+            session_chunks: int = 250) -> LoadResult:
+        chunk_s = chunk_ms / 1000
+        phases = [i * chunk_s / streams for i in range(streams)]
+        start_at = time.time() + 1.0  # every process connected and waiting by then
+        jobs = [LoadJob(target, model, meta, chunk_ms, chunk_bytes, tuple(phases[p::self.procs]),
+                        duration_s, start_at, closed_loop, session_chunks)
+                for p in range(self.procs) if phases[p::self.procs]]
+        result = LoadResult()
+        for part in self._pool.map(_work, jobs):
+            result.merge(part)
+        return result
+
+    def close(self) -> None:
+        self._pool.close()
+        self._pool.join()
+
+    def __enter__(self) -> LoadGenerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

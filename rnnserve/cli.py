@@ -166,7 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--server", help="HOST:PORT of a running rnnserve serve")
     where.add_argument("--repo", help="start rnnserve serve on 127.0.0.1 with this repository "
                        "for the run, and stop it after")
-    b.add_argument("--model", required=True)
+    where.add_argument("--workload", choices=["speech-small", "speech-large", "text-small"],
+                       help="a reference workload (random weights; built on first use into "
+                       "--workload-dir, needs the train extra) served like --repo")
+    b.add_argument("--workload-dir", default="runs/workloads",
+                   help="where the reference workloads are built (default runs/workloads)")
+    b.add_argument("--model", help="model name (with --server or --repo)")
     b.add_argument("--version", type=int, default=0, dest="model_version",
                    help="model version (default: the highest)")
     b.add_argument("--streams", default="1,4,16,64",
@@ -180,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra flag for the started server (with --repo), e.g. "
                    "--serve-arg=--max-batch-size=1; repeatable")
     b.add_argument("--no-plot", action="store_true", help="write bench.json only")
+    b.add_argument("--baselines", action="store_true",
+                   help="also measure the transport ceiling (no model), rnnserve unbatched "
+                   "and the compute ceiling (onnxruntime alone), and print the ratios")
+    b.add_argument("--load-procs", type=_positive, default=2,
+                   help="processes generating the load (default 2)")
+    b.add_argument("--max-batch-size", type=_positive, default=64,
+                   help="the started server's max batch size, also the compute ceiling's "
+                   "batch (default 64)")
+    b.add_argument("--saturation-streams", type=int, default=0,
+                   help="streams of the closed-loop saturation run (default: the most "
+                   "of --streams)")
     b.set_defaults(func=_cmd_bench)
 
     m = sub.add_parser("models", help="list the models in a repository")
@@ -258,9 +274,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise RnnserveError(f"--streams takes numbers like 1,4,16, not {args.streams!r}") from None
     if args.duration_s <= 0:
         raise RnnserveError("--duration-s must be positive")
-    run_bench(args.server, args.repo, args.model, args.model_version, levels, args.duration_s,
-              args.chunk_ms, args.chunk_bytes, Path(args.out), args.serve_arg,
-              make_plot=not args.no_plot)
+    repo, model, chunk_ms, chunk_bytes = args.repo, args.model, args.chunk_ms, args.chunk_bytes
+    if args.workload:
+        from rnnserve.client.bench import build_workload
+
+        built, chunk = build_workload(args.workload, Path(args.workload_dir))
+        repo, model = str(built), args.workload
+        if args.workload.startswith("text"):
+            chunk_bytes = chunk
+        else:
+            chunk_ms = chunk
+    elif not model:
+        raise RnnserveError("--model is needed with --server or --repo")
+    run_bench(args.server, repo, model, args.model_version, levels, args.duration_s,
+              chunk_ms, chunk_bytes, Path(args.out), args.serve_arg,
+              make_plot=not args.no_plot, baselines=args.baselines,
+              load_procs=args.load_procs, max_batch_size=args.max_batch_size,
+              saturation_streams=args.saturation_streams)
     return 0
 
 

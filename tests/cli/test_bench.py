@@ -10,12 +10,12 @@ from ..conftest import build_repo
 from .test_cli import assert_one_line_error, rnnserve
 
 
-def test_bench_sweeps_levels_and_writes_json_and_plot(tmp_path) -> None:
+def test_bench_sweeps_levels_with_baselines_and_writes_json_and_plot(tmp_path) -> None:
     repo = build_repo(tmp_path)
     out = tmp_path / "bench"
     proc = rnnserve("bench", "--repo", str(repo), "--model", "feat", "--streams", "1,3",
-                    "--duration-s", "1", "--out", str(out),
-                    "--serve-arg=--intra-op-threads=1", timeout=120)
+                    "--duration-s", "1", "--out", str(out), "--baselines", "--load-procs", "2",
+                    "--serve-arg=--intra-op-threads=1", timeout=180)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert any(line.split()[:3] == ["streams", "chunks/s", "p50"] for line in lines), lines
@@ -35,10 +35,29 @@ def test_bench_sweeps_levels_and_writes_json_and_plot(tmp_path) -> None:
         assert 20 * lv["streams"] <= lv["answered"] <= 26 * lv["streams"]
         assert lv["throughput"] == lv["answered"] / lv["duration_s"]
         assert lv["errors"] == {} and lv["sessions"] == lv["streams"]
+        assert 0 < lv["load_busy"] < 1.5
     within = [lv["streams"] for lv in levels if lv["latency_ms"]["p99"] <= 100]
     assert report["capacity_streams"] == max(within, default=0)
+    sat = report["saturation"]
+    assert sat["streams"] == 3 and sat["throughput"] > 0 and sat["latency_ms"]["p50"] > 0
+    assert report["load_generator"]["processes"] == 2
+    base = report["baselines"]
+    for name in ("transport", "unbatched"):
+        assert [lv["streams"] for lv in base[name]["levels"]] == [1, 3]
+        assert base[name]["capacity_streams"] in (0, 1, 3)
+        assert all(lv["answered"] > 0 for lv in base[name]["levels"])
+    ceiling = base["compute_ceiling"]
+    assert ceiling["batch"] == 64 and ceiling["steps_per_s"] > 0
+    assert ceiling["streams"] == ceiling["steps_per_s"] * 0.04
+    ratios = report["ratios"]
+    assert set(ratios) == {"capacity_vs_transport", "capacity_vs_unbatched",
+                           "saturation_vs_compute_ceiling"}
+    assert ratios["saturation_vs_compute_ceiling"] == round(
+        sat["throughput"] / ceiling["steps_per_s"], 3)
+    for line in ("transport ceiling", "rnnserve unbatched", "compute ceiling", "closed loop"):
+        assert any(line in x for x in lines), line
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "server.log").exists()
+    assert (out / "server.log").exists() and (out / "echo.log").exists()
 
 
 def test_bench_refuses_bad_arguments(tmp_path) -> None:
@@ -47,3 +66,5 @@ def test_bench_refuses_bad_arguments(tmp_path) -> None:
     assert_one_line_error(proc, "--streams")
     proc = rnnserve("bench", "--model", "x")
     assert proc.returncode == 2 and "--server" in proc.stderr
+    proc = rnnserve("bench", "--server", "127.0.0.1:1", "--model", "x", "--baselines")
+    assert_one_line_error(proc, "--baselines", "--repo")
