@@ -286,6 +286,49 @@ def build_workload(name: str, root: Path) -> tuple[Path, int]:
     return repo, chunk
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (Linux: /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RnnserveError(f"no VmRSS for process {pid}")
+
+
+async def _open_idle(target: str, model: str, n: int, concurrency: int = 64) -> None:
+    async with AsyncClient(target, timeout=60) as client:
+        stub, left = client.stub, iter(range(n))
+
+        async def opener() -> None:
+            for _ in left:
+                await stub.OpenSession(pb.OpenSessionRequest(model=model))
+
+        await asyncio.gather(*(opener() for _ in range(concurrency)))
+
+
+def idle_memory(repo: str, model: str, sessions: int, serve_flags: list[str],
+                out: Path) -> dict[str, Any]:
+    """Resident memory growth of a server holding ``sessions`` idle sessions, against
+    the raw bytes of their recurrent state."""
+    server = Spawned.rnnserve(repo, [*serve_flags, f"--max-sessions={sessions}",
+                                     f"--max-state-bytes={1 << 40}", "--idle-timeout-s=3600"],
+                              out / "server-idle.log")
+    try:
+        meta = asyncio.run(fetch_metadata(server.target, model, 0))
+        asyncio.run(_open_idle(server.target, model, 64))  # warm every code path once
+        before = rss_bytes(server.proc.pid)
+        started = time.perf_counter()
+        asyncio.run(_open_idle(server.target, model, sessions))
+        seconds = time.perf_counter() - started
+        after = rss_bytes(server.proc.pid)
+    finally:
+        server.stop()
+    raw = sessions * meta.state_bytes_per_session
+    return {"sessions": sessions, "state_bytes_per_session": meta.state_bytes_per_session,
+            "raw_state_bytes": raw, "rss_before": before, "rss_after": after,
+            "rss_growth": after - before, "growth_vs_raw": round((after - before) / raw, 3),
+            "opened_per_s": round(sessions / seconds)}
+
+
 def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
@@ -294,11 +337,13 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
               levels: list[int], duration_s: float, chunk_ms: int, chunk_bytes: int,
               out: Path, serve_flags: list[str], *, make_plot: bool = True,
               baselines: bool = False, load_procs: int = 1, max_batch_size: int = 64,
-              saturation_streams: int = 0) -> dict[str, Any]:
+              saturation_streams: int = 0, idle_sessions: int = 0) -> dict[str, Any]:
     if (server is None) == (repo is None):
         raise RnnserveError("give either --server HOST:PORT or --repo DIR (to start one)")
     if baselines and repo is None:
         raise RnnserveError("--baselines starts its own servers: give --repo, not --server")
+    if idle_sessions and repo is None:
+        raise RnnserveError("--idle-sessions measures a server it starts: give --repo")
     if not levels or min(levels) < 1:
         raise RnnserveError("--streams needs positive numbers, e.g. 1,4,16")
     levels = sorted(set(levels))
@@ -354,6 +399,13 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
             log(f"\ncompute ceiling (onnxruntime alone, batch {max_batch_size}): "
                 f"{ceiling['steps_per_s']:.0f} chunks/s = {ceiling['streams']:.0f} real-time "
                 f"streams ({ceiling['run_ms']:.2f} ms per run)")
+    memory = None
+    if idle_sessions:
+        assert repo is not None
+        memory = idle_memory(repo, meta.name, idle_sessions, serve_flags, out)
+        log(f"\n{idle_sessions} idle sessions: resident memory +{memory['rss_growth'] / 2**20:.0f}"
+            f" MiB for {memory['raw_state_bytes'] / 2**20:.0f} MiB of state "
+            f"({memory['growth_vs_raw']} x), opened at {memory['opened_per_s']}/s")
     caps = {name: capacity(lv) for name, lv in runs.items()}
     busy = max(lv.load_busy for levels_ in runs.values() for lv in levels_)
     report: dict[str, Any] = {
@@ -373,6 +425,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         "levels": [{k: v for k, v in asdict(lv).items() if k != "timeline"}
                    for lv in runs["rnnserve"]],
     }
+    if memory is not None:
+        report["idle_memory"] = memory
     if baselines:
         assert ceiling is not None
         report["baselines"] = {

@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-batch-size", type=_positive, default=64,
                    help="the started server's max batch size, also the compute ceiling's "
                    "batch (default 64)")
+    b.add_argument("--idle-sessions", type=int, default=0, metavar="N",
+                   help="also open N idle sessions on a fresh server and report its resident "
+                   "memory growth against their raw state bytes")
     b.add_argument("--saturation-streams", type=int, default=0,
                    help="streams of the closed-loop saturation run (default: the most "
                    "of --streams)")
@@ -290,7 +293,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               chunk_ms, chunk_bytes, Path(args.out), args.serve_arg,
               make_plot=not args.no_plot, baselines=args.baselines,
               load_procs=args.load_procs, max_batch_size=args.max_batch_size,
-              saturation_streams=args.saturation_streams)
+              saturation_streams=args.saturation_streams, idle_sessions=args.idle_sessions)
     return 0
 
 

@@ -15,6 +15,7 @@ def test_bench_sweeps_levels_with_baselines_and_writes_json_and_plot(tmp_path) -
     out = tmp_path / "bench"
     proc = rnnserve("bench", "--repo", str(repo), "--model", "feat", "--streams", "1,3",
                     "--duration-s", "1", "--out", str(out), "--baselines", "--load-procs", "2",
+                    "--idle-sessions", "300",
                     "--serve-arg=--intra-op-threads=1", timeout=180)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -54,7 +55,12 @@ def test_bench_sweeps_levels_with_baselines_and_writes_json_and_plot(tmp_path) -
                            "saturation_vs_compute_ceiling"}
     assert ratios["saturation_vs_compute_ceiling"] == round(
         sat["throughput"] / ceiling["steps_per_s"], 3)
-    for line in ("transport ceiling", "rnnserve unbatched", "compute ceiling", "closed loop"):
+    idle = report["idle_memory"]
+    assert idle["sessions"] == 300 and idle["rss_before"] > 0 and idle["rss_after"] > 0
+    assert idle["raw_state_bytes"] == 300 * idle["state_bytes_per_session"] > 0
+    assert idle["growth_vs_raw"] == round(idle["rss_growth"] / idle["raw_state_bytes"], 3)
+    for line in ("transport ceiling", "rnnserve unbatched", "compute ceiling", "closed loop",
+                 "300 idle sessions"):
         assert any(line in x for x in lines), line
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "server.log").exists() and (out / "echo.log").exists()
