@@ -60,6 +60,7 @@ class Level:
     answered: int
     sessions: int
     late: int
+    unsent: int  # chunks due but never sent: the stream fell more than 2 s behind
     errors: dict[str, int]
     throughput: float  # answered chunks per second
     latency_ms: dict[str, float]  # p50, p90, p99, p99.9, max
@@ -68,7 +69,7 @@ class Level:
 
     @property
     def within_budget(self) -> bool:
-        return not self.errors and self.answered > 0 and \
+        return not self.errors and not self.unsent and self.answered > 0 and \
             self.latency_ms["p99"] <= BUDGET_S * 1000
 
 
@@ -108,7 +109,8 @@ def summarize(streams: int, duration_s: float, result: LoadResult) -> Level:
     # last chunks due in the window after it, and that time counts too
     elapsed = max(duration_s, result.ended - result.started)
     return Level(streams, duration_s, result.answered, result.sessions, result.late,
-                 dict(result.errors), result.answered / elapsed, pct, round(result.busy, 3),
+                 result.unsent, dict(result.errors), result.answered / elapsed, pct,
+                 round(result.busy, 3),
                  [(t, x) for t, x in zip(result.times, result.latencies, strict=True)])
 
 
@@ -128,6 +130,11 @@ def sweep(gen: LoadGenerator, server: str, meta: pb.ModelMetadata, levels: list[
         level = summarize(n, duration_s, result)
         log(row(level))
         out.append(level)
+        if level.unsent or level.latency_ms["p99"] > 10 * BUDGET_S * 1000:
+            rest = [m for m in levels if m > n]
+            if rest:
+                log(f"{'':>8} skipped {', '.join(map(str, rest))}: far beyond capacity already")
+            break
     return out
 
 
@@ -138,6 +145,8 @@ HEADER = (f"{'streams':>8} {'chunks/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms'
 def row(level: Level) -> str:
     ms = level.latency_ms
     errors = ", ".join(f"{k} {v}" for k, v in sorted(level.errors.items())) or "-"
+    if level.unsent:
+        errors = f"{level.unsent} unsent; {errors}"
     return (f"{level.streams:>8} {level.throughput:>9.1f} {ms['p50']:>8.2f} {ms['p90']:>8.2f} "
             f"{ms['p99']:>8.2f} {ms['p99.9']:>9.2f} {ms['max']:>8.2f} {level.late:>6} "
             f"{level.load_busy:>5.2f}  {errors}")

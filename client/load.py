@@ -34,6 +34,8 @@ import numpy as np
 
 from rnnserve.client.client import AsyncClient, Data
 
+OVERRUN_S = 2.0  # how long past the window a stream still sends the chunks it owes
+
 
 @dataclass
 class LoadResult:
@@ -42,6 +44,7 @@ class LoadResult:
     errors: Counter[str] = field(default_factory=Counter)  # status code name -> chunks
     sessions: int = 0
     late: int = 0  # chunks sent more than one chunk duration after they were due
+    unsent: int = 0  # chunks due in the window but still unsent when it overran (below)
     started: float = 0.0  # wall clock (time.time()) of the first chunk's due time
     ended: float = 0.0
     busy: float = 0.0  # the busiest load process's CPU time / wall time (0..1)
@@ -59,6 +62,7 @@ class LoadResult:
         self.errors.update(other.errors)
         self.sessions += other.sessions
         self.late += other.late
+        self.unsent += other.unsent
         self.started = min(self.started or other.started, other.started)
         self.ended = max(self.ended, other.ended)
         self.busy = max(self.busy, other.busy)
@@ -80,6 +84,11 @@ async def _one_stream(client: AsyncClient, model: str, chunk: Callable[[int], Da
                     due = loop.time() if closed_loop else t0 + k * chunk_s
                     if due >= until:
                         break
+                    if not closed_loop and loop.time() > until + OVERRUN_S:
+                        # far behind: give up the rest of the window instead of waiting
+                        # out a backlog that may take minutes (the level is over capacity)
+                        result.unsent += int((until - due) // chunk_s) + 1
+                        return
                     k += 1
                     wait = due - loop.time()
                     if wait > 0:

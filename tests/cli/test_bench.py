@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from ..conftest import build_repo
 from .test_cli import assert_one_line_error, rnnserve
 
@@ -50,7 +52,7 @@ def test_bench_sweeps_levels_with_baselines_and_writes_json_and_plot(tmp_path) -
         assert all(lv["answered"] > 0 for lv in base[name]["levels"])
     ceiling = base["compute_ceiling"]
     assert ceiling["batch"] == 64 and ceiling["steps_per_s"] > 0
-    assert ceiling["streams"] == ceiling["steps_per_s"] * 0.04
+    assert ceiling["streams"] == pytest.approx(ceiling["steps_per_s"] * 0.04)
     ratios = report["ratios"]
     assert set(ratios) == {"capacity_vs_transport", "capacity_vs_unbatched",
                            "saturation_vs_compute_ceiling"}
