@@ -131,15 +131,17 @@ class RnnServer:
 
 
 async def serve(settings: Settings) -> int:
+    # Handlers first: a SIGTERM that arrives as soon as the server says it is ready
+    # (or while it loads) must drain it, not kill it.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     server = RnnServer(settings)
     await server.start()
     ready = {"event": "ready", "grpc_port": server.grpc_port,
              "metrics_port": server.metrics_port, "host": settings.host}
     print(json.dumps(ready), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop()
     return 0

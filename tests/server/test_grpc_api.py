@@ -316,3 +316,10 @@ def test_an_open_health_watch_does_not_hold_up_the_drain(repo, tmp_path) -> None
 
     seconds = asyncio.run(main())
     assert srv.proc.returncode == 0 and seconds < 4, seconds
+
+
+def test_sigterm_right_after_the_ready_line_drains_cleanly(repo, tmp_path) -> None:
+    for i in range(3):
+        srv = start_server(repo, tmp_path / f"s{i}.log")
+        srv.proc.send_signal(15)  # at once: the handlers are in place before "ready"
+        assert srv.proc.wait(20) == 0, (tmp_path / f"s{i}.log").read_text()[-2000:]
