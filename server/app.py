@@ -59,6 +59,7 @@ class RnnServer:
         self.batchers = {
             rt.key: Batcher(rt, max_batch_size=s.max_batch_size,
                             max_delay_s=s.max_batch_delay_ms / 1000, max_queue=s.max_queue,
+                            runners=s.batch_runners,
                             on_batch=self.metrics.batch_hook(rt.name, rt.version))
             for rt in self.registry
         }

@@ -8,8 +8,9 @@ each group in a worker thread. Results are scattered back to the waiting callers
 
 The caller keeps at most one step of a session in flight (the core holds a lock
 per session), so a batch never holds two steps of one session and a session's
-chunks stay in order. A full queue answers ``Overloaded`` at once instead of
-blocking the producer; a failed run fails every step in it, and the batcher goes on.
+chunks stay in order, also when ``runners`` > 1 lets batches run at once. A full
+queue answers ``Overloaded`` at once instead of blocking the producer; a failed run
+fails every step in it, and the batcher goes on.
 """
 
 from __future__ import annotations
@@ -43,16 +44,20 @@ class _Step:
 
 class Batcher:
     def __init__(self, runtime: ModelRuntime, *, max_batch_size: int = 64,
-                 max_delay_s: float = 0.002, max_queue: int = 4096,
+                 max_delay_s: float = 0.002, max_queue: int = 4096, runners: int = 1,
                  on_batch: BatchHook | None = None) -> None:
-        if max_batch_size < 1 or max_delay_s < 0 or max_queue < 1:
-            raise ValueError("max batch size and queue must be >= 1, max delay >= 0")
+        if max_batch_size < 1 or max_delay_s < 0 or max_queue < 1 or runners < 1:
+            raise ValueError("max batch size, queue and runners must be >= 1, max delay >= 0")
         self.runtime = runtime
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self._queue: asyncio.Queue[_Step] = asyncio.Queue(maxsize=max_queue)
         self._on_batch = on_batch
-        self._executor = ThreadPoolExecutor(max_workers=1,
+        # A batch is gathered only when a runner is free, so with one runner the next
+        # batch fills while the current one runs; with more, runs overlap.
+        self._runners = asyncio.Semaphore(runners)
+        self._running: set[asyncio.Task[None]] = set()
+        self._executor = ThreadPoolExecutor(max_workers=runners,
                                             thread_name_prefix=f"ort-{runtime.name}")
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
@@ -96,6 +101,7 @@ class Batcher:
     async def _consume(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            await self._runners.acquire()
             batch = [await self._queue.get()]
             deadline = loop.time() + self.max_delay_s
             while len(batch) < self.max_batch_size:
@@ -111,12 +117,20 @@ class Batcher:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
                 except TimeoutError:
                     break
+            task = loop.create_task(self._run_batch(loop, batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Step]) -> None:
+        try:
             groups: dict[tuple[int, ...], list[_Step]] = defaultdict(list)
             for item in batch:
                 if not item.future.done():  # the caller may have gone away
                     groups[item.x.shape].append(item)
             for group in groups.values():
                 await self._run(loop, group)
+        finally:
+            self._runners.release()
             for _ in batch:
                 self._queue.task_done()
 

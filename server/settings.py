@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     """Most session steps in one onnxruntime run."""
     max_batch_delay_ms: float = Field(2.0, ge=0)
     """Longest wait for more steps once one is queued."""
+    batch_runners: int = Field(1, ge=1)
+    """onnxruntime runs of one model version at once: with 2 or more the next batch is
+    gathered and run while one runs (worth it on a GPU; on a CPU they share the cores)."""
     max_queue: int = Field(4096, ge=1)
     """Queued steps per model version beyond which requests get RESOURCE_EXHAUSTED."""
     idle_timeout_s: float = Field(300.0, gt=0)

@@ -74,8 +74,9 @@ async def _stream(batcher, store, runtime, x, cuts):
     return np.concatenate(ys), session
 
 
-@pytest.mark.parametrize("name", ["text", "feat"])
-def test_32_interleaved_sessions_match_their_whole_sequence_runs(registry, name) -> None:
+@pytest.mark.parametrize(("name", "runners"), [("text", 1), ("feat", 1), ("feat", 3)])
+def test_32_interleaved_sessions_match_their_whole_sequence_runs(registry, name,
+                                                                 runners) -> None:
     runtime = registry.get(name)
     rng = np.random.default_rng(11)
     random.seed(11)
@@ -92,7 +93,7 @@ def test_32_interleaved_sessions_match_their_whole_sequence_runs(registry, name)
     async def main():
         store = MemorySessionStore()
         sizes = []
-        batcher = Batcher(runtime, max_batch_size=16, max_delay_s=0.003,
+        batcher = Batcher(runtime, max_batch_size=16, max_delay_s=0.003, runners=runners,
                           on_batch=lambda waits, s: sizes.append(len(waits)))
         batcher.start()
         results = await asyncio.gather(*(_stream(batcher, store, runtime, x, c)
