@@ -342,6 +342,10 @@ def idle_memory(repo: str, model: str, sessions: int, serve_flags: list[str],
             "opened_per_s": round(sessions / seconds)}
 
 
+def _levels_json(levels: list[Level]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in asdict(lv).items() if k != "timeline"} for lv in levels]
+
+
 def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
@@ -390,22 +394,22 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
             assert repo is not None
             blob = out / "metadata.bin"
             blob.write_bytes(meta.SerializeToString())
-            echo = Spawned([sys.executable, "-m", "rnnserve.client.echo", "--metadata",
-                            str(blob)], out / "echo.log")
-            try:
-                log(f"\ntransport ceiling (same API and messages, no model)\n{HEADER}")
-                runs["transport"] = sweep(gen, echo.target, meta, levels, duration_s, chunk_ms,
-                                          chunk_bytes, log)
-            finally:
-                echo.stop()
-            one = Spawned.rnnserve(repo, [*serve_flags, "--max-batch-size=1"],
-                                   out / "server-unbatched.log")
-            try:
-                log(f"\nrnnserve unbatched (max batch size 1)\n{HEADER}")
-                runs["unbatched"] = sweep(gen, one.target, meta, levels, duration_s, chunk_ms,
-                                          chunk_bytes, log)
-            finally:
-                one.stop()
+            def sweep_on(server: Spawned, title: str) -> list[Level]:
+                try:
+                    log(f"\n{title}\n{HEADER}")
+                    return sweep(gen, server.target, meta, levels, duration_s, chunk_ms,
+                                 chunk_bytes, log)
+                finally:
+                    server.stop()
+
+            runs["transport"] = sweep_on(
+                Spawned([sys.executable, "-m", "rnnserve.client.echo", "--metadata", str(blob)],
+                        out / "echo.log"),
+                "transport ceiling (same API and messages, no model)")
+            runs["unbatched"] = sweep_on(
+                Spawned.rnnserve(repo, [*serve_flags, "--max-batch-size=1"],
+                                 out / "server-unbatched.log"),
+                "rnnserve unbatched (max batch size 1)")
             path = Path(repo) / meta.name / str(meta.version) / "model.onnx"
             ceiling = compute_ceiling(path, meta, max_batch_size, chunk_ms, chunk_bytes,
                                       min(duration_s, 10.0), threads=0)
@@ -435,8 +439,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "levels": [{k: v for k, v in asdict(lv).items() if k != "timeline"}
-                   for lv in runs["rnnserve"]],
+        "levels": _levels_json(runs["rnnserve"]),
     }
     if memory is not None:
         report["idle_memory"] = memory
@@ -444,11 +447,9 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         assert ceiling is not None
         report["baselines"] = {
             "transport": {"capacity_streams": caps["transport"],
-                          "levels": [{k: v for k, v in asdict(lv).items() if k != "timeline"}
-                                     for lv in runs["transport"]]},
+                          "levels": _levels_json(runs["transport"])},
             "unbatched": {"capacity_streams": caps["unbatched"],
-                          "levels": [{k: v for k, v in asdict(lv).items() if k != "timeline"}
-                                     for lv in runs["unbatched"]]},
+                          "levels": _levels_json(runs["unbatched"])},
             "compute_ceiling": ceiling,
         }
         report["ratios"] = {
