@@ -87,6 +87,7 @@ class Metrics:
             "rnnserve_sessions_ended_total",
             "Sessions ended, by reason: closed (by the client), expired (idle), evicted (caps)",
             (*mv, "reason"), registry=registry)
+        self._chunk_series: dict[tuple[str, str, int, str], tuple[Any, Any, Any]] = {}
         build = Info("rnnserve_build", "Versions of the server and what it runs on",
                      registry=registry)
         build.info(_versions())
@@ -100,13 +101,24 @@ class Metrics:
 
     def observe_chunk(self, api: str, model: str, version: int, code: str, seconds: float,
                       first: float | None) -> None:
-        v = str(version) if version else ""
-        self.chunks.labels(api, model, v, code).inc()
-        if code != "OK":
+        # the per-chunk path: label children are looked up once per label set, not per
+        # chunk; latency series exist only for answered chunks
+        key = (api, model, version, code)
+        series = self._chunk_series.get(key)
+        if series is None:
+            v = str(version) if version else ""
+            answered = code == "OK"
+            series = self._chunk_series[key] = (
+                self.chunks.labels(api, model, v, code),
+                self.chunk_latency.labels(api, model, v) if answered else None,
+                self.first_output.labels(model, v) if answered else None)
+        count, latency, first_output = series
+        count.inc()
+        if latency is None:
             return
-        self.chunk_latency.labels(api, model, v).observe(seconds)
-        if first is not None:
-            self.first_output.labels(model, v).observe(first)
+        latency.observe(seconds)
+        if first is not None and first_output is not None:
+            first_output.observe(first)
 
     def observe_rpc(self, api: str, method: str, model: str, version: int, code: str,
                     seconds: float | None) -> None:
