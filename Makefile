@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed
 REPO   ?= models
 RUNS   ?= runs
 
+TRITON := .venv-triton
+
 .PHONY: serve models test test-fast bench lint protos clean system-deps
 
 # torch is pinned to 2.13.0: that CPU build lies on this machine's disk, while an
@@ -16,6 +18,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[train,dev]'
+	touch $@
+
+# tritonclient, for the Open Inference Protocol tests: its own virtualenv, as it pins
+# protobuf < 7 while grpcio-tools (the generated modules) needs protobuf >= 7.35.
+$(TRITON)/.installed:
+	$(PYTHON) -m venv $(TRITON)
+	$(TRITON)/bin/pip install --quiet 'tritonclient[grpc]==2.73.0'
 	touch $@
 
 # Demo models, built on first run: a byte-level GRU trained with the quick preset
@@ -56,10 +65,10 @@ bench: models
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
 
-test: $(STAMP) system-deps
+test: $(STAMP) $(TRITON)/.installed system-deps
 	$(BIN)/pytest
 
-test-fast: $(STAMP) system-deps
+test-fast: $(STAMP) $(TRITON)/.installed system-deps
 	$(BIN)/pytest -m "not slow"
 
 lint: $(STAMP)
@@ -67,4 +76,4 @@ lint: $(STAMP)
 	$(BIN)/mypy rnnserve training export server client
 
 clean:
-	rm -rf $(VENV) $(RUNS) $(REPO) *.egg-info
+	rm -rf $(VENV) $(TRITON) $(RUNS) $(REPO) *.egg-info

@@ -1,9 +1,9 @@
 """Generate the Python modules for protos/**/*.proto (run: make protos).
 
 protoc names generated imports after the .proto path (``from rnnserve.v1 import
-...``); in this distribution the modules live under ``rnnserve.protos``, so the
-imports are rewritten. The output is committed; a test regenerates it into a
-temporary directory and fails when the committed files differ.
+...``, ``from inference import ...``); in this distribution the modules live under
+``rnnserve.protos``, so the imports are rewritten. The output is committed; a test
+regenerates it into a temporary directory and fails when the committed files differ.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ def generate(out_dir: Path) -> list[Path]:
             f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", *protos]
     if protoc.main(args) != 0:
         raise SystemExit(f"protoc failed for {protos}")
+    packages = sorted({".".join(Path(p).parent.parts) for p in protos})
+    pattern = re.compile(rf"^from ({'|'.join(map(re.escape, packages))}) import", re.M)
     written = []
     for path in sorted(out_dir.rglob("*_pb2*.py*")):
-        text = path.read_text()
-        text = re.sub(r"^from rnnserve\.(v\d+) import", rf"from {PACKAGE}.rnnserve.\1 import",
-                      text, flags=re.M)
+        text = pattern.sub(rf"from {PACKAGE}.\1 import", path.read_text())
         path.write_text(text)
         written.append(path)
     for d in {p.parent for p in written}:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import grpc
 
@@ -19,6 +20,7 @@ from rnnserve.server.runtime import ModelRuntime
 from rnnserve.server.sessions import Session
 
 log = logging.getLogger("rnnserve.api")
+T = TypeVar("T")
 
 
 def routed_session_id(context: grpc.aio.ServicerContext, body_id: str) -> str:
@@ -83,27 +85,26 @@ def model_metadata(runtime: ModelRuntime, versions: list[int]) -> pb.ModelMetada
     )
 
 
-class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, core: Core) -> None:
-        self.core = core
+class StreamGate:
+    """Ends the streams of every API on drain: those waiting for their next request at
+    once, the others as soon as their chunk in flight is answered (UNAVAILABLE, so
+    clients resume elsewhere)."""
+
+    def __init__(self) -> None:
         self.draining = False
         self._idle: set[asyncio.Task[object]] = set()  # streams waiting for a request
         self._ended: set[asyncio.Task[object]] = set()  # ...that the drain cancelled
 
     def drain(self) -> None:
-        """End every stream: those waiting for their next request at once, the others
-        as soon as their chunk in flight is answered (UNAVAILABLE, resume elsewhere)."""
         self.draining = True
         for task in self._idle:
             self._ended.add(task)
             task.cancel()
 
-    async def _requests(self, request_iterator: AsyncIterator[pb.StreamRequest]
-                        ) -> AsyncIterator[pb.StreamRequest]:
-        """The stream's requests, until the client half-closes or the server drains.
-
-        No future per message: the drain cancels the task while it waits for a request.
-        """
+    async def requests(self, request_iterator: AsyncIterator[T]) -> AsyncIterator[T]:
+        """A stream's requests, until the client half-closes or the server drains
+        (then ``ShuttingDown``). No future per message: the drain cancels the task
+        while it waits for a request."""
         it = request_iterator.__aiter__()
         task = asyncio.current_task()
         assert task is not None
@@ -125,6 +126,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 self._idle.discard(task)
             yield req
 
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, core: Core, gate: StreamGate) -> None:
+        self.core = core
+        self.gate = gate
+
     async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         if isinstance(exc, CoreError):
             await context.abort(grpc.StatusCode[exc.code], str(exc))
@@ -135,7 +142,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamResponse]:
         session_id = None
         try:
-            async for req in self._requests(request_iterator):
+            async for req in self.gate.requests(request_iterator):
                 kind = req.WhichOneof("kind")
                 if session_id is None:
                     if kind != "open":

@@ -17,19 +17,23 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 
 from rnnserve.errors import ModelRepositoryError
+from rnnserve.protos.inference import grpc_service_pb2 as oip_pb
+from rnnserve.protos.inference import grpc_service_pb2_grpc as oip_grpc
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from rnnserve.server.api import InferenceServicer
+from rnnserve.server.api import InferenceServicer, StreamGate
 from rnnserve.server.batcher import Batcher
 from rnnserve.server.core import Core
 from rnnserve.server.interceptor import MetricsInterceptor
 from rnnserve.server.metrics import Limits, Metrics, ServingCollector
+from rnnserve.server.oip import OipServicer
 from rnnserve.server.runtime import ModelRegistry, RuntimeOptions
 from rnnserve.server.sessions import MemorySessionStore, Session
 from rnnserve.server.settings import Settings
 
 log = logging.getLogger("rnnserve.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 LINGER_S = 0.25  # after the last RPC of a drain ends, before connections close
 
 
@@ -75,11 +79,14 @@ class RnnServer:
 
         self.rpcs = MetricsInterceptor(self.metrics)
         self.server = grpc.aio.server(interceptors=[self.rpcs])
-        self.servicer = InferenceServicer(self.core)
-        pb_grpc.add_InferenceServicer_to_server(self.servicer, self.server)
+        self.streams = StreamGate()
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.core, self.streams),
+                                                self.server)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+            OipServicer(self.core, self.streams), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = [SERVICE, health.SERVICE_NAME]
+        names = [SERVICE, OIP_SERVICE, health.SERVICE_NAME]
         if s.reflection:
             names.append(reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, self.server)
@@ -89,7 +96,7 @@ class RnnServer:
                                            registry=self.metrics.registry)
         self.metrics_port = self._httpd.server_port
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
-        for name in ("", SERVICE):
+        for name in ("", SERVICE, OIP_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         for rt in self.registry:
             log.info("serving %s version %d (%s, %s input) on %s", rt.name, rt.version,
@@ -110,7 +117,7 @@ class RnnServer:
         log.info("shutting down: answering in-flight chunks (grace %.1fs)", grace)
         await self.health.enter_graceful_shutdown()
         self.core.accepting = False
-        self.servicer.drain()
+        self.streams.drain()
         # Wait for the inference RPCs: streams end with UNAVAILABLE at once, unary calls
         # are answered. Then give the statuses a moment on the wire (a client still
         # writing its next chunk would otherwise see a broken pipe instead of the

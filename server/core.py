@@ -1,7 +1,8 @@
 """The serving core: sessions opened, stepped in order and closed, over the batchers.
 
-API adapters (native gRPC now, the Open Inference Protocol later) convert their
-messages into calls on ``Core`` and its errors into status codes. A rejected chunk
+API adapters (the native gRPC API and the Open Inference Protocol) convert their
+messages into calls on ``Core`` and its errors into status codes; both share one
+session store and one batcher per model version, so their steps batch together. A rejected chunk
 never touches the session: validation happens before the step is queued, and the
 state is replaced only when the step's result is delivered.
 """
@@ -149,6 +150,41 @@ class Core:
         if end:
             self.store.close(session_id)
         return ChunkOutput(seq, list(zip(runtime.data_output_names, outputs, strict=True)), end)
+
+    def check(self, runtime: ModelRuntime, chunk: ChunkInput, api: str) -> np.ndarray:
+        """Decode and validate a chunk for ``runtime`` without touching any session,
+        for adapters that must refuse bad input before they open one; a rejection is
+        counted like a rejected step."""
+        try:
+            return runtime.check_chunk(self.decode(runtime, chunk))
+        except CoreError as exc:
+            if self._on_chunk is not None:
+                self._on_chunk(api, runtime.name, runtime.version, exc.code, 0.0, None)
+            raise
+
+    async def infer(self, runtime: ModelRuntime, chunks: list[ChunkInput],
+                    api: str = "native") -> list[list[np.ndarray]]:
+        """Run chunks of no session, each from a zero state that is then discarded
+        (stateless requests); they queue and batch like steps. Counted as one chunk."""
+        started = time.perf_counter()
+        code = "UNKNOWN"
+        try:
+            xs = [runtime.check_chunk(self.decode(runtime, c)) for c in chunks]
+            batcher = self.batchers[runtime.key]
+            results = await asyncio.gather(*(batcher.step(runtime.zero_state(), x)
+                                             for x in xs))
+            code = "OK"
+            return [outputs for outputs, _ in results]
+        except CoreError as exc:
+            code = exc.code
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            if self._on_chunk is not None:
+                self._on_chunk(api, runtime.name, runtime.version, code,
+                               time.perf_counter() - started, None)
 
     def model_of(self, session_id: str) -> tuple[str, int]:
         """(model, version) of a live session, ("", 0) when there is none; for labels."""

@@ -1,0 +1,428 @@
+"""gRPC adapter for the Open Inference Protocol (KServe v2) with Triton's extensions.
+
+Requests become calls on the same ``Core`` as the native API, so both protocols
+share the session store and the batchers (their steps batch together).
+
+Sequences (Triton's sequence extension): request parameters ``sequence_id`` (a
+non-zero integer or a non-empty string), ``sequence_start`` and ``sequence_end``.
+As in Triton, sequence ids are scoped per model: sequence 7 of model ``speech`` is
+the session ``speech/7`` (the native API sees it under that id). A start creates the
+session, or restarts it when the id is still live (the old state is dropped, as
+Triton ends a sequence that did not end before its id started again); an end closes
+it after answering; a request without an id runs from a zero state and keeps
+nothing. Requests of one sequence run in arrival order, from any number of streams
+and calls; different sequences on one stream run concurrently and batch together.
+
+Errors: ``ModelInfer`` ends with the status code of the core's error (see
+``server/errors.py``); ``ModelStreamInfer`` answers a failed request with
+``error_message`` (and the request's id in ``infer_response``) and goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+import rnnserve
+from rnnserve.protos.headers import SESSION_HEADER
+from rnnserve.protos.inference import grpc_service_pb2 as pb
+from rnnserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from rnnserve.protos.oip import (
+    BYTES,
+    DATATYPES,
+    datatype_of,
+    decode_input,
+    encode_output,
+    parameter_value,
+)
+from rnnserve.protos.tensors import TensorError
+from rnnserve.server.api import DRAINING, StreamGate
+from rnnserve.server.core import ChunkInput, Core
+from rnnserve.server.errors import CoreError, InvalidChunk, SessionError, ShuttingDown
+from rnnserve.server.interceptor import rpc_model
+from rnnserve.server.runtime import ModelRuntime
+
+log = logging.getLogger("rnnserve.oip")
+
+API = "kserve_v2"  # the api label of metrics
+PLATFORM = "onnxruntime_onnx"  # Triton's platform name for ONNX models
+EXTENSIONS = ["sequence", "classification"]
+STREAM_WINDOW = 256  # requests of one stream in flight at once; reading pauses beyond
+
+
+@dataclass(frozen=True)
+class SequenceParams:
+    label: str  # the id as the client sent it ("" when none)
+    start: bool
+    end: bool
+
+
+def sequence_params(req: pb.ModelInferRequest) -> SequenceParams:
+    params = req.parameters
+    label = ""
+    if "sequence_id" in params:
+        value = parameter_value(params["sequence_id"])
+        if isinstance(value, bool) or isinstance(value, float):
+            raise InvalidChunk("parameter sequence_id must be an integer or a string")
+        if isinstance(value, int) and value < 0:
+            raise InvalidChunk(f"parameter sequence_id must not be negative, got {value}")
+        label = "" if value in (None, 0) else str(value)
+    flags = []
+    for key in ("sequence_start", "sequence_end"):
+        value = parameter_value(params[key]) if key in params else False
+        if not isinstance(value, bool):
+            raise InvalidChunk(f"parameter {key} must be a bool, got {value!r}")
+        flags.append(value)
+    if not label and any(flags):
+        raise InvalidChunk("sequence_start and sequence_end need a non-zero sequence_id")
+    return SequenceParams(label, flags[0], flags[1])
+
+
+def version_number(version: str) -> int:
+    """A request's model version: "" for the highest, else a positive integer."""
+    if not version:
+        return 0
+    if not version.isdigit() or int(version) < 1:
+        raise InvalidChunk(f"model version {version!r} is not a positive integer")
+    return int(version)
+
+
+def _bool_param(params: object, key: str) -> bool | None:
+    if key not in params:  # type: ignore[operator]
+        return None
+    value = parameter_value(params[key])  # type: ignore[index]
+    if not isinstance(value, bool):
+        raise InvalidChunk(f"parameter {key} must be a bool, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class OutputRequest:
+    name: str
+    typed: bool
+    classes: int  # > 0: Triton's classification extension, the top-k classes
+
+
+def requested_outputs(req: pb.ModelInferRequest, runtime: ModelRuntime) -> list[OutputRequest]:
+    """Which outputs to answer, in which encoding.
+
+    Raw (``raw_output_contents``) unless the request asks for typed contents: the
+    output's ``binary_data`` parameter, else the request's ``binary_data_output``
+    (the names of Triton's binary data extension), else the form of the request's
+    own inputs (typed in, typed out).
+    """
+    names = runtime.data_output_names
+    default = _bool_param(req.parameters, "binary_data_output")
+    typed_default = (not default) if default is not None else not req.raw_input_contents
+    if not req.outputs:
+        return [OutputRequest(n, typed_default, 0) for n in names]
+    wanted = []
+    for o in req.outputs:
+        if o.name not in names:
+            raise InvalidChunk(f"model {runtime.name!r} has no output {o.name!r}; "
+                               f"its outputs are {names}")
+        binary = _bool_param(o.parameters, "binary_data")
+        classes = 0
+        if "classification" in o.parameters:
+            value = parameter_value(o.parameters["classification"])
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidChunk(f"output {o.name!r}: parameter classification must be a "
+                                   f"positive integer, got {value!r}")
+            classes = value
+        wanted.append(OutputRequest(o.name, typed_default if binary is None else not binary,
+                                    classes))
+    if len({w.name for w in wanted}) != len(wanted):
+        raise InvalidChunk("an output is requested more than once")
+    return wanted
+
+
+def classify(a: np.ndarray, k: int, labels: tuple[str, ...] | None) -> np.ndarray:
+    """Triton's classification extension: the k highest scores along the last axis,
+    each as b"score:index" or b"score:index:label", highest first."""
+    k = min(k, a.shape[-1])
+    top = np.argsort(-a, axis=-1, kind="stable")[..., :k]
+    scores = np.take_along_axis(a, top, axis=-1)
+    out = np.empty(top.shape, dtype=object)
+    for pos in np.ndindex(top.shape):
+        i = int(top[pos])
+        text = f"{float(scores[pos]):f}:{i}" + (f":{labels[i]}" if labels else "")
+        out[pos] = text.encode()
+    return out
+
+
+def input_rows(req: pb.ModelInferRequest, runtime: ModelRuntime) -> list[ChunkInput]:
+    """The request's one input, split into one chunk per batch row.
+
+    Shapes are [batch, time, *frame]; a byte-level text model also takes BYTES of
+    shape [batch] or [batch, 1], one byte string per row.
+    """
+    meta = runtime.meta.input
+    frame = [int(d) for d in meta.shape[2:]]
+    want_type = datatype_of(np.dtype(meta.dtype))
+    want = f"[batch, time{''.join(f', {d}' for d in frame)}] of {want_type}"
+    if meta.kind == "utf8_bytes":
+        want += " (or BYTES of shape [batch], one string per row)"
+    if len(req.inputs) != 1 or req.inputs[0].name != meta.name:
+        got = [i.name for i in req.inputs]
+        raise InvalidChunk(f"model {runtime.name!r} takes one input {meta.name!r} shaped "
+                           f"{want}; the request has inputs {got}")
+    if req.raw_input_contents and len(req.raw_input_contents) != len(req.inputs):
+        raise InvalidChunk(f"raw_input_contents has {len(req.raw_input_contents)} entries for "
+                           f"{len(req.inputs)} inputs; send one per input or none")
+    t = req.inputs[0]
+    raw = req.raw_input_contents[0] if req.raw_input_contents else None
+    try:
+        x = decode_input(t, raw)
+    except TensorError as exc:
+        raise InvalidChunk(str(exc)) from None
+    if t.datatype == BYTES and meta.kind == "utf8_bytes":
+        if x.ndim not in (1, 2) or (x.ndim == 2 and x.shape[1] != 1):
+            raise InvalidChunk(f"model {runtime.name!r}: BYTES input must be shaped [batch] "
+                               f"or [batch, 1], got {list(x.shape)}")
+        rows = [np.frombuffer(b, dtype=np.uint8) for b in x.reshape(-1)]
+        if len({len(r) for r in rows}) > 1:
+            raise InvalidChunk("the strings of one request must have the same length in "
+                               "bytes (their outputs form one tensor); send them apart")
+        return [ChunkInput(array=r) for r in rows]
+    if t.datatype != want_type or x.ndim != 2 + len(frame) or list(x.shape[2:]) != frame:
+        raise InvalidChunk(f"model {runtime.name!r} input {meta.name!r} takes {want}; got "
+                           f"{t.datatype} {list(x.shape)}")
+    if x.shape[0] < 1:
+        raise InvalidChunk("the input's batch dimension is 0; send at least one row")
+    return [ChunkInput(array=row) for row in x]
+
+
+def routing_check(context: grpc.aio.ServicerContext, label: str) -> None:
+    """A call routed by ``x-rnnserve-session`` must carry that sequence id."""
+    header = next((v for k, v in context.invocation_metadata() or ()
+                   if k == SESSION_HEADER), None)
+    if header is not None and label and header != label:
+        raise InvalidChunk(f"the {SESSION_HEADER} header names sequence {header!r} but the "
+                           f"request names {label!r}; send the same id in both")
+
+
+class _Turn:
+    """Arrival order for the requests of one sequence (asyncio locks are FIFO)."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, core: Core, gate: StreamGate) -> None:
+        self.core = core
+        self.gate = gate
+        self._turns: dict[str, _Turn] = {}
+
+    @contextlib.asynccontextmanager
+    async def _in_turn(self, session_id: str) -> AsyncIterator[None]:
+        turn = self._turns.get(session_id)
+        if turn is None:
+            turn = self._turns[session_id] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._turns[session_id]
+
+    # -- health and metadata --------------------------------------------------------
+
+    async def ServerLive(self, request: pb.ServerLiveRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.core.accepting)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        try:
+            runtime = self.core.registry.get(request.name, version_number(request.version))
+        except CoreError as exc:
+            if isinstance(exc, InvalidChunk):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return pb.ModelReadyResponse(ready=False)  # an unknown model is not ready
+        rpc_model(runtime.name, runtime.version)
+        return pb.ModelReadyResponse(ready=self.core.accepting)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="rnnserve", version=rnnserve.__version__,
+                                         extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        try:
+            runtime = self.core.registry.get(request.name, version_number(request.version))
+        except CoreError as exc:
+            await context.abort(grpc.StatusCode[exc.code], str(exc))
+        rpc_model(runtime.name, runtime.version)
+        versions = [str(r.version) for r in self.core.registry if r.name == runtime.name]
+        meta = runtime.meta
+
+        def dims(shape: tuple[int | str, ...]) -> list[int]:
+            return [-1 if isinstance(d, str) else int(d) for d in shape]
+
+        Tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=runtime.name, versions=versions, platform=PLATFORM,
+            inputs=[Tensor(name=meta.input.name, datatype=datatype_of(np.dtype(meta.input.dtype)),
+                           shape=dims(meta.input.shape))],
+            outputs=[Tensor(name=o.name, datatype=datatype_of(np.dtype(o.dtype)),
+                            shape=dims(o.shape)) for o in meta.outputs])
+
+    # -- inference ------------------------------------------------------------------
+
+    async def _infer(self, req: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+                     ) -> pb.ModelInferResponse:
+        runtime = self.core.registry.get(req.model_name, version_number(req.model_version))
+        rpc_model(runtime.name, runtime.version)
+        seq = sequence_params(req)
+        routing_check(context, seq.label)
+        outputs = requested_outputs(req, runtime)
+        rows = input_rows(req, runtime)
+        if not seq.label:
+            results = await self.core.infer(runtime, rows, api=API)
+            named = {name: np.stack([r[j] for r in results])
+                     for j, name in enumerate(runtime.data_output_names)}
+        else:
+            if len(rows) != 1:
+                raise InvalidChunk(f"model {runtime.name!r}: a request of a sequence must have "
+                                   f"batch size 1 (one sequence per request), got {len(rows)}")
+            named = await self._sequence_step(runtime, seq, req.model_version, rows[0])
+        return self._response(req, runtime, outputs, named)
+
+    async def _sequence_step(self, runtime: ModelRuntime, seq: SequenceParams,
+                             version: str, chunk: ChunkInput) -> dict[str, np.ndarray]:
+        sid = f"{runtime.name}/{seq.label}"
+        async with self._in_turn(sid):
+            if seq.start:
+                self.core.check(runtime, chunk, API)  # bad input never ends a live sequence
+                if self.core.store.peek(sid) is not None:
+                    log.warning("sequence %s of model %r started again before it ended; "
+                                "the previous one is dropped", seq.label, runtime.name)
+                    self.core.close(sid)
+                if not self.core.accepting:
+                    raise ShuttingDown(DRAINING)
+                session, _ = self.core.open(runtime.name, runtime.version, sid)
+            else:
+                try:
+                    session = self.core.store.get(sid)
+                except SessionError as exc:
+                    raise InvalidChunk(
+                        f"inference request for sequence {seq.label} to model "
+                        f"'{runtime.name}' must specify the START flag on the first request "
+                        f"of the sequence ({exc})") from None
+                if version and session.version != runtime.version:
+                    raise InvalidChunk(f"sequence {seq.label} runs on version "
+                                       f"{session.version} of model {runtime.name!r}, not "
+                                       f"{runtime.version}")
+            out = await self.core.step(sid, session.next_seq, chunk, seq.end, api=API)
+        return {name: a[None] for name, a in out.outputs}
+
+    def _response(self, req: pb.ModelInferRequest, runtime: ModelRuntime,
+                  outputs: list[OutputRequest], named: dict[str, np.ndarray]
+                  ) -> pb.ModelInferResponse:
+        """Outputs all typed or all raw: the protocol pairs raw entries with outputs by
+        position, so one output asking for raw (or an FP16 output, which has no typed
+        field) makes every output raw."""
+        labels = {o.name: o.labels for o in runtime.meta.outputs}
+        arrays = [classify(named[o.name], o.classes, labels[o.name]) if o.classes
+                  else named[o.name] for o in outputs]
+        typed = all(o.typed for o in outputs) and all(
+            a.dtype == object or DATATYPES[datatype_of(a.dtype)][1] is not None for a in arrays)
+        resp = pb.ModelInferResponse(model_name=runtime.name, model_version=str(runtime.version),
+                                     id=req.id)
+        for o, a in zip(outputs, arrays, strict=True):
+            tensor, raw = encode_output(o.name, a, typed)
+            resp.outputs.append(tensor)
+            if raw is not None:
+                resp.raw_output_contents.append(raw)
+        return resp
+
+    async def ModelInfer(self, request: pb.ModelInferRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        try:
+            return await self._infer(request, context)
+        except CoreError as exc:
+            await context.abort(grpc.StatusCode[exc.code], str(exc))
+        except Exception:
+            log.exception("unexpected error")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        raise AssertionError("unreachable")
+
+    async def _answer(self, req: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+                      ) -> pb.ModelStreamInferResponse:
+        try:
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(req, context))
+        except CoreError as exc:
+            message = str(exc)
+        except Exception:
+            log.exception("unexpected error")
+            message = "internal error; see the server log"
+        return pb.ModelStreamInferResponse(
+            error_message=message,
+            infer_response=pb.ModelInferResponse(model_name=req.model_name,
+                                                 model_version=req.model_version, id=req.id))
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext
+                               ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests are answered as they complete (different sequences concurrently,
+        one sequence in order); at most ``STREAM_WINDOW`` in flight per stream."""
+        loop = asyncio.get_running_loop()
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        pending: set[asyncio.Task[pb.ModelStreamInferResponse]] = set()
+        ended: list[Exception] = []
+
+        def finished(task: asyncio.Task[pb.ModelStreamInferResponse]) -> None:
+            pending.discard(task)
+            window.release()
+            if not task.cancelled():
+                answers.put_nowait(task.result())
+
+        async def read() -> None:
+            try:
+                async for req in self.gate.requests(request_iterator):
+                    await window.acquire()
+                    task = loop.create_task(self._answer(req, context))
+                    pending.add(task)
+                    task.add_done_callback(finished)
+            except ShuttingDown as exc:
+                ended.append(exc)
+            except Exception as exc:  # a broken read; the stream ends once answered
+                log.debug("ModelStreamInfer read ended: %r", exc)
+                ended.append(exc)
+            finally:
+                answers.put_nowait(None)
+
+        reader = loop.create_task(read())
+        reading = True
+        try:
+            while reading or pending or not answers.empty():
+                answer = await answers.get()
+                if answer is None:
+                    reading = False
+                    continue
+                yield answer
+            if ended:
+                exc = ended[0]
+                if isinstance(exc, CoreError):
+                    await context.abort(grpc.StatusCode[exc.code], str(exc))
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the request stream broke")
+        finally:
+            reader.cancel()
+            for task in list(pending):
+                task.cancel()
