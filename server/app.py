@@ -10,8 +10,10 @@ import json
 import logging
 import signal
 import sys
+from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
@@ -35,6 +37,31 @@ log = logging.getLogger("rnnserve.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 LINGER_S = 0.25  # after the last RPC of a drain ends, before connections close
+
+
+class ReflectionPool:
+    """The default descriptor pool for server reflection, plus the one lookup that
+    protobuf's upb pool lacks: the file of a method symbol (``pkg.Service.Method``),
+    which ``grpcurl describe`` asks for."""
+
+    def __init__(self) -> None:
+        self._pool = descriptor_pool.Default()
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:  # noqa: N802 (pool API)
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service, _, method = symbol.rpartition(".")
+            try:
+                found = self._pool.FindServiceByName(service)
+            except KeyError:
+                raise KeyError(symbol) from None
+            if method not in found.methods_by_name:
+                raise KeyError(symbol) from None
+            return found.file
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
 
 
 class RnnServer:
@@ -89,7 +116,7 @@ class RnnServer:
         names = [SERVICE, OIP_SERVICE, health.SERVICE_NAME]
         if s.reflection:
             names.append(reflection.SERVICE_NAME)
-            reflection.enable_server_reflection(names, self.server)
+            reflection.enable_server_reflection(names, self.server, pool=ReflectionPool())
         self.grpc_port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
         await self.server.start()
         self._httpd, _ = start_http_server(s.metrics_port, addr=s.host,

@@ -158,9 +158,14 @@ class Core:
         try:
             return runtime.check_chunk(self.decode(runtime, chunk))
         except CoreError as exc:
-            if self._on_chunk is not None:
-                self._on_chunk(api, runtime.name, runtime.version, exc.code, 0.0, None)
+            self.rejected(runtime, exc, api)
             raise
+
+    def rejected(self, runtime: ModelRuntime, exc: CoreError, api: str) -> None:
+        """Count a chunk for ``runtime`` that an adapter refused before the core saw it
+        (a malformed request, a sequence that was never started)."""
+        if self._on_chunk is not None:
+            self._on_chunk(api, runtime.name, runtime.version, exc.code, 0.0, None)
 
     async def infer(self, runtime: ModelRuntime, chunks: list[ChunkInput],
                     api: str = "native") -> list[list[np.ndarray]]:

@@ -288,18 +288,23 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                      ) -> pb.ModelInferResponse:
         runtime = self.core.registry.get(req.model_name, version_number(req.model_version))
         rpc_model(runtime.name, runtime.version)
-        seq = sequence_params(req)
-        routing_check(context, seq.label)
-        outputs = requested_outputs(req, runtime)
-        rows = input_rows(req, runtime)
+        try:
+            seq = sequence_params(req)
+            routing_check(context, seq.label)
+            outputs = requested_outputs(req, runtime)
+            rows = input_rows(req, runtime)
+            if seq.label and len(rows) != 1:
+                raise InvalidChunk(f"model {runtime.name!r}: a request of a sequence must "
+                                   f"have batch size 1 (one sequence per request), got "
+                                   f"{len(rows)}")
+        except CoreError as exc:
+            self.core.rejected(runtime, exc, API)
+            raise
         if not seq.label:
             results = await self.core.infer(runtime, rows, api=API)
             named = {name: np.stack([r[j] for r in results])
                      for j, name in enumerate(runtime.data_output_names)}
         else:
-            if len(rows) != 1:
-                raise InvalidChunk(f"model {runtime.name!r}: a request of a sequence must have "
-                                   f"batch size 1 (one sequence per request), got {len(rows)}")
             named = await self._sequence_step(runtime, seq, req.model_version, rows[0])
         return self._response(req, runtime, outputs, named)
 
@@ -319,15 +324,20 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 try:
                     session = self.core.store.get(sid)
+                    if version and session.version != runtime.version:
+                        raise InvalidChunk(f"sequence {seq.label} runs on version "
+                                           f"{session.version} of model {runtime.name!r}, "
+                                           f"not {runtime.version}")
                 except SessionError as exc:
-                    raise InvalidChunk(
+                    refused = InvalidChunk(
                         f"inference request for sequence {seq.label} to model "
                         f"'{runtime.name}' must specify the START flag on the first request "
-                        f"of the sequence ({exc})") from None
-                if version and session.version != runtime.version:
-                    raise InvalidChunk(f"sequence {seq.label} runs on version "
-                                       f"{session.version} of model {runtime.name!r}, not "
-                                       f"{runtime.version}")
+                        f"of the sequence ({exc})")
+                    self.core.rejected(runtime, refused, API)
+                    raise refused from None
+                except InvalidChunk as exc:
+                    self.core.rejected(runtime, exc, API)
+                    raise
             out = await self.core.step(sid, session.next_seq, chunk, seq.end, api=API)
         return {name: a[None] for name, a in out.outputs}
 
