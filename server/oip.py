@@ -390,7 +390,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                                context: grpc.aio.ServicerContext
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests are answered as they complete (different sequences concurrently,
-        one sequence in order); at most ``STREAM_WINDOW`` in flight per stream."""
+        one sequence in order); at most ``STREAM_WINDOW`` requests per stream are in
+        flight or answered but not yet written, then reading pauses."""
         loop = asyncio.get_running_loop()
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
@@ -399,9 +400,10 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         def finished(task: asyncio.Task[pb.ModelStreamInferResponse]) -> None:
             pending.discard(task)
-            window.release()
-            if not task.cancelled():
-                answers.put_nowait(task.result())
+            if task.cancelled():
+                window.release()
+            else:  # its slot frees once the answer is written, so a client that does
+                answers.put_nowait(task.result())  # not read holds at most the window
 
         async def read() -> None:
             try:
@@ -426,7 +428,10 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if answer is None:
                     reading = False
                     continue
-                yield answer
+                try:
+                    yield answer
+                finally:
+                    window.release()
             if ended:
                 exc = ended[0]
                 if isinstance(exc, CoreError):
