@@ -29,7 +29,7 @@ from rnnserve.server.core import Core
 from rnnserve.server.interceptor import MetricsInterceptor
 from rnnserve.server.metrics import Limits, Metrics, ServingCollector
 from rnnserve.server.oip import OipServicer
-from rnnserve.server.runtime import ModelRegistry, RuntimeOptions
+from rnnserve.server.runtime import CUDA, ModelRegistry, RuntimeOptions
 from rnnserve.server.sessions import MemorySessionStore, Session
 from rnnserve.server.settings import Settings
 
@@ -79,6 +79,11 @@ class RnnServer:
         if not len(self.registry):
             raise ModelRepositoryError(f"no models in {str(s.repo)!r}; export one with "
                                        "`rnnserve export CHECKPOINT --repo DIR --name NAME`")
+        for rt in self.registry:
+            if s.warmup == "on" or (s.warmup == "auto" and rt.provider == CUDA):
+                seconds = rt.warm_up(s.max_batch_size)
+                log.info("warmed up %s version %d: batch sizes 1..%d in %.2fs", rt.name,
+                         rt.version, s.max_batch_size, seconds)
         disable_created_metrics()  # no *_created series: Prometheus would store them as gauges
         self.metrics = Metrics(CollectorRegistry())
         for rt in self.registry:

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     """onnxruntime threads across independent nodes (0: default)."""
     max_batch_size: int = Field(64, ge=1)
     """Most session steps in one onnxruntime run."""
+    warmup: Literal["auto", "on", "off"] = "auto"
+    """Run every batch size once at start (auto: on CUDA, where a new shape's first run
+    is slow; off on the CPU)."""
     max_batch_delay_ms: float = Field(2.0, ge=0)
     """Longest wait for more steps once one is queued."""
     batch_runners: int = Field(1, ge=1)

@@ -156,3 +156,21 @@ def test_auto_device_serves_on_what_onnxruntime_really_gives(repo) -> None:
     assert obtained <= {"CPUExecutionProvider", "CUDAExecutionProvider"} and len(obtained) == 1
     for m in registry:
         assert m.provider == m.session.get_providers()[0]
+
+
+def test_warm_up_runs_every_batch_size_at_two_lengths(registry) -> None:
+    rt = registry.get("feat")
+    real = rt.session
+    shapes = []
+
+    class Counting:
+        def run(self, names, feeds):
+            shapes.append(feeds["input"].shape[:2])
+            return real.run(names, feeds)
+
+    rt.session = Counting()
+    try:
+        assert rt.warm_up(5) > 0
+    finally:
+        rt.session = real
+    assert shapes == [(b, t) for t in (1, 4) for b in range(1, 6)]
