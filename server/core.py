@@ -10,6 +10,7 @@ state is replaced only when the step's result is delivered.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +23,11 @@ from rnnserve.server.errors import (
     InvalidChunk,
     OutOfOrder,
     SessionBusy,
+    SessionClosed,
     ShuttingDown,
 )
 from rnnserve.server.runtime import ModelRegistry, ModelRuntime
-from rnnserve.server.sessions import Session, SessionStore
+from rnnserve.server.sessions import Answer, Session, SessionStore
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,14 @@ class ChunkOutput:
     end: bool
 
 
+def digest(x: np.ndarray) -> bytes:
+    """A chunk's identity for retries: its dtype, shape and bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{x.dtype.str}{x.shape}".encode())
+    h.update(np.ascontiguousarray(x).data)
+    return h.digest()
+
+
 # Called once per chunk, answered or rejected: (api, model, version, status code name,
 # seconds from receipt to answer, seconds from open to this first answer or None).
 # model is "" and version 0 when the session was not found.
@@ -63,6 +73,7 @@ class Core:
         self.batchers = batchers
         self.accepting = True
         self._busy: set[str] = set()
+        self.retries = 0  # chunks answered again from a session's stored answer
 
     def open(self, model: str, version: int = 0, session_id: str = "",
              resume: bool = False) -> tuple[Session, ModelRuntime]:
@@ -107,7 +118,17 @@ class Core:
         session: Session | None = None
         code = "UNKNOWN"
         try:
-            session = self.store.get(session_id)
+            try:
+                session = self.store.get(session_id)
+            except SessionClosed:
+                ended = self.store.final_answer(session_id)
+                if ended is None or ended.answer is None or seq != ended.answer.seq:
+                    raise
+                session = ended  # a retry of the chunk that ended it
+                out = self._retry(session_id, ended.answer,
+                                  self.registry.get(ended.model, ended.version), chunk)
+                code = "OK"
+                return out
             out = await self._step(session, seq, chunk, end)
             code = "OK"
             return out
@@ -137,6 +158,9 @@ class Core:
             raise SessionBusy(f"session {session_id!r} has a chunk in flight; send the next "
                               "chunk after its answer")
         if seq != session.next_seq:
+            answer = session.answer
+            if answer is not None and seq == answer.seq:
+                return self._retry(session_id, answer, runtime, chunk)
             raise OutOfOrder(f"session {session_id!r} expects chunk {session.next_seq}, "
                              f"got {seq}")
         x = runtime.check_chunk(self.decode(runtime, chunk))
@@ -146,10 +170,22 @@ class Core:
             outputs, new_state = await batcher.step(session.state, x)
         finally:
             self._busy.discard(session_id)
-        self.store.update(session, new_state, seq + 1)
+        named = list(zip(runtime.data_output_names, outputs, strict=True))
+        self.store.update(session, new_state, seq + 1, Answer(seq, digest(x), named, end))
         if end:
             self.store.close(session_id)
-        return ChunkOutput(seq, list(zip(runtime.data_output_names, outputs, strict=True)), end)
+        return ChunkOutput(seq, named, end)
+
+    def _retry(self, session_id: str, answer: Answer, runtime: ModelRuntime,
+               chunk: ChunkInput) -> ChunkOutput:
+        """A chunk sent again (a client retry after a lost answer): the stored answer
+        if it carries the same data, and the state stays as it is."""
+        x = runtime.check_chunk(self.decode(runtime, chunk))
+        if digest(x) != answer.digest:
+            raise OutOfOrder(f"session {session_id!r} already applied chunk {answer.seq} "
+                             f"with other data; its next chunk is {answer.seq + 1}")
+        self.retries += 1
+        return ChunkOutput(answer.seq, answer.outputs, answer.end)
 
     def check(self, runtime: ModelRuntime, chunk: ChunkInput, api: str) -> np.ndarray:
         """Decode and validate a chunk for ``runtime`` without touching any session,

@@ -34,6 +34,21 @@ from rnnserve.server.errors import (
 ENDED_REASONS = ("closed", "expired", "evicted")
 
 
+@dataclass(frozen=True)
+class Answer:
+    """The answer to a session's last chunk, kept so that a retry of that chunk (same
+    sequence number, same data) gets it again without advancing the state."""
+
+    seq: int
+    digest: bytes  # of the chunk's data, to tell a retry from a different chunk
+    outputs: list[tuple[str, np.ndarray]]
+    end: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for _, a in self.outputs)
+
+
 @dataclass
 class Session:
     id: str
@@ -45,9 +60,11 @@ class Session:
     last_used: float = 0.0
     nbytes: int = field(default=0)
     opened_at: float = 0.0  # perf_counter when opened here; 0 once it has answered a chunk
+    answer: Answer | None = None
 
     def __post_init__(self) -> None:
-        self.nbytes = sum(s.nbytes for s in self.state)
+        self.nbytes = sum(s.nbytes for s in self.state) + (self.answer.nbytes if self.answer
+                                                           else 0)
 
 
 class SessionStore(Protocol):
@@ -60,7 +77,10 @@ class SessionStore(Protocol):
 
     def peek(self, session_id: str) -> Session | None: ...
 
-    def update(self, session: Session, state: list[np.ndarray], next_seq: int) -> None: ...
+    def update(self, session: Session, state: list[np.ndarray], next_seq: int,
+               answer: Answer | None = None) -> None: ...
+
+    def final_answer(self, session_id: str) -> Session | None: ...
 
     def close(self, session_id: str) -> Session: ...
 
@@ -87,6 +107,9 @@ class MemorySessionStore:
         self._live: OrderedDict[str, Session] = OrderedDict()  # oldest use first
         self._ended: OrderedDict[str, str] = OrderedDict()  # id -> reason
         self._max_tombstones = tombstones
+        # answers to the last chunk of sessions that ended with it, for retries of it
+        self._final: OrderedDict[str, Session] = OrderedDict()
+        self._max_final = 4096
         self.state_bytes = 0
         self.bytes_by_model: dict[tuple[str, int], int] = {}  # read by the metrics thread
         self.count_by_model: dict[tuple[str, int], int] = {}
@@ -138,6 +161,7 @@ class MemorySessionStore:
             _, oldest = next(iter(self._live.items()))
             self._end(oldest, "evicted")
         self._ended.pop(sid, None)
+        self._final.pop(sid, None)
         self._live[sid] = session
         self._account(session, session.nbytes)
         self._count(session, 1)
@@ -172,12 +196,14 @@ class MemorySessionStore:
             return SessionClosed(f"session {session_id!r} has ended; open a new one")
         return SessionNotFound(f"session {session_id!r} is unknown to this server")
 
-    def update(self, session: Session, state: list[np.ndarray], next_seq: int) -> None:
+    def update(self, session: Session, state: list[np.ndarray], next_seq: int,
+               answer: Answer | None = None) -> None:
         if self._live.get(session.id) is not session:
             raise self._gone(session.id)
-        nbytes = sum(s.nbytes for s in state)
+        nbytes = sum(s.nbytes for s in state) + (answer.nbytes if answer else 0)
         self._account(session, nbytes - session.nbytes)
         session.state, session.nbytes, session.next_seq = state, nbytes, next_seq
+        session.answer = answer
         session.last_used = self._clock()
         self._live.move_to_end(session.id)
 
@@ -186,7 +212,17 @@ class MemorySessionStore:
         if session is None:
             raise self._gone(session_id)
         self._end(session, "closed")
+        if session.answer is not None and session.answer.end:
+            self._final[session_id] = Session(session.id, session.model, session.version, [],
+                                              session.next_seq, answer=session.answer)
+            while len(self._final) > self._max_final:
+                self._final.popitem(last=False)
         return session
+
+    def final_answer(self, session_id: str) -> Session | None:
+        """A session that its last chunk ended, without its state but with the answer
+        to that chunk, for a while after it ended (so that a retry of it is answered)."""
+        return self._final.get(session_id)
 
     def expire_idle(self) -> list[Session]:
         """End every session idle longer than the timeout (oldest first, so it stops early)."""

@@ -149,6 +149,34 @@ def test_errors_name_the_problem_and_leave_the_session_untouched(server, repo) -
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "has ended" in msg
 
 
+def test_a_retried_chunk_gets_its_answer_again_and_nothing_advances(server, repo) -> None:
+    """Exactly once: the same chunk again (a client retry after a lost answer) gets the
+    stored answer; other data under its number, an older number or a gap are refused
+    naming the expected number; the state moves once per chunk. Also for the last one."""
+    x = np.frombuffer(b"exactly once, please", dtype=np.uint8)
+    want = whole_run(repo, "text", 2, x)
+    with Client(server.target, timeout=10) as client:
+        before = metric_value(server.metrics(), "rnnserve_chunks_total", code="OK")
+        sid = client.open_session("text").session_id
+        a = client.step(sid, 0, x[:5])["logits"]
+        b = client.step(sid, 1, x[5:9])["logits"]
+        again = client.step(sid, 1, x[5:9])["logits"]  # the retry
+        assert np.array_equal(again, b)
+        code, msg = code_and_message(client.step, sid, 1, x[5:10])
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "already applied chunk 1 with other data; its next chunk is 2" in msg
+        code, msg = code_and_message(client.step, sid, 0, x[:5])
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "expects chunk 2, got 0" in msg
+        code, msg = code_and_message(client.step, sid, 3, x[9:])
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "expects chunk 2, got 3" in msg
+        c = client.step(sid, 2, x[9:], end=True)["logits"]
+        assert np.abs(np.concatenate([a, b, c]) - want).max() <= 1e-5
+        assert np.array_equal(client.step(sid, 2, x[9:], end=True)["logits"], c)
+        code, msg = code_and_message(client.step, sid, 3, x[:1])
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "has ended" in msg
+    assert metric_value(server.metrics(), "rnnserve_chunks_total", code="OK") - before == 5
+
+
 def test_a_rejected_chunk_on_a_stream_keeps_the_session_resumable(server, repo) -> None:
     x = np.frombuffer(b"streaming text", dtype=np.uint8)
     want = whole_run(repo, "text", 2, x)

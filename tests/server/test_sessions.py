@@ -111,3 +111,21 @@ def test_update_replaces_state_and_accounts_bytes() -> None:
     s.close(a.id)
     with pytest.raises(SessionClosed):
         s.update(a, state(), 4)
+
+
+def test_the_last_answer_counts_as_state_memory_and_outlives_an_ending_chunk() -> None:
+    from rnnserve.server.sessions import Answer
+
+    s, _, _ = store(max_state_bytes=1000)
+    a = s.create("m", 1, state(8))
+    answer = Answer(0, b"d" * 16, [("logits", np.zeros(10, dtype=np.float32))], end=True)
+    s.update(a, state(8), 1, answer)
+    assert a.nbytes == 32 + 40 and s.state_bytes == 72
+    s.close(a.id)
+    assert s.state_bytes == 0
+    kept = s.final_answer(a.id)
+    assert kept is not None and kept.answer is answer and kept.model == "m"
+    b = s.create("m", 1, state(8))
+    s.update(b, state(8), 1, Answer(0, b"e" * 16, [], end=False))
+    s.close(b.id)
+    assert s.final_answer(b.id) is None  # only a chunk that ended the session is kept
