@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -62,17 +62,36 @@ def outputs(result: pb.ChunkResult) -> dict[str, np.ndarray]:
     return {o.name: from_tensor(o.tensor) for o in result.outputs}
 
 
+# Statuses after which a session may be resumed elsewhere: the server went away or is
+# draining (UNAVAILABLE), the connection broke (INTERNAL, UNKNOWN), another server
+# holds or advanced the session (ABORTED).
+RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
+                       grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+
+
+def _resumable(exc: BaseException) -> bool:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code() in RESUMABLE
+    return isinstance(exc, ConnectionError)
+
+
 class StreamSession:
     """One session on one bidirectional stream; chunks are numbered for you.
 
     Requests flow through a queue that grpc consumes on its own: when the server
     ends the stream (say, while draining), the next ``send`` raises the server's
     status, not a local write error.
+
+    With ``reconnect_s`` > 0 (see ``AsyncClient``) a stream that fails with a
+    resumable status is reopened on the next target (any replica sharing the session
+    store), the session resumed, and the unanswered chunk sent again: the server
+    answers a chunk it already applied from its stored answer, so every chunk is
+    applied exactly once and answered once.
     """
 
-    def __init__(self, stub: pb_grpc.InferenceStub, open_req: pb.OpenSessionRequest,
+    def __init__(self, client: AsyncClient, open_req: pb.OpenSessionRequest,
                  timeout: float | None) -> None:
-        self._stub, self._open, self._timeout = stub, open_req, timeout
+        self._client, self._open, self._timeout = client, open_req, timeout
         self._call: Any = None
         self._outbox: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
         self.session_id = ""
@@ -80,10 +99,12 @@ class StreamSession:
         self.version = 0
         self.next_seq = 0
         self.pcm16 = False
+        self.resumes = 0  # how many times the session moved to a new stream
         self._failed = False
 
-    async def _requests(self) -> AsyncIterator[pb.StreamRequest]:
-        while (req := await self._outbox.get()) is not None:
+    async def _requests(self, outbox: asyncio.Queue[pb.StreamRequest | None]
+                        ) -> AsyncIterator[pb.StreamRequest]:
+        while (req := await outbox.get()) is not None:
             yield req
 
     async def _read(self, what: str) -> pb.StreamResponse:
@@ -97,21 +118,74 @@ class StreamSession:
             raise ConnectionError(f"the server ended the stream without {what}")
         return resp
 
-    async def __aenter__(self) -> StreamSession:
-        self._call = self._stub.Stream(self._requests(), timeout=self._timeout,
-                                       metadata=_routing(self._open.session_id))
-        self._outbox.put_nowait(pb.StreamRequest(open=self._open))
+    async def _start(self, stub: pb_grpc.InferenceStub, req: pb.OpenSessionRequest) -> None:
+        if self._call is not None:
+            self._outbox.put_nowait(None)
+            self._call.cancel()
+        self._outbox = asyncio.Queue()
+        self._failed = False
+        self._call = stub.Stream(self._requests(self._outbox), timeout=self._timeout,
+                                 metadata=_routing(req.session_id))
+        self._outbox.put_nowait(pb.StreamRequest(open=req))
         info = (await self._read("opening the session")).opened
         self.session_id, self.model, self.version = info.session_id, info.model, info.version
         self.next_seq = info.next_seq
+
+    async def __aenter__(self) -> StreamSession:
+        try:
+            await self._start(self._client.stub, self._open)
+        except (grpc.aio.AioRpcError, ConnectionError) as exc:
+            if not (self._client.reconnect_s and _resumable(exc)):
+                raise
+            await self._reconnect(exc, seq=None)
         return self
+
+    async def _reconnect(self, cause: BaseException, seq: int | None) -> None:
+        """Reopen on the next targets until the session is back or ``reconnect_s`` ends.
+        ``seq`` is the unanswered chunk's number (None while opening)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._client.reconnect_s
+        pause, last = 0.05, cause
+        req = pb.OpenSessionRequest()
+        req.CopyFrom(self._open)
+        req.resume = req.resume or seq is not None
+        while loop.time() < deadline:
+            try:
+                await self._start(self._client.next_stub(), req)
+            except grpc.aio.AioRpcError as exc:
+                last = exc
+                if exc.code() == grpc.StatusCode.ALREADY_EXISTS and not req.resume:
+                    req.resume = True  # opened before the answer was lost: resume it
+                    continue
+                if not _resumable(exc):
+                    raise
+            except ConnectionError as exc:
+                last = exc
+            else:
+                if seq is not None and self.next_seq not in (seq, seq + 1):
+                    raise ConnectionError(
+                        f"session {self.session_id!r} resumed at chunk {self.next_seq}, but "
+                        f"chunk {seq} was unanswered: the store lost steps") from cause
+                self.resumes += 1
+                return
+            await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+            pause = min(pause * 2, 0.5)
+        raise last
 
     async def send(self, data: Data, end: bool = False) -> dict[str, np.ndarray]:
         """Send one chunk and wait for its outputs (name -> array shaped (time, ...))."""
-        chunk = make_chunk(self.next_seq, data, end, pcm16=self.pcm16)
-        self._outbox.put_nowait(pb.StreamRequest(chunk=chunk))
-        resp = await self._read("answering the chunk")
-        self.next_seq += 1
+        seq = self.next_seq
+        chunk = make_chunk(seq, data, end, pcm16=self.pcm16)
+        while True:
+            self._outbox.put_nowait(pb.StreamRequest(chunk=chunk))
+            try:
+                resp = await self._read("answering the chunk")
+                break
+            except (grpc.aio.AioRpcError, ConnectionError) as exc:
+                if not (self._client.reconnect_s and _resumable(exc)):
+                    raise
+                await self._reconnect(exc, seq)
+        self.next_seq = seq + 1
         return outputs(resp.result)
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
@@ -129,11 +203,30 @@ class StreamSession:
 
 
 class AsyncClient:
-    def __init__(self, target: str, *, timeout: float | None = None,
-                 options: list[tuple[str, Any]] | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=options)
-        self.stub = pb_grpc.InferenceStub(self._channel)
+    """``target``: one address, or several replicas (tried in turn on reconnects).
+    ``reconnect_s`` > 0 makes streams survive their server: they resume the session on
+    a replica (sharing the session store) for up to that many seconds."""
+
+    def __init__(self, target: str | Sequence[str], *, timeout: float | None = None,
+                 options: list[tuple[str, Any]] | None = None,
+                 reconnect_s: float = 0.0) -> None:
+        self.targets = [target] if isinstance(target, str) else list(target)
+        self._channels = [grpc.aio.insecure_channel(t, options=options) for t in self.targets]
+        self._stubs = [pb_grpc.InferenceStub(c) for c in self._channels]
+        self.stub = self._stubs[0]
+        self._turn = 0
         self.timeout = timeout
+        self.reconnect_s = reconnect_s
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The first target's channel (for other services on the same server)."""
+        return self._channels[0]
+
+    def next_stub(self) -> pb_grpc.InferenceStub:
+        """The next replica's stub, round robin."""
+        self._turn = (self._turn + 1) % len(self._stubs)
+        return self._stubs[self._turn]
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -142,7 +235,8 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        for c in self._channels:
+            await c.close()
 
     def stream(self, model: str, version: int = 0, session_id: str = "",
                resume: bool = False, *, pcm16: bool = False) -> StreamSession:
@@ -150,7 +244,7 @@ class AsyncClient:
         req = pb.OpenSessionRequest(model=model, version=version,
                                     session_id=session_id or new_session_id(),
                                     resume=resume)
-        session = StreamSession(self.stub, req, self.timeout)
+        session = StreamSession(self, req, self.timeout)
         session.pcm16 = pcm16
         return session
 
@@ -170,6 +264,10 @@ class Client:
         self._channel = grpc.insecure_channel(target)
         self.stub = pb_grpc.InferenceStub(self._channel)
         self.timeout = timeout
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self._channel
 
     def __enter__(self) -> Client:
         return self

@@ -149,7 +149,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         raise InvalidChunk("the first message of a stream must open a session")
                     o = req.open
                     sid = routed_session_id(context, o.session_id)
-                    session, runtime = self.core.open(o.model, o.version, sid, o.resume)
+                    session, runtime = await self.core.open(o.model, o.version, sid, o.resume)
                     session_id = session.id
                     rpc_model(runtime.name, runtime.version)
                     yield pb.StreamResponse(opened=session_info(session, runtime))
@@ -166,7 +166,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                           context: grpc.aio.ServicerContext) -> pb.SessionInfo:
         try:
             sid = routed_session_id(context, request.session_id)
-            session, runtime = self.core.open(request.model, request.version, sid,
+            session, runtime = await self.core.open(request.model, request.version, sid,
                                               request.resume)
             rpc_model(runtime.name, runtime.version)
             return session_info(session, runtime)
@@ -191,7 +191,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         rpc_model(*self.core.model_of(request.session_id))
         try:
             routed_session_id(context, request.session_id)
-            self.core.close(request.session_id)
+            await self.core.close(request.session_id)
             return pb.CloseSessionResponse()
         except Exception as exc:
             await self._fail(context, exc)

@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
+import socket
 import sys
+import uuid
 from typing import Any
 
 import grpc
@@ -26,12 +29,14 @@ from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.server.api import InferenceServicer, StreamGate
 from rnnserve.server.batcher import Batcher
 from rnnserve.server.core import Core
+from rnnserve.server.errors import StoreUnavailable
 from rnnserve.server.interceptor import MetricsInterceptor
 from rnnserve.server.metrics import Limits, Metrics, ServingCollector
 from rnnserve.server.oip import OipServicer
 from rnnserve.server.runtime import CUDA, ModelRegistry, RuntimeOptions
 from rnnserve.server.sessions import MemorySessionStore, Session
 from rnnserve.server.settings import Settings
+from rnnserve.server.shared import RedisStore
 
 log = logging.getLogger("rnnserve.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -67,6 +72,7 @@ class ReflectionPool:
 class RnnServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._releases: set[asyncio.Task[None]] = set()
         self.grpc_port = 0
         self.metrics_port = 0
 
@@ -88,6 +94,22 @@ class RnnServer:
         self.metrics = Metrics(CollectorRegistry())
         for rt in self.registry:
             self.metrics.add_model(rt.name, rt.version)
+        self.shared: RedisStore | None = None
+        if s.session_store != "memory":
+            self.metrics.add_store()
+            owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.shared = RedisStore(s.session_store, owner=owner, ttl_s=s.idle_timeout_s,
+                                     lease_s=s.lease_s, timeout_s=s.store_timeout_ms / 1000,
+                                     upsert=s.store_failure == "degrade",
+                                     on_op=self.metrics.store_op)
+            try:
+                await self.shared.ping()
+                log.info("session store %s (server %s, lease %.1fs)", s.session_store, owner,
+                         s.lease_s)
+            except StoreUnavailable as exc:
+                log.warning("session store unreachable at start (%s); %s until it answers",
+                            exc, "serving from memory" if s.store_failure == "degrade"
+                            else "new sessions and steps get UNAVAILABLE")
         self.store = MemorySessionStore(idle_timeout_s=s.idle_timeout_s,
                                         max_sessions=s.max_sessions,
                                         max_state_bytes=s.max_state_bytes,
@@ -102,7 +124,10 @@ class RnnServer:
         for b in self.batchers.values():
             b.start()
         self.core = Core(self.registry, self.store, self.batchers,
-                         on_chunk=self.metrics.observe_chunk)
+                         on_chunk=self.metrics.observe_chunk, shared=self.shared,
+                         degrade=s.store_failure == "degrade",
+                         on_resume=self.metrics.resumed,
+                         on_degraded=self.metrics.store_degraded_hook)
         self.metrics.registry.register(ServingCollector(
             lambda: ((rt, self.batchers[rt.key]) for rt in self.registry),
             self.store.usage_by_model,
@@ -136,6 +161,18 @@ class RnnServer:
 
     def _session_event(self, event: str, session: Session) -> None:
         self.metrics.session_event(event, session.model, session.version)
+        if self.shared is not None and event in ("expired", "evicted"):
+            # no longer here: let another replica take it (the record stays resumable)
+            task = asyncio.get_running_loop().create_task(self._release([session.id]))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+
+    async def _release(self, sids: list[str]) -> None:
+        assert self.shared is not None
+        try:
+            await self.shared.release(sids)
+        except StoreUnavailable as exc:
+            log.warning("could not release %d session lease(s): %s", len(sids), exc)
 
     async def _reap(self) -> None:
         while True:
@@ -165,6 +202,11 @@ class RnnServer:
         self._reaper.cancel()
         for b in self.batchers.values():
             await b.stop()
+        if self.shared is not None:
+            # every answered step is in the store already; hand the sessions over now
+            # instead of when their leases run out
+            await self._release(list(self.store.live_ids()))
+            await self.shared.close()
         self._httpd.shutdown()
         self._httpd.server_close()
         log.info("stopped")

@@ -11,23 +11,37 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from rnnserve.server import records
 from rnnserve.server.batcher import Batcher
 from rnnserve.server.errors import (
     CoreError,
     InvalidChunk,
+    ModelNotFound,
     OutOfOrder,
+    RecordForeign,
     SessionBusy,
     SessionClosed,
+    SessionError,
+    SessionExists,
+    SessionHeld,
+    SessionMoved,
+    SessionNotFound,
     ShuttingDown,
+    StoreUnavailable,
 )
 from rnnserve.server.runtime import ModelRegistry, ModelRuntime
 from rnnserve.server.sessions import Answer, Session, SessionStore
+from rnnserve.server.shared import RedisStore
+
+log = logging.getLogger("rnnserve.core")
 
 
 @dataclass(frozen=True)
@@ -63,34 +77,100 @@ def digest(x: np.ndarray) -> bytes:
 ChunkHook = Callable[[str, str, int, str, float, float | None], None]
 
 
+# Called when a session is resumed: (model, version, where its state came from:
+# "memory" when this server held it, "store" when loaded from the shared store).
+ResumeHook = Callable[[str, int, str], None]
+
+
 class Core:
+    """Sessions over the batchers. With a ``shared`` store every step is written there
+    before it is answered; ``degrade`` says what happens when the store cannot be
+    reached: False refuses (UNAVAILABLE, the session unchanged), True serves from memory
+    and counts the failure (the session is then not durable)."""
+
     def __init__(self, registry: ModelRegistry, store: SessionStore,
                  batchers: dict[tuple[str, int], Batcher],
-                 on_chunk: ChunkHook | None = None) -> None:
+                 on_chunk: ChunkHook | None = None, *, shared: RedisStore | None = None,
+                 degrade: bool = False, on_resume: ResumeHook | None = None,
+                 on_degraded: Callable[[str], None] | None = None) -> None:
         self.registry = registry
         self._on_chunk = on_chunk
         self.store = store
         self.batchers = batchers
+        self.shared = shared
+        self.degrade = degrade
+        self._on_resume = on_resume
+        self._on_degraded = on_degraded
         self.accepting = True
         self._busy: set[str] = set()
         self.retries = 0  # chunks answered again from a session's stored answer
 
-    def open(self, model: str, version: int = 0, session_id: str = "",
-             resume: bool = False) -> tuple[Session, ModelRuntime]:
+    def _degraded(self, op: str, exc: StoreUnavailable) -> None:
+        if not self.degrade:
+            raise exc
+        log.warning("session store unavailable (%s); serving from memory: %s", op, exc)
+        if self._on_degraded is not None:
+            self._on_degraded(op)
+
+    async def open(self, model: str, version: int = 0, session_id: str = "",
+                   resume: bool = False) -> tuple[Session, ModelRuntime]:
         if resume:
-            session = self.store.get(session_id)
-            runtime = self.registry.get(session.model, session.version)
-            if model and (model != session.model or (version and version != session.version)):
-                raise InvalidChunk(f"session {session_id!r} belongs to model {session.model!r} "
-                                   f"version {session.version}, not {model!r}")
-            return session, runtime
+            return await self._resume(model, version, session_id)
         if not self.accepting:
             raise ShuttingDown("the server is shutting down and opens no new sessions; "
                                "open the session on another replica")
         runtime = self.registry.get(model, version or None)
-        session = self.store.create(runtime.name, runtime.version, runtime.zero_state(),
-                                    session_id or None)
+        sid = session_id or uuid.uuid4().hex
+        if self.store.peek(sid) is not None:
+            raise SessionExists(f"session {sid!r} already exists; resume it or pick another id")
+        if self.shared is not None:
+            try:
+                fresh = Session(sid, runtime.name, runtime.version, runtime.zero_state())
+                await self.shared.create(sid, records.encode(fresh))
+            except StoreUnavailable as exc:
+                self._degraded("create", exc)
+        session = self.store.create(runtime.name, runtime.version, runtime.zero_state(), sid)
         session.opened_at = time.perf_counter()
+        return session, runtime
+
+    async def _resume(self, model: str, version: int, sid: str
+                      ) -> tuple[Session, ModelRuntime]:
+        local = self.store.peek(sid)
+        source = "memory"
+        if self.shared is not None:
+            data = None
+            try:
+                data = await self.shared.acquire(sid)
+            except StoreUnavailable as exc:
+                if local is None:
+                    raise
+                self._degraded("load", exc)
+            if data is not None:
+                stored = records.decode(data, sid)
+                expected = (local.model, local.version) if local is not None else (
+                    model, version or stored.version)
+                if expected[0] and (stored.model, stored.version) != expected:
+                    raise RecordForeign(
+                        f"the stored record of session {sid!r} is for model {stored.model!r} "
+                        f"version {stored.version}, not {expected[0]!r} version "
+                        f"{expected[1]}; it was not loaded")
+                try:
+                    runtime = self.registry.get(stored.model, stored.version)
+                except ModelNotFound:
+                    raise RecordForeign(f"the stored record of session {sid!r} is for model "
+                                        f"{stored.model!r} version {stored.version}, which "
+                                        "this server does not serve") from None
+                records.check(stored, runtime)
+                if local is None or local.next_seq != stored.next_seq:
+                    source = "store"
+                self.store.restore(stored)
+        session = self.store.get(sid)
+        runtime = self.registry.get(session.model, session.version)
+        if model and (model != session.model or (version and version != session.version)):
+            raise InvalidChunk(f"session {sid!r} belongs to model {session.model!r} "
+                               f"version {session.version}, not {model!r}")
+        if self._on_resume is not None:
+            self._on_resume(session.model, session.version, source)
         return session, runtime
 
     def decode(self, runtime: ModelRuntime, chunk: ChunkInput) -> np.ndarray:
@@ -120,8 +200,8 @@ class Core:
         try:
             try:
                 session = self.store.get(session_id)
-            except SessionClosed:
-                ended = self.store.final_answer(session_id)
+            except (SessionClosed, SessionNotFound):
+                ended = await self._final(session_id)
                 if ended is None or ended.answer is None or seq != ended.answer.seq:
                     raise
                 session = ended  # a retry of the chunk that ended it
@@ -168,13 +248,50 @@ class Core:
         self._busy.add(session_id)
         try:
             outputs, new_state = await batcher.step(session.state, x)
+            named = list(zip(runtime.data_output_names, outputs, strict=True))
+            answer = Answer(seq, digest(x), named, end)
+            if self.shared is not None:  # durable before it is answered
+                try:
+                    await self._checkpoint(session, new_state, answer)
+                except SessionMoved:
+                    # a stale copy: maybe another server already ended the session with
+                    # this very chunk, and this is the client's retry of it
+                    ended = await self._final(session_id)
+                    if ended is None or ended.answer is None or ended.answer.seq != seq:
+                        raise
+                    return self._retry(session_id, ended.answer, runtime, chunk)
         finally:
             self._busy.discard(session_id)
-        named = list(zip(runtime.data_output_names, outputs, strict=True))
-        self.store.update(session, new_state, seq + 1, Answer(seq, digest(x), named, end))
+        self.store.update(session, new_state, seq + 1, answer)
         if end:
             self.store.close(session_id)
         return ChunkOutput(seq, named, end)
+
+    async def _checkpoint(self, session: Session, state: list[np.ndarray],
+                          answer: Answer) -> None:
+        assert self.shared is not None
+        data = records.encode(session, state, answer.seq + 1, answer)
+        try:
+            await self.shared.checkpoint(session.id, data, answer.seq, answer.seq + 1,
+                                         answer.end)
+        except StoreUnavailable as exc:
+            self._degraded("checkpoint", exc)
+        except (SessionMoved, SessionHeld):
+            # another server owns it now: this copy must never answer again
+            self.store.close(session.id)
+            raise
+
+    async def _final(self, session_id: str) -> Session | None:
+        """The ended session whose last answer a retry may get, here or in the store."""
+        ended = self.store.final_answer(session_id)
+        if ended is None and self.shared is not None:
+            try:
+                data = await self.shared.final(session_id)
+            except StoreUnavailable:
+                return None
+            if data is not None:
+                ended = records.decode(data, session_id)
+        return ended
 
     def _retry(self, session_id: str, answer: Answer, runtime: ModelRuntime,
                chunk: ChunkInput) -> ChunkOutput:
@@ -232,5 +349,11 @@ class Core:
         session = self.store.peek(session_id)
         return (session.model, session.version) if session is not None else ("", 0)
 
-    def close(self, session_id: str) -> None:
-        self.store.close(session_id)
+    async def close(self, session_id: str) -> None:
+        try:
+            self.store.close(session_id)
+        except SessionError:
+            if self.shared is None:
+                raise
+        if self.shared is not None:
+            await self.shared.delete(session_id)

@@ -13,7 +13,12 @@ Hierarchy::
     │   ├── SessionClosed          FAILED_PRECONDITION: ended or closed
     │   ├── SessionExists          ALREADY_EXISTS
     │   ├── SessionBusy            FAILED_PRECONDITION: another chunk is in flight
-    │   └── OutOfOrder             FAILED_PRECONDITION: names the expected sequence number
+    │   ├── OutOfOrder             FAILED_PRECONDITION: names the expected sequence number
+    │   ├── SessionHeld            ABORTED: another server holds its lease (retry later)
+    │   ├── SessionMoved           ABORTED: another server advanced it; resume it
+    │   ├── RecordCorrupt          DATA_LOSS: its stored record is damaged
+    │   └── RecordForeign          FAILED_PRECONDITION: its record is another model's
+    ├── StoreUnavailable           UNAVAILABLE: the shared session store cannot be reached
     ├── Overloaded                 RESOURCE_EXHAUSTED (queue full; retry later)
     ├── ShuttingDown               UNAVAILABLE (draining; go to another replica)
     └── BatchFailed                INTERNAL (the run failed; message is generic)
@@ -96,3 +101,28 @@ class OutOfOrder(SessionError):
 class ShuttingDown(CoreError):
     code = "UNAVAILABLE"
     reason = "shutting_down"
+
+
+class SessionHeld(SessionError):
+    code = "ABORTED"
+    reason = "session_held"
+
+
+class SessionMoved(SessionError):
+    code = "ABORTED"
+    reason = "session_moved"
+
+
+class RecordCorrupt(SessionError):
+    code = "DATA_LOSS"
+    reason = "record_corrupt"
+
+
+class RecordForeign(SessionError):
+    code = "FAILED_PRECONDITION"
+    reason = "record_foreign"
+
+
+class StoreUnavailable(CoreError):
+    code = "UNAVAILABLE"
+    reason = "store_unavailable"

@@ -87,6 +87,22 @@ class Metrics:
             "rnnserve_sessions_ended_total",
             "Sessions ended, by reason: closed (by the client), expired (idle), evicted (caps)",
             (*mv, "reason"), registry=registry)
+        self.resumes = Counter(
+            "rnnserve_session_resumes_total",
+            "Sessions resumed, by where the state came from: memory (this server held it) "
+            "or store (loaded from the shared session store)", (*mv, "source"),
+            registry=registry)
+        self.store_seconds = Histogram(
+            "rnnserve_store_seconds", "Shared session store round trips that succeeded, by "
+            "operation (checkpoint: one pipeline per batch)", ("op",),
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.store_errors = Counter(
+            "rnnserve_store_errors_total", "Shared session store operations that failed "
+            "(unreachable, timed out), by operation", ("op",), registry=registry)
+        self.store_degraded = Counter(
+            "rnnserve_store_degraded_total", "Steps and opens served from memory alone "
+            "because the store failed (--store-failure degrade): not durable", ("op",),
+            registry=registry)
         self._chunk_series: dict[tuple[str, str, int, str], tuple[Any, Any, Any]] = {}
         build = Info("rnnserve_build", "Versions of the server and what it runs on",
                      registry=registry)
@@ -98,6 +114,27 @@ class Metrics:
         self.sessions_started.labels(model, v)
         for reason in ENDED_REASONS:
             self.sessions_ended.labels(model, v, reason)
+        for source in ("memory", "store"):
+            self.resumes.labels(model, v, source)
+
+    def add_store(self) -> None:
+        for op in ("create", "load", "checkpoint", "delete", "release"):
+            self.store_seconds.labels(op)
+            self.store_errors.labels(op)
+        for op in ("create", "load", "checkpoint"):
+            self.store_degraded.labels(op)
+
+    def store_op(self, op: str, seconds: float, ok: bool) -> None:
+        if ok:
+            self.store_seconds.labels(op).observe(seconds)
+        else:
+            self.store_errors.labels(op).inc()
+
+    def store_degraded_hook(self, op: str) -> None:
+        self.store_degraded.labels(op).inc()
+
+    def resumed(self, model: str, version: int, source: str) -> None:
+        self.resumes.labels(model, str(version), source).inc()
 
     def observe_chunk(self, api: str, model: str, version: int, code: str, seconds: float,
                       first: float | None) -> None:

@@ -317,10 +317,10 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if self.core.store.peek(sid) is not None:
                     log.warning("sequence %s of model %r started again before it ended; "
                                 "the previous one is dropped", seq.label, runtime.name)
-                    self.core.close(sid)
+                    await self.core.close(sid)
                 if not self.core.accepting:
                     raise ShuttingDown(DRAINING)
-                session, _ = self.core.open(runtime.name, runtime.version, sid)
+                session, _ = await self.core.open(runtime.name, runtime.version, sid)
             else:
                 try:
                     session = self.core.store.get(sid)

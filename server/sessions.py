@@ -75,12 +75,16 @@ class SessionStore(Protocol):
 
     def get(self, session_id: str) -> Session: ...
 
+    def live_ids(self) -> list[str]: ...
+
     def peek(self, session_id: str) -> Session | None: ...
 
     def update(self, session: Session, state: list[np.ndarray], next_seq: int,
                answer: Answer | None = None) -> None: ...
 
     def final_answer(self, session_id: str) -> Session | None: ...
+
+    def restore(self, stored: Session) -> Session: ...
 
     def close(self, session_id: str) -> Session: ...
 
@@ -168,6 +172,15 @@ class MemorySessionStore:
         self._event("created", session)
         return session
 
+    def restore(self, stored: Session) -> Session:
+        """Make ``stored`` (a session loaded from the shared store) the live one under its
+        id, replacing an outdated copy; returns the live session."""
+        session = self._live.get(stored.id)
+        if session is None:
+            session = self.create(stored.model, stored.version, stored.state, stored.id)
+        self.update(session, stored.state, stored.next_seq, stored.answer)
+        return session
+
     def get(self, session_id: str) -> Session:
         session = self._live.get(session_id)
         now = self._clock()
@@ -179,6 +192,9 @@ class MemorySessionStore:
         session.last_used = now
         self._live.move_to_end(session_id)
         return session
+
+    def live_ids(self) -> list[str]:
+        return list(self._live)
 
     def peek(self, session_id: str) -> Session | None:
         """The live session with this id, or None; no side effect (no expiry, no LRU move)."""

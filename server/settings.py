@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -54,8 +54,28 @@ class Settings(BaseSettings):
     """State memory beyond which the least recently used sessions are evicted."""
     shutdown_grace_s: float = Field(10.0, ge=0)
     """On SIGTERM: how long in-flight chunks may take before the server stops."""
+    session_store: str = "memory"
+    """Where sessions live: memory (this process), or redis://HOST:PORT[/DB] to share them
+    between replicas so that a session survives its server (each step is written there
+    before it is answered)."""
+    store_failure: Literal["refuse", "degrade"] = "refuse"
+    """When the shared store cannot be reached: refuse (new sessions and steps get
+    UNAVAILABLE, nothing advances) or degrade (serve from memory, not durable)."""
+    lease_s: float = Field(10.0, gt=0)
+    """How long a server's claim on a session outlives its last step: after a crash,
+    another replica can resume the session this long after the last step."""
+    store_timeout_ms: float = Field(500.0, gt=0)
+    """Longest wait for the shared store per operation."""
     reflection: bool = True
     """Serve gRPC server reflection."""
+
+    @field_validator("session_store")
+    @classmethod
+    def _store_url(cls, v: str) -> str:
+        if v != "memory" and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("session_store must be 'memory' or a redis://, rediss:// or "
+                             f"unix:// URL, got {v!r}")
+        return v
 
     _config_file: ClassVar[Path | None] = None  # set only while load() builds one
 

@@ -334,7 +334,7 @@ def test_an_open_health_watch_does_not_hold_up_the_drain(repo, tmp_path) -> None
 
     async def main() -> float:
         async with AsyncClient(srv.target, timeout=20) as client:
-            watch = health_pb2_grpc.HealthStub(client._channel).Watch(
+            watch = health_pb2_grpc.HealthStub(client.channel).Watch(
                 health_pb2.HealthCheckRequest(service=""))
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
             started = time.monotonic()

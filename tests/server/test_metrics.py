@@ -72,7 +72,7 @@ def test_rejected_chunks_count_as_errors_never_as_latency(server) -> None:
                 client.step("nobody", 0, good)
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
         client.step(sid, 3, good, end=True)
-        health = health_pb2_grpc.HealthStub(client._channel)
+        health = health_pb2_grpc.HealthStub(client.channel)
         health.Check(health_pb2.HealthCheckRequest(), timeout=5)
     after = counts(server.metrics())
     delta = {k: after[k] - before[k] for k in before}
@@ -147,7 +147,7 @@ def test_per_model_gauges_and_limits(server) -> None:
 def test_health_watch_streams_through_the_interceptor(server) -> None:
     async def main() -> None:
         async with AsyncClient(server.target, timeout=10) as client:
-            stub = health_pb2_grpc.HealthStub(client._channel)
+            stub = health_pb2_grpc.HealthStub(client.channel)
             call = stub.Watch(health_pb2.HealthCheckRequest(service=""))
             first = await call.read()
             assert first.status == health_pb2.HealthCheckResponse.SERVING

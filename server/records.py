@@ -1,0 +1,135 @@
+"""A session as bytes, for the shared store: checked on the way back, never trusted.
+
+Layout (little-endian)::
+
+    b"RNNSREC1"            magic and format version
+    u32                    length of the header
+    header                 JSON: id, model, version, next_seq, state [[dtype, shape]...],
+                           answer (null or seq, digest, end, outputs [[name, dtype, shape]...])
+    payload                the state arrays, then the answer's outputs, row-major
+    u32                    CRC-32 of everything before it
+
+``decode`` refuses a record that is truncated, damaged or not a session record
+(``RecordCorrupt``, DATA_LOSS) or that belongs to another session; ``check`` refuses
+one whose model, version or state layout differ from what the server has loaded
+(``RecordForeign``, FAILED_PRECONDITION): such a record is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from typing import Any
+
+import numpy as np
+
+from rnnserve.server.errors import RecordCorrupt, RecordForeign
+from rnnserve.server.runtime import ModelRuntime
+from rnnserve.server.sessions import Answer, Session
+
+MAGIC = b"RNNSREC1"
+_DTYPES = {"float32", "float16", "float64", "int8", "int16", "int32", "int64", "uint8"}
+
+
+def encode(session: Session, state: list[np.ndarray] | None = None, next_seq: int | None = None,
+           answer: Answer | None = None) -> bytes:
+    """The record of ``session``, or of what it becomes with ``state``, ``next_seq`` and
+    ``answer`` (a step not yet applied)."""
+    state = session.state if state is None else state
+    next_seq = session.next_seq if next_seq is None else next_seq
+    answer = session.answer if answer is None else answer
+    arrays = [np.ascontiguousarray(a) for a in state]
+    header: dict[str, Any] = {
+        "id": session.id, "model": session.model, "version": session.version,
+        "next_seq": next_seq, "state": [[a.dtype.name, list(a.shape)] for a in arrays],
+        "answer": None,
+    }
+    if answer is not None:
+        outs = [(name, np.ascontiguousarray(a)) for name, a in answer.outputs]
+        header["answer"] = {"seq": answer.seq, "digest": answer.digest.hex(), "end": answer.end,
+                            "outputs": [[n, a.dtype.name, list(a.shape)] for n, a in outs]}
+        arrays += [a for _, a in outs]
+    head = json.dumps(header, separators=(",", ":")).encode()
+    body = b"".join([MAGIC, struct.pack("<I", len(head)), head,
+                     *(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes() for a in arrays)])
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _corrupt(session_id: str, why: str) -> RecordCorrupt:
+    return RecordCorrupt(f"the stored record of session {session_id!r} is {why}; it was not "
+                         "loaded (open a new session)")
+
+
+def _array(spec: Any, buf: memoryview, at: int, session_id: str) -> tuple[np.ndarray, int]:
+    dtype_name, shape = spec
+    if dtype_name not in _DTYPES or not isinstance(shape, list) or \
+            not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise _corrupt(session_id, "damaged (bad array description)")
+    dtype = np.dtype(dtype_name).newbyteorder("<")
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if at + n > len(buf):
+        raise _corrupt(session_id, "truncated")
+    a = np.frombuffer(buf[at:at + n], dtype=dtype).reshape(shape)
+    return a.astype(dtype.newbyteorder("="), copy=True), at + n
+
+
+def decode(data: bytes, session_id: str) -> Session:
+    """The session stored in ``data``; raises RecordCorrupt or RecordForeign."""
+    if len(data) < len(MAGIC) + 8:
+        raise _corrupt(session_id, "truncated")
+    if not data.startswith(MAGIC):
+        raise _corrupt(session_id, "not an rnnserve session record (or of another format)")
+    body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
+    if zlib.crc32(body) != crc:
+        raise _corrupt(session_id, "damaged or truncated (checksum mismatch)")
+    (n,) = struct.unpack_from("<I", body, len(MAGIC))
+    start = len(MAGIC) + 4
+    try:
+        h = json.loads(body[start:start + n])
+        model, version, next_seq = str(h["model"]), int(h["version"]), int(h["next_seq"])
+        record_id, state_specs, ans = h["id"], list(h["state"]), h["answer"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _corrupt(session_id, f"damaged (header: {exc.__class__.__name__})") from None
+    if record_id != session_id:
+        raise RecordForeign(f"the stored record under session {session_id!r} belongs to "
+                            f"session {record_id!r}; it was not loaded")
+    buf, at = memoryview(body), start + n
+    state = []
+    for spec in state_specs:
+        a, at = _array(spec, buf, at, session_id)
+        state.append(a)
+    answer = None
+    if ans is not None:
+        try:
+            outputs = []
+            for name, *spec in ans["outputs"]:
+                a, at = _array(spec, buf, at, session_id)
+                outputs.append((str(name), a))
+            answer = Answer(int(ans["seq"]), bytes.fromhex(ans["digest"]), outputs,
+                            bool(ans["end"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _corrupt(session_id, f"damaged (answer: {exc.__class__.__name__})") from None
+    if at != len(body):
+        raise _corrupt(session_id, "damaged (payload length)")
+    return Session(session_id, model, version, state, next_seq, answer=answer)
+
+
+def check(session: Session, runtime: ModelRuntime) -> None:
+    """Refuse a record that the loaded model cannot continue."""
+    if (session.model, session.version) != (runtime.name, runtime.version):
+        raise RecordForeign(f"the stored record of session {session.id!r} is for model "
+                            f"{session.model!r} version {session.version}, not {runtime.name!r} "
+                            f"version {runtime.version}; it was not loaded")
+    want = [(a.dtype, a.shape) for a in runtime.zero_state()]
+    got = [(a.dtype, a.shape) for a in session.state]
+    if got != want:
+        raise RecordForeign(f"the stored record of session {session.id!r} holds a state of "
+                            f"{[(str(d), list(s)) for d, s in got]}, but model "
+                            f"{runtime.name!r} version {runtime.version} needs "
+                            f"{[(str(d), list(s)) for d, s in want]}; it was not loaded")
+    if session.answer is not None:
+        names = {n for n, _ in session.answer.outputs}
+        if not names <= set(runtime.data_output_names):
+            raise RecordForeign(f"the stored record of session {session.id!r} answers with "
+                                f"outputs {sorted(names)} that model {runtime.name!r} lacks")

@@ -1,0 +1,253 @@
+"""The shared session store (Redis): sessions that outlive their server.
+
+Every server keeps its live sessions in memory (``MemorySessionStore``) and, with a
+shared store, writes each session's record (``server/records.py``) to Redis after each
+step, before the step is answered: a client that got an answer can resume the session
+on any replica, from exactly that point. The writes of one batch go out together in
+one pipeline (group commit: while one flush is in flight, the next collects).
+
+Per session two keys, in one hash slot (``{id}``) for Redis Cluster:
+
+- ``rnnserve:{id}:s``: a hash with ``seq`` (the next chunk's number) and ``data`` (the
+  record), expiring after the idle timeout;
+- ``rnnserve:{id}:l``: the lease, the id of the server that writes the session,
+  expiring after ``lease_s`` unless a step renews it.
+
+Every write is a Lua script that checks the lease (another holder: ``SessionHeld``,
+ABORTED, with the time left) and compares the stored ``seq`` with the one the step
+started from (another server advanced the session: ``SessionMoved``, ABORTED), so two
+servers can never interleave steps of one session nor write an older state over a
+newer one. The chunk that ends a session moves its record to ``rnnserve:{id}:f`` for a
+minute, for a retry of that chunk on another server. Redis errors and timeouts become
+``StoreUnavailable`` (UNAVAILABLE): nothing waits longer than ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from rnnserve.server.errors import SessionExists, SessionHeld, SessionMoved, StoreUnavailable
+
+log = logging.getLogger("rnnserve.shared")
+
+# (operation, seconds, ok) for the metrics
+StoreHook = Callable[[str, float, bool], None]
+
+# KEYS: record, lease, final. ARGV: owner, data, ttl ms, lease ms.
+_CREATE = """
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return {'held', redis.call('PTTL', KEYS[2])} end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists', 0} end
+redis.call('HSET', KEYS[1], 'seq', 0, 'data', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
+redis.call('DEL', KEYS[3])
+return {'ok', 0}
+"""
+
+# KEYS: record, lease, final. ARGV: owner, data, ttl ms, lease ms, from seq, to seq,
+# final (1: the chunk ended the session; its record moves to the final key),
+# upsert (1: write a missing record, for servers that degrade while the store is down).
+_WRITE = """
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return {'held', redis.call('PTTL', KEYS[2])} end
+local seq = redis.call('HGET', KEYS[1], 'seq')
+if seq ~= ARGV[5] and not (seq == false and ARGV[8] == '1') then
+  return {'moved', seq or -1}
+end
+if ARGV[7] == '1' then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('SET', KEYS[3], ARGV[2], 'PX', 60000)
+  return {'ok', 0}
+end
+redis.call('HSET', KEYS[1], 'seq', ARGV[6], 'data', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
+return {'ok', 0}
+"""
+
+# KEYS: record, lease. ARGV: owner, lease ms. The record, with the lease taken.
+_ACQUIRE = """
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return {'held', redis.call('PTTL', KEYS[2])} end
+local data = redis.call('HGET', KEYS[1], 'data')
+if not data then return {'none', 0} end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return {'ok', data}
+"""
+
+# KEYS: record, lease. ARGV: owner. Closing a session deletes its record.
+_DELETE = """
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return {'held', redis.call('PTTL', KEYS[2])} end
+redis.call('DEL', KEYS[1], KEYS[2])
+return {'ok', 0}
+"""
+
+# KEYS: lease. ARGV: owner.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class RedisStore:
+    def __init__(self, url: str, *, owner: str, ttl_s: float, lease_s: float,
+                 timeout_s: float = 1.0, prefix: str = "rnnserve",
+                 upsert: bool = False, on_op: StoreHook | None = None) -> None:
+        """``upsert``: a step may write the record of a session the store does not hold
+        (one opened while the store was down, by a server that degrades)."""
+        self.url, self.owner, self.prefix = url, owner, prefix
+        self.ttl_ms, self.lease_ms = max(1, int(ttl_s * 1000)), max(1, int(lease_s * 1000))
+        self.timeout_s = timeout_s
+        self.upsert = upsert
+        self._on_op = on_op
+        self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s,
+                                              socket_connect_timeout=timeout_s,
+                                              retry_on_timeout=False)
+        self._create = self._redis.register_script(_CREATE)
+        self._write = self._redis.register_script(_WRITE)
+        self._acquire = self._redis.register_script(_ACQUIRE)
+        self._delete = self._redis.register_script(_DELETE)
+        self._release = self._redis.register_script(_RELEASE)
+        self._queue: list[tuple[str, list[Any], asyncio.Future[None]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+
+    def _keys(self, sid: str) -> list[str]:
+        base = f"{self.prefix}:{{{sid}}}"
+        return [f"{base}:s", f"{base}:l", f"{base}:f"]
+
+    async def _call(self, op: str, fn: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        ok = False
+        try:
+            result = await asyncio.wait_for(fn(), self.timeout_s)
+            ok = True
+            return result
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise StoreUnavailable(f"the session store at {self.url} did not answer "
+                                   f"({exc.__class__.__name__}); try again") from None
+        finally:
+            if self._on_op is not None:
+                self._on_op(op, time.perf_counter() - started, ok)
+
+    async def ping(self) -> None:
+        await self._call("ping", self._redis.ping)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    def _check(self, sid: str, status: list[Any]) -> Any:
+        kind = _text(status[0])
+        if kind == "held":
+            left = max(0, int(status[1])) / 1000
+            raise SessionHeld(f"session {sid!r} is being written by another server (its lease "
+                              f"ends in {left:.1f}s unless renewed); retry after that")
+        if kind == "moved":
+            at = int(_text(status[1]))
+            if at < 0:
+                raise SessionMoved(f"the session store no longer holds session {sid!r} (it "
+                                   "ended or expired there, or the store lost its data)")
+            raise SessionMoved(f"session {sid!r} was advanced elsewhere (the store is at "
+                               f"chunk {at}); resume it to continue from there")
+        if kind == "exists":
+            raise SessionExists(f"session {sid!r} already exists in the shared store; resume "
+                                "it or pick another id")
+        return status[1]
+
+    async def create(self, sid: str, data: bytes) -> None:
+        keys = self._keys(sid)
+        status = await self._call("create", lambda: self._create(
+            keys=keys, args=[self.owner, data, self.ttl_ms, self.lease_ms]))
+        self._check(sid, status)
+
+    async def acquire(self, sid: str) -> bytes | None:
+        """The session's record with its lease taken for this server; None if there is
+        none (never created, closed, or expired in the store)."""
+        keys = self._keys(sid)[:2]
+        status = await self._call("load", lambda: self._acquire(
+            keys=keys, args=[self.owner, self.lease_ms]))
+        if _text(status[0]) == "none":
+            return None
+        return bytes(self._check(sid, status))
+
+    async def final(self, sid: str) -> bytes | None:
+        """The record a session's last chunk left (for a minute), for a retry of it."""
+        key = self._keys(sid)[2]
+        data = await self._call("load", lambda: self._redis.get(key))
+        return None if data is None else bytes(data)
+
+    async def delete(self, sid: str) -> None:
+        keys = self._keys(sid)[:2]
+        self._check(sid, await self._call("delete", lambda: self._delete(
+            keys=keys, args=[self.owner])))
+
+    async def release(self, sids: Iterable[str]) -> None:
+        """Give up the leases this server holds (on shutdown, expiry or eviction)."""
+        sids = list(sids)
+        if not sids:
+            return
+
+        async def run() -> None:
+            pipe = self._redis.pipeline(transaction=False)
+            for sid in sids:
+                await self._release(keys=[self._keys(sid)[1]], args=[self.owner], client=pipe)
+            await pipe.execute()
+
+        await self._call("release", run)
+
+    async def checkpoint(self, sid: str, data: bytes, from_seq: int, to_seq: int,
+                         final: bool) -> None:
+        """Write a step's record, fenced by the lease and the sequence number; returns
+        once it is in Redis. Steps that finish together are written in one pipeline."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        args = [self.owner, data, self.ttl_ms, self.lease_ms, from_seq, to_seq,
+                1 if final else 0, 1 if self.upsert else 0]
+        self._queue.append((sid, args, fut))
+        if self._flushing is None:
+            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+        await fut
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                await asyncio.sleep(0)  # let the rest of the batch's steps queue up
+                batch, self._queue = self._queue, []
+
+                async def run(batch: list[tuple[str, list[Any],
+                                                asyncio.Future[None]]] = batch) -> Any:
+                    pipe = self._redis.pipeline(transaction=False)
+                    for sid, args, _ in batch:
+                        await self._write(keys=self._keys(sid), args=args, client=pipe)
+                    return await pipe.execute(raise_on_error=False)
+
+                try:
+                    results = await self._call("checkpoint", run)
+                except StoreUnavailable as exc:
+                    for *_, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(StoreUnavailable(str(exc)))
+                    continue
+                for (sid, _, fut), status in zip(batch, results, strict=True):
+                    if fut.done():
+                        continue
+                    try:
+                        if isinstance(status, Exception):
+                            raise StoreUnavailable(f"the session store refused a write: {status}")
+                        self._check(sid, status)
+                        fut.set_result(None)
+                    except Exception as exc:
+                        fut.set_exception(exc)
+        finally:
+            self._flushing = None

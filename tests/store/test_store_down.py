@@ -1,0 +1,99 @@
+"""The shared store goes away and comes back (a real redis-server stopped and started):
+the server refuses or degrades as configured, and no call waits long."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from rnnserve.client import Client
+
+from ..server.serving import metric_value
+from ..server.test_grpc_api import whole_run
+from .test_failover import code_and_message, serve
+
+X = np.random.default_rng(4).standard_normal((9, 20)).astype(np.float32)
+
+
+def timed(fn, *args, **kw):
+    started = time.monotonic()
+    try:
+        return fn(*args, **kw), time.monotonic() - started
+    except grpc.RpcError as exc:
+        return exc, time.monotonic() - started
+
+
+def test_refuse_mode_answers_unavailable_at_once_and_changes_nothing(repo, redis_server,
+                                                                     tmp_path) -> None:
+    a = serve(repo, tmp_path, "a", redis_server.url, "--store-timeout-ms", "300")
+    try:
+        with Client(a.target, timeout=10) as client:
+            sid = client.open_session("feat").session_id
+            y0 = client.step(sid, 0, X[:3])["logits"]
+            redis_server.stop()
+            for call in (lambda: client.open_session("feat"),
+                         lambda: client.step(sid, 1, X[3:6])):
+                exc, seconds = timed(call)
+                assert isinstance(exc, grpc.RpcError), exc
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+                assert "session store" in exc.details() and seconds < 3
+            redis_server.start()  # empty: it kept nothing
+            # the refused step did not advance the session; the store lost its record
+            code, msg = code_and_message(client.step, sid, 1, X[3:6])
+            assert code == grpc.StatusCode.ABORTED and "no longer holds" in msg
+            fresh = client.open_session("feat").session_id
+            got = np.concatenate([client.step(fresh, 0, X[:3])["logits"],
+                                  client.step(fresh, 1, X[3:], end=True)["logits"]])
+            assert float(np.abs(got - whole_run(repo, "feat", 1, X)).max()) <= 1e-5
+            assert np.abs(y0 - got[:3]).max() <= 1e-5
+        text = a.metrics()
+        assert metric_value(text, "rnnserve_store_errors_total", op="create") >= 1
+        assert metric_value(text, "rnnserve_store_errors_total", op="checkpoint") >= 1
+    finally:
+        assert a.stop() == 0
+
+
+def test_degrade_mode_serves_from_memory_while_the_store_is_down(repo, redis_server,
+                                                                 tmp_path) -> None:
+    a = serve(repo, tmp_path, "a", redis_server.url, "--store-timeout-ms", "300",
+              "--store-failure", "degrade")
+    want = whole_run(repo, "feat", 1, X)
+    try:
+        with Client(a.target, timeout=10) as client:
+            before = client.open_session("feat").session_id
+            parts = [client.step(before, 0, X[:3])["logits"]]
+            redis_server.stop()
+            during, seconds = timed(client.open_session, "feat")
+            assert not isinstance(during, grpc.RpcError) and seconds < 3
+            parts.append(client.step(before, 1, X[3:6])["logits"])
+            other = [client.step(during.session_id, 0, X[:4])["logits"]]
+            redis_server.start()
+            parts.append(client.step(before, 2, X[6:], end=True)["logits"])
+            other.append(client.step(during.session_id, 1, X[4:], end=True)["logits"])
+            for got in (np.concatenate(parts), np.concatenate(other)):
+                assert float(np.abs(got - want).max()) <= 1e-5
+        text = a.metrics()
+        assert metric_value(text, "rnnserve_store_degraded_total", op="create") == 1
+        assert metric_value(text, "rnnserve_store_degraded_total", op="checkpoint") == 2
+    finally:
+        assert a.stop() == 0
+
+
+@pytest.mark.parametrize("mode", ["refuse", "degrade"])
+def test_a_server_starts_with_the_store_down(repo, tmp_path, mode) -> None:
+    a = serve(repo, tmp_path, "a", "redis://127.0.0.1:1/0", "--store-timeout-ms", "200",
+              "--store-failure", mode)
+    try:
+        with Client(a.target, timeout=10) as client:
+            result, seconds = timed(client.open_session, "feat")
+            assert seconds < 3
+            if mode == "refuse":
+                assert result.code() == grpc.StatusCode.UNAVAILABLE
+            else:
+                assert client.step(result.session_id, 0, X[:2])["logits"].shape == (2, 7)
+    finally:
+        assert a.stop() == 0
+    assert "session store unreachable at start" in (tmp_path / "a.log").read_text()
