@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -234,6 +235,44 @@ class Spawned:
         self._log.close()
 
 
+class RedisProcess:
+    """A throw-away redis-server on 127.0.0.1 (no persistence), for --redis-store."""
+
+    def __init__(self, workdir: Path) -> None:
+        import socket
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RnnserveError("--redis-store needs redis-server (apt-get install "
+                                "redis-server)")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as c:
+                    c.sendall(b"PING\r\n")
+                    if c.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise RnnserveError("redis-server did not start for --redis-store")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
 def as_array(data: Data, meta: pb.ModelMetadata) -> np.ndarray:
     if isinstance(data, bytes):
         return np.frombuffer(data, dtype="<i2" if meta.input_kind == "pcm16" else np.uint8)
@@ -354,11 +393,14 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
               levels: list[int], duration_s: float, chunk_ms: int, chunk_bytes: int,
               out: Path, serve_flags: list[str], *, make_plot: bool = True,
               baselines: bool = False, load_procs: int = 1, max_batch_size: int = 64,
-              saturation_streams: int = 0, idle_sessions: int = 0) -> dict[str, Any]:
+              saturation_streams: int = 0, idle_sessions: int = 0,
+              redis_store: bool = False) -> dict[str, Any]:
     if (server is None) == (repo is None):
         raise RnnserveError("give either --server HOST:PORT or --repo DIR (to start one)")
     if baselines and repo is None:
         raise RnnserveError("--baselines starts its own servers: give --repo, not --server")
+    if redis_store and repo is None:
+        raise RnnserveError("--redis-store starts its own servers: give --repo, not --server")
     if idle_sessions and repo is None:
         raise RnnserveError("--idle-sessions measures a server it starts: give --repo")
     if not levels or min(levels) < 1:
@@ -389,6 +431,21 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         finally:
             if spawned is not None:
                 spawned.stop()
+        if redis_store:
+            assert repo is not None
+            redis = RedisProcess(out)
+            try:
+                log(f"\nrnnserve with the Redis session store ({redis.url}; every step "
+                    f"written before it is answered)\n{HEADER}")
+                on_redis = Spawned.rnnserve(repo, [*flags, f"--session-store={redis.url}"],
+                                            out / "server-redis.log")
+                try:
+                    runs["redis_store"] = sweep(gen, on_redis.target, meta, levels,
+                                                duration_s, chunk_ms, chunk_bytes, log)
+                finally:
+                    on_redis.stop()
+            finally:
+                redis.stop()
         ceiling: dict[str, Any] | None = None
         if baselines:
             assert repo is not None
@@ -443,6 +500,12 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
     }
     if memory is not None:
         report["idle_memory"] = memory
+    if redis_store:
+        report["redis_store"] = {
+            "capacity_streams": caps["redis_store"],
+            "capacity_vs_memory": _ratio(caps["redis_store"], caps["rnnserve"]),
+            "levels": _levels_json(runs["redis_store"]),
+        }
     if baselines:
         assert ceiling is not None
         report["baselines"] = {
@@ -465,6 +528,9 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
               f"vs unbatched {caps['unbatched']}: {r['capacity_vs_unbatched']}; "
               f"saturation throughput vs compute ceiling: "
               f"{r['saturation_vs_compute_ceiling']}")
+    if redis_store:
+        print(f"  with the Redis session store: {caps['redis_store']} streams "
+              f"({report['redis_store']['capacity_vs_memory']} of the in-memory store's)")
     if busy >= BUSY:
         print(f"note: a load process was {busy:.0%} busy: the load generator may be the "
               "limit; run with more --load-procs (or on another machine)")

@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--baselines", action="store_true",
                    help="also measure the transport ceiling (no model), rnnserve unbatched "
                    "and the compute ceiling (onnxruntime alone), and print the ratios")
+    b.add_argument("--redis-store", action="store_true",
+                   help="also run the levels with a server on the Redis session store (a "
+                   "redis-server started for the run) and compare the capacities")
     b.add_argument("--load-procs", type=_positive, default=2,
                    help="processes generating the load (default 2)")
     b.add_argument("--max-batch-size", type=_positive, default=64,
@@ -293,7 +296,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               chunk_ms, chunk_bytes, Path(args.out), args.serve_arg,
               make_plot=not args.no_plot, baselines=args.baselines,
               load_procs=args.load_procs, max_batch_size=args.max_batch_size,
-              saturation_streams=args.saturation_streams, idle_sessions=args.idle_sessions)
+              saturation_streams=args.saturation_streams, idle_sessions=args.idle_sessions,
+              redis_store=args.redis_store)
     return 0
 
 

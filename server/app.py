@@ -6,6 +6,7 @@ Only this module reads ``Settings``; the parts get narrow arguments.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -158,6 +159,11 @@ class RnnServer:
         for rt in self.registry:
             log.info("serving %s version %d (%s, %s input) on %s", rt.name, rt.version,
                      rt.meta.arch, rt.meta.input.kind, rt.provider)
+        # Everything loaded so far lives as long as the server: keep it out of the
+        # cyclic garbage collector's full passes, which otherwise stop the event loop
+        # for ~100 ms (measured with the speech-small workload) and set the p99.
+        gc.collect()
+        gc.freeze()
 
     def _session_event(self, event: str, session: Session) -> None:
         self.metrics.session_event(event, session.model, session.version)

@@ -39,21 +39,37 @@ def encode(session: Session, state: list[np.ndarray] | None = None, next_seq: in
     state = session.state if state is None else state
     next_seq = session.next_seq if next_seq is None else next_seq
     answer = session.answer if answer is None else answer
-    arrays = [np.ascontiguousarray(a) for a in state]
+    # on every step's path with a shared store: dtype names cached, no copies where the
+    # arrays are little-endian already (tobytes is row-major whatever the strides)
+    arrays = list(state)
     header: dict[str, Any] = {
         "id": session.id, "model": session.model, "version": session.version,
-        "next_seq": next_seq, "state": [[a.dtype.name, list(a.shape)] for a in arrays],
+        "next_seq": next_seq, "state": [[_name(a), list(a.shape)] for a in arrays],
         "answer": None,
     }
     if answer is not None:
-        outs = [(name, np.ascontiguousarray(a)) for name, a in answer.outputs]
         header["answer"] = {"seq": answer.seq, "digest": answer.digest.hex(), "end": answer.end,
-                            "outputs": [[n, a.dtype.name, list(a.shape)] for n, a in outs]}
-        arrays += [a for _, a in outs]
+                            "outputs": [[n, _name(a), list(a.shape)] for n, a in answer.outputs]}
+        arrays += [a for _, a in answer.outputs]
     head = json.dumps(header, separators=(",", ":")).encode()
-    body = b"".join([MAGIC, struct.pack("<I", len(head)), head,
-                     *(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes() for a in arrays)])
+    body = b"".join([MAGIC, struct.pack("<I", len(head)), head, *map(_le_bytes, arrays)])
     return body + struct.pack("<I", zlib.crc32(body))
+
+
+_NAMES: dict[np.dtype[Any], str] = {}
+
+
+def _name(a: np.ndarray) -> str:
+    name = _NAMES.get(a.dtype)
+    if name is None:
+        name = _NAMES[a.dtype] = a.dtype.name
+    return name
+
+
+def _le_bytes(a: np.ndarray) -> bytes:
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return a.tobytes()
 
 
 def _corrupt(session_id: str, why: str) -> RecordCorrupt:

@@ -4,21 +4,23 @@ Every server keeps its live sessions in memory (``MemorySessionStore``) and, wit
 shared store, writes each session's record (``server/records.py``) to Redis after each
 step, before the step is answered: a client that got an answer can resume the session
 on any replica, from exactly that point. The writes of one batch go out together in
-one pipeline (group commit: while one flush is in flight, the next collects).
+one script call (group commit: while one flush is in flight, the next collects). That
+call writes many sessions' keys, so the store is one Redis (with replicas if you like),
+not a Redis Cluster.
 
-Per session two keys, in one hash slot (``{id}``) for Redis Cluster:
+Per session three keys (their ``{id}`` hash tag keeps them in one slot):
 
 - ``rnnserve:{id}:s``: a hash with ``seq`` (the next chunk's number) and ``data`` (the
   record), expiring after the idle timeout;
 - ``rnnserve:{id}:l``: the lease, the id of the server that writes the session,
-  expiring after ``lease_s`` unless a step renews it.
+  expiring after ``lease_s`` unless a step renews it;
+- ``rnnserve:{id}:f``: the record a session's last chunk left, for a minute.
 
 Every write is a Lua script that checks the lease (another holder: ``SessionHeld``,
 ABORTED, with the time left) and compares the stored ``seq`` with the one the step
 started from (another server advanced the session: ``SessionMoved``, ABORTED), so two
 servers can never interleave steps of one session nor write an older state over a
-newer one. The chunk that ends a session moves its record to ``rnnserve:{id}:f`` for a
-minute, for a retry of that chunk on another server. Redis errors and timeouts become
+newer one. Redis errors and timeouts become
 ``StoreUnavailable`` (UNAVAILABLE): nothing waits longer than ``timeout_s``.
 """
 
@@ -52,25 +54,37 @@ redis.call('DEL', KEYS[3])
 return {'ok', 0}
 """
 
-# KEYS: record, lease, final. ARGV: owner, data, ttl ms, lease ms, from seq, to seq,
-# final (1: the chunk ended the session; its record moves to the final key),
-# upsert (1: write a missing record, for servers that degrade while the store is down).
-_WRITE = """
-local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[1] then return {'held', redis.call('PTTL', KEYS[2])} end
-local seq = redis.call('HGET', KEYS[1], 'seq')
-if seq ~= ARGV[5] and not (seq == false and ARGV[8] == '1') then
-  return {'moved', seq or -1}
+# A batch's steps in one script call. ARGV: owner, ttl ms, lease ms, upsert (1: write a
+# missing record, for servers that degrade while the store is down), key prefix, then
+# per session: "FROM TO FINAL ID" (FINAL 1: the chunk ended the session; its record
+# moves to the final key) and the record. The keys are built here from the ids (fewer
+# arguments to pack per step: the write is on every step's path). Returns the failures
+# only, flat: index, 'held' or 'moved', and the lease's time left or the stored seq.
+_WRITE_MANY = """
+local owner, ttl, lease, upsert, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local failed = {}
+for i = 0, (#ARGV - 5) / 2 - 1 do
+  local from, to, final, sid = string.match(ARGV[2 * i + 6], '^(%-?%d+) (%d+) (%d) (.*)$')
+  local data = ARGV[2 * i + 7]
+  local base = prefix .. ':{' .. sid .. '}:'
+  local rec, lk = base .. 's', base .. 'l'
+  local holder = redis.call('GET', lk)
+  local seq = redis.call('HGET', rec, 'seq')
+  if holder and holder ~= owner then
+    table.insert(failed, i); table.insert(failed, 'held')
+    table.insert(failed, redis.call('PTTL', lk))
+  elseif seq ~= from and not (seq == false and upsert == '1') then
+    table.insert(failed, i); table.insert(failed, 'moved'); table.insert(failed, seq or -1)
+  elseif final == '1' then
+    redis.call('DEL', rec, lk)
+    redis.call('SET', base .. 'f', data, 'PX', 60000)
+  else
+    redis.call('HSET', rec, 'seq', to, 'data', data)
+    redis.call('PEXPIRE', rec, ttl)
+    redis.call('SET', lk, owner, 'PX', lease)
+  end
 end
-if ARGV[7] == '1' then
-  redis.call('DEL', KEYS[1], KEYS[2])
-  redis.call('SET', KEYS[3], ARGV[2], 'PX', 60000)
-  return {'ok', 0}
-end
-redis.call('HSET', KEYS[1], 'seq', ARGV[6], 'data', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
-return {'ok', 0}
+return failed
 """
 
 # KEYS: record, lease. ARGV: owner, lease ms. The record, with the lease taken.
@@ -117,7 +131,7 @@ class RedisStore:
                                               socket_connect_timeout=timeout_s,
                                               retry_on_timeout=False)
         self._create = self._redis.register_script(_CREATE)
-        self._write = self._redis.register_script(_WRITE)
+        self._write_many = self._redis.register_script(_WRITE_MANY)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._delete = self._redis.register_script(_DELETE)
         self._release = self._redis.register_script(_RELEASE)
@@ -212,8 +226,7 @@ class RedisStore:
         """Write a step's record, fenced by the lease and the sequence number; returns
         once it is in Redis. Steps that finish together are written in one pipeline."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        args = [self.owner, data, self.ttl_ms, self.lease_ms, from_seq, to_seq,
-                1 if final else 0, 1 if self.upsert else 0]
+        args = [f"{from_seq} {to_seq} {1 if final else 0} {sid}", data]
         self._queue.append((sid, args, fut))
         if self._flushing is None:
             self._flushing = asyncio.get_running_loop().create_task(self._flush())
@@ -227,10 +240,11 @@ class RedisStore:
 
                 async def run(batch: list[tuple[str, list[Any],
                                                 asyncio.Future[None]]] = batch) -> Any:
-                    pipe = self._redis.pipeline(transaction=False)
-                    for sid, args, _ in batch:
-                        await self._write(keys=self._keys(sid), args=args, client=pipe)
-                    return await pipe.execute(raise_on_error=False)
+                    args: list[Any] = [self.owner, self.ttl_ms, self.lease_ms,
+                                       1 if self.upsert else 0, self.prefix]
+                    for _, a, _ in batch:
+                        args += a
+                    return await self._write_many(keys=[], args=args)
 
                 try:
                     results = await self._call("checkpoint", run)
@@ -239,13 +253,14 @@ class RedisStore:
                         if not fut.done():
                             fut.set_exception(StoreUnavailable(str(exc)))
                     continue
-                for (sid, _, fut), status in zip(batch, results, strict=True):
+                failures = {int(results[i]): results[i + 1:i + 3]
+                            for i in range(0, len(results), 3)}
+                for i, (sid, _, fut) in enumerate(batch):
                     if fut.done():
                         continue
                     try:
-                        if isinstance(status, Exception):
-                            raise StoreUnavailable(f"the session store refused a write: {status}")
-                        self._check(sid, status)
+                        if i in failures:
+                            self._check(sid, failures[i])
                         fut.set_result(None)
                     except Exception as exc:
                         fut.set_exception(exc)

@@ -77,3 +77,20 @@ def test_bench_refuses_bad_arguments(tmp_path) -> None:
     assert proc.returncode == 2 and "--server" in proc.stderr
     proc = rnnserve("bench", "--server", "127.0.0.1:1", "--model", "x", "--baselines")
     assert_one_line_error(proc, "--baselines", "--repo")
+
+
+def test_bench_compares_the_redis_session_store(tmp_path) -> None:
+    repo = build_repo(tmp_path)
+    out = tmp_path / "bench"
+    proc = rnnserve("bench", "--repo", str(repo), "--model", "feat", "--streams", "2",
+                    "--duration-s", "1", "--out", str(out), "--redis-store", "--no-plot",
+                    "--serve-arg=--intra-op-threads=1", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "with the Redis session store:" in proc.stdout
+    report = json.loads((out / "bench.json").read_text())
+    store = report["redis_store"]
+    (level,) = store["levels"]
+    assert level["streams"] == 2 and level["answered"] > 0 and level["errors"] == {}
+    assert store["capacity_streams"] in (0, 2)
+    assert "session store redis://127.0.0.1:" in (out / "server-redis.log").read_text()
+
