@@ -44,7 +44,15 @@ from rnnserve.protos.oip import (
 from rnnserve.protos.tensors import TensorError
 from rnnserve.server.api import DRAINING, StreamGate
 from rnnserve.server.core import ChunkInput, Core
-from rnnserve.server.errors import CoreError, InvalidChunk, SessionError, ShuttingDown
+from rnnserve.server.errors import (
+    CoreError,
+    InvalidChunk,
+    SessionClosed,
+    SessionEvicted,
+    SessionExpired,
+    SessionNotFound,
+    ShuttingDown,
+)
 from rnnserve.server.interceptor import rpc_model
 from rnnserve.server.runtime import ModelRuntime
 
@@ -323,12 +331,16 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 session, _ = await self.core.open(runtime.name, runtime.version, sid)
             else:
                 try:
-                    session = self.core.store.get(sid)
+                    if self.core.shared is not None and self.core.store.peek(sid) is None:
+                        # started on another replica: continue from the shared store
+                        session, _ = await self.core.open(runtime.name, 0, sid, resume=True)
+                    else:
+                        session = self.core.store.get(sid)
                     if version and session.version != runtime.version:
                         raise InvalidChunk(f"sequence {seq.label} runs on version "
                                            f"{session.version} of model {runtime.name!r}, "
                                            f"not {runtime.version}")
-                except SessionError as exc:
+                except (SessionNotFound, SessionExpired, SessionClosed, SessionEvicted) as exc:
                     refused = InvalidChunk(
                         f"inference request for sequence {seq.label} to model "
                         f"'{runtime.name}' must specify the START flag on the first request "

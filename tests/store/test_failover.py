@@ -196,3 +196,35 @@ def test_corrupted_truncated_and_foreign_records_are_never_loaded(repo, redis_se
                 assert code == code_want and fragment in msg, (code, msg)
     finally:
         assert a.stop() == 0
+
+
+def test_an_open_inference_protocol_sequence_continues_on_another_server(repo, redis_server,
+                                                                        tmp_path) -> None:
+    """A Triton-style sequence started on A goes on at B after A drains: B loads it from
+    the store on the next request (no resume call exists in that protocol)."""
+    from rnnserve.protos.inference import grpc_service_pb2 as oip
+    from rnnserve.protos.inference import grpc_service_pb2_grpc as oip_grpc
+
+    from ..oip.test_protocol import logits, request
+
+    x = np.random.default_rng(5).standard_normal((1, 10, 20)).astype(np.float32)
+    a = serve(repo, tmp_path, "a", redis_server.url)
+    b = serve(repo, tmp_path, "b", redis_server.url)
+    try:
+        with grpc.insecure_channel(a.target) as ca, grpc.insecure_channel(b.target) as cb:
+            on_a, on_b = oip_grpc.GRPCInferenceServiceStub(ca), \
+                oip_grpc.GRPCInferenceServiceStub(cb)
+            parts = [logits(on_a.ModelInfer(request(x[:, :4], sequence_id=9,
+                                                    sequence_start=True)))]
+            assert a.stop() == 0  # drains, hands the sequence over
+            parts.append(logits(on_b.ModelInfer(request(x[:, 4:], sequence_id=9,
+                                                        sequence_end=True))))
+            with pytest.raises(grpc.RpcError) as info:
+                on_b.ModelInfer(request(x[:, :1], sequence_id=9))
+            assert "must specify the START flag" in info.value.details()
+            assert on_b.ServerReady(oip.ServerReadyRequest()).ready
+    finally:
+        a.stop()
+        assert b.stop() == 0
+    got = np.concatenate(parts, axis=1)[0]
+    assert float(np.abs(got - whole_run(repo, "feat", 1, x[0])).max()) <= 1e-5
