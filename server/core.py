@@ -30,7 +30,9 @@ from rnnserve.server.errors import (
     SessionBusy,
     SessionClosed,
     SessionError,
+    SessionEvicted,
     SessionExists,
+    SessionExpired,
     SessionHeld,
     SessionMoved,
     SessionNotFound,
@@ -76,6 +78,9 @@ def digest(x: np.ndarray) -> bytes:
 # model is "" and version 0 when the session was not found.
 ChunkHook = Callable[[str, str, int, str, float, float | None], None]
 
+
+# A session this server does not hold (any more), by the reason it gives.
+GONE = (SessionNotFound, SessionClosed, SessionEvicted, SessionExpired)
 
 # Called when a session is resumed: (model, version, where its state came from:
 # "memory" when this server held it, "store" when loaded from the shared store).
@@ -200,15 +205,17 @@ class Core:
         try:
             try:
                 session = self.store.get(session_id)
-            except (SessionClosed, SessionNotFound):
-                ended = await self._final(session_id)
-                if ended is None or ended.answer is None or seq != ended.answer.seq:
-                    raise
-                session = ended  # a retry of the chunk that ended it
-                out = self._retry(session_id, ended.answer,
-                                  self.registry.get(ended.model, ended.version), chunk)
-                code = "OK"
-                return out
+            except GONE as gone:
+                session = await self._recover(session_id, gone)
+                if session is None:  # maybe a retry of the chunk that ended it
+                    ended = await self._final(session_id)
+                    if ended is None or ended.answer is None or seq != ended.answer.seq:
+                        raise
+                    session = ended
+                    out = self._retry(session_id, ended.answer,
+                                      self.registry.get(ended.model, ended.version), chunk)
+                    code = "OK"
+                    return out
             out = await self._step(session, seq, chunk, end)
             code = "OK"
             return out
@@ -280,6 +287,18 @@ class Core:
             # another server owns it now: this copy must never answer again
             self.store.close(session.id)
             raise
+
+    async def _recover(self, session_id: str, gone: SessionError) -> Session | None:
+        """A step for a session this server does not hold (never did, or evicted it):
+        with a shared store, take it from there, so that any replica can go on with it
+        and eviction only moves a session out of memory. None if the store has none."""
+        if self.shared is None or isinstance(gone, SessionClosed):
+            return None
+        try:
+            session, _ = await self._resume("", 0, session_id)
+        except GONE:
+            return None
+        return session
 
     async def _final(self, session_id: str) -> Session | None:
         """The ended session whose last answer a retry may get, here or in the store."""

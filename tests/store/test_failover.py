@@ -228,3 +228,29 @@ def test_an_open_inference_protocol_sequence_continues_on_another_server(repo, r
         assert b.stop() == 0
     got = np.concatenate(parts, axis=1)[0]
     assert float(np.abs(got - whole_run(repo, "feat", 1, x[0])).max()) <= 1e-5
+
+
+def test_any_replica_steps_a_session_and_eviction_only_spills_it(repo, redis_server,
+                                                                 tmp_path) -> None:
+    """With the shared store a unary step needs no resume call nor affinity: a replica
+    that does not hold the session takes it from the store; and a session evicted from
+    memory (--max-sessions 1 here) comes back from the store on its next step."""
+    x = np.random.default_rng(6).standard_normal((9, 20)).astype(np.float32)
+    want = whole_run(repo, "feat", 1, x)
+    a = serve(repo, tmp_path, "a", redis_server.url, "--max-sessions", "1")
+    b = serve(repo, tmp_path, "b", redis_server.url)
+    try:
+        with Client(a.target, timeout=10) as on_a, Client(b.target, timeout=10) as on_b:
+            first = on_a.open_session("feat").session_id
+            parts = [on_a.step(first, 0, x[:3])["logits"]]
+            second = on_a.open_session("feat").session_id  # evicts the first from memory
+            on_a.step(second, 0, x[:1])
+            parts.append(on_a.step(first, 1, x[3:6])["logits"])  # back from the store
+            assert a.stop() == 0
+            parts.append(on_b.step(first, 2, x[6:], end=True)["logits"])  # no resume call
+        text = b.metrics()
+    finally:
+        a.stop()
+        assert b.stop() == 0
+    assert float(np.abs(np.concatenate(parts) - want).max()) <= 1e-5
+    assert metric_value(text, "rnnserve_session_resumes_total", source="store") == 1
