@@ -108,7 +108,6 @@ class Core:
         self._on_degraded = on_degraded
         self.accepting = True
         self._busy: set[str] = set()
-        self.retries = 0  # chunks answered again from a session's stored answer
 
     def _degraded(self, op: str, exc: StoreUnavailable) -> None:
         if not self.degrade:
@@ -320,7 +319,6 @@ class Core:
         if digest(x) != answer.digest:
             raise OutOfOrder(f"session {session_id!r} already applied chunk {answer.seq} "
                              f"with other data; its next chunk is {answer.seq + 1}")
-        self.retries += 1
         return ChunkOutput(answer.seq, answer.outputs, answer.end)
 
     def check(self, runtime: ModelRuntime, chunk: ChunkInput, api: str) -> np.ndarray:

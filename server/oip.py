@@ -12,6 +12,8 @@ Triton ends a sequence that did not end before its id started again); an end clo
 it after answering; a request without an id runs from a zero state and keeps
 nothing. Requests of one sequence run in arrival order, from any number of streams
 and calls; different sequences on one stream run concurrently and batch together.
+With a shared session store, a sequence this server does not hold is taken from the
+store on its next request, so sequences survive their server.
 
 Errors: ``ModelInfer`` ends with the status code of the core's error (see
 ``server/errors.py``); ``ModelStreamInfer`` answers a failed request with

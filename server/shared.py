@@ -224,7 +224,11 @@ class RedisStore:
     async def checkpoint(self, sid: str, data: bytes, from_seq: int, to_seq: int,
                          final: bool) -> None:
         """Write a step's record, fenced by the lease and the sequence number; returns
-        once it is in Redis. Steps that finish together are written in one pipeline."""
+        once it is in Redis. Steps that finish together are written in one script call.
+
+        If the caller is cancelled meanwhile, the write may still land: the store is
+        then one chunk ahead of this server's copy, whose next write is refused as
+        moved; the client resumes and its retry of that chunk gets the stored answer."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         args = [f"{from_seq} {to_seq} {1 if final else 0} {sid}", data]
         self._queue.append((sid, args, fut))
