@@ -264,8 +264,8 @@ def test_stream_answers_errors_in_band_and_keeps_each_sequence_in_order(server, 
 
 
 def test_native_and_oip_streams_batch_together(repo, tmp_path) -> None:
-    """Two native sessions and two OIP sequences step at once: every step of the four
-    runs in one batch of 4, and each gets exactly its own result."""
+    """Two native streams and two Open Inference Protocol streams step at once: every
+    step of the four runs in one batch of 4, and each gets exactly its own result."""
     srv = start_server(repo, tmp_path / "server.log", "--max-batch-delay-ms", "1000",
                        "--max-batch-size", "4")
     rounds = 6
@@ -283,11 +283,16 @@ def test_native_and_oip_streams_batch_together(repo, tmp_path) -> None:
 
         async def oip(stub, x: np.ndarray, sid: str, go: list[asyncio.Event]):
             ys = []
+            call = stub.ModelStreamInfer()  # Triton's stream, one request per round
             for k in range(rounds):
                 await go[k].wait()
-                r = request(x[None, 2 * k:2 * k + 2], sequence_id=sid, sequence_start=k == 0,
-                            sequence_end=k == rounds - 1)
-                ys.append(logits(await stub.ModelInfer(r))[0])
+                await call.write(request(x[None, 2 * k:2 * k + 2], sequence_id=sid,
+                                         sequence_start=k == 0, sequence_end=k == rounds - 1))
+                resp = await call.read()
+                assert not resp.error_message, resp.error_message
+                ys.append(logits(resp.infer_response)[0])
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
             return np.concatenate(ys)
 
         async def main():
