@@ -58,6 +58,15 @@ def _routing(session_id: str) -> tuple[tuple[str, str], ...]:
     return ((SESSION_HEADER, session_id),)
 
 
+def _credentials(root_certificates: bytes | None, private_key: bytes | None,
+                 certificate_chain: bytes | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials when any TLS material is given (a client certificate for mutual
+    TLS with ``private_key`` and ``certificate_chain``), else None (plaintext)."""
+    if root_certificates is None and private_key is None and certificate_chain is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
 def outputs(result: pb.ChunkResult) -> dict[str, np.ndarray]:
     return {o.name: from_tensor(o.tensor) for o in result.outputs}
 
@@ -125,7 +134,7 @@ class StreamSession:
         self._outbox = asyncio.Queue()
         self._failed = False
         self._call = stub.Stream(self._requests(self._outbox), timeout=self._timeout,
-                                 metadata=_routing(req.session_id))
+                                 metadata=self._client.metadata(req.session_id))
         self._outbox.put_nowait(pb.StreamRequest(open=req))
         info = (await self._read("opening the session")).opened
         self.session_id, self.model, self.version = info.session_id, info.model, info.version
@@ -209,14 +218,24 @@ class AsyncClient:
 
     def __init__(self, target: str | Sequence[str], *, timeout: float | None = None,
                  options: list[tuple[str, Any]] | None = None,
-                 reconnect_s: float = 0.0) -> None:
+                 reconnect_s: float = 0.0, token: str | None = None,
+                 root_certificates: bytes | None = None, private_key: bytes | None = None,
+                 certificate_chain: bytes | None = None) -> None:
         self.targets = [target] if isinstance(target, str) else list(target)
-        self._channels = [grpc.aio.insecure_channel(t, options=options) for t in self.targets]
+        creds = _credentials(root_certificates, private_key, certificate_chain)
+        self._auth = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channels = [grpc.aio.secure_channel(t, creds, options=options) if creds
+                          else grpc.aio.insecure_channel(t, options=options)
+                          for t in self.targets]
         self._stubs = [pb_grpc.InferenceStub(c) for c in self._channels]
         self.stub = self._stubs[0]
         self._turn = 0
         self.timeout = timeout
         self.reconnect_s = reconnect_s
+
+    def metadata(self, session_id: str = "") -> tuple[tuple[str, str], ...]:
+        """What every call carries: the bearer token, and the routing header."""
+        return self._auth + (_routing(session_id) if session_id else ())
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -249,19 +268,26 @@ class AsyncClient:
         return session
 
     async def list_models(self) -> list[pb.ModelMetadata]:
-        resp = await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+        resp = await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout,
+                                          metadata=self.metadata())
         return list(resp.models)
 
     async def model_metadata(self, model: str, version: int = 0) -> pb.ModelMetadata:
         return await self.stub.GetModelMetadata(
-            pb.GetModelMetadataRequest(model=model, version=version), timeout=self.timeout)
+            pb.GetModelMetadataRequest(model=model, version=version), timeout=self.timeout,
+            metadata=self.metadata())
 
 
 class Client:
     """Synchronous client: unary calls for clients that cannot stream."""
 
-    def __init__(self, target: str, *, timeout: float | None = None) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(self, target: str, *, timeout: float | None = None, token: str | None = None,
+                 root_certificates: bytes | None = None, private_key: bytes | None = None,
+                 certificate_chain: bytes | None = None) -> None:
+        creds = _credentials(root_certificates, private_key, certificate_chain)
+        self._channel = (grpc.secure_channel(target, creds) if creds
+                         else grpc.insecure_channel(target))
+        self._auth = (("authorization", f"Bearer {token}"),) if token else ()
         self.stub = pb_grpc.InferenceStub(self._channel)
         self.timeout = timeout
 
@@ -280,18 +306,19 @@ class Client:
         session_id = session_id or new_session_id()
         return self.stub.OpenSession(pb.OpenSessionRequest(
             model=model, version=version, session_id=session_id, resume=resume),
-            timeout=self.timeout, metadata=_routing(session_id))
+            timeout=self.timeout, metadata=self._auth + _routing(session_id))
 
     def step(self, session_id: str, seq: int, data: Data, end: bool = False,
              pcm16: bool = False) -> dict[str, np.ndarray]:
         resp = self.stub.Step(pb.StepRequest(session_id=session_id,
                                              chunk=make_chunk(seq, data, end, pcm16=pcm16)),
-                              timeout=self.timeout, metadata=_routing(session_id))
+                              timeout=self.timeout, metadata=self._auth + _routing(session_id))
         return outputs(resp.result)
 
     def close_session(self, session_id: str) -> None:
         self.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id),
-                               timeout=self.timeout, metadata=_routing(session_id))
+                               timeout=self.timeout, metadata=self._auth + _routing(session_id))
 
     def list_models(self) -> list[pb.ModelMetadata]:
-        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
+        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout,
+                                         metadata=self._auth).models)

@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,12 +23,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 
-from rnnserve.errors import ModelRepositoryError
+from rnnserve.errors import ModelRepositoryError, UsageError
 from rnnserve.protos.inference import grpc_service_pb2 as oip_pb
 from rnnserve.protos.inference import grpc_service_pb2_grpc as oip_grpc
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.server.api import InferenceServicer, StreamGate
+from rnnserve.server.auth import TokenAuth, load_tokens
 from rnnserve.server.batcher import Batcher
 from rnnserve.server.core import Core
 from rnnserve.server.errors import StoreUnavailable
@@ -43,6 +45,13 @@ log = logging.getLogger("rnnserve.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 LINGER_S = 0.25  # after the last RPC of a drain ends, before connections close
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {str(path)!r}: {exc.strerror}") from None
 
 
 class ReflectionPool:
@@ -136,7 +145,12 @@ class RnnServer:
                    max_sessions=s.max_sessions, max_state_bytes=s.max_state_bytes)))
 
         self.rpcs = MetricsInterceptor(self.metrics)
-        self.server = grpc.aio.server(interceptors=[self.rpcs])
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.rpcs]  # counts denials too
+        if s.tokens_file is not None:
+            tokens = load_tokens(s.tokens_file)
+            interceptors.append(TokenAuth(tokens))
+            log.info("bearer-token authentication: %d token(s)", len(tokens))
+        self.server = grpc.aio.server(interceptors=interceptors)
         self.streams = StreamGate()
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.core, self.streams),
                                                 self.server)
@@ -148,7 +162,17 @@ class RnnServer:
         if s.reflection:
             names.append(reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, self.server, pool=ReflectionPool())
-        self.grpc_port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        address = f"{s.host}:{s.grpc_port}"
+        if s.tls_cert_file is not None:
+            assert s.tls_key_file is not None
+            ca = _read(s.tls_client_ca_file) if s.tls_client_ca_file is not None else None
+            credentials = grpc.ssl_server_credentials(
+                [(_read(s.tls_key_file), _read(s.tls_cert_file))], root_certificates=ca,
+                require_client_auth=ca is not None)
+            self.grpc_port = self.server.add_secure_port(address, credentials)
+            log.info("gRPC over TLS%s", " with client certificates (mutual TLS)" if ca else "")
+        else:
+            self.grpc_port = self.server.add_insecure_port(address)
         await self.server.start()
         self._httpd, _ = start_http_server(s.metrics_port, addr=s.host,
                                            registry=self.metrics.registry)

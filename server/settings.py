@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -66,6 +66,15 @@ class Settings(BaseSettings):
     another replica can resume the session this long after the last step."""
     store_timeout_ms: float = Field(500.0, gt=0)
     """Longest wait for the shared store per operation."""
+    tls_cert_file: Path | None = None
+    """PEM certificate (chain) of the server: gRPC over TLS (needs tls_key_file)."""
+    tls_key_file: Path | None = None
+    """PEM private key of tls_cert_file."""
+    tls_client_ca_file: Path | None = None
+    """PEM CA certificates: require a client certificate they signed (mutual TLS)."""
+    tokens_file: Path | None = None
+    """Bearer tokens, one 'TOKEN [PRINCIPAL]' per line: calls without one get
+    UNAUTHENTICATED (health checks excepted)."""
     reflection: bool = True
     """Serve gRPC server reflection."""
 
@@ -76,6 +85,15 @@ class Settings(BaseSettings):
             raise ValueError("session_store must be 'memory' or a redis://, rediss:// or "
                              f"unix:// URL, got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and "
+                             "tls_key_file")
+        return self
 
     _config_file: ClassVar[Path | None] = None  # set only while load() builds one
 

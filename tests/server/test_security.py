@@ -1,0 +1,138 @@
+"""TLS, mutual TLS and bearer tokens on a real server, with certificates made by the
+test (openssl): who is refused, with which status, and that health stays open."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rnnserve.client import Client
+from rnnserve.protos.inference import grpc_service_pb2 as oip
+from rnnserve.protos.inference import grpc_service_pb2_grpc as oip_grpc
+
+from .serving import metric_value, start_server
+
+TOKEN = "s3cret-token-0123456789"
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A CA, a server certificate for 127.0.0.1/localhost, a client certificate, and a
+    client certificate from another CA."""
+    d = tmp_path_factory.mktemp("pki")
+    for ca in ("ca", "rogue-ca"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-subj", f"/CN={ca}", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, ca, ext in (("server", "ca", ["-extfile", "san.ext"]), ("client", "ca", []),
+                          ("rogue", "rogue-ca", [])):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+                "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+                "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", *ext, cwd=d)
+    return d
+
+
+def works(client: Client) -> bool:
+    try:
+        sid = client.open_session("feat").session_id
+        client.step(sid, 0, np.zeros((2, 20), dtype=np.float32), end=True)
+        return True
+    except grpc.RpcError:
+        return False
+
+
+def test_tls_serves_tls_clients_only(repo, pki, tmp_path) -> None:
+    srv = start_server(repo, tmp_path / "s.log", "--tls-cert-file", str(pki / "server.pem"),
+                       "--tls-key-file", str(pki / "server.key"))
+    try:
+        ca = (pki / "ca.pem").read_bytes()
+        with Client(srv.target, timeout=5, root_certificates=ca) as client:
+            assert works(client)
+        with Client(srv.target, timeout=5) as plaintext:
+            with pytest.raises(grpc.RpcError) as info:
+                plaintext.open_session("feat")
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        rogue = (pki / "rogue-ca.pem").read_bytes()  # the client does not trust the server
+        with Client(srv.target, timeout=5, root_certificates=rogue) as client:
+            assert not works(client)
+    finally:
+        assert srv.stop() == 0
+    assert "gRPC over TLS" in (tmp_path / "s.log").read_text()
+
+
+def test_mutual_tls_refuses_clients_without_a_certificate_from_the_ca(repo, pki,
+                                                                      tmp_path) -> None:
+    srv = start_server(repo, tmp_path / "s.log", "--tls-cert-file", str(pki / "server.pem"),
+                       "--tls-key-file", str(pki / "server.key"),
+                       "--tls-client-ca-file", str(pki / "ca.pem"))
+    ca = (pki / "ca.pem").read_bytes()
+    try:
+        with Client(srv.target, timeout=5, root_certificates=ca,
+                    private_key=(pki / "client.key").read_bytes(),
+                    certificate_chain=(pki / "client.pem").read_bytes()) as client:
+            assert works(client)
+        with Client(srv.target, timeout=5, root_certificates=ca) as no_cert:
+            assert not works(no_cert)
+        with Client(srv.target, timeout=5, root_certificates=ca,
+                    private_key=(pki / "rogue.key").read_bytes(),
+                    certificate_chain=(pki / "rogue.pem").read_bytes()) as rogue:
+            assert not works(rogue)
+    finally:
+        assert srv.stop() == 0
+
+
+def test_bearer_tokens_guard_both_apis_but_not_health(repo, tmp_path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"# token principal\n{TOKEN} alice\n{'x' * 20} bob\n")
+    srv = start_server(repo, tmp_path / "s.log", "--tokens-file", str(tokens))
+    try:
+        with Client(srv.target, timeout=5, token=TOKEN) as client:
+            assert works(client)
+        for token in (None, "wrong-token-0123456789", TOKEN[:-1]):
+            with Client(srv.target, timeout=5, token=token) as client:
+                with pytest.raises(grpc.RpcError) as info:
+                    client.open_session("feat")
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "bearer token" in info.value.details()
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = oip_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ServerMetadata(oip.ServerMetadataRequest())
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            meta = stub.ServerMetadata(oip.ServerMetadataRequest(),
+                                       metadata=(("authorization", f"Bearer {TOKEN}"),))
+            assert meta.name == "rnnserve"
+            with pytest.raises(grpc.RpcError) as info:  # streams are refused too
+                list(stub.ModelStreamInfer(iter([oip.ModelInferRequest(model_name="feat")])))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            health = health_pb2_grpc.HealthStub(channel)  # probes carry no token
+            assert health.Check(health_pb2.HealthCheckRequest()).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        text = srv.metrics()
+        assert metric_value(text, "rnnserve_requests_total", code="UNAUTHENTICATED") >= 5
+    finally:
+        assert srv.stop() == 0
+
+
+def test_bad_security_settings_fail_at_start_with_one_line(repo, tmp_path) -> None:
+    short = tmp_path / "short"
+    short.write_text("tooshort alice\n")
+    for flags, needle in [
+        (["--tls-cert-file", str(tmp_path / "c.pem")], "tls_cert_file and tls_key_file"),
+        (["--tls-client-ca-file", str(tmp_path / "ca.pem")], "needs tls_cert_file"),
+        (["--tokens-file", str(short)], "at least 16 characters"),
+        (["--tokens-file", str(tmp_path / "missing")], "cannot read the tokens file"),
+    ]:
+        with pytest.raises(RuntimeError) as info:
+            start_server(repo, tmp_path / "bad.log", *flags)
+        assert needle in str(info.value), str(info.value)
