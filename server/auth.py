@@ -6,12 +6,12 @@ stands for (``TOKEN [PRINCIPAL]``; ``#`` starts a comment). A call must carry
 before any handler runs. The token is compared with every listed token in constant
 time (``hmac.compare_digest``), so the answer's timing says nothing about how much of
 a token matched. Health checks stay open: load balancers and Kubernetes probes send
-no token. The principal of a call is available to handlers through ``principal()``.
+no token. The call's principal is set for the core (``server/identity.py``), which keeps
+each session to the principal that opened it.
 """
 
 from __future__ import annotations
 
-import contextvars
 import hmac
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,19 +20,11 @@ from typing import Any
 import grpc
 
 from rnnserve.errors import UsageError
+from rnnserve.server.identity import set_principal
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 MIN_TOKEN_CHARS = 16
 DENIED = "missing or invalid bearer token (send 'authorization: Bearer <token>')"
-
-_principal: contextvars.ContextVar[str] = contextvars.ContextVar("rnnserve_principal",
-                                                                  default="")
-
-
-def principal() -> str:
-    """Who the current call authenticated as ("" without token authentication)."""
-    return _principal.get()
-
 
 def load_tokens(path: Path) -> list[tuple[bytes, str]]:
     try:
@@ -78,7 +70,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         who = self._match(token.strip().encode()) if scheme.lower() == "bearer" else None
         if who is None:
             return _denying(handler)
-        _principal.set(who)  # the interceptor runs in the call's context
+        set_principal(who)  # the interceptor runs in the call's context
         return handler
 
 

@@ -33,12 +33,14 @@ from rnnserve.server.errors import (
     SessionEvicted,
     SessionExists,
     SessionExpired,
+    SessionForbidden,
     SessionHeld,
     SessionMoved,
     SessionNotFound,
     ShuttingDown,
     StoreUnavailable,
 )
+from rnnserve.server.identity import principal
 from rnnserve.server.runtime import ModelRegistry, ModelRuntime
 from rnnserve.server.sessions import Answer, Session, SessionStore
 from rnnserve.server.shared import RedisStore
@@ -63,6 +65,12 @@ class ChunkOutput:
     seq: int
     outputs: list[tuple[str, np.ndarray]]
     end: bool
+
+
+def _check_owner(session: Session) -> None:
+    """A session serves only the principal that opened it (with authentication on)."""
+    if session.owner != principal():
+        raise SessionForbidden(f"session {session.id!r} belongs to another principal")
 
 
 def digest(x: np.ndarray) -> bytes:
@@ -129,11 +137,13 @@ class Core:
             raise SessionExists(f"session {sid!r} already exists; resume it or pick another id")
         if self.shared is not None:
             try:
-                fresh = Session(sid, runtime.name, runtime.version, runtime.zero_state())
+                fresh = Session(sid, runtime.name, runtime.version, runtime.zero_state(),
+                                owner=principal())
                 await self.shared.create(sid, records.encode(fresh))
             except StoreUnavailable as exc:
                 self._degraded("create", exc)
         session = self.store.create(runtime.name, runtime.version, runtime.zero_state(), sid)
+        session.owner = principal()
         session.opened_at = time.perf_counter()
         return session, runtime
 
@@ -169,6 +179,7 @@ class Core:
                     source = "store"
                 self.store.restore(stored)
         session = self.store.get(sid)
+        _check_owner(session)
         runtime = self.registry.get(session.model, session.version)
         if model and (model != session.model or (version and version != session.version)):
             raise InvalidChunk(f"session {sid!r} belongs to model {session.model!r} "
@@ -211,10 +222,12 @@ class Core:
                     if ended is None or ended.answer is None or seq != ended.answer.seq:
                         raise
                     session = ended
+                    _check_owner(ended)
                     out = self._retry(session_id, ended.answer,
                                       self.registry.get(ended.model, ended.version), chunk)
                     code = "OK"
                     return out
+            _check_owner(session)
             out = await self._step(session, seq, chunk, end)
             code = "OK"
             return out
@@ -367,6 +380,9 @@ class Core:
         return (session.model, session.version) if session is not None else ("", 0)
 
     async def close(self, session_id: str) -> None:
+        held = self.store.peek(session_id)
+        if held is not None:
+            _check_owner(held)
         try:
             self.store.close(session_id)
         except SessionError:

@@ -14,6 +14,7 @@ Hierarchy::
     │   ├── SessionExists          ALREADY_EXISTS
     │   ├── SessionBusy            FAILED_PRECONDITION: another chunk is in flight
     │   ├── OutOfOrder             FAILED_PRECONDITION: names the expected sequence number
+    │   ├── SessionForbidden       PERMISSION_DENIED: another principal's session
     │   ├── SessionHeld            ABORTED: another server holds its lease (retry later)
     │   ├── SessionMoved           ABORTED: another server advanced it; resume it
     │   ├── RecordCorrupt          DATA_LOSS: its stored record is damaged
@@ -126,3 +127,8 @@ class RecordForeign(SessionError):
 class StoreUnavailable(CoreError):
     code = "UNAVAILABLE"
     reason = "store_unavailable"
+
+
+class SessionForbidden(SessionError):
+    code = "PERMISSION_DENIED"
+    reason = "session_forbidden"

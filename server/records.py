@@ -4,7 +4,8 @@ Layout (little-endian)::
 
     b"RNNSREC1"            magic and format version
     u32                    length of the header
-    header                 JSON: id, model, version, next_seq, state [[dtype, shape]...],
+    header                 JSON: id, model, version, owner, next_seq,
+                           state [[dtype, shape]...],
                            answer (null or seq, digest, end, outputs [[name, dtype, shape]...])
     payload                the state arrays, then the answer's outputs, row-major
     u32                    CRC-32 of everything before it
@@ -44,8 +45,8 @@ def encode(session: Session, state: list[np.ndarray] | None = None, next_seq: in
     arrays = list(state)
     header: dict[str, Any] = {
         "id": session.id, "model": session.model, "version": session.version,
-        "next_seq": next_seq, "state": [[_name(a), list(a.shape)] for a in arrays],
-        "answer": None,
+        "owner": session.owner, "next_seq": next_seq,
+        "state": [[_name(a), list(a.shape)] for a in arrays], "answer": None,
     }
     if answer is not None:
         header["answer"] = {"seq": answer.seq, "digest": answer.digest.hex(), "end": answer.end,
@@ -105,6 +106,7 @@ def decode(data: bytes, session_id: str) -> Session:
         h = json.loads(body[start:start + n])
         model, version, next_seq = str(h["model"]), int(h["version"]), int(h["next_seq"])
         record_id, state_specs, ans = h["id"], list(h["state"]), h["answer"]
+        owner = str(h.get("owner", ""))
     except (ValueError, KeyError, TypeError) as exc:
         raise _corrupt(session_id, f"damaged (header: {exc.__class__.__name__})") from None
     if record_id != session_id:
@@ -128,7 +130,7 @@ def decode(data: bytes, session_id: str) -> Session:
             raise _corrupt(session_id, f"damaged (answer: {exc.__class__.__name__})") from None
     if at != len(body):
         raise _corrupt(session_id, "damaged (payload length)")
-    return Session(session_id, model, version, state, next_seq, answer=answer)
+    return Session(session_id, model, version, state, next_seq, answer=answer, owner=owner)
 
 
 def check(session: Session, runtime: ModelRuntime) -> None:

@@ -61,6 +61,7 @@ class Session:
     nbytes: int = field(default=0)
     opened_at: float = 0.0  # perf_counter when opened here; 0 once it has answered a chunk
     answer: Answer | None = None
+    owner: str = ""  # the principal that opened it ("" without authentication)
 
     def __post_init__(self) -> None:
         self.nbytes = sum(s.nbytes for s in self.state) + (self.answer.nbytes if self.answer
@@ -179,6 +180,7 @@ class MemorySessionStore:
         if session is None:
             session = self.create(stored.model, stored.version, stored.state, stored.id)
         self.update(session, stored.state, stored.next_seq, stored.answer)
+        session.owner = stored.owner
         return session
 
     def get(self, session_id: str) -> Session:
@@ -230,7 +232,8 @@ class MemorySessionStore:
         self._end(session, "closed")
         if session.answer is not None and session.answer.end:
             self._final[session_id] = Session(session.id, session.model, session.version, [],
-                                              session.next_seq, answer=session.answer)
+                                              session.next_seq, answer=session.answer,
+                                              owner=session.owner)
             while len(self._final) > self._max_final:
                 self._final.popitem(last=False)
         return session

@@ -136,3 +136,50 @@ def test_bad_security_settings_fail_at_start_with_one_line(repo, tmp_path) -> No
         with pytest.raises(RuntimeError) as info:
             start_server(repo, tmp_path / "bad.log", *flags)
         assert needle in str(info.value), str(info.value)
+
+
+def test_a_session_belongs_to_the_principal_that_opened_it(repo, tmp_path) -> None:
+    """Bob cannot step, resume, close or restart Alice's session or sequence; Alice's
+    outputs are as if Bob never tried."""
+    from ..oip.test_protocol import logits, request
+
+    bob_token = "bob-token-0123456789"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN} alice\n{bob_token} bob\n")
+    srv = start_server(repo, tmp_path / "s.log", "--tokens-file", str(tokens))
+    x = np.random.default_rng(7).standard_normal((6, 20)).astype(np.float32)
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    try:
+        with Client(srv.target, timeout=5, token=TOKEN) as alice, \
+                Client(srv.target, timeout=5, token=bob_token) as bob:
+            sid = alice.open_session("feat").session_id
+            a = alice.step(sid, 0, x[:3])["logits"]
+            for call in (lambda: bob.step(sid, 1, x[3:]),
+                         lambda: bob.open_session("feat", session_id=sid, resume=True),
+                         lambda: bob.close_session(sid)):
+                with pytest.raises(grpc.RpcError) as info:
+                    call()
+                assert info.value.code() == denied, info.value.details()
+                assert "belongs to another principal" in info.value.details()
+            b = alice.step(sid, 1, x[3:], end=True)["logits"]
+            with Client(srv.target, timeout=5, token=TOKEN) as again:
+                alone = again.open_session("feat").session_id
+                want = np.concatenate([again.step(alone, 0, x[:3])["logits"],
+                                       again.step(alone, 1, x[3:], end=True)["logits"]])
+            assert np.array_equal(np.concatenate([a, b]), want)
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = oip_grpc.GRPCInferenceServiceStub(channel)
+            as_alice = (("authorization", f"Bearer {TOKEN}"),)
+            as_bob = (("authorization", f"Bearer {bob_token}"),)
+            y0 = logits(stub.ModelInfer(request(x[None, :3], sequence_id=1,
+                                                sequence_start=True), metadata=as_alice))
+            for r in (request(x[None, 3:], sequence_id=1),
+                      request(x[None, :3], sequence_id=1, sequence_start=True)):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.ModelInfer(r, metadata=as_bob)
+                assert info.value.code() == denied, info.value.details()
+            y1 = logits(stub.ModelInfer(request(x[None, 3:], sequence_id=1,
+                                                sequence_end=True), metadata=as_alice))
+            assert np.array_equal(np.concatenate([y0, y1], axis=1)[0], want)
+    finally:
+        assert srv.stop() == 0

@@ -1,0 +1,18 @@
+"""Who is calling: the principal an authenticated call runs as ("" without
+authentication). Set by ``server/auth.py`` per call; read by the core, which never
+imports grpc, to keep each session to the principal that opened it."""
+
+from __future__ import annotations
+
+import contextvars
+
+_principal: contextvars.ContextVar[str] = contextvars.ContextVar("rnnserve_principal",
+                                                                  default="")
+
+
+def principal() -> str:
+    return _principal.get()
+
+
+def set_principal(who: str) -> None:
+    _principal.set(who)
