@@ -381,6 +381,11 @@ class Core:
 
     async def close(self, session_id: str) -> None:
         held = self.store.peek(session_id)
+        if held is None and self.shared is not None:
+            try:  # held elsewhere: load it, so that its owner is checked here too
+                held, _ = await self._resume("", 0, session_id)
+            except GONE:
+                held = None
         if held is not None:
             _check_owner(held)
         try:
