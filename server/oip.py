@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -103,10 +103,10 @@ def version_number(version: str) -> int:
     return int(version)
 
 
-def _bool_param(params: object, key: str) -> bool | None:
-    if key not in params:  # type: ignore[operator]
+def _bool_param(params: Mapping[str, pb.InferParameter], key: str) -> bool | None:
+    if key not in params:
         return None
-    value = parameter_value(params[key])  # type: ignore[index]
+    value = parameter_value(params[key])
     if not isinstance(value, bool):
         raise InvalidChunk(f"parameter {key} must be a bool, got {value!r}")
     return value
