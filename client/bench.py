@@ -236,23 +236,30 @@ class Spawned:
 
 
 class RedisProcess:
-    """A throw-away redis-server on 127.0.0.1 (no persistence), for --redis-store."""
+    """A throw-away redis-server on 127.0.0.1 without persistence (for --redis-store and
+    the tests); ``stop`` and ``start`` again to play an outage on the same port."""
 
     def __init__(self, workdir: Path) -> None:
         import socket
 
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RnnserveError("--redis-store needs redis-server (apt-get install "
-                                "redis-server)")
+            raise RnnserveError("redis-server is missing (apt-get install redis-server)")
+        self.binary, self.workdir = binary, workdir
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        import socket
+
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -264,13 +271,14 @@ class RedisProcess:
                 pass
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 self.stop()
-                raise RnnserveError("redis-server did not start for --redis-store")
+                raise RnnserveError(f"redis-server did not start on port {self.port}")
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+        self.proc = None
 
 
 def as_array(data: Data, meta: pb.ModelMetadata) -> np.ndarray:

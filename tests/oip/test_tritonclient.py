@@ -7,10 +7,11 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from rnnserve.protos.inference import grpc_service_pb2
+
+from .test_protocol import reference
 
 DRIVER = Path(__file__).with_name("triton_driver.py")
 
@@ -20,16 +21,6 @@ def run_driver(python: Path, *args: str) -> dict:
                        timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(r.stdout)
-
-
-def reference(repo: Path, name: str, x: np.ndarray, version: int = 1) -> np.ndarray:
-    """onnxruntime alone: the whole sequence (batch, time, ...) from a zero state."""
-    sess = ort.InferenceSession(str(repo / name / str(version) / "model.onnx"),
-                                providers=["CPUExecutionProvider"])
-    feeds = {"input": x}
-    for i in sess.get_inputs()[1:]:
-        feeds[i.name] = np.zeros((x.shape[0], *i.shape[1:]), dtype=np.float32)
-    return sess.run(["logits"], feeds)[0]
 
 
 def ours() -> dict:
