@@ -342,7 +342,11 @@ def test_an_open_health_watch_does_not_hold_up_the_drain(repo, tmp_path) -> None
             await asyncio.get_running_loop().run_in_executor(None, srv.proc.wait, 20)
             return time.monotonic() - started
 
-    seconds = asyncio.run(main())
+    try:
+        seconds = asyncio.run(main())
+    finally:
+        if srv.proc.poll() is None:  # a failed step above must not leave it running
+            srv.proc.kill()
     assert srv.proc.returncode == 0 and seconds < 4, seconds
 
 
