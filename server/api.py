@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
@@ -179,8 +180,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         rpc_model(*self.core.model_of(request.session_id))
         try:
             routed_session_id(context, request.session_id)
+            remaining = context.time_remaining()
             out = await self.core.step(request.session_id, request.chunk.seq,
-                                       chunk_input(request.chunk), request.chunk.end)
+                                       chunk_input(request.chunk), request.chunk.end,
+                                       expires=None if remaining is None
+                                       else time.perf_counter() + remaining)
             return pb.StepResponse(result=chunk_result(out))
         except Exception as exc:
             await self._fail(context, exc)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnnserve.server.errors import BatchFailed, Overloaded
+from rnnserve.server.errors import BatchFailed, DeadlineExpired, Overloaded
 from rnnserve.server.runtime import ModelRuntime
 
 log = logging.getLogger("rnnserve.batcher")
@@ -40,6 +40,7 @@ class _Step:
     state: list[np.ndarray]
     future: asyncio.Future[tuple[list[np.ndarray], list[np.ndarray]]]
     queued_at: float
+    expires: float | None = None  # perf_counter time after which it must not run
 
 
 class Batcher:
@@ -86,11 +87,12 @@ class Batcher:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
-    async def step(self, state: list[np.ndarray], x: np.ndarray
+    async def step(self, state: list[np.ndarray], x: np.ndarray, expires: float | None = None
                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Run one chunk of one session; return its outputs and its new state."""
+        """Run one chunk of one session; return its outputs and its new state. A step
+        still queued at ``expires`` (a perf_counter time) is dropped: DeadlineExpired."""
         loop = asyncio.get_running_loop()
-        item = _Step(x, state, loop.create_future(), time.perf_counter())
+        item = _Step(x, state, loop.create_future(), time.perf_counter(), expires)
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -124,9 +126,16 @@ class Batcher:
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Step]) -> None:
         try:
             groups: dict[tuple[int, ...], list[_Step]] = defaultdict(list)
+            now = time.perf_counter()
             for item in batch:
-                if not item.future.done():  # the caller may have gone away
-                    groups[item.x.shape].append(item)
+                if item.future.done():  # the caller went away (a cancelled call)
+                    continue
+                if item.expires is not None and now >= item.expires:
+                    item.future.set_exception(DeadlineExpired(
+                        f"the chunk waited {(now - item.queued_at) * 1000:.0f} ms for its batch, "
+                        "past its deadline; it did not run and nothing advanced"))
+                    continue
+                groups[item.x.shape].append(item)
             for group in groups.values():
                 await self._run(loop, group)
         finally:

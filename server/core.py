@@ -207,7 +207,8 @@ class Core:
         return chunk.array
 
     async def step(self, session_id: str, seq: int, chunk: ChunkInput,
-                   end: bool = False, api: str = "native") -> ChunkOutput:
+                   end: bool = False, api: str = "native",
+                   expires: float | None = None) -> ChunkOutput:
         """Advance a session by one chunk; every call is counted by its outcome."""
         started = time.perf_counter()
         session: Session | None = None
@@ -228,7 +229,7 @@ class Core:
                     code = "OK"
                     return out
             _check_owner(session)
-            out = await self._step(session, seq, chunk, end)
+            out = await self._step(session, seq, chunk, end, expires)
             code = "OK"
             return out
         except CoreError as exc:
@@ -250,7 +251,7 @@ class Core:
                 session.opened_at = 0.0
 
     async def _step(self, session: Session, seq: int, chunk: ChunkInput,
-                    end: bool) -> ChunkOutput:
+                    end: bool, expires: float | None = None) -> ChunkOutput:
         session_id = session.id
         runtime = self.registry.get(session.model, session.version)
         if session_id in self._busy:
@@ -266,7 +267,7 @@ class Core:
         batcher = self.batchers[runtime.key]
         self._busy.add(session_id)
         try:
-            outputs, new_state = await batcher.step(session.state, x)
+            outputs, new_state = await batcher.step(session.state, x, expires)
             named = list(zip(runtime.data_output_names, outputs, strict=True))
             answer = Answer(seq, digest(x), named, end)
             if self.shared is not None:  # durable before it is answered
@@ -351,7 +352,8 @@ class Core:
             self._on_chunk(api, runtime.name, runtime.version, exc.code, 0.0, None)
 
     async def infer(self, runtime: ModelRuntime, chunks: list[ChunkInput],
-                    api: str = "native") -> list[list[np.ndarray]]:
+                    api: str = "native", expires: float | None = None
+                    ) -> list[list[np.ndarray]]:
         """Run chunks of no session, each from a zero state that is then discarded
         (stateless requests); they queue and batch like steps. Counted as one chunk."""
         started = time.perf_counter()
@@ -359,7 +361,7 @@ class Core:
         try:
             xs = [runtime.check_chunk(self.decode(runtime, c)) for c in chunks]
             batcher = self.batchers[runtime.key]
-            results = await asyncio.gather(*(batcher.step(runtime.zero_state(), x)
+            results = await asyncio.gather(*(batcher.step(runtime.zero_state(), x, expires)
                                              for x in xs))
             code = "OK"
             return [outputs for outputs, _ in results]

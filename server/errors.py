@@ -21,6 +21,7 @@ Hierarchy::
     │   └── RecordForeign          FAILED_PRECONDITION: its record is another model's
     ├── StoreUnavailable           UNAVAILABLE: the shared session store cannot be reached
     ├── Overloaded                 RESOURCE_EXHAUSTED (queue full; retry later)
+    ├── DeadlineExpired            DEADLINE_EXCEEDED (not run in time; nothing advanced)
     ├── ShuttingDown               UNAVAILABLE (draining; go to another replica)
     └── BatchFailed                INTERNAL (the run failed; message is generic)
 
@@ -132,3 +133,8 @@ class StoreUnavailable(CoreError):
 class SessionForbidden(SessionError):
     code = "PERMISSION_DENIED"
     reason = "session_forbidden"
+
+
+class DeadlineExpired(CoreError):
+    code = "DEADLINE_EXCEEDED"
+    reason = "deadline"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
@@ -208,6 +209,23 @@ def input_rows(req: pb.ModelInferRequest, runtime: ModelRuntime) -> list[ChunkIn
     return [ChunkInput(array=row) for row in x]
 
 
+def expiry(req: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> float | None:
+    """When the request must have run by (a perf_counter time): the call's gRPC deadline
+    or Triton's ``timeout`` parameter (microseconds), whichever comes first."""
+    limits = []
+    remaining = context.time_remaining()
+    if remaining is not None:
+        limits.append(remaining)
+    if "timeout" in req.parameters:
+        value = parameter_value(req.parameters["timeout"])
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidChunk(f"parameter timeout must be a non-negative integer of "
+                               f"microseconds, got {value!r}")
+        if value:
+            limits.append(value / 1e6)
+    return time.perf_counter() + min(limits) if limits else None
+
+
 def routing_check(context: grpc.aio.ServicerContext, label: str) -> None:
     """A call routed by ``x-rnnserve-session`` must carry that sequence id."""
     header = next((v for k, v in context.invocation_metadata() or ()
@@ -307,19 +325,22 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise InvalidChunk(f"model {runtime.name!r}: a request of a sequence must "
                                    f"have batch size 1 (one sequence per request), got "
                                    f"{len(rows)}")
+            expires = expiry(req, context)
         except CoreError as exc:
             self.core.rejected(runtime, exc, API)
             raise
         if not seq.label:
-            results = await self.core.infer(runtime, rows, api=API)
+            results = await self.core.infer(runtime, rows, api=API, expires=expires)
             named = {name: np.stack([r[j] for r in results])
                      for j, name in enumerate(runtime.data_output_names)}
         else:
-            named = await self._sequence_step(runtime, seq, req.model_version, rows[0])
+            named = await self._sequence_step(runtime, seq, req.model_version, rows[0],
+                                              expires)
         return self._response(req, runtime, outputs, named)
 
     async def _sequence_step(self, runtime: ModelRuntime, seq: SequenceParams,
-                             version: str, chunk: ChunkInput) -> dict[str, np.ndarray]:
+                             version: str, chunk: ChunkInput,
+                             expires: float | None = None) -> dict[str, np.ndarray]:
         sid = f"{runtime.name}/{seq.label}"
         async with self._in_turn(sid):
             if seq.start:
@@ -352,7 +373,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 except InvalidChunk as exc:
                     self.core.rejected(runtime, exc, API)
                     raise
-            out = await self.core.step(sid, session.next_seq, chunk, seq.end, api=API)
+            out = await self.core.step(sid, session.next_seq, chunk, seq.end, api=API,
+                                       expires=expires)
         return {name: a[None] for name, a in out.outputs}
 
     def _response(self, req: pb.ModelInferRequest, runtime: ModelRuntime,
