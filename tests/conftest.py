@@ -45,6 +45,23 @@ def build_repo(root: Path) -> Path:
     return root / "models"
 
 
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """text v1, v2 (GRU, bytes) and feat v1 (LSTM, 20 features -> 7 outputs)."""
+    return build_repo(tmp_path_factory.mktemp("repo"))
+
+
+@pytest.fixture(scope="module")
+def server(repo, tmp_path_factory):
+    """``rnnserve serve`` on ``repo``, batching (up to 32 steps, 5 ms)."""
+    from .server.serving import start_server
+
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    srv = start_server(repo, log, "--max-batch-delay-ms", "5", "--max-batch-size", "32")
+    yield srv
+    assert srv.stop() == 0, log.read_text()[-3000:]
+
+
 @pytest.fixture
 def make_checkpoint(tmp_path: Path):
     """Write an untrained (seeded random) checkpoint and return its path."""

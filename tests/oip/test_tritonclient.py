@@ -12,6 +12,7 @@ import pytest
 from rnnserve.protos.inference import grpc_service_pb2
 
 from .test_protocol import reference
+from .triton_driver import describe
 
 DRIVER = Path(__file__).with_name("triton_driver.py")
 
@@ -23,29 +24,9 @@ def run_driver(python: Path, *args: str) -> dict:
     return json.loads(r.stdout)
 
 
-def ours() -> dict:
-    fd = grpc_service_pb2.DESCRIPTOR
-
-    def fields(md):
-        out = {}
-        for f in md.fields:
-            out[f.name] = [f.number, f.type, f.is_repeated,
-                           f.message_type.full_name if f.message_type else "",
-                           f.containing_oneof.name if f.containing_oneof else ""]
-        for n in md.nested_types:
-            out.update({f"{n.name}.{k}": v for k, v in fields(n).items()})
-        return out
-
-    svc = fd.services_by_name["GRPCInferenceService"]
-    return {"package": fd.package, "service": svc.full_name,
-            "methods": {m.name: [m.input_type.full_name, m.output_type.full_name,
-                                 m.client_streaming, m.server_streaming]
-                        for m in svc.methods},
-            "messages": {name: fields(md) for name, md in fd.message_types_by_name.items()}}
-
-
 def test_our_proto_matches_tritonclients_field_for_field(triton_python) -> None:
-    theirs, mine = run_driver(triton_python, "descriptors"), ours()
+    theirs = run_driver(triton_python, "descriptors")
+    mine = describe(grpc_service_pb2.DESCRIPTOR)
     assert (mine["package"], mine["service"]) == (theirs["package"], theirs["service"])
     assert mine["methods"], "no RPCs"
     for name, sig in mine["methods"].items():

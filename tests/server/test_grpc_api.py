@@ -18,14 +18,6 @@ from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 from .serving import metric_value, start_server
 
 
-@pytest.fixture(scope="module")
-def server(repo, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "server.log"
-    srv = start_server(repo, log, "--max-batch-delay-ms", "5", "--max-batch-size", "32")
-    yield srv
-    assert srv.stop() == 0, log.read_text()[-3000:]
-
-
 def whole_run(repo, name: str, version: int, x: np.ndarray) -> np.ndarray:
     """The reference: one onnxruntime run of the whole sequence from a zero state."""
     sess = ort.InferenceSession(str(repo / name / str(version) / "model.onnx"),

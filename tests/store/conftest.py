@@ -5,14 +5,6 @@ import redis
 
 from rnnserve.client.bench import RedisProcess
 
-from ..conftest import build_repo
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """text v1, v2 (GRU, bytes) and feat v1 (LSTM, 20 features -> 7 outputs)."""
-    return build_repo(tmp_path_factory.mktemp("repo"))
-
 
 class RedisServer(RedisProcess):
     """A real redis-server on loopback, without persistence; stop and start it again
