@@ -11,6 +11,13 @@ per session), so a batch never holds two steps of one session and a session's
 chunks stay in order, also when ``runners`` > 1 lets batches run at once. A full
 queue answers ``Overloaded`` at once instead of blocking the producer; a failed run
 fails every step in it, and the batcher goes on.
+
+A step may carry a ``tag`` for the ``commit`` hook (the core's write to the shared
+session store): after a group ran, the hook gets the tagged steps' tags, outputs and
+new states at once, and their callers get their results only when it returned (or
+the exception it gives for that step). The runner is free meanwhile, so the next
+batch runs while one batch's write is in flight, and the write costs one call per
+batch, not a future and a wake-up per step.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +41,11 @@ log = logging.getLogger("rnnserve.batcher")
 # (seconds each step of the batch waited in the queue, seconds the run took)
 BatchHook = Callable[[list[float], float], None]
 
+# (tag, outputs, new state) of each tagged step of a group that ran -> per step None (its
+# caller gets its result) or the exception its caller gets instead.
+CommitHook = Callable[[list[tuple[Any, list[np.ndarray], list[np.ndarray]]]],
+                      Awaitable[list[BaseException | None]]]
+
 
 @dataclass
 class _Step:
@@ -41,12 +54,13 @@ class _Step:
     future: asyncio.Future[tuple[list[np.ndarray], list[np.ndarray]]]
     queued_at: float
     expires: float | None = None  # perf_counter time after which it must not run
+    tag: Any = None  # handed to the commit hook with the step's results
 
 
 class Batcher:
     def __init__(self, runtime: ModelRuntime, *, max_batch_size: int = 64,
                  max_delay_s: float = 0.002, max_queue: int = 4096, runners: int = 1,
-                 on_batch: BatchHook | None = None) -> None:
+                 on_batch: BatchHook | None = None, commit: CommitHook | None = None) -> None:
         if max_batch_size < 1 or max_delay_s < 0 or max_queue < 1 or runners < 1:
             raise ValueError("max batch size, queue and runners must be >= 1, max delay >= 0")
         self.runtime = runtime
@@ -54,6 +68,7 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self._queue: asyncio.Queue[_Step] = asyncio.Queue(maxsize=max_queue)
         self._on_batch = on_batch
+        self.commit = commit
         # A batch is gathered only when a runner is free, so with one runner the next
         # batch fills while the current one runs; with more, runs overlap.
         self._runners = asyncio.Semaphore(runners)
@@ -87,12 +102,13 @@ class Batcher:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
-    async def step(self, state: list[np.ndarray], x: np.ndarray, expires: float | None = None
-                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    async def step(self, state: list[np.ndarray], x: np.ndarray, expires: float | None = None,
+                   tag: Any = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Run one chunk of one session; return its outputs and its new state. A step
-        still queued at ``expires`` (a perf_counter time) is dropped: DeadlineExpired."""
+        still queued at ``expires`` (a perf_counter time) is dropped: DeadlineExpired.
+        A ``tag`` goes to the commit hook, which runs before this returns."""
         loop = asyncio.get_running_loop()
-        item = _Step(x, state, loop.create_future(), time.perf_counter(), expires)
+        item = _Step(x, state, loop.create_future(), time.perf_counter(), expires, tag)
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -124,26 +140,36 @@ class Batcher:
             task.add_done_callback(self._running.discard)
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Step]) -> None:
+        commits: list[asyncio.Task[None]] = []
         try:
-            groups: dict[tuple[int, ...], list[_Step]] = defaultdict(list)
-            now = time.perf_counter()
-            for item in batch:
-                if item.future.done():  # the caller went away (a cancelled call)
-                    continue
-                if item.expires is not None and now >= item.expires:
-                    item.future.set_exception(DeadlineExpired(
-                        f"the chunk waited {(now - item.queued_at) * 1000:.0f} ms for its batch, "
-                        "past its deadline; it did not run and nothing advanced"))
-                    continue
-                groups[item.x.shape].append(item)
-            for group in groups.values():
-                await self._run(loop, group)
+            try:
+                groups: dict[tuple[int, ...], list[_Step]] = defaultdict(list)
+                now = time.perf_counter()
+                for item in batch:
+                    if item.future.done():  # the caller went away (a cancelled call)
+                        continue
+                    if item.expires is not None and now >= item.expires:
+                        item.future.set_exception(DeadlineExpired(
+                            f"the chunk waited {(now - item.queued_at) * 1000:.0f} ms for its "
+                            "batch, past its deadline; it did not run and nothing advanced"))
+                        continue
+                    groups[item.x.shape].append(item)
+                for group in groups.values():
+                    tagged = await self._run(loop, group)
+                    if tagged:
+                        commits.append(loop.create_task(self._commit(tagged)))
+            finally:
+                self._runners.release()  # the next batch may run while this one commits
+            if commits:
+                await asyncio.gather(*commits)
         finally:
-            self._runners.release()
             for _ in batch:
                 self._queue.task_done()
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, group: list[_Step]) -> None:
+    async def _run(self, loop: asyncio.AbstractEventLoop, group: list[_Step]
+                   ) -> list[tuple[_Step, list[np.ndarray], list[np.ndarray]]]:
+        """Run a group; answer its untagged steps; return the tagged ones with their
+        results, for the commit hook."""
         started = time.perf_counter()
         waits = [started - s.queued_at for s in group]
         try:
@@ -156,13 +182,37 @@ class Batcher:
             for s in group:
                 if not s.future.done():
                     s.future.set_exception(BatchFailed("the model failed to run this chunk"))
-            return
+            return []
         seconds = time.perf_counter() - started
+        tagged = []
         for s, out, st in zip(group, outputs, states, strict=True):
-            if not s.future.done():
+            if s.future.done():
+                continue
+            if s.tag is not None and self.commit is not None:
+                tagged.append((s, out, st))
+            else:
                 s.future.set_result((out, st))
         self.batches += 1
         self.steps += len(group)
         self.largest_batch = max(self.largest_batch, len(group))
         if self._on_batch is not None:
             self._on_batch(waits, seconds)
+        return tagged
+
+    async def _commit(self, tagged: list[tuple[_Step, list[np.ndarray], list[np.ndarray]]]
+                      ) -> None:
+        assert self.commit is not None
+        try:
+            failures = await self.commit([(s.tag, out, st) for s, out, st in tagged])
+        except Exception:
+            log.exception("committing %d steps of model %s v%d failed", len(tagged),
+                          self.runtime.name, self.runtime.version)
+            failures = [BatchFailed("the chunk ran but its result could not be kept; "
+                                    "nothing advanced") for _ in tagged]
+        for (s, out, st), failure in zip(tagged, failures, strict=True):
+            if s.future.done():
+                continue
+            if failure is None:
+                s.future.set_result((out, st))
+            else:
+                s.future.set_exception(failure)

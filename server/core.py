@@ -10,6 +10,7 @@ state is replaced only when the step's result is delivered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -34,7 +35,6 @@ from rnnserve.server.errors import (
     SessionExists,
     SessionExpired,
     SessionForbidden,
-    SessionHeld,
     SessionMoved,
     SessionNotFound,
     ShuttingDown,
@@ -58,6 +58,18 @@ class ChunkInput:
     text: str | None = None
     pcm16: bytes | None = None
     invalid: str | None = None
+
+
+@dataclass
+class _Pending:
+    """A step on its way to the shared store: the batcher's commit tag."""
+
+    session: Session
+    runtime: ModelRuntime
+    seq: int
+    x: np.ndarray
+    end: bool
+    answer: Answer | None = None  # set by the commit, with the record it wrote
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,9 @@ class Core:
         self._on_degraded = on_degraded
         self.accepting = True
         self._busy: set[str] = set()
+        if shared is not None:  # every step is written to the store before it is answered
+            for batcher in batchers.values():
+                batcher.commit = self._commit
 
     def _degraded(self, op: str, exc: StoreUnavailable) -> None:
         if not self.degrade:
@@ -267,12 +282,14 @@ class Core:
         batcher = self.batchers[runtime.key]
         self._busy.add(session_id)
         try:
-            outputs, new_state = await batcher.step(session.state, x, expires)
-            named = list(zip(runtime.data_output_names, outputs, strict=True))
-            answer = Answer(seq, digest(x), named, end)
-            if self.shared is not None:  # durable before it is answered
+            if self.shared is None:
+                outputs, new_state = await batcher.step(session.state, x, expires)
+                answer = Answer(seq, digest(x),
+                                list(zip(runtime.data_output_names, outputs, strict=True)), end)
+            else:  # durable before it is answered: the batcher commits it (_commit)
+                pending = _Pending(session, runtime, seq, x, end)
                 try:
-                    await self._checkpoint(session, new_state, answer)
+                    _, new_state = await batcher.step(session.state, x, expires, pending)
                 except SessionMoved:
                     # a stale copy: maybe another server already ended the session with
                     # this very chunk, and this is the client's retry of it
@@ -280,26 +297,42 @@ class Core:
                     if ended is None or ended.answer is None or ended.answer.seq != seq:
                         raise
                     return self._retry(session_id, ended.answer, runtime, chunk)
+                assert pending.answer is not None
+                answer = pending.answer
         finally:
             self._busy.discard(session_id)
         self.store.update(session, new_state, seq + 1, answer)
         if end:
             self.store.close(session_id)
-        return ChunkOutput(seq, named, end)
+        return ChunkOutput(seq, answer.outputs, end)
 
-    async def _checkpoint(self, session: Session, state: list[np.ndarray],
-                          answer: Answer) -> None:
+    async def _commit(self, steps: list[tuple[_Pending, list[np.ndarray], list[np.ndarray]]]
+                      ) -> list[BaseException | None]:
+        """The batcher's commit hook: write a group's steps to the shared store in one
+        call. A step the store refuses fails with why; its session is dropped here (another
+        server owns it now: this copy must never answer again)."""
         assert self.shared is not None
-        data = records.encode(session, state, answer.seq + 1, answer)
+        writes = []
+        for p, outputs, state in steps:
+            p.answer = Answer(p.seq, digest(p.x),
+                              list(zip(p.runtime.data_output_names, outputs, strict=True)), p.end)
+            writes.append((p.session.id, records.encode(p.session, state, p.seq + 1, p.answer),
+                           p.seq, p.seq + 1, p.end))
         try:
-            await self.shared.checkpoint(session.id, data, answer.seq, answer.seq + 1,
-                                         answer.end)
+            refused = await self.shared.checkpoint_many(writes)
         except StoreUnavailable as exc:
-            self._degraded("checkpoint", exc)
-        except (SessionMoved, SessionHeld):
-            # another server owns it now: this copy must never answer again
-            self.store.close(session.id)
-            raise
+            if not self.degrade:
+                return [StoreUnavailable(str(exc)) for _ in steps]
+            log.warning("session store unavailable (checkpoint); serving from memory: %s", exc)
+            if self._on_degraded is not None:
+                for _ in steps:
+                    self._on_degraded("checkpoint")
+            return [None] * len(steps)
+        for (p, _, _), why in zip(steps, refused, strict=True):
+            if why is not None:
+                with contextlib.suppress(SessionError):
+                    self.store.close(p.session.id)
+        return refused
 
     async def _recover(self, session_id: str, gone: SessionError) -> Session | None:
         """A step for a session this server does not hold (never did, or evicted it):

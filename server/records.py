@@ -40,21 +40,51 @@ def encode(session: Session, state: list[np.ndarray] | None = None, next_seq: in
     state = session.state if state is None else state
     next_seq = session.next_seq if next_seq is None else next_seq
     answer = session.answer if answer is None else answer
-    # on every step's path with a shared store: dtype names cached, no copies where the
-    # arrays are little-endian already (tobytes is row-major whatever the strides)
+    # On every step's path with a shared store, so the header is put together from
+    # JSON pieces cached per session and per array layout; only the numbers and the
+    # digest are formatted per step. It parses as the same JSON object as json.dumps
+    # would give (a test checks). No copies where the arrays are little-endian already.
+    prefix = session.record_prefix
+    if not prefix:
+        prefix = session.record_prefix = (
+            f'{{"id":{json.dumps(session.id)},"model":{json.dumps(session.model)},'
+            f'"version":{int(session.version)},"owner":{json.dumps(session.owner)},'
+            '"next_seq":')
     arrays = list(state)
-    header: dict[str, Any] = {
-        "id": session.id, "model": session.model, "version": session.version,
-        "owner": session.owner, "next_seq": next_seq,
-        "state": [[_name(a), list(a.shape)] for a in arrays], "answer": None,
-    }
-    if answer is not None:
-        header["answer"] = {"seq": answer.seq, "digest": answer.digest.hex(), "end": answer.end,
-                            "outputs": [[n, _name(a), list(a.shape)] for n, a in answer.outputs]}
+    if answer is None:
+        tail = "null"
+    else:
+        tail = (f'{{"seq":{int(answer.seq)},"digest":"{answer.digest.hex()}",'
+                f'"end":{"true" if answer.end else "false"},'
+                f'"outputs":{_outputs_spec(answer.outputs)}}}')
         arrays += [a for _, a in answer.outputs]
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = (f'{prefix}{int(next_seq)},"state":{_state_spec(state)},"answer":{tail}}}'
+            ).encode()
     body = b"".join([MAGIC, struct.pack("<I", len(head)), head, *map(_le_bytes, arrays)])
     return body + struct.pack("<I", zlib.crc32(body))
+
+
+_SPECS: dict[tuple[Any, ...], str] = {}
+
+
+def _state_spec(state: list[np.ndarray]) -> str:
+    key = tuple((a.dtype, a.shape) for a in state)
+    spec = _SPECS.get(key)
+    if spec is None:
+        spec = _SPECS[key] = json.dumps([[_name(a), list(a.shape)] for a in state],
+                                        separators=(",", ":"))
+    return spec
+
+
+def _outputs_spec(outputs: list[tuple[str, np.ndarray]]) -> str:
+    key = tuple((n, a.dtype, a.shape) for n, a in outputs)
+    spec = _SPECS.get(key)
+    if spec is None:
+        if len(_SPECS) > 4096:  # chunk lengths vary per request: keep the cache bounded
+            _SPECS.clear()
+        spec = _SPECS[key] = json.dumps([[n, _name(a), list(a.shape)] for n, a in outputs],
+                                        separators=(",", ":"))
+    return spec
 
 
 _NAMES: dict[np.dtype[Any], str] = {}

@@ -62,6 +62,8 @@ class Session:
     opened_at: float = 0.0  # perf_counter when opened here; 0 once it has answered a chunk
     answer: Answer | None = None
     owner: str = ""  # the principal that opened it ("" without authentication)
+    # the start of its shared-store record's header, cached by records.encode
+    record_prefix: str = field(default="", repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.nbytes = sum(s.nbytes for s in self.state) + (self.answer.nbytes if self.answer

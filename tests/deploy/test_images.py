@@ -11,10 +11,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from rnnserve.server.settings import Settings
 

@@ -131,6 +131,79 @@ def test_a_failed_run_fails_its_batch_and_the_batcher_goes_on(registry) -> None:
     np.testing.assert_array_equal(after[0][0], _whole(runtime, good)[0])
 
 
+def test_tagged_steps_are_answered_after_their_batch_commits(registry) -> None:
+    """The commit hook (the shared store's write) gets a group's tagged steps at once;
+    their callers wait for it and get its per-step refusal; untagged steps do not wait;
+    the runner is free meanwhile, so the next batch runs while one commits."""
+    runtime = registry.get("text")
+    x = runtime.check_chunk(np.arange(5, dtype=np.uint8))
+    want = _whole(runtime, x)[0]
+
+    async def main():
+        calls: list[list[object]] = []
+        release = asyncio.Event()
+
+        async def commit(items):
+            calls.append([tag for tag, _, _ in items])
+            for _, outs, st in items:
+                np.testing.assert_array_equal(outs[0], want)
+                assert [s.shape for s in st] == [s.shape for s in runtime.zero_state()]
+            if len(calls) == 1:
+                await release.wait()
+            return [ValueError(f"refused {tag}") if tag == "b" else None
+                    for tag, _, _ in items]
+
+        batcher = Batcher(runtime, max_batch_size=8, max_delay_s=0.02, commit=commit)
+        batcher.start()
+        z = runtime.zero_state
+        first = [asyncio.ensure_future(batcher.step(z(), x, tag=t)) for t in ("a", "b")]
+        plain = asyncio.ensure_future(batcher.step(z(), x))
+        while not calls:
+            await asyncio.sleep(0.001)
+        plain_out = await asyncio.wait_for(plain, 5)  # not held by the commit
+        assert not any(f.done() for f in first)
+        second = await asyncio.wait_for(batcher.step(z(), x, tag="c"), 5)  # runner free
+        assert calls[1] == ["c"] and not any(f.done() for f in first)
+        release.set()
+        results = await asyncio.gather(*first, return_exceptions=True)
+        await batcher.stop()
+        return calls, plain_out, second, results
+
+    calls, plain_out, second, (a, b) = asyncio.run(main())
+    assert calls[0] == ["a", "b"]
+    np.testing.assert_array_equal(plain_out[0][0], want)
+    np.testing.assert_array_equal(second[0][0], want)
+    np.testing.assert_array_equal(a[0][0], want)
+    assert isinstance(b, ValueError) and str(b) == "refused b"
+
+
+def test_a_failing_commit_fails_its_steps_and_the_batcher_goes_on(registry) -> None:
+    runtime = registry.get("text")
+    x = runtime.check_chunk(np.arange(3, dtype=np.uint8))
+
+    async def main():
+        fail = True
+
+        async def commit(items):
+            if fail:
+                raise RuntimeError("store exploded: secret detail")
+            return [None] * len(items)
+
+        batcher = Batcher(runtime, max_batch_size=4, max_delay_s=0.01, commit=commit)
+        batcher.start()
+        r = await asyncio.gather(*(batcher.step(runtime.zero_state(), x, tag=i)
+                                   for i in range(3)), return_exceptions=True)
+        fail = False
+        after = await batcher.step(runtime.zero_state(), x, tag=9)
+        await batcher.stop()
+        return r, after
+
+    r, after = asyncio.run(main())
+    assert all(isinstance(e, BatchFailed) for e in r) and len({id(e) for e in r}) == 3
+    assert "secret" not in str(r[0]) and "nothing advanced" in str(r[0])
+    np.testing.assert_array_equal(after[0][0], _whole(runtime, x)[0])
+
+
 def test_a_full_queue_answers_overloaded_at_once(registry) -> None:
     runtime = registry.get("text")
     x = runtime.check_chunk(np.arange(3, dtype=np.uint8))

@@ -97,3 +97,24 @@ def test_a_server_starts_with_the_store_down(repo, tmp_path, mode) -> None:
     finally:
         assert a.stop() == 0
     assert "session store unreachable at start" in (tmp_path / "a.log").read_text()
+
+
+def test_a_store_that_forgot_its_scripts_is_given_them_again(repo, redis_server,
+                                                             tmp_path) -> None:
+    """SCRIPT FLUSH (what a restart or a failover to a replica does to the script
+    cache): the next batch write loads its script again and the session goes on."""
+    a = serve(repo, tmp_path, "a", redis_server.url)
+    try:
+        with Client(a.target, timeout=10) as client:
+            sid = client.open_session("feat").session_id
+            parts = [client.step(sid, 0, X[:3])["logits"]]
+            redis_server.client().script_flush()
+            parts.append(client.step(sid, 1, X[3:6])["logits"])
+            stored = redis_server.client().hget(f"rnnserve:{{{sid}}}:s", "seq")
+            parts.append(client.step(sid, 2, X[6:], end=True)["logits"])
+        assert stored == b"2"
+        got = np.concatenate(parts)
+        assert float(np.abs(got - whole_run(repo, "feat", 1, X)).max()) <= 1e-5
+        assert metric_value(a.metrics(), "rnnserve_store_errors_total", op="checkpoint") == 0
+    finally:
+        assert a.stop() == 0
