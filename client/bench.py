@@ -22,6 +22,7 @@ the report says how busy the busiest was, so a saturated load generator is seen.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ class Level:
     latency_ms: dict[str, float]  # p50, p90, p99, p99.9, max
     load_busy: float  # the busiest load process: CPU time / wall time
     timeline: list[tuple[float, float]] = field(default_factory=list, repr=False)
+    p99_repeats: list[float] = field(default_factory=list)  # every repeat's p99 (ms)
 
     @property
     def within_budget(self) -> bool:
@@ -112,7 +114,7 @@ def summarize(streams: int, duration_s: float, result: LoadResult) -> Level:
     return Level(streams, duration_s, result.answered, result.sessions, result.late,
                  result.unsent, dict(result.errors), result.answered / elapsed, pct,
                  round(result.busy, 3),
-                 [(t, x) for t, x in zip(result.times, result.latencies, strict=True)])
+                 timeline=list(zip(result.times, result.latencies, strict=True)))
 
 
 async def fetch_metadata(server: str, model: str, version: int) -> pb.ModelMetadata:
@@ -120,23 +122,56 @@ async def fetch_metadata(server: str, model: str, version: int) -> pb.ModelMetad
         return await client.model_metadata(model, version)
 
 
-def sweep(gen: LoadGenerator, server: str, meta: pb.ModelMetadata, levels: list[int],
-          duration_s: float, chunk_ms: int, chunk_bytes: int,
-          log: Callable[[str], None]) -> list[Level]:
-    out = []
+def sweep(gen: LoadGenerator, targets: dict[str, str], meta: pb.ModelMetadata,
+          levels: list[int], duration_s: float, chunk_ms: int, chunk_bytes: int,
+          log: Callable[[str], None], repeats: int = 1) -> dict[str, list[Level]]:
+    """Each level on each target (servers running side by side), ``repeats`` times,
+    the targets taking turns, so that a slow minute on a shared machine hits them
+    alike. Per level and target the repeat with the median p99 stands for the level,
+    with every repeat's errors and unsent chunks counted in it and every repeat's p99
+    kept. A target is left out of the higher levels once far beyond capacity."""
     blob = meta.SerializeToString()
+    out: dict[str, list[Level]] = {name: [] for name in targets}
+    live = dict(targets)
+    tagged = len(targets) > 1 or repeats > 1
     for n in levels:
-        result = gen.run(server, meta.name, blob, streams=n, chunk_ms=chunk_ms,
-                         chunk_bytes=chunk_bytes, duration_s=duration_s)
-        level = summarize(n, duration_s, result)
-        log(row(level))
-        out.append(level)
-        if level.unsent or level.latency_ms["p99"] > 10 * BUDGET_S * 1000:
-            rest = [m for m in levels if m > n]
-            if rest:
-                log(f"{'':>8} skipped {', '.join(map(str, rest))}: far beyond capacity already")
+        runs: dict[str, list[Level]] = {name: [] for name in live}
+        for r in range(repeats):
+            for name, target in live.items():
+                result = gen.run(target, meta.name, blob, streams=n, chunk_ms=chunk_ms,
+                                 chunk_bytes=chunk_bytes, duration_s=duration_s)
+                level = summarize(n, duration_s, result)
+                runs[name].append(level)
+                if tagged:
+                    log(f"{row(level)}  [{name}{f' {r + 1}/{repeats}' if repeats > 1 else ''}]")
+        for name, done in runs.items():
+            level = median_level(done)
+            out[name].append(level)
+            if not tagged:
+                log(row(level))
+            if level.unsent or level.latency_ms["p99"] > 10 * BUDGET_S * 1000:
+                del live[name]
+                rest = [m for m in levels if m > n]
+                if rest:
+                    log(f"{'':>8} {name}: skipped {', '.join(map(str, rest))}: far beyond "
+                        "capacity already")
+        if not live:
             break
     return out
+
+
+def median_level(repeats: list[Level]) -> Level:
+    """The repeat with the median p99 (the upper one of an even count), charged with
+    every repeat's errors and unsent chunks: a level with an error anywhere is never
+    within budget."""
+    ordered = sorted(repeats, key=lambda lv: lv.latency_ms["p99"])
+    mid = ordered[len(ordered) // 2]
+    errors: dict[str, int] = {}
+    for lv in repeats:
+        for code, k in lv.errors.items():
+            errors[code] = errors.get(code, 0) + k
+    return replace(mid, errors=errors, unsent=sum(lv.unsent for lv in repeats),
+                   p99_repeats=[lv.latency_ms["p99"] for lv in repeats])
 
 
 HEADER = (f"{'streams':>8} {'chunks/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
@@ -402,7 +437,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
               out: Path, serve_flags: list[str], *, make_plot: bool = True,
               baselines: bool = False, load_procs: int = 1, max_batch_size: int = 64,
               saturation_streams: int = 0, idle_sessions: int = 0,
-              redis_store: bool = False) -> dict[str, Any]:
+              redis_store: bool = False, repeats: int = 1) -> dict[str, Any]:
     if (server is None) == (repo is None):
         raise RnnserveError("give either --server HOST:PORT or --repo DIR (to start one)")
     if baselines and repo is None:
@@ -411,6 +446,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         raise RnnserveError("--redis-store starts its own servers: give --repo, not --server")
     if idle_sessions and repo is None:
         raise RnnserveError("--idle-sessions measures a server it starts: give --repo")
+    if repeats < 1:
+        raise RnnserveError("--repeats must be at least 1")
     if not levels or min(levels) < 1:
         raise RnnserveError("--streams needs positive numbers, e.g. 1,4,16")
     levels = sorted(set(levels))
@@ -418,42 +455,44 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
     log = lambda line: print(line, flush=True)  # noqa: E731
     flags = [*serve_flags, f"--max-batch-size={max_batch_size}"]
     runs: dict[str, list[Level]] = {}
-    with LoadGenerator(load_procs) as gen:
+    with LoadGenerator(load_procs) as gen, contextlib.ExitStack() as stack:
         spawned = Spawned.rnnserve(repo, flags, out / "server.log") if repo else None
+        if spawned is not None:
+            stack.callback(spawned.stop)
         target = spawned.target if spawned else server
         assert target is not None
-        try:
-            meta = asyncio.run(fetch_metadata(target, model, version))
-            log(f"rnnserve bench: {meta.name} v{meta.version} ({meta.arch}, {meta.input_kind}, "
-                f"{meta.execution_provider}) at {target}; {chunk_ms} ms chunks, "
-                f"{duration_s:g} s per level, {gen.procs} load process(es)")
-            log(f"\nrnnserve (max batch size {max_batch_size})\n{HEADER}")
-            runs["rnnserve"] = sweep(gen, target, meta, levels, duration_s, chunk_ms,
-                                     chunk_bytes, log)
-            n = saturation_streams or levels[-1]
-            closed = summarize(n, duration_s, gen.run(
-                target, meta.name, meta.SerializeToString(), streams=n, chunk_ms=chunk_ms,
-                chunk_bytes=chunk_bytes, duration_s=duration_s, closed_loop=True))
-            log(f"closed loop, {n} streams: {closed.throughput:.0f} chunks/s, "
-                f"p50 {closed.latency_ms['p50']:.2f} ms, load {closed.load_busy:.2f}")
-        finally:
-            if spawned is not None:
-                spawned.stop()
+        targets = {"rnnserve": target}
+        meta = asyncio.run(fetch_metadata(target, model, version))
+        log(f"rnnserve bench: {meta.name} v{meta.version} ({meta.arch}, {meta.input_kind}, "
+            f"{meta.execution_provider}) at {target}; {chunk_ms} ms chunks, "
+            f"{duration_s:g} s per level, {gen.procs} load process(es)"
+            + (f", {repeats} repeats per level (the median p99's repeat counts)"
+               if repeats > 1 else ""))
         if redis_store:
             assert repo is not None
             redis = RedisProcess(out)
-            try:
-                log(f"\nrnnserve with the Redis session store ({redis.url}; every step "
-                    f"written before it is answered)\n{HEADER}")
-                on_redis = Spawned.rnnserve(repo, [*flags, f"--session-store={redis.url}"],
-                                            out / "server-redis.log")
-                try:
-                    runs["redis_store"] = sweep(gen, on_redis.target, meta, levels,
-                                                duration_s, chunk_ms, chunk_bytes, log)
-                finally:
-                    on_redis.stop()
-            finally:
-                redis.stop()
+            stack.callback(redis.stop)
+            on_redis = Spawned.rnnserve(repo, [*flags, f"--session-store={redis.url}"],
+                                        out / "server-redis.log")
+            stack.callback(on_redis.stop)
+            targets["redis_store"] = on_redis.target
+            log(f"redis_store: a second server on the Redis session store ({redis.url}; "
+                "every step written before it is answered), taking turns with the "
+                "in-memory one (rnnserve) at each level")
+        log(f"\nrnnserve (max batch size {max_batch_size})\n{HEADER}")
+        runs.update(sweep(gen, targets, meta, levels, duration_s, chunk_ms, chunk_bytes, log,
+                          repeats))
+        if len(targets) > 1:
+            log("\nmedian p99 ms per level: " + "; ".join(
+                f"{name} " + ", ".join(f"{lv.streams}: {lv.latency_ms['p99']:.0f}"
+                                       for lv in runs[name]) for name in targets))
+        n = saturation_streams or levels[-1]
+        closed = summarize(n, duration_s, gen.run(
+            target, meta.name, meta.SerializeToString(), streams=n, chunk_ms=chunk_ms,
+            chunk_bytes=chunk_bytes, duration_s=duration_s, closed_loop=True))
+        log(f"closed loop, {n} streams: {closed.throughput:.0f} chunks/s, "
+            f"p50 {closed.latency_ms['p50']:.2f} ms, load {closed.load_busy:.2f}")
+        stack.close()
         ceiling: dict[str, Any] | None = None
         if baselines:
             assert repo is not None
@@ -462,8 +501,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
             def sweep_on(server: Spawned, title: str) -> list[Level]:
                 try:
                     log(f"\n{title}\n{HEADER}")
-                    return sweep(gen, server.target, meta, levels, duration_s, chunk_ms,
-                                 chunk_bytes, log)
+                    return sweep(gen, {"baseline": server.target}, meta, levels, duration_s,
+                                 chunk_ms, chunk_bytes, log)["baseline"]
                 finally:
                     server.stop()
 

@@ -190,7 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "and the compute ceiling (onnxruntime alone), and print the ratios")
     b.add_argument("--redis-store", action="store_true",
                    help="also run the levels with a server on the Redis session store (a "
-                   "redis-server started for the run) and compare the capacities")
+                   "redis-server started for the run), the two servers taking turns at "
+                   "each level, and compare the capacities")
+    b.add_argument("--repeats", type=_positive, default=1,
+                   help="run each level this many times (servers taking turns); the repeat "
+                   "with the median p99 counts, errors of any repeat count (default 1)")
     b.add_argument("--load-procs", type=_positive, default=2,
                    help="processes generating the load (default 2)")
     b.add_argument("--max-batch-size", type=_positive, default=64,
@@ -297,7 +301,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               make_plot=not args.no_plot, baselines=args.baselines,
               load_procs=args.load_procs, max_batch_size=args.max_batch_size,
               saturation_streams=args.saturation_streams, idle_sessions=args.idle_sessions,
-              redis_store=args.redis_store)
+              redis_store=args.redis_store, repeats=args.repeats)
     return 0
 
 

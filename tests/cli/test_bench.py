@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
+
+from rnnserve.client.bench import Level, median_level
 
 from ..conftest import build_repo
 from .test_cli import assert_one_line_error, rnnserve
@@ -79,18 +82,39 @@ def test_bench_refuses_bad_arguments(tmp_path) -> None:
     assert_one_line_error(proc, "--baselines", "--repo")
 
 
+def test_a_level_counts_its_median_repeat_and_every_repeats_errors() -> None:
+    def level(p99: float, errors: dict[str, int] | None = None, unsent: int = 0) -> Level:
+        return Level(4, 1.0, 100, 4, 0, unsent, errors or {}, 100.0,
+                     {"p50": 1.0, "p90": 2.0, "p99": p99, "p99.9": p99, "max": p99}, 0.1)
+
+    got = median_level([level(90.0), level(20.0), level(50.0, {"UNAVAILABLE": 2}, 3)])
+    assert got.latency_ms["p99"] == 50.0 and got.p99_repeats == [90.0, 20.0, 50.0]
+    assert got.errors == {"UNAVAILABLE": 2} and got.unsent == 3 and not got.within_budget
+    clean = median_level([level(120.0), level(30.0), level(60.0), level(80.0)])
+    assert clean.latency_ms["p99"] == 80.0 and clean.within_budget
+
+
 def test_bench_compares_the_redis_session_store(tmp_path) -> None:
     repo = build_repo(tmp_path)
     out = tmp_path / "bench"
-    proc = rnnserve("bench", "--repo", str(repo), "--model", "feat", "--streams", "2",
+    proc = rnnserve("bench", "--repo", str(repo), "--model", "feat", "--streams", "1,2",
                     "--duration-s", "1", "--out", str(out), "--redis-store", "--no-plot",
-                    "--serve-arg=--intra-op-threads=1", timeout=120)
+                    "--repeats", "2", "--serve-arg=--intra-op-threads=1", timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert "with the Redis session store:" in proc.stdout
+    # the two servers take turns at each level, each level twice
+    tags = re.findall(r"^ +(\d+) .*\[(\w+) (\d)/2\]$", proc.stdout, re.M)
+    assert tags == [(n, name, r) for n in ("1", "2") for r in ("1", "2")
+                    for name in ("rnnserve", "redis_store")], proc.stdout
+    assert "median p99 ms per level: rnnserve 1: " in proc.stdout
     report = json.loads((out / "bench.json").read_text())
     store = report["redis_store"]
-    (level,) = store["levels"]
-    assert level["streams"] == 2 and level["answered"] > 0 and level["errors"] == {}
-    assert store["capacity_streams"] in (0, 2)
+    for levels in (report["levels"], store["levels"]):
+        assert [lv["streams"] for lv in levels] == [1, 2]
+        for lv in levels:
+            assert lv["answered"] > 0 and lv["errors"] == {}
+            assert len(lv["p99_repeats"]) == 2
+            assert lv["latency_ms"]["p99"] == max(lv["p99_repeats"])  # the upper median
+    assert store["capacity_streams"] in (0, 1, 2)
     assert "session store redis://127.0.0.1:" in (out / "server-redis.log").read_text()
 
