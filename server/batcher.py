@@ -141,6 +141,7 @@ class Batcher:
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Step]) -> None:
         commits: list[asyncio.Task[None]] = []
+        last: list[tuple[_Step, list[np.ndarray], list[np.ndarray]]] = []
         try:
             try:
                 groups: dict[tuple[int, ...], list[_Step]] = defaultdict(list)
@@ -154,12 +155,16 @@ class Batcher:
                             "batch, past its deadline; it did not run and nothing advanced"))
                         continue
                     groups[item.x.shape].append(item)
-                for group in groups.values():
+                for i, group in enumerate(groups.values()):
                     tagged = await self._run(loop, group)
-                    if tagged:
+                    if tagged and i < len(groups) - 1:  # it commits while the next group runs
                         commits.append(loop.create_task(self._commit(tagged)))
+                    else:
+                        last = tagged
             finally:
                 self._runners.release()  # the next batch may run while this one commits
+            if last:
+                await self._commit(last)  # in this task: one event-loop turn less per step
             if commits:
                 await asyncio.gather(*commits)
         finally:

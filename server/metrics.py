@@ -94,7 +94,8 @@ class Metrics:
             registry=registry)
         self.store_seconds = Histogram(
             "rnnserve_store_seconds", "Shared session store round trips that succeeded, by "
-            "operation (checkpoint: one pipeline per batch)", ("op",),
+            "operation (write: one script call for the new sessions, steps and closes that "
+            "are ready together; load; release)", ("op",),
             buckets=LATENCY_BUCKETS, registry=registry)
         self.store_errors = Counter(
             "rnnserve_store_errors_total", "Shared session store operations that failed "
@@ -118,7 +119,7 @@ class Metrics:
             self.resumes.labels(model, v, source)
 
     def add_store(self) -> None:
-        for op in ("create", "load", "checkpoint", "delete", "release"):
+        for op in ("write", "load", "release"):
             self.store_seconds.labels(op)
             self.store_errors.labels(op)
         for op in ("create", "load", "checkpoint"):

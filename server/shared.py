@@ -44,29 +44,19 @@ log = logging.getLogger("rnnserve.shared")
 # (operation, seconds, ok) for the metrics
 StoreHook = Callable[[str, float, bool], None]
 
-# KEYS: record, lease, final. ARGV: owner, data, ttl ms, lease ms.
-_CREATE = """
-local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[1] then return {'held', redis.call('PTTL', KEYS[2])} end
-if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists', 0} end
-redis.call('HSET', KEYS[1], 'seq', 0, 'data', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
-redis.call('DEL', KEYS[3])
-return {'ok', 0}
-"""
-
-# A batch's steps in one script call. ARGV: owner, ttl ms, lease ms, upsert (1: write a
-# missing record, for servers that degrade while the store is down), key prefix, then
-# per session: "FROM TO FINAL ID" (FINAL 1: the chunk ended the session; its record
-# moves to the final key) and the record. The keys are built here from the ids (fewer
-# arguments to pack per step: the write is on every step's path). Returns the failures
-# only, flat: index, 'held' or 'moved', and the lease's time left or the stored seq.
+# The writes of one or more batches in one script call: new sessions, steps, closes.
+# ARGV: owner, ttl ms, lease ms, upsert (1: a step may write a missing record, for
+# servers that degrade while the store is down), key prefix, then per write "KIND FROM
+# TO ID" and the record. KIND: c creates (refused if the record exists), s steps from
+# seq FROM to TO, f steps and ends the session (its record moves to the final key), d
+# deletes (closes). The keys are built here from the ids (fewer arguments to pack: this
+# is on every step's path). Returns the refusals only, flat: index, 'held', 'moved' or
+# 'exists', and the lease's time left or the stored seq.
 _WRITE_MANY = """
 local owner, ttl, lease, upsert, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local failed = {}
 for i = 0, (#ARGV - 5) / 2 - 1 do
-  local from, to, final, sid = string.match(ARGV[2 * i + 6], '^(%-?%d+) (%d+) (%d) (.*)$')
+  local kind, from, to, sid = string.match(ARGV[2 * i + 6], '^(%a) (%-?%d+) (%d+) (.*)$')
   local data = ARGV[2 * i + 7]
   local base = prefix .. ':{' .. sid .. '}:'
   local rec, lk = base .. 's', base .. 'l'
@@ -75,9 +65,20 @@ for i = 0, (#ARGV - 5) / 2 - 1 do
   if holder and holder ~= owner then
     table.insert(failed, i); table.insert(failed, 'held')
     table.insert(failed, redis.call('PTTL', lk))
+  elseif kind == 'c' then
+    if seq then
+      table.insert(failed, i); table.insert(failed, 'exists'); table.insert(failed, 0)
+    else
+      redis.call('HSET', rec, 'seq', 0, 'data', data)
+      redis.call('PEXPIRE', rec, ttl)
+      redis.call('SET', lk, owner, 'PX', lease)
+      redis.call('DEL', base .. 'f')
+    end
+  elseif kind == 'd' then
+    redis.call('DEL', rec, lk)
   elseif seq ~= from and not (seq == false and upsert == '1') then
     table.insert(failed, i); table.insert(failed, 'moved'); table.insert(failed, seq or -1)
-  elseif final == '1' then
+  elseif kind == 'f' then
     redis.call('DEL', rec, lk)
     redis.call('SET', base .. 'f', data, 'PX', 60000)
   else
@@ -97,14 +98,6 @@ local data = redis.call('HGET', KEYS[1], 'data')
 if not data then return {'none', 0} end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return {'ok', data}
-"""
-
-# KEYS: record, lease. ARGV: owner. Closing a session deletes its record.
-_DELETE = """
-local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[1] then return {'held', redis.call('PTTL', KEYS[2])} end
-redis.call('DEL', KEYS[1], KEYS[2])
-return {'ok', 0}
 """
 
 # KEYS: lease. ARGV: owner.
@@ -146,16 +139,15 @@ class RedisStore:
         self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s,
                                               socket_connect_timeout=timeout_s,
                                               retry_on_timeout=False)
-        self._create = self._redis.register_script(_CREATE)
         self._write_many_sha = hashlib.sha1(_WRITE_MANY.encode()).hexdigest()
         # the batch writes go over a connection of their own, one at a time, without
         # the pool, the script wrapper and the general packer (a quarter of the cost)
         self._writer: AbstractConnection | None = None
         self._acquire = self._redis.register_script(_ACQUIRE)
-        self._delete = self._redis.register_script(_DELETE)
         self._release = self._redis.register_script(_RELEASE)
         # batches of steps waiting for the next write: their ids, script arguments, future
         self._queue: list[_Queued] = []
+        self._writing = False  # a batch write is in flight
         self._flushing: asyncio.Task[None] | None = None
 
     def _keys(self, sid: str) -> list[str]:
@@ -226,10 +218,12 @@ class RedisStore:
         return status[1]
 
     async def create(self, sid: str, data: bytes) -> None:
-        keys = self._keys(sid)
-        status = await self._call("create", lambda: self._create(
-            keys=keys, args=[self.owner, data, self.ttl_ms, self.lease_ms]))
-        self._check(sid, status)
+        """Store a new session's first record and take its lease; ``SessionExists`` if
+        the store has one. Goes out with the batch writes: a burst of new sessions is
+        a few script calls on one connection, not a connection and a call each."""
+        refused = (await self._submit([sid], [f"c -1 0 {sid}", data]))[0]
+        if refused is not None:
+            raise refused
 
     async def acquire(self, sid: str) -> bytes | None:
         """The session's record with its lease taken for this server; None if there is
@@ -248,9 +242,10 @@ class RedisStore:
         return None if data is None else bytes(data)
 
     async def delete(self, sid: str) -> None:
-        keys = self._keys(sid)[:2]
-        self._check(sid, await self._call("delete", lambda: self._delete(
-            keys=keys, args=[self.owner])))
+        """Delete a closed session's record (``SessionHeld`` if another server has it)."""
+        refused = (await self._submit([sid], [f"d 0 0 {sid}", b""]))[0]
+        if refused is not None:
+            raise refused
 
     async def release(self, sids: Iterable[str]) -> None:
         """Give up the leases this server holds (on shutdown, expiry or eviction)."""
@@ -271,54 +266,73 @@ class RedisStore:
         """Write the records of steps (session id, record, the seq it started from, the
         next seq, whether it ended the session), each fenced by its lease and sequence
         number; returns once they are in Redis, per step None or why it was refused
-        (``SessionHeld``, ``SessionMoved``). Raises ``StoreUnavailable``. Batches that
-        finish while one write is in flight go out together in the next script call.
+        (``SessionHeld``, ``SessionMoved``). Raises ``StoreUnavailable``.
+
+        One write is in flight at a time: with none, the caller writes at once (no task,
+        no extra turn of the event loop on every step's path); batches that finish
+        meanwhile queue and go out together in the next script call (group commit).
 
         If the caller is cancelled meanwhile, the writes may still land: the store is
         then one chunk ahead of this server's copy, whose next write is refused as
         moved; the client resumes and its retry of that chunk gets the stored answer."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[list[BaseException | None]] = loop.create_future()
         args: list[Any] = []
         for sid, data, from_seq, to_seq, final in steps:
-            args += [f"{from_seq} {to_seq} {1 if final else 0} {sid}", data]
-        self._queue.append(([sid for sid, *_ in steps], args, fut))
-        if self._flushing is None:
-            self._flushing = loop.create_task(self._flush())
-        return await fut
+            args += [f"{'f' if final else 's'} {from_seq} {to_seq} {sid}", data]
+        return await self._submit([sid for sid, *_ in steps], args)
+
+    async def _submit(self, ids: list[str], args: list[Any]) -> list[BaseException | None]:
+        """Write now if no write is in flight, else with the next one."""
+        if self._writing:
+            fut: asyncio.Future[list[BaseException | None]] = \
+                asyncio.get_running_loop().create_future()
+            self._queue.append((ids, args, fut))
+            return await fut
+        self._writing = True
+        try:
+            return (await self._write_batch([(ids, args)]))[0]
+        finally:
+            if self._queue:
+                self._flushing = asyncio.get_running_loop().create_task(self._flush())
+            else:
+                self._writing = False
 
     async def _flush(self) -> None:
+        """Write what queued while a write was in flight, until nothing is left."""
         try:
             while self._queue:
-                await asyncio.sleep(0)  # let other batches that finished queue up
                 batch, self._queue = self._queue, []
-                sids = [sid for ids, _, _ in batch for sid in ids]
-
-                async def run(batch: list[_Queued] = batch) -> Any:
-                    args: list[Any] = [self.owner, self.ttl_ms, self.lease_ms,
-                                       1 if self.upsert else 0, self.prefix]
-                    for _, a, _ in batch:
-                        args += a
-                    return await self._write(args)
-
                 try:
-                    results = await self._call("checkpoint", run)
+                    results = await self._write_batch([(ids, args) for ids, args, _ in batch])
                 except StoreUnavailable as exc:
                     for *_, fut in batch:
                         if not fut.done():
                             fut.set_exception(StoreUnavailable(str(exc)))
                     continue
-                refused: dict[int, BaseException] = {}
-                for i in range(0, len(results), 3):
-                    at = int(results[i])
-                    try:
-                        self._check(sids[at], results[i + 1:i + 3])
-                    except Exception as exc:
-                        refused[at] = exc
-                at = 0
-                for ids, _, fut in batch:
+                for (*_, fut), refused in zip(batch, results, strict=True):
                     if not fut.done():
-                        fut.set_result([refused.get(i) for i in range(at, at + len(ids))])
-                    at += len(ids)
+                        fut.set_result(refused)
         finally:
             self._flushing = None
+            self._writing = False
+
+    async def _write_batch(self, batches: list[tuple[list[str], list[Any]]]
+                           ) -> list[list[BaseException | None]]:
+        """One script call for several batches; per batch, per write, why it was refused."""
+        args: list[Any] = [self.owner, self.ttl_ms, self.lease_ms, 1 if self.upsert else 0,
+                           self.prefix]
+        for _, a in batches:
+            args += a
+        results = await self._call("write", lambda: self._write(args))
+        sids = [sid for ids, _ in batches for sid in ids]
+        refused: dict[int, BaseException] = {}
+        for i in range(0, len(results), 3):
+            at = int(results[i])
+            try:
+                self._check(sids[at], results[i + 1:i + 3])
+            except Exception as exc:
+                refused[at] = exc
+        out, at = [], 0
+        for ids, _ in batches:
+            out.append([refused.get(i) for i in range(at, at + len(ids))])
+            at += len(ids)
+        return out

@@ -81,7 +81,7 @@ def test_sigkill_mid_stream_resumes_on_the_other_server_exactly(repo, redis_serv
     # B answered the rest of each stream, and no chunk twice
     answered_on_b = metric_value(text, "rnnserve_chunks_total", code="OK")
     assert 8 <= answered_on_b <= 8 * 30
-    assert metric_value(text, "rnnserve_store_seconds_count", op="checkpoint") > 0
+    assert metric_value(text, "rnnserve_store_seconds_count", op="write") > 0
 
 
 def test_a_sigterm_rollout_of_both_servers_moves_streams_without_waiting(repo, redis_server,

@@ -1,0 +1,119 @@
+"""RedisStore on a real redis-server, without a gRPC server: the batch write path."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from rnnserve.server.errors import SessionExists, SessionHeld, SessionMoved, StoreUnavailable
+from rnnserve.server.shared import RedisStore
+
+
+def test_batches_that_finish_during_a_write_go_out_together(redis_server) -> None:
+    """20 batches at once: the first writes at once, the other 19 wait for it and go
+    out in one more script call; each step gets its own verdict."""
+    ops: list[str] = []
+
+    async def main():
+        store = RedisStore(redis_server.url, owner="me", ttl_s=60, lease_s=10,
+                           on_op=lambda op, s, ok: ops.append(op))
+        other = RedisStore(redis_server.url, owner="them", ttl_s=60, lease_s=10)
+        try:
+            sids = [f"s{i}" for i in range(40)]
+            for sid in sids[:39]:
+                await store.create(sid, b"rec0")
+            await other.create(sids[39], b"theirs")
+            # batch i: two steps; the step of s5 claims the wrong seq; s39 is another's
+            batches = [[(sids[2 * i], b"rec1", 0, 1, False),
+                        (sids[2 * i + 1], b"rec1", 3 if 2 * i + 1 == 5 else 0, 1, False)]
+                       for i in range(20)]
+            ops.clear()
+            results = await asyncio.gather(*(store.checkpoint_many(b) for b in batches))
+            r = redis_server.client()
+            seqs = [r.hget(f"rnnserve:{{{sid}}}:s", "seq") for sid in sids]
+            return results, seqs
+        finally:
+            await store.close()
+            await other.close()
+
+    results, seqs = asyncio.run(main())
+    assert ops.count("write") == 2
+    flat = [v for batch in results for v in batch]
+    assert isinstance(flat[5], SessionMoved) and "chunk 0" in str(flat[5])
+    assert isinstance(flat[39], SessionHeld)
+    assert all(v is None for i, v in enumerate(flat) if i not in (5, 39))
+    assert seqs == [b"0" if i in (5, 39) else b"1" for i in range(40)]
+
+
+def test_a_burst_of_new_sessions_and_closes_is_a_few_writes(redis_server) -> None:
+    ops: list[str] = []
+
+    async def main():
+        store = RedisStore(redis_server.url, owner="me", ttl_s=60, lease_s=10,
+                           on_op=lambda op, s, ok: ops.append(op))
+        other = RedisStore(redis_server.url, owner="them", ttl_s=60, lease_s=10)
+        try:
+            await other.create("n7", b"theirs")
+            await store.create("n3", b"mine")
+            ops.clear()
+            made = await asyncio.gather(*(store.create(f"n{i}", b"rec") for i in range(50)),
+                                        return_exceptions=True)
+            writes_to_open = ops.count("write")
+            closed = await asyncio.gather(*(store.delete(f"n{i}") for i in range(50)),
+                                          return_exceptions=True)
+            r = redis_server.client()
+            left = sorted(k.decode() for k in r.keys("rnnserve:*"))
+            return made, writes_to_open, closed, left
+        finally:
+            await store.close()
+            await other.close()
+
+    made, writes_to_open, closed, left = asyncio.run(main())
+    assert writes_to_open == 2 and ops.count("write") == 4
+    assert isinstance(made[3], SessionExists) and isinstance(made[7], SessionHeld)
+    assert all(m is None for i, m in enumerate(made) if i not in (3, 7))
+    assert isinstance(closed[7], SessionHeld)
+    assert all(c is None for i, c in enumerate(closed) if i != 7)
+    assert left == ["rnnserve:{n7}:l", "rnnserve:{n7}:s"]
+
+
+def test_a_write_to_a_store_that_is_gone_fails_every_waiting_batch(redis_server) -> None:
+    async def main():
+        store = RedisStore(redis_server.url, owner="me", ttl_s=60, lease_s=10,
+                           timeout_s=0.5)
+        try:
+            for i in range(6):
+                await store.create(f"g{i}", b"rec0")
+            redis_server.stop()
+            return await asyncio.gather(
+                *(store.checkpoint_many([(f"g{i}", b"rec1", 0, 1, False)]) for i in range(6)),
+                return_exceptions=True)
+        finally:
+            await store.close()
+
+    results = asyncio.run(main())
+    assert all(isinstance(e, StoreUnavailable) for e in results), results
+
+
+@pytest.mark.parametrize("final", [False, True])
+def test_a_write_after_the_store_came_back_succeeds(redis_server, final) -> None:
+    async def main():
+        store = RedisStore(redis_server.url, owner="me", ttl_s=60, lease_s=10,
+                           timeout_s=0.5, upsert=True)
+        try:
+            await store.create("c", b"rec0")
+            redis_server.stop()
+            with pytest.raises(StoreUnavailable):
+                await store.checkpoint_many([("c", b"rec1", 0, 1, False)])
+            redis_server.start()  # empty; upsert writes the missing record
+            return await store.checkpoint_many([("c", b"rec1", 0, 1, final)])
+        finally:
+            await store.close()
+
+    assert asyncio.run(main()) == [None]
+    r = redis_server.client()
+    if final:
+        assert r.get("rnnserve:{c}:f") == b"rec1" and not r.exists("rnnserve:{c}:s")
+    else:
+        assert r.hget("rnnserve:{c}:s", "seq") == b"1"
