@@ -42,6 +42,19 @@ def routed_session_id(context: grpc.aio.ServicerContext, body_id: str) -> str:
 
 
 DRAINING = "the server is shutting down; resume the session on another replica"
+RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRFC A6: when to retry, for gRPC's retry policy
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """End a call with the status of ``exc``: a CoreError's code and message (with its
+    retry hint as the ``grpc-retry-pushback-ms`` trailer), anything else INTERNAL
+    without its text (logged here)."""
+    if isinstance(exc, CoreError):
+        trailer = () if exc.retry_after_ms is None else (
+            (RETRY_PUSHBACK, str(exc.retry_after_ms)),)
+        await context.abort(grpc.StatusCode[exc.code], str(exc), trailing_metadata=trailer)
+    log.exception("unexpected error")
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
 
 def chunk_input(chunk: pb.Chunk) -> ChunkInput:
@@ -134,10 +147,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.gate = gate
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
-        if isinstance(exc, CoreError):
-            await context.abort(grpc.StatusCode[exc.code], str(exc))
-        log.exception("unexpected error")
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        await abort(context, exc)
 
     async def Stream(self, request_iterator: AsyncIterator[pb.StreamRequest],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamResponse]:

@@ -90,7 +90,8 @@ class RnnServer:
         s = self.settings
         options = RuntimeOptions(device=s.device, device_id=s.device_id,
                                  intra_op_threads=s.intra_op_threads,
-                                 inter_op_threads=s.inter_op_threads)
+                                 inter_op_threads=s.inter_op_threads,
+                                 allow_nonfinite=s.nonfinite == "allow")
         self.registry = ModelRegistry(s.repo, options)
         if not len(self.registry):
             raise ModelRepositoryError(f"no models in {str(s.repo)!r}; export one with "
@@ -123,7 +124,8 @@ class RnnServer:
         self.store = MemorySessionStore(idle_timeout_s=s.idle_timeout_s,
                                         max_sessions=s.max_sessions,
                                         max_state_bytes=s.max_state_bytes,
-                                        on_event=self._session_event)
+                                        on_event=self._session_event,
+                                        when_full=s.when_full)
         self.batchers = {
             rt.key: Batcher(rt, max_batch_size=s.max_batch_size,
                             max_delay_s=s.max_batch_delay_ms / 1000, max_queue=s.max_queue,
@@ -137,7 +139,9 @@ class RnnServer:
                          on_chunk=self.metrics.observe_chunk, shared=self.shared,
                          degrade=s.store_failure == "degrade",
                          on_resume=self.metrics.resumed,
-                         on_degraded=self.metrics.store_degraded_hook)
+                         on_degraded=self.metrics.store_degraded_hook,
+                         admission_delay_s=s.admission_queue_wait_ms / 1000,
+                         max_sessions_per_principal=s.max_sessions_per_principal)
         self.metrics.registry.register(ServingCollector(
             lambda: ((rt, self.batchers[rt.key]) for rt in self.registry),
             self.store.usage_by_model,
@@ -150,7 +154,9 @@ class RnnServer:
             tokens = load_tokens(s.tokens_file)
             interceptors.append(TokenAuth(tokens))
             log.info("bearer-token authentication: %d token(s)", len(tokens))
-        self.server = grpc.aio.server(interceptors=interceptors)
+        self.server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes)])
         self.streams = StreamGate()
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.core, self.streams),
                                                 self.server)

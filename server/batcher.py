@@ -38,6 +38,11 @@ from rnnserve.server.runtime import ModelRuntime
 
 log = logging.getLogger("rnnserve.batcher")
 
+def retry_after_ms(delay_s: float) -> int:
+    """A retry hint for a refusal while steps wait ``delay_s``: twice that, 50 ms to 5 s."""
+    return int(min(5000, max(50, 2000 * delay_s)))
+
+
 # (seconds each step of the batch waited in the queue, seconds the run took)
 BatchHook = Callable[[list[float], float], None]
 
@@ -79,6 +84,8 @@ class Batcher:
         self.batches = 0
         self.steps = 0
         self.largest_batch = 0
+        self._last_run_at = time.perf_counter()  # when the last group started to run
+        self._last_wait = 0.0  # the longest queue wait in that group
 
     def start(self) -> None:
         if self._task is None:
@@ -102,6 +109,14 @@ class Batcher:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    def delay_s(self) -> float:
+        """How long a step waits here now, for admission control: the longest queue wait
+        of the last group run in the past second, or, while steps are queued and no group
+        has started for longer than that, the time since one did (a stalled model)."""
+        since = time.perf_counter() - self._last_run_at
+        recent = self._last_wait if since < 1.0 else 0.0
+        return max(recent, since) if self._queue.qsize() else recent
+
     async def step(self, state: list[np.ndarray], x: np.ndarray, expires: float | None = None,
                    tag: Any = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Run one chunk of one session; return its outputs and its new state. A step
@@ -113,7 +128,8 @@ class Batcher:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
             raise Overloaded(f"model {self.runtime.name!r} has {self._queue.maxsize} steps "
-                             "queued; retry after a short delay") from None
+                             "queued; retry after a short delay",
+                             retry_after_ms=retry_after_ms(self.delay_s())) from None
         return await item.future
 
     async def _consume(self) -> None:
@@ -177,6 +193,7 @@ class Batcher:
         results, for the commit hook."""
         started = time.perf_counter()
         waits = [started - s.queued_at for s in group]
+        self._last_run_at, self._last_wait = started, max(waits)
         try:
             outputs, states = await loop.run_in_executor(
                 self._executor, self.runtime.run, [s.x for s in group],

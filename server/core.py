@@ -21,12 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from rnnserve.server import records
-from rnnserve.server.batcher import Batcher
+from rnnserve.server.batcher import Batcher, retry_after_ms
 from rnnserve.server.errors import (
     CoreError,
     InvalidChunk,
     ModelNotFound,
     OutOfOrder,
+    Overloaded,
     RecordForeign,
     SessionBusy,
     SessionClosed,
@@ -117,7 +118,8 @@ class Core:
                  batchers: dict[tuple[str, int], Batcher],
                  on_chunk: ChunkHook | None = None, *, shared: RedisStore | None = None,
                  degrade: bool = False, on_resume: ResumeHook | None = None,
-                 on_degraded: Callable[[str], None] | None = None) -> None:
+                 on_degraded: Callable[[str], None] | None = None,
+                 admission_delay_s: float = 0.0, max_sessions_per_principal: int = 0) -> None:
         self.registry = registry
         self._on_chunk = on_chunk
         self.store = store
@@ -126,6 +128,10 @@ class Core:
         self.degrade = degrade
         self._on_resume = on_resume
         self._on_degraded = on_degraded
+        # admission control: new sessions and stateless requests are refused while a
+        # model's steps wait longer than this (0: never); a principal's live sessions cap
+        self.admission_delay_s = admission_delay_s
+        self.max_sessions_per_principal = max_sessions_per_principal
         self.accepting = True
         self._busy: set[str] = set()
         if shared is not None:  # every step is written to the store before it is answered
@@ -150,6 +156,7 @@ class Core:
         sid = session_id or uuid.uuid4().hex
         if self.store.peek(sid) is not None:
             raise SessionExists(f"session {sid!r} already exists; resume it or pick another id")
+        self.admit(runtime, new_session=True)
         if self.shared is not None:
             try:
                 fresh = Session(sid, runtime.name, runtime.version, runtime.zero_state(),
@@ -157,10 +164,34 @@ class Core:
                 await self.shared.create(sid, records.encode(fresh))
             except StoreUnavailable as exc:
                 self._degraded("create", exc)
-        session = self.store.create(runtime.name, runtime.version, runtime.zero_state(), sid)
-        session.owner = principal()
+        session = self.store.create(runtime.name, runtime.version, runtime.zero_state(), sid,
+                                    owner=principal())
         session.opened_at = time.perf_counter()
         return session, runtime
+
+    def admit(self, runtime: ModelRuntime, new_session: bool = False) -> None:
+        """Admission control for new work (a session, a stateless request); steps of
+        admitted sessions are never refused here, so they keep their latency when the
+        server is past its capacity. Raises Overloaded with a retry hint."""
+        if self.admission_delay_s:
+            delay = self.batchers[runtime.key].delay_s()
+            if delay > self.admission_delay_s:
+                raise Overloaded(
+                    f"model {runtime.name!r} is at capacity: its steps wait "
+                    f"{delay * 1000:.0f} ms, over the admission limit of "
+                    f"{self.admission_delay_s * 1000:g} ms; retry later or on another replica",
+                    retry_after_ms=retry_after_ms(delay))
+        if not new_session:
+            return
+        who = principal()
+        if self.max_sessions_per_principal and \
+                self.store.count_of(who) >= self.max_sessions_per_principal:
+            raise Overloaded(f"{'principal ' + repr(who) if who else 'this client'} holds "
+                             f"its most live sessions ({self.max_sessions_per_principal}); "
+                             "close one first", retry_after_ms=1000)
+        refused = self.store.refusal(runtime.meta.state_bytes_per_session())
+        if refused is not None:  # before the shared store has a record of it
+            raise refused
 
     async def _resume(self, model: str, version: int, sid: str
                       ) -> tuple[Session, ModelRuntime]:
@@ -392,6 +423,7 @@ class Core:
         started = time.perf_counter()
         code = "UNKNOWN"
         try:
+            self.admit(runtime)
             xs = [runtime.check_chunk(self.decode(runtime, c)) for c in chunks]
             batcher = self.batchers[runtime.key]
             results = await asyncio.gather(*(batcher.step(runtime.zero_state(), x, expires)

@@ -20,7 +20,8 @@ Hierarchy::
     │   ├── RecordCorrupt          DATA_LOSS: its stored record is damaged
     │   └── RecordForeign          FAILED_PRECONDITION: its record is another model's
     ├── StoreUnavailable           UNAVAILABLE: the shared session store cannot be reached
-    ├── Overloaded                 RESOURCE_EXHAUSTED (queue full; retry later)
+    ├── Overloaded                 RESOURCE_EXHAUSTED (queue full, at capacity, a
+    │                              principal's limit; with a retry hint)
     ├── DeadlineExpired            DEADLINE_EXCEEDED (not run in time; nothing advanced)
     ├── ShuttingDown               UNAVAILABLE (draining; go to another replica)
     └── BatchFailed                INTERNAL (the run failed; message is generic)
@@ -34,6 +35,14 @@ from __future__ import annotations
 class CoreError(Exception):
     code = "INTERNAL"
     reason = "internal"
+    # a hint for the client: retry after this long (the gRPC adapters send it as the
+    # grpc-retry-pushback-ms trailer, which gRPC's own retry policy honours)
+    retry_after_ms: int | None = None
+
+    def __init__(self, message: str = "", *, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        if retry_after_ms is not None:
+            self.retry_after_ms = retry_after_ms
 
 
 class ModelNotFound(CoreError):

@@ -11,6 +11,10 @@ answered (OK), as the server cannot tell the two apart.
 The handlers name the model they served with :func:`rpc_model`, through a context
 variable that the interceptor sets for each call, so no handler needs to know about
 metrics.
+
+It also guards every handler against requests whose bytes do not decode as the
+method's message: gRPC would answer UNKNOWN with the decoder's exception text; here
+they get INVALID_ARGUMENT naming the message type, and the handler never sees them.
 """
 
 from __future__ import annotations
@@ -37,6 +41,40 @@ APIS = {
 }
 
 INFERENCE_APIS = frozenset({"native", "kserve_v2"})
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """What the guarded deserializer returns for bytes that are not the message."""
+
+    message: str
+
+
+def _guard(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)
+    name = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "the request message")
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # the protobuf decoder's error: corrupt wire format
+            return _Undecodable(f"the request does not decode as {name} (corrupt or "
+                                "foreign bytes)")
+    return decode
+
+
+async def _refuse(context: grpc.aio.ServicerContext, request: _Undecodable) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+
+async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+                   ) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            await _refuse(context, request)
+        yield request
 
 
 @dataclass
@@ -109,11 +147,15 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             context.add_done_callback(done)
             return call
 
-        def wrap(inner: Any, streaming: bool) -> Any:
+        def wrap(inner: Any, streaming: bool, request_stream: bool) -> Any:
             if inspect.isasyncgenfunction(inner):
                 async def gen(request: Any, context: grpc.aio.ServicerContext
                               ) -> AsyncIterator[Any]:
                     call = begin(context, streaming)
+                    if request_stream:
+                        request = _checked(request, context)
+                    elif isinstance(request, _Undecodable):
+                        await _refuse(context, request)
                     try:
                         async for resp in inner(request, context):
                             yield resp
@@ -124,6 +166,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             async def coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 call = begin(context, streaming)  # a streaming coroutine writes via context
+                if request_stream:
+                    request = _checked(request, context)
+                elif isinstance(request, _Undecodable):
+                    await _refuse(context, request)
                 try:
                     return await inner(request, context)
                 except asyncio.CancelledError:
@@ -131,15 +177,15 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     raise
             return coro
 
-        ser, des = handler.response_serializer, handler.request_deserializer
+        ser, des = handler.response_serializer, _guard(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                wrap(handler.unary_unary, False), des, ser)
+                wrap(handler.unary_unary, False, False), des, ser)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                wrap(handler.unary_stream, True), des, ser)
+                wrap(handler.unary_stream, True, False), des, ser)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                wrap(handler.stream_unary, True), des, ser)
+                wrap(handler.stream_unary, True, True), des, ser)
         return grpc.stream_stream_rpc_method_handler(
-            wrap(handler.stream_stream, True), des, ser)
+            wrap(handler.stream_stream, True, True), des, ser)

@@ -45,7 +45,7 @@ from rnnserve.protos.oip import (
     parameter_value,
 )
 from rnnserve.protos.tensors import TensorError
-from rnnserve.server.api import DRAINING, StreamGate
+from rnnserve.server.api import DRAINING, StreamGate, abort
 from rnnserve.server.core import ChunkInput, Core
 from rnnserve.server.errors import (
     CoreError,
@@ -401,11 +401,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         try:
             return await self._infer(request, context)
-        except CoreError as exc:
-            await context.abort(grpc.StatusCode[exc.code], str(exc))
-        except Exception:
-            log.exception("unexpected error")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        except Exception as exc:
+            await abort(context, exc)
         raise AssertionError("unreachable")
 
     async def _answer(self, req: pb.ModelInferRequest, context: grpc.aio.ServicerContext

@@ -37,6 +37,7 @@ class RuntimeOptions:
     device_id: int = 0
     intra_op_threads: int = 0  # 0: onnxruntime's default (all cores)
     inter_op_threads: int = 0
+    allow_nonfinite: bool = False  # float chunks with NaN or infinity pass the checks
 
 
 # Set when device "auto" asked onnxruntime for CUDA and got the CPU: later models go
@@ -73,6 +74,7 @@ class ModelRuntime:
                  options: RuntimeOptions = RuntimeOptions()) -> None:
         started = time.perf_counter()
         self.name, self.version, self.path = name, version, Path(path)
+        self.options = options
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
@@ -143,8 +145,10 @@ class ModelRuntime:
         if inp.kind == "pcm16" and inp.hop_samples and x.shape[0] % inp.hop_samples:
             raise InvalidChunk(f"PCM16 chunks must be a multiple of {inp.hop_samples} samples, "
                                f"got {x.shape[0]}")
-        if x.dtype.kind == "f" and not np.isfinite(x).all():
-            raise InvalidChunk("chunk contains NaN or Inf")
+        if x.dtype.kind == "f" and not self.options.allow_nonfinite and \
+                not np.isfinite(x).all():
+            raise InvalidChunk("chunk contains NaN or Inf (the server rejects them: "
+                               "--nonfinite reject)")
         return np.ascontiguousarray(x)
 
     def warm_up(self, max_batch: int) -> float:

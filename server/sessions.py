@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from rnnserve.server.errors import (
+    Overloaded,
     SessionClosed,
     SessionError,
     SessionEvicted,
@@ -73,8 +74,13 @@ class Session:
 class SessionStore(Protocol):
     """What the core needs from a store; a shared (e.g. Redis) store implements it too."""
 
+
     def create(self, model: str, version: int, state: list[np.ndarray],
-               session_id: str | None = None) -> Session: ...
+               session_id: str | None = None, owner: str = "") -> Session: ...
+
+    def refusal(self, nbytes: int) -> Overloaded | None: ...
+
+    def count_of(self, owner: str) -> int: ...
 
     def get(self, session_id: str) -> Session: ...
 
@@ -103,9 +109,15 @@ class MemorySessionStore:
     def __init__(self, *, idle_timeout_s: float = 300.0, max_sessions: int = 10_000,
                  max_state_bytes: int = 1 << 30, tombstones: int = 100_000,
                  clock: Callable[[], float] = time.monotonic,
-                 on_event: EventHook | None = None) -> None:
+                 on_event: EventHook | None = None, when_full: str = "evict") -> None:
+        """``when_full``: what a new session does at ``max_sessions`` or
+        ``max_state_bytes``: evict the least recently used session, or refuse (the core
+        answers RESOURCE_EXHAUSTED, and no live stream is cut for a new one)."""
         if idle_timeout_s <= 0 or max_sessions < 1 or max_state_bytes < 1:
             raise ValueError("idle timeout, max sessions and max state bytes must be positive")
+        if when_full not in ("evict", "refuse"):
+            raise ValueError(f"when_full must be evict or refuse, got {when_full!r}")
+        self.when_full = when_full
         self.idle_timeout_s = idle_timeout_s
         self.max_sessions = max_sessions
         self.max_state_bytes = max_state_bytes
@@ -120,6 +132,7 @@ class MemorySessionStore:
         self.state_bytes = 0
         self.bytes_by_model: dict[tuple[str, int], int] = {}  # read by the metrics thread
         self.count_by_model: dict[tuple[str, int], int] = {}
+        self._count_by_owner: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._live)
@@ -141,6 +154,28 @@ class MemorySessionStore:
     def _count(self, session: Session, delta: int) -> None:
         key = (session.model, session.version)
         self.count_by_model[key] = self.count_by_model.get(key, 0) + delta
+        left = self._count_by_owner.get(session.owner, 0) + delta
+        if left:
+            self._count_by_owner[session.owner] = left
+        else:
+            self._count_by_owner.pop(session.owner, None)
+
+    def count_of(self, owner: str) -> int:
+        """Live sessions that ``owner`` opened."""
+        return self._count_by_owner.get(owner, 0)
+
+    def refusal(self, nbytes: int) -> Overloaded | None:
+        """Why a new session of ``nbytes`` is refused (``when_full="refuse"`` and a cap
+        reached once idle sessions expired), or None."""
+        if self.when_full != "refuse":
+            return None
+        self.expire_idle()
+        if len(self._live) < self.max_sessions and \
+                self.state_bytes + nbytes <= self.max_state_bytes:
+            return None
+        return Overloaded(f"the server holds its most sessions ({self.max_sessions} or "
+                          f"{self.max_state_bytes} state bytes); retry later or on another "
+                          "replica", retry_after_ms=1000)
 
     def _end(self, session: Session, reason: str) -> None:
         del self._live[session.id]
@@ -153,15 +188,18 @@ class MemorySessionStore:
         self._event(reason, session)
 
     def create(self, model: str, version: int, state: list[np.ndarray],
-               session_id: str | None = None) -> Session:
+               session_id: str | None = None, owner: str = "") -> Session:
         now = self._clock()
         sid = session_id or uuid.uuid4().hex
         if sid in self._live:
             raise SessionExists(f"session {sid!r} already exists; resume it or pick another id")
-        session = Session(sid, model, version, state, created=now, last_used=now)
+        session = Session(sid, model, version, state, created=now, last_used=now, owner=owner)
         if session.nbytes > self.max_state_bytes:
             raise SessionEvicted(f"one session of {model!r} needs {session.nbytes} state bytes, "
                                  f"more than the server's cap of {self.max_state_bytes}")
+        refused = self.refusal(session.nbytes)
+        if refused is not None:
+            raise refused
         self.expire_idle()
         while self._live and (len(self._live) >= self.max_sessions
                               or self.state_bytes + session.nbytes > self.max_state_bytes):
@@ -180,9 +218,13 @@ class MemorySessionStore:
         id, replacing an outdated copy; returns the live session."""
         session = self._live.get(stored.id)
         if session is None:
-            session = self.create(stored.model, stored.version, stored.state, stored.id)
+            session = self.create(stored.model, stored.version, stored.state, stored.id,
+                                  owner=stored.owner)
+        elif session.owner != stored.owner:
+            self._count(session, -1)
+            session.owner = stored.owner
+            self._count(session, 1)
         self.update(session, stored.state, stored.next_seq, stored.answer)
-        session.owner = stored.owner
         return session
 
     def get(self, session_id: str) -> Session:

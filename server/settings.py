@@ -46,6 +46,22 @@ class Settings(BaseSettings):
     gathered and run while one runs (worth it on a GPU; on a CPU they share the cores)."""
     max_queue: int = Field(4096, ge=1)
     """Queued steps per model version beyond which requests get RESOURCE_EXHAUSTED."""
+    admission_queue_wait_ms: float = Field(0.0, ge=0)
+    """Admission control: while a model's steps wait longer than this for their batch,
+    new sessions and stateless requests get RESOURCE_EXHAUSTED with a retry hint, and
+    the sessions already admitted keep their latency (0: off)."""
+    when_full: Literal["evict", "refuse"] = "evict"
+    """At max_sessions or max_state_bytes a new session evicts the least recently used
+    one, or is refused with RESOURCE_EXHAUSTED (no live stream is cut for it)."""
+    max_sessions_per_principal: int = Field(0, ge=0)
+    """Live sessions one principal may hold (0: no limit); without tokens every caller
+    is the same principal."""
+    max_message_bytes: int = Field(4 << 20, ge=1024)
+    """Largest gRPC message received or sent; a bigger one gets RESOURCE_EXHAUSTED from
+    gRPC before the server reads it."""
+    nonfinite: Literal["reject", "allow"] = "reject"
+    """Float chunks with NaN or infinity: reject (INVALID_ARGUMENT) or allow (the model
+    gets them, and its state may carry them on)."""
     idle_timeout_s: float = Field(300.0, gt=0)
     """A session without a request for this long expires."""
     max_sessions: int = Field(10_000, ge=1)
