@@ -1,0 +1,90 @@
+"""Configured limits on real servers: message size, NaN/Inf policy, sessions per
+principal. Each refusal has a clear status and leaves every session as it was."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from rnnserve.client import Client
+
+from ..server.serving import start_server
+from ..server.test_grpc_api import whole_run
+
+X = np.random.default_rng(8).standard_normal((12, 20)).astype(np.float32)
+
+
+def refused(fn, *args, **kw) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        fn(*args, **kw)
+    return info.value
+
+
+def test_a_message_over_the_configured_limit_is_refused_before_it_is_read(repo,
+                                                                          tmp_path) -> None:
+    srv = start_server(repo, tmp_path / "s.log", "--max-message-bytes", "65536")
+    try:
+        with Client(srv.target, timeout=10) as c:
+            sid = c.open_session("feat").session_id
+            first = c.step(sid, 0, X[:4])["logits"]
+            big = np.zeros((1000, 20), np.float32)  # 80 KB of tensor
+            exc = refused(c.step, sid, 1, big)
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
+            assert "larger than max" in exc.details()
+            rest = c.step(sid, 1, X[4:], end=True)["logits"]  # untouched: seq 1 still
+    finally:
+        assert srv.stop() == 0
+    got = np.concatenate([first, rest])
+    assert float(np.abs(got - whole_run(repo, "feat", 1, X)).max()) <= 1e-5
+
+
+@pytest.mark.parametrize("policy", ["reject", "allow"])
+def test_nonfinite_chunks_follow_the_configured_policy(repo, tmp_path, policy) -> None:
+    srv = start_server(repo, tmp_path / "s.log", "--nonfinite", policy)
+    bad = X[:3].copy()
+    bad[1, 4] = np.nan
+    bad[2, 0] = np.inf
+    try:
+        with Client(srv.target, timeout=10) as c:
+            sid = c.open_session("feat").session_id
+            other = c.open_session("feat").session_id
+            if policy == "reject":
+                exc = refused(c.step, sid, 0, bad)
+                assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "NaN or Inf" in exc.details() and "--nonfinite" in exc.details()
+                got = c.step(sid, 0, X, end=True)["logits"]  # the session did not move
+                assert float(np.abs(got - whole_run(repo, "feat", 1, X)).max()) <= 1e-5
+            else:
+                y = c.step(sid, 0, bad)["logits"]  # the model got them, as configured:
+                np.testing.assert_allclose(y, whole_run(repo, "feat", 1, bad), atol=1e-5,
+                                           equal_nan=True)  # what onnxruntime makes of them
+            # another session is never touched by one that took NaN
+            y2 = c.step(other, 0, X, end=True)["logits"]
+    finally:
+        assert srv.stop() == 0
+    assert float(np.abs(y2 - whole_run(repo, "feat", 1, X)).max()) <= 1e-5
+
+
+def test_a_principal_holds_at_most_its_share_of_sessions(repo, tmp_path) -> None:
+    alice, bob = "a" * 24, "b" * 24
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{alice} alice\n{bob} bob\n")
+    srv = start_server(repo, tmp_path / "s.log", "--tokens-file", str(tokens),
+                       "--max-sessions-per-principal", "2")
+    try:
+        with Client(srv.target, timeout=10, token=alice) as a, \
+                Client(srv.target, timeout=10, token=bob) as b:
+            first = a.open_session("feat").session_id
+            a.open_session("feat")
+            exc = refused(a.open_session, "feat")
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "principal 'alice'" in exc.details() and "(2)" in exc.details()
+            assert dict(exc.trailing_metadata())["grpc-retry-pushback-ms"] == "1000"
+            b.open_session("feat")  # bob has his own share
+            b.open_session("feat")
+            a.step(first, 0, X[:2])  # alice's admitted sessions go on
+            a.close_session(first)
+            a.open_session("feat")  # a freed slot is hers again
+    finally:
+        assert srv.stop() == 0
