@@ -30,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -172,6 +173,68 @@ def median_level(repeats: list[Level]) -> Level:
             errors[code] = errors.get(code, 0) + k
     return replace(mid, errors=errors, unsent=sum(lv.unsent for lv in repeats),
                    p99_repeats=[lv.latency_ms["p99"] for lv in repeats])
+
+
+SOAK_FRACTION = 0.7  # of the capacity found, when --soak-streams is not given
+
+
+def soak(gen: LoadGenerator, target: str, pid: int | None, meta: pb.ModelMetadata,
+         streams: int, duration_s: float, chunk_ms: int, chunk_bytes: int,
+         log: Callable[[str], None], window_s: float = 30.0) -> dict[str, Any]:
+    """One long level: errors, p50/p99 per window, and the server's resident memory
+    every 2 s (when it runs here). Sessions are renewed every 250 chunks meanwhile, so
+    opens and closes go on all along. Verdict: no error, every window's p99 within the
+    budget, and memory at the end within 5% (or 16 MiB) of where the first window left
+    it."""
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        t0 = time.monotonic()
+        while pid is not None and not stop.wait(2.0):
+            with contextlib.suppress(OSError, RnnserveError):
+                samples.append((time.monotonic() - t0, rss_bytes(pid)))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = gen.run(target, meta.name, meta.SerializeToString(), streams=streams,
+                         chunk_ms=chunk_ms, chunk_bytes=chunk_bytes, duration_s=duration_s)
+    finally:
+        stop.set()
+        sampler.join()
+    t, lat = np.asarray(result.times), np.asarray(result.latencies) * 1000
+    windows = []
+    for w0 in np.arange(0.0, duration_s, window_s):
+        m = (t >= w0) & (t < w0 + window_s)
+        if m.any():
+            windows.append({"from_s": float(w0), "chunks": int(m.sum()),
+                            "p50_ms": float(np.percentile(lat[m], 50)),
+                            "p99_ms": float(np.percentile(lat[m], 99))})
+    memory = None
+    if samples:
+        first = next((r for at, r in samples if at >= window_s), samples[-1][1])
+        last, peak = samples[-1][1], max(r for _, r in samples)
+        memory = {"after_first_window_mib": first / 2**20, "end_mib": last / 2**20,
+                  "max_mib": peak / 2**20, "samples": len(samples),
+                  "flat": last - first <= max(16 << 20, first // 20)}
+    p99s = [w["p99_ms"] for w in windows]
+    report = {
+        "streams": streams, "duration_s": duration_s, "window_s": window_s,
+        "answered": result.answered, "errors": dict(result.errors), "unsent": result.unsent,
+        "windows": windows, "memory": memory,
+        "p99_ms": {"min": min(p99s, default=float("nan")),
+                   "max": max(p99s, default=float("nan"))},
+    }
+    report["ok"] = bool(not result.errors and not result.unsent and p99s and
+                        max(p99s) <= BUDGET_S * 1000 and (memory is None or memory["flat"]))
+    log(f"\nsoak: {streams} streams for {duration_s:g} s: {result.answered} chunks, errors "
+        f"{dict(result.errors) or 'none'}; p99 per {window_s:g} s window "
+        + ", ".join(f"{p:.0f}" for p in p99s) + " ms"
+        + (f"; server memory {memory['after_first_window_mib']:.0f} -> "
+           f"{memory['end_mib']:.0f} MiB (max {memory['max_mib']:.0f})" if memory else "")
+        + f": {'ok' if report['ok'] else 'NOT ok'}")
+    return report
 
 
 HEADER = (f"{'streams':>8} {'chunks/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
@@ -437,7 +500,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
               out: Path, serve_flags: list[str], *, make_plot: bool = True,
               baselines: bool = False, load_procs: int = 1, max_batch_size: int = 64,
               saturation_streams: int = 0, idle_sessions: int = 0,
-              redis_store: bool = False, repeats: int = 1) -> dict[str, Any]:
+              redis_store: bool = False, repeats: int = 1, soak_s: float = 0.0,
+              soak_streams: int = 0) -> dict[str, Any]:
     if (server is None) == (repo is None):
         raise RnnserveError("give either --server HOST:PORT or --repo DIR (to start one)")
     if baselines and repo is None:
@@ -492,6 +556,13 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
             chunk_bytes=chunk_bytes, duration_s=duration_s, closed_loop=True))
         log(f"closed loop, {n} streams: {closed.throughput:.0f} chunks/s, "
             f"p50 {closed.latency_ms['p50']:.2f} ms, load {closed.load_busy:.2f}")
+        soaked = None
+        if soak_s:
+            k = soak_streams or int(SOAK_FRACTION * capacity(runs["rnnserve"]))
+            if k < 1:
+                raise RnnserveError("no capacity found to soak at 70% of: give --soak-streams")
+            soaked = soak(gen, target, spawned.proc.pid if spawned else None, meta, k,
+                          soak_s, chunk_ms, chunk_bytes, log)
         stack.close()
         ceiling: dict[str, Any] | None = None
         if baselines:
@@ -547,6 +618,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
     }
     if memory is not None:
         report["idle_memory"] = memory
+    if soaked is not None:
+        report["soak"] = soaked
     if redis_store:
         report["redis_store"] = {
             "capacity_streams": caps["redis_store"],

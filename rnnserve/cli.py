@@ -192,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the levels with a server on the Redis session store (a "
                    "redis-server started for the run), the two servers taking turns at "
                    "each level, and compare the capacities")
+    b.add_argument("--soak-s", type=float, default=0.0, metavar="S",
+                   help="after the levels, a soak: one level for S seconds at "
+                   "--soak-streams (default 70%% of the capacity found), reporting p99 per "
+                   "30 s window and the server's memory")
+    b.add_argument("--soak-streams", type=int, default=0,
+                   help="streams of the soak (default: 70%% of the capacity found)")
     b.add_argument("--repeats", type=_positive, default=1,
                    help="run each level this many times (servers taking turns); the repeat "
                    "with the median p99 counts, errors of any repeat count (default 1)")
@@ -301,7 +307,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               make_plot=not args.no_plot, baselines=args.baselines,
               load_procs=args.load_procs, max_batch_size=args.max_batch_size,
               saturation_streams=args.saturation_streams, idle_sessions=args.idle_sessions,
-              redis_store=args.redis_store, repeats=args.repeats)
+              redis_store=args.redis_store, repeats=args.repeats, soak_s=args.soak_s,
+              soak_streams=args.soak_streams)
     return 0
 
 

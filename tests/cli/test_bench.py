@@ -118,3 +118,19 @@ def test_bench_compares_the_redis_session_store(tmp_path) -> None:
     assert store["capacity_streams"] in (0, 1, 2)
     assert "session store redis://127.0.0.1:" in (out / "server-redis.log").read_text()
 
+
+
+def test_bench_soaks_and_reports_windows_and_memory(tmp_path) -> None:
+    repo = build_repo(tmp_path)
+    out = tmp_path / "bench"
+    proc = rnnserve("bench", "--repo", str(repo), "--model", "feat", "--streams", "2",
+                    "--duration-s", "1", "--out", str(out), "--no-plot", "--soak-s", "5",
+                    "--soak-streams", "3", "--serve-arg=--intra-op-threads=1", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^soak: 3 streams for 5 s: \d+ chunks, errors none; p99 per 30 s window "
+                     r"\d+ ms; server memory \d+ -> \d+ MiB \(max \d+\): (ok|NOT ok)$",
+                     proc.stdout, re.M), proc.stdout
+    s = json.loads((out / "bench.json").read_text())["soak"]
+    assert s["streams"] == 3 and s["errors"] == {} and s["answered"] > 0
+    assert len(s["windows"]) == 1 and s["windows"][0]["chunks"] == s["answered"]
+    assert s["memory"]["samples"] >= 1 and s["memory"]["max_mib"] > 10
