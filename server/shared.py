@@ -3,10 +3,10 @@
 Every server keeps its live sessions in memory (``MemorySessionStore``) and, with a
 shared store, writes each session's record (``server/records.py``) to Redis after each
 step, before the step is answered: a client that got an answer can resume the session
-on any replica, from exactly that point. The writes of one batch go out together in
-one script call (group commit: while one flush is in flight, the next collects). That
-call writes many sessions' keys, so the store is one Redis (with replicas if you like),
-not a Redis Cluster.
+on any replica, from exactly that point. The writes of one batch (and new sessions and
+closes) go out together in one script call (group commit: while one call is in flight,
+the next collects). That call writes many sessions' keys, so the store is one Redis
+(with replicas if you like), not a Redis Cluster.
 
 Per session three keys (their ``{id}`` hash tag keeps them in one slot):
 

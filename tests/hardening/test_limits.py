@@ -88,3 +88,25 @@ def test_a_principal_holds_at_most_its_share_of_sessions(repo, tmp_path) -> None
             a.open_session("feat")  # a freed slot is hers again
     finally:
         assert srv.stop() == 0
+
+
+def test_reflection_can_be_turned_off(repo, tmp_path, server) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2 as rpb
+    from grpc_reflection.v1alpha import reflection_pb2_grpc as rpb_grpc
+
+    def services(target: str) -> list[str]:
+        with grpc.insecure_channel(target) as channel:
+            stub = rpb_grpc.ServerReflectionStub(channel)
+            answers = stub.ServerReflectionInfo(
+                iter([rpb.ServerReflectionRequest(list_services="")]), timeout=10)
+            return [s.name for a in answers for s in a.list_services_response.service]
+
+    assert "rnnserve.v1.Inference" in services(server.target)  # on by default
+    srv = start_server(repo, tmp_path / "s.log", "--no-reflection")
+    try:
+        exc = refused(services, srv.target)
+        assert exc.code() == grpc.StatusCode.UNIMPLEMENTED
+        with Client(srv.target, timeout=10) as c:  # the API itself is there
+            assert [m.name for m in c.list_models()] == ["feat", "text", "text"]
+    finally:
+        assert srv.stop() == 0
