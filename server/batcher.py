@@ -38,6 +38,7 @@ from rnnserve.server.runtime import ModelRuntime
 
 log = logging.getLogger("rnnserve.batcher")
 
+
 def retry_after_ms(delay_s: float) -> int:
     """A retry hint for a refusal while steps wait ``delay_s``: twice that, 50 ms to 5 s."""
     return int(min(5000, max(50, 2000 * delay_s)))

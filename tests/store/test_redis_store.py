@@ -10,15 +10,20 @@ from rnnserve.server.errors import SessionExists, SessionHeld, SessionMoved, Sto
 from rnnserve.server.shared import RedisStore
 
 
+def two_servers(url: str, ops: list[str]) -> tuple[RedisStore, RedisStore]:
+    """This server's store (its operations noted in ``ops``) and another server's."""
+    return (RedisStore(url, owner="me", ttl_s=60, lease_s=10,
+                       on_op=lambda op, s, ok: ops.append(op)),
+            RedisStore(url, owner="them", ttl_s=60, lease_s=10))
+
+
 def test_batches_that_finish_during_a_write_go_out_together(redis_server) -> None:
     """20 batches at once: the first writes at once, the other 19 wait for it and go
     out in one more script call; each step gets its own verdict."""
     ops: list[str] = []
 
     async def main():
-        store = RedisStore(redis_server.url, owner="me", ttl_s=60, lease_s=10,
-                           on_op=lambda op, s, ok: ops.append(op))
-        other = RedisStore(redis_server.url, owner="them", ttl_s=60, lease_s=10)
+        store, other = two_servers(redis_server.url, ops)
         try:
             sids = [f"s{i}" for i in range(40)]
             for sid in sids[:39]:
@@ -50,9 +55,7 @@ def test_a_burst_of_new_sessions_and_closes_is_a_few_writes(redis_server) -> Non
     ops: list[str] = []
 
     async def main():
-        store = RedisStore(redis_server.url, owner="me", ttl_s=60, lease_s=10,
-                           on_op=lambda op, s, ok: ops.append(op))
-        other = RedisStore(redis_server.url, owner="them", ttl_s=60, lease_s=10)
+        store, other = two_servers(redis_server.url, ops)
         try:
             await other.create("n7", b"theirs")
             await store.create("n3", b"mine")
