@@ -222,7 +222,7 @@ class MemorySessionStore:
                                   owner=stored.owner)
         elif session.owner != stored.owner:
             self._count(session, -1)
-            session.owner = stored.owner
+            session.owner, session.record_prefix = stored.owner, ""  # the header names it
             self._count(session, 1)
         self.update(session, stored.state, stored.next_seq, stored.answer)
         return session

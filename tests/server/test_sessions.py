@@ -129,3 +129,33 @@ def test_the_last_answer_counts_as_state_memory_and_outlives_an_ending_chunk() -
     s.update(b, state(8), 1, Answer(0, b"e" * 16, [], end=False))
     s.close(b.id)
     assert s.final_answer(b.id) is None  # only a chunk that ended the session is kept
+
+
+def test_owners_are_counted_and_a_restored_owner_is_what_the_record_says() -> None:
+    from rnnserve.server import records
+    from rnnserve.server.sessions import Session
+
+    s, _, _ = store()
+    a = s.create("m", 1, state(), "a", owner="alice")
+    s.create("m", 1, state(), "b", owner="alice")
+    s.create("m", 1, state(), "c", owner="bob")
+    assert (s.count_of("alice"), s.count_of("bob"), s.count_of("")) == (2, 1, 0)
+    records.encode(a)  # caches the header's start, owner included
+    s.restore(Session("a", "m", 1, state(), 3, owner="carol"))
+    assert (s.count_of("alice"), s.count_of("carol")) == (1, 1)
+    assert records.decode(records.encode(s.get("a")), "a").owner == "carol"
+    s.close("a")
+    assert s.count_of("carol") == 0
+
+
+def test_a_full_store_refuses_instead_of_evicting_when_told() -> None:
+    from rnnserve.server.errors import Overloaded
+
+    s, _, _ = store(max_sessions=2, when_full="refuse")
+    s.create("m", 1, state(), "a")
+    s.create("m", 1, state(), "b")
+    assert s.refusal(32) is not None
+    with pytest.raises(Overloaded, match="most sessions") as info:
+        s.create("m", 1, state(), "c")
+    assert info.value.retry_after_ms == 1000
+    assert sorted(s.live_ids()) == ["a", "b"]  # nobody was evicted for it
