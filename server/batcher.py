@@ -1,10 +1,13 @@
 """Cross-session batching: one step of many sessions in one onnxruntime call.
 
-Each model version has one ``Batcher``. ``await batcher.step(state, x)`` queues one
-session's chunk; a single consumer task takes the first waiting step as soon as it
-arrives (no polling), gathers more until the batch is full or ``max_delay_s`` has
-passed, splits them by chunk length (so no padding ever enters a state), and runs
-each group in a worker thread. Results are scattered back to the waiting callers.
+Each model version has one ``Batcher``. ``await batcher.step(row, x)`` queues one
+session's chunk (its state is row ``row`` of the model's state pool); a single
+consumer task takes the first waiting step as soon as it arrives (no polling),
+gathers more until the batch is full or ``max_delay_s`` has passed, splits them by
+chunk length (so no time padding ever enters a state), gives each step a fresh pool
+row for its new state, and runs each group in a worker thread. Outputs and new rows
+go back to the waiting callers; a step that is dropped, cancelled or fails gives its
+new row back, so the session's own row is never changed by a step that did not land.
 
 The caller keeps at most one step of a session in flight (the core holds a lock
 per session), so a batch never holds two steps of one session and a session's
@@ -34,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from rnnserve.server.errors import BatchFailed, DeadlineExpired, Overloaded
+from rnnserve.server.pool import TRASH, PoolFull
 from rnnserve.server.runtime import ModelRuntime
 
 log = logging.getLogger("rnnserve.batcher")
@@ -47,20 +51,28 @@ def retry_after_ms(delay_s: float) -> int:
 # (seconds each step of the batch waited in the queue, seconds the run took)
 BatchHook = Callable[[list[float], float], None]
 
-# (tag, outputs, new state) of each tagged step of a group that ran -> per step None (its
-# caller gets its result) or the exception its caller gets instead.
-CommitHook = Callable[[list[tuple[Any, list[np.ndarray], list[np.ndarray]]]],
+# (tag, outputs, host copy of the new state) of each tagged step of a group that ran ->
+# per step None (its caller gets its result) or the exception its caller gets instead.
+CommitHook = Callable[[list[tuple[Any, list[np.ndarray], list[np.ndarray] | None]]],
                       Awaitable[list[BaseException | None]]]
+
+
+# What a step gives its caller: its outputs, the pool row that now holds its new state
+# (the caller owns it: it becomes the session's row or is freed), and a host copy of the
+# new state when the commit hook needed one (else None).
+StepResult = tuple[list[np.ndarray], int, list[np.ndarray] | None]
 
 
 @dataclass
 class _Step:
     x: np.ndarray
-    state: list[np.ndarray]
-    future: asyncio.Future[tuple[list[np.ndarray], list[np.ndarray]]]
+    row: int  # the pool row its state is read from (pinned while queued)
+    keep: bool  # False: a stateless run, whose new state is written nowhere
+    future: asyncio.Future[StepResult]
     queued_at: float
     expires: float | None = None  # perf_counter time after which it must not run
     tag: Any = None  # handed to the commit hook with the step's results
+    out: int = TRASH  # the fresh row its new state goes to, once it runs
 
 
 class Batcher:
@@ -118,20 +130,33 @@ class Batcher:
         recent = self._last_wait if since < 1.0 else 0.0
         return max(recent, since) if self._queue.qsize() else recent
 
-    async def step(self, state: list[np.ndarray], x: np.ndarray, expires: float | None = None,
-                   tag: Any = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Run one chunk of one session; return its outputs and its new state. A step
-        still queued at ``expires`` (a perf_counter time) is dropped: DeadlineExpired.
-        A ``tag`` goes to the commit hook, which runs before this returns."""
+    async def step(self, row: int, x: np.ndarray, expires: float | None = None,
+                   tag: Any = None, keep: bool = True) -> StepResult:
+        """Run one chunk of the session whose state is in pool row ``row``; return its
+        outputs, the fresh row now holding its new state (the caller's to keep or free;
+        TRASH when ``keep`` is False) and the host copy the commit hook used (or None).
+        ``row`` is not changed. A step still queued at ``expires`` (a perf_counter time)
+        is dropped: DeadlineExpired. A ``tag`` goes to the commit hook, which runs before
+        this returns."""
         loop = asyncio.get_running_loop()
-        item = _Step(x, state, loop.create_future(), time.perf_counter(), expires, tag)
+        item = _Step(x, row, keep, loop.create_future(), time.perf_counter(), expires, tag)
+        self.runtime.pool.pin(row)  # a session ending meanwhile keeps it until it ran
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
+            self.runtime.pool.unpin(row)
             raise Overloaded(f"model {self.runtime.name!r} has {self._queue.maxsize} steps "
                              "queued; retry after a short delay",
                              retry_after_ms=retry_after_ms(self.delay_s())) from None
-        return await item.future
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            # cancelled after its result was set but before it was taken: the new row
+            # would be nobody's
+            done = item.future
+            if done.done() and not done.cancelled() and done.exception() is None:
+                self.runtime.pool.free(done.result()[1])
+            raise
 
     async def _consume(self) -> None:
         loop = asyncio.get_running_loop()
@@ -158,15 +183,17 @@ class Batcher:
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Step]) -> None:
         commits: list[asyncio.Task[None]] = []
-        last: list[tuple[_Step, list[np.ndarray], list[np.ndarray]]] = []
+        last: list[tuple[_Step, list[np.ndarray], list[np.ndarray] | None]] = []
         try:
             try:
                 groups: dict[tuple[int, ...], list[_Step]] = defaultdict(list)
                 now = time.perf_counter()
                 for item in batch:
                     if item.future.done():  # the caller went away (a cancelled call)
+                        self.runtime.pool.unpin(item.row)
                         continue
                     if item.expires is not None and now >= item.expires:
+                        self.runtime.pool.unpin(item.row)
                         item.future.set_exception(DeadlineExpired(
                             f"the chunk waited {(now - item.queued_at) * 1000:.0f} ms for its "
                             "batch, past its deadline; it did not run and nothing advanced"))
@@ -189,32 +216,44 @@ class Batcher:
                 self._queue.task_done()
 
     async def _run(self, loop: asyncio.AbstractEventLoop, group: list[_Step]
-                   ) -> list[tuple[_Step, list[np.ndarray], list[np.ndarray]]]:
+                   ) -> list[tuple[_Step, list[np.ndarray], list[np.ndarray] | None]]:
         """Run a group; answer its untagged steps; return the tagged ones with their
-        results, for the commit hook."""
+        results, for the commit hook. Each kept step's new state goes to a fresh row."""
+        pool = self.runtime.pool
         started = time.perf_counter()
         waits = [started - s.queued_at for s in group]
         self._last_run_at, self._last_wait = started, max(waits)
+        want_states = self.commit is not None and any(s.tag is not None for s in group)
         try:
+            for s in group:
+                s.out = pool.alloc() if s.keep else TRASH
             outputs, states = await loop.run_in_executor(
-                self._executor, self.runtime.run, [s.x for s in group],
-                [s.state for s in group])
-        except Exception:
+                self._executor, self.runtime.run_rows, [s.x for s in group],
+                [s.row for s in group], [s.out for s in group], want_states)
+        except Exception as exc:
             log.exception("batch of %d steps failed on model %s v%d", len(group),
                           self.runtime.name, self.runtime.version)
             for s in group:
+                pool.free(s.out)
                 if not s.future.done():
-                    s.future.set_exception(BatchFailed("the model failed to run this chunk"))
+                    s.future.set_exception(Overloaded(str(exc), retry_after_ms=1000)
+                                           if isinstance(exc, PoolFull) else
+                                           BatchFailed("the model failed to run this chunk"))
             return []
+        finally:
+            for s in group:
+                pool.unpin(s.row)
         seconds = time.perf_counter() - started
         tagged = []
-        for s, out, st in zip(group, outputs, states, strict=True):
-            if s.future.done():
+        host = states if states is not None else [None] * len(group)
+        for s, out, st in zip(group, outputs, host, strict=True):
+            if s.future.done():  # cancelled while it ran: its new row is nobody's
+                pool.free(s.out)
                 continue
             if s.tag is not None and self.commit is not None:
                 tagged.append((s, out, st))
             else:
-                s.future.set_result((out, st))
+                s.future.set_result((out, s.out, st))
         self.batches += 1
         self.steps += len(group)
         self.largest_batch = max(self.largest_batch, len(group))
@@ -222,7 +261,7 @@ class Batcher:
             self._on_batch(waits, seconds)
         return tagged
 
-    async def _commit(self, tagged: list[tuple[_Step, list[np.ndarray], list[np.ndarray]]]
+    async def _commit(self, tagged: list[tuple[_Step, list[np.ndarray], list[np.ndarray] | None]]
                       ) -> None:
         assert self.commit is not None
         try:
@@ -233,9 +272,10 @@ class Batcher:
             failures = [BatchFailed("the chunk ran but its result could not be kept; "
                                     "nothing advanced") for _ in tagged]
         for (s, out, st), failure in zip(tagged, failures, strict=True):
-            if s.future.done():
+            if s.future.done() or failure is not None:
+                self.runtime.pool.free(s.out)  # the session keeps its old row
+                if not s.future.done():
+                    assert failure is not None
+                    s.future.set_exception(failure)
                 continue
-            if failure is None:
-                s.future.set_result((out, st))
-            else:
-                s.future.set_exception(failure)
+            s.future.set_result((out, s.out, st))

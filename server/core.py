@@ -42,8 +42,9 @@ from rnnserve.server.errors import (
     StoreUnavailable,
 )
 from rnnserve.server.identity import principal
+from rnnserve.server.pool import ZERO, PoolState
 from rnnserve.server.runtime import ModelRegistry, ModelRuntime
-from rnnserve.server.sessions import Answer, Session, SessionStore
+from rnnserve.server.sessions import Answer, HostState, Session, SessionStore
 from rnnserve.server.shared import RedisStore
 
 log = logging.getLogger("rnnserve.core")
@@ -84,6 +85,14 @@ def _check_owner(session: Session) -> None:
     """A session serves only the principal that opened it (with authentication on)."""
     if session.owner != principal():
         raise SessionForbidden(f"session {session.id!r} belongs to another principal")
+
+
+def _row(session: Session) -> int:
+    """The pool row of a live session's state (live sessions keep theirs in the pool)."""
+    state = session.state
+    if not isinstance(state, PoolState):
+        raise TypeError(f"session {session.id!r} holds its state outside the model's pool")
+    return state.row
 
 
 def digest(x: np.ndarray) -> bytes:
@@ -159,13 +168,13 @@ class Core:
         self.admit(runtime, new_session=True)
         if self.shared is not None:
             try:
-                fresh = Session(sid, runtime.name, runtime.version, runtime.zero_state(),
-                                owner=principal())
+                fresh = Session(sid, runtime.name, runtime.version,
+                                HostState(runtime.zero_state()), owner=principal())
                 await self.shared.create(sid, records.encode(fresh))
             except StoreUnavailable as exc:
                 self._degraded("create", exc)
-        session = self.store.create(runtime.name, runtime.version, runtime.zero_state(), sid,
-                                    owner=principal())
+        session = self.store.create(runtime.name, runtime.version, PoolState(runtime.pool),
+                                    sid, owner=principal())  # the pool's zero row
         session.opened_at = time.perf_counter()
         return session, runtime
 
@@ -223,7 +232,7 @@ class Core:
                 records.check(stored, runtime)
                 if local is None or local.next_seq != stored.next_seq:
                     source = "store"
-                self.store.restore(stored)
+                self._restore(stored, runtime)
         session = self.store.get(sid)
         _check_owner(session)
         runtime = self.registry.get(session.model, session.version)
@@ -233,6 +242,19 @@ class Core:
         if self._on_resume is not None:
             self._on_resume(session.model, session.version, source)
         return session, runtime
+
+    def _restore(self, stored: Session, runtime: ModelRuntime) -> None:
+        """Make a session read from the shared store live here, its state put into a
+        row of the model's pool (the one host-to-device copy of a moved session)."""
+        row = runtime.pool.alloc()
+        state = PoolState(runtime.pool, row)
+        try:
+            runtime.pool.write(row, stored.state.arrays)
+            stored.state = state
+            self.store.restore(stored)
+        except BaseException:
+            state.release()
+            raise
 
     def decode(self, runtime: ModelRuntime, chunk: ChunkInput) -> np.ndarray:
         if chunk.invalid is not None:
@@ -313,14 +335,15 @@ class Core:
         batcher = self.batchers[runtime.key]
         self._busy.add(session_id)
         try:
+            row = _row(session)
             if self.shared is None:
-                outputs, new_state = await batcher.step(session.state, x, expires)
+                outputs, new_row, _ = await batcher.step(row, x, expires)
                 answer = Answer(seq, digest(x),
                                 list(zip(runtime.data_output_names, outputs, strict=True)), end)
             else:  # durable before it is answered: the batcher commits it (_commit)
                 pending = _Pending(session, runtime, seq, x, end)
                 try:
-                    _, new_state = await batcher.step(session.state, x, expires, pending)
+                    _, new_row, _ = await batcher.step(row, x, expires, pending)
                 except SessionMoved:
                     # a stale copy: maybe another server already ended the session with
                     # this very chunk, and this is the client's retry of it
@@ -332,12 +355,18 @@ class Core:
                 answer = pending.answer
         finally:
             self._busy.discard(session_id)
-        self.store.update(session, new_state, seq + 1, answer)
+        new_state = PoolState(runtime.pool, new_row)
+        try:
+            self.store.update(session, new_state, seq + 1, answer)
+        except BaseException:  # the session ended meanwhile (evicted, restored over)
+            new_state.release()
+            raise
         if end:
             self.store.close(session_id)
         return ChunkOutput(seq, answer.outputs, end)
 
-    async def _commit(self, steps: list[tuple[_Pending, list[np.ndarray], list[np.ndarray]]]
+    async def _commit(self, steps: list[tuple[_Pending, list[np.ndarray],
+                                              list[np.ndarray] | None]]
                       ) -> list[BaseException | None]:
         """The batcher's commit hook: write a group's steps to the shared store in one
         call. A step the store refuses fails with why; its session is dropped here (another
@@ -345,6 +374,7 @@ class Core:
         assert self.shared is not None
         writes = []
         for p, outputs, state in steps:
+            assert state is not None  # the batcher copies the new states for a commit
             p.answer = Answer(p.seq, digest(p.x),
                               list(zip(p.runtime.data_output_names, outputs, strict=True)), p.end)
             writes.append((p.session.id, records.encode(p.session, state, p.seq + 1, p.answer),
@@ -426,10 +456,10 @@ class Core:
             self.admit(runtime)
             xs = [runtime.check_chunk(self.decode(runtime, c)) for c in chunks]
             batcher = self.batchers[runtime.key]
-            results = await asyncio.gather(*(batcher.step(runtime.zero_state(), x, expires)
+            results = await asyncio.gather(*(batcher.step(ZERO, x, expires, keep=False)
                                              for x in xs))
             code = "OK"
-            return [outputs for outputs, _ in results]
+            return [outputs for outputs, _, _ in results]
         except CoreError as exc:
             code = exc.code
             raise

@@ -217,6 +217,11 @@ class ServingCollector(Collector):
         max_batch = family("rnnserve_max_batch_size", "Most session steps in one run")
         active = family("rnnserve_active_sessions", "Live sessions")
         state = family("rnnserve_state_bytes", "Recurrent state held for live sessions")
+        pool_used = family("rnnserve_state_pool_rows",
+                           "State pool rows held by live sessions and steps in flight")
+        pool_cap = family("rnnserve_state_pool_capacity_rows",
+                          "State pool rows allocated on the model's device (it doubles "
+                          "when full)")
         load = family("rnnserve_model_load_seconds", "Time to load the model")
         info = InfoMetricFamily("rnnserve_model", "Served model versions and their provider",
                                 labels=labels)
@@ -229,11 +234,13 @@ class ServingCollector(Collector):
             n, nbytes = held.get(runtime.key, (0, 0))
             active.add_metric(lbl, n)
             state.add_metric(lbl, nbytes)
+            pool_used.add_metric(lbl, runtime.pool.used)
+            pool_cap.add_metric(lbl, runtime.pool.capacity)
             load.add_metric(lbl, runtime.load_seconds)
             info.add_metric(lbl, {"arch": runtime.meta.arch, "task": runtime.meta.task,
                                   "input_kind": runtime.meta.input.kind,
                                   "provider": runtime.provider})
-        yield from (depth, queue_cap, max_batch, active, state, load, info)
+        yield from (depth, queue_cap, max_batch, active, state, pool_used, pool_cap, load, info)
         yield GaugeMetricFamily("rnnserve_session_capacity",
                                 "Live sessions beyond which the least recently used is evicted",
                                 value=lim.max_sessions)

@@ -27,7 +27,7 @@ import numpy as np
 
 from rnnserve.server.errors import RecordCorrupt, RecordForeign
 from rnnserve.server.runtime import ModelRuntime
-from rnnserve.server.sessions import Answer, Session
+from rnnserve.server.sessions import Answer, HostState, Session
 
 MAGIC = b"RNNSREC1"
 _DTYPES = {"float32", "float16", "float64", "int8", "int16", "int32", "int64", "uint8"}
@@ -37,7 +37,7 @@ def encode(session: Session, state: list[np.ndarray] | None = None, next_seq: in
            answer: Answer | None = None) -> bytes:
     """The record of ``session``, or of what it becomes with ``state``, ``next_seq`` and
     ``answer`` (a step not yet applied)."""
-    state = session.state if state is None else state
+    state = session.state.arrays if state is None else state
     next_seq = session.next_seq if next_seq is None else next_seq
     answer = session.answer if answer is None else answer
     # On every step's path with a shared store, so the header is put together from
@@ -160,7 +160,8 @@ def decode(data: bytes, session_id: str) -> Session:
             raise _corrupt(session_id, f"damaged (answer: {exc.__class__.__name__})") from None
     if at != len(body):
         raise _corrupt(session_id, "damaged (payload length)")
-    return Session(session_id, model, version, state, next_seq, answer=answer, owner=owner)
+    return Session(session_id, model, version, HostState(state), next_seq, answer=answer,
+                   owner=owner)
 
 
 def check(session: Session, runtime: ModelRuntime) -> None:
@@ -170,7 +171,7 @@ def check(session: Session, runtime: ModelRuntime) -> None:
                             f"{session.model!r} version {session.version}, not {runtime.name!r} "
                             f"version {runtime.version}; it was not loaded")
     want = [(a.dtype, a.shape) for a in runtime.zero_state()]
-    got = [(a.dtype, a.shape) for a in session.state]
+    got = [(a.dtype, a.shape) for a in session.state.arrays]
     if got != want:
         raise RecordForeign(f"the stored record of session {session.id!r} holds a state of "
                             f"{[(str(d), list(s)) for d, s in got]}, but model "

@@ -1,10 +1,12 @@
 """Models loaded into onnxruntime, described by their exported metadata alone.
 
 ``ModelRuntime`` is one model version: an onnxruntime session on an explicitly
-chosen device, its metadata, and the three operations the server needs — a zero
-state for a new session, validation of one session's chunk, and one batched run
-(states gathered into a batch, outputs and new states returned per batch row).
-``ModelRegistry`` loads every version of every model in a repository.
+chosen device, its metadata, the pool of its sessions' states on that device
+(``server.pool``), and the operations the server needs: validation of one session's
+chunk, and one batched run that gathers the batch's states from the pool, runs the
+model and scatters the new states into fresh pool rows, all inside onnxruntime, with
+only the chunks going in and the outputs coming out. The CPU and CUDA paths are the
+same code. ``ModelRegistry`` loads every version of every model in a repository.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from rnnserve.errors import ModelRepositoryError
 from rnnserve.export import repository
 from rnnserve.export.metadata import ModelMetadata
 from rnnserve.server.errors import DeviceUnavailable, InvalidChunk, ModelNotFound
+from rnnserve.server.pool import GATHER, SCATTER, TRASH, ZERO, PoolSpec, StatePool, pooled_model
 
 log = logging.getLogger("rnnserve.runtime")
 
@@ -38,6 +42,10 @@ class RuntimeOptions:
     intra_op_threads: int = 0  # 0: onnxruntime's default (all cores)
     inter_op_threads: int = 0
     allow_nonfinite: bool = False  # float chunks with NaN or infinity pass the checks
+    # Batch sizes a run is padded up to (padding rows read the zero state and write a
+    # row no session owns); () runs every batch at its own size.
+    batch_buckets: tuple[int, ...] = ()
+    pool_rows: int = 64  # the state pool's first size in rows (it doubles when full)
 
 
 # Set when device "auto" asked onnxruntime for CUDA and got the CPU: later models go
@@ -86,10 +94,29 @@ class ModelRuntime:
         providers = providers_for(options)
         quiet = options.device == "auto" and CUDA in [p[0] for p in providers
                                                       if isinstance(p, tuple)]
+        try:
+            model = onnx.load(str(path))
+        except Exception as exc:  # not a protobuf, truncated, unreadable
+            raise ModelRepositoryError(f"{path}: not a readable ONNX model: {exc}") from None
+        props = {p.key: p.value for p in model.metadata_props}
+        self.meta = ModelMetadata.from_props(props, source=str(path))
+        graph_inputs = {i.name for i in model.graph.input} - {i.name for i in
+                                                                model.graph.initializer}
+        declared = {self.meta.input.name, *(s.input for s in self.meta.states)}
+        if graph_inputs != declared:
+            raise ModelRepositoryError(f"{path}: graph inputs {sorted(graph_inputs)} do not "
+                                       f"match the metadata {sorted(declared)}")
+        self._state_dtypes = [np.dtype(s.dtype) for s in self.meta.states]
+        specs = [PoolSpec(s.input, s.output, s.row_shape(), dt)
+                 for s, dt in zip(self.meta.states, self._state_dtypes, strict=True)]
+        opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                    default=17)
+        pooled = pooled_model(model, specs).SerializeToString()
+        del model
         if quiet:  # a failed CUDA attempt is expected on CPU machines: say it once, below
             ort.set_default_logger_severity(4)
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=providers)
+            self.session = ort.InferenceSession(pooled, so, providers=providers)
         finally:
             if quiet:
                 ort.set_default_logger_severity(2)
@@ -105,18 +132,15 @@ class ModelRuntime:
                 f"{obtained} (CUDA 13 and cuDNN 9 libraries missing?)"
             )
         self.provider = obtained[0]
-        self.meta = ModelMetadata.from_props(self.session.get_modelmeta().custom_metadata_map,
-                                             source=str(path))
-        graph_inputs = {i.name for i in self.session.get_inputs()}
-        declared = {self.meta.input.name, *(s.input for s in self.meta.states)}
-        if graph_inputs != declared:
-            raise ModelRepositoryError(f"{path}: graph inputs {sorted(graph_inputs)} do not "
-                                       f"match the metadata {sorted(declared)}")
         self._np_dtype = np.dtype(self.meta.input.dtype)
         self._frame_shape = tuple(int(d) for d in self.meta.input.shape[2:])
-        self._state_dtypes = [np.dtype(s.dtype) for s in self.meta.states]
         self.data_output_names = [o.name for o in self.meta.outputs]
-        self._output_names = self.data_output_names + [s.output for s in self.meta.states]
+        on_gpu = self.provider == CUDA
+        self.pool = StatePool(specs, device="cuda" if on_gpu else "cpu",
+                              device_id=options.device_id,
+                              providers=providers if on_gpu else [CPU],
+                              rows=options.pool_rows, opset=opset)
+        self.buckets = tuple(sorted(set(options.batch_buckets)))
         self.load_seconds = time.perf_counter() - started
         log.info("loaded model %s version %d from %s on %s in %.2fs", name, version, path,
                  self.provider, self.load_seconds)
@@ -155,32 +179,89 @@ class ModelRuntime:
         """Run every batch size up to ``max_batch`` once, at one and four time steps
         (hops for audio), so that the first real batch of each size does not pay for
         the device's per-shape set-up (memory arena growth, kernel selection) while
-        clients wait. Returns the seconds it took; no session is touched."""
+        clients wait. Returns the seconds it took; no session is touched (the runs read
+        the zero row and write the row no session owns)."""
         started = time.perf_counter()
         hop = self.meta.input.hop_samples or 1
-        zero = self.zero_state()
+        sizes = range(1, max_batch + 1)
+        if self.buckets:
+            sizes = range(1, min(max_batch, self.buckets[-1]) + 1)
         for steps in (1, 4):
             x = np.zeros((steps * hop, *self._frame_shape), dtype=self._np_dtype)
-            for b in range(1, max_batch + 1):
-                self.run([x] * b, [zero] * b)
+            for b in sizes:
+                if not self.buckets or b in self.buckets or b > self.buckets[-1]:
+                    self.run_rows([x] * b, [ZERO] * b)
         return time.perf_counter() - started
+
+    def padded_size(self, n: int) -> int:
+        """The batch size a run of ``n`` sessions is padded to."""
+        for size in self.buckets:
+            if size >= n:
+                return size
+        return n
+
+    def run_rows(self, xs: Sequence[np.ndarray], rows: Sequence[int],
+                 out_rows: Sequence[int] | None = None, want_states: bool = False
+                 ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]] | None]:
+        """One onnxruntime call for ``len(xs)`` sessions whose chunks share one length.
+
+        ``xs[i]`` is session i's chunk (time, *frame); its state is read from pool row
+        ``rows[i]`` and its new state written to ``out_rows[i]`` (default: the row no
+        session owns, for stateless runs), on the device, in place. Returns per session
+        its outputs (time, ...), and with ``want_states`` a host copy of its new state
+        rows (for a checkpoint), else None. Padding rows, when the batch is padded to a
+        bucket, read the zero row and write the trash row.
+        """
+        n = len(xs)
+        size = self.padded_size(n)
+        pad = size - n
+        x = np.stack(xs)  # (B, T, *frame)
+        gather = np.fromiter(rows, dtype=np.int64, count=n)
+        scatter = (np.full(n, TRASH, dtype=np.int64) if out_rows is None else
+                   np.fromiter(out_rows, dtype=np.int64, count=n))
+        if pad:
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), dtype=x.dtype)])
+            gather = np.concatenate([gather, np.full(pad, ZERO, dtype=np.int64)])
+            scatter = np.concatenate([scatter, np.full(pad, TRASH, dtype=np.int64)])
+        pool = self.pool
+        pool.acquire()
+        try:
+            b = self.session.io_binding()
+            b.bind_cpu_input(self.meta.input.name, x)
+            b.bind_cpu_input(GATHER, gather)
+            b.bind_cpu_input(SCATTER, scatter)
+            pool.bind(b)
+            for name in self.data_output_names:
+                b.bind_output(name, "cpu")
+            if want_states:
+                for pair in self.meta.states:
+                    b.bind_output(pair.output, "cpu")
+            self.session.run_with_iobinding(b)
+            res = [v.numpy() for v in b.get_outputs()[len(pool.specs):]]
+        finally:
+            pool.release()
+        n_out = len(self.data_output_names)
+        outputs = [[r[i] for r in res[:n_out]] for i in range(n)]
+        if not want_states:
+            return outputs, None
+        return outputs, [[r[i] for r in res[n_out:]] for i in range(n)]
 
     def run(self, xs: Sequence[np.ndarray], states: Sequence[Sequence[np.ndarray]]
             ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
-        """One onnxruntime call for ``len(xs)`` sessions whose chunks share one length.
-
-        ``xs[i]`` is session i's chunk (time, *frame); ``states[i]`` its state rows.
-        Returns per session: its outputs (time, ...) and its new state rows.
-        """
-        x = np.stack(xs)  # (B, T, *frame): gather
-        feeds = {self.meta.input.name: x}
-        for j, pair in enumerate(self.meta.states):
-            feeds[pair.input] = np.stack([s[j] for s in states])  # (B, *row)
-        res = self.session.run(self._output_names, feeds)
-        n_out = len(self.meta.outputs)
-        outputs = [[r[i] for r in res[:n_out]] for i in range(len(xs))]  # scatter
-        new_states = [[r[i].copy() for r in res[n_out:]] for i in range(len(xs))]
-        return outputs, new_states
+        """``run_rows`` for states held on the host (tests, tools): each state is put
+        into a pool row of its own for the run; returns outputs and new states."""
+        pool = self.pool
+        rows = [pool.alloc() for _ in xs]
+        out_rows = [pool.alloc() for _ in xs]
+        try:
+            for row, state in zip(rows, states, strict=True):
+                pool.write(row, state)
+            outputs, new = self.run_rows(xs, rows, out_rows, want_states=True)
+            assert new is not None
+            return outputs, [[a.copy() for a in s] for s in new]
+        finally:
+            for row in rows + out_rows:
+                pool.free(row)
 
 
 class ModelRegistry:

@@ -1,8 +1,10 @@
 """Session state between requests: an in-memory store behind a small interface.
 
-A session belongs to one model version and holds one state row per state pair
-(each shaped like the metadata's state without the batch axis), the sequence
-number its next chunk must carry, and when it was last used.
+A session belongs to one model version and holds its state (a row of the model's
+state pool on the model's device, ``server.pool.PoolState``; or host arrays, one per
+state pair, for a record read from the shared store), the sequence number its next
+chunk must carry, and when it was last used. The store releases a session's state
+when the session ends or its state is replaced.
 
 Sessions end in four ways, each remembered for a while (a tombstone) so that a
 client asking for it afterwards learns what happened instead of "unknown":
@@ -35,6 +37,35 @@ from rnnserve.server.errors import (
 ENDED_REASONS = ("closed", "expired", "evicted")
 
 
+class State(Protocol):
+    """A session's state wherever it lives: its size, its host copy, and a release
+    that gives its storage back (called once the session no longer uses it)."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+    @property
+    def arrays(self) -> list[np.ndarray]: ...
+
+    def release(self) -> None: ...
+
+
+class HostState:
+    """A state held on the host: one array per state pair, without the batch axis."""
+
+    __slots__ = ("arrays",)
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        self.arrays = list(arrays)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    def release(self) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class Answer:
     """The answer to a session's last chunk, kept so that a retry of that chunk (same
@@ -55,7 +86,7 @@ class Session:
     id: str
     model: str
     version: int
-    state: list[np.ndarray]
+    state: State
     next_seq: int = 0
     created: float = 0.0
     last_used: float = 0.0
@@ -67,15 +98,14 @@ class Session:
     record_prefix: str = field(default="", repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.nbytes = sum(s.nbytes for s in self.state) + (self.answer.nbytes if self.answer
-                                                           else 0)
+        self.nbytes = self.state.nbytes + (self.answer.nbytes if self.answer else 0)
 
 
 class SessionStore(Protocol):
     """What the core needs from a store; a shared (e.g. Redis) store implements it too."""
 
 
-    def create(self, model: str, version: int, state: list[np.ndarray],
+    def create(self, model: str, version: int, state: State,
                session_id: str | None = None, owner: str = "") -> Session: ...
 
     def refusal(self, nbytes: int) -> Overloaded | None: ...
@@ -88,7 +118,7 @@ class SessionStore(Protocol):
 
     def peek(self, session_id: str) -> Session | None: ...
 
-    def update(self, session: Session, state: list[np.ndarray], next_seq: int,
+    def update(self, session: Session, state: State, next_seq: int,
                answer: Answer | None = None) -> None: ...
 
     def final_answer(self, session_id: str) -> Session | None: ...
@@ -179,6 +209,7 @@ class MemorySessionStore:
 
     def _end(self, session: Session, reason: str) -> None:
         del self._live[session.id]
+        session.state.release()
         self._account(session, -session.nbytes)
         self._count(session, -1)
         self._ended[session.id] = reason
@@ -187,8 +218,10 @@ class MemorySessionStore:
             self._ended.popitem(last=False)
         self._event(reason, session)
 
-    def create(self, model: str, version: int, state: list[np.ndarray],
+    def create(self, model: str, version: int, state: State,
                session_id: str | None = None, owner: str = "") -> Session:
+        """A new live session holding ``state``; a refused one leaves ``state`` to the
+        caller (to release)."""
         now = self._clock()
         sid = session_id or uuid.uuid4().hex
         if sid in self._live:
@@ -214,8 +247,9 @@ class MemorySessionStore:
         return session
 
     def restore(self, stored: Session) -> Session:
-        """Make ``stored`` (a session loaded from the shared store) the live one under its
-        id, replacing an outdated copy; returns the live session."""
+        """Make ``stored`` (a session loaded from the shared store, its state already
+        where the model runs) the live one under its id, replacing an outdated copy
+        (whose state is released); returns the live session."""
         session = self._live.get(stored.id)
         if session is None:
             session = self.create(stored.model, stored.version, stored.state, stored.id,
@@ -258,12 +292,16 @@ class MemorySessionStore:
             return SessionClosed(f"session {session_id!r} has ended; open a new one")
         return SessionNotFound(f"session {session_id!r} is unknown to this server")
 
-    def update(self, session: Session, state: list[np.ndarray], next_seq: int,
+    def update(self, session: Session, state: State, next_seq: int,
                answer: Answer | None = None) -> None:
+        """Give ``session`` its new state (its old one is released). If the session is
+        no longer live this raises why, and ``state`` stays the caller's."""
         if self._live.get(session.id) is not session:
             raise self._gone(session.id)
-        nbytes = sum(s.nbytes for s in state) + (answer.nbytes if answer else 0)
+        nbytes = state.nbytes + (answer.nbytes if answer else 0)
         self._account(session, nbytes - session.nbytes)
+        if state is not session.state:
+            session.state.release()
         session.state, session.nbytes, session.next_seq = state, nbytes, next_seq
         session.answer = answer
         session.last_used = self._clock()
@@ -275,7 +313,8 @@ class MemorySessionStore:
             raise self._gone(session_id)
         self._end(session, "closed")
         if session.answer is not None and session.answer.end:
-            self._final[session_id] = Session(session.id, session.model, session.version, [],
+            self._final[session_id] = Session(session.id, session.model, session.version,
+                                              HostState([]),
                                               session.next_seq, answer=session.answer,
                                               owner=session.owner)
             while len(self._final) > self._max_final:

@@ -145,7 +145,9 @@ def test_thousands_of_streams_cancelled_anywhere_leave_every_session_exact(repo,
         assert sorted(got) == list(range(CHUNKS)) or i in finished
         for k, y in got.items():
             assert float(np.abs(y - want[k]).max()) <= 1e-5, (i, modes[i], k)
-    assert metric_value(text, "rnnserve_sessions_live") == 0
+    assert metric_value(text, "rnnserve_active_sessions") == 0
+    # no pool row leaked: cancelled steps gave their fresh rows back, ended sessions theirs
+    assert metric_value(text, "rnnserve_state_pool_rows") == 0
     assert sum(len(v) for v in applied.values()) + never_opened + modes.count("complete") \
         == STREAMS
     # cancellation hit every point: some queued chunks were dropped, some had run

@@ -122,7 +122,7 @@ def test_a_full_server_refuses_new_streams_and_keeps_the_admitted_ones_fast(repo
     assert float(np.percentile(latencies, 99)) <= ADMITTED_P99_S, np.percentile(latencies, 99)
     for _, got, x in finished:
         assert float(np.abs(got - whole_run(repo, "feat", 1, x)).max()) <= 1e-5
-    assert metric_value(text, "rnnserve_sessions_live") == 0
+    assert metric_value(text, "rnnserve_active_sessions") == 0
     assert after - baseline <= 32 << 20, (baseline, after)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,8 +54,12 @@ def start_server(repo: Path, log: Path, *flags: str) -> ServerProcess:
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    """Sum of the samples of ``name`` whose labels include ``labels``; a name the
+    server does not export at all is an error (a misspelt name would read as 0)."""
     total = 0.0
+    family = re.sub(r"_(count|sum|bucket|total|info)$", "", name)
+    if f"# HELP {name} " not in text and f"# HELP {family} " not in text:
+        raise AssertionError(f"the server exports no metric {name!r}")
     for line in text.splitlines():
         if not line.startswith(name + "{") and not line.startswith(name + " "):
             continue

@@ -80,6 +80,9 @@ def test_32_concurrent_sessions_stream_exactly_and_batch(server, repo) -> None:
     assert metric_value(text, "rnnserve_model_info", model="feat", arch="lstm",
                         provider="CPUExecutionProvider") == 1
     assert metric_value(text, "rnnserve_state_bytes") == 0  # every session ended
+    # every state pool row came back (32 sessions, each step on a fresh row)
+    assert metric_value(text, "rnnserve_state_pool_rows") == 0
+    assert metric_value(text, "rnnserve_state_pool_capacity_rows", model="feat") >= 32
     assert metric_value(text, "rnnserve_model_load_seconds", model="text", version="2") > 0
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from rnnserve.server import records
 from rnnserve.server.errors import RecordCorrupt
-from rnnserve.server.sessions import Answer, Session
+from rnnserve.server.sessions import Answer, HostState, Session
 
 
 def _header(data: bytes) -> dict:
@@ -23,7 +23,7 @@ def _header(data: bytes) -> dict:
 def test_the_header_is_the_json_of_the_session_and_it_round_trips(sid) -> None:
     rng = np.random.default_rng(0)
     state = [rng.standard_normal((2, 8)).astype(np.float32), np.arange(6, dtype=np.int16)]
-    session = Session(sid, "m\u00e9", 3, state, 7, owner='own"er')
+    session = Session(sid, "m\u00e9", 3, HostState(state), 7, owner='own"er')
     new_state = [a + 1 for a in state]
     for answer in (None,
                    Answer(7, bytes(range(16)), [("y", rng.standard_normal((4, 5)).astype(
@@ -39,7 +39,7 @@ def test_the_header_is_the_json_of_the_session_and_it_round_trips(sid) -> None:
             back = records.decode(data, sid)
             assert (back.model, back.version, back.next_seq, back.owner) == \
                 ("m\u00e9", 3, 8, 'own"er')
-            for got, exp in zip(back.state, new_state, strict=True):
+            for got, exp in zip(back.state.arrays, new_state, strict=True):
                 assert got.dtype == exp.dtype
                 np.testing.assert_array_equal(got, exp)
             if answer is None:
@@ -53,7 +53,7 @@ def test_the_header_is_the_json_of_the_session_and_it_round_trips(sid) -> None:
 
 
 def test_a_flipped_byte_anywhere_is_refused() -> None:
-    session = Session("s", "m", 1, [np.ones(3, np.float32)], 1)
+    session = Session("s", "m", 1, HostState([np.ones(3, np.float32)]), 1)
     data = records.encode(session)
     for at in range(0, len(data), 7):
         bad = bytearray(data)

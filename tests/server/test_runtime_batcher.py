@@ -16,6 +16,7 @@ from rnnserve.server.errors import (
     ModelNotFound,
     Overloaded,
 )
+from rnnserve.server.pool import ZERO, PoolState
 from rnnserve.server.runtime import ModelRegistry, RuntimeOptions
 from rnnserve.server.sessions import MemorySessionStore
 
@@ -63,12 +64,12 @@ def _whole(runtime, x):
 
 
 async def _stream(batcher, store, runtime, x, cuts):
-    session = store.create(runtime.name, runtime.version, runtime.zero_state())
+    session = store.create(runtime.name, runtime.version, PoolState(runtime.pool))
     ys = []
     for a, b in zip(cuts[:-1], cuts[1:], strict=True):
         chunk = runtime.check_chunk(x[a:b])
-        outs, new_state = await batcher.step(store.get(session.id).state, chunk)
-        store.update(session, new_state, session.next_seq + 1)
+        outs, new_row, _ = await batcher.step(store.get(session.id).state.row, chunk)
+        store.update(session, PoolState(runtime.pool, new_row), session.next_seq + 1)
         ys.append(outs[0])
         await asyncio.sleep(random.random() * 0.002)  # interleave sessions differently
     return np.concatenate(ys), session
@@ -107,21 +108,22 @@ def test_32_interleaved_sessions_match_their_whole_sequence_runs(registry, name,
     for x, (y, session) in zip(inputs, results, strict=True):
         y_whole, s_whole = _whole(runtime, x)
         assert np.abs(y - y_whole).max() <= 1e-5
-        for got, want in zip(session.state, s_whole, strict=True):
+        for got, want in zip(session.state.arrays, s_whole, strict=True):
             assert np.abs(got - want).max() <= 1e-5
 
 
 def test_a_failed_run_fails_its_batch_and_the_batcher_goes_on(registry) -> None:
     runtime = registry.get("text")
     good = runtime.check_chunk(np.arange(5, dtype=np.uint8))
-    bad_state = [np.zeros((3, 3), dtype=np.float32)]  # not this model's state shape
+    used = runtime.pool.used
+    beyond = runtime.pool.capacity + 1000  # no such pool row: the gather fails
 
     async def main():
         batcher = Batcher(runtime, max_batch_size=8, max_delay_s=0.01)
         batcher.start()
-        r = await asyncio.gather(batcher.step(runtime.zero_state(), good),
-                                 batcher.step(bad_state, good), return_exceptions=True)
-        after = await batcher.step(runtime.zero_state(), good)
+        r = await asyncio.gather(batcher.step(ZERO, good),
+                                 batcher.step(beyond, good), return_exceptions=True)
+        after = await batcher.step(ZERO, good)
         await batcher.stop()
         return r, after
 
@@ -129,6 +131,7 @@ def test_a_failed_run_fails_its_batch_and_the_batcher_goes_on(registry) -> None:
     assert isinstance(first, BatchFailed) and isinstance(second, BatchFailed)
     assert "failed to run" in str(first)
     np.testing.assert_array_equal(after[0][0], _whole(runtime, good)[0])
+    assert runtime.pool.used == used + 1  # the new rows of the failed batch came back
 
 
 def test_tagged_steps_are_answered_after_their_batch_commits(registry) -> None:
@@ -137,7 +140,8 @@ def test_tagged_steps_are_answered_after_their_batch_commits(registry) -> None:
     the runner is free meanwhile, so the next batch runs while one commits."""
     runtime = registry.get("text")
     x = runtime.check_chunk(np.arange(5, dtype=np.uint8))
-    want = _whole(runtime, x)[0]
+    want, want_state = _whole(runtime, x)
+    used = runtime.pool.used
 
     async def main():
         calls: list[list[object]] = []
@@ -148,6 +152,7 @@ def test_tagged_steps_are_answered_after_their_batch_commits(registry) -> None:
             for _, outs, st in items:
                 np.testing.assert_array_equal(outs[0], want)
                 assert [s.shape for s in st] == [s.shape for s in runtime.zero_state()]
+                np.testing.assert_array_equal(st[0], want_state[0])
             if len(calls) == 1:
                 await release.wait()
             return [ValueError(f"refused {tag}") if tag == "b" else None
@@ -155,7 +160,7 @@ def test_tagged_steps_are_answered_after_their_batch_commits(registry) -> None:
 
         batcher = Batcher(runtime, max_batch_size=8, max_delay_s=0.02, commit=commit)
         batcher.start()
-        z = runtime.zero_state
+        z = lambda: ZERO  # noqa: E731
         first = [asyncio.ensure_future(batcher.step(z(), x, tag=t)) for t in ("a", "b")]
         plain = asyncio.ensure_future(batcher.step(z(), x))
         while not calls:
@@ -175,6 +180,11 @@ def test_tagged_steps_are_answered_after_their_batch_commits(registry) -> None:
     np.testing.assert_array_equal(second[0][0], want)
     np.testing.assert_array_equal(a[0][0], want)
     assert isinstance(b, ValueError) and str(b) == "refused b"
+    # the refused step's new row came back; the others' rows are their callers' to keep
+    assert runtime.pool.used == used + 3
+    np.testing.assert_array_equal(runtime.pool.read([a[1]])[0][0], want_state[0])
+    for done in (a, plain_out, second):
+        runtime.pool.free(done[1])
 
 
 def test_a_failing_commit_fails_its_steps_and_the_batcher_goes_on(registry) -> None:
@@ -191,10 +201,10 @@ def test_a_failing_commit_fails_its_steps_and_the_batcher_goes_on(registry) -> N
 
         batcher = Batcher(runtime, max_batch_size=4, max_delay_s=0.01, commit=commit)
         batcher.start()
-        r = await asyncio.gather(*(batcher.step(runtime.zero_state(), x, tag=i)
+        r = await asyncio.gather(*(batcher.step(ZERO, x, tag=i)
                                    for i in range(3)), return_exceptions=True)
         fail = False
-        after = await batcher.step(runtime.zero_state(), x, tag=9)
+        after = await batcher.step(ZERO, x, tag=9)
         await batcher.stop()
         return r, after
 
@@ -210,11 +220,11 @@ def test_a_full_queue_answers_overloaded_at_once(registry) -> None:
 
     async def main():
         batcher = Batcher(runtime, max_queue=2)  # consumer not started: the queue fills
-        waiting = [asyncio.ensure_future(batcher.step(runtime.zero_state(), x))
+        waiting = [asyncio.ensure_future(batcher.step(ZERO, x, keep=False))
                    for _ in range(2)]
         await asyncio.sleep(0)
         with pytest.raises(Overloaded, match="retry"):
-            await batcher.step(runtime.zero_state(), x)
+            await batcher.step(ZERO, x)
         batcher.start()
         done = await asyncio.gather(*waiting)
         await batcher.stop()
@@ -233,17 +243,20 @@ def test_auto_device_serves_on_what_onnxruntime_really_gives(repo) -> None:
 
 def test_warm_up_runs_every_batch_size_at_two_lengths(registry) -> None:
     rt = registry.get("feat")
-    real = rt.session
-    shapes = []
+    real = rt.run_rows
+    calls = []
 
-    class Counting:
-        def run(self, names, feeds):
-            shapes.append(feeds["input"].shape[:2])
-            return real.run(names, feeds)
+    def counting(xs, rows, out_rows=None, want_states=False):
+        calls.append((len(xs), xs[0].shape[0], set(rows), out_rows))
+        return real(xs, rows, out_rows, want_states)
 
-    rt.session = Counting()
+    rt.run_rows = counting
+    before = [a.copy() for a in rt.pool.read(range(rt.pool.capacity))]
     try:
         assert rt.warm_up(5) > 0
     finally:
-        rt.session = real
-    assert shapes == [(b, t) for t in (1, 4) for b in range(1, 6)]
+        del rt.run_rows
+    assert calls == [(b, t, {ZERO}, None) for t in (1, 4) for b in range(1, 6)]
+    after = rt.pool.read(range(rt.pool.capacity))
+    for a, b in zip(before, after, strict=True):  # only the trash row was written
+        np.testing.assert_array_equal(np.delete(a, 1, axis=0), np.delete(b, 1, axis=0))

@@ -5,12 +5,13 @@ import pytest
 
 from rnnserve.server.errors import (
     SessionClosed,
+    SessionError,
     SessionEvicted,
     SessionExists,
     SessionExpired,
     SessionNotFound,
 )
-from rnnserve.server.sessions import MemorySessionStore
+from rnnserve.server.sessions import HostState, MemorySessionStore, Session
 
 
 class Clock:
@@ -21,8 +22,8 @@ class Clock:
         return self.now
 
 
-def state(n_floats: int = 8) -> list[np.ndarray]:
-    return [np.zeros(n_floats, dtype=np.float32)]
+def state(n_floats: int = 8) -> HostState:
+    return HostState([np.zeros(n_floats, dtype=np.float32)])
 
 
 def store(**kw):
@@ -101,8 +102,8 @@ def test_closed_unknown_and_duplicate_ids_have_their_own_errors() -> None:
 def test_update_replaces_state_and_accounts_bytes() -> None:
     s, _, _ = store()
     a = s.create("m", 1, state(4))
-    s.update(a, [np.ones(6, dtype=np.float32)], next_seq=3)
-    assert s.state_bytes == 24 and a.next_seq == 3 and a.state[0][0] == 1
+    s.update(a, HostState([np.ones(6, dtype=np.float32)]), next_seq=3)
+    assert s.state_bytes == 24 and a.next_seq == 3 and a.state.arrays[0][0] == 1
     b = s.create("other", 2, state(2))
     assert s.usage_by_model() == {("m", 1): (1, 24), ("other", 2): (1, 8)}
     s.close(b.id)
@@ -133,7 +134,6 @@ def test_the_last_answer_counts_as_state_memory_and_outlives_an_ending_chunk() -
 
 def test_owners_are_counted_and_a_restored_owner_is_what_the_record_says() -> None:
     from rnnserve.server import records
-    from rnnserve.server.sessions import Session
 
     s, _, _ = store()
     a = s.create("m", 1, state(), "a", owner="alice")
@@ -159,3 +159,38 @@ def test_a_full_store_refuses_instead_of_evicting_when_told() -> None:
         s.create("m", 1, state(), "c")
     assert info.value.retry_after_ms == 1000
     assert sorted(s.live_ids()) == ["a", "b"]  # nobody was evicted for it
+
+
+class Tracked(HostState):
+    """A state that counts its releases (a pool row given back)."""
+
+    released: list[str] = []
+
+    def __init__(self, name: str) -> None:
+        super().__init__([np.zeros(2, dtype=np.float32)])
+        self.name = name
+
+    def release(self) -> None:
+        Tracked.released.append(self.name)
+
+
+def test_the_store_releases_a_state_once_when_it_is_no_longer_used() -> None:
+    Tracked.released = []
+    s, clock, _ = store(idle_timeout_s=10, max_sessions=2)
+    a = s.create("m", 1, Tracked("a0"))
+    s.update(a, Tracked("a1"), 1)  # replaced: the old one goes back
+    assert Tracked.released == ["a0"]
+    s.update(a, a.state, 2)  # the same state again: nothing released
+    b = s.create("m", 1, Tracked("b0"))
+    s.create("m", 1, Tracked("c0"))  # evicts a (least recently used)
+    assert Tracked.released == ["a0", "a1"]
+    with pytest.raises(SessionError):
+        s.update(a, Tracked("late"), 3)  # a step landing after the eviction: not taken
+    assert "late" not in Tracked.released  # the caller still owns it
+    s.close(b.id)
+    clock.now += 11
+    assert s.expire_idle() and Tracked.released == ["a0", "a1", "b0", "c0"]
+    restored = Session("r", "m", 1, Tracked("r1"), 5)
+    s.create("m", 1, Tracked("r0"), "r")
+    s.restore(restored)  # the outdated live copy's state goes back
+    assert Tracked.released[-1] == "r0" and s.get("r").state is restored.state

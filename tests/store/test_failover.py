@@ -13,7 +13,7 @@ import pytest
 
 from rnnserve.client import AsyncClient, Client
 from rnnserve.server import records
-from rnnserve.server.sessions import Session
+from rnnserve.server.sessions import HostState, Session
 
 from ..server.serving import metric_value, start_server
 from ..server.test_grpc_api import whole_run
@@ -180,13 +180,13 @@ def test_corrupted_truncated_and_foreign_records_are_never_loaded(repo, redis_se
                 (lambda good, sid: good[:40] + bytes([good[40] ^ 1]) + good[41:],
                  grpc.StatusCode.DATA_LOSS, "checksum"),
                 (lambda good, sid: records.encode(Session(
-                    sid, "text", 2, [np.zeros((2, 1, 24), np.float32)], 1)),
+                    sid, "text", 2, HostState([np.zeros((2, 1, 24), np.float32)]), 1)),
                  grpc.StatusCode.FAILED_PRECONDITION, "is for model 'text' version 2"),
                 (lambda good, sid: records.encode(Session(
-                    sid, "feat", 1, [np.zeros((2, 9), np.float32)] * 2, 1)),
+                    sid, "feat", 1, HostState([np.zeros((2, 9), np.float32)] * 2), 1)),
                  grpc.StatusCode.FAILED_PRECONDITION, "holds a state of"),
                 (lambda good, sid: records.encode(Session(
-                    "someone-else", "feat", 1, [], 1)),
+                    "someone-else", "feat", 1, HostState([]), 1)),
                  grpc.StatusCode.FAILED_PRECONDITION, "belongs to session 'someone-else'"),
             ]
             for damage, code_want, fragment in cases:

@@ -1,0 +1,344 @@
+"""Session state kept where the model runs: one pool row per session, per state pair.
+
+A model's state pairs (``h_in -> h_out`` ...) become pools: one tensor per pair shaped
+``(rows, *row_shape)`` on the model's device (host memory on the CPU, GPU memory with
+CUDA). The model's graph is extended at load (``pooled_model``) so that one run
+
+- gathers the batch's state rows from the pools (``Gather`` on the row indices
+  ``rnnserve_gather``),
+- runs the recurrent model unchanged,
+- scatters the new states into other rows of the same pools (``ScatterND`` on
+  ``rnnserve_scatter``); the pools are bound as both input and output of the run
+  (onnxruntime's IOBinding), so onnxruntime writes the rows in place: no copy of a
+  pool, and no state leaves the device on a step.
+
+New states go to *fresh* rows (copy on write): a step's old row is released only once
+its new state is accepted (delivered, and committed to a shared store where there is
+one). A step that is cancelled, fails or is refused by the store leaves the session's
+row as it was. Row 0 is the zero state (every new session starts from it, and padding
+rows read it) and row 1 takes what padding rows write; neither is ever handed out.
+
+Rows in flight are pinned: a session that ends while its step still waits to run keeps
+its row until that run has read it, so the row is never reused under a queued gather.
+
+The same code runs on both devices; on the CPU the pools are numpy arrays that
+onnxruntime reads and writes through the binding, so CI runs every line of the row
+bookkeeping, the graph extension and the binding that the GPU path runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+ZERO = 0  # the zero state, read by new sessions and by padding rows; never written
+TRASH = 1  # written by padding rows and stateless requests; never read as a state
+FIRST = 2  # the first row handed out to a session
+
+GATHER = "rnnserve_gather"
+SCATTER = "rnnserve_scatter"
+_SCATTER_2D = "rnnserve_scatter_2d"
+_AXES = "rnnserve_axes_1"
+
+
+def pool_input(j: int) -> str:
+    return f"rnnserve_pool_{j}"
+
+
+def pool_output(j: int) -> str:
+    return f"rnnserve_pool_{j}_out"
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One state pair as the pool sees it."""
+
+    input: str  # the model's state input, fed by the gather
+    output: str  # the model's new-state output, scattered into the pool
+    row_shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _elem(dtype: np.dtype[Any]) -> int:
+    return helper.np_dtype_to_tensor_dtype(dtype)
+
+
+def _rows_info(name: str, spec: PoolSpec, rows: str) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, _elem(spec.dtype), [rows, *spec.row_shape])
+
+
+def pooled_model(model: onnx.ModelProto, specs: Sequence[PoolSpec]) -> onnx.ModelProto:
+    """``model`` with its state inputs gathered from pools and its new states scattered
+    back into them: inputs ``rnnserve_pool_J`` (rows, *row), ``rnnserve_gather`` and
+    ``rnnserve_scatter`` (batch,) int64 instead of the state inputs; outputs
+    ``rnnserve_pool_J_out`` besides the model's own outputs (the new-state outputs stay,
+    for a host copy when a checkpoint needs one)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    state_inputs = {s.input for s in specs}
+    kept = [i for i in graph.input if i.name not in state_inputs]
+    if len(kept) != len(graph.input) - len(specs):
+        raise ValueError(f"the graph lacks state inputs {sorted(state_inputs)}")
+    outputs = {o.name for o in graph.output}
+    for s in specs:
+        if s.output not in outputs:
+            raise ValueError(f"the graph lacks the state output {s.output!r}")
+    del graph.input[:]
+    graph.input.extend(kept)
+    graph.input.extend(_rows_info(pool_input(j), s, "pool_rows") for j, s in enumerate(specs))
+    graph.input.extend(helper.make_tensor_value_info(n, TensorProto.INT64, ["batch"])
+                       for n in (GATHER, SCATTER))
+    graph.initializer.append(helper.make_tensor(_AXES, TensorProto.INT64, [1], [1]))
+    head = [helper.make_node("Gather", [pool_input(j), GATHER], [s.input], axis=0,
+                             name=f"rnnserve_gather_{j}") for j, s in enumerate(specs)]
+    head.append(helper.make_node("Unsqueeze", [SCATTER, _AXES], [_SCATTER_2D],
+                                 name="rnnserve_scatter_rows"))
+    tail = [helper.make_node("ScatterND", [pool_input(j), _SCATTER_2D, s.output],
+                             [pool_output(j)], name=f"rnnserve_scatter_{j}")
+            for j, s in enumerate(specs)]
+    nodes = [*head, *graph.node, *tail]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.output.extend(_rows_info(pool_output(j), s, "pool_rows")
+                        for j, s in enumerate(specs))
+    return out
+
+
+def _rows_model(specs: Sequence[PoolSpec], opset: int) -> onnx.ModelProto:
+    """Row access for restores and inspection: ``rnnserve_read_J`` = the rows
+    ``rnnserve_gather`` of each pool; the pools get ``rnnserve_rows_J`` written at the
+    rows ``rnnserve_scatter`` (in place, as in the pooled model)."""
+    inputs = [_rows_info(pool_input(j), s, "pool_rows") for j, s in enumerate(specs)]
+    inputs += [_rows_info(f"rnnserve_rows_{j}", s, "k") for j, s in enumerate(specs)]
+    inputs += [helper.make_tensor_value_info(n, TensorProto.INT64, ["k"])
+               for n in (GATHER, SCATTER)]
+    nodes = [helper.make_node("Unsqueeze", [SCATTER, _AXES], [_SCATTER_2D])]
+    outputs = []
+    for j, s in enumerate(specs):
+        nodes.append(helper.make_node("Gather", [pool_input(j), GATHER],
+                                      [f"rnnserve_read_{j}"], axis=0))
+        nodes.append(helper.make_node("ScatterND", [pool_input(j), _SCATTER_2D,
+                                                    f"rnnserve_rows_{j}"], [pool_output(j)]))
+        outputs += [_rows_info(f"rnnserve_read_{j}", s, "k"),
+                    _rows_info(pool_output(j), s, "pool_rows")]
+    graph = helper.make_graph(nodes, "rnnserve_pool_rows", inputs, outputs,
+                              initializer=[helper.make_tensor(_AXES, TensorProto.INT64, [1],
+                                                              [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+class PoolFull(Exception):
+    """A fixed-size pool (CUDA graphs need fixed addresses) has no free row."""
+
+
+class StatePool:
+    """The state pools of one model version on one device, and their rows' owners.
+
+    ``alloc``/``free``/``pin``/``unpin`` are called from the event loop; runs (in
+    worker threads) take ``using()`` around binding and running, which holds off a
+    resize of the pools (growth replaces the buffers) but not other runs: concurrent
+    runs touch disjoint rows.
+    """
+
+    def __init__(self, specs: Sequence[PoolSpec], *, device: str = "cpu", device_id: int = 0,
+                 providers: list[Any] | None = None, rows: int = 64, growable: bool = True,
+                 opset: int = 17) -> None:
+        self.specs = list(specs)
+        self.device, self.device_id = device, device_id
+        self.growable = growable
+        self.row_bytes = sum(s.row_bytes for s in self.specs)
+        self._free: list[int] = []
+        self._next = FIRST  # rows below this have been handed out at least once
+        self._pins: dict[int, int] = {}
+        self._doomed: set[int] = set()
+        self._lock = threading.Lock()  # the row lists, the pins
+        self._resize = threading.Condition()  # growth vs runs
+        self._runs = 0
+        self._growing = False
+        self.capacity = 0
+        self.buffers: list[Any] = []  # numpy arrays on the CPU, kept alive beside the values
+        self.values: list[ort.OrtValue] = []
+        self.resizes = 0
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.log_severity_level = 3
+        self._rows = ort.InferenceSession(_rows_model(self.specs, opset).SerializeToString(),
+                                          so, providers=providers or ["CPUExecutionProvider"])
+        self._allocate(max(rows, FIRST + 1), None)
+
+    # -- rows -------------------------------------------------------------------------
+
+    @property
+    def used(self) -> int:
+        """Rows held by sessions and steps in flight (row 0 and 1 not counted)."""
+        with self._lock:
+            return self._next - FIRST - len(self._free)
+
+    def alloc(self) -> int:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            if self._next >= self.capacity and not self.growable:
+                raise PoolFull(f"the state pool holds {self.capacity - FIRST} rows, all in use")
+            row = self._next
+            self._next += 1
+        if row >= self.capacity:
+            self.ensure(row + 1)
+        return row
+
+    def free(self, row: int) -> None:
+        if row < FIRST:
+            return
+        with self._lock:
+            if row in self._pins:
+                self._doomed.add(row)  # a queued run still reads it: freed after that run
+            else:
+                self._free.append(row)
+
+    def pin(self, row: int) -> None:
+        """Keep ``row`` from reuse until ``unpin``: a step waiting to run reads it."""
+        if row < FIRST:
+            return
+        with self._lock:
+            self._pins[row] = self._pins.get(row, 0) + 1
+
+    def unpin(self, row: int) -> None:
+        if row < FIRST:
+            return
+        with self._lock:
+            left = self._pins[row] - 1
+            if left:
+                self._pins[row] = left
+                return
+            del self._pins[row]
+            if row in self._doomed:
+                self._doomed.discard(row)
+                self._free.append(row)
+
+    # -- buffers ----------------------------------------------------------------------
+
+    def _allocate(self, rows: int, old: list[np.ndarray] | None) -> None:
+        buffers, values = [], []
+        for j, s in enumerate(self.specs):
+            host = np.zeros((rows, *s.row_shape), dtype=s.dtype)
+            if old is not None:
+                host[:len(old[j])] = old[j]
+            if self.device == "cpu":
+                buffers.append(host)  # onnxruntime reads and writes this very memory
+                values.append(ort.OrtValue.ortvalue_from_numpy(host))
+            else:
+                values.append(ort.OrtValue.ortvalue_from_numpy(host, self.device,
+                                                               self.device_id))
+        self.buffers, self.values, self.capacity = buffers, values, rows
+
+    def ensure(self, rows: int) -> None:
+        """Grow the pools to at least ``rows`` rows (doubling), once no run uses them.
+        Rows keep their contents; on a GPU this copies the pools through the host once."""
+        if rows <= self.capacity:
+            return
+        if not self.growable:
+            raise PoolFull(f"the state pool holds {self.capacity - FIRST} rows, all in use")
+        with self._resize:
+            while self._runs:
+                self._resize.wait()
+            self._growing = True
+        try:
+            if rows > self.capacity:
+                old = [v.numpy() for v in self.values]
+                self._allocate(max(rows, 2 * self.capacity), old)
+                self.resizes += 1
+        finally:
+            with self._resize:
+                self._growing = False
+                self._resize.notify_all()
+
+    def acquire(self) -> None:
+        """A run starts using the buffers (no resize until ``release``)."""
+        with self._resize:
+            while self._growing:
+                self._resize.wait()
+            self._runs += 1
+
+    def release(self) -> None:
+        with self._resize:
+            self._runs -= 1
+            if not self._runs:
+                self._resize.notify_all()
+
+    def bind(self, binding: ort.IOBinding) -> None:
+        """Bind every pool as input and, in place, as output of a run."""
+        for j, v in enumerate(self.values):
+            binding.bind_ortvalue_input(pool_input(j), v)
+            binding.bind_ortvalue_output(pool_output(j), v)
+
+    def write(self, row: int, arrays: Sequence[np.ndarray]) -> None:
+        """Put one session's state (host arrays, one per pair) into ``row``."""
+        if row < FIRST:
+            raise ValueError(f"row {row} is reserved")
+        self._access([row], [[np.asarray(a, dtype=s.dtype)] for a, s in
+                             zip(arrays, self.specs, strict=True)])
+
+    def read(self, rows: Sequence[int]) -> list[np.ndarray]:
+        """The states at ``rows``, copied to the host: one (len(rows), *row) per pair."""
+        return self._access(list(rows), None)
+
+    def _access(self, rows: list[int], writes: list[list[np.ndarray]] | None
+                ) -> list[np.ndarray]:
+        self.acquire()
+        try:
+            b = self._rows.io_binding()
+            self.bind(b)
+            idx = np.asarray(rows, dtype=np.int64)
+            b.bind_cpu_input(GATHER, idx)
+            b.bind_cpu_input(SCATTER, idx if writes is not None else
+                             np.full(len(rows), TRASH, dtype=np.int64))
+            for j, s in enumerate(self.specs):
+                data = np.stack(writes[j]) if writes is not None else \
+                    np.zeros((len(rows), *s.row_shape), dtype=s.dtype)
+                b.bind_cpu_input(f"rnnserve_rows_{j}", np.ascontiguousarray(data))
+                if writes is None:
+                    b.bind_output(f"rnnserve_read_{j}", "cpu")
+            self._rows.run_with_iobinding(b)
+            if writes is not None:
+                return []
+            return [v.numpy() for v in b.get_outputs()[len(self.specs):]]
+        finally:
+            self.release()
+
+
+class PoolState:
+    """A live session's state: its row in its model's pool."""
+
+    __slots__ = ("pool", "row")
+
+    def __init__(self, pool: StatePool, row: int = ZERO) -> None:
+        self.pool, self.row = pool, row
+
+    @property
+    def nbytes(self) -> int:
+        return self.pool.row_bytes
+
+    @property
+    def arrays(self) -> list[np.ndarray]:
+        """A host copy, one array per state pair (for inspection and tests)."""
+        return [a[0] for a in self.pool.read([self.row])]
+
+    def release(self) -> None:
+        self.pool.free(self.row)
+
+    def __repr__(self) -> str:
+        return f"PoolState(row={self.row})"

@@ -1,0 +1,238 @@
+"""The device-resident state pool on the CPU: the same code, graph and binding as on CUDA.
+
+The pooled graph must compute exactly what the exported model computes; new states must
+land in fresh rows in place (the pool's buffer is never replaced or copied by a step);
+no state may leave the pool on a step unless a checkpoint asks for it; padding rows must
+never touch a live row; rows must come back when steps fail, are cancelled or refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from rnnserve.server.batcher import Batcher
+from rnnserve.server.pool import FIRST, TRASH, ZERO, PoolFull, PoolState
+from rnnserve.server.runtime import ModelRegistry, ModelRuntime, RuntimeOptions
+from rnnserve.server.sessions import MemorySessionStore
+
+
+@pytest.fixture(scope="module")
+def registry(repo):
+    return ModelRegistry(repo, RuntimeOptions(device="cpu", intra_op_threads=1))
+
+
+def _chunks(rt: ModelRuntime, rng: np.random.Generator, n: int, t: int) -> list[np.ndarray]:
+    if rt.meta.input.kind == "utf8_bytes":
+        return [rng.integers(0, 256, t, dtype=np.uint8) for _ in range(n)]
+    return [rng.standard_normal((t, 20)).astype(np.float32) for _ in range(n)]
+
+
+def _random_states(rt: ModelRuntime, rng: np.random.Generator, n: int) -> list[list[np.ndarray]]:
+    return [[rng.standard_normal(s.row_shape).astype(s.dtype) for s in rt.pool.specs]
+            for _ in range(n)]
+
+
+def _snapshot(rt: ModelRuntime) -> list[np.ndarray]:
+    return [a.copy() for a in rt.pool.read(range(rt.pool.capacity))]
+
+
+@pytest.mark.parametrize("name", ["text", "feat"])
+def test_the_pooled_graph_computes_what_the_exported_model_computes(registry, repo,
+                                                                    name) -> None:
+    rt = registry.get(name)
+    plain = ort.InferenceSession(str(rt.path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    xs, states = _chunks(rt, rng, 5, 7), _random_states(rt, rng, 5)
+    feeds = {rt.meta.input.name: np.stack(xs)}
+    for j, pair in enumerate(rt.meta.states):
+        feeds[pair.input] = np.stack([s[j] for s in states])
+    names = rt.data_output_names + [p.output for p in rt.meta.states]
+    want = plain.run(names, feeds)
+
+    rows = [rt.pool.alloc() for _ in xs]
+    out_rows = [rt.pool.alloc() for _ in xs]
+    try:
+        for row, st in zip(rows, states, strict=True):
+            rt.pool.write(row, st)
+        outputs, host = rt.run_rows(xs, rows, out_rows, want_states=True)
+        assert host is not None
+        n_out = len(rt.data_output_names)
+        for i in range(len(xs)):
+            for k in range(n_out):
+                np.testing.assert_array_equal(outputs[i][k], want[k][i])
+            for j in range(len(rt.meta.states)):
+                np.testing.assert_array_equal(host[i][j], want[n_out + j][i])
+        # the new states are in the fresh rows; the rows read from are as they were
+        for j, (got_new, got_old) in enumerate(zip(rt.pool.read(out_rows), rt.pool.read(rows),
+                                                   strict=True)):
+            np.testing.assert_array_equal(got_new, want[n_out + j])
+            np.testing.assert_array_equal(got_old, np.stack([s[j] for s in states]))
+    finally:
+        for row in rows + out_rows:
+            rt.pool.free(row)
+
+
+def test_a_step_writes_in_place_and_touches_only_its_new_rows(registry) -> None:
+    rt = registry.get("feat")
+    rng = np.random.default_rng(6)
+    rows = [rt.pool.alloc() for _ in range(12)]
+    for row, st in zip(rows, _random_states(rt, rng, 12), strict=True):
+        rt.pool.write(row, st)
+    before = _snapshot(rt)
+    pointers = [v.data_ptr() for v in rt.pool.values]
+    xs = _chunks(rt, rng, 3, 4)
+    rt.run_rows(xs, rows[:3], rows[3:6])
+    assert [v.data_ptr() for v in rt.pool.values] == pointers  # the same buffers
+    after = _snapshot(rt)
+    written = set(rows[3:6])
+    for a, b in zip(before, after, strict=True):
+        for r in range(rt.pool.capacity):
+            if r not in written:
+                np.testing.assert_array_equal(a[r], b[r], err_msg=f"row {r}")
+        assert not np.array_equal(a[rows[3]], b[rows[3]])
+    for row in rows:
+        rt.pool.free(row)
+
+
+class _CountingBinding:
+    """An IOBinding that records what is bound where (the host copies a run makes)."""
+
+    def __init__(self, real: ort.IOBinding, log: list[tuple[str, str]]) -> None:
+        self._real, self._log = real, log
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def bind_output(self, name, device_type="cpu", *args, **kw):
+        self._log.append((name, device_type))
+        return self._real.bind_output(name, device_type, *args, **kw)
+
+    def bind_ortvalue_output(self, name, value):
+        self._log.append((name, "ortvalue:" + value.device_name()))
+        return self._real.bind_ortvalue_output(name, value)
+
+
+class _CountingSession:
+    def __init__(self, real: ort.InferenceSession, log: list[tuple[str, str]]) -> None:
+        self._real, self._log = real, log
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def io_binding(self):
+        return _CountingBinding(self._real.io_binding(), self._log)
+
+    def run_with_iobinding(self, binding, run_options=None):
+        self._log.append(("run", ""))
+        return self._real.run_with_iobinding(binding._real, run_options)
+
+
+@pytest.mark.parametrize("commit", [False, True])
+def test_states_leave_the_pool_only_for_a_checkpoint(registry, commit) -> None:
+    """Without a shared store no state output is copied to the host on any step; with
+    one, each batch copies its new states once, for the records it writes."""
+    rt = registry.get("feat")
+    log: list[tuple[str, str]] = []
+    rng = np.random.default_rng(7)
+    xs = _chunks(rt, rng, 6, 8)
+    states = {p.output for p in rt.meta.states}
+
+    async def keep(items):
+        return [None] * len(items)
+
+    async def main():
+        store = MemorySessionStore()
+        batcher = Batcher(rt, max_batch_size=8, max_delay_s=0.01,
+                          commit=keep if commit else None)
+        batcher.start()
+
+        async def stream(x):
+            session = store.create(rt.name, rt.version, PoolState(rt.pool))
+            for a in range(0, 8, 2):
+                out, row, host = await batcher.step(session.state.row, x[a:a + 2],
+                                                    tag="t" if commit else None)
+                assert (host is not None) == commit
+                store.update(session, PoolState(rt.pool, row), session.next_seq + 1)
+            store.close(session.id)
+
+        await asyncio.gather(*(stream(x) for x in xs))
+        await batcher.stop()
+        return batcher.batches
+
+    rt.session = _CountingSession(rt.session, log)
+    try:
+        batches = asyncio.run(main())
+    finally:
+        rt.session = rt.session._real
+    assert log.count(("run", "")) == batches
+    host_states = [n for n, where in log if n in states]
+    assert len(host_states) == (batches * len(states) if commit else 0)
+    assert {where for n, where in log if n.startswith("rnnserve_pool_")} == {"ortvalue:cpu"}
+
+
+def test_padding_rows_read_zeros_and_never_touch_a_live_row(repo) -> None:
+    rt = ModelRuntime(repo / "feat" / "1" / "model.onnx", "feat", 1,
+                      RuntimeOptions(device="cpu", intra_op_threads=1, batch_buckets=(4, 8)))
+    rng = np.random.default_rng(8)
+    rows = [rt.pool.alloc() for _ in range(20)]
+    for row, st in zip(rows, _random_states(rt, rng, 20), strict=True):
+        rt.pool.write(row, st)
+    before = _snapshot(rt)
+    xs = _chunks(rt, rng, 5, 3)  # padded to 8
+    assert rt.padded_size(5) == 8 and rt.padded_size(3) == 4 and rt.padded_size(9) == 9
+    got, _ = rt.run_rows(xs, rows[:5], rows[10:15])
+    after = _snapshot(rt)
+    for a, b in zip(before, after, strict=True):
+        for r in range(rt.pool.capacity):
+            if r not in (TRASH, *rows[10:15]):
+                np.testing.assert_array_equal(a[r], b[r], err_msg=f"row {r}")
+        assert not b[ZERO].any()
+    plain = ModelRuntime(rt.path, "feat", 1, RuntimeOptions(device="cpu", intra_op_threads=1))
+    check = [plain.pool.alloc() for _ in range(5)]
+    for row, r in zip(check, rows[:5], strict=True):
+        plain.pool.write(row, [a[r] for a in before])
+    want, _ = plain.run_rows(xs, check)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g[0], w[0])
+
+
+def test_the_pool_grows_keeping_every_row_and_a_fixed_one_refuses(repo) -> None:
+    path = repo / "text" / "2" / "model.onnx"
+    rt = ModelRuntime(path, "text", 2, RuntimeOptions(device="cpu", pool_rows=4))
+    rng = np.random.default_rng(9)
+    written = {}
+    for st in _random_states(rt, rng, 40):
+        row = rt.pool.alloc()
+        rt.pool.write(row, st)
+        written[row] = st
+    assert rt.pool.resizes >= 3 and rt.pool.capacity >= 42 and rt.pool.used == 40
+    assert sorted(written) == list(range(FIRST, FIRST + 40))
+    for row, st in written.items():
+        for got, want in zip(rt.pool.read([row]), st, strict=True):
+            np.testing.assert_array_equal(got[0], want)
+    fixed = ModelRuntime(path, "text", 2, RuntimeOptions(device="cpu", pool_rows=4))
+    fixed.pool.growable = False
+    fixed.pool.alloc(), fixed.pool.alloc()
+    with pytest.raises(PoolFull, match="all in use"):
+        fixed.pool.alloc()
+
+
+def test_a_row_a_queued_step_reads_is_not_reused_before_it_ran(registry) -> None:
+    pool = registry.get("text").pool
+    row = pool.alloc()
+    pool.pin(row)  # its step waits for a batch
+    pool.free(row)  # and its session ends meanwhile
+    other = pool.alloc()
+    assert other != row
+    pool.unpin(row)  # the run read it: now it is free
+    assert pool.alloc() == row
+    pool.free(row), pool.free(other)
+    pool.free(ZERO), pool.free(TRASH)  # reserved rows are never handed out
+    handed = [pool.alloc() for _ in range(3)]
+    assert min(handed) >= FIRST
+    for r in handed:
+        pool.free(r)
