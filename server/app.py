@@ -91,7 +91,9 @@ class RnnServer:
         options = RuntimeOptions(device=s.device, device_id=s.device_id,
                                  intra_op_threads=s.intra_op_threads,
                                  inter_op_threads=s.inter_op_threads,
-                                 allow_nonfinite=s.nonfinite == "allow")
+                                 allow_nonfinite=s.nonfinite == "allow",
+                                 batch_buckets=s.buckets(), pool_rows=s.state_pool_rows(),
+                                 cuda_graphs=s.cuda_graphs)
         self.registry = ModelRegistry(s.repo, options)
         if not len(self.registry):
             raise ModelRepositoryError(f"no models in {str(s.repo)!r}; export one with "

@@ -12,6 +12,7 @@ same code. ``ModelRegistry`` loads every version of every model in a repository.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,7 +47,15 @@ class RuntimeOptions:
     # row no session owns); () runs every batch at its own size.
     batch_buckets: tuple[int, ...] = ()
     pool_rows: int = 64  # the state pool's first size in rows (it doubles when full)
+    # CUDA graphs: each bucket's run (per chunk length) is captured once and replayed;
+    # needs device "cuda" and buckets, and the pool keeps its pool_rows (fixed addresses)
+    cuda_graphs: bool = False
 
+
+# Run shapes (bucket, chunk length) that get fixed buffers (and a CUDA graph each);
+# chunks of other lengths run without (clients sending ever new lengths would else grow
+# them without end).
+MAX_BOUND_SHAPES = 32
 
 # Set when device "auto" asked onnxruntime for CUDA and got the CPU: later models go
 # straight to the CPU instead of repeating onnxruntime's error for each of them.
@@ -56,6 +65,9 @@ _cuda_fell_back = False
 def providers_for(options: RuntimeOptions) -> list[Any]:
     if options.device not in DEVICES:
         raise DeviceUnavailable(f"unknown device {options.device!r}; choose from {DEVICES}")
+    if options.cuda_graphs and (options.device != "cuda" or not options.batch_buckets):
+        raise DeviceUnavailable("CUDA graphs need --device cuda and batch buckets "
+                                "(--batch-buckets)")
     if options.device == "cpu":
         return [CPU]
     available = ort.get_available_providers()
@@ -70,8 +82,10 @@ def providers_for(options: RuntimeOptions) -> list[Any]:
         return [CPU]
     # No TF32: on Hopper, cuDNN's LSTM in TF32 drifted the state by 1.2e-3 from the CPU's
     # fp32 over 40 steps (H100, onnxruntime 1.31.1); in fp32 it is 1.2e-6.
-    cuda_options = {"device_id": options.device_id, "cudnn_conv_algo_search": "HEURISTIC",
-                    "use_tf32": 0}
+    cuda_options: dict[str, Any] = {"device_id": options.device_id,
+                                    "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": 0}
+    if options.cuda_graphs:
+        cuda_options["enable_cuda_graph"] = "1"
     return [(CUDA, cuda_options), CPU]
 
 
@@ -139,11 +153,25 @@ class ModelRuntime:
         self.pool = StatePool(specs, device="cuda" if on_gpu else "cpu",
                               device_id=options.device_id,
                               providers=providers if on_gpu else [CPU],
-                              rows=options.pool_rows, opset=opset)
+                              rows=options.pool_rows, growable=not options.cuda_graphs,
+                              opset=opset)
         self.buckets = tuple(sorted(set(options.batch_buckets)))
+        if self.buckets and self.buckets[0] < 1:
+            raise ValueError(f"batch buckets must be >= 1, got {self.buckets}")
+        # fixed buffers per (bucket, chunk shape), bound once: what CUDA graphs replay
+        self._bound: dict[tuple[int, ...], _Bound] = {}
+        self._bound_lock = threading.Lock()
+        self._plain = ort.RunOptions()
+        if options.cuda_graphs:  # runs outside a bucket are not captured
+            self._plain.add_run_config_entry("gpu_graph_id", "-1")
         self.load_seconds = time.perf_counter() - started
         log.info("loaded model %s version %d from %s on %s in %.2fs", name, version, path,
                  self.provider, self.load_seconds)
+        if on_gpu:
+            got = self.session.get_provider_options().get(CUDA, {})
+            log.info("%s v%d CUDA options: %s", name, version,
+                     {k: got.get(k) for k in ("device_id", "cudnn_conv_algo_search",
+                                              "use_tf32", "enable_cuda_graph")})
 
     @property
     def key(self) -> tuple[str, int]:
@@ -183,12 +211,9 @@ class ModelRuntime:
         the zero row and write the row no session owns)."""
         started = time.perf_counter()
         hop = self.meta.input.hop_samples or 1
-        sizes = range(1, max_batch + 1)
-        if self.buckets:
-            sizes = range(1, min(max_batch, self.buckets[-1]) + 1)
         for steps in (1, 4):
             x = np.zeros((steps * hop, *self._frame_shape), dtype=self._np_dtype)
-            for b in sizes:
+            for b in range(1, max_batch + 1):  # with buckets: each bucket, and above them
                 if not self.buckets or b in self.buckets or b > self.buckets[-1]:
                     self.run_rows([x] * b, [ZERO] * b)
         return time.perf_counter() - started
@@ -226,18 +251,24 @@ class ModelRuntime:
         pool = self.pool
         pool.acquire()
         try:
-            b = self.session.io_binding()
-            b.bind_cpu_input(self.meta.input.name, x)
-            b.bind_cpu_input(GATHER, gather)
-            b.bind_cpu_input(SCATTER, scatter)
-            pool.bind(b)
-            for name in self.data_output_names:
-                b.bind_output(name, "cpu")
-            if want_states:
-                for pair in self.meta.states:
-                    b.bind_output(pair.output, "cpu")
-            self.session.run_with_iobinding(b)
-            res = [v.numpy() for v in b.get_outputs()[len(pool.specs):]]
+            bound = self._bound.get(x.shape) if size in self.buckets else None
+            if bound is None and size in self.buckets and len(self._bound) < MAX_BOUND_SHAPES:
+                bound = self._bind(x, gather, scatter)
+            if bound is not None:
+                res = bound.run(x, gather, scatter, want_states)
+            else:
+                b = self.session.io_binding()
+                b.bind_cpu_input(self.meta.input.name, x)
+                b.bind_cpu_input(GATHER, gather)
+                b.bind_cpu_input(SCATTER, scatter)
+                pool.bind(b)
+                for name in self.data_output_names:
+                    b.bind_output(name, "cpu")
+                if want_states:
+                    for pair in self.meta.states:
+                        b.bind_output(pair.output, "cpu")
+                self.session.run_with_iobinding(b, self._plain)
+                res = [v.numpy() for v in b.get_outputs()[len(pool.specs):]]
         finally:
             pool.release()
         n_out = len(self.data_output_names)
@@ -245,6 +276,32 @@ class ModelRuntime:
         if not want_states:
             return outputs, None
         return outputs, [[r[i] for r in res[n_out:]] for i in range(n)]
+
+    def _bind(self, x: np.ndarray, gather: np.ndarray, scatter: np.ndarray) -> _Bound:
+        """Fixed buffers for runs shaped like ``x``: one ordinary run (reading the zero
+        row, writing the trash row) tells the outputs' shapes."""
+        with self._bound_lock:
+            bound = self._bound.get(x.shape)
+            if bound is not None:
+                return bound
+            b = self.session.io_binding()
+            b.bind_cpu_input(self.meta.input.name, x)
+            b.bind_cpu_input(GATHER, np.full_like(gather, ZERO))
+            b.bind_cpu_input(SCATTER, np.full_like(scatter, TRASH))
+            self.pool.bind(b)
+            names = self.data_output_names + [p.output for p in self.meta.states]
+            for name in names:
+                b.bind_output(name, self.pool.device, self.options.device_id)
+            self.session.run_with_iobinding(b, self._plain)
+            got = b.get_outputs()[len(self.pool.specs):]
+            shapes = [(tuple(v.shape()), _ORT_NP[v.data_type()]) for v in got]
+            graph_id = len(self._bound) + 1 if self.options.cuda_graphs else None
+            bound = _Bound(self, x, names, shapes, graph_id)
+            self._bound[x.shape] = bound
+            log.info("%s v%d: fixed buffers for batch %d x %d time steps%s", self.name,
+                     self.version, x.shape[0], x.shape[1],
+                     f" (CUDA graph {graph_id})" if graph_id else "")
+            return bound
 
     def run(self, xs: Sequence[np.ndarray], states: Sequence[Sequence[np.ndarray]]
             ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
@@ -262,6 +319,65 @@ class ModelRuntime:
         finally:
             for row in rows + out_rows:
                 pool.free(row)
+
+
+_ORT_NP: dict[str, np.dtype[Any]] = {"tensor(float)": np.dtype(np.float32),
+                                      "tensor(float16)": np.dtype(np.float16),
+                                      "tensor(double)": np.dtype(np.float64),
+                                      "tensor(int64)": np.dtype(np.int64),
+                                      "tensor(int32)": np.dtype(np.int32),
+                                      "tensor(int16)": np.dtype(np.int16),
+                                      "tensor(uint8)": np.dtype(np.uint8),
+                                      "tensor(int8)": np.dtype(np.int8)}
+
+
+class _Bound:
+    """The inputs and outputs of one run shape (bucket, chunk length) in fixed buffers on
+    the model's device, bound once: a run copies the chunks and row numbers in, replays
+    (with CUDA graphs, the captured graph), and copies the outputs out. One run at a
+    time per shape."""
+
+    def __init__(self, rt: ModelRuntime, x: np.ndarray, names: list[str],
+                 shapes: list[tuple[tuple[int, ...], np.dtype[Any]]],
+                 graph_id: int | None) -> None:
+        dev, dev_id = rt.pool.device, rt.options.device_id
+        self.rt = rt
+        self.lock = threading.Lock()
+
+        def buffer(shape: tuple[int, ...], dtype: np.dtype[Any]) -> ort.OrtValue:
+            return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, dev, dev_id)
+
+        self.x = buffer(x.shape, x.dtype)
+        self.gather = buffer((x.shape[0],), np.dtype(np.int64))
+        self.scatter = buffer((x.shape[0],), np.dtype(np.int64))
+        self.outs = [buffer(shape, dt) for shape, dt in shapes]
+        self.n_data = len(rt.data_output_names)
+        self.copy = dev == "cpu"  # host buffers: the outputs must not alias the next run
+        self.binding = rt.session.io_binding()
+        self.binding.bind_ortvalue_input(rt.meta.input.name, self.x)
+        self.binding.bind_ortvalue_input(GATHER, self.gather)
+        self.binding.bind_ortvalue_input(SCATTER, self.scatter)
+        for name, value in zip(names, self.outs, strict=True):
+            self.binding.bind_ortvalue_output(name, value)
+        self.pool_resizes = -1  # the pools are bound at the first run (and after growth)
+        self.options = ort.RunOptions()
+        if graph_id is not None:
+            self.options.add_run_config_entry("gpu_graph_id", str(graph_id))
+
+    def run(self, x: np.ndarray, gather: np.ndarray, scatter: np.ndarray,
+            want_states: bool) -> list[np.ndarray]:
+        pool = self.rt.pool
+        with self.lock:
+            self.x.update_inplace(x)
+            self.gather.update_inplace(gather)
+            self.scatter.update_inplace(scatter)
+            if self.pool_resizes != pool.resizes:
+                pool.bind(self.binding)
+                self.pool_resizes = pool.resizes
+            self.rt.session.run_with_iobinding(self.binding, self.options)
+            wanted = self.outs if want_states else self.outs[:self.n_data]
+            res = [v.numpy() for v in wanted]
+            return [r.copy() for r in res] if self.copy else res
 
 
 class ModelRegistry:

@@ -36,6 +36,18 @@ class Settings(BaseSettings):
     """onnxruntime threads across independent nodes (0: default)."""
     max_batch_size: int = Field(64, ge=1)
     """Most session steps in one onnxruntime run."""
+    batch_buckets: str = ""
+    """Batch sizes runs are padded up to, e.g. 8,16,32,64, or pow2 (powers of two up to
+    max_batch_size); padding rows read the zero state and write a row no session owns,
+    and each bucket runs from fixed buffers (what CUDA graphs replay). Empty: every batch
+    runs at its own size (best on the CPU)."""
+    pool_rows: int = Field(0, ge=0)
+    """Rows of each model's state pool on its device (one per live session and step in
+    flight); 0: start at 64 and double when full, or with cuda_graphs (fixed addresses,
+    no growth) max_sessions plus two batches per runner."""
+    cuda_graphs: bool = False
+    """Capture each bucket's run as a CUDA graph and replay it (device cuda; batch buckets
+    default to pow2)."""
     warmup: Literal["auto", "on", "off"] = "auto"
     """Run every batch size once at start (auto: on CUDA, where a new shape's first run
     is slow; off on the CPU)."""
@@ -101,6 +113,44 @@ class Settings(BaseSettings):
             raise ValueError("session_store must be 'memory' or a redis://, rediss:// or "
                              f"unix:// URL, got {v!r}")
         return v
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _buckets(cls, v: str) -> str:
+        if v.strip() in ("", "pow2"):
+            return v.strip()
+        try:
+            sizes = [int(p) for p in v.split(",")]
+        except ValueError:
+            raise ValueError(f"batch_buckets must be sizes like 8,16,32 or pow2, got {v!r}"
+                             ) from None
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"batch buckets must be >= 1, got {v!r}")
+        return ",".join(str(n) for n in sorted(set(sizes)))
+
+    def buckets(self) -> tuple[int, ...]:
+        """The batch buckets as sizes (pow2 expanded; cuda_graphs implies pow2)."""
+        spec = self.batch_buckets or ("pow2" if self.cuda_graphs else "")
+        if spec == "pow2":
+            sizes, n = [], 1
+            while n < self.max_batch_size:
+                sizes.append(n)
+                n *= 2
+            return (*sizes, self.max_batch_size)
+        return tuple(int(p) for p in spec.split(",")) if spec else ()
+
+    def state_pool_rows(self) -> int:
+        if self.pool_rows:
+            return self.pool_rows
+        if self.cuda_graphs:
+            return self.max_sessions + 2 * self.batch_runners * self.max_batch_size + 2
+        return 64
+
+    @model_validator(mode="after")
+    def _cuda_graphs(self) -> Settings:
+        if self.cuda_graphs and self.device != "cuda":
+            raise ValueError("cuda_graphs needs device cuda")
+        return self
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> Settings:

@@ -14,10 +14,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from rnnserve.client import AsyncClient
+from rnnserve.server import runtime as runtime_module
 from rnnserve.server.batcher import Batcher
+from rnnserve.server.errors import DeviceUnavailable
 from rnnserve.server.pool import FIRST, TRASH, ZERO, PoolFull, PoolState
-from rnnserve.server.runtime import ModelRegistry, ModelRuntime, RuntimeOptions
+from rnnserve.server.runtime import ModelRegistry, ModelRuntime, RuntimeOptions, providers_for
 from rnnserve.server.sessions import MemorySessionStore
+
+from .serving import metric_value, start_server
+from .test_grpc_api import random_cuts, whole_run
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +242,90 @@ def test_a_row_a_queued_step_reads_is_not_reused_before_it_ran(registry) -> None
     assert min(handed) >= FIRST
     for r in handed:
         pool.free(r)
+
+
+def test_bucketed_runs_from_fixed_buffers_survive_pool_growth(repo) -> None:
+    """Buckets run from buffers bound once per shape (what CUDA graphs replay); after the
+    pool grows the new pools are bound; outputs and states equal unbucketed runs."""
+    path = repo / "feat" / "1" / "model.onnx"
+    fixed = ModelRuntime(path, "feat", 1, RuntimeOptions(device="cpu", intra_op_threads=1,
+                                                           batch_buckets=(4, 8), pool_rows=4))
+    plain = ModelRuntime(path, "feat", 1, RuntimeOptions(device="cpu", intra_op_threads=1))
+    rng = np.random.default_rng(10)
+    xs = [_chunks(plain, rng, 6, 3) for _ in range(5)]
+    got, want = [], []
+    for rt, sink in ((fixed, got), (plain, want)):
+        rows = [ZERO] * 6
+        for x in xs:
+            out_rows = [rt.pool.alloc() for _ in range(6)]  # the pool grows on the way
+            outputs, states = rt.run_rows(x, rows, out_rows, want_states=True)
+            sink.append((outputs, states))
+            for r in rows:
+                rt.pool.free(r)
+            rows = out_rows
+    assert fixed.pool.resizes >= 2 and set(fixed._bound) == {(8, 3, 20)}
+    for (go, gs), (wo, ws) in zip(got, want, strict=True):
+        for a, b in zip(go + gs, wo + ws, strict=True):
+            for u, v in zip(a, b, strict=True):
+                np.testing.assert_array_equal(u, v)
+
+
+def test_run_shapes_with_fixed_buffers_are_capped(repo, monkeypatch) -> None:
+    monkeypatch.setattr(runtime_module, "MAX_BOUND_SHAPES", 2)
+    rt = ModelRuntime(repo / "text" / "2" / "model.onnx", "text", 2,
+                      RuntimeOptions(device="cpu", batch_buckets=(2,)))
+    rng = np.random.default_rng(11)
+    for t in (3, 4, 5, 6):  # chunk lengths a client chose: two get fixed buffers
+        x = _chunks(rt, rng, 2, t)
+        got, _ = rt.run_rows(x, [ZERO, ZERO])
+        want, _ = ModelRuntime(rt.path, "text", 2, RuntimeOptions(device="cpu")).run_rows(
+            x, [ZERO, ZERO])
+        np.testing.assert_array_equal(got[1][0], want[1][0])
+    assert len(rt._bound) == 2
+
+
+def test_cuda_graphs_are_refused_without_cuda_and_buckets() -> None:
+    with pytest.raises(DeviceUnavailable, match="CUDA graphs need"):
+        providers_for(RuntimeOptions(device="cpu", cuda_graphs=True, batch_buckets=(8,)))
+    with pytest.raises(DeviceUnavailable, match="CUDA graphs need"):
+        providers_for(RuntimeOptions(device="cuda", cuda_graphs=True))
+
+
+def test_a_server_with_buckets_and_a_small_pool_streams_exactly(repo, tmp_path) -> None:
+    """Through the real server: padded batches from fixed buffers, a pool that starts at
+    4 rows and grows under 24 concurrent sessions; every session exact, every row back."""
+    server = start_server(repo, tmp_path / "server.log", "--batch-buckets", "4,8",
+                          "--pool-rows", "4", "--max-batch-size", "8",
+                          "--max-batch-delay-ms", "3")
+    rng = np.random.default_rng(12)
+    jobs = []
+    for i in range(24):
+        name = "text" if i % 2 else "feat"
+        t = int(rng.integers(10, 40))
+        x = (rng.integers(0, 256, t, dtype=np.uint8) if name == "text"
+             else rng.standard_normal((t, 20)).astype(np.float32))
+        jobs.append((name, x, random_cuts(rng, t)))
+
+    async def one(client, name, x, cuts):
+        ys = []
+        async with client.stream(name) as s:
+            for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+                ys.append((await s.send(x[a:b], end=b == len(x)))["logits"])
+        return np.concatenate(ys)
+
+    async def main():
+        async with AsyncClient(server.target) as client:
+            return await asyncio.gather(*(one(client, *job) for job in jobs))
+
+    try:
+        results = asyncio.run(asyncio.wait_for(main(), 60))
+        text = server.metrics()
+    finally:
+        assert server.stop() == 0
+    for (name, x, _), y in zip(jobs, results, strict=True):
+        want = whole_run(repo, name, 2 if name == "text" else 1, x)
+        assert float(np.abs(y - want).max()) <= 1e-5
+    assert metric_value(text, "rnnserve_state_pool_rows") == 0
+    assert metric_value(text, "rnnserve_state_pool_capacity_rows", model="feat") >= 8
+    assert metric_value(text, "rnnserve_batch_size_bucket", le="1.0") < \
+        metric_value(text, "rnnserve_batch_size_count")  # batches held several sessions

@@ -33,3 +33,20 @@ def test_bad_values_and_unknown_keys_are_refused(tmp_path) -> None:
         Settings.load(cfg)
     with pytest.raises(FileNotFoundError):
         Settings.load(tmp_path / "missing.toml")
+
+
+def test_batch_buckets_pool_rows_and_cuda_graphs() -> None:
+    s = Settings.load(max_batch_size="48", batch_buckets="pow2")
+    assert s.buckets() == (1, 2, 4, 8, 16, 32, 48) and s.state_pool_rows() == 64
+    assert Settings.load(batch_buckets="32, 8,8").buckets() == (8, 32)
+    assert Settings.load().buckets() == ()
+    for bad in ("0,8", "eight", "8,,16"):
+        with pytest.raises(ValidationError, match="batch"):
+            Settings.load(batch_buckets=bad)
+    with pytest.raises(ValidationError, match="cuda_graphs needs device cuda"):
+        Settings.load(cuda_graphs=True, device="cpu")
+    g = Settings.load(cuda_graphs=True, device="cuda", max_sessions="1000",
+                      max_batch_size="64", batch_runners="2")
+    assert g.buckets() == (1, 2, 4, 8, 16, 32, 64)  # graphs need buckets: pow2 by default
+    assert g.state_pool_rows() == 1000 + 2 * 2 * 64 + 2  # fixed: every session and batch
+    assert Settings.load(pool_rows="5000").state_pool_rows() == 5000
