@@ -213,9 +213,14 @@ def export_checkpoint(
     overwrite: bool = False,
     tolerance: float = 1e-5,
     seed: int = 0,
+    fp16: bool = False,
     log: Callable[[str], None] = print,
 ) -> repository.ModelVersion:
     """Export, verify, and only then publish ``REPO/NAME/VERSION/model.onnx``.
+
+    With ``fp16`` the recurrent layers and their states are half precision
+    (``rnnserve.export.fp16``), verified against the fp32 torch model within the fp16
+    bound.
 
     The model is written into a hidden staging directory inside the model's folder
     and renamed into place after verification passed, so a server scanning the
@@ -262,6 +267,12 @@ def export_checkpoint(
         metadata = build_metadata(model, ckpt, name, export_info)
         log(f"exporting {ckpt_path} -> {final_dir / repository.MODEL_FILE} (opset {OPSET})")
         proto = export_onnx(model, metadata)
+        if fp16:
+            from rnnserve.export.fp16 import to_fp16
+
+            proto, metadata = to_fp16(proto, metadata)
+            set_metadata(proto, metadata)
+            log(f"fp16: {metadata.export['fp16']}")
         staged = staging / repository.MODEL_FILE
         write_model_atomically(proto, staged)
         report = verify_file(staged, model=model, tolerance=tolerance, seed=seed, log=log)

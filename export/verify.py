@@ -30,6 +30,13 @@ have logits near 40 and LSTM cell states near 100, where float32 steps are 4e-6 
 exact answer, for this purpose) and a larger difference passes only when it is
 float32 rounding: onnxruntime is no farther from float64 than twice torch float32's
 own distance from it, plus ``tolerance``. Both distances are reported.
+
+fp16 models (``rnnserve export --fp16``: recurrent layers and their states in half
+precision) have their own bound, relative to the size of what is compared: every
+check passes when the largest difference is within ``FP16_RTOL`` (1e-2) times the
+largest magnitude of the reference (at least 1). The reference for parity is the
+fp32 torch model; streaming and batching compare the fp16 graph with itself, where
+the state is rounded to fp16 at every chunk boundary.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from rnnserve.errors import MissingDependencyError, ModelMetadataError, Verifica
 from rnnserve.export.metadata import ModelMetadata
 
 FORBIDDEN_OPS = ("Loop", "Scan")
+FP16_RTOL = 1e-2  # fp16 models: largest difference / max(1, largest |reference|)
 RECURRENT_OP = {"lstm": "LSTM", "gru": "GRU"}
 MAX_BATCH = 16
 
@@ -66,6 +74,7 @@ class VerificationReport:
     torch_vs_float64: float | None = None
     onnx_vs_float64: float | None = None
     torch_parity: str = "not run"
+    precision: str = "fp32"  # fp16: every bound is FP16_RTOL relative (module docstring)
     cases: list[tuple[int, int, int]] = field(default_factory=list)  # (batch, time, chunks)
     seconds: float = 0.0
 
@@ -82,6 +91,9 @@ class VerificationReport:
             "passed": self.passed,
             "failures": self.failures,
             "tolerance": self.tolerance,
+            "precision": self.precision,
+            **({"fp16_bound": f"{FP16_RTOL:g} x max(1, largest |reference|)"}
+               if self.precision == "fp16" else {}),
             "max_abs_diff_vs_torch": self.max_abs_diff_vs_torch,
             "torch_float32_vs_float64": self.torch_vs_float64,
             "onnx_vs_float64": self.onnx_vs_float64,
@@ -193,12 +205,14 @@ class _Runner:
         opts.log_severity_level = 3
         self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.meta = meta
+        self.dtypes = [np.dtype(s.dtype) for s in meta.states]
         self.out_names = [o.name for o in meta.outputs] + [s.output for s in meta.states]
 
     def __call__(self, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray,
                                                                          list[np.ndarray]]:
         feeds = {self.meta.input.name: x}
-        feeds.update({s.input: v for s, v in zip(self.meta.states, states, strict=True)})
+        feeds.update({s.input: v.astype(dt, copy=False)
+                      for s, v, dt in zip(self.meta.states, states, self.dtypes, strict=True)})
         res = self.sess.run(self.out_names, feeds)
         return res[0], res[len(self.meta.outputs):]
 
@@ -223,8 +237,17 @@ def _random_input(meta: ModelMetadata, rng: np.random.Generator, b: int, t: int)
 
 
 def _random_states(meta: ModelMetadata, rng: np.random.Generator, b: int) -> list[np.ndarray]:
-    return [rng.uniform(-0.9, 0.9, size=(b, *s.row_shape())).astype(np.float32)
+    return [rng.uniform(-0.9, 0.9, size=(b, *s.row_shape())).astype(s.dtype)
             for s in meta.states]
+
+
+def _bound(report: VerificationReport, *references: np.ndarray) -> float:
+    """The largest difference allowed against ``references``."""
+    if report.precision != "fp16":
+        return report.tolerance
+    scale = max([1.0, *(float(np.abs(r.astype(np.float64)).max(initial=0.0))
+                        for r in references)])
+    return FP16_RTOL * scale
 
 
 def _cut_points(rng: np.random.Generator, t: int) -> list[int]:
@@ -270,7 +293,8 @@ def verify_file(
     proto = onnx.load(str(path))
     props = {p.key: p.value for p in proto.metadata_props}
     meta = ModelMetadata.from_props(props, source=str(path))
-    report = VerificationReport(path=str(path), tolerance=tolerance)
+    report = VerificationReport(path=str(path), tolerance=tolerance,
+                                precision=str(meta.export.get("precision", "fp32")))
     check_structure(proto, meta, report)
     log(f"verify {path}: ops {report.ops}")
     if model is None and checkpoint is not None:
@@ -310,6 +334,7 @@ def verify_file(
         d_chunk = max(max_abs_diff(np.concatenate(ys, axis=1), y_whole),
                       *(max_abs_diff(s, w) for s, w in zip(states, s_whole, strict=True)))
         report.max_abs_diff_chunked_vs_whole = max(report.max_abs_diff_chunked_vs_whole, d_chunk)
+        allowed = _bound(report, y_whole, *s_whole)
         # batching: one row alone equals that row in the batch
         row = int(rng.integers(0, b))
         y_row, s_row = runner(x[row:row + 1], [s[row:row + 1] for s in s0])
@@ -318,6 +343,10 @@ def verify_file(
                                                                         strict=True)))
         report.max_abs_diff_batched_vs_single = max(report.max_abs_diff_batched_vs_single,
                                                     d_batch)
+        for label, value in (("chunked vs whole", d_chunk), ("batched vs single", d_batch)):
+            if not value <= allowed:
+                report.failures.append(f"{label} at batch {b}, time {t}: largest difference "
+                                       f"{value:.3e} > {allowed:.1e}")
         line = (f"  case {i + 1}/{n_cases}: batch {b:2d}, time {t:3d}, {len(cuts) - 1} chunks: "
                 f"chunked {d_chunk:.1e}, row {row} alone {d_batch:.1e}")
         if model is not None:
@@ -326,10 +355,6 @@ def verify_file(
         report.cases.append((b, t, len(cuts) - 1))
         log(line)
 
-    for label, value in (("chunked vs whole", report.max_abs_diff_chunked_vs_whole),
-                         ("batched vs single", report.max_abs_diff_batched_vs_single)):
-        if not value <= tolerance:
-            report.failures.append(f"{label}: largest difference {value:.3e} > {tolerance:.0e}")
     if model is not None:
         cmp.finish(report, tolerance)
     if meta.input.kind == "pcm16":
@@ -341,7 +366,8 @@ def verify_file(
     log(f"verify {'PASSED' if report.passed else 'FAILED'} in {report.seconds:.1f}s: "
         f"largest differences: chunked vs whole {report.max_abs_diff_chunked_vs_whole:.2e}, "
         f"batched vs single {report.max_abs_diff_batched_vs_single:.2e}, {torch_part} "
-        f"(tolerance {tolerance:.0e})")
+        + (f"(fp16: each within {FP16_RTOL:g} x max(1, largest |reference|))"
+           if report.precision == "fp16" else f"(tolerance {tolerance:.0e})"))
     for failure in report.failures:
         log(f"  FAILED: {failure}")
     if write:
@@ -400,7 +426,7 @@ def _check_frontend(proto: Any, meta: ModelMetadata, runner: _Runner, model: Any
         import torch
 
         m64 = copy.deepcopy(model).double().eval()
-        states = [np.zeros((1, *s.row_shape()), dtype=np.float32) for s in meta.states]
+        states = [np.zeros((1, *s.row_shape()), dtype=s.dtype) for s in meta.states]
         got, _ = runner(x[None], states)
         with torch.no_grad():
             logits, _ = m64.rnn(m64.normalize(torch.from_numpy(reference)[None]))
@@ -408,10 +434,11 @@ def _check_frontend(proto: Any, meta: ModelMetadata, runner: _Runner, model: Any
         report.posteriors_vs_offline = max_abs_diff(got, want)
         line += (f"; posteriors from PCM vs torch on offline features "
                  f"{report.posteriors_vs_offline:.1e}")
-        if not report.posteriors_vs_offline <= FRONTEND_TOLERANCE:
+        allowed = FRONTEND_TOLERANCE if report.precision != "fp16" else _bound(report, want)
+        if not report.posteriors_vs_offline <= allowed:
             report.failures.append(
                 f"posteriors from PCM vs torch on offline features: largest difference "
-                f"{report.posteriors_vs_offline:.3e} > {FRONTEND_TOLERANCE:.0e}")
+                f"{report.posteriors_vs_offline:.3e} > {allowed:.0e}")
     log(line)
 
 
@@ -444,17 +471,22 @@ class _TorchComparison:
         self.model = model.eval()
         self.model64 = copy.deepcopy(model).double().eval()
         self.max_abs = self.t32 = self.o64 = 0.0
+        self.worst = 0.0  # fp16: the largest difference over its allowed bound
 
     def add(self, x: np.ndarray, s0: list[np.ndarray], onnx_out: list[np.ndarray]) -> float:
         import torch
 
         x64 = torch.from_numpy(x) if x.dtype.kind in "iu" else torch.from_numpy(x).double()
         with torch.no_grad():
-            y, s = self.model(torch.from_numpy(x), tuple(torch.from_numpy(v) for v in s0))
+            y, s = self.model(torch.from_numpy(x), tuple(torch.from_numpy(v).float()
+                                                         for v in s0))
             y64, s64 = self.model64(x64, tuple(torch.from_numpy(v).double() for v in s0))
         case_max = 0.0
         for got, r32, r64 in zip(onnx_out, (y, *s), (y64, *s64), strict=True):
-            case_max = max(case_max, max_abs_diff(got, r32.numpy()))
+            d = max_abs_diff(got, r32.numpy())
+            case_max = max(case_max, d)
+            ref = float(np.abs(r32.numpy()).max(initial=0.0))
+            self.worst = max(self.worst, d / (FP16_RTOL * max(1.0, ref)))
             self.t32 = max(self.t32, max_abs_diff(r32.numpy(), r64.numpy()))
             self.o64 = max(self.o64, max_abs_diff(got, r64.numpy()))
         self.max_abs = max(self.max_abs, case_max)
@@ -464,6 +496,13 @@ class _TorchComparison:
         report.max_abs_diff_vs_torch = self.max_abs
         report.torch_vs_float64 = self.t32
         report.onnx_vs_float64 = self.o64
+        if report.precision == "fp16":
+            if not self.worst <= 1.0:
+                report.failures.append(
+                    f"onnx (fp16) vs torch (fp32): largest difference {self.max_abs:.3e}, "
+                    f"{self.worst:.2f} times the fp16 bound ({FP16_RTOL:g} x max(1, "
+                    "largest |reference|))")
+            return
         if self.max_abs <= tolerance:
             return
         if not self.o64 <= 2 * self.t32 + tolerance:

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="version number (default: one past the highest)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing version")
     e.add_argument("--tolerance", type=float, default=1e-5, help="largest difference allowed")
+    e.add_argument("--fp16", action="store_true",
+                   help="recurrent layers and their states in half precision (for GPUs), "
+                   "verified within 1e-2 x max(1, largest |reference|)")
     e.set_defaults(func=_cmd_export)
 
     v = sub.add_parser("verify", help="verify an exported model (file, version or model dir)")
@@ -421,7 +424,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from rnnserve.export.onnx_export import export_checkpoint
 
     mv = export_checkpoint(args.checkpoint, args.repo, args.name, args.model_version,
-                           overwrite=args.overwrite, tolerance=args.tolerance, log=_log)
+                           overwrite=args.overwrite, tolerance=args.tolerance,
+                           fp16=args.fp16, log=_log)
     print(f"exported {mv.name} version {mv.version}: {mv.path}")
     return 0
 
