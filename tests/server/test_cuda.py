@@ -55,3 +55,134 @@ def test_chunked_on_cuda_equals_whole_on_cpu(cuda_registry, repo, batch) -> None
         for i in range(batch):
             diff = float(np.abs(np.concatenate(parts[i]) - whole[i][0]).max())
             assert diff <= 1e-4, f"{gpu_rt.name} v{gpu_rt.version} batch {batch}: {diff:.2e}"
+
+
+def _inputs(rt, rng, batch: int, t: int) -> list[np.ndarray]:
+    if rt.meta.input.kind == "utf8_bytes":
+        return [rng.integers(0, 256, t, dtype=np.uint8) for _ in range(batch)]
+    return [rng.standard_normal((t, 20)).astype(np.float32) for _ in range(batch)]
+
+
+def _stream_rows(rt, xs, cuts) -> tuple[list[np.ndarray], list[int]]:
+    """Chunks through pool rows only (the state never leaves the device)."""
+    rows = [0] * len(xs)  # the zero row
+    parts: list[list[np.ndarray]] = [[] for _ in xs]
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        out_rows = [rt.pool.alloc() for _ in xs]
+        outs, host = rt.run_rows([x[a:b] for x in xs], rows, out_rows)
+        assert host is None
+        for i, o in enumerate(outs):
+            parts[i].append(o[0])
+        for r in rows:
+            rt.pool.free(r)
+        rows = out_rows
+    return [np.concatenate(p) for p in parts], rows
+
+
+class _Counting:
+    """Records what each run binds for output, and where (a host copy is a 'cpu' one)."""
+
+    def __init__(self, real, log):
+        self._real, self._log = real, log
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def bind_output(self, name, device_type="cpu", *args, **kw):
+        self._log.append((name, device_type))
+        return self._real.bind_output(name, device_type, *args, **kw)
+
+
+class _Session:
+    def __init__(self, real, log):
+        self._real, self._log = real, log
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def io_binding(self):
+        return _Counting(self._real.io_binding(), self._log)
+
+    def run_with_iobinding(self, binding, run_options=None):
+        return self._real.run_with_iobinding(getattr(binding, "_real", binding), run_options)
+
+
+@pytest.mark.requires_cuda
+def test_states_stay_on_the_gpu_between_steps(cuda_registry, repo) -> None:
+    """The pools live in GPU memory; chained steps through rows bind no state output to
+    the host and keep the pools' addresses; results match the CPU within 1e-4."""
+    cpu = ModelRegistry(repo, RuntimeOptions(device="cpu"))
+    rng = np.random.default_rng(3)
+    for rt in cuda_registry:
+        assert {v.device_name() for v in rt.pool.values} == {"cuda"}
+        pointers = [v.data_ptr() for v in rt.pool.values]
+        xs = _inputs(rt, rng, 16, 40)
+        log: list[tuple[str, str]] = []
+        rt.session = _Session(rt.session, log)
+        try:
+            got, rows = _stream_rows(rt, xs, [0, 1, 4, 17, 40])
+        finally:
+            rt.session = rt.session._real
+        assert [v.data_ptr() for v in rt.pool.values] == pointers
+        states = {p.output for p in rt.meta.states}
+        assert not [n for n, _ in log if n in states], log
+        ref = cpu.get(rt.name, rt.version)
+        whole, final = ref.run(xs, [ref.zero_state()] * len(xs))
+        for i, y in enumerate(got):
+            assert float(np.abs(y - whole[i][0]).max()) <= 1e-4
+        for j, a in enumerate(rt.pool.read(rows)):  # the one host copy, at the end
+            assert float(np.abs(a - np.stack([f[j] for f in final])).max()) <= 1e-4
+        for r in rows:
+            rt.pool.free(r)
+
+
+@pytest.mark.requires_cuda
+def test_cuda_graphs_replay_each_bucket_exactly(repo) -> None:
+    """One captured graph per (bucket, chunk shape), replayed with new chunks and rows;
+    padding never touches a live row; results equal the CPU within 1e-4."""
+    try:
+        graphs = ModelRegistry(repo, RuntimeOptions(device="cuda", cuda_graphs=True,
+                                                    batch_buckets=(4, 8), pool_rows=256))
+    except DeviceUnavailable as exc:
+        pytest.skip(f"no CUDA for onnxruntime here: {exc}")
+    cpu = ModelRegistry(repo, RuntimeOptions(device="cpu"))
+    rng = np.random.default_rng(4)
+    for rt in graphs:
+        assert rt.pool.growable is False and rt.pool.capacity == 256
+        ref = cpu.get(rt.name, rt.version)
+        for batch in (3, 8, 5):  # buckets 4, 8, 8: the 8 is replayed with other rows
+            xs = _inputs(rt, rng, batch, 16)
+            got, rows = _stream_rows(rt, xs, [0, 4, 8, 12, 16])  # one shape: replays
+            whole, _ = ref.run(xs, [ref.zero_state()] * batch)
+            for i, y in enumerate(got):
+                diff = float(np.abs(y - whole[i][0]).max())
+                assert diff <= 1e-4, f"{rt.name} batch {batch}: {diff:.2e}"
+            for r in rows:
+                rt.pool.free(r)
+        assert {b.options.get_run_config_entry("gpu_graph_id") for b in rt._bound.values()} \
+            == {"1", "2"}
+        assert not any(a[0].any() for a in rt.pool.read([0]))  # the zero row stayed zero
+
+
+@pytest.mark.requires_cuda
+def test_an_fp16_model_on_cuda_is_within_its_bound(make_checkpoint, tmp_path) -> None:
+    from rnnserve.export.onnx_export import export_checkpoint
+    from rnnserve.export.verify import FP16_RTOL
+
+    ckpt = make_checkpoint("lstm", "features", seed=8, hidden_size=64)
+    repo = tmp_path / "models"
+    export_checkpoint(ckpt, repo, "f32", log=lambda _: None)
+    export_checkpoint(ckpt, repo, "f16", fp16=True, log=lambda _: None)
+    try:
+        gpu = ModelRegistry(repo, RuntimeOptions(device="cuda")).get("f16")
+    except DeviceUnavailable as exc:
+        pytest.skip(f"no CUDA for onnxruntime here: {exc}")
+    ref = ModelRegistry(repo, RuntimeOptions(device="cpu")).get("f32")
+    rng = np.random.default_rng(9)
+    xs = _inputs(gpu, rng, 32, 40)
+    got, rows = _stream_rows(gpu, xs, [0, 4, 8, 24, 40])
+    whole, _ = ref.run(xs, [ref.zero_state()] * 32)
+    for i, y in enumerate(got):
+        bound = FP16_RTOL * max(1.0, float(np.abs(whole[i][0]).max()))
+        assert float(np.abs(y - whole[i][0]).max()) <= bound
+    assert gpu.pool.specs[0].dtype == np.float16
