@@ -387,30 +387,26 @@ def as_array(data: Data, meta: pb.ModelMetadata) -> np.ndarray:
 
 def compute_ceiling(model_path: Path, meta: pb.ModelMetadata, batch: int, chunk_ms: int,
                     chunk_bytes: int, seconds: float, threads: int) -> dict[str, Any]:
-    """onnxruntime alone: full batches of one chunk per session, back to back, no gRPC."""
-    import onnxruntime as ort
+    """onnxruntime alone: full batches of one chunk per session, back to back, no gRPC,
+    through the server's own runtime on the server's device (the states gathered from
+    and scattered into the state pool there, as the server does)."""
+    from rnnserve.server.runtime import CUDA, ModelRuntime, RuntimeOptions
 
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    device = "cuda" if meta.execution_provider == CUDA else "cpu"
+    rt = ModelRuntime(model_path, meta.name, meta.version,
+                      RuntimeOptions(device=device, intra_op_threads=threads))
     chunk, _ = chunk_maker(meta, chunk_ms, chunk_bytes)
-    x = as_array(chunk(0), meta)
-    types = {"tensor(float)": np.float32, "tensor(int16)": np.int16,
-             "tensor(uint8)": np.uint8, "tensor(int64)": np.int64}
-    first, *states = sess.get_inputs()
-    feeds = {first.name: np.stack([x] * batch).astype(types[first.type])}
-    for i in states:
-        feeds[i.name] = np.zeros([batch, *i.shape[1:]], dtype=types[i.type])
-    sess.run(None, feeds)  # warm up
+    x = as_array(chunk(0), meta).astype(rt.meta.input.dtype)
+    rows = [[rt.pool.alloc() for _ in range(batch)] for _ in range(2)]
+    rt.run_rows([x] * batch, rows[0], rows[1])  # warm up
     runs, started = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - started) < seconds:
-        sess.run(None, feeds)
+        rt.run_rows([x] * batch, rows[runs % 2], rows[(runs + 1) % 2])  # state carried
         runs += 1
     steps = runs * batch / elapsed
     return {"batch": batch, "runs_per_s": runs / elapsed, "steps_per_s": steps,
             "run_ms": 1000 * elapsed / runs, "streams": steps * chunk_ms / 1000,
-            "provider": sess.get_providers()[0]}
+            "provider": rt.provider}
 
 
 def build_workload(name: str, root: Path) -> tuple[Path, int]:

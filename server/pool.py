@@ -283,6 +283,10 @@ class StatePool:
         """Bind every pool as input and, in place, as output of a run."""
         for j, v in enumerate(self.values):
             binding.bind_ortvalue_input(pool_input(j), v)
+        self.bind_outputs(binding)
+
+    def bind_outputs(self, binding: ort.IOBinding) -> None:
+        for j, v in enumerate(self.values):
             binding.bind_ortvalue_output(pool_output(j), v)
 
     def write(self, row: int, arrays: Sequence[np.ndarray]) -> None:
