@@ -31,6 +31,25 @@ def tiny_config(arch: str, input_kind: str = "bytes", **kw: object) -> ModelConf
     return ModelConfig(**base)  # type: ignore[arg-type]
 
 
+def speech_checkpoint(path: Path, arch: str = "lstm", hidden_size: int = 32, seed: int = 3,
+                      normalised: bool = True) -> Path:
+    """An untrained keyword-spotting checkpoint (log-mel front end, the speech labels);
+    ``normalised``: a realistic feature normalisation, so the recurrent part sees
+    features of unit scale."""
+    from rnnserve.training.speech_data import LABELS
+    from rnnserve.training.speech_train import new_speech_checkpoint
+
+    cfg = ModelConfig(arch=arch, input_kind="features", input_size=80,
+                      output_size=len(LABELS), hidden_size=hidden_size, num_layers=2,
+                      embed_size=hidden_size // 2)
+    ckpt = new_speech_checkpoint(cfg, seed=seed)
+    if normalised:
+        ckpt["feature_mean"] = torch.full((80,), -6.0)
+        ckpt["feature_std"] = torch.full((80,), 3.0)
+    save_checkpoint(path, ckpt)
+    return path
+
+
 def build_repo(root: Path) -> Path:
     """A model repository of tiny untrained models: text v1, v2 (GRU, bytes) and
     feat v1 (LSTM, 20 features -> 7 outputs); returns its path."""

@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import TensorProto, numpy_helper
 
 from rnnserve.client import AsyncClient
@@ -20,11 +19,8 @@ from rnnserve.export.metadata import ModelMetadata
 from rnnserve.export.onnx_export import export_checkpoint, set_metadata, write_model_atomically
 from rnnserve.export.verify import FP16_RTOL, verify_file
 from rnnserve.server.runtime import ModelRuntime, RuntimeOptions
-from rnnserve.training.checkpoint import save_checkpoint
-from rnnserve.training.model import ModelConfig
-from rnnserve.training.speech_data import LABELS
-from rnnserve.training.speech_train import new_speech_checkpoint
 
+from ..conftest import speech_checkpoint
 from ..server.serving import metric_value, start_server
 
 
@@ -39,14 +35,7 @@ def _meta(path) -> ModelMetadata:
 
 @pytest.fixture(scope="module")
 def speech_ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("speech-fp16")
-    cfg = ModelConfig(arch="lstm", input_kind="features", input_size=80,
-                      output_size=len(LABELS), hidden_size=32, num_layers=2, embed_size=16)
-    ckpt = new_speech_checkpoint(cfg, seed=4)
-    ckpt["feature_mean"] = torch.full((80,), -6.0)
-    ckpt["feature_std"] = torch.full((80,), 3.0)
-    save_checkpoint(root / "sp.pt", ckpt)
-    return root / "sp.pt"
+    return speech_checkpoint(tmp_path_factory.mktemp("speech-fp16") / "sp.pt", seed=4)
 
 
 @pytest.mark.parametrize("arch", ["lstm", "gru"])

@@ -14,11 +14,11 @@ from rnnserve.export.metadata import ModelMetadata
 from rnnserve.export.onnx_export import export_checkpoint
 from rnnserve.export.verify import probe_signal, verify_file
 from rnnserve.kws import DecisionRule
-from rnnserve.training.checkpoint import load_checkpoint, save_checkpoint
-from rnnserve.training.model import ModelConfig
+from rnnserve.training.checkpoint import load_checkpoint
 from rnnserve.training.speech_data import LABELS
 from rnnserve.training.speech_model import speech_model_from_checkpoint
-from rnnserve.training.speech_train import new_speech_checkpoint
+
+from ..conftest import speech_checkpoint
 
 
 def _quiet(_: str) -> None:
@@ -28,13 +28,7 @@ def _quiet(_: str) -> None:
 @pytest.fixture(scope="module", params=["lstm", "gru"])
 def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"speech-{request.param}")
-    cfg = ModelConfig(arch=request.param, input_kind="features", input_size=80,
-                      output_size=len(LABELS), hidden_size=32, num_layers=2, embed_size=16)
-    ckpt = new_speech_checkpoint(cfg, seed=3)
-    # a realistic normalisation, so the recurrent part sees features of unit scale
-    ckpt["feature_mean"] = torch.full((80,), -6.0)
-    ckpt["feature_std"] = torch.full((80,), 3.0)
-    save_checkpoint(root / "sp.pt", ckpt)
+    speech_checkpoint(root / "sp.pt", request.param, hidden_size=32, seed=3)
     mv = export_checkpoint(root / "sp.pt", root / "models", "speech", log=_quiet)
     return root, mv.path
 

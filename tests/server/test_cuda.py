@@ -12,6 +12,8 @@ import pytest
 from rnnserve.server.errors import DeviceUnavailable
 from rnnserve.server.runtime import CUDA, ModelRegistry, RuntimeOptions, providers_for
 
+from .binding import CountingSession
+
 
 def test_cuda_options_keep_fp32_exact() -> None:
     """TF32 moved an LSTM's state by 1.2e-3 from the CPU's over 40 steps on an H100;
@@ -79,34 +81,6 @@ def _stream_rows(rt, xs, cuts) -> tuple[list[np.ndarray], list[int]]:
     return [np.concatenate(p) for p in parts], rows
 
 
-class _Counting:
-    """Records what each run binds for output, and where (a host copy is a 'cpu' one)."""
-
-    def __init__(self, real, log):
-        self._real, self._log = real, log
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    def bind_output(self, name, device_type="cpu", *args, **kw):
-        self._log.append((name, device_type))
-        return self._real.bind_output(name, device_type, *args, **kw)
-
-
-class _Session:
-    def __init__(self, real, log):
-        self._real, self._log = real, log
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    def io_binding(self):
-        return _Counting(self._real.io_binding(), self._log)
-
-    def run_with_iobinding(self, binding, run_options=None):
-        return self._real.run_with_iobinding(getattr(binding, "_real", binding), run_options)
-
-
 @pytest.mark.requires_cuda
 def test_states_stay_on_the_gpu_between_steps(cuda_registry, repo) -> None:
     """The pools live in GPU memory; chained steps through rows bind no state output to
@@ -118,7 +92,7 @@ def test_states_stay_on_the_gpu_between_steps(cuda_registry, repo) -> None:
         pointers = [v.data_ptr() for v in rt.pool.values]
         xs = _inputs(rt, rng, 16, 40)
         log: list[tuple[str, str]] = []
-        rt.session = _Session(rt.session, log)
+        rt.session = CountingSession(rt.session, log)
         try:
             got, rows = _stream_rows(rt, xs, [0, 1, 4, 17, 40])
         finally:
@@ -126,6 +100,7 @@ def test_states_stay_on_the_gpu_between_steps(cuda_registry, repo) -> None:
         assert [v.data_ptr() for v in rt.pool.values] == pointers
         states = {p.output for p in rt.meta.states}
         assert not [n for n, _ in log if n in states], log
+        assert {w for n, w in log if n.startswith("rnnserve_pool_")} == {"ortvalue:cuda"}
         ref = cpu.get(rt.name, rt.version)
         whole, final = ref.run(xs, [ref.zero_state()] * len(xs))
         for i, y in enumerate(got):

@@ -33,15 +33,23 @@ def random_cuts(rng: np.random.Generator, t: int) -> list[int]:
     return [0, *sorted(rng.choice(np.arange(1, t), k, replace=False).tolist()), t]
 
 
-def test_32_concurrent_sessions_stream_exactly_and_batch(server, repo) -> None:
-    rng = np.random.default_rng(5)
+def mixed_jobs(rng: np.random.Generator, n: int, longest: int
+               ) -> list[tuple[str, np.ndarray, list[int]]]:
+    """``n`` sessions, alternately of the test repository's feat and text models:
+    (model, input of 10 to ``longest`` steps, random chunk boundaries)."""
     jobs = []
-    for i in range(32):
+    for i in range(n):
         name = "text" if i % 2 else "feat"
-        t = int(rng.integers(10, 50))
+        t = int(rng.integers(10, longest))
         x = (rng.integers(0, 256, t, dtype=np.uint8) if name == "text"
              else rng.standard_normal((t, 20)).astype(np.float32))
         jobs.append((name, x, random_cuts(rng, t)))
+    return jobs
+
+
+def test_32_concurrent_sessions_stream_exactly_and_batch(server, repo) -> None:
+    rng = np.random.default_rng(5)
+    jobs = mixed_jobs(rng, 32, 50)
     first = server.metrics()
     before = metric_value(first, "rnnserve_batch_size_count")
     latency_before = metric_value(first, "rnnserve_chunk_latency_seconds_count")

@@ -22,8 +22,9 @@ from rnnserve.server.pool import FIRST, TRASH, ZERO, PoolFull, PoolState
 from rnnserve.server.runtime import ModelRegistry, ModelRuntime, RuntimeOptions, providers_for
 from rnnserve.server.sessions import MemorySessionStore
 
+from .binding import CountingSession
 from .serving import metric_value, start_server
-from .test_grpc_api import random_cuts, whole_run
+from .test_grpc_api import mixed_jobs, whole_run
 
 
 @pytest.fixture(scope="module")
@@ -104,39 +105,6 @@ def test_a_step_writes_in_place_and_touches_only_its_new_rows(registry) -> None:
         rt.pool.free(row)
 
 
-class _CountingBinding:
-    """An IOBinding that records what is bound where (the host copies a run makes)."""
-
-    def __init__(self, real: ort.IOBinding, log: list[tuple[str, str]]) -> None:
-        self._real, self._log = real, log
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    def bind_output(self, name, device_type="cpu", *args, **kw):
-        self._log.append((name, device_type))
-        return self._real.bind_output(name, device_type, *args, **kw)
-
-    def bind_ortvalue_output(self, name, value):
-        self._log.append((name, "ortvalue:" + value.device_name()))
-        return self._real.bind_ortvalue_output(name, value)
-
-
-class _CountingSession:
-    def __init__(self, real: ort.InferenceSession, log: list[tuple[str, str]]) -> None:
-        self._real, self._log = real, log
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    def io_binding(self):
-        return _CountingBinding(self._real.io_binding(), self._log)
-
-    def run_with_iobinding(self, binding, run_options=None):
-        self._log.append(("run", ""))
-        return self._real.run_with_iobinding(binding._real, run_options)
-
-
 @pytest.mark.parametrize("commit", [False, True])
 def test_states_leave_the_pool_only_for_a_checkpoint(registry, commit) -> None:
     """Without a shared store no state output is copied to the host on any step; with
@@ -169,7 +137,7 @@ def test_states_leave_the_pool_only_for_a_checkpoint(registry, commit) -> None:
         await batcher.stop()
         return batcher.batches
 
-    rt.session = _CountingSession(rt.session, log)
+    rt.session = CountingSession(rt.session, log)
     try:
         batches = asyncio.run(main())
     finally:
@@ -297,14 +265,7 @@ def test_a_server_with_buckets_and_a_small_pool_streams_exactly(repo, tmp_path) 
     server = start_server(repo, tmp_path / "server.log", "--batch-buckets", "4,8",
                           "--pool-rows", "4", "--max-batch-size", "8",
                           "--max-batch-delay-ms", "3")
-    rng = np.random.default_rng(12)
-    jobs = []
-    for i in range(24):
-        name = "text" if i % 2 else "feat"
-        t = int(rng.integers(10, 40))
-        x = (rng.integers(0, 256, t, dtype=np.uint8) if name == "text"
-             else rng.standard_normal((t, 20)).astype(np.float32))
-        jobs.append((name, x, random_cuts(rng, t)))
+    jobs = mixed_jobs(np.random.default_rng(12), 24, 40)
 
     async def one(client, name, x, cuts):
         ys = []

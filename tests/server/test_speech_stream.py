@@ -12,21 +12,16 @@ import pytest
 from rnnserve.client import AsyncClient, Client
 from rnnserve.export.onnx_export import export_checkpoint
 from rnnserve.export.verify import probe_signal
-from rnnserve.training.checkpoint import save_checkpoint
-from rnnserve.training.model import ModelConfig
 from rnnserve.training.speech_data import LABELS
-from rnnserve.training.speech_train import new_speech_checkpoint
 
+from ..conftest import speech_checkpoint
 from .serving import start_server
 
 
 @pytest.fixture(scope="module")
 def speech_repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("speech-repo")
-    cfg = ModelConfig(arch="lstm", input_kind="features", input_size=80,
-                      output_size=len(LABELS), hidden_size=48, num_layers=2, embed_size=24)
-    ckpt = new_speech_checkpoint(cfg, seed=11)
-    save_checkpoint(root / "sp.pt", ckpt)
+    speech_checkpoint(root / "sp.pt", hidden_size=48, seed=11, normalised=False)
     export_checkpoint(root / "sp.pt", root / "models", "speech", log=lambda _: None)
     return root / "models"
 
