@@ -223,22 +223,30 @@ class Batcher:
         started = time.perf_counter()
         waits = [started - s.queued_at for s in group]
         self._last_run_at, self._last_wait = started, max(waits)
+        runnable = []
+        for s in group:  # a fixed pool out of rows refuses the steps that find none
+            try:
+                s.out = pool.alloc() if s.keep else TRASH
+            except PoolFull as full:
+                pool.unpin(s.row)
+                s.future.set_exception(full)
+                continue
+            runnable.append(s)
+        if not runnable:
+            return []
+        group = runnable
         want_states = self.commit is not None and any(s.tag is not None for s in group)
         try:
-            for s in group:
-                s.out = pool.alloc() if s.keep else TRASH
             outputs, states = await loop.run_in_executor(
                 self._executor, self.runtime.run_rows, [s.x for s in group],
                 [s.row for s in group], [s.out for s in group], want_states)
-        except Exception as exc:
+        except Exception:
             log.exception("batch of %d steps failed on model %s v%d", len(group),
                           self.runtime.name, self.runtime.version)
             for s in group:
                 pool.free(s.out)
                 if not s.future.done():
-                    s.future.set_exception(Overloaded(str(exc), retry_after_ms=1000)
-                                           if isinstance(exc, PoolFull) else
-                                           BatchFailed("the model failed to run this chunk"))
+                    s.future.set_exception(BatchFailed("the model failed to run this chunk"))
             return []
         finally:
             for s in group:

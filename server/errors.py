@@ -21,7 +21,8 @@ Hierarchy::
     │   └── RecordForeign          FAILED_PRECONDITION: its record is another model's
     ├── StoreUnavailable           UNAVAILABLE: the shared session store cannot be reached
     ├── Overloaded                 RESOURCE_EXHAUSTED (queue full, at capacity, a
-    │                              principal's limit; with a retry hint)
+    │   │                          principal's limit; with a retry hint)
+    │   └── PoolFull               a fixed state pool has no free row (server.pool)
     ├── DeadlineExpired            DEADLINE_EXCEEDED (not run in time; nothing advanced)
     ├── ShuttingDown               UNAVAILABLE (draining; go to another replica)
     └── BatchFailed                INTERNAL (the run failed; message is generic)

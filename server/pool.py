@@ -38,6 +38,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from rnnserve.server.errors import Overloaded
+
 ZERO = 0  # the zero state, read by new sessions and by padding rows; never written
 TRASH = 1  # written by padding rows and stateless requests; never read as a state
 FIRST = 2  # the first row handed out to a session
@@ -141,8 +143,13 @@ def _rows_model(specs: Sequence[PoolSpec], opset: int) -> onnx.ModelProto:
     return model
 
 
-class PoolFull(Exception):
-    """A fixed-size pool (CUDA graphs need fixed addresses) has no free row."""
+class PoolFull(Overloaded):
+    """A fixed-size pool (CUDA graphs need fixed addresses) has no free row: the step or
+    the session moving in is refused with RESOURCE_EXHAUSTED, like a full queue."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message + "; retry later or on another replica (or raise "
+                         "--pool-rows)", retry_after_ms=1000)
 
 
 class StatePool:

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +152,9 @@ class ModelRuntime:
         on_gpu = self.provider == CUDA
         self.pool = StatePool(specs, device="cuda" if on_gpu else "cpu",
                               device_id=options.device_id,
-                              providers=providers if on_gpu else [CPU],
+                              # row access has ever new shapes: never graph-captured
+                              providers=(providers_for(replace(options, cuda_graphs=False))
+                                         if on_gpu else [CPU]),
                               rows=options.pool_rows, growable=not options.cuda_graphs,
                               opset=opset)
         self.buckets = tuple(sorted(set(options.batch_buckets)))

@@ -290,3 +290,38 @@ def test_a_server_with_buckets_and_a_small_pool_streams_exactly(repo, tmp_path) 
     assert metric_value(text, "rnnserve_state_pool_capacity_rows", model="feat") >= 8
     assert metric_value(text, "rnnserve_batch_size_bucket", le="1.0") < \
         metric_value(text, "rnnserve_batch_size_count")  # batches held several sessions
+
+
+def test_a_full_fixed_pool_refuses_steps_and_moves_with_a_retry_hint(repo) -> None:
+    """A fixed pool (as with CUDA graphs) out of rows: the steps that find none get
+    RESOURCE_EXHAUSTED with a retry hint, the others run, and every row comes back."""
+    rt = ModelRuntime(repo / "text" / "2" / "model.onnx", "text", 2,
+                      RuntimeOptions(device="cpu", pool_rows=4))
+    rt.pool.growable = False  # two rows to hand out
+    x = rt.check_chunk(np.arange(4, dtype=np.uint8))
+
+    async def main():
+        batcher = Batcher(rt, max_batch_size=4, max_delay_s=0.01)
+        batcher.start()
+        got = await asyncio.gather(*(batcher.step(ZERO, x) for _ in range(3)),
+                                   return_exceptions=True)
+        await batcher.stop()
+        return got
+
+    got = asyncio.run(main())
+    refused = [g for g in got if isinstance(g, BaseException)]
+    ran = [g for g in got if not isinstance(g, BaseException)]
+    assert len(refused) == 1 and len(ran) == 2  # the one that found no row
+    e = refused[0]
+    assert isinstance(e, PoolFull) and e.code == "RESOURCE_EXHAUSTED"
+    assert e.retry_after_ms == 1000 and "--pool-rows" in str(e)
+    for _, row, _ in ran:
+        rt.pool.free(row)
+    assert rt.pool.used == 0
+    want, _ = rt.run([x], [rt.zero_state()])
+    for outputs, _, _ in ran:
+        np.testing.assert_array_equal(outputs[0], want[0][0])
+    a, b = rt.pool.alloc(), rt.pool.alloc()
+    with pytest.raises(PoolFull):
+        rt.pool.alloc()
+    rt.pool.free(a), rt.pool.free(b)
