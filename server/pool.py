@@ -156,9 +156,9 @@ class StatePool:
     """The state pools of one model version on one device, and their rows' owners.
 
     ``alloc``/``free``/``pin``/``unpin`` are called from the event loop; runs (in
-    worker threads) take ``using()`` around binding and running, which holds off a
-    resize of the pools (growth replaces the buffers) but not other runs: concurrent
-    runs touch disjoint rows.
+    worker threads) hold ``acquire()``/``release()`` around binding and running, which
+    holds off a resize of the pools (growth replaces the buffers) but not other runs:
+    concurrent runs touch disjoint rows.
     """
 
     def __init__(self, specs: Sequence[PoolSpec], *, device: str = "cpu", device_id: int = 0,
