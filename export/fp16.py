@@ -19,14 +19,14 @@ verifier then applies the fp16 bounds (``FP16_BOUNDS``) instead of fp32's 1e-5.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from rnnserve.errors import ExportError
-from rnnserve.export.metadata import ModelMetadata, StatePair
+from rnnserve.export.metadata import ModelMetadata
 
 RECURRENT = ("LSTM", "GRU")
 WEIGHTS = (1, 2, 3)  # W, R, B
@@ -116,19 +116,10 @@ def to_fp16(proto: onnx.ModelProto, meta: ModelMetadata) -> tuple[onnx.ModelProt
     graph.node.extend([*head, *nodes, *tail])
     del graph.value_info[:]  # stale element types; onnxruntime infers them again
 
-    states = tuple(StatePair(**{**_asdict(s), "dtype": "float16"}) if s in halves else s
-                   for s in meta.states)
+    states = tuple(replace(s, dtype="float16") if s in halves else s for s in meta.states)
     export = {**meta.export, "precision": "fp16",
               "fp16": f"{recurrent} recurrent layers and their states "
                       f"({', '.join(sorted(pairs))}) in float16; input, front end, output "
                       "layer and outputs float32"}
-    meta16 = ModelMetadata(**{**_asdict(meta), "states": states, "export": export})
-    return out, meta16
+    return out, replace(meta, states=states, export=export)
 
-
-def _asdict(obj: Any) -> dict[str, Any]:
-    return {f: getattr(obj, f) for f in obj.__dataclass_fields__}
-
-
-def is_fp16(meta: ModelMetadata) -> bool:
-    return meta.export.get("precision") == "fp16"

@@ -205,14 +205,12 @@ class _Runner:
         opts.log_severity_level = 3
         self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.meta = meta
-        self.dtypes = [np.dtype(s.dtype) for s in meta.states]
         self.out_names = [o.name for o in meta.outputs] + [s.output for s in meta.states]
 
     def __call__(self, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray,
                                                                          list[np.ndarray]]:
         feeds = {self.meta.input.name: x}
-        feeds.update({s.input: v.astype(dt, copy=False)
-                      for s, v, dt in zip(self.meta.states, states, self.dtypes, strict=True)})
+        feeds.update({s.input: v for s, v in zip(self.meta.states, states, strict=True)})
         res = self.sess.run(self.out_names, feeds)
         return res[0], res[len(self.meta.outputs):]
 
@@ -241,13 +239,15 @@ def _random_states(meta: ModelMetadata, rng: np.random.Generator, b: int) -> lis
             for s in meta.states]
 
 
+def fp16_bound(*references: np.ndarray) -> float:
+    """The largest difference an fp16 model may have against ``references``."""
+    return FP16_RTOL * max([1.0, *(float(np.abs(r.astype(np.float64)).max(initial=0.0))
+                                   for r in references)])
+
+
 def _bound(report: VerificationReport, *references: np.ndarray) -> float:
     """The largest difference allowed against ``references``."""
-    if report.precision != "fp16":
-        return report.tolerance
-    scale = max([1.0, *(float(np.abs(r.astype(np.float64)).max(initial=0.0))
-                        for r in references)])
-    return FP16_RTOL * scale
+    return fp16_bound(*references) if report.precision == "fp16" else report.tolerance
 
 
 def _cut_points(rng: np.random.Generator, t: int) -> list[int]:
@@ -485,8 +485,7 @@ class _TorchComparison:
         for got, r32, r64 in zip(onnx_out, (y, *s), (y64, *s64), strict=True):
             d = max_abs_diff(got, r32.numpy())
             case_max = max(case_max, d)
-            ref = float(np.abs(r32.numpy()).max(initial=0.0))
-            self.worst = max(self.worst, d / (FP16_RTOL * max(1.0, ref)))
+            self.worst = max(self.worst, d / fp16_bound(r32.numpy()))
             self.t32 = max(self.t32, max_abs_diff(r32.numpy(), r64.numpy()))
             self.o64 = max(self.o64, max_abs_diff(got, r64.numpy()))
         self.max_abs = max(self.max_abs, case_max)

@@ -257,9 +257,11 @@ class ModelRuntime:
         pool = self.pool
         pool.acquire()
         try:
-            bound = self._bound.get(x.shape) if size in self.buckets else None
-            if bound is None and size in self.buckets and len(self._bound) < MAX_BOUND_SHAPES:
-                bound = self._bind(x, gather, scatter)
+            bound = None
+            if size in self.buckets:
+                bound = self._bound.get(x.shape)
+                if bound is None and len(self._bound) < MAX_BOUND_SHAPES:
+                    bound = self._bind(x, gather, scatter)
             if bound is not None:
                 res = bound.run(x, gather, scatter, want_states)
             else:
@@ -315,7 +317,7 @@ class ModelRuntime:
                 b.bind_output(name, self.pool.device, self.options.device_id)
             self.session.run_with_iobinding(b, self._plain)
             got = b.get_outputs()[len(self.pool.specs):]
-            shapes = [(tuple(v.shape()), _ORT_NP[v.data_type()]) for v in got]
+            shapes = [(tuple(v.shape()), v.numpy().dtype) for v in got]  # once per shape
             graph_id = len(self._bound) + 1 if self.options.cuda_graphs else None
             bound = _Bound(self, x, names, shapes, graph_id)
             self._bound[x.shape] = bound
@@ -340,16 +342,6 @@ class ModelRuntime:
         finally:
             for row in rows + out_rows:
                 pool.free(row)
-
-
-_ORT_NP: dict[str, np.dtype[Any]] = {"tensor(float)": np.dtype(np.float32),
-                                      "tensor(float16)": np.dtype(np.float16),
-                                      "tensor(double)": np.dtype(np.float64),
-                                      "tensor(int64)": np.dtype(np.int64),
-                                      "tensor(int32)": np.dtype(np.int32),
-                                      "tensor(int16)": np.dtype(np.int16),
-                                      "tensor(uint8)": np.dtype(np.uint8),
-                                      "tensor(int8)": np.dtype(np.int8)}
 
 
 class _Bound:

@@ -17,7 +17,7 @@ from rnnserve.errors import VerificationError
 from rnnserve.export.fp16 import to_fp16
 from rnnserve.export.metadata import ModelMetadata
 from rnnserve.export.onnx_export import export_checkpoint, set_metadata, write_model_atomically
-from rnnserve.export.verify import FP16_RTOL, verify_file
+from rnnserve.export.verify import FP16_RTOL, fp16_bound, verify_file
 from rnnserve.server.runtime import ModelRuntime, RuntimeOptions
 
 from ..conftest import speech_checkpoint
@@ -150,6 +150,6 @@ def test_a_server_streams_an_fp16_model_within_its_bound(make_checkpoint, tmp_pa
     for x, y in zip(xs, results, strict=True):
         want = reference.run([x], [reference.zero_state()])[0][0][0]
         assert y.dtype == np.float32
-        assert float(np.abs(y - want).max()) <= FP16_RTOL * max(1.0, float(np.abs(want).max()))
+        assert float(np.abs(y - want).max()) <= fp16_bound(want)
     held = metric_value(text, "rnnserve_state_bytes", model="f16")
     assert held == 0 and metric_value(text, "rnnserve_state_pool_rows") == 0

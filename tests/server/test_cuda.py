@@ -142,7 +142,7 @@ def test_cuda_graphs_replay_each_bucket_exactly(repo) -> None:
 @pytest.mark.requires_cuda
 def test_an_fp16_model_on_cuda_is_within_its_bound(make_checkpoint, tmp_path) -> None:
     from rnnserve.export.onnx_export import export_checkpoint
-    from rnnserve.export.verify import FP16_RTOL
+    from rnnserve.export.verify import fp16_bound
 
     ckpt = make_checkpoint("lstm", "features", seed=8, hidden_size=64)
     repo = tmp_path / "models"
@@ -158,6 +158,5 @@ def test_an_fp16_model_on_cuda_is_within_its_bound(make_checkpoint, tmp_path) ->
     got, rows = _stream_rows(gpu, xs, [0, 4, 8, 24, 40])
     whole, _ = ref.run(xs, [ref.zero_state()] * 32)
     for i, y in enumerate(got):
-        bound = FP16_RTOL * max(1.0, float(np.abs(whole[i][0]).max()))
-        assert float(np.abs(y - whole[i][0]).max()) <= bound
+        assert float(np.abs(y - whole[i][0]).max()) <= fp16_bound(whole[i][0])
     assert gpu.pool.specs[0].dtype == np.float16
