@@ -1,5 +1,5 @@
 """Python client for the rnnserve native API: ``AsyncClient`` (asyncio) and ``Client`` (sync)."""
 
-from rnnserve.client.client import AsyncClient, Client, StreamSession
+from rnnserve.client.client import OWN_CONNECTION, AsyncClient, Client, StreamSession
 
-__all__ = ["AsyncClient", "Client", "StreamSession"]
+__all__ = ["OWN_CONNECTION", "AsyncClient", "Client", "StreamSession"]

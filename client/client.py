@@ -67,6 +67,12 @@ def _credentials(root_certificates: bytes | None, private_key: bytes | None,
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
 
 
+# Channel option: this client's own connection. gRPC otherwise shares one connection
+# between all channels of a process to the same target, so that every client of the
+# process reaches the same worker of a server running several (`serve --workers`).
+OWN_CONNECTION: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1)]
+
+
 def outputs(result: pb.ChunkResult) -> dict[str, np.ndarray]:
     return {o.name: from_tensor(o.tensor) for o in result.outputs}
 
@@ -282,11 +288,12 @@ class Client:
     """Synchronous client: unary calls for clients that cannot stream."""
 
     def __init__(self, target: str, *, timeout: float | None = None, token: str | None = None,
+                 options: list[tuple[str, Any]] | None = None,
                  root_certificates: bytes | None = None, private_key: bytes | None = None,
                  certificate_chain: bytes | None = None) -> None:
         creds = _credentials(root_certificates, private_key, certificate_chain)
-        self._channel = (grpc.secure_channel(target, creds) if creds
-                         else grpc.insecure_channel(target))
+        self._channel = (grpc.secure_channel(target, creds, options=options) if creds
+                         else grpc.insecure_channel(target, options=options))
         self._auth = (("authorization", f"Bearer {token}"),) if token else ()
         self.stub = pb_grpc.InferenceStub(self._channel)
         self.timeout = timeout

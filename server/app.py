@@ -14,6 +14,8 @@ import signal
 import socket
 import sys
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +81,34 @@ class ReflectionPool:
         return getattr(self._pool, name)
 
 
+def server_name() -> str:
+    """This server's name in the session store (its leases and log lines)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class Worker:
+    """This process's place among the ``--workers`` processes of one server
+    (server/workers.py starts them): they share the gRPC port, and each serves its
+    metrics on loopback for the supervising process to gather."""
+
+    index: int
+    count: int
+    owner: str  # the server's name in the session store, one for all its workers
+
+    def hint(self, store: str) -> str:
+        """What a client should know when this worker does not hold a session."""
+        if store != "memory":
+            return f" (worker {self.index} of {self.count}) nor to the session store"
+        return (f" (worker {self.index} of {self.count}: a session lives in the worker "
+                "process that opened it, which a new connection may not reach; keep the "
+                "connection, or run the server with --session-store to share sessions)")
+
+
 class RnnServer:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: Worker | None = None) -> None:
         self.settings = settings
+        self.worker = worker
         self._releases: set[asyncio.Task[None]] = set()
         self.grpc_port = 0
         self.metrics_port = 0
@@ -110,7 +137,10 @@ class RnnServer:
         self.shared: RedisStore | None = None
         if s.session_store != "memory":
             self.metrics.add_store()
-            owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            # The workers of one server share its name: a session may move between them
+            # at once (a new connection reaching another worker), fenced by the stored
+            # seq alone, while other servers wait out its lease.
+            owner = self.worker.owner if self.worker else server_name()
             self.shared = RedisStore(s.session_store, owner=owner, ttl_s=s.idle_timeout_s,
                                      lease_s=s.lease_s, timeout_s=s.store_timeout_ms / 1000,
                                      upsert=s.store_failure == "degrade",
@@ -127,7 +157,9 @@ class RnnServer:
                                         max_sessions=s.max_sessions,
                                         max_state_bytes=s.max_state_bytes,
                                         on_event=self._session_event,
-                                        when_full=s.when_full)
+                                        when_full=s.when_full,
+                                        unknown_hint=self.worker.hint(s.session_store)
+                                        if self.worker else "")
         self.batchers = {
             rt.key: Batcher(rt, max_batch_size=s.max_batch_size,
                             max_delay_s=s.max_batch_delay_ms / 1000, max_queue=s.max_queue,
@@ -158,7 +190,10 @@ class RnnServer:
             log.info("bearer-token authentication: %d token(s)", len(tokens))
         self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", s.max_message_bytes),
-            ("grpc.max_send_message_length", s.max_message_bytes)])
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            # Workers share the port on purpose; a lone server must not (gRPC allows it
+            # by default, and a forgotten server would silently take half the traffic).
+            ("grpc.so_reuseport", int(self.worker is not None))])
         self.streams = StreamGate()
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.core, self.streams),
                                                 self.server)
@@ -177,13 +212,24 @@ class RnnServer:
             credentials = grpc.ssl_server_credentials(
                 [(_read(s.tls_key_file), _read(s.tls_cert_file))], root_certificates=ca,
                 require_client_auth=ca is not None)
-            self.grpc_port = self.server.add_secure_port(address, credentials)
-            log.info("gRPC over TLS%s", " with client certificates (mutual TLS)" if ca else "")
         else:
-            self.grpc_port = self.server.add_insecure_port(address)
+            credentials = None
+        try:
+            if credentials is not None:
+                self.grpc_port = self.server.add_secure_port(address, credentials)
+            else:
+                self.grpc_port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            raise UsageError(f"cannot listen on {address}: the port is taken (another "
+                             "server?) or the address is not this machine's") from None
+        if credentials is not None:
+            log.info("gRPC over TLS%s", " with client certificates (mutual TLS)" if ca else "")
         await self.server.start()
-        self._httpd, _ = start_http_server(s.metrics_port, addr=s.host,
-                                           registry=self.metrics.registry)
+        # a worker's metrics are for its supervisor only, which serves them all on the
+        # configured address and port
+        self._httpd, _ = start_http_server(
+            0 if self.worker else s.metrics_port,
+            addr="127.0.0.1" if self.worker else s.host, registry=self.metrics.registry)
         self.metrics_port = self._httpd.server_port
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
         for name in ("", SERVICE, OIP_SERVICE):
@@ -250,24 +296,42 @@ class RnnServer:
         log.info("stopped")
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, worker: Worker | None = None,
+                on_ready: Callable[[dict[str, Any]], None] | None = None,
+                stop_fd: int | None = None) -> int:
+    """Serve until SIGTERM or SIGINT, then drain. ``on_ready`` gets the ready line
+    (else it is printed); ``stop_fd`` also stops the server when it becomes readable
+    (a worker's pipe from its supervisor: end of file when the supervisor is gone)."""
     # Handlers first: a SIGTERM that arrives as soon as the server says it is ready
     # (or while it loads) must drain it, not kill it.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = RnnServer(settings)
+    if stop_fd is not None:
+        loop.add_reader(stop_fd, stop.set)
+    server = RnnServer(settings, worker)
     await server.start()
     ready = {"event": "ready", "grpc_port": server.grpc_port,
              "metrics_port": server.metrics_port, "host": settings.host}
-    print(json.dumps(ready), flush=True)
+    if on_ready is not None:
+        on_ready(ready)
+    else:
+        print(json.dumps(ready), flush=True)
     await stop.wait()
     await server.stop()
     return 0
 
 
-def run(settings: Settings) -> int:
+def log_to_stderr(tag: str = "") -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s")
+
+
+def run(settings: Settings) -> int:
+    if settings.workers > 1:
+        from rnnserve.server.workers import supervise
+
+        return supervise(settings)
+    log_to_stderr()
     return asyncio.run(serve(settings))

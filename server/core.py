@@ -297,6 +297,9 @@ class Core:
                     code = "OK"
                     return out
             _check_owner(session)
+            if self.shared is not None and seq > session.next_seq \
+                    and session_id not in self._busy:
+                session = await self._refresh(session)
             out = await self._step(session, seq, chunk, end, expires)
             code = "OK"
             return out
@@ -406,6 +409,17 @@ class Core:
         except GONE:
             return None
         return session
+
+    async def _refresh(self, session: Session) -> Session:
+        """A step ahead of this server's copy: the session went on elsewhere (another
+        replica or worker took it from the store) and came back. The store's record
+        replaces the copy; without one (or without the store) the copy stays, and the
+        step is refused for its seq as before."""
+        try:
+            fresh, _ = await self._resume("", 0, session.id)
+        except (StoreUnavailable, *GONE):
+            return session
+        return fresh
 
     async def _final(self, session_id: str) -> Session | None:
         """The ended session whose last answer a retry may get, here or in the store."""

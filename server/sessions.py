@@ -139,15 +139,19 @@ class MemorySessionStore:
     def __init__(self, *, idle_timeout_s: float = 300.0, max_sessions: int = 10_000,
                  max_state_bytes: int = 1 << 30, tombstones: int = 100_000,
                  clock: Callable[[], float] = time.monotonic,
-                 on_event: EventHook | None = None, when_full: str = "evict") -> None:
+                 on_event: EventHook | None = None, when_full: str = "evict",
+                 unknown_hint: str = "") -> None:
         """``when_full``: what a new session does at ``max_sessions`` or
         ``max_state_bytes``: evict the least recently used session, or refuse (the core
-        answers RESOURCE_EXHAUSTED, and no live stream is cut for a new one)."""
+        answers RESOURCE_EXHAUSTED, and no live stream is cut for a new one).
+        ``unknown_hint`` ends the message of a session that is not here (which worker
+        process this is, and where its sessions may be)."""
         if idle_timeout_s <= 0 or max_sessions < 1 or max_state_bytes < 1:
             raise ValueError("idle timeout, max sessions and max state bytes must be positive")
         if when_full not in ("evict", "refuse"):
             raise ValueError(f"when_full must be evict or refuse, got {when_full!r}")
         self.when_full = when_full
+        self.unknown_hint = unknown_hint
         self.idle_timeout_s = idle_timeout_s
         self.max_sessions = max_sessions
         self.max_state_bytes = max_state_bytes
@@ -290,7 +294,8 @@ class MemorySessionStore:
                                   "session or state memory cap; open a new one")
         if reason == "closed":
             return SessionClosed(f"session {session_id!r} has ended; open a new one")
-        return SessionNotFound(f"session {session_id!r} is unknown to this server")
+        return SessionNotFound(f"session {session_id!r} is unknown to this server"
+                               + self.unknown_hint)
 
     def update(self, session: Session, state: State, next_seq: int,
                answer: Answer | None = None) -> None:

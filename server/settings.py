@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     """gRPC port (0: any free port, printed at start)."""
     metrics_port: int = Field(8002, ge=0, le=65535)
     """Prometheus /metrics port (0: any free port)."""
+    workers: int = Field(1, ge=1)
+    """Server processes sharing the gRPC port (the kernel spreads connections over them)
+    and the device; one process answers a few thousand chunks a second at most. Limits
+    (sessions, queue, state bytes, pool rows) are per worker, and a session lives in the
+    worker that opened it: a new connection reaches it only with a shared session_store."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when onnxruntime obtains it, else CPU; cuda: fail without it."""
     device_id: int = Field(0, ge=0)

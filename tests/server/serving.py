@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -20,6 +20,7 @@ class ServerProcess:
     grpc_port: int
     metrics_port: int
     log: Path
+    workers: list[int] = field(default_factory=list)  # worker pids (--workers N)
 
     @property
     def target(self) -> str:
@@ -50,7 +51,8 @@ def start_server(repo: Path, log: Path, *flags: str) -> ServerProcess:
         proc.kill()
         raise RuntimeError(f"server did not start: {log.read_text()[-2000:]}")
     ready = json.loads(line)
-    return ServerProcess(proc, ready["grpc_port"], ready["metrics_port"], log)
+    return ServerProcess(proc, ready["grpc_port"], ready["metrics_port"], log,
+                         ready.get("workers", []))
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

@@ -1,0 +1,294 @@
+"""Several server processes on one port: ``rnnserve serve --workers N``.
+
+One Python process answers a few thousand chunks a second at most (its event loop
+and gRPC's work per message bound it), far less than a GPU or a many-core host
+computes. With ``--workers N`` this process starts N worker processes that each run
+the whole server (their own onnxruntime sessions on the same device, batchers,
+sessions) and listen on the same gRPC port with SO_REUSEPORT, so the kernel spreads
+new connections over them. This process supervises them:
+
+- it starts worker 0 first (it picks the port when the port is 0), then the others;
+  it prints one ready line when all are serving, or exits with the first failure;
+- it serves /metrics for all of them: each worker's series with a ``worker`` label,
+  plus ``rnnserve_worker_up`` and ``rnnserve_worker_restarts_total`` of its own;
+- a worker that dies is started again (after a pause that doubles while it keeps
+  dying young); the others serve on, and the kernel stops sending it connections;
+- SIGTERM or SIGINT drains every worker (each as ``rnnserve serve`` alone would) and
+  exits 0 when they all stopped cleanly; a worker whose supervisor dies drains itself.
+
+A session lives in the worker that opened it. Calls on the connection that opened it
+(a stream, or one client's channel) reach it; a call on a new connection reaches any
+worker, which takes the session from the shared store with ``--session-store``, and
+otherwise answers NOT_FOUND naming its worker unless it is the session's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from rnnserve.cli import EXIT_ERROR
+from rnnserve.errors import RnnserveError
+from rnnserve.server.app import Worker, log_to_stderr, serve, server_name
+from rnnserve.server.settings import Settings
+
+log = logging.getLogger("rnnserve.workers")
+YOUNG_S = 30.0  # a worker that dies sooner after its start is restarted after a pause
+MAX_PAUSE_S = 30.0
+SCRAPE_TIMEOUT_S = 5.0
+STOP_MARGIN_S = 15.0  # beyond the drain grace, before a worker that has not exited is killed
+
+
+def worker_settings(settings: Settings, port: int) -> Settings:
+    """A worker's settings: the shared port, and its share of the CPU cores for
+    onnxruntime's threads when they are left at onnxruntime's default (all cores per
+    process would oversubscribe them N times)."""
+    update: dict[str, Any] = {"workers": 1, "grpc_port": port}
+    if settings.intra_op_threads == 0:
+        update["intra_op_threads"] = max(1, (os.cpu_count() or 1) // settings.workers)
+    return settings.model_copy(update=update)
+
+
+def _worker_main(settings: Settings, worker: Worker, conn: Connection) -> None:
+    """A worker process: the server as ``rnnserve serve`` runs it, its ready line sent
+    to the supervisor over ``conn``, stopping when ``conn`` closes."""
+    index = worker.index
+    log_to_stderr(f"[worker {index}]")
+    try:
+        code = asyncio.run(serve(settings, worker, on_ready=conn.send,
+                                 stop_fd=conn.fileno()))
+    except RnnserveError as exc:
+        print(f"rnnserve serve: error: [worker {index}] {exc}", file=sys.stderr, flush=True)
+        code = EXIT_ERROR
+    sys.exit(code)
+
+
+class _Slot:
+    """One worker: its process, the pipe to it, and what its ready line said."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: BaseProcess | None = None
+        self.conn: Connection | None = None
+        self.ready: dict[str, Any] | None = None
+        self.started = 0.0
+        self.pause = 1.0
+        self.restart_at: float | None = None
+
+
+class WorkerScrape:
+    """A collector that gathers the workers' own /metrics on each scrape (in parallel,
+    each bounded by a timeout) and labels every series with its worker; a worker that
+    does not answer (restarting) is left out of that scrape."""
+
+    def __init__(self, ports: Any) -> None:
+        self._ports = ports  # () -> {worker index: metrics port}
+        self._pool = ThreadPoolExecutor(4, thread_name_prefix="scrape")
+
+    @staticmethod
+    def _fetch(port: int) -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                        timeout=SCRAPE_TIMEOUT_S) as r:
+                return str(r.read().decode())
+        except OSError:
+            return None
+
+    def collect(self) -> Iterator[Metric]:
+        ports: dict[int, int] = self._ports()
+        texts = self._pool.map(self._fetch, ports.values())
+        merged: dict[str, Metric] = {}
+        for index, text in zip(ports, texts, strict=True):
+            if text is None:
+                continue
+            for family in text_string_to_metric_families(text):
+                into = merged.get(family.name)
+                if into is None:
+                    into = merged[family.name] = Metric(family.name, family.documentation,
+                                                        family.type, family.unit)
+                into.samples += [s._replace(labels={**s.labels, "worker": str(index)})
+                                 for s in family.samples]
+        yield from merged.values()
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.count = settings.workers
+        self.slots = [_Slot(i) for i in range(self.count)]
+        self.port = settings.grpc_port
+        self.owner = server_name()
+        self.stopping = threading.Event()
+        self._ctx = multiprocessing.get_context("spawn")
+        self.registry = CollectorRegistry()
+        self.up = Gauge("rnnserve_worker_up", "1 while the worker process serves, by worker",
+                        ["worker"], registry=self.registry)
+        self.restarts = Counter("rnnserve_worker_restarts",
+                                "Worker processes started again after they died, by worker",
+                                ["worker"], registry=self.registry)
+        for slot in self.slots:
+            self.up.labels(str(slot.index)).set(0)
+            self.restarts.labels(str(slot.index))
+        self.registry.register(WorkerScrape(lambda: {
+            s.index: s.ready["metrics_port"] for s in self.slots if s.ready is not None}))
+
+    def _spawn(self, slot: _Slot) -> None:
+        ours, theirs = self._ctx.Pipe()
+        proc = self._ctx.Process(
+            target=_worker_main, name=f"rnnserve-worker-{slot.index}",
+            args=(worker_settings(self.settings, self.port),
+                  Worker(slot.index, self.count, self.owner), theirs))
+        proc.start()
+        theirs.close()
+        slot.proc, slot.conn, slot.ready = proc, ours, None
+        slot.started, slot.restart_at = time.monotonic(), None
+
+    def _await_ready(self, slots: list[_Slot]) -> int | None:
+        """Wait until every slot's worker is ready; the exit status of the first that
+        died instead (or 0 when told to stop meanwhile)."""
+        waiting = list(slots)
+        while waiting:
+            if self.stopping.is_set():
+                return 0
+            for slot in list(waiting):
+                assert slot.proc is not None and slot.conn is not None
+                if slot.conn.poll():
+                    try:
+                        slot.ready = slot.conn.recv()
+                    except EOFError:
+                        slot.proc.join()
+                        return slot.proc.exitcode or EXIT_ERROR
+                    self.up.labels(str(slot.index)).set(1)
+                    waiting.remove(slot)
+                elif not slot.proc.is_alive():
+                    return slot.proc.exitcode or EXIT_ERROR
+            if waiting:
+                wait([s.conn for s in waiting if s.conn is not None]
+                     + [s.proc.sentinel for s in waiting if s.proc is not None], timeout=0.5)
+        return None
+
+    def start(self) -> int | None:
+        """Start the workers: the first picks the port when it is 0; None when all
+        serve, else the exit status to leave with."""
+        self._spawn(self.slots[0])
+        failed = self._await_ready(self.slots[:1])
+        if failed is not None:
+            return failed
+        assert self.slots[0].ready is not None
+        self.port = int(self.slots[0].ready["grpc_port"])
+        for slot in self.slots[1:]:
+            self._spawn(slot)
+        return self._await_ready(self.slots[1:])
+
+    def watch(self) -> None:
+        """Until told to stop: restart the workers that die."""
+        while not self.stopping.is_set():
+            sentinels = [s.proc.sentinel for s in self.slots
+                         if s.proc is not None and s.restart_at is None]
+            wait(sentinels, timeout=0.5)
+            now = time.monotonic()
+            for slot in self.slots:
+                if self.stopping.is_set():
+                    return
+                if slot.restart_at is not None:
+                    if now >= slot.restart_at:
+                        self._spawn(slot)
+                        self.restarts.labels(str(slot.index)).inc()
+                        log.info("worker %d started again (pid %s)", slot.index,
+                                 slot.proc.pid if slot.proc else "?")
+                    continue
+                if slot.proc is not None and not slot.proc.is_alive():
+                    self._died(slot, now)
+                elif slot.ready is None and slot.conn is not None and slot.conn.poll():
+                    try:
+                        slot.ready = slot.conn.recv()
+                        self.up.labels(str(slot.index)).set(1)
+                    except EOFError:
+                        pass  # it died: seen on the next pass
+
+    def _died(self, slot: _Slot, now: float) -> None:
+        assert slot.proc is not None
+        slot.proc.join()
+        young = now - slot.started < YOUNG_S
+        slot.pause = min(MAX_PAUSE_S, slot.pause * 2) if young else 1.0
+        log.error("worker %d (pid %d) exited with status %s; starting it again in %.0fs "
+                  "(its sessions are lost unless a session store holds them)", slot.index,
+                  slot.proc.pid, slot.proc.exitcode, slot.pause)
+        self.up.labels(str(slot.index)).set(0)
+        slot.ready = None
+        if slot.conn is not None:
+            slot.conn.close()
+            slot.conn = None
+        slot.restart_at = now + slot.pause
+
+    def stop(self) -> int:
+        """Drain every worker (SIGTERM), kill those that outlast the grace; 0 when
+        all exited cleanly."""
+        alive = [s.proc for s in self.slots if s.proc is not None and s.proc.is_alive()]
+        for proc in alive:
+            assert proc.pid is not None
+            os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.shutdown_grace_s + STOP_MARGIN_S
+        status = 0
+        for proc in alive:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.error("%s did not stop within the grace; killing it", proc.name)
+                proc.kill()
+                proc.join()
+            if proc.exitcode:
+                status = 1
+        for slot in self.slots:
+            if slot.conn is not None:
+                slot.conn.close()
+        return status
+
+
+def supervise(settings: Settings) -> int:
+    """``rnnserve serve`` with ``workers`` > 1 (see the module docstring)."""
+    log_to_stderr("[supervisor]")
+    sup = Supervisor(settings)
+    # before any worker starts: a SIGTERM while they load must stop them, not kill us
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sup.stopping.set())
+    if settings.session_store == "memory":
+        log.warning("%d workers without a shared session store: a session lives in the "
+                    "worker that opened it, and a call on a new connection may reach "
+                    "another worker (NOT_FOUND); use --session-store to share sessions",
+                    settings.workers)
+    failed = sup.start()
+    if failed is not None:
+        status = sup.stop()
+        return failed or status
+    httpd, _ = start_http_server(settings.metrics_port, addr=settings.host,
+                                 registry=sup.registry)
+    try:
+        ready = {"event": "ready", "grpc_port": sup.port,
+                 "metrics_port": httpd.server_port, "host": settings.host,
+                 "workers": [s.proc.pid for s in sup.slots if s.proc is not None]}
+        log.info("%d workers serving on port %d (metrics of all on port %d)", sup.count,
+                 sup.port, httpd.server_port)
+        print(json.dumps(ready), flush=True)
+        sup.watch()
+        log.info("shutting down %d workers", sup.count)
+        return sup.stop()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -1,0 +1,186 @@
+"""``rnnserve serve --workers N``: several real server processes on one port, their
+metrics gathered by the supervising process, restarted when they die, drained together."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from rnnserve.client import OWN_CONNECTION, AsyncClient, Client
+from rnnserve.server.settings import Settings
+from rnnserve.server.workers import worker_settings
+
+from ..monitoring.prom import promtool
+from .serving import ServerProcess, metric_value, start_server
+from .test_grpc_api import mixed_jobs, whole_run
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by a parent that died) counts as gone
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_until(what: str, check, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f}s: {what}")
+        time.sleep(0.1)
+
+
+def stream_jobs(target: str, jobs) -> list[np.ndarray]:
+    """Each job on its own connection (so that the kernel spreads them over the
+    workers), all at once; the concatenated outputs."""
+
+    async def one(name: str, x: np.ndarray, cuts: list[int]) -> np.ndarray:
+        async with AsyncClient(target, timeout=20, options=OWN_CONNECTION) as client:
+            ys = []
+            async with client.stream(name) as s:
+                for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+                    ys.append((await s.send(x[a:b], end=b == len(x)))["logits"])
+            return np.concatenate(ys)
+
+    async def main() -> list[np.ndarray]:
+        return await asyncio.gather(*(one(*job) for job in jobs))
+
+    return asyncio.run(main())
+
+
+@pytest.fixture
+def workers(repo, tmp_path):
+    srv = start_server(repo, tmp_path / "workers.log", "--workers", "2",
+                       "--max-batch-delay-ms", "5", "--shutdown-grace-s", "5")
+    yield srv
+    srv.stop()
+    for pid in srv.workers:
+        wait_until(f"worker {pid} gone", lambda pid=pid: not alive(pid), 20)
+
+
+def test_workers_share_the_port_and_answer_exactly(workers: ServerProcess, repo,
+                                                   tmp_path: Path) -> None:
+    assert len(workers.workers) == 2 and all(alive(pid) for pid in workers.workers)
+    jobs = mixed_jobs(np.random.default_rng(11), 24, 40)
+    results = stream_jobs(workers.target, jobs)
+    for (name, x, cuts), y in zip(jobs, results, strict=True):
+        want = whole_run(repo, name, 2 if name == "text" else 1, x)
+        assert np.abs(y - want).max() <= 1e-5, f"{name} with cuts {cuts}"
+
+    text = workers.metrics()
+    # 24 connections: both workers took some (all on one: probability 2^-23)
+    started = [metric_value(text, "rnnserve_sessions_started_total", worker=str(w))
+               for w in (0, 1)]
+    assert min(started) > 0 and sum(started) == 24, started
+    steps = sum(len(c) - 1 for _, _, c in jobs)
+    assert metric_value(text, "rnnserve_chunk_latency_seconds_count") == steps
+    assert metric_value(text, "rnnserve_chunks_total", code="OK") == steps
+    for w in ("0", "1"):
+        assert metric_value(text, "rnnserve_worker_up", worker=w) == 1
+        assert metric_value(text, "rnnserve_worker_restarts_total", worker=w) == 0
+        assert metric_value(text, "rnnserve_model_info", worker=w, model="feat") == 1
+    assert metric_value(text, "rnnserve_state_pool_rows") == 0  # every row came back
+    # one family per name with the workers' series side by side: valid exposition
+    checked = promtool("check", "metrics", stdin=text)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.strip() == "" and checked.stderr.strip() == "", checked.stdout
+
+    workers.proc.send_signal(signal.SIGTERM)
+    assert workers.proc.wait(20) == 0
+    for pid in workers.workers:
+        wait_until(f"worker {pid} gone", lambda pid=pid: not alive(pid), 5)
+    log = workers.log.read_text()
+    assert log.count("[worker 0]: stopped") == 1 and log.count("[worker 1]: stopped") == 1
+    assert "Traceback" not in log
+
+
+def test_a_session_lives_in_its_worker_and_elsewhere_the_error_says_so(
+        workers: ServerProcess) -> None:
+    with Client(workers.target, timeout=10, options=OWN_CONNECTION) as first:
+        sid = first.open_session("text").session_id
+        first.step(sid, 0, "held here")
+    outcomes: list[str] = []
+    for _ in range(40):  # each a new connection: either worker (all one: 2^-40)
+        with Client(workers.target, timeout=10, options=OWN_CONNECTION) as other:
+            try:
+                info = other.open_session("text", session_id=sid, resume=True)
+                assert info.next_seq == 1
+                outcomes.append("OK")
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.NOT_FOUND, exc.details()
+                outcomes.append(exc.details())
+        if "OK" in outcomes and len(set(outcomes)) > 1:
+            break
+    refused = [o for o in outcomes if o != "OK"]
+    assert "OK" in outcomes and refused, outcomes
+    assert "a session lives in the worker process that opened it" in refused[0]
+    assert "--session-store" in refused[0] and "of 2" in refused[0]
+
+
+def test_a_killed_worker_is_started_again_and_the_others_serve_on(
+        workers: ServerProcess, repo) -> None:
+    victim = workers.workers[1]
+    os.kill(victim, signal.SIGKILL)
+    wait_until("worker 1 restarted and up", lambda: metric_value(
+        workers.metrics(), "rnnserve_worker_restarts_total", worker="1") == 1 and
+        metric_value(workers.metrics(), "rnnserve_worker_up", worker="1") == 1)
+    assert workers.proc.poll() is None
+    jobs = mixed_jobs(np.random.default_rng(12), 16, 30)
+    for (name, x, _), y in zip(jobs, stream_jobs(workers.target, jobs), strict=True):
+        assert np.abs(y - whole_run(repo, name, 2 if name == "text" else 1, x)).max() <= 1e-5
+    text = workers.metrics()
+    assert metric_value(text, "rnnserve_sessions_started_total", worker="1") > 0
+    log = workers.log.read_text()
+    assert "worker 1 (pid" in log and "exited with status -9" in log
+
+
+def test_workers_drain_themselves_when_the_supervisor_is_killed(repo, tmp_path) -> None:
+    srv = start_server(repo, tmp_path / "w.log", "--workers", "2")
+    srv.proc.kill()
+    srv.proc.wait(5)
+    for pid in srv.workers:
+        wait_until(f"orphaned worker {pid} gone", lambda pid=pid: not alive(pid), 20)
+    assert (tmp_path / "w.log").read_text().count("stopped") == 2
+
+
+def test_a_worker_that_cannot_start_stops_the_server_with_its_error(tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "rnnserve", "serve", "--repo", str(tmp_path / "empty"),
+         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--workers", "3"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == ""  # never ready
+    assert "rnnserve serve: error: [worker 0] no models in" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_lone_server_refuses_a_port_another_server_holds(workers: ServerProcess,
+                                                           repo) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "rnnserve", "serve", "--repo", str(repo), "--host",
+         "127.0.0.1", "--grpc-port", str(workers.grpc_port), "--metrics-port", "0"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{workers.grpc_port}: the port is taken" in proc.stderr
+
+
+def test_worker_settings_share_the_port_and_split_the_cores() -> None:
+    cpus = os.cpu_count() or 1
+    s = worker_settings(Settings(workers=4, grpc_port=0), 4242)
+    assert (s.workers, s.grpc_port) == (1, 4242)
+    assert s.intra_op_threads == max(1, cpus // 4)
+    kept = worker_settings(Settings(workers=4, intra_op_threads=3), 1)
+    assert kept.intra_op_threads == 3

@@ -1,0 +1,38 @@
+"""``serve --workers N`` on the shared store: a session moves between the worker
+processes of one server at once, whichever worker a connection reaches."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rnnserve.client import OWN_CONNECTION, Client
+
+from ..server.serving import metric_value
+from ..server.test_grpc_api import whole_run
+from .test_failover import serve
+
+
+def test_each_step_on_a_new_connection_continues_the_session_exactly(
+        repo, redis_server, tmp_path) -> None:
+    steps = 24
+    x = np.random.default_rng(8).standard_normal((2 * steps, 20)).astype(np.float32)
+    want = whole_run(repo, "feat", 1, x)
+    srv = serve(repo, tmp_path, "workers", redis_server.url, "--workers", "2")
+    try:
+        with Client(srv.target, timeout=10, options=OWN_CONNECTION) as first:
+            sid = first.open_session("feat").session_id
+        parts = []
+        for k in range(steps):  # each on a connection of its own: either worker
+            with Client(srv.target, timeout=10, options=OWN_CONNECTION) as client:
+                parts.append(client.step(sid, k, x[2 * k:2 * k + 2],
+                                         end=k == steps - 1)["logits"])
+        text = srv.metrics()
+    finally:
+        assert srv.stop() == 0
+    assert float(np.abs(np.concatenate(parts) - want).max()) <= 1e-5
+    # both workers stepped it (all on one: probability 2^-23), taking it from the
+    # store whenever it had gone on in the other one; no step waited for a lease
+    for w in ("0", "1"):
+        assert metric_value(text, "rnnserve_chunks_total", code="OK", worker=w) > 0
+    assert metric_value(text, "rnnserve_chunks_total", code="OK") == steps
+    assert metric_value(text, "rnnserve_session_resumes_total", source="store") >= 1
