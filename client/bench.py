@@ -441,11 +441,20 @@ def build_workload(name: str, root: Path) -> tuple[Path, int]:
 
 
 def rss_bytes(pid: int) -> int:
-    """Resident memory of a process (Linux: /proc/PID/status)."""
+    """Resident memory of a process and its descendants (a server's worker processes;
+    Linux: /proc/PID/status, /proc/PID/task/*/children)."""
+    total, found = 0, False
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RnnserveError(f"no VmRSS for process {pid}")
+            total, found = int(line.split()[1]) * 1024, True
+    if not found:
+        raise RnnserveError(f"no VmRSS for process {pid}")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(OSError, RnnserveError):  # gone meanwhile
+                    total += rss_bytes(int(child))
+    return total
 
 
 async def _open_idle(target: str, model: str, n: int, concurrency: int = 64) -> None:
@@ -497,7 +506,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
               baselines: bool = False, load_procs: int = 1, max_batch_size: int = 64,
               saturation_streams: int = 0, idle_sessions: int = 0,
               redis_store: bool = False, repeats: int = 1, soak_s: float = 0.0,
-              soak_streams: int = 0) -> dict[str, Any]:
+              soak_streams: int = 0, connections: int = 1) -> dict[str, Any]:
     if (server is None) == (repo is None):
         raise RnnserveError("give either --server HOST:PORT or --repo DIR (to start one)")
     if baselines and repo is None:
@@ -515,7 +524,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
     log = lambda line: print(line, flush=True)  # noqa: E731
     flags = [*serve_flags, f"--max-batch-size={max_batch_size}"]
     runs: dict[str, list[Level]] = {}
-    with LoadGenerator(load_procs) as gen, contextlib.ExitStack() as stack:
+    with LoadGenerator(load_procs, connections) as gen, contextlib.ExitStack() as stack:
         spawned = Spawned.rnnserve(repo, flags, out / "server.log") if repo else None
         if spawned is not None:
             stack.callback(spawned.stop)
@@ -605,7 +614,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         "capacity_streams": caps["rnnserve"],
         "saturation": {"streams": closed.streams, "throughput": closed.throughput,
                        "latency_ms": closed.latency_ms, "load_busy": closed.load_busy},
-        "load_generator": {"processes": load_procs, "busiest": busy,
+        "load_generator": {"processes": load_procs, "connections": connections,
+                           "busiest": busy,
                            "saturated": busy >= BUSY},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine()},

@@ -22,6 +22,7 @@ saturates one core long before a server does) and reports how busy they were.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import time
 from collections import Counter
@@ -32,7 +33,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from rnnserve.client.client import AsyncClient, Data
+from rnnserve.client.client import OWN_CONNECTION, AsyncClient, Data
 
 OVERRUN_S = 2.0  # how long past the window a stream still sends the chunks it owes
 
@@ -112,17 +113,24 @@ async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data]
                            session_chunks: int = 250, pcm16: bool = False,
                            timeout: float = 30.0, closed_loop: bool = False,
                            start_at: float | None = None,
-                           phases: list[float] | None = None) -> LoadResult:
+                           phases: list[float] | None = None,
+                           connections: int = 1) -> LoadResult:
     """Run ``streams`` real-time streams for ``duration_s``; ``chunk(k)`` gives chunk k.
 
     ``start_at``: wall-clock time (time.time()) of the start, to line up several
     processes; ``phases``: each stream's offset in seconds (default: spread evenly
-    over one chunk duration).
+    over one chunk duration); ``connections``: gRPC connections the streams take turns
+    on (several let the kernel spread them over a server's worker processes).
     """
     result = LoadResult()
     loop = asyncio.get_running_loop()
-    async with AsyncClient(target, timeout=timeout) as client:
-        await client.list_models()  # connect before the clock starts
+    options = OWN_CONNECTION if connections > 1 else None
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(
+            AsyncClient(target, timeout=timeout, options=options))
+            for _ in range(connections)]
+        for client in clients:
+            await client.list_models()  # connect before the clock starts
         wall = time.time()
         start_wall = max(start_at or wall + 0.05, wall)
         start = loop.time() + (start_wall - wall)
@@ -133,9 +141,9 @@ async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data]
         await asyncio.sleep(max(0.0, start - loop.time()))
         cpu0, wall0 = time.process_time(), time.time()
         await asyncio.gather(*(
-            _one_stream(client, model, chunk, chunk_s, start + phase, until, session_chunks,
-                        pcm16, result, start, closed_loop)
-            for phase in phases))
+            _one_stream(clients[i % connections], model, chunk, chunk_s, start + phase,
+                        until, session_chunks, pcm16, result, start, closed_loop)
+            for i, phase in enumerate(phases)))
         result.ended = time.time()
     result.busy = (time.process_time() - cpu0) / max(1e-9, result.ended - wall0)
     return result
@@ -155,6 +163,7 @@ class LoadJob:
     start_at: float
     closed_loop: bool
     session_chunks: int
+    connections: int
 
 
 def _work(job: LoadJob) -> LoadResult:
@@ -167,14 +176,17 @@ def _work(job: LoadJob) -> LoadResult:
     return asyncio.run(realtime_streams(
         job.target, job.model, chunk, streams=len(job.phases), chunk_s=job.chunk_ms / 1000,
         duration_s=job.duration_s, session_chunks=job.session_chunks, pcm16=pcm16,
-        closed_loop=job.closed_loop, start_at=job.start_at, phases=list(job.phases)))
+        closed_loop=job.closed_loop, start_at=job.start_at, phases=list(job.phases),
+        connections=job.connections))
 
 
 class LoadGenerator:
-    """A pool of load processes, kept across the levels of a sweep."""
+    """A pool of load processes, kept across the levels of a sweep; each opens
+    ``connections`` gRPC connections."""
 
-    def __init__(self, procs: int) -> None:
+    def __init__(self, procs: int, connections: int = 1) -> None:
         self.procs = max(1, procs)
+        self.connections = max(1, connections)
         self._pool: Any = multiprocessing.get_context("spawn").Pool(self.procs)
 
     def run(self, target: str, model: str, meta: bytes, *, streams: int, chunk_ms: int,
@@ -184,7 +196,8 @@ class LoadGenerator:
         phases = [i * chunk_s / streams for i in range(streams)]
         start_at = time.time() + 1.0  # every process connected and waiting by then
         jobs = [LoadJob(target, model, meta, chunk_ms, chunk_bytes, tuple(phases[p::self.procs]),
-                        duration_s, start_at, closed_loop, session_chunks)
+                        duration_s, start_at, closed_loop, session_chunks,
+                        min(self.connections, len(phases[p::self.procs])))
                 for p in range(self.procs) if phases[p::self.procs]]
         result = LoadResult()
         for part in self._pool.map(_work, jobs):

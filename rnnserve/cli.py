@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "with the median p99 counts, errors of any repeat count (default 1)")
     b.add_argument("--load-procs", type=_positive, default=2,
                    help="processes generating the load (default 2)")
+    b.add_argument("--connections", type=_positive, default=1,
+                   help="gRPC connections per load process (default 1); give several for a "
+                   "server of several --workers, which the kernel assigns connections to")
     b.add_argument("--max-batch-size", type=_positive, default=64,
                    help="the started server's max batch size, also the compute ceiling's "
                    "batch (default 64)")
@@ -311,7 +314,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               load_procs=args.load_procs, max_batch_size=args.max_batch_size,
               saturation_streams=args.saturation_streams, idle_sessions=args.idle_sessions,
               redis_store=args.redis_store, repeats=args.repeats, soak_s=args.soak_s,
-              soak_streams=args.soak_streams)
+              soak_streams=args.soak_streams, connections=args.connections)
     return 0
 
 
