@@ -227,9 +227,14 @@ class RnnServer:
         await self.server.start()
         # a worker's metrics are for its supervisor only, which serves them all on the
         # configured address and port
-        self._httpd, _ = start_http_server(
-            0 if self.worker else s.metrics_port,
-            addr="127.0.0.1" if self.worker else s.host, registry=self.metrics.registry)
+        port, host = (0, "127.0.0.1") if self.worker else (s.metrics_port, s.host)
+        try:
+            self._httpd, _ = start_http_server(port, addr=host,
+                                               registry=self.metrics.registry)
+        except OSError as exc:
+            await self.server.stop(0)
+            raise UsageError(f"cannot serve metrics on {host}:{port}: "
+                             f"{exc.strerror or exc}") from None
         self.metrics_port = self._httpd.server_port
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
         for name in ("", SERVICE, OIP_SERVICE):
@@ -309,7 +314,11 @@ async def serve(settings: Settings, worker: Worker | None = None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if stop_fd is not None:
-        loop.add_reader(stop_fd, stop.set)
+        def parent_gone() -> None:
+            loop.remove_reader(stop_fd)  # at end of file it would stay readable
+            stop.set()
+
+        loop.add_reader(stop_fd, parent_gone)
     server = RnnServer(settings, worker)
     await server.start()
     ready = {"event": "ready", "grpc_port": server.grpc_port,

@@ -45,7 +45,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from rnnserve.cli import EXIT_ERROR
-from rnnserve.errors import RnnserveError
+from rnnserve.errors import RnnserveError, UsageError
 from rnnserve.server.app import Worker, log_to_stderr, serve, server_name
 from rnnserve.server.settings import Settings
 
@@ -273,13 +273,17 @@ def supervise(settings: Settings) -> int:
                     "worker that opened it, and a call on a new connection may reach "
                     "another worker (NOT_FOUND); use --session-store to share sessions",
                     settings.workers)
-    failed = sup.start()
-    if failed is not None:
-        status = sup.stop()
-        return failed or status
-    httpd, _ = start_http_server(settings.metrics_port, addr=settings.host,
-                                 registry=sup.registry)
+    try:  # before any worker starts: a taken port fails at once
+        httpd, _ = start_http_server(settings.metrics_port, addr=settings.host,
+                                     registry=sup.registry)
+    except OSError as exc:
+        raise UsageError(f"cannot serve metrics on {settings.host}:{settings.metrics_port}: "
+                         f"{exc.strerror or exc}") from None
     try:
+        failed = sup.start()
+        if failed is not None:
+            status = sup.stop()
+            return failed or status
         ready = {"event": "ready", "grpc_port": sup.port,
                  "metrics_port": httpd.server_port, "host": settings.host,
                  "workers": [s.proc.pid for s in sup.slots if s.proc is not None]}

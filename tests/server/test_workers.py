@@ -167,14 +167,23 @@ def test_a_worker_that_cannot_start_stops_the_server_with_its_error(tmp_path) ->
     assert "Traceback" not in proc.stderr
 
 
-def test_a_lone_server_refuses_a_port_another_server_holds(workers: ServerProcess,
-                                                           repo) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "rnnserve", "serve", "--repo", str(repo), "--host",
-         "127.0.0.1", "--grpc-port", str(workers.grpc_port), "--metrics-port", "0"],
-        capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{workers.grpc_port}: the port is taken" in proc.stderr
+def test_ports_another_server_holds_are_refused_in_one_line(workers: ServerProcess,
+                                                            repo) -> None:
+    def serve(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "rnnserve", "serve", "--repo", str(repo), "--host",
+             "127.0.0.1", *flags], capture_output=True, text=True, timeout=60)
+
+    # a lone server must not share the gRPC port of another (gRPC would allow it)
+    lone = serve("--grpc-port", str(workers.grpc_port), "--metrics-port", "0")
+    assert lone.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{workers.grpc_port}: the port is taken" in lone.stderr
+    for flags in (["--grpc-port", "0"], ["--grpc-port", "0", "--workers", "2"]):
+        taken = serve(*flags, "--metrics-port", str(workers.metrics_port))
+        assert taken.returncode == 1, taken.stderr
+        assert f"cannot serve metrics on 127.0.0.1:{workers.metrics_port}: Address already " \
+            "in use" in taken.stderr, taken.stderr
+        assert "Traceback" not in taken.stderr and "internal error" not in taken.stderr
 
 
 def test_worker_settings_share_the_port_and_split_the_cores() -> None:
