@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from contextlib import aclosing
+from typing import Any, TypeVar
 
 import grpc
 
@@ -22,6 +23,7 @@ from rnnserve.server.sessions import Session
 
 log = logging.getLogger("rnnserve.api")
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def routed_session_id(context: grpc.aio.ServicerContext, body_id: str) -> str:
@@ -141,6 +143,68 @@ class StreamGate:
             yield req
 
 
+STREAM_WINDOW = 256  # requests of one stream in flight at once; reading pauses beyond
+
+
+async def pipelined(gate: StreamGate, request_iterator: AsyncIterator[T],
+                    answer: Callable[[T], Coroutine[Any, Any, R]],
+                    context: grpc.aio.ServicerContext) -> AsyncGenerator[R, None]:
+    """A stream's requests answered concurrently, each answer yielded as it completes;
+    at most ``STREAM_WINDOW`` requests are in flight or answered but not yet written,
+    then reading pauses. ``answer`` must not raise: it answers failures itself. When
+    the requests end, the stream ends once every answer is written: OK when the client
+    half-closed, UNAVAILABLE on drain or when reading broke."""
+    loop = asyncio.get_running_loop()
+    answers: asyncio.Queue[R | None] = asyncio.Queue()
+    window = asyncio.Semaphore(STREAM_WINDOW)
+    pending: set[asyncio.Task[R]] = set()
+    ended: list[Exception] = []
+
+    def finished(task: asyncio.Task[R]) -> None:
+        pending.discard(task)
+        if task.cancelled():
+            window.release()
+        else:  # its slot frees once the answer is written, so a client that does
+            answers.put_nowait(task.result())  # not read holds at most the window
+
+    async def read() -> None:
+        try:
+            async for req in gate.requests(request_iterator):
+                await window.acquire()
+                task = loop.create_task(answer(req))
+                pending.add(task)
+                task.add_done_callback(finished)
+        except ShuttingDown as exc:
+            ended.append(exc)
+        except Exception as exc:  # a broken read; the stream ends once answered
+            log.debug("stream read ended: %r", exc)
+            ended.append(exc)
+        finally:
+            answers.put_nowait(None)
+
+    reader = loop.create_task(read())
+    reading = True
+    try:
+        while reading or pending or not answers.empty():
+            out = await answers.get()
+            if out is None:
+                reading = False
+                continue
+            try:
+                yield out
+            finally:
+                window.release()
+        if ended:
+            exc = ended[0]
+            if isinstance(exc, CoreError):
+                await context.abort(grpc.StatusCode[exc.code], str(exc))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the request stream broke")
+    finally:
+        reader.cancel()
+        for task in list(pending):
+            task.cancel()
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, core: Core, gate: StreamGate) -> None:
         self.core = core
@@ -172,6 +236,44 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     raise InvalidChunk("a session is open on this stream; send chunks")
         except Exception as exc:
             await self._fail(context, exc)
+
+    async def StreamMany(self, request_iterator: AsyncIterator[pb.ManyRequest],
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ManyResponse]:
+        answers = pipelined(self.gate, request_iterator, self._many, context)
+        async with aclosing(answers):
+            async for answer in answers:
+                yield answer
+
+    async def _many(self, req: pb.ManyRequest) -> pb.ManyResponse:
+        """A request's items at once (they batch together), answered in their order."""
+        results = await asyncio.gather(*(self._item(item) for item in req.items))
+        return pb.ManyResponse(id=req.id, results=results)
+
+    async def _item(self, item: pb.ManyItem) -> pb.ManyResult:
+        out = pb.ManyResult(session_id=item.session_id)
+        try:
+            if item.HasField("open"):
+                o = item.open
+                session, runtime = await self.core.open(o.model, o.version, item.session_id,
+                                                        o.resume)
+                out.session_id = session.id
+                out.opened.CopyFrom(session_info(session, runtime))
+            elif not item.HasField("chunk"):
+                raise InvalidChunk("an item opens a session, carries a chunk, or both; "
+                                   "this one does neither")
+            if item.HasField("chunk"):
+                c = item.chunk
+                result = await self.core.step(out.session_id, c.seq, chunk_input(c), c.end)
+                out.result.CopyFrom(chunk_result(result))
+        except CoreError as exc:
+            out.code = grpc.StatusCode[exc.code].value[0]
+            out.message = str(exc)
+            out.retry_after_ms = exc.retry_after_ms or 0
+        except Exception:
+            log.exception("unexpected error")
+            out.code = grpc.StatusCode.INTERNAL.value[0]
+            out.message = "internal error; see the server log"
+        return out
 
     async def OpenSession(self, request: pb.OpenSessionRequest,
                           context: grpc.aio.ServicerContext) -> pb.SessionInfo:

@@ -45,7 +45,7 @@ from rnnserve.protos.oip import (
     parameter_value,
 )
 from rnnserve.protos.tensors import TensorError
-from rnnserve.server.api import DRAINING, StreamGate, abort
+from rnnserve.server.api import DRAINING, StreamGate, abort, pipelined
 from rnnserve.server.core import ChunkInput, Core
 from rnnserve.server.errors import (
     CoreError,
@@ -64,7 +64,6 @@ log = logging.getLogger("rnnserve.oip")
 API = "kserve_v2"  # the api label of metrics
 PLATFORM = "onnxruntime_onnx"  # Triton's platform name for ONNX models
 EXTENSIONS = ["sequence", "classification"]
-STREAM_WINDOW = 256  # requests of one stream in flight at once; reading pauses beyond
 
 
 @dataclass(frozen=True)
@@ -423,54 +422,9 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                                context: grpc.aio.ServicerContext
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests are answered as they complete (different sequences concurrently,
-        one sequence in order); at most ``STREAM_WINDOW`` requests per stream are in
-        flight or answered but not yet written, then reading pauses."""
-        loop = asyncio.get_running_loop()
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        window = asyncio.Semaphore(STREAM_WINDOW)
-        pending: set[asyncio.Task[pb.ModelStreamInferResponse]] = set()
-        ended: list[Exception] = []
-
-        def finished(task: asyncio.Task[pb.ModelStreamInferResponse]) -> None:
-            pending.discard(task)
-            if task.cancelled():
-                window.release()
-            else:  # its slot frees once the answer is written, so a client that does
-                answers.put_nowait(task.result())  # not read holds at most the window
-
-        async def read() -> None:
-            try:
-                async for req in self.gate.requests(request_iterator):
-                    await window.acquire()
-                    task = loop.create_task(self._answer(req, context))
-                    pending.add(task)
-                    task.add_done_callback(finished)
-            except ShuttingDown as exc:
-                ended.append(exc)
-            except Exception as exc:  # a broken read; the stream ends once answered
-                log.debug("ModelStreamInfer read ended: %r", exc)
-                ended.append(exc)
-            finally:
-                answers.put_nowait(None)
-
-        reader = loop.create_task(read())
-        reading = True
-        try:
-            while reading or pending or not answers.empty():
-                answer = await answers.get()
-                if answer is None:
-                    reading = False
-                    continue
-                try:
-                    yield answer
-                finally:
-                    window.release()
-            if ended:
-                exc = ended[0]
-                if isinstance(exc, CoreError):
-                    await context.abort(grpc.StatusCode[exc.code], str(exc))
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "the request stream broke")
-        finally:
-            reader.cancel()
-            for task in list(pending):
-                task.cancel()
+        one sequence in order), up to ``STREAM_WINDOW`` per stream at once."""
+        answers = pipelined(self.gate, request_iterator,
+                            lambda req: self._answer(req, context), context)
+        async with contextlib.aclosing(answers):
+            async for answer in answers:
+                yield answer

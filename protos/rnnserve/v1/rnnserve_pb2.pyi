@@ -106,6 +106,48 @@ class StreamResponse(_message.Message):
     result: ChunkResult
     def __init__(self, opened: _Optional[_Union[SessionInfo, _Mapping]] = ..., result: _Optional[_Union[ChunkResult, _Mapping]] = ...) -> None: ...
 
+class ManyItem(_message.Message):
+    __slots__ = ("session_id", "open", "chunk")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    open: OpenSessionRequest
+    chunk: Chunk
+    def __init__(self, session_id: _Optional[str] = ..., open: _Optional[_Union[OpenSessionRequest, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class ManyRequest(_message.Message):
+    __slots__ = ("id", "items")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    items: _containers.RepeatedCompositeFieldContainer[ManyItem]
+    def __init__(self, id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ManyItem, _Mapping]]] = ...) -> None: ...
+
+class ManyResult(_message.Message):
+    __slots__ = ("session_id", "code", "message", "retry_after_ms", "opened", "result")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    code: int
+    message: str
+    retry_after_ms: int
+    opened: SessionInfo
+    result: ChunkResult
+    def __init__(self, session_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ..., opened: _Optional[_Union[SessionInfo, _Mapping]] = ..., result: _Optional[_Union[ChunkResult, _Mapping]] = ...) -> None: ...
+
+class ManyResponse(_message.Message):
+    __slots__ = ("id", "results")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    results: _containers.RepeatedCompositeFieldContainer[ManyResult]
+    def __init__(self, id: _Optional[int] = ..., results: _Optional[_Iterable[_Union[ManyResult, _Mapping]]] = ...) -> None: ...
+
 class StepRequest(_message.Message):
     __slots__ = ("session_id", "chunk")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

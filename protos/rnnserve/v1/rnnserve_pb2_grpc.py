@@ -39,6 +39,11 @@ class InferenceStub:
                 request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.StreamRequest.SerializeToString,
                 response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.StreamResponse.FromString,
                 _registered_method=True)
+        self.StreamMany = channel.stream_stream(
+                '/rnnserve.v1.Inference/StreamMany',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ManyRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ManyResponse.FromString,
+                _registered_method=True)
         self.OpenSession = channel.unary_unary(
                 '/rnnserve.v1.Inference/OpenSession',
                 request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.OpenSessionRequest.SerializeToString,
@@ -73,6 +78,19 @@ class InferenceServicer:
         """Bidirectional: the first request opens (or resumes) a session, each following
         request carries one chunk; the first response confirms the session, each
         following response answers one chunk, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamMany(self, request_iterator, context):
+        """Many sessions on one stream, for a gateway or media server that carries many
+        live streams to one server: each request carries chunks of several sessions
+        (opening them on the way), each response answers one request, item by item in
+        its order, so gRPC's cost per message is shared by the items. Requests are
+        answered as they complete (up to 256 per stream in flight); a session still
+        takes its next chunk only after the answer to its last. An item that fails gets
+        its own status and changes nothing; the others are answered as if it never came.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,6 +135,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.StreamRequest.FromString,
                     response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.StreamResponse.SerializeToString,
+            ),
+            'StreamMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamMany,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ManyRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ManyResponse.SerializeToString,
             ),
             'OpenSession': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenSession,
@@ -171,6 +194,33 @@ class Inference:
             '/rnnserve.v1.Inference/Stream',
             rnnserve_dot_v1_dot_rnnserve__pb2.StreamRequest.SerializeToString,
             rnnserve_dot_v1_dot_rnnserve__pb2.StreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/rnnserve.v1.Inference/StreamMany',
+            rnnserve_dot_v1_dot_rnnserve__pb2.ManyRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.ManyResponse.FromString,
             options,
             channel_credentials,
             insecure,
