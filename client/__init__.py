@@ -1,5 +1,15 @@
 """Python client for the rnnserve native API: ``AsyncClient`` (asyncio) and ``Client`` (sync)."""
 
-from rnnserve.client.client import OWN_CONNECTION, AsyncClient, Client, StreamSession
+from rnnserve.client.client import (
+    OWN_CONNECTION,
+    AsyncClient,
+    Client,
+    ManyStream,
+    StreamSession,
+    item_status,
+    many_item,
+    outputs,
+)
 
-__all__ = ["OWN_CONNECTION", "AsyncClient", "Client", "StreamSession"]
+__all__ = ["OWN_CONNECTION", "AsyncClient", "Client", "ManyStream", "StreamSession",
+           "item_status", "many_item", "outputs"]

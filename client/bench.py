@@ -506,7 +506,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
               baselines: bool = False, load_procs: int = 1, max_batch_size: int = 64,
               saturation_streams: int = 0, idle_sessions: int = 0,
               redis_store: bool = False, repeats: int = 1, soak_s: float = 0.0,
-              soak_streams: int = 0, connections: int = 1) -> dict[str, Any]:
+              soak_streams: int = 0, connections: int = 1, many: int = 0
+              ) -> dict[str, Any]:
     if (server is None) == (repo is None):
         raise RnnserveError("give either --server HOST:PORT or --repo DIR (to start one)")
     if baselines and repo is None:
@@ -524,7 +525,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
     log = lambda line: print(line, flush=True)  # noqa: E731
     flags = [*serve_flags, f"--max-batch-size={max_batch_size}"]
     runs: dict[str, list[Level]] = {}
-    with LoadGenerator(load_procs, connections) as gen, contextlib.ExitStack() as stack:
+    with LoadGenerator(load_procs, connections, many) as gen, contextlib.ExitStack() as stack:
         spawned = Spawned.rnnserve(repo, flags, out / "server.log") if repo else None
         if spawned is not None:
             stack.callback(spawned.stop)
@@ -615,6 +616,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         "saturation": {"streams": closed.streams, "throughput": closed.throughput,
                        "latency_ms": closed.latency_ms, "load_busy": closed.load_busy},
         "load_generator": {"processes": load_procs, "connections": connections,
+                           "streams_per_message": max(1, many),
                            "busiest": busy,
                            "saturated": busy >= BUSY},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),

@@ -21,6 +21,7 @@ models, raw byte values for text models) or a numpy array shaped (time, *frame).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
@@ -217,6 +218,93 @@ class StreamSession:
             pass
 
 
+def many_item(session_id: str, seq: int, data: Data, end: bool = False, *,
+              pcm16: bool = False, open_model: str = "", version: int = 0,
+              resume: bool = False) -> pb.ManyItem:
+    """One session's chunk for ``ManyStream.send``; with ``open_model`` the item opens
+    the session (``resume``: resumes it) before its chunk."""
+    item = pb.ManyItem(session_id=session_id, chunk=make_chunk(seq, data, end, pcm16=pcm16))
+    if open_model:
+        item.open.CopyFrom(pb.OpenSessionRequest(model=open_model, version=version,
+                                                 resume=resume))
+    return item
+
+
+def item_status(result: pb.ManyResult) -> grpc.StatusCode:
+    """The status of one item of a ``ManyStream`` answer."""
+    return next(c for c in grpc.StatusCode if c.value[0] == result.code)
+
+
+class ManyStream:
+    """Many sessions on one stream (``StreamMany``), as a gateway carrying many live
+    streams sends them::
+
+        async with client.many() as m:
+            results = await m.send([many_item(a, 0, pcm, open_model="speech"),
+                                    many_item(b, 7, pcm)])
+            outputs(results[0].result) if results[0].code == 0 else item_status(results[1])
+
+    ``send`` may be called by several tasks at once (requests in flight together are
+    answered as they complete); a session's next chunk goes out after its last one's
+    answer. Items fail one by one (``code``, ``message``); a failed stream (drain,
+    lost connection) raises its status from every waiting and later ``send``.
+    ``timeout`` bounds each ``send``, not the stream.
+    """
+
+    def __init__(self, client: AsyncClient, timeout: float | None) -> None:
+        self._client, self._timeout = client, timeout
+        self._outbox: asyncio.Queue[pb.ManyRequest | None] = asyncio.Queue()
+        self._waiting: dict[int, asyncio.Future[pb.ManyResponse]] = {}
+        self._ids = 0
+        self._error: BaseException | None = None
+        self._call: Any = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def _requests(self) -> AsyncIterator[pb.ManyRequest]:
+        while (req := await self._outbox.get()) is not None:
+            yield req
+
+    async def _read(self) -> None:
+        try:
+            async for resp in self._call:
+                fut = self._waiting.pop(resp.id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(resp)
+            self._error = ConnectionError("the server ended the stream")
+        except grpc.aio.AioRpcError as exc:
+            self._error = exc
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(self._error)
+        self._waiting.clear()
+
+    async def __aenter__(self) -> ManyStream:
+        self._call = self._client.stub.StreamMany(self._requests(),
+                                                  metadata=self._client.metadata())
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        return self
+
+    async def send(self, items: Sequence[pb.ManyItem]) -> list[pb.ManyResult]:
+        """Send one request and wait for its answer: one result per item, in order."""
+        if self._error is not None:
+            raise self._error
+        self._ids += 1
+        fut: asyncio.Future[pb.ManyResponse] = asyncio.get_running_loop().create_future()
+        self._waiting[self._ids] = fut
+        self._outbox.put_nowait(pb.ManyRequest(id=self._ids, items=items))
+        resp = await asyncio.wait_for(fut, self._timeout)
+        return list(resp.results)
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self._outbox.put_nowait(None)  # half-close
+        if et is not None:
+            self._call.cancel()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+
 class AsyncClient:
     """``target``: one address, or several replicas (tried in turn on reconnects).
     ``reconnect_s`` > 0 makes streams survive their server: they resume the session on
@@ -272,6 +360,10 @@ class AsyncClient:
         session = StreamSession(self, req, self.timeout)
         session.pcm16 = pcm16
         return session
+
+    def many(self) -> ManyStream:
+        """A stream of many sessions' chunks (see ``ManyStream``)."""
+        return ManyStream(self, self.timeout)
 
     async def list_models(self) -> list[pb.ModelMetadata]:
         resp = await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout,

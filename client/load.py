@@ -33,7 +33,14 @@ from typing import Any
 import grpc
 import numpy as np
 
-from rnnserve.client.client import OWN_CONNECTION, AsyncClient, Data
+from rnnserve.client.client import (
+    OWN_CONNECTION,
+    AsyncClient,
+    Data,
+    item_status,
+    many_item,
+    new_session_id,
+)
 
 OVERRUN_S = 2.0  # how long past the window a stream still sends the chunks it owes
 
@@ -108,19 +115,79 @@ async def _one_stream(client: AsyncClient, model: str, chunk: Callable[[int], Da
             k += 1  # the failed chunk's slot; the next session starts on the next tick
 
 
+async def _many_streams(client: AsyncClient, model: str, chunk: Callable[[int], Data],
+                        chunk_s: float, t0: float, until: float, session_chunks: int,
+                        pcm16: bool, result: LoadResult, origin: float, closed_loop: bool,
+                        n: int) -> None:
+    """``n`` streams in step on one ``StreamMany`` stream, as a gateway sends them: one
+    request per tick with the chunk of each, a new session opened in the item of its
+    first chunk."""
+    k = 0
+    loop = asyncio.get_running_loop()
+    if t0 > loop.time():
+        await asyncio.sleep(t0 - loop.time())
+    sids = [""] * n
+    seqs = [0] * n
+    while (loop.time() if closed_loop else t0 + k * chunk_s) < until:
+        try:
+            async with client.many() as m:
+                while True:
+                    due = loop.time() if closed_loop else t0 + k * chunk_s
+                    if due >= until:
+                        return
+                    if not closed_loop and loop.time() > until + OVERRUN_S:
+                        result.unsent += n * (int((until - due) // chunk_s) + 1)
+                        return
+                    k += 1
+                    wait = due - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    elif -wait > chunk_s and not closed_loop:
+                        result.late += n
+                    last_tick = not closed_loop and due + chunk_s >= until
+                    items, ends = [], []
+                    for i in range(n):
+                        if seqs[i] == 0:
+                            sids[i] = new_session_id()
+                        end = seqs[i] == session_chunks - 1 or last_tick
+                        ends.append(end)
+                        items.append(many_item(sids[i], seqs[i], chunk(k), end, pcm16=pcm16,
+                                               open_model=model if seqs[i] == 0 else ""))
+                    answers = await m.send(items)
+                    latency = loop.time() - due
+                    for i, r in enumerate(answers):
+                        if r.code:
+                            result.errors[item_status(r).name] += 1
+                            seqs[i] = 0  # a new session on the next tick
+                            continue
+                        result.sessions += seqs[i] == 0
+                        result.latencies.append(latency)
+                        result.times.append(due - origin)
+                        seqs[i] = 0 if ends[i] else seqs[i] + 1
+                    if last_tick:
+                        return
+        except (grpc.aio.AioRpcError, ConnectionError) as exc:
+            code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "UNAVAILABLE"
+            result.errors[code] += n
+            seqs = [0] * n
+            k += 1
+
+
 async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data], *,
                            streams: int, chunk_s: float, duration_s: float,
                            session_chunks: int = 250, pcm16: bool = False,
                            timeout: float = 30.0, closed_loop: bool = False,
                            start_at: float | None = None,
                            phases: list[float] | None = None,
-                           connections: int = 1) -> LoadResult:
+                           connections: int = 1, many: int = 0) -> LoadResult:
     """Run ``streams`` real-time streams for ``duration_s``; ``chunk(k)`` gives chunk k.
 
     ``start_at``: wall-clock time (time.time()) of the start, to line up several
     processes; ``phases``: each stream's offset in seconds (default: spread evenly
     over one chunk duration); ``connections``: gRPC connections the streams take turns
-    on (several let the kernel spread them over a server's worker processes).
+    on (several let the kernel spread them over a server's worker processes);
+    ``many`` > 1: the streams go in groups of that many per ``StreamMany`` stream (each
+    group at the phase of its first), as a gateway would send them.
     """
     result = LoadResult()
     loop = asyncio.get_running_loop()
@@ -140,10 +207,18 @@ async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data]
             phases = [i * chunk_s / streams for i in range(streams)]
         await asyncio.sleep(max(0.0, start - loop.time()))
         cpu0, wall0 = time.process_time(), time.time()
-        await asyncio.gather(*(
-            _one_stream(clients[i % connections], model, chunk, chunk_s, start + phase,
-                        until, session_chunks, pcm16, result, start, closed_loop)
-            for i, phase in enumerate(phases)))
+        if many > 1:
+            groups = [phases[g:g + many] for g in range(0, len(phases), many)]
+            await asyncio.gather(*(
+                _many_streams(clients[i % connections], model, chunk, chunk_s,
+                              start + group[0], until, session_chunks, pcm16, result, start,
+                              closed_loop, len(group))
+                for i, group in enumerate(groups)))
+        else:
+            await asyncio.gather(*(
+                _one_stream(clients[i % connections], model, chunk, chunk_s, start + phase,
+                            until, session_chunks, pcm16, result, start, closed_loop)
+                for i, phase in enumerate(phases)))
         result.ended = time.time()
     result.busy = (time.process_time() - cpu0) / max(1e-9, result.ended - wall0)
     return result
@@ -164,6 +239,7 @@ class LoadJob:
     closed_loop: bool
     session_chunks: int
     connections: int
+    many: int
 
 
 def _work(job: LoadJob) -> LoadResult:
@@ -177,16 +253,18 @@ def _work(job: LoadJob) -> LoadResult:
         job.target, job.model, chunk, streams=len(job.phases), chunk_s=job.chunk_ms / 1000,
         duration_s=job.duration_s, session_chunks=job.session_chunks, pcm16=pcm16,
         closed_loop=job.closed_loop, start_at=job.start_at, phases=list(job.phases),
-        connections=job.connections))
+        connections=job.connections, many=job.many))
 
 
 class LoadGenerator:
     """A pool of load processes, kept across the levels of a sweep; each opens
-    ``connections`` gRPC connections."""
+    ``connections`` gRPC connections, and sends ``many`` streams per ``StreamMany``
+    stream when ``many`` > 1."""
 
-    def __init__(self, procs: int, connections: int = 1) -> None:
+    def __init__(self, procs: int, connections: int = 1, many: int = 0) -> None:
         self.procs = max(1, procs)
         self.connections = max(1, connections)
+        self.many = many
         self._pool: Any = multiprocessing.get_context("spawn").Pool(self.procs)
 
     def run(self, target: str, model: str, meta: bytes, *, streams: int, chunk_ms: int,
@@ -197,7 +275,7 @@ class LoadGenerator:
         start_at = time.time() + 1.0  # every process connected and waiting by then
         jobs = [LoadJob(target, model, meta, chunk_ms, chunk_bytes, tuple(phases[p::self.procs]),
                         duration_s, start_at, closed_loop, session_chunks,
-                        min(self.connections, len(phases[p::self.procs])))
+                        min(self.connections, len(phases[p::self.procs])), self.many)
                 for p in range(self.procs) if phases[p::self.procs]]
         result = LoadResult()
         for part in self._pool.map(_work, jobs):

@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--connections", type=_positive, default=1,
                    help="gRPC connections per load process (default 1); give several for a "
                    "server of several --workers, which the kernel assigns connections to")
+    b.add_argument("--many", type=int, default=0, metavar="N",
+                   help="send the streams N at a time on StreamMany streams, one message "
+                   "per tick for N sessions, as a gateway would (default: one Stream each)")
     b.add_argument("--max-batch-size", type=_positive, default=64,
                    help="the started server's max batch size, also the compute ceiling's "
                    "batch (default 64)")
@@ -314,7 +317,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               load_procs=args.load_procs, max_batch_size=args.max_batch_size,
               saturation_streams=args.saturation_streams, idle_sessions=args.idle_sessions,
               redis_store=args.redis_store, repeats=args.repeats, soak_s=args.soak_s,
-              soak_streams=args.soak_streams, connections=args.connections)
+              soak_streams=args.soak_streams, connections=args.connections,
+              many=args.many)
     return 0
 
 

@@ -134,3 +134,21 @@ def test_bench_soaks_and_reports_windows_and_memory(tmp_path) -> None:
     assert s["streams"] == 3 and s["errors"] == {} and s["answered"] > 0
     assert len(s["windows"]) == 1 and s["windows"][0]["chunks"] == s["answered"]
     assert s["memory"]["samples"] >= 1 and s["memory"]["max_mib"] > 10
+
+
+def test_bench_sends_many_streams_per_message_to_several_workers(tmp_path) -> None:
+    repo = build_repo(tmp_path)
+    out = tmp_path / "bench"
+    proc = rnnserve("bench", "--repo", str(repo), "--model", "feat", "--streams", "3,8",
+                    "--duration-s", "1", "--out", str(out), "--no-plot", "--many", "4",
+                    "--connections", "2", "--serve-arg=--workers=2",
+                    "--serve-arg=--intra-op-threads=1", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "bench.json").read_text())
+    assert report["load_generator"]["streams_per_message"] == 4
+    assert report["load_generator"]["connections"] == 2
+    for lv in report["levels"]:
+        # every stream's chunk each tick, its session opened in the item of its first
+        assert 20 * lv["streams"] <= lv["answered"] <= 26 * lv["streams"]
+        assert lv["errors"] == {} and lv["sessions"] == lv["streams"]
+    assert "[worker 1]" in (out / "server.log").read_text()
