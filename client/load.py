@@ -76,6 +76,27 @@ class LoadResult:
         self.busy = max(self.busy, other.busy)
 
 
+async def _tick(t0: float, k: int, chunk_s: float, until: float, closed_loop: bool,
+                result: LoadResult, n: int = 1) -> float | None:
+    """Wait for tick ``k`` (now, in closed loop) and return when it was due, counting
+    ``n`` late chunks when it is late; None when the window is over."""
+    loop = asyncio.get_running_loop()
+    due = loop.time() if closed_loop else t0 + k * chunk_s
+    if due >= until:
+        return None
+    if not closed_loop and loop.time() > until + OVERRUN_S:
+        # far behind: give up the rest of the window instead of waiting out a backlog
+        # that may take minutes (the level is over capacity)
+        result.unsent += n * (int((until - due) // chunk_s) + 1)
+        return None
+    wait = due - loop.time()
+    if wait > 0:
+        await asyncio.sleep(wait)
+    elif -wait > chunk_s and not closed_loop:
+        result.late += n
+    return due
+
+
 async def _one_stream(client: AsyncClient, model: str, chunk: Callable[[int], Data],
                       chunk_s: float, t0: float, until: float, session_chunks: int,
                       pcm16: bool, result: LoadResult, origin: float,
@@ -89,20 +110,10 @@ async def _one_stream(client: AsyncClient, model: str, chunk: Callable[[int], Da
             async with client.stream(model, pcm16=pcm16) as s:
                 result.sessions += 1
                 for i in range(session_chunks):
-                    due = loop.time() if closed_loop else t0 + k * chunk_s
-                    if due >= until:
-                        break
-                    if not closed_loop and loop.time() > until + OVERRUN_S:
-                        # far behind: give up the rest of the window instead of waiting
-                        # out a backlog that may take minutes (the level is over capacity)
-                        result.unsent += int((until - due) // chunk_s) + 1
+                    due = await _tick(t0, k, chunk_s, until, closed_loop, result)
+                    if due is None:
                         return
                     k += 1
-                    wait = due - loop.time()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                    elif -wait > chunk_s and not closed_loop:
-                        result.late += 1
                     last = i == session_chunks - 1 or (
                         not closed_loop and due + chunk_s >= until)
                     await s.send(chunk(k), end=last)
@@ -132,18 +143,10 @@ async def _many_streams(client: AsyncClient, model: str, chunk: Callable[[int], 
         try:
             async with client.many() as m:
                 while True:
-                    due = loop.time() if closed_loop else t0 + k * chunk_s
-                    if due >= until:
-                        return
-                    if not closed_loop and loop.time() > until + OVERRUN_S:
-                        result.unsent += n * (int((until - due) // chunk_s) + 1)
+                    due = await _tick(t0, k, chunk_s, until, closed_loop, result, n)
+                    if due is None:
                         return
                     k += 1
-                    wait = due - loop.time()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                    elif -wait > chunk_s and not closed_loop:
-                        result.late += n
                     last_tick = not closed_loop and due + chunk_s >= until
                     items, ends = [], []
                     for i in range(n):
