@@ -202,8 +202,11 @@ class Core:
         if refused is not None:  # before the shared store has a record of it
             raise refused
 
-    async def _resume(self, model: str, version: int, sid: str
+    async def _resume(self, model: str, version: int, sid: str, refresh: bool = False
                       ) -> tuple[Session, ModelRuntime]:
+        """The session ``sid`` live here: taken from the shared store when it has a newer
+        record (or this server none), else the copy held here. Counted as a resume,
+        except a ``refresh`` that found the copy here current."""
         local = self.store.peek(sid)
         source = "memory"
         if self.shared is not None:
@@ -239,7 +242,7 @@ class Core:
         if model and (model != session.model or (version and version != session.version)):
             raise InvalidChunk(f"session {sid!r} belongs to model {session.model!r} "
                                f"version {session.version}, not {model!r}")
-        if self._on_resume is not None:
+        if self._on_resume is not None and not (refresh and source == "memory"):
             self._on_resume(session.model, session.version, source)
         return session, runtime
 
@@ -416,7 +419,7 @@ class Core:
         replaces the copy; without one (or without the store) the copy stays, and the
         step is refused for its seq as before."""
         try:
-            fresh, _ = await self._resume("", 0, session.id)
+            fresh, _ = await self._resume("", 0, session.id, refresh=True)
         except (StoreUnavailable, *GONE):
             return session
         return fresh

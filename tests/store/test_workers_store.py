@@ -3,13 +3,14 @@ processes of one server at once, whichever worker a connection reaches."""
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 
 from rnnserve.client import OWN_CONNECTION, Client
 
 from ..server.serving import metric_value
 from ..server.test_grpc_api import whole_run
-from .test_failover import serve
+from .test_failover import code_and_message, serve
 
 
 def test_each_step_on_a_new_connection_continues_the_session_exactly(
@@ -36,3 +37,22 @@ def test_each_step_on_a_new_connection_continues_the_session_exactly(
         assert metric_value(text, "rnnserve_chunks_total", code="OK", worker=w) > 0
     assert metric_value(text, "rnnserve_chunks_total", code="OK") == steps
     assert metric_value(text, "rnnserve_session_resumes_total", source="store") >= 1
+
+
+def test_a_gap_is_still_refused_and_counts_no_resume(repo, redis_server, tmp_path) -> None:
+    """A step ahead of the copy held here asks the store for a newer record; when the
+    copy is current the step is refused for its seq, as without a store."""
+    srv = serve(repo, tmp_path, "one", redis_server.url)
+    x = np.zeros((2, 20), np.float32)
+    try:
+        with Client(srv.target, timeout=10) as client:
+            sid = client.open_session("feat").session_id
+            client.step(sid, 0, x)
+            code, message = code_and_message(client.step, sid, 5, x)
+            assert code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "expects chunk 1, got 5" in message
+            client.step(sid, 1, x, end=True)  # the state untouched: it goes on at 1
+        text = srv.metrics()
+    finally:
+        assert srv.stop() == 0
+    assert metric_value(text, "rnnserve_session_resumes_total") == 0
