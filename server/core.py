@@ -415,9 +415,9 @@ class Core:
 
     async def _refresh(self, session: Session) -> Session:
         """A step ahead of this server's copy: the session went on elsewhere (another
-        replica or worker took it from the store) and came back. The store's record
-        replaces the copy; without one (or without the store) the copy stays, and the
-        step is refused for its seq as before."""
+        replica or worker took it from the store) and came back. The store's newer
+        record replaces the copy; when it has none (or cannot be reached) the copy
+        stays, and the step is refused for its seq as before."""
         try:
             fresh, _ = await self._resume("", 0, session.id, refresh=True)
         except (StoreUnavailable, *GONE):

@@ -204,7 +204,7 @@ class StatePool:
             row = self._next
             self._next += 1
         if row >= self.capacity:
-            self.ensure(row + 1)
+            self._grow(row + 1)
         return row
 
     def free(self, row: int) -> None:
@@ -252,13 +252,12 @@ class StatePool:
                                                                self.device_id))
         self.buffers, self.values, self.capacity = buffers, values, rows
 
-    def ensure(self, rows: int) -> None:
-        """Grow the pools to at least ``rows`` rows (doubling), once no run uses them.
-        Rows keep their contents; on a GPU this copies the pools through the host once."""
+    def _grow(self, rows: int) -> None:
+        """Grow the pools to at least ``rows`` rows (doubling), once no run uses them
+        (``alloc`` calls this only for a growable pool). Rows keep their contents; on a
+        GPU this copies the pools through the host once."""
         if rows <= self.capacity:
             return
-        if not self.growable:
-            raise PoolFull(f"the state pool holds {self.capacity - FIRST} rows, all in use")
         with self._resize:
             while self._runs:
                 self._resize.wait()

@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -98,8 +98,8 @@ class WorkerScrape:
     each bounded by a timeout) and labels every series with its worker; a worker that
     does not answer (restarting) is left out of that scrape."""
 
-    def __init__(self, ports: Any) -> None:
-        self._ports = ports  # () -> {worker index: metrics port}
+    def __init__(self, ports: Callable[[], dict[int, int]]) -> None:
+        self._ports = ports  # {worker index: metrics port} of the workers serving now
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="scrape")
 
     @staticmethod
@@ -112,7 +112,7 @@ class WorkerScrape:
             return None
 
     def collect(self) -> Iterator[Metric]:
-        ports: dict[int, int] = self._ports()
+        ports = self._ports()
         texts = self._pool.map(self._fetch, ports.values())
         merged: dict[str, Metric] = {}
         for index, text in zip(ports, texts, strict=True):

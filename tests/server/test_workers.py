@@ -30,8 +30,11 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     # a zombie (exited, not yet reaped by a parent that died) counts as gone
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:  # reaped meanwhile
+        return False
 
 
 def wait_until(what: str, check, timeout: float = 30.0) -> None:
