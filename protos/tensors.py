@@ -29,11 +29,23 @@ class TensorError(ValueError):
     pass
 
 
-def to_tensor(a: np.ndarray) -> pb.Tensor:
+def _wire(a: np.ndarray) -> tuple[int, bytes]:
     code = _CODES.get(a.dtype.newbyteorder("="))
     if code is None:
         raise TensorError(f"dtype {a.dtype} cannot travel; use one of {sorted(BY_NAME)}")
-    return pb.Tensor(dtype=code, shape=a.shape, data=a.astype(WIRE[code], copy=False).tobytes())
+    return code, a.astype(WIRE[code], copy=False).tobytes()
+
+
+def to_tensor(a: np.ndarray) -> pb.Tensor:
+    code, data = _wire(a)
+    return pb.Tensor(dtype=code, shape=a.shape, data=data)
+
+
+def fill_tensor(t: pb.Tensor, a: np.ndarray) -> None:
+    """Write ``a`` into the empty tensor ``t`` of a message being built, which saves
+    copying a finished ``Tensor`` into its parent (a per-chunk cost of answers)."""
+    t.dtype, t.data = _wire(a)
+    t.shape.extend(a.shape)
 
 
 def from_tensor(t: pb.Tensor) -> np.ndarray:

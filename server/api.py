@@ -14,8 +14,8 @@ import grpc
 from rnnserve.protos.headers import SESSION_HEADER
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from rnnserve.protos.tensors import BY_NAME, TensorError, from_tensor, to_tensor
-from rnnserve.server.core import ChunkInput, ChunkOutput, Core
+from rnnserve.protos.tensors import BY_NAME, TensorError, fill_tensor, from_tensor
+from rnnserve.server.core import ChunkInput, ChunkOutput, Core, StepRequest
 from rnnserve.server.errors import CoreError, InvalidChunk, ShuttingDown
 from rnnserve.server.interceptor import rpc_model
 from rnnserve.server.runtime import ModelRuntime
@@ -73,9 +73,26 @@ def chunk_input(chunk: pb.Chunk) -> ChunkInput:
     return ChunkInput()
 
 
-def chunk_result(out: ChunkOutput) -> pb.ChunkResult:
-    return pb.ChunkResult(seq=out.seq, end=out.end, outputs=[
-        pb.NamedTensor(name=name, tensor=to_tensor(a)) for name, a in out.outputs])
+def fill_result(target: pb.ChunkResult, out: ChunkOutput) -> None:
+    """Write a step's answer into the empty result of a message being built (in place:
+    a finished ChunkResult would be copied once more into its parent)."""
+    target.seq = out.seq
+    target.end = out.end
+    for name, a in out.outputs:
+        fill_tensor(target.outputs.add(name=name).tensor, a)
+
+
+def fill_failure(target: pb.ManyResult, exc: BaseException) -> None:
+    """An item's failure as its status: a CoreError's code, message and retry hint,
+    anything else INTERNAL without its text (logged here)."""
+    if isinstance(exc, CoreError):
+        target.code = grpc.StatusCode[exc.code].value[0]
+        target.message = str(exc)
+        target.retry_after_ms = exc.retry_after_ms or 0
+        return
+    log.error("unexpected error", exc_info=exc)
+    target.code = grpc.StatusCode.INTERNAL.value[0]
+    target.message = "internal error; see the server log"
 
 
 def session_info(session: Session, runtime: ModelRuntime) -> pb.SessionInfo:
@@ -231,7 +248,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 elif kind == "chunk":
                     out = await self.core.step(session_id, req.chunk.seq,
                                                chunk_input(req.chunk), req.chunk.end)
-                    yield pb.StreamResponse(result=chunk_result(out))
+                    resp = pb.StreamResponse()
+                    fill_result(resp.result, out)
+                    yield resp
                 else:
                     raise InvalidChunk("a session is open on this stream; send chunks")
         except Exception as exc:
@@ -245,12 +264,34 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 yield answer
 
     async def _many(self, req: pb.ManyRequest) -> pb.ManyResponse:
-        """A request's items at once (they batch together), answered in their order."""
-        results = await asyncio.gather(*(self._item(item) for item in req.items))
-        return pb.ManyResponse(id=req.id, results=results)
+        """A request's items at once (they batch together), answered in their order.
+        Plain chunks go to the core together (no task per item); items that open or
+        resume a session run as tasks beside them."""
+        resp = pb.ManyResponse(id=req.id)
+        steps: list[StepRequest] = []
+        targets: list[pb.ManyResult] = []
+        opening = []
+        for item in req.items:
+            target = resp.results.add(session_id=item.session_id)
+            if item.HasField("open") or not item.HasField("chunk"):
+                opening.append(self._item(item, target))
+                continue
+            c = item.chunk
+            steps.append((item.session_id, c.seq, chunk_input(c), c.end))
+            targets.append(target)
+        if opening:
+            outcomes, *_ = await asyncio.gather(self.core.step_many(steps), *opening)
+        else:
+            outcomes = await self.core.step_many(steps)
+        for target, outcome in zip(targets, outcomes, strict=True):
+            if isinstance(outcome, ChunkOutput):
+                fill_result(target.result, outcome)
+            else:
+                fill_failure(target, outcome)
+        return resp
 
-    async def _item(self, item: pb.ManyItem) -> pb.ManyResult:
-        out = pb.ManyResult(session_id=item.session_id)
+    async def _item(self, item: pb.ManyItem, out: pb.ManyResult) -> None:
+        """An item that opens (or resumes) its session, then steps it if it has a chunk."""
         try:
             if item.HasField("open"):
                 o = item.open
@@ -264,16 +305,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if item.HasField("chunk"):
                 c = item.chunk
                 result = await self.core.step(out.session_id, c.seq, chunk_input(c), c.end)
-                out.result.CopyFrom(chunk_result(result))
-        except CoreError as exc:
-            out.code = grpc.StatusCode[exc.code].value[0]
-            out.message = str(exc)
-            out.retry_after_ms = exc.retry_after_ms or 0
-        except Exception:
-            log.exception("unexpected error")
-            out.code = grpc.StatusCode.INTERNAL.value[0]
-            out.message = "internal error; see the server log"
-        return out
+                fill_result(out.result, result)
+        except Exception as exc:
+            fill_failure(out, exc)
 
     async def OpenSession(self, request: pb.OpenSessionRequest,
                           context: grpc.aio.ServicerContext) -> pb.SessionInfo:
@@ -297,7 +331,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                        chunk_input(request.chunk), request.chunk.end,
                                        expires=None if remaining is None
                                        else time.perf_counter() + remaining)
-            return pb.StepResponse(result=chunk_result(out))
+            resp = pb.StepResponse()
+            fill_result(resp.result, out)
+            return resp
         except Exception as exc:
             await self._fail(context, exc)
             raise

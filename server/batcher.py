@@ -138,8 +138,20 @@ class Batcher:
         ``row`` is not changed. A step still queued at ``expires`` (a perf_counter time)
         is dropped: DeadlineExpired. A ``tag`` goes to the commit hook, which runs before
         this returns."""
-        loop = asyncio.get_running_loop()
-        item = _Step(x, row, keep, loop.create_future(), time.perf_counter(), expires, tag)
+        future = self.submit(row, x, expires, tag, keep)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.abandon(future)
+            raise
+
+    def submit(self, row: int, x: np.ndarray, expires: float | None = None,
+               tag: Any = None, keep: bool = True) -> asyncio.Future[StepResult]:
+        """Queue a step (as ``step``) without waiting for it: its future gets what
+        ``step`` returns. Many steps queued at once cost one wait for all of them, not a
+        task each. A caller that stops waiting gives the future to ``abandon``."""
+        item = _Step(x, row, keep, asyncio.get_running_loop().create_future(), time.perf_counter(),
+                     expires, tag)
         self.runtime.pool.pin(row)  # a session ending meanwhile keeps it until it ran
         try:
             self._queue.put_nowait(item)
@@ -148,15 +160,15 @@ class Batcher:
             raise Overloaded(f"model {self.runtime.name!r} has {self._queue.maxsize} steps "
                              "queued; retry after a short delay",
                              retry_after_ms=retry_after_ms(self.delay_s())) from None
-        try:
-            return await item.future
-        except asyncio.CancelledError:
-            # cancelled after its result was set but before it was taken: the new row
-            # would be nobody's
-            done = item.future
-            if done.done() and not done.cancelled() and done.exception() is None:
-                self.runtime.pool.free(done.result()[1])
-            raise
+        return item.future
+
+    def abandon(self, future: asyncio.Future[StepResult]) -> None:
+        """A submitted step nobody waits for any more: dropped if it has not run, and a
+        new row it already got freed (it would be nobody's)."""
+        if not future.done():
+            future.cancel()  # the batcher skips it (or frees its row once it ran)
+        elif not future.cancelled() and future.exception() is None:
+            self.runtime.pool.free(future.result()[1])
 
     async def _consume(self) -> None:
         loop = asyncio.get_running_loop()

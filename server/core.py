@@ -15,13 +15,13 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from rnnserve.server import records
-from rnnserve.server.batcher import Batcher, retry_after_ms
+from rnnserve.server.batcher import Batcher, StepResult, retry_after_ms
 from rnnserve.server.errors import (
     CoreError,
     InvalidChunk,
@@ -81,10 +81,32 @@ class ChunkOutput:
     end: bool
 
 
+@dataclass(slots=True)
+class _Flight:
+    """A step queued in its batcher; its session is busy until the step lands."""
+
+    session: Session
+    runtime: ModelRuntime
+    seq: int
+    x: np.ndarray
+    end: bool
+    future: asyncio.Future[StepResult]
+    pending: _Pending | None  # with a shared store: the commit's tag
+
+
+# One step of ``Core.step_many``: (session id, seq, chunk, end).
+StepRequest = tuple[str, int, "ChunkInput", bool]
+
+
 def _check_owner(session: Session) -> None:
     """A session serves only the principal that opened it (with authentication on)."""
     if session.owner != principal():
         raise SessionForbidden(f"session {session.id!r} belongs to another principal")
+
+
+def _code(exc: Exception) -> str:
+    """The status code name a step's failure is counted under."""
+    return exc.code if isinstance(exc, CoreError) else "UNKNOWN"
 
 
 def _row(session: Session) -> int:
@@ -313,19 +335,107 @@ class Core:
             code = "CANCELLED"  # the caller went away; the state did not advance
             raise
         finally:
-            if self._on_chunk is not None:
-                done = time.perf_counter()
-                first = None
-                if session is not None and code == "OK" and session.opened_at:
-                    first = done - session.opened_at
-                    session.opened_at = 0.0
-                self._on_chunk(api, session.model if session else "",
-                               session.version if session else 0, code, done - started, first)
-            elif session is not None and code == "OK":
+            self._count(api, session, code, started)
+
+    def _count(self, api: str, session: Session | None, code: str, started: float) -> None:
+        """Count one chunk by its outcome (and a session's first answer)."""
+        if self._on_chunk is not None:
+            done = time.perf_counter()
+            first = None
+            if session is not None and code == "OK" and session.opened_at:
+                first = done - session.opened_at
                 session.opened_at = 0.0
+            self._on_chunk(api, session.model if session else "",
+                           session.version if session else 0, code, done - started, first)
+        elif session is not None and code == "OK":
+            session.opened_at = 0.0
+
+    async def step_many(self, steps: Sequence[StepRequest], api: str = "native"
+                        ) -> list[ChunkOutput | Exception]:
+        """Advance several sessions by one chunk each, as many ``step`` calls would (each
+        checked and counted alike), but queued at once and awaited once: no task per
+        step. Returns per step its output or the exception ``step`` would have raised;
+        one step's failure changes nothing for the others. The rare steps that need the
+        shared store first (a session to load, a copy to refresh) take ``step``'s path."""
+        started = time.perf_counter()
+        outcomes: list[ChunkOutput | Exception | None] = [None] * len(steps)
+        flights: list[tuple[int, _Flight, ChunkInput]] = []
+        slow: list[tuple[int, asyncio.Task[ChunkOutput]]] = []
+        loop = asyncio.get_running_loop()
+        for i, (sid, seq, chunk, end) in enumerate(steps):
+            coro: Coroutine[None, None, ChunkOutput] | None = None
+            session = None
+            try:
+                try:
+                    session = self.store.get(sid)
+                except GONE:
+                    coro = self.step(sid, seq, chunk, end, api)
+                else:
+                    _check_owner(session)
+                    if self.shared is not None and seq > session.next_seq \
+                            and sid not in self._busy:
+                        coro = self.step(sid, seq, chunk, end, api)
+                    else:
+                        flight = self._begin(session, seq, chunk, end)
+                        if isinstance(flight, ChunkOutput):  # a retry, answered again
+                            outcomes[i] = flight
+                            self._count(api, session, "OK", started)
+                        else:
+                            flights.append((i, flight, chunk))
+            except Exception as exc:
+                outcomes[i] = exc
+                self._count(api, session, _code(exc), started)
+            if coro is not None:
+                slow.append((i, loop.create_task(coro)))
+        waiting = [f.future for _, f, _ in flights] + [t for _, t in slow]
+        try:
+            if waiting:
+                await asyncio.wait(waiting)
+        except asyncio.CancelledError:
+            for _, f, _ in flights:
+                self.batchers[f.runtime.key].abandon(f.future)
+                self._busy.discard(f.session.id)
+                self._count(api, f.session, "CANCELLED", started)
+            for _, t in slow:
+                t.cancel()
+            raise
+        for k, (i, f, chunk) in enumerate(flights):
+            try:
+                outcomes[i] = await self._finish(f, chunk)  # suspends only for a moved session
+                code = "OK"
+            except asyncio.CancelledError:
+                for _, g, _ in flights[k:]:
+                    self._busy.discard(g.session.id)
+                    self._count(api, g.session, "CANCELLED", started)
+                raise
+            except Exception as exc:
+                outcomes[i] = exc
+                code = _code(exc)
+            self._count(api, f.session, code, started)
+        for i, t in slow:  # done; counted by step
+            failed = t.exception()
+            outcomes[i] = t.result() if failed is None else failed  # type: ignore[assignment]
+        return outcomes  # type: ignore[return-value]
 
     async def _step(self, session: Session, seq: int, chunk: ChunkInput,
                     end: bool, expires: float | None = None) -> ChunkOutput:
+        flight = self._begin(session, seq, chunk, end, expires)
+        if isinstance(flight, ChunkOutput):
+            return flight
+        try:
+            await flight.future
+        except asyncio.CancelledError:
+            self._busy.discard(session.id)
+            self.batchers[flight.runtime.key].abandon(flight.future)
+            raise
+        except Exception:  # _finish raises it
+            pass
+        return await self._finish(flight, chunk)
+
+    def _begin(self, session: Session, seq: int, chunk: ChunkInput, end: bool,
+               expires: float | None = None) -> _Flight | ChunkOutput:
+        """A step up to its run, without waiting: checked, queued in its batcher, its
+        session marked busy. A retry of the last chunk gets its answer here instead."""
         session_id = session.id
         runtime = self.registry.get(session.model, session.version)
         if session_id in self._busy:
@@ -338,38 +448,47 @@ class Core:
             raise OutOfOrder(f"session {session_id!r} expects chunk {session.next_seq}, "
                              f"got {seq}")
         x = runtime.check_chunk(self.decode(runtime, chunk))
-        batcher = self.batchers[runtime.key]
+        # with a shared store the batcher commits it (_commit): durable before answered
+        pending = None if self.shared is None else _Pending(session, runtime, seq, x, end)
+        future = self.batchers[runtime.key].submit(_row(session), x, expires, pending)
         self._busy.add(session_id)
+        return _Flight(session, runtime, seq, x, end, future, pending)
+
+    async def _finish(self, flight: _Flight, chunk: ChunkInput) -> ChunkOutput:
+        """A step whose run is done: its new state and answer become the session's (or
+        the run's failure is raised). Suspends only when the store says the session moved."""
+        session_id = flight.session.id
         try:
-            row = _row(session)
-            if self.shared is None:
-                outputs, new_row, _ = await batcher.step(row, x, expires)
-                answer = Answer(seq, digest(x),
-                                list(zip(runtime.data_output_names, outputs, strict=True)), end)
-            else:  # durable before it is answered: the batcher commits it (_commit)
-                pending = _Pending(session, runtime, seq, x, end)
-                try:
-                    _, new_row, _ = await batcher.step(row, x, expires, pending)
-                except SessionMoved:
-                    # a stale copy: maybe another server already ended the session with
-                    # this very chunk, and this is the client's retry of it
-                    ended = await self._final(session_id)
-                    if ended is None or ended.answer is None or ended.answer.seq != seq:
-                        raise
-                    return self._retry(session_id, ended.answer, runtime, chunk)
-                assert pending.answer is not None
-                answer = pending.answer
+            failure = flight.future.exception()
+            if isinstance(failure, SessionMoved):
+                # a stale copy: maybe another server already ended the session with
+                # this very chunk, and this is the client's retry of it
+                ended = await self._final(session_id)
+                if ended is None or ended.answer is None or ended.answer.seq != flight.seq:
+                    raise failure
+                return self._retry(session_id, ended.answer, flight.runtime, chunk)
+            if failure is not None:
+                raise failure
+            outputs, new_row, _ = flight.future.result()
         finally:
             self._busy.discard(session_id)
+        runtime = flight.runtime
+        if flight.pending is None:
+            answer = Answer(flight.seq, digest(flight.x),
+                            list(zip(runtime.data_output_names, outputs, strict=True)),
+                            flight.end)
+        else:
+            assert flight.pending.answer is not None
+            answer = flight.pending.answer
         new_state = PoolState(runtime.pool, new_row)
         try:
-            self.store.update(session, new_state, seq + 1, answer)
+            self.store.update(flight.session, new_state, flight.seq + 1, answer)
         except BaseException:  # the session ended meanwhile (evicted, restored over)
             new_state.release()
             raise
-        if end:
+        if flight.end:
             self.store.close(session_id)
-        return ChunkOutput(seq, answer.outputs, end)
+        return ChunkOutput(flight.seq, answer.outputs, flight.end)
 
     async def _commit(self, steps: list[tuple[_Pending, list[np.ndarray],
                                               list[np.ndarray] | None]]

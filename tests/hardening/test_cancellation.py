@@ -153,3 +153,93 @@ def test_thousands_of_streams_cancelled_anywhere_leave_every_session_exact(repo,
     # cancellation hit every point: some queued chunks were dropped, some had run
     assert {0, 1} <= set(applied["queued"] + applied["running"])
     assert all(d == 0 for d in applied["idle"])
+
+
+MANY_STREAMS, PER_STREAM = 150, 8
+
+
+def test_many_streams_cancelled_with_items_in_flight_leave_every_session_exact(
+        repo, tmp_path) -> None:
+    """``StreamMany`` queues a request's chunks together and waits for them at once: a
+    stream cancelled while they wait must give back every fresh row and apply each
+    chunk once or not at all, as one ``Stream`` per session does."""
+    rng = random.Random(22)
+    nrng = np.random.default_rng(22)
+    n = MANY_STREAMS * PER_STREAM
+    xs = [nrng.standard_normal((CHUNKS * FRAMES, 20)).astype(np.float32) for _ in range(n)]
+    sids = [uuid.uuid4().hex for _ in range(n)]
+    # per stream: how many requests are answered before the one cancelled (CHUNKS: none;
+    # the cancelled one is never the last chunk, whose sessions end: see the test above)
+    lasts = [rng.choice([1, 2, 3, 4, CHUNKS]) for _ in range(MANY_STREAMS)]
+    server = start_server(repo, tmp_path / "s.log", "--max-sessions", str(2 * n))
+
+    def request(s: int, k: int) -> pb.ManyRequest:
+        return pb.ManyRequest(id=k, items=[pb.ManyItem(
+            session_id=sids[j], chunk=chunk(xs[j], k),
+            open=pb.OpenSessionRequest(model="feat") if k == 0 else None)
+            for j in range(s * PER_STREAM, (s + 1) * PER_STREAM)])
+
+    try:
+        async def main():
+            answers: dict[int, dict[int, np.ndarray]] = {j: {} for j in range(n)}
+            gate = asyncio.Semaphore(CONCURRENCY)
+            async with AsyncClient(server.target, timeout=30) as client:
+                stub = pb_grpc.InferenceStub(client.channel)
+
+                async def one(s: int) -> None:
+                    async with gate:
+                        call = stub.StreamMany()
+                        try:
+                            for k in range(min(lasts[s], CHUNKS)):
+                                await call.write(request(s, k))
+                                resp = await call.read()
+                                for j, r in enumerate(resp.results, s * PER_STREAM):
+                                    assert r.code == 0, r.message
+                                    answers[j][k] = logits(r.result)
+                            if lasts[s] == CHUNKS:
+                                await call.done_writing()
+                                return
+                            await call.write(request(s, lasts[s]))
+                            await asyncio.sleep(rng.random() * rng.choice([0.003, 0.03]))
+                        finally:
+                            if lasts[s] < CHUNKS:
+                                call.cancel()
+
+                await asyncio.gather(*(one(s) for s in range(MANY_STREAMS)))
+
+                async def finish(j: int) -> int:
+                    """Resume an interrupted session and finish it; the chunks it had applied."""
+                    async with gate:
+                        info = await stub.OpenSession(pb.OpenSessionRequest(
+                            model="feat", session_id=sids[j], resume=True), timeout=30)
+                        first = info.next_seq
+                        if first > lasts[j // PER_STREAM]:  # it ran: a retry gets its answer
+                            first -= 1
+                        for k in range(first, CHUNKS):
+                            resp = await stub.Step(pb.StepRequest(
+                                session_id=sids[j], chunk=chunk(xs[j], k)), timeout=30)
+                            answers[j][k] = logits(resp.result)
+                        return info.next_seq
+
+                cut = [j for j in range(n) if lasts[j // PER_STREAM] < CHUNKS]
+                starts = dict(zip(cut, await asyncio.gather(*(finish(j) for j in cut)),
+                                  strict=True))
+            return answers, starts
+
+        answers, starts = asyncio.run(asyncio.wait_for(main(), 600))
+        text = server.metrics()
+    finally:
+        assert server.stop() == 0
+    applied = []
+    for j in range(n):
+        if j in starts:
+            last = lasts[j // PER_STREAM]
+            assert starts[j] in (last, last + 1), (j, last, starts[j])
+            applied.append(starts[j] - last)
+        assert sorted(answers[j]) == list(range(CHUNKS))
+        want = whole_run(repo, "feat", 1, xs[j]).reshape(CHUNKS, FRAMES, -1)
+        for k, y in answers[j].items():
+            assert float(np.abs(y - want[k]).max()) <= 1e-5, (j, k)
+    assert metric_value(text, "rnnserve_active_sessions") == 0
+    assert metric_value(text, "rnnserve_state_pool_rows") == 0  # no row leaked
+    assert {0, 1} <= set(applied), "no cancelled request was both dropped and run"
