@@ -63,7 +63,7 @@ CommitHook = Callable[[list[tuple[Any, list[np.ndarray], list[np.ndarray] | None
 StepResult = tuple[list[np.ndarray], int, list[np.ndarray] | None]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Step:
     x: np.ndarray
     row: int  # the pool row its state is read from (pinned while queued)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 import uuid
@@ -44,7 +43,7 @@ from rnnserve.server.errors import (
 from rnnserve.server.identity import principal
 from rnnserve.server.pool import ZERO, PoolState
 from rnnserve.server.runtime import ModelRegistry, ModelRuntime
-from rnnserve.server.sessions import Answer, HostState, Session, SessionStore
+from rnnserve.server.sessions import Answer, HostState, Session, SessionStore, digest
 from rnnserve.server.shared import RedisStore
 
 log = logging.getLogger("rnnserve.core")
@@ -62,7 +61,7 @@ class ChunkInput:
     invalid: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     """A step on its way to the shared store: the batcher's commit tag."""
 
@@ -115,14 +114,6 @@ def _row(session: Session) -> int:
     if not isinstance(state, PoolState):
         raise TypeError(f"session {session.id!r} holds its state outside the model's pool")
     return state.row
-
-
-def digest(x: np.ndarray) -> bytes:
-    """A chunk's identity for retries: its dtype, shape and bytes."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{x.dtype.str}{x.shape}".encode())
-    h.update(np.ascontiguousarray(x).data)
-    return h.digest()
 
 
 # Called once per chunk, answered or rejected: (api, model, version, status code name,
@@ -294,7 +285,7 @@ class Core:
                 raise InvalidChunk(f"model {runtime.name!r} takes {kind} input, not PCM16 audio")
             if len(chunk.pcm16) % 2:
                 raise InvalidChunk("PCM16 audio must have an even number of bytes")
-            return np.frombuffer(chunk.pcm16, dtype="<i2").astype(np.int16)
+            return np.frombuffer(chunk.pcm16, dtype="<i2").astype(np.int16, copy=False)
         if chunk.array is None:
             raise InvalidChunk("the chunk carries no data: set tensor, text or pcm16")
         return chunk.array
@@ -474,9 +465,9 @@ class Core:
             self._busy.discard(session_id)
         runtime = flight.runtime
         if flight.pending is None:
-            answer = Answer(flight.seq, digest(flight.x),
+            answer = Answer(flight.seq, None,
                             list(zip(runtime.data_output_names, outputs, strict=True)),
-                            flight.end)
+                            flight.end, chunk=flight.x)
         else:
             assert flight.pending.answer is not None
             answer = flight.pending.answer

@@ -19,13 +19,20 @@ Three sources feed it:
 from __future__ import annotations
 
 import platform
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from rnnserve.server.sessions import ENDED_REASONS
 
@@ -37,6 +44,79 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 SLO_SECONDS = 0.1  # the streaming latency budget; a bucket boundary (rules use le="0.1")
 assert SLO_SECONDS in LATENCY_BUCKETS
+
+
+class _LoopCount:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _LoopObservations:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; last: +Inf
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.sum += amount
+
+
+class LoopFamily(Collector):
+    """A labelled counter or histogram for the per-chunk path, changed by the event loop
+    thread alone: an observation is a bisect and two additions, where prometheus_client's
+    takes a lock for each value it changes (several microseconds a chunk, a tenth of a
+    StreamMany item's host time). Scrapes (another thread) read a copy; the exposition
+    is the one prometheus_client gives (names, le labels, +Inf, _count, _sum)."""
+
+    def __init__(self, kind: str, name: str, doc: str, labelnames: Iterable[str],
+                 registry: CollectorRegistry, buckets: Iterable[float] = ()) -> None:
+        self.kind, self.name, self.doc = kind, name, doc
+        self.labelnames = tuple(labelnames)
+        self.bounds = tuple(float(b) for b in buckets)
+        self._le = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        self._children: dict[tuple[str, ...], Any] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> Any:
+        key = tuple(str(v) for v in values)
+        if len(key) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {key}")
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = (
+                _LoopCount() if self.kind == "counter" else _LoopObservations(self.bounds))
+        return child
+
+    def describe(self) -> Iterator[Any]:
+        if self.kind == "counter":
+            yield CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+        else:
+            yield HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+
+    def collect(self) -> Iterator[Any]:
+        children = list(self._children.items())
+        if self.kind == "counter":
+            counter = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+            for key, child in children:
+                counter.add_metric(list(key), child.value)
+            yield counter
+            return
+        histogram = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for key, child in children:
+            counts, total, cumulative, buckets = list(child.counts), child.sum, 0, []
+            for le, n in zip(self._le, counts, strict=True):
+                cumulative += n
+                buckets.append((le, float(cumulative)))
+            histogram.add_metric(list(key), buckets, total)
+        yield histogram
 
 
 @dataclass(frozen=True)
@@ -61,26 +141,28 @@ class Metrics:
             ("api", "method"), buckets=LATENCY_BUCKETS, registry=registry)
         self.streams = Gauge("rnnserve_open_streams", "Streaming RPCs in progress",
                              ("api", "method"), registry=registry)
-        self.chunks = Counter(
-            "rnnserve_chunks_total", "Chunks by api, model, version and status code",
-            ("api", "model", "version", "code"), registry=registry)
-        self.chunk_latency = Histogram(
-            "rnnserve_chunk_latency_seconds",
+        # the per-chunk and per-batch series: changed by the event loop alone (LoopFamily)
+        self.chunks = LoopFamily(
+            "counter", "rnnserve_chunks_total",
+            "Chunks by api, model, version and status code",
+            ("api", "model", "version", "code"), registry)
+        self.chunk_latency = LoopFamily(
+            "histogram", "rnnserve_chunk_latency_seconds",
             "Server time per answered chunk, from receipt to answer (answered chunks only)",
-            ("api", *mv), buckets=LATENCY_BUCKETS, registry=registry)
-        self.first_output = Histogram(
-            "rnnserve_time_to_first_output_seconds",
-            "From opening a session to its first answered chunk", mv,
-            buckets=LATENCY_BUCKETS, registry=registry)
-        self.queue_wait = Histogram(
-            "rnnserve_queue_wait_seconds", "Time each step waited for its batch to start",
-            mv, buckets=LATENCY_BUCKETS, registry=registry)
-        self.compute = Histogram(
-            "rnnserve_compute_seconds", "onnxruntime time per batch run", mv,
-            buckets=LATENCY_BUCKETS, registry=registry)
-        self.batch_size = Histogram(
-            "rnnserve_batch_size", "Session steps in one onnxruntime run", mv,
-            buckets=BATCH_BUCKETS, registry=registry)
+            ("api", *mv), registry, LATENCY_BUCKETS)
+        self.first_output = LoopFamily(
+            "histogram", "rnnserve_time_to_first_output_seconds",
+            "From opening a session to its first answered chunk", mv, registry,
+            LATENCY_BUCKETS)
+        self.queue_wait = LoopFamily(
+            "histogram", "rnnserve_queue_wait_seconds",
+            "Time each step waited for its batch to start", mv, registry, LATENCY_BUCKETS)
+        self.compute = LoopFamily(
+            "histogram", "rnnserve_compute_seconds", "onnxruntime time per batch run", mv,
+            registry, LATENCY_BUCKETS)
+        self.batch_size = LoopFamily(
+            "histogram", "rnnserve_batch_size", "Session steps in one onnxruntime run", mv,
+            registry, BATCH_BUCKETS)
         self.sessions_started = Counter(
             "rnnserve_sessions_started_total", "Sessions opened", mv, registry=registry)
         self.sessions_ended = Counter(

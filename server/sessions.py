@@ -15,6 +15,7 @@ exceed ``max_sessions`` or ``max_state_bytes``.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections import OrderedDict
@@ -66,19 +67,45 @@ class HostState:
         pass
 
 
-@dataclass(frozen=True)
+def digest(x: np.ndarray) -> bytes:
+    """A chunk's identity for retries: its dtype, shape and bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{x.dtype.str}{x.shape}".encode())
+    h.update(np.ascontiguousarray(x).data)
+    return h.digest()
+
+
 class Answer:
     """The answer to a session's last chunk, kept so that a retry of that chunk (same
-    sequence number, same data) gets it again without advancing the state."""
+    sequence number, same data) gets it again without advancing the state.
 
-    seq: int
-    digest: bytes  # of the chunk's data, to tell a retry from a different chunk
-    outputs: list[tuple[str, np.ndarray]]
-    end: bool = False
+    The chunk's digest tells a retry from a different chunk. Given the ``chunk``
+    instead, the answer keeps it and hashes it only when asked (a retry, a record
+    written): most answers are replaced by the next chunk's unasked."""
+
+    __slots__ = ("_chunk", "_digest", "end", "outputs", "seq")
+
+    def __init__(self, seq: int, digest: bytes | None, outputs: list[tuple[str, np.ndarray]],
+                 end: bool = False, *, chunk: np.ndarray | None = None) -> None:
+        if (digest is None) == (chunk is None):
+            raise ValueError("an answer takes its chunk's digest or the chunk")
+        self.seq, self.outputs, self.end = seq, outputs, end
+        self._digest, self._chunk = digest, chunk
+
+    @property
+    def digest(self) -> bytes:
+        if self._digest is None:
+            assert self._chunk is not None
+            self._digest = digest(self._chunk)
+        return self._digest
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for _, a in self.outputs)
+        held = self._chunk.nbytes if self._chunk is not None else 0
+        return held + sum(a.nbytes for _, a in self.outputs)
+
+    def __repr__(self) -> str:
+        return f"Answer(seq={self.seq}, end={self.end}, outputs={[n for n, _ in self.outputs]})"
 
 
 @dataclass
@@ -304,7 +331,8 @@ class MemorySessionStore:
         if self._live.get(session.id) is not session:
             raise self._gone(session.id)
         nbytes = state.nbytes + (answer.nbytes if answer else 0)
-        self._account(session, nbytes - session.nbytes)
+        if nbytes != session.nbytes:  # most steps: the same size as the last one
+            self._account(session, nbytes - session.nbytes)
         if state is not session.state:
             session.state.release()
         session.state, session.nbytes, session.next_seq = state, nbytes, next_seq

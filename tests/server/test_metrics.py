@@ -160,3 +160,31 @@ def test_health_watch_streams_through_the_interceptor(server) -> None:
     text = server.metrics()
     assert metric_value(text, "rnnserve_open_streams", api="health", method="Watch") == 0
     assert metric_value(text, "rnnserve_requests_total", api="health", method="Watch") == 1
+
+
+def test_loop_families_expose_what_prometheus_client_would() -> None:
+    """The per-chunk series are kept without locks (LoopFamily); a scrape must read
+    exactly what prometheus_client's Counter and Histogram give for the same values,
+    bucket boundaries included."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from rnnserve.server.metrics import LATENCY_BUCKETS, LoopFamily
+
+    rng = np.random.default_rng(5)
+    values = [*LATENCY_BUCKETS, 0.0, 50.0, *rng.exponential(0.02, 500).tolist()]
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    ours_h = LoopFamily("histogram", "x_seconds", "doc", ("a", "b"), ours, LATENCY_BUCKETS)
+    ours_c = LoopFamily("counter", "x_total", "doc", ("a",), ours)
+    theirs_h = Histogram("x_seconds", "doc", ("a", "b"), buckets=LATENCY_BUCKETS,
+                         registry=theirs)
+    theirs_c = Counter("x_total", "doc", ("a",), registry=theirs)
+    for i, v in enumerate(values):
+        for h, c in ((ours_h, ours_c), (theirs_h, theirs_c)):
+            h.labels("p" if i % 3 else "q", "1").observe(v)
+            c.labels(str(i % 2)).inc()
+
+    def lines(registry) -> list[str]:  # the _created series are turned off in the server
+        return sorted(line for line in generate_latest(registry).decode().splitlines()
+                      if "_created" not in line)
+
+    assert lines(ours) == lines(theirs)
