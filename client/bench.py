@@ -48,11 +48,14 @@ BUDGET_S = 0.1  # capacity: p99 within this, and no errors
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 BUSY = 0.85  # a load process this busy (CPU / wall) may be what limits the figures
 
-# The reference workloads of docs/DESIGN: (arch, input, hidden size, layers, chunk)
+# The reference workloads of docs/DESIGN: (arch, input, hidden size, layers, chunk).
+# speech-tiny is speech-small's input and front end on an 8-unit LSTM: its compute is
+# next to nothing, so it measures the host's part of a chunk (what a GPU leaves to it).
 WORKLOADS = {
     "speech-small": ("lstm", "pcm16", 256, 2, 40),
     "speech-large": ("lstm", "pcm16", 768, 3, 40),
     "text-small": ("gru", "bytes", 512, 2, 16),
+    "speech-tiny": ("lstm", "pcm16", 8, 1, 40),
 }
 
 
@@ -440,21 +443,43 @@ def build_workload(name: str, root: Path) -> tuple[Path, int]:
     return repo, chunk
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process and its descendants (a server's worker processes;
-    Linux: /proc/PID/status, /proc/PID/task/*/children)."""
-    total, found = 0, False
+def process_tree(pid: int) -> list[int]:
+    """A process and its descendants (a server's worker processes; Linux:
+    /proc/PID/task/*/children); those gone meanwhile are left out."""
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                for child in (task / "children").read_text().split():
+                    pids += process_tree(int(child))
+    return pids
+
+
+def _vmrss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            total, found = int(line.split()[1]) * 1024, True
-    if not found:
-        raise RnnserveError(f"no VmRSS for process {pid}")
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            for child in (task / "children").read_text().split():
-                with contextlib.suppress(OSError, RnnserveError):  # gone meanwhile
-                    total += rss_bytes(int(child))
+            return int(line.split()[1]) * 1024
+    raise RnnserveError(f"no VmRSS for process {pid}")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process and its descendants (Linux: /proc/PID/status)."""
+    total = _vmrss(pid)
+    for child in process_tree(pid)[1:]:
+        with contextlib.suppress(OSError, RnnserveError):  # gone meanwhile
+            total += _vmrss(child)
     return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) a process and its descendants have used so far
+    (Linux: /proc/PID/stat)."""
+    ticks = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 async def _open_idle(target: str, model: str, n: int, concurrency: int = 64) -> None:
@@ -557,11 +582,18 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
                 f"{name} " + ", ".join(f"{lv.streams}: {lv.latency_ms['p99']:.0f}"
                                        for lv in runs[name]) for name in targets))
         n = saturation_streams or levels[-1]
+        cpu_before = cpu_seconds(spawned.proc.pid) if spawned else 0.0
         closed = summarize(n, duration_s, gen.run(
             target, meta.name, meta.SerializeToString(), streams=n, chunk_ms=chunk_ms,
             chunk_bytes=chunk_bytes, duration_s=duration_s, closed_loop=True))
+        # the server's CPU per answered chunk, every thread and worker process: what a
+        # host needs per chunk at full load (the clients' cost not included)
+        cpu_us = None
+        if spawned and closed.answered:
+            cpu_us = 1e6 * (cpu_seconds(spawned.proc.pid) - cpu_before) / closed.answered
         log(f"closed loop, {n} streams: {closed.throughput:.0f} chunks/s, "
-            f"p50 {closed.latency_ms['p50']:.2f} ms, load {closed.load_busy:.2f}")
+            f"p50 {closed.latency_ms['p50']:.2f} ms, load {closed.load_busy:.2f}"
+            + (f", server CPU {cpu_us:.0f} us per chunk" if cpu_us is not None else ""))
         soaked = None
         if soak_s:
             k = soak_streams or int(SOAK_FRACTION * capacity(runs["rnnserve"]))
@@ -614,7 +646,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         "max_batch_size": max_batch_size,
         "capacity_streams": caps["rnnserve"],
         "saturation": {"streams": closed.streams, "throughput": closed.throughput,
-                       "latency_ms": closed.latency_ms, "load_busy": closed.load_busy},
+                       "latency_ms": closed.latency_ms, "load_busy": closed.load_busy,
+                       "server_cpu_us_per_chunk": cpu_us},
         "load_generator": {"processes": load_procs, "connections": connections,
                            "streams_per_message": max(1, many),
                            "busiest": busy,

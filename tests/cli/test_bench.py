@@ -47,6 +47,8 @@ def test_bench_sweeps_levels_with_baselines_and_writes_json_and_plot(tmp_path) -
     assert report["capacity_streams"] == max(within, default=0)
     sat = report["saturation"]
     assert sat["streams"] == 3 and sat["throughput"] > 0 and sat["latency_ms"]["p50"] > 0
+    # the started server's CPU per answered chunk: tens of microseconds at the least
+    assert 20 < sat["server_cpu_us_per_chunk"] < 1e6
     assert report["load_generator"]["processes"] == 2
     base = report["baselines"]
     for name in ("transport", "unbatched"):
@@ -152,3 +154,5 @@ def test_bench_sends_many_streams_per_message_to_several_workers(tmp_path) -> No
         assert 20 * lv["streams"] <= lv["answered"] <= 26 * lv["streams"]
         assert lv["errors"] == {} and lv["sessions"] == lv["streams"]
     assert "[worker 1]" in (out / "server.log").read_text()
+    # counted over the worker processes too (the supervisor alone answers nothing)
+    assert report["saturation"]["server_cpu_us_per_chunk"] > 20
