@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--server", help="HOST:PORT of a running rnnserve serve")
     where.add_argument("--repo", help="start rnnserve serve on 127.0.0.1 with this repository "
                        "for the run, and stop it after")
-    where.add_argument("--workload", choices=["speech-small", "speech-large", "text-small"],
+    where.add_argument("--workload", choices=["speech-small", "speech-large", "text-small",
+                                              "speech-tiny"],
                        help="a reference workload (random weights; built on first use into "
                        "--workload-dir, needs the train extra) served like --repo")
     b.add_argument("--workload-dir", default="runs/workloads",

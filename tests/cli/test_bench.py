@@ -156,3 +156,14 @@ def test_bench_sends_many_streams_per_message_to_several_workers(tmp_path) -> No
     assert "[worker 1]" in (out / "server.log").read_text()
     # counted over the worker processes too (the supervisor alone answers nothing)
     assert report["saturation"]["server_cpu_us_per_chunk"] > 20
+
+
+def test_the_cli_offers_every_reference_workload() -> None:
+    """The parser lists the workloads without importing the bench (numpy, grpc): the
+    two lists must not drift apart."""
+    from rnnserve.cli import build_parser
+    from rnnserve.client.bench import WORKLOADS
+
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]  # type: ignore[union-attr]
+    (workload,) = [a for a in bench._actions if a.dest == "workload"]
+    assert sorted(workload.choices) == sorted(WORKLOADS)
