@@ -394,8 +394,9 @@ class Core:
             try:
                 outcomes[i] = await self._finish(f, chunk)  # suspends only for a moved session
                 code = "OK"
-            except asyncio.CancelledError:
-                for _, g, _ in flights[k:]:
+            except asyncio.CancelledError:  # while a moved session's answer was looked up
+                for _, g, _ in flights[k:]:  # the later ones ran: their new rows go back
+                    self.batchers[g.runtime.key].abandon(g.future)
                     self._busy.discard(g.session.id)
                     self._count(api, g.session, "CANCELLED", started)
                 raise
