@@ -313,8 +313,7 @@ class Core:
                     code = "OK"
                     return out
             _check_owner(session)
-            if self.shared is not None and seq > session.next_seq \
-                    and session_id not in self._busy:
+            if self._stale(session, seq):
                 session = await self._refresh(session)
             out = await self._step(session, seq, chunk, end, expires)
             code = "OK"
@@ -363,8 +362,7 @@ class Core:
                     coro = self.step(sid, seq, chunk, end, api)
                 else:
                     _check_owner(session)
-                    if self.shared is not None and seq > session.next_seq \
-                            and sid not in self._busy:
+                    if self._stale(session, seq):  # step's path refreshes it first
                         coro = self.step(sid, seq, chunk, end, api)
                     else:
                         flight = self._begin(session, seq, chunk, end)
@@ -523,6 +521,12 @@ class Core:
         except GONE:
             return None
         return session
+
+    def _stale(self, session: Session, seq: int) -> bool:
+        """A chunk numbered ahead of this server's idle copy, with a shared store: the
+        session may have gone on elsewhere, and its copy is refreshed before the step."""
+        return self.shared is not None and seq > session.next_seq \
+            and session.id not in self._busy
 
     async def _refresh(self, session: Session) -> Session:
         """A step ahead of this server's copy: the session went on elsewhere (another
