@@ -246,9 +246,13 @@ class Core:
                                         f"{stored.model!r} version {stored.version}, which "
                                         "this server does not serve") from None
                 records.check(stored, runtime)
-                if local is None or local.next_seq != stored.next_seq:
+                # a copy here as new as the record stays (no copy of the state); one
+                # newer than it (steps served while the store was down) is not undone
+                if local is None or stored.next_seq > local.next_seq:
                     source = "store"
-                self._restore(stored, runtime)
+                    self._restore(stored, runtime)
+                else:
+                    local.unsure = False
         session = self.store.get(sid)
         _check_owner(session)
         runtime = self.registry.get(session.model, session.version)
@@ -267,7 +271,7 @@ class Core:
         try:
             runtime.pool.write(row, stored.state.arrays)
             stored.state = state
-            self.store.restore(stored)
+            self.store.restore(stored).unsure = False  # as the store has it now
         except BaseException:
             state.release()
             raise
@@ -382,8 +386,7 @@ class Core:
                 await asyncio.wait(waiting)
         except asyncio.CancelledError:
             for _, f, _ in flights:
-                self.batchers[f.runtime.key].abandon(f.future)
-                self._busy.discard(f.session.id)
+                self._give_up(f)
                 self._count(api, f.session, "CANCELLED", started)
             for _, t in slow:
                 t.cancel()
@@ -394,8 +397,7 @@ class Core:
                 code = "OK"
             except asyncio.CancelledError:  # while a moved session's answer was looked up
                 for _, g, _ in flights[k:]:  # the later ones ran: their new rows go back
-                    self.batchers[g.runtime.key].abandon(g.future)
-                    self._busy.discard(g.session.id)
+                    self._give_up(g)
                     self._count(api, g.session, "CANCELLED", started)
                 raise
             except Exception as exc:
@@ -415,8 +417,7 @@ class Core:
         try:
             await flight.future
         except asyncio.CancelledError:
-            self._busy.discard(session.id)
-            self.batchers[flight.runtime.key].abandon(flight.future)
+            self._give_up(flight)
             raise
         except Exception:  # _finish raises it
             pass
@@ -443,6 +444,18 @@ class Core:
         future = self.batchers[runtime.key].submit(_row(session), x, expires, pending)
         self._busy.add(session_id)
         return _Flight(session, runtime, seq, x, end, future, pending)
+
+    def _give_up(self, flight: _Flight) -> None:
+        """A step whose caller went away: dropped if it has not run, else its new row
+        freed; the session stays as it was here. With a shared store its commit may
+        have landed there all the same (the run and the write go on without the
+        caller): the session's next step then takes the store's record first
+        (``_stale``), so that a retry of this chunk gets the stored answer instead of
+        being refused as moved."""
+        self.batchers[flight.runtime.key].abandon(flight.future)
+        self._busy.discard(flight.session.id)
+        if flight.pending is not None:
+            flight.session.unsure = True
 
     async def _finish(self, flight: _Flight, chunk: ChunkInput) -> ChunkOutput:
         """A step whose run is done: its new state and answer become the session's (or
@@ -523,9 +536,10 @@ class Core:
         return session
 
     def _stale(self, session: Session, seq: int) -> bool:
-        """A chunk numbered ahead of this server's idle copy, with a shared store: the
-        session may have gone on elsewhere, and its copy is refreshed before the step."""
-        return self.shared is not None and seq > session.next_seq \
+        """A chunk numbered ahead of this server's idle copy, or a copy whose last step
+        was given up (``_give_up``), with a shared store: the session may have gone on
+        in the store, and its copy is refreshed before the step."""
+        return self.shared is not None and (seq > session.next_seq or session.unsure) \
             and session.id not in self._busy
 
     async def _refresh(self, session: Session) -> Session:

@@ -121,6 +121,9 @@ class Session:
     opened_at: float = 0.0  # perf_counter when opened here; 0 once it has answered a chunk
     answer: Answer | None = None
     owner: str = ""  # the principal that opened it ("" without authentication)
+    # a step of it was given up (its caller went away) while its commit to the shared
+    # store may have landed: the next step takes the store's record first
+    unsure: bool = False
     # the start of its shared-store record's header, cached by records.encode
     record_prefix: str = field(default="", repr=False, compare=False)
 

@@ -273,8 +273,8 @@ class RedisStore:
         meanwhile queue and go out together in the next script call (group commit).
 
         If the caller is cancelled meanwhile, the writes may still land: the store is
-        then one chunk ahead of this server's copy, whose next write is refused as
-        moved; the client resumes and its retry of that chunk gets the stored answer."""
+        then one chunk ahead of this server's copy, which the core therefore refreshes
+        from the store before the session's next step (``Core._give_up``)."""
         args: list[Any] = []
         for sid, data, from_seq, to_seq, final in steps:
             args += [f"{'f' if final else 's'} {from_seq} {to_seq} {sid}", data]
