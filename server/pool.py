@@ -21,6 +21,11 @@ rows read it) and row 1 takes what padding rows write; neither is ever handed ou
 Rows in flight are pinned: a session that ends while its step still waits to run keeps
 its row until that run has read it, so the row is never reused under a queued gather.
 
+A growable pool hands out rows beyond its buffers at once and grows them in the run
+that first needs those rows (in a worker thread, never on the event loop), once the
+runs using the old buffers are done; the old rows are copied into the new buffers on
+the device (a ``ScatterND`` run), so growth brings no state to the host either.
+
 The same code runs on both devices; on the CPU the pools are numpy arrays that
 onnxruntime reads and writes through the binding, so CI runs every line of the row
 bookkeeping, the graph extension and the binding that the GPU path runs.
@@ -143,6 +148,24 @@ def _rows_model(specs: Sequence[PoolSpec], opset: int) -> onnx.ModelProto:
     return model
 
 
+def _copy_model(specs: Sequence[PoolSpec], opset: int) -> onnx.ModelProto:
+    """Growth: the rows of the old pools ``rnnserve_old_J`` (k rows) written into the
+    first k rows of the new ones, in place (``rnnserve_scatter`` = 0..k-1)."""
+    inputs = [_rows_info(pool_input(j), s, "pool_rows") for j, s in enumerate(specs)]
+    inputs += [_rows_info(f"rnnserve_old_{j}", s, "k") for j, s in enumerate(specs)]
+    inputs.append(helper.make_tensor_value_info(SCATTER, TensorProto.INT64, ["k"]))
+    nodes = [helper.make_node("Unsqueeze", [SCATTER, _AXES], [_SCATTER_2D])]
+    nodes += [helper.make_node("ScatterND", [pool_input(j), _SCATTER_2D, f"rnnserve_old_{j}"],
+                               [pool_output(j)]) for j in range(len(specs))]
+    outputs = [_rows_info(pool_output(j), s, "pool_rows") for j, s in enumerate(specs)]
+    graph = helper.make_graph(nodes, "rnnserve_pool_copy", inputs, outputs,
+                              initializer=[helper.make_tensor(_AXES, TensorProto.INT64, [1],
+                                                              [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
 class PoolFull(Overloaded):
     """A fixed-size pool (CUDA graphs need fixed addresses) has no free row: the step or
     the session moving in is refused with RESOURCE_EXHAUSTED, like a full queue."""
@@ -155,10 +178,11 @@ class PoolFull(Overloaded):
 class StatePool:
     """The state pools of one model version on one device, and their rows' owners.
 
-    ``alloc``/``free``/``pin``/``unpin`` are called from the event loop; runs (in
-    worker threads) hold ``acquire()``/``release()`` around binding and running, which
-    holds off a resize of the pools (growth replaces the buffers) but not other runs:
-    concurrent runs touch disjoint rows.
+    ``alloc``/``free``/``pin``/``unpin`` are called from the event loop and never wait
+    for a run; runs (in worker threads) hold ``acquire(rows)``/``release()`` around
+    binding and running, which holds off a resize of the pools (growth replaces the
+    buffers) but not other runs: concurrent runs touch disjoint rows. A run whose rows
+    lie beyond the buffers grows them in ``acquire`` first.
     """
 
     def __init__(self, specs: Sequence[PoolSpec], *, device: str = "cpu", device_id: int = 0,
@@ -183,8 +207,11 @@ class StatePool:
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         so.log_severity_level = 3
+        providers = providers or ["CPUExecutionProvider"]
         self._rows = ort.InferenceSession(_rows_model(self.specs, opset).SerializeToString(),
-                                          so, providers=providers or ["CPUExecutionProvider"])
+                                          so, providers=providers)
+        self._copy = ort.InferenceSession(_copy_model(self.specs, opset).SerializeToString(),
+                                          so, providers=providers)
         self._allocate(max(rows, FIRST + 1), None)
 
     # -- rows -------------------------------------------------------------------------
@@ -196,6 +223,8 @@ class StatePool:
             return self._next - FIRST - len(self._free)
 
     def alloc(self) -> int:
+        """A free row; on a growable pool it may lie beyond the buffers until the run
+        that uses it grows them (``acquire``)."""
         with self._lock:
             if self._free:
                 return self._free.pop()
@@ -203,8 +232,6 @@ class StatePool:
                 raise PoolFull(f"the state pool holds {self.capacity - FIRST} rows, all in use")
             row = self._next
             self._next += 1
-        if row >= self.capacity:
-            self._grow(row + 1)
         return row
 
     def free(self, row: int) -> None:
@@ -238,46 +265,55 @@ class StatePool:
 
     # -- buffers ----------------------------------------------------------------------
 
-    def _allocate(self, rows: int, old: list[np.ndarray] | None) -> None:
+    def _allocate(self, rows: int, old: list[ort.OrtValue] | None) -> None:
+        """New buffers of ``rows`` rows (zeros), the rows of ``old`` copied into them on
+        the device."""
         buffers, values = [], []
-        for j, s in enumerate(self.specs):
+        for s in self.specs:
             host = np.zeros((rows, *s.row_shape), dtype=s.dtype)
-            if old is not None:
-                host[:len(old[j])] = old[j]
             if self.device == "cpu":
                 buffers.append(host)  # onnxruntime reads and writes this very memory
                 values.append(ort.OrtValue.ortvalue_from_numpy(host))
             else:
                 values.append(ort.OrtValue.ortvalue_from_numpy(host, self.device,
                                                                self.device_id))
+        if old is not None:
+            b = self._copy.io_binding()
+            for j, (new, was) in enumerate(zip(values, old, strict=True)):
+                b.bind_ortvalue_input(pool_input(j), new)
+                b.bind_ortvalue_input(f"rnnserve_old_{j}", was)
+                b.bind_ortvalue_output(pool_output(j), new)
+            b.bind_cpu_input(SCATTER, np.arange(self.capacity, dtype=np.int64))
+            self._copy.run_with_iobinding(b)
         self.buffers, self.values, self.capacity = buffers, values, rows
 
-    def _grow(self, rows: int) -> None:
-        """Grow the pools to at least ``rows`` rows (doubling), once no run uses them
-        (``alloc`` calls this only for a growable pool). Rows keep their contents; on a
-        GPU this copies the pools through the host once."""
-        if rows <= self.capacity:
-            return
+    def acquire(self, rows: int = 0) -> None:
+        """A run starts using the buffers, rows 0..``rows``-1 of them (no resize until
+        ``release``). Rows beyond the buffers grow them first (doubling), once the runs
+        using them are done; rows keep their contents."""
         with self._resize:
-            while self._runs:
-                self._resize.wait()
-            self._growing = True
+            while True:
+                if self._growing:
+                    self._resize.wait()
+                elif rows <= self.capacity:
+                    self._runs += 1
+                    return
+                elif not self.growable:  # alloc refuses such rows: a caller's bug
+                    raise ValueError(f"row {rows - 1} lies beyond a fixed pool of "
+                                     f"{self.capacity} rows")
+                else:
+                    self._growing = True  # no new run starts: this one waits for fewer
+                    while self._runs:
+                        self._resize.wait()
+                    break
         try:
-            if rows > self.capacity:
-                old = [v.numpy() for v in self.values]
-                self._allocate(max(rows, 2 * self.capacity), old)
-                self.resizes += 1
+            self._allocate(max(rows, 2 * self.capacity), self.values)
+            self.resizes += 1
         finally:
             with self._resize:
                 self._growing = False
                 self._resize.notify_all()
-
-    def acquire(self) -> None:
-        """A run starts using the buffers (no resize until ``release``)."""
-        with self._resize:
-            while self._growing:
-                self._resize.wait()
-            self._runs += 1
+        self.acquire(rows)
 
     def release(self) -> None:
         with self._resize:
@@ -308,7 +344,7 @@ class StatePool:
 
     def _access(self, rows: list[int], writes: list[list[np.ndarray]] | None
                 ) -> list[np.ndarray]:
-        self.acquire()
+        self.acquire(max(rows, default=-1) + 1)
         try:
             b = self._rows.io_binding()
             self.bind(b)

@@ -255,7 +255,7 @@ class ModelRuntime:
             gather = np.concatenate([gather, np.full(pad, ZERO, dtype=np.int64)])
             scatter = np.concatenate([scatter, np.full(pad, TRASH, dtype=np.int64)])
         pool = self.pool
-        pool.acquire()
+        pool.acquire(int(max(gather.max(), scatter.max())) + 1)  # grows it for new rows
         try:
             bound = None
             if size in self.buckets:

@@ -9,6 +9,7 @@ never touch a live row; rows must come back when steps fail, are cancelled or re
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -193,6 +194,51 @@ def test_the_pool_grows_keeping_every_row_and_a_fixed_one_refuses(repo) -> None:
     fixed.pool.alloc(), fixed.pool.alloc()
     with pytest.raises(PoolFull, match="all in use"):
         fixed.pool.alloc()
+
+
+def test_rows_are_handed_out_while_a_run_holds_the_pool_and_the_run_needing_them_grows_it(
+        repo) -> None:
+    """The event loop hands out rows (``alloc``) and never waits for a run to end; a run
+    whose rows lie beyond the buffers grows them (in its worker thread), after the runs
+    in flight, keeping every row; its own steps are exact."""
+    path = repo / "feat" / "1" / "model.onnx"
+    rt = ModelRuntime(path, "feat", 1, RuntimeOptions(device="cpu", pool_rows=8))
+    plain = ModelRuntime(path, "feat", 1, RuntimeOptions(device="cpu"))
+    pool, cap = rt.pool, rt.pool.capacity
+    rng = np.random.default_rng(12)
+    old_rows = [pool.alloc() for _ in range(cap - FIRST)]
+    old_states = _random_states(rt, rng, len(old_rows))
+    for row, st in zip(old_rows, old_states, strict=True):
+        pool.write(row, st)
+    pool.acquire(cap)  # a run in flight on the buffers
+    new_rows = [pool.alloc() for _ in range(3 * cap)]  # does not wait for it
+    assert pool.capacity == cap and min(new_rows) == cap and pool.resizes == 0
+    xs = _chunks(rt, rng, len(old_rows), 3)
+    got: list = []
+    runner = threading.Thread(target=lambda: got.append(
+        rt.run_rows(xs, old_rows, new_rows[:len(old_rows)], want_states=True)))
+    runner.start()
+    runner.join(0.5)
+    assert runner.is_alive() and pool.capacity == cap  # it waits for the run in flight
+    pool.release()
+    runner.join(30)
+    assert not runner.is_alive() and got
+    assert pool.resizes == 1 and pool.capacity == 2 * cap  # doubled, enough for the run
+    outputs, new_states = got[0]
+    want, want_states = plain.run(xs, old_states)
+    for g, w in zip(outputs, want, strict=True):
+        np.testing.assert_allclose(g[0], w[0], rtol=0, atol=1e-6)
+    for row, st, wst in zip(new_rows[:len(old_rows)], new_states, want_states,
+                              strict=True):
+        for a, b, c in zip(pool.read([row]), st, wst, strict=True):
+            np.testing.assert_array_equal(a[0], b)
+            np.testing.assert_allclose(b, c, rtol=0, atol=1e-6)
+    for row, st in zip(old_rows, old_states, strict=True):  # copied on growth
+        for a, b in zip(pool.read([row]), st, strict=True):
+            np.testing.assert_array_equal(a[0], b)
+    for row in new_rows[len(old_rows):]:  # rows no run wrote yet read as zeros (a read
+        assert not any(a.any() for a in pool.read([row]))  # beyond the buffers grows them
+    assert pool.capacity >= max(new_rows) + 1
 
 
 def test_a_row_a_queued_step_reads_is_not_reused_before_it_ran(registry) -> None:

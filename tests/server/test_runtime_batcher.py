@@ -116,7 +116,7 @@ def test_a_failed_run_fails_its_batch_and_the_batcher_goes_on(registry) -> None:
     runtime = registry.get("text")
     good = runtime.check_chunk(np.arange(5, dtype=np.uint8))
     used = runtime.pool.used
-    beyond = runtime.pool.capacity + 1000  # no such pool row: the gather fails
+    beyond = -runtime.pool.capacity - 1000  # no such pool row: the gather fails
 
     async def main():
         batcher = Batcher(runtime, max_batch_size=8, max_delay_s=0.01)
