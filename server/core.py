@@ -506,21 +506,24 @@ class Core:
             p.answer = Answer(p.seq, digest(p.x),
                               list(zip(p.runtime.data_output_names, outputs, strict=True)), p.end)
             writes.append((p.session.id, records.encode(p.session, state, p.seq + 1, p.answer),
-                           p.seq, p.seq + 1, p.end))
+                           p.seq, p.seq + 1, p.end, p.session.unsynced))
         try:
             refused = await self.shared.checkpoint_many(writes)
         except StoreUnavailable as exc:
             if not self.degrade:
                 return [StoreUnavailable(str(exc)) for _ in steps]
             log.warning("session store unavailable (checkpoint); serving from memory: %s", exc)
-            if self._on_degraded is not None:
-                for _ in steps:
+            for p, _, _ in steps:  # their records may stay behind (or the write may land)
+                p.session.unsynced = True
+                if self._on_degraded is not None:
                     self._on_degraded("checkpoint")
             return [None] * len(steps)
         for (p, _, _), why in zip(steps, refused, strict=True):
             if why is not None:
                 with contextlib.suppress(SessionError):
                     self.store.close(p.session.id)
+            elif p.session.unsynced:
+                p.session.unsynced = False
         return refused
 
     async def _recover(self, session_id: str, gone: SessionError) -> Session | None:

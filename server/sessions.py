@@ -124,6 +124,9 @@ class Session:
     # a step of it was given up (its caller went away) while its commit to the shared
     # store may have landed: the next step takes the store's record first
     unsure: bool = False
+    # served from memory while the shared store failed (degrade): its stored record may
+    # be behind, and the next write may start from any older seq
+    unsynced: bool = False
     # the start of its shared-store record's header, cached by records.encode
     record_prefix: str = field(default="", repr=False, compare=False)
 

@@ -49,9 +49,11 @@ StoreHook = Callable[[str, float, bool], None]
 # servers that degrade while the store is down), key prefix, then per write "KIND FROM
 # TO ID" and the record. KIND: c creates (refused if the record exists), s steps from
 # seq FROM to TO, f steps and ends the session (its record moves to the final key), d
-# deletes (closes). The keys are built here from the ids (fewer arguments to pack: this
-# is on every step's path). Returns the refusals only, flat: index, 'held', 'moved' or
-# 'exists', and the lease's time left or the stored seq.
+# deletes (closes); S and F are s and f for a session served from memory while the
+# store failed (degrade): its record may be behind, so any stored seq up to FROM will
+# do (the lease still decides who writes). The keys are built here from the ids (fewer
+# arguments to pack: this is on every step's path). Returns the refusals only, flat:
+# index, 'held', 'moved' or 'exists', and the lease's time left or the stored seq.
 _WRITE_MANY = """
 local owner, ttl, lease, upsert, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local failed = {}
@@ -76,9 +78,10 @@ for i = 0, (#ARGV - 5) / 2 - 1 do
     end
   elseif kind == 'd' then
     redis.call('DEL', rec, lk)
-  elseif seq ~= from and not (seq == false and upsert == '1') then
+  elseif seq ~= from and not (seq == false and upsert == '1')
+      and not ((kind == 'S' or kind == 'F') and seq and tonumber(seq) <= tonumber(from)) then
     table.insert(failed, i); table.insert(failed, 'moved'); table.insert(failed, seq or -1)
-  elseif kind == 'f' then
+  elseif kind == 'f' or kind == 'F' then
     redis.call('DEL', rec, lk)
     redis.call('SET', base .. 'f', data, 'PX', 60000)
   else
@@ -261,12 +264,13 @@ class RedisStore:
 
         await self._call("release", run)
 
-    async def checkpoint_many(self, steps: list[tuple[str, bytes, int, int, bool]]
+    async def checkpoint_many(self, steps: list[tuple[str, bytes, int, int, bool, bool]]
                               ) -> list[BaseException | None]:
         """Write the records of steps (session id, record, the seq it started from, the
-        next seq, whether it ended the session), each fenced by its lease and sequence
-        number; returns once they are in Redis, per step None or why it was refused
-        (``SessionHeld``, ``SessionMoved``). Raises ``StoreUnavailable``.
+        next seq, whether it ended the session, whether the stored record may be behind
+        the seq it started from), each fenced by its lease and sequence number; returns
+        once they are in Redis, per step None or why it was refused (``SessionHeld``,
+        ``SessionMoved``). Raises ``StoreUnavailable``.
 
         One write is in flight at a time: with none, the caller writes at once (no task,
         no extra turn of the event loop on every step's path); batches that finish
@@ -276,8 +280,9 @@ class RedisStore:
         then one chunk ahead of this server's copy, which the core therefore refreshes
         from the store before the session's next step (``Core._give_up``)."""
         args: list[Any] = []
-        for sid, data, from_seq, to_seq, final in steps:
-            args += [f"{'f' if final else 's'} {from_seq} {to_seq} {sid}", data]
+        for sid, data, from_seq, to_seq, final, behind in steps:
+            kind = ("F" if final else "S") if behind else ("f" if final else "s")
+            args += [f"{kind} {from_seq} {to_seq} {sid}", data]
         return await self._submit([sid for sid, *_ in steps], args)
 
     async def _submit(self, ids: list[str], args: list[Any]) -> list[BaseException | None]:

@@ -30,8 +30,9 @@ def test_batches_that_finish_during_a_write_go_out_together(redis_server) -> Non
                 await store.create(sid, b"rec0")
             await other.create(sids[39], b"theirs")
             # batch i: two steps; the step of s5 claims the wrong seq; s39 is another's
-            batches = [[(sids[2 * i], b"rec1", 0, 1, False),
-                        (sids[2 * i + 1], b"rec1", 3 if 2 * i + 1 == 5 else 0, 1, False)]
+            batches = [[(sids[2 * i], b"rec1", 0, 1, False, False),
+                        (sids[2 * i + 1], b"rec1", 3 if 2 * i + 1 == 5 else 0, 1, False,
+                         False)]
                        for i in range(20)]
             ops.clear()
             results = await asyncio.gather(*(store.checkpoint_many(b) for b in batches))
@@ -90,7 +91,8 @@ def test_a_write_to_a_store_that_is_gone_fails_every_waiting_batch(redis_server)
                 await store.create(f"g{i}", b"rec0")
             redis_server.stop()
             return await asyncio.gather(
-                *(store.checkpoint_many([(f"g{i}", b"rec1", 0, 1, False)]) for i in range(6)),
+                *(store.checkpoint_many([(f"g{i}", b"rec1", 0, 1, False, False)])
+                  for i in range(6)),
                 return_exceptions=True)
         finally:
             await store.close()
@@ -108,9 +110,9 @@ def test_a_write_after_the_store_came_back_succeeds(redis_server, final) -> None
             await store.create("c", b"rec0")
             redis_server.stop()
             with pytest.raises(StoreUnavailable):
-                await store.checkpoint_many([("c", b"rec1", 0, 1, False)])
+                await store.checkpoint_many([("c", b"rec1", 0, 1, False, False)])
             redis_server.start()  # empty; upsert writes the missing record
-            return await store.checkpoint_many([("c", b"rec1", 0, 1, final)])
+            return await store.checkpoint_many([("c", b"rec1", 0, 1, final, False)])
         finally:
             await store.close()
 
@@ -120,3 +122,37 @@ def test_a_write_after_the_store_came_back_succeeds(redis_server, final) -> None
         assert r.get("rnnserve:{c}:f") == b"rec1" and not r.exists("rnnserve:{c}:s")
     else:
         assert r.hget("rnnserve:{c}:s", "seq") == b"1"
+
+
+def test_a_write_of_a_session_served_from_memory_may_start_ahead_of_its_record(
+        redis_server) -> None:
+    """A session served from memory while the store failed (degrade) is further than its
+    record: its next write ("behind") is taken from any stored seq up to where it starts,
+    a plain write is not; one that started behind the record, or a session another
+    server holds, is still refused."""
+    async def main():
+        store, other = two_servers(redis_server.url, [])
+        try:
+            for sid in ("a", "b", "c", "d"):
+                await store.create(sid, b"rec0")
+            await store.checkpoint_many([(sid, b"rec1", 0, 1, False, False)
+                                         for sid in ("a", "b", "c")])  # all at 1
+            await other.create("t", b"theirs")
+            return await store.checkpoint_many([
+                ("a", b"rec4", 3, 4, False, True),  # record at 1, served to 3: taken
+                ("b", b"rec4", 3, 4, False, False),  # the same, not marked: moved
+                ("c", b"rec1", 0, 1, False, True),  # record at 1 is ahead of 0: moved
+                ("d", b"recF", 2, 3, True, True),  # record at 0, ends at 3: taken
+                ("t", b"rec9", 8, 9, False, True),  # another server's lease: held
+            ])
+        finally:
+            await store.close()
+            await other.close()
+
+    a, b, c, d, t = asyncio.run(main())
+    r = redis_server.client()
+    assert a is None and r.hget("rnnserve:{a}:s", "seq") == b"4"
+    assert isinstance(b, SessionMoved) and "chunk 1" in str(b)
+    assert isinstance(c, SessionMoved) and r.hget("rnnserve:{c}:s", "seq") == b"1"
+    assert d is None and r.get("rnnserve:{d}:f") == b"recF" and not r.exists("rnnserve:{d}:s")
+    assert isinstance(t, SessionHeld) and r.hget("rnnserve:{t}:s", "data") == b"theirs"

@@ -117,3 +117,41 @@ def test_a_store_that_forgot_its_scripts_is_given_them_again(repo, redis_server,
         assert metric_value(a.metrics(), "rnnserve_store_errors_total", op="write") == 0
     finally:
         assert a.stop() == 0
+
+
+def test_degrade_mode_writes_again_once_a_store_that_kept_its_data_is_back(
+        repo, redis_server, tmp_path) -> None:
+    """An outage where Redis keeps its data (it stalls past the timeout, as under
+    ``CLIENT PAUSE``, or a network blip): the steps served from memory meanwhile leave the
+    stored record behind. The next step once the store answers writes the session again
+    (not refused as moved), and another server then resumes it exactly where it is."""
+    a = serve(repo, tmp_path, "a", redis_server.url, "--store-timeout-ms", "200",
+              "--store-failure", "degrade")
+    b = serve(repo, tmp_path, "b", redis_server.url, "--store-timeout-ms", "200",
+              "--lease-s", "0.3")
+    redis = redis_server.client()
+    try:
+        with Client(a.target, timeout=10) as client:
+            sid = client.open_session("feat").session_id
+            parts = [client.step(sid, 0, X[:2])["logits"]]  # durable: the store is at 1
+            redis.execute_command("CLIENT", "PAUSE", "5000", "WRITE")
+            try:
+                for k in (1, 2):  # their writes time out: served from memory
+                    parts.append(client.step(sid, k, X[2 * k:2 * k + 2])["logits"])
+            finally:
+                redis.execute_command("CLIENT", "UNPAUSE")
+            parts.append(client.step(sid, 3, X[6:8])["logits"])  # written again
+        text = a.metrics()
+        assert metric_value(text, "rnnserve_store_degraded_total", op="checkpoint") == 2
+        assert metric_value(text, "rnnserve_chunks_total", code="OK") == 4
+        assert a.stop() == 0  # releases its lease: b takes the session at once
+        with Client(b.target, timeout=10) as other:
+            info = other.open_session("feat", session_id=sid, resume=True)
+            assert info.next_seq == 4
+            parts.append(other.step(sid, 4, X[8:], end=True)["logits"])
+        got = np.concatenate(parts)
+        assert float(np.abs(got - whole_run(repo, "feat", 1, X)).max()) <= 1e-5
+    finally:
+        redis.execute_command("CLIENT", "UNPAUSE")
+        a.stop()
+        assert b.stop() == 0
