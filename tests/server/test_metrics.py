@@ -4,6 +4,7 @@ never a latency sample; RPCs are counted by method and final code, streams inclu
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import numpy as np
@@ -74,7 +75,14 @@ def test_rejected_chunks_count_as_errors_never_as_latency(server) -> None:
         client.step(sid, 3, good, end=True)
         health = health_pb2_grpc.HealthStub(client.channel)
         health.Check(health_pb2.HealthCheckRequest(), timeout=5)
-    after = counts(server.metrics())
+    # an RPC is counted when the server has finished it, which can be just after the
+    # client has its answer: wait for the last one to be counted
+    deadline = time.monotonic() + 10
+    while True:
+        after = counts(server.metrics())
+        if after["health"] > before["health"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     delta = {k: after[k] - before[k] for k in before}
     assert delta["ok"] == 4 and delta["latency"] == 4 and delta["latency_all"] == 4
     assert delta["invalid"] == 3 and delta["order"] == 3 and delta["unknown"] == 3
