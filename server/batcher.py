@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,12 +63,156 @@ CommitHook = Callable[[list[tuple[Any, list[np.ndarray], list[np.ndarray] | None
 StepResult = tuple[list[np.ndarray], int, list[np.ndarray] | None]
 
 
+class Group:
+    """Steps queued together (one ``StreamMany`` request's) and awaited together: each
+    gets a ``Slot`` instead of a future of its own, and the group's one future is done
+    when the last slot is. A future per step would cost a done-callback, a scheduled
+    wake-up and an ``asyncio.wait`` entry each."""
+
+    __slots__ = ("future", "_left")
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._left = 0
+
+    def slot(self) -> Slot:
+        self._left += 1
+        return Slot(self)
+
+    def _one_done(self) -> None:
+        self._left -= 1
+        if not self._left and not self.future.done():
+            self.future.set_result(None)
+
+
+class Slot:
+    """One step's result in a ``Group``: the part of a future's interface the batcher
+    and its callers use (``done``, ``cancel``, ``set_result``, ``result`` ...)."""
+
+    __slots__ = ("_group", "_result", "_exc", "_state")
+    _PENDING, _DONE, _CANCELLED = 0, 1, 2
+
+    def __init__(self, group: Group) -> None:
+        self._group = group
+        self._result: StepResult | None = None
+        self._exc: BaseException | None = None
+        self._state = self._PENDING
+
+    def done(self) -> bool:
+        return self._state != self._PENDING
+
+    def cancelled(self) -> bool:
+        return self._state == self._CANCELLED
+
+    def cancel(self) -> bool:
+        if self._state != self._PENDING:
+            return False
+        self._state = self._CANCELLED
+        self._group._one_done()
+        return True
+
+    def set_result(self, result: StepResult) -> None:
+        if self._state != self._PENDING:
+            raise asyncio.InvalidStateError("the step already has its result")
+        self._result, self._state = result, self._DONE
+        self._group._one_done()
+
+    def set_exception(self, exc: BaseException) -> None:
+        if self._state != self._PENDING:
+            raise asyncio.InvalidStateError("the step already has its result")
+        self._exc, self._state = exc, self._DONE
+        self._group._one_done()
+
+    def exception(self) -> BaseException | None:
+        if self._state == self._CANCELLED:
+            raise asyncio.CancelledError()
+        if self._state == self._PENDING:
+            raise asyncio.InvalidStateError("the step has not run yet")
+        return self._exc
+
+    def result(self) -> StepResult:
+        exc = self.exception()
+        if exc is not None:
+            raise exc
+        assert self._result is not None
+        return self._result
+
+
+# A queued step's result: a future of its own, or a slot of its group
+StepFuture = asyncio.Future[StepResult] | Slot
+
+
+class _StepQueue:
+    """The batcher's queue: steps in a deque that the one consumer waits on, taken many
+    at a time (``asyncio.Queue`` does more per step than one event loop's producers and
+    one consumer need)."""
+
+    __slots__ = ("maxsize", "_items", "_waiter", "_unfinished", "_idle")
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: deque[_Step] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._unfinished = 0  # queued and not yet done (``task_done``)
+        self._idle: asyncio.Event | None = None
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def put(self, item: _Step) -> None:
+        self._items.append(item)
+        self._unfinished += 1
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def take(self, n: int) -> list[_Step]:
+        """Up to ``n`` steps, oldest first."""
+        items = self._items
+        if n >= len(items):
+            out = list(items)
+            items.clear()
+            return out
+        return [items.popleft() for _ in range(n)]
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Until a step is queued (True) or ``timeout`` seconds passed (False)."""
+        if self._items:
+            return True
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+        return bool(self._items)
+
+    def task_done(self, n: int) -> None:
+        self._unfinished -= n
+        if not self._unfinished and self._idle is not None:
+            self._idle.set()
+
+    async def join(self) -> None:
+        """Until every step queued so far is done."""
+        while self._unfinished:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 @dataclass(slots=True)
 class _Step:
     x: np.ndarray
     row: int  # the pool row its state is read from (pinned while queued)
     keep: bool  # False: a stateless run, whose new state is written nowhere
-    future: asyncio.Future[StepResult]
+    future: StepFuture
     queued_at: float
     expires: float | None = None  # perf_counter time after which it must not run
     tag: Any = None  # handed to the commit hook with the step's results
@@ -84,7 +228,7 @@ class Batcher:
         self.runtime = runtime
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
-        self._queue: asyncio.Queue[_Step] = asyncio.Queue(maxsize=max_queue)
+        self._queue = _StepQueue(max_queue)
         self._on_batch = on_batch
         self.commit = commit
         # A batch is gathered only when a runner is free, so with one runner the next
@@ -139,6 +283,7 @@ class Batcher:
         is dropped: DeadlineExpired. A ``tag`` goes to the commit hook, which runs before
         this returns."""
         future = self.submit(row, x, expires, tag, keep)
+        assert isinstance(future, asyncio.Future)
         try:
             return await future
         except asyncio.CancelledError:
@@ -146,23 +291,22 @@ class Batcher:
             raise
 
     def submit(self, row: int, x: np.ndarray, expires: float | None = None,
-               tag: Any = None, keep: bool = True) -> asyncio.Future[StepResult]:
-        """Queue a step (as ``step``) without waiting for it: its future gets what
-        ``step`` returns. Many steps queued at once cost one wait for all of them, not a
-        task each. A caller that stops waiting gives the future to ``abandon``."""
-        item = _Step(x, row, keep, asyncio.get_running_loop().create_future(), time.perf_counter(),
-                     expires, tag)
-        self.runtime.pool.pin(row)  # a session ending meanwhile keeps it until it ran
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
-            self.runtime.pool.unpin(row)
+               tag: Any = None, keep: bool = True, group: Group | None = None) -> StepFuture:
+        """Queue a step (as ``step``) without waiting for it: its future (or, in a
+        ``group``, its slot) gets what ``step`` returns. Many steps queued at once cost
+        one wait for all of them, not a task each. A caller that stops waiting gives
+        the future to ``abandon``."""
+        if self._queue.qsize() >= self._queue.maxsize:
             raise Overloaded(f"model {self.runtime.name!r} has {self._queue.maxsize} steps "
                              "queued; retry after a short delay",
-                             retry_after_ms=retry_after_ms(self.delay_s())) from None
-        return item.future
+                             retry_after_ms=retry_after_ms(self.delay_s()))
+        future: StepFuture = asyncio.get_running_loop().create_future() if group is None \
+            else group.slot()
+        self.runtime.pool.pin(row)  # a session ending meanwhile keeps it until it ran
+        self._queue.put(_Step(x, row, keep, future, time.perf_counter(), expires, tag))
+        return future
 
-    def abandon(self, future: asyncio.Future[StepResult]) -> None:
+    def abandon(self, future: StepFuture) -> None:
         """A submitted step nobody waits for any more: dropped if it has not run, and a
         new row it already got freed (it would be nobody's)."""
         if not future.done():
@@ -172,22 +316,18 @@ class Batcher:
 
     async def _consume(self) -> None:
         loop = asyncio.get_running_loop()
+        queue, most = self._queue, self.max_batch_size
         while True:
             await self._runners.acquire()
-            batch = [await self._queue.get()]
+            await queue.wait()
+            batch = queue.take(most)
             deadline = loop.time() + self.max_delay_s
-            while len(batch) < self.max_batch_size:
-                try:
-                    batch.append(self._queue.get_nowait())
+            while len(batch) < most:
+                if queue.qsize():
+                    batch += queue.take(most - len(batch))
                     continue
-                except asyncio.QueueEmpty:
-                    pass
                 remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
+                if remaining <= 0 or not await queue.wait(remaining):
                     break
             task = loop.create_task(self._run_batch(loop, batch))
             self._running.add(task)
@@ -224,8 +364,7 @@ class Batcher:
             if commits:
                 await asyncio.gather(*commits)
         finally:
-            for _ in batch:
-                self._queue.task_done()
+            self._queue.task_done(len(batch))
 
     async def _run(self, loop: asyncio.AbstractEventLoop, group: list[_Step]
                    ) -> list[tuple[_Step, list[np.ndarray], list[np.ndarray] | None]]:

@@ -16,11 +16,12 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from rnnserve.server import records
-from rnnserve.server.batcher import Batcher, StepResult, retry_after_ms
+from rnnserve.server.batcher import Batcher, Group, StepFuture, retry_after_ms
 from rnnserve.server.errors import (
     CoreError,
     InvalidChunk,
@@ -89,7 +90,7 @@ class _Flight:
     seq: int
     x: np.ndarray
     end: bool
-    future: asyncio.Future[StepResult]
+    future: StepFuture  # a future of its own, or its slot in a StreamMany request's group
     pending: _Pending | None  # with a shared store: the commit's tag
 
 
@@ -356,6 +357,7 @@ class Core:
         flights: list[tuple[int, _Flight, ChunkInput]] = []
         slow: list[tuple[int, asyncio.Task[ChunkOutput]]] = []
         loop = asyncio.get_running_loop()
+        group = Group()  # the plain steps' results: one future for all of them
         for i, (sid, seq, chunk, end) in enumerate(steps):
             coro: Coroutine[None, None, ChunkOutput] | None = None
             session = None
@@ -369,7 +371,7 @@ class Core:
                     if self._stale(session, seq):  # step's path refreshes it first
                         coro = self.step(sid, seq, chunk, end, api)
                     else:
-                        flight = self._begin(session, seq, chunk, end)
+                        flight = self._begin(session, seq, chunk, end, group=group)
                         if isinstance(flight, ChunkOutput):  # a retry, answered again
                             outcomes[i] = flight
                             self._count(api, session, "OK", started)
@@ -380,7 +382,9 @@ class Core:
                 self._count(api, session, _code(exc), started)
             if coro is not None:
                 slow.append((i, loop.create_task(coro)))
-        waiting = [f.future for _, f, _ in flights] + [t for _, t in slow]
+        waiting: list[asyncio.Future[Any]] = [t for _, t in slow]
+        if flights:
+            waiting.append(group.future)
         try:
             if waiting:
                 await asyncio.wait(waiting)
@@ -414,6 +418,7 @@ class Core:
         flight = self._begin(session, seq, chunk, end, expires)
         if isinstance(flight, ChunkOutput):
             return flight
+        assert isinstance(flight.future, asyncio.Future)
         try:
             await flight.future
         except asyncio.CancelledError:
@@ -424,7 +429,8 @@ class Core:
         return await self._finish(flight, chunk)
 
     def _begin(self, session: Session, seq: int, chunk: ChunkInput, end: bool,
-               expires: float | None = None) -> _Flight | ChunkOutput:
+               expires: float | None = None, group: Group | None = None
+               ) -> _Flight | ChunkOutput:
         """A step up to its run, without waiting: checked, queued in its batcher, its
         session marked busy. A retry of the last chunk gets its answer here instead."""
         session_id = session.id
@@ -441,7 +447,8 @@ class Core:
         x = runtime.check_chunk(self.decode(runtime, chunk))
         # with a shared store the batcher commits it (_commit): durable before answered
         pending = None if self.shared is None else _Pending(session, runtime, seq, x, end)
-        future = self.batchers[runtime.key].submit(_row(session), x, expires, pending)
+        future = self.batchers[runtime.key].submit(_row(session), x, expires, pending,
+                                                   group=group)
         self._busy.add(session_id)
         return _Flight(session, runtime, seq, x, end, future, pending)
 

@@ -178,11 +178,12 @@ class PoolFull(Overloaded):
 class StatePool:
     """The state pools of one model version on one device, and their rows' owners.
 
-    ``alloc``/``free``/``pin``/``unpin`` are called from the event loop and never wait
-    for a run; runs (in worker threads) hold ``acquire(rows)``/``release()`` around
-    binding and running, which holds off a resize of the pools (growth replaces the
-    buffers) but not other runs: concurrent runs touch disjoint rows. A run whose rows
-    lie beyond the buffers grows them in ``acquire`` first.
+    ``alloc``/``free``/``pin``/``unpin`` are called from the event loop only (no lock:
+    one thread changes the row lists) and never wait for a run; runs (in worker
+    threads) hold ``acquire(rows)``/``release()`` around binding and running, which
+    holds off a resize of the pools (growth replaces the buffers) but not other runs:
+    concurrent runs touch disjoint rows. A run whose rows lie beyond the buffers grows
+    them in ``acquire`` first.
     """
 
     def __init__(self, specs: Sequence[PoolSpec], *, device: str = "cpu", device_id: int = 0,
@@ -196,7 +197,6 @@ class StatePool:
         self._next = FIRST  # rows below this have been handed out at least once
         self._pins: dict[int, int] = {}
         self._doomed: set[int] = set()
-        self._lock = threading.Lock()  # the row lists, the pins
         self._resize = threading.Condition()  # growth vs runs
         self._runs = 0
         self._growing = False
@@ -219,49 +219,45 @@ class StatePool:
     @property
     def used(self) -> int:
         """Rows held by sessions and steps in flight (row 0 and 1 not counted)."""
-        with self._lock:
-            return self._next - FIRST - len(self._free)
+        return self._next - FIRST - len(self._free)
 
     def alloc(self) -> int:
         """A free row; on a growable pool it may lie beyond the buffers until the run
         that uses it grows them (``acquire``)."""
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-            if self._next >= self.capacity and not self.growable:
-                raise PoolFull(f"the state pool holds {self.capacity - FIRST} rows, all in use")
-            row = self._next
-            self._next += 1
+        if self._free:
+            return self._free.pop()
+        if self._next >= self.capacity and not self.growable:
+            raise PoolFull(f"the state pool holds {self.capacity - FIRST} rows, all in use")
+        row = self._next
+        self._next += 1
         return row
 
     def free(self, row: int) -> None:
         if row < FIRST:
             return
-        with self._lock:
-            if row in self._pins:
-                self._doomed.add(row)  # a queued run still reads it: freed after that run
-            else:
-                self._free.append(row)
+        if row in self._pins:
+            self._doomed.add(row)  # a queued run still reads it: freed after that run
+        else:
+            self._free.append(row)
 
     def pin(self, row: int) -> None:
         """Keep ``row`` from reuse until ``unpin``: a step waiting to run reads it."""
         if row < FIRST:
             return
-        with self._lock:
-            self._pins[row] = self._pins.get(row, 0) + 1
+        pins = self._pins
+        pins[row] = pins.get(row, 0) + 1
 
     def unpin(self, row: int) -> None:
         if row < FIRST:
             return
-        with self._lock:
-            left = self._pins[row] - 1
-            if left:
-                self._pins[row] = left
-                return
-            del self._pins[row]
-            if row in self._doomed:
-                self._doomed.discard(row)
-                self._free.append(row)
+        left = self._pins[row] - 1
+        if left:
+            self._pins[row] = left
+            return
+        del self._pins[row]
+        if row in self._doomed:
+            self._doomed.discard(row)
+            self._free.append(row)
 
     # -- buffers ----------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from rnnserve.server.batcher import Batcher
+from rnnserve.server.batcher import Batcher, Group
 from rnnserve.server.errors import (
     BatchFailed,
     DeviceUnavailable,
@@ -231,6 +231,38 @@ def test_a_full_queue_answers_overloaded_at_once(registry) -> None:
         return done
 
     assert len(asyncio.run(main())) == 2
+
+
+def test_steps_queued_as_a_group_share_one_future_and_keep_their_own_results(
+        registry) -> None:
+    """A group (one StreamMany request's steps): each step's slot gets its own result,
+    the group's one future is done once the last slot is; a slot given up before its
+    run is skipped (its row unpinned, nothing run for it) and still counts as done."""
+    runtime = registry.get("text")
+    xs = [runtime.check_chunk(np.arange(k, k + 5, dtype=np.uint8)) for k in range(4)]
+    used = runtime.pool.used
+
+    async def main():
+        batcher = Batcher(runtime, max_batch_size=8, max_delay_s=0.01)
+        group = Group()
+        slots = [batcher.submit(ZERO, x, group=group) for x in xs]
+        batcher.abandon(slots[2])  # its caller went away before the batch ran
+        assert slots[2].cancelled() and not group.future.done()
+        batcher.start()
+        await asyncio.wait_for(group.future, 10)
+        steps = batcher.steps
+        await batcher.stop()
+        return slots, steps
+
+    slots, steps = asyncio.run(main())
+    assert steps == 3 and all(s.done() for s in slots)
+    with pytest.raises(asyncio.CancelledError):
+        slots[2].result()
+    for i in (0, 1, 3):
+        outputs, row, _ = slots[i].result()
+        np.testing.assert_array_equal(outputs[0], _whole(runtime, xs[i])[0])
+        runtime.pool.free(row)
+    assert runtime.pool.used == used
 
 
 def test_auto_device_serves_on_what_onnxruntime_really_gives(repo) -> None:
