@@ -140,12 +140,7 @@ def _rows_model(specs: Sequence[PoolSpec], opset: int) -> onnx.ModelProto:
                                                     f"rnnserve_rows_{j}"], [pool_output(j)]))
         outputs += [_rows_info(f"rnnserve_read_{j}", s, "k"),
                     _rows_info(pool_output(j), s, "pool_rows")]
-    graph = helper.make_graph(nodes, "rnnserve_pool_rows", inputs, outputs,
-                              initializer=[helper.make_tensor(_AXES, TensorProto.INT64, [1],
-                                                              [1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    return model
+    return _small_model("rnnserve_pool_rows", nodes, inputs, outputs, opset)
 
 
 def _copy_model(specs: Sequence[PoolSpec], opset: int) -> onnx.ModelProto:
@@ -158,7 +153,14 @@ def _copy_model(specs: Sequence[PoolSpec], opset: int) -> onnx.ModelProto:
     nodes += [helper.make_node("ScatterND", [pool_input(j), _SCATTER_2D, f"rnnserve_old_{j}"],
                                [pool_output(j)]) for j in range(len(specs))]
     outputs = [_rows_info(pool_output(j), s, "pool_rows") for j, s in enumerate(specs)]
-    graph = helper.make_graph(nodes, "rnnserve_pool_copy", inputs, outputs,
+    return _small_model("rnnserve_pool_copy", nodes, inputs, outputs, opset)
+
+
+def _small_model(name: str, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
+                 outputs: list[onnx.ValueInfoProto], opset: int) -> onnx.ModelProto:
+    """A helper graph of the pool's own (row access, growth), with the axes constant
+    its row-index ``Unsqueeze`` reads."""
+    graph = helper.make_graph(nodes, name, inputs, outputs,
                               initializer=[helper.make_tensor(_AXES, TensorProto.INT64, [1],
                                                               [1])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
