@@ -223,10 +223,11 @@ class Core:
         except a ``refresh`` that found the copy here current."""
         local = self.store.peek(sid)
         source = "memory"
+        data, asked = None, False
         if self.shared is not None:
-            data = None
             try:
                 data = await self.shared.acquire(sid)
+                asked = True
             except StoreUnavailable as exc:
                 if local is None:
                     raise
@@ -252,9 +253,9 @@ class Core:
                 if local is None or stored.next_seq > local.next_seq:
                     source = "store"
                     self._restore(stored, runtime)
-                else:
-                    local.unsure = False
         session = self.store.get(sid)
+        if asked:
+            session.unsure = False  # the store's say is known now
         _check_owner(session)
         runtime = self.registry.get(session.model, session.version)
         if model and (model != session.model or (version and version != session.version)):
@@ -272,7 +273,7 @@ class Core:
         try:
             runtime.pool.write(row, stored.state.arrays)
             stored.state = state
-            self.store.restore(stored).unsure = False  # as the store has it now
+            self.store.restore(stored)
         except BaseException:
             state.release()
             raise
@@ -529,7 +530,7 @@ class Core:
             if why is not None:
                 with contextlib.suppress(SessionError):
                     self.store.close(p.session.id)
-            elif p.session.unsynced:
+            else:
                 p.session.unsynced = False
         return refused
 
