@@ -252,7 +252,7 @@ class Core:
                 # newer than it (steps served while the store was down) is not undone
                 if local is None or stored.next_seq > local.next_seq:
                     source = "store"
-                    self._restore(stored, runtime)
+                    await self._restore(stored, runtime)
         session = self.store.get(sid)
         if asked:
             session.unsure = False  # the store's say is known now
@@ -265,14 +265,31 @@ class Core:
             self._on_resume(session.model, session.version, source)
         return session, runtime
 
-    def _restore(self, stored: Session, runtime: ModelRuntime) -> None:
+    async def _restore(self, stored: Session, runtime: ModelRuntime) -> None:
         """Make a session read from the shared store live here, its state put into a
-        row of the model's pool (the one host-to-device copy of a moved session)."""
-        row = runtime.pool.alloc()
-        state = PoolState(runtime.pool, row)
+        row of the model's pool (the one host-to-device copy of a moved session). The
+        write runs in a thread: a row beyond the pool's buffers grows them, which waits
+        for the runs in flight, and the event loop must not. A copy that became as new
+        as the record meanwhile (another step's load of it) stays."""
+        pool = runtime.pool
+        row = pool.alloc()
+        state = PoolState(pool, row)
+        write = asyncio.get_running_loop().run_in_executor(
+            None, pool.write, row, stored.state.arrays)
         try:
-            runtime.pool.write(row, stored.state.arrays)
-            stored.state = state
+            await asyncio.shield(write)
+        except asyncio.CancelledError:  # the thread may still write the row: freed after
+            write.add_done_callback(lambda _: state.release())
+            raise
+        except BaseException:
+            state.release()
+            raise
+        held = self.store.peek(stored.id)
+        if held is not None and held.next_seq >= stored.next_seq:
+            state.release()
+            return
+        stored.state = state
+        try:
             self.store.restore(stored)
         except BaseException:
             state.release()
