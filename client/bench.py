@@ -574,6 +574,17 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
             log(f"redis_store: a second server on the Redis session store ({redis.url}; "
                 "every step written before it is answered), taking turns with the "
                 "in-memory one (rnnserve) at each level")
+        if baselines:  # the echo server takes turns with rnnserve at each level: their
+            # ratio is the target, and this machine's speed drifts between minutes
+            blob = out / "metadata.bin"
+            blob.write_bytes(meta.SerializeToString())
+            echo = Spawned([sys.executable, "-m", "rnnserve.client.echo", "--metadata",
+                            str(blob)], out / "echo.log")
+            stack.callback(echo.stop)
+            targets["transport"] = echo.target
+            log(f"transport: the transport ceiling (client/echo.py: the same API and "
+                f"messages, no model) at {echo.target}, taking turns with rnnserve at "
+                "each level")
         log(f"\nrnnserve (max batch size {max_batch_size})\n{HEADER}")
         runs.update(sweep(gen, targets, meta, levels, duration_s, chunk_ms, chunk_bytes, log,
                           repeats))
@@ -605,8 +616,6 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         ceiling: dict[str, Any] | None = None
         if baselines:
             assert repo is not None
-            blob = out / "metadata.bin"
-            blob.write_bytes(meta.SerializeToString())
             def sweep_on(server: Spawned, title: str) -> list[Level]:
                 try:
                     log(f"\n{title}\n{HEADER}")
@@ -615,10 +624,6 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
                 finally:
                     server.stop()
 
-            runs["transport"] = sweep_on(
-                Spawned([sys.executable, "-m", "rnnserve.client.echo", "--metadata", str(blob)],
-                        out / "echo.log"),
-                "transport ceiling (same API and messages, no model)")
             runs["unbatched"] = sweep_on(
                 Spawned.rnnserve(repo, [*serve_flags, "--max-batch-size=1"],
                                  out / "server-unbatched.log"),
