@@ -237,6 +237,8 @@ class RnnServer:
                              f"{exc.strerror or exc}") from None
         self.metrics_port = self._httpd.server_port
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        self._trimmer = asyncio.get_running_loop().create_task(
+            self._trim_pools(s.pool_shrink_s)) if s.pool_shrink_s else None
         for name in ("", SERVICE, OIP_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         for rt in self.registry:
@@ -269,6 +271,27 @@ class RnnServer:
             await asyncio.sleep(self.settings.idle_timeout_s if wait is None else wait + 0.01)
             self.store.expire_idle()
 
+    async def _trim_pools(self, every_s: float) -> None:
+        """Give back state pool memory a burst of sessions left unused (pool.py)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every_s)
+            for rt in self.registry:
+                pool = rt.pool
+                target = pool.trim_target()
+                if not target:
+                    continue
+                before = pool.capacity
+                try:  # waits for the runs in flight: in a thread
+                    done = await loop.run_in_executor(None, pool.shrink, target)
+                except Exception:
+                    log.exception("%s v%d: the state pool could not shrink", rt.name,
+                                  rt.version)
+                    continue
+                if done:
+                    log.info("%s v%d: state pool shrunk from %d to %d rows (%d in use)",
+                             rt.name, rt.version, before, pool.capacity, pool.used)
+
     async def stop(self) -> None:
         """Drain: NOT_SERVING, no new sessions, in-flight chunks answered, then stop."""
         grace = self.settings.shutdown_grace_s
@@ -289,6 +312,8 @@ class RnnServer:
             await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
         await self.server.stop(0)
         self._reaper.cancel()
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         for b in self.batchers.values():
             await b.stop()
         if self.shared is not None:

@@ -26,6 +26,12 @@ that first needs those rows (in a worker thread, never on the event loop), once 
 runs using the old buffers are done; the old rows are copied into the new buffers on
 the device (a ``ScatterND`` run), so growth brings no state to the host either.
 
+Free rows are handed out lowest first, and every step moves its session to a fresh
+row, so the sessions that go on settle in the low rows after a burst. When the rows
+handed out fit in a quarter of the buffers, the server shrinks them (``trim_target``,
+then ``shrink`` in a worker thread, the same way as growth: after the runs in flight,
+the kept rows copied on the device), down to the pool's first size at the least.
+
 The same code runs on both devices; on the CPU the pools are numpy arrays that
 onnxruntime reads and writes through the binding, so CI runs every line of the row
 bookkeeping, the graph extension and the binding that the GPU path runs.
@@ -33,6 +39,7 @@ bookkeeping, the graph extension and the binding that the GPU path runs.
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -144,14 +151,18 @@ def _rows_model(specs: Sequence[PoolSpec], opset: int) -> onnx.ModelProto:
 
 
 def _copy_model(specs: Sequence[PoolSpec], opset: int) -> onnx.ModelProto:
-    """Growth: the rows of the old pools ``rnnserve_old_J`` (k rows) written into the
-    first k rows of the new ones, in place (``rnnserve_scatter`` = 0..k-1)."""
+    """Resizing: rows ``rnnserve_scatter`` (0..k-1) of the old pools ``rnnserve_old_J``
+    written into the same rows of the new ones, in place; the new pools may be larger
+    (growth) or smaller (shrinking) than the old."""
     inputs = [_rows_info(pool_input(j), s, "pool_rows") for j, s in enumerate(specs)]
-    inputs += [_rows_info(f"rnnserve_old_{j}", s, "k") for j, s in enumerate(specs)]
+    inputs += [_rows_info(f"rnnserve_old_{j}", s, "old_rows") for j, s in enumerate(specs)]
     inputs.append(helper.make_tensor_value_info(SCATTER, TensorProto.INT64, ["k"]))
     nodes = [helper.make_node("Unsqueeze", [SCATTER, _AXES], [_SCATTER_2D])]
-    nodes += [helper.make_node("ScatterND", [pool_input(j), _SCATTER_2D, f"rnnserve_old_{j}"],
-                               [pool_output(j)]) for j in range(len(specs))]
+    for j in range(len(specs)):
+        nodes.append(helper.make_node("Gather", [f"rnnserve_old_{j}", SCATTER],
+                                      [f"rnnserve_kept_{j}"], axis=0))
+        nodes.append(helper.make_node("ScatterND", [pool_input(j), _SCATTER_2D,
+                                                    f"rnnserve_kept_{j}"], [pool_output(j)]))
     outputs = [_rows_info(pool_output(j), s, "pool_rows") for j, s in enumerate(specs)]
     return _small_model("rnnserve_pool_copy", nodes, inputs, outputs, opset)
 
@@ -215,6 +226,7 @@ class StatePool:
         self._copy = ort.InferenceSession(_copy_model(self.specs, opset).SerializeToString(),
                                           so, providers=providers)
         self._allocate(max(rows, FIRST + 1), None)
+        self.first_rows = self.capacity  # shrinking stops here
 
     # -- rows -------------------------------------------------------------------------
 
@@ -227,7 +239,7 @@ class StatePool:
         """A free row; on a growable pool it may lie beyond the buffers until the run
         that uses it grows them (``acquire``)."""
         if self._free:
-            return self._free.pop()
+            return heapq.heappop(self._free)  # the lowest: sessions settle low
         if self._next >= self.capacity and not self.growable:
             raise PoolFull(f"the state pool holds {self.capacity - FIRST} rows, all in use")
         row = self._next
@@ -240,7 +252,7 @@ class StatePool:
         if row in self._pins:
             self._doomed.add(row)  # a queued run still reads it: freed after that run
         else:
-            self._free.append(row)
+            heapq.heappush(self._free, row)
 
     def pin(self, row: int) -> None:
         """Keep ``row`` from reuse until ``unpin``: a step waiting to run reads it."""
@@ -259,13 +271,53 @@ class StatePool:
         del self._pins[row]
         if row in self._doomed:
             self._doomed.discard(row)
-            self._free.append(row)
+            heapq.heappush(self._free, row)
 
     # -- buffers ----------------------------------------------------------------------
 
+    def trim_target(self) -> int:
+        """The size the buffers may shrink to (``shrink``), or 0 while the rows handed
+        out need more than a quarter of them; first lowers the mark of rows handed out
+        past the free rows at its top. Event loop only (it reorders the free rows)."""
+        if not self.growable or \
+                2 * max(self.first_rows, 2 * (FIRST + self.used)) > self.capacity:
+            return 0  # not even with the rows in use at the bottom: no need to look
+        free = sorted(self._free)  # sorted: a heap as it is (16 ms for 100k rows)
+        while free and free[-1] == self._next - 1:
+            free.pop()
+            self._next -= 1
+        self._free = free
+        target = max(self.first_rows, 2 * self._next)
+        return target if 2 * target <= self.capacity else 0
+
+    def shrink(self, rows: int) -> bool:
+        """Shrink the buffers to ``rows`` rows, or to the rows handed out by the time the
+        runs in flight are done if more; the kept rows are copied on the device. Called
+        from a worker thread (it waits for those runs, as growth does). False when there
+        was nothing to give back."""
+        with self._resize:
+            while self._growing:
+                self._resize.wait()
+            self._growing = True  # no new run starts, and no growth
+            while self._runs:
+                self._resize.wait()
+        try:
+            # rows handed out since trim_target stay: none of them was written yet (no
+            # run has started since), and a run beyond the new buffers grows them again
+            keep = max(rows, self._next, self.first_rows)
+            if keep >= self.capacity:
+                return False
+            self._allocate(keep, self.values)
+            self.resizes += 1
+            return True
+        finally:
+            with self._resize:
+                self._growing = False
+                self._resize.notify_all()
+
     def _allocate(self, rows: int, old: list[ort.OrtValue] | None) -> None:
-        """New buffers of ``rows`` rows (zeros), the rows of ``old`` copied into them on
-        the device."""
+        """New buffers of ``rows`` rows (zeros), the rows of ``old`` that fit copied into
+        them on the device."""
         buffers, values = [], []
         for s in self.specs:
             host = np.zeros((rows, *s.row_shape), dtype=s.dtype)
@@ -281,7 +333,7 @@ class StatePool:
                 b.bind_ortvalue_input(pool_input(j), new)
                 b.bind_ortvalue_input(f"rnnserve_old_{j}", was)
                 b.bind_ortvalue_output(pool_output(j), new)
-            b.bind_cpu_input(SCATTER, np.arange(self.capacity, dtype=np.int64))
+            b.bind_cpu_input(SCATTER, np.arange(min(rows, self.capacity), dtype=np.int64))
             self._copy.run_with_iobinding(b)
         self.buffers, self.values, self.capacity = buffers, values, rows
 

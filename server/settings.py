@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     """Rows of each model's state pool on its device (one per live session and step in
     flight); 0: start at 64 and double when full, or with cuda_graphs (fixed addresses,
     no growth) max_sessions plus two batches per runner."""
+    pool_shrink_s: float = Field(30.0, ge=0)
+    """How often each state pool looks for memory to give back: when the rows in use fit
+    in a quarter of its buffers (after a burst of sessions) they shrink to twice those
+    rows, not below the first size; 0: never. A fixed pool (cuda_graphs) never shrinks."""
     cuda_graphs: bool = False
     """Capture each bucket's run as a CUDA graph and replay it (device cuda; batch buckets
     default to pow2)."""

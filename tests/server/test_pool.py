@@ -371,3 +371,111 @@ def test_a_full_fixed_pool_refuses_steps_and_moves_with_a_retry_hint(repo) -> No
     with pytest.raises(PoolFull):
         rt.pool.alloc()
     rt.pool.free(a), rt.pool.free(b)
+
+
+def test_rows_are_handed_out_lowest_first_and_the_pool_shrinks_keeping_live_rows(
+        repo) -> None:
+    """After a burst the pool gives its memory back: the rows in use fit in a quarter of
+    the buffers, so they shrink (after the run in flight) to twice those rows, keeping
+    every live row's state; a row beyond them later grows the pool again, exactly."""
+    path = repo / "feat" / "1" / "model.onnx"
+    rt = ModelRuntime(path, "feat", 1, RuntimeOptions(device="cpu", pool_rows=8))
+    plain = ModelRuntime(path, "feat", 1, RuntimeOptions(device="cpu"))
+    pool = rt.pool
+    rng = np.random.default_rng(44)
+    rows = [pool.alloc() for _ in range(100)]
+    assert rows == list(range(FIRST, FIRST + 100))
+    states = _random_states(rt, rng, len(rows))
+    for row, st in zip(rows, states, strict=True):
+        pool.write(row, st)  # grows the pool: 8 -> 16 -> ... -> 128 rows
+    assert pool.capacity == 128 and pool.trim_target() == 0  # all in use
+    live = {rows[1]: states[1], rows[4]: states[4]}
+    high = rows[90]  # an idle session high up
+    for row in rows:
+        if row not in live and row != high:
+            pool.free(row)
+    assert pool.alloc() == rows[0]  # the lowest free row first
+    pool.free(rows[0])
+    assert pool.trim_target() == 0  # the idle session high up holds the buffers
+    pool.free(high)
+    target = pool.trim_target()  # the top of the rows handed out is now rows[4]
+    assert target == max(pool.first_rows, 2 * (rows[4] + 1)) == 14
+    assert pool.used == 2
+    before = pool.resizes
+    pool.acquire(pool.capacity)  # a run in flight: the shrink waits for it
+    done: list[bool] = []
+    shrinker = threading.Thread(target=lambda: done.append(pool.shrink(target)))
+    shrinker.start()
+    shrinker.join(0.5)
+    assert shrinker.is_alive() and pool.capacity == 128
+    pool.release()
+    shrinker.join(30)
+    assert done == [True] and pool.capacity == target and pool.resizes == before + 1
+    for row, st in live.items():
+        for a, b in zip(pool.read([row]), st, strict=True):
+            np.testing.assert_array_equal(a[0], b)
+    assert pool.shrink(target) is False  # nothing more to give back
+    # the live sessions step on, into rows the smaller pool must grow for
+    new_rows = [pool.alloc() for _ in range(2)]
+    far = [pool.alloc() for _ in range(40)][-2:]  # beyond the buffers now
+    xs = _chunks(rt, rng, 2, 3)
+    outputs, new_states = rt.run_rows(xs, list(live), far, want_states=True)
+    assert pool.capacity >= far[-1] + 1
+    want, want_states = plain.run(xs, list(live.values()))
+    for g, w in zip(outputs, want, strict=True):
+        np.testing.assert_allclose(g[0], w[0], rtol=0, atol=1e-6)
+    for row, wst in zip(far, want_states, strict=True):
+        for a, b in zip(pool.read([row]), wst, strict=True):
+            np.testing.assert_allclose(a[0], b, rtol=0, atol=1e-6)
+    assert new_rows == [FIRST, FIRST + 2]  # the lowest free ones (rows[1] is live)
+    fixed = ModelRuntime(path, "feat", 1, RuntimeOptions(device="cpu", pool_rows=4))
+    fixed.pool.growable = False
+    assert fixed.pool.trim_target() == 0
+
+
+def test_a_server_gives_pool_memory_back_after_a_burst(repo, tmp_path) -> None:
+    """Through the real server: 120 sessions grow the pool, 118 of them close; the two
+    left step on (settling in low rows) and the pool shrinks under them, exactly."""
+    server = start_server(repo, tmp_path / "server.log", "--pool-shrink-s", "0.2",
+                          "--max-batch-delay-ms", "2")
+    rng = np.random.default_rng(45)
+    x = rng.standard_normal((12, 20)).astype(np.float32)
+    want = whole_run(repo, "feat", 1, x)
+
+    async def main() -> tuple[list[np.ndarray], float, float]:
+        async with AsyncClient(server.target) as client:
+            burst = [client.stream("feat") for _ in range(120)]
+            for s in burst:
+                await s.__aenter__()
+            await asyncio.gather(*(s.send(x[:1]) for s in burst))
+            peak = metric_value(server.metrics(), "rnnserve_state_pool_capacity_rows",
+                                model="feat")
+            kept, gone = burst[:2], burst[2:]
+            for s in gone:
+                await s.send(x[1:2], end=True)
+                await s.__aexit__(None, None, None)
+            parts = [await s.send(x[1:4]) for s in kept]
+            capacity = peak
+            for _ in range(100):  # the server looks every 0.2 s
+                await asyncio.sleep(0.1)
+                capacity = metric_value(server.metrics(),
+                                        "rnnserve_state_pool_capacity_rows", model="feat")
+                if capacity < peak:
+                    break
+            ys = []
+            for s, first in zip(kept, parts, strict=True):
+                rest = await s.send(x[4:], end=True)
+                await s.__aexit__(None, None, None)
+                ys.append(np.concatenate([first["logits"], rest["logits"]]))
+            return ys, peak, capacity
+
+    try:
+        ys, peak, capacity = asyncio.run(asyncio.wait_for(main(), 60))
+        text = server.metrics()
+    finally:
+        assert server.stop() == 0
+    assert peak >= 128 and capacity == 64  # back to the first size
+    for y in ys:
+        assert float(np.abs(y - want[1:]).max()) <= 1e-5
+    assert metric_value(text, "rnnserve_state_pool_rows") == 0
+    assert "state pool shrunk from" in (tmp_path / "server.log").read_text()
