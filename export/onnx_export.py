@@ -62,7 +62,7 @@ Exportable: TypeAlias = RecurrentModel | SpeechModel
 class StreamingWrapper(nn.Module):
     """``forward(x, *states) -> (y, *new_states)``: flat tensors, as ONNX wants them."""
 
-    def __init__(self, model: Exportable) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
@@ -162,6 +162,14 @@ def export_onnx(model: Exportable, metadata: ModelMetadata) -> onnx.ModelProto:
     for i, o in pairs:
         dynamic[i] = {0: BATCH}
         dynamic[o] = {0: BATCH}
+    proto = trace(StreamingWrapper(model), (x, *states), in_names, out_names, dynamic)
+    set_metadata(proto, metadata)
+    return proto
+
+
+def trace(module: nn.Module, args: tuple[torch.Tensor, ...], in_names: list[str],
+          out_names: list[str], dynamic: dict[str, dict[int, str]]) -> onnx.ModelProto:
+    """``module`` through the pinned exporter (TorchScript-based, opset 17)."""
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of dynamo, and warns that
         # RNN batch sizes are traced; both are handled (see module docstring).
@@ -170,16 +178,14 @@ def export_onnx(model: Exportable, metadata: ModelMetadata) -> onnx.ModelProto:
             tmp = tempfile.TemporaryDirectory(prefix="rnnserve-export-")
             traced = Path(tmp.name) / "traced.onnx"
             torch.onnx.export(
-                StreamingWrapper(model).eval(), (x, *states), traced,
+                module.eval(), args, traced,
                 input_names=in_names, output_names=out_names, dynamic_axes=dynamic,
                 opset_version=OPSET, dynamo=False, do_constant_folding=True,
             )
         except Exception as exc:
             raise ExportError(f"torch.onnx.export failed: {exc}") from exc
     with tmp:
-        proto = onnx.load(str(traced))
-    set_metadata(proto, metadata)
-    return proto
+        return onnx.load(str(traced))
 
 
 def set_metadata(proto: onnx.ModelProto, metadata: ModelMetadata) -> None:
@@ -226,14 +232,39 @@ def export_checkpoint(
     and renamed into place after verification passed, so a server scanning the
     repository never sees a half-written or unverified version.
     """
-    from rnnserve.export.verify import verify_file
-
     repository.check_name(name)
     ckpt_path = Path(checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     model = model_for_checkpoint(ckpt)
+
+    def build() -> tuple[onnx.ModelProto, ModelMetadata]:
+        export_info = {
+            "exporter": f"torch.onnx TorchScript-based (dynamo=False), torch {torch.__version__}",
+            "opset": OPSET,
+            "onnx": onnx.__version__,
+            "traced_batch": DUMMY_BATCH,
+            "traced_time": DUMMY_TIME,
+            "checkpoint": str(ckpt_path.resolve()),
+            "checkpoint_sha256": file_sha256(ckpt_path),
+        }
+        metadata = build_metadata(model, ckpt, name, export_info)
+        return export_onnx(model, metadata), metadata
+
+    return publish(build, model, repo, name, version, source=str(ckpt_path),
+                   overwrite=overwrite, tolerance=tolerance, seed=seed, fp16=fp16, log=log)
+
+
+def publish(build: Callable[[], tuple[onnx.ModelProto, ModelMetadata]], reference: nn.Module,
+            repo: str | Path, name: str, version: int | None, *, source: str,
+            overwrite: bool, tolerance: float, seed: int, fp16: bool,
+            log: Callable[[str], None]) -> repository.ModelVersion:
+    """``build()`` the graph and its metadata, verify it against ``reference`` (torch,
+    ``forward(x, states) -> (y, new_states)`` with batch-major states) in a hidden staging
+    directory of the model's folder, and only then rename it into place."""
     if not torch.__version__.startswith(TESTED_TORCH):
         log(f"warning: export is tested with torch {TESTED_TORCH}x, this is {torch.__version__}")
+    from rnnserve.export.verify import verify_file
+
     repo_path = Path(repo)
     model_dir = repo_path / name
     try:
@@ -255,18 +286,8 @@ def export_checkpoint(
             f"cannot write to model repository {str(repo_path)!r}: {exc.strerror or exc}"
         ) from exc
     try:
-        export_info = {
-            "exporter": f"torch.onnx TorchScript-based (dynamo=False), torch {torch.__version__}",
-            "opset": OPSET,
-            "onnx": onnx.__version__,
-            "traced_batch": DUMMY_BATCH,
-            "traced_time": DUMMY_TIME,
-            "checkpoint": str(ckpt_path.resolve()),
-            "checkpoint_sha256": file_sha256(ckpt_path),
-        }
-        metadata = build_metadata(model, ckpt, name, export_info)
-        log(f"exporting {ckpt_path} -> {final_dir / repository.MODEL_FILE} (opset {OPSET})")
-        proto = export_onnx(model, metadata)
+        log(f"exporting {source} -> {final_dir / repository.MODEL_FILE} (opset {OPSET})")
+        proto, metadata = build()
         if fp16:
             from rnnserve.export.fp16 import to_fp16
 
@@ -275,7 +296,7 @@ def export_checkpoint(
             log(f"fp16: {metadata.export['fp16']}")
         staged = staging / repository.MODEL_FILE
         write_model_atomically(proto, staged)
-        report = verify_file(staged, model=model, tolerance=tolerance, seed=seed, log=log)
+        report = verify_file(staged, model=reference, tolerance=tolerance, seed=seed, log=log)
         report.raise_if_failed()
         if final_dir.exists():
             shutil.rmtree(final_dir)

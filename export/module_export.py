@@ -1,0 +1,209 @@
+"""Export a PyTorch model of your own, not only those trained by ``rnnserve train``.
+
+Any ``nn.Module`` whose recurrence is one ``nn.LSTM`` or ``nn.GRU`` (any number of
+stacked layers, ``batch_first=True``, one direction) and whose ``forward`` takes and
+returns the state the way that layer does::
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(40, 128)
+            self.rnn = nn.LSTM(128, 256, num_layers=2, batch_first=True)
+            self.head = nn.Linear(256, 12)
+
+        def forward(self, x, state):            # x: (batch, time, 40)
+            y, state = self.rnn(torch.relu(self.inp(x)), state)
+            return self.head(y), state          # (batch, time, 12), (h, c)
+
+    export_module(Tagger(), "models", "tagger", feature_size=40)
+
+``state`` is PyTorch's own layout: ``(h, c)`` for an LSTM, ``h`` for a GRU, each
+(layers, batch, hidden). The export adapts it to rnnserve's batch-major state pairs
+(``h_in -> h_out``, ``c_in -> c_out``, shape (batch, layers, hidden): one row per
+session) with a transpose inside the graph, so the module itself needs no change.
+Byte models (``input_kind="utf8_bytes"``) get (batch, time) byte values as int64, as
+``nn.Embedding`` wants them.
+
+The result goes through the same verification as ``rnnserve export``: ONNX against
+the module in torch, chunked streaming against whole sequences, each batch row
+against the row alone, the op types; a module that is not causal in time (one that
+looks at the whole chunk, e.g. normalises over the time axis) fails the chunked
+comparison and is not published.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+import rnnserve
+from rnnserve.errors import ExportError
+from rnnserve.export import repository
+from rnnserve.export.metadata import (
+    BATCH,
+    TIME,
+    InputSpec,
+    ModelMetadata,
+    OutputSpec,
+    StatePair,
+)
+from rnnserve.export.onnx_export import (
+    DATA_INPUT,
+    DATA_OUTPUT,
+    DUMMY_BATCH,
+    DUMMY_TIME,
+    OPSET,
+    StreamingWrapper,
+    publish,
+    set_metadata,
+    trace,
+)
+
+KINDS = ("features", "utf8_bytes")
+
+
+def recurrent_layer(module: nn.Module) -> nn.LSTM | nn.GRU:
+    """The module's one ``nn.LSTM``/``nn.GRU``, checked for what streaming needs."""
+    found = [m for m in module.modules() if isinstance(m, nn.LSTM | nn.GRU)]
+    if not found:
+        raise ExportError(f"{type(module).__name__} has no nn.LSTM or nn.GRU: rnnserve "
+                          "serves recurrent models whose state is such a layer's")
+    if len(found) > 1:
+        raise ExportError(f"{type(module).__name__} has {len(found)} recurrent layers; "
+                          "rnnserve carries the state of one nn.LSTM or nn.GRU (stack "
+                          "layers with its num_layers)")
+    rnn = found[0]
+    kind = type(rnn).__name__
+    if not rnn.batch_first:
+        raise ExportError(f"the {kind} needs batch_first=True: rnnserve's chunks are "
+                          "(batch, time, ...)")
+    if rnn.bidirectional:
+        raise ExportError(f"the {kind} is bidirectional: its backward direction needs the "
+                          "whole sequence, which a stream does not have")
+    if isinstance(rnn, nn.LSTM) and rnn.proj_size:
+        raise ExportError("an LSTM with proj_size is not supported (h and c would differ "
+                          "in size)")
+    return rnn
+
+
+class ModuleAdapter(nn.Module):
+    """A module's ``forward(x, state) -> (y, state)`` in PyTorch's state layout as
+    rnnserve's ``forward(x, states) -> (y, new_states)`` with batch-major states."""
+
+    def __init__(self, module: nn.Module, lstm: bool, byte_input: bool) -> None:
+        super().__init__()
+        self.module = module
+        self.lstm = lstm
+        self.byte_input = byte_input
+
+    def forward(self, x: torch.Tensor, states: Sequence[torch.Tensor]
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        if self.byte_input:
+            x = x.long()
+        native = tuple(s.transpose(0, 1).contiguous() for s in states)
+        y, new = self.module(x, native if self.lstm else native[0])
+        got = tuple(new) if self.lstm else (new,)
+        return y, tuple(s.transpose(0, 1) for s in got)
+
+
+def export_module(
+    module: nn.Module,
+    repo: str | Path,
+    name: str,
+    version: int | None = None,
+    *,
+    input_kind: str = "features",
+    feature_size: int | None = None,
+    meaning: str = "",
+    labels: Sequence[str] | None = None,
+    overwrite: bool = False,
+    tolerance: float = 1e-5,
+    seed: int = 0,
+    fp16: bool = False,
+    log: Callable[[str], None] = print,
+) -> repository.ModelVersion:
+    """Export ``module`` (see the module docstring for what it must look like), verify
+    it, and only then publish ``REPO/NAME/VERSION/model.onnx`` for ``rnnserve serve``.
+
+    ``input_kind``: ``features`` ((batch, time, ``feature_size``) float32; default size:
+    the recurrent layer's input size) or ``utf8_bytes`` ((batch, time) byte values).
+    ``meaning`` and ``labels`` describe the output (batch, time, outputs) to clients.
+    """
+    repository.check_name(name)
+    if input_kind not in KINDS:
+        raise ExportError(f"input_kind must be one of {KINDS}, got {input_kind!r} (PCM16 "
+                          "speech models need rnnserve's front end: rnnserve train)")
+    rnn = recurrent_layer(module)
+    lstm = isinstance(rnn, nn.LSTM)
+    byte_input = input_kind == "utf8_bytes"
+    if byte_input:
+        x = torch.randint(0, 256, (DUMMY_BATCH, DUMMY_TIME), dtype=torch.uint8)
+        inp = InputSpec(name=DATA_INPUT, dtype="uint8", shape=(BATCH, TIME), kind=input_kind)
+    else:
+        size = feature_size or rnn.input_size
+        x = torch.randn(DUMMY_BATCH, DUMMY_TIME, size)
+        inp = InputSpec(name=DATA_INPUT, dtype="float32", shape=(BATCH, TIME, size),
+                        kind=input_kind)
+    adapter = ModuleAdapter(module, lstm, byte_input).eval()
+    row = (rnn.num_layers, rnn.hidden_size)
+    states = tuple(torch.zeros(DUMMY_BATCH, *row) for _ in range(2 if lstm else 1))
+    try:
+        with torch.no_grad():
+            y, new = adapter(x, states)
+    except Exception as exc:
+        shape = ", ".join(map(str, x.shape))
+        raise ExportError(f"{type(module).__name__}.forward failed on a ({shape}) {x.dtype} "
+                          f"chunk and its {'(h, c)' if lstm else 'h'} state: {exc}"
+                          + ("" if byte_input or feature_size else
+                             "; give feature_size if the input is not the layer's")) from exc
+    if not isinstance(y, torch.Tensor) or y.dim() != 3 or tuple(y.shape[:2]) != \
+            (DUMMY_BATCH, DUMMY_TIME) or y.dtype != torch.float32:
+        got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ExportError(f"{type(module).__name__}.forward must return (y, state) with y a "
+                          f"float32 (batch, time, outputs) tensor; y was {got}")
+    if any(tuple(s.shape) != (DUMMY_BATCH, *row) for s in new):
+        raise ExportError(f"{type(module).__name__}.forward must return the new state in the "
+                          f"layer's layout, {'(h, c)' if lstm else 'h'} of (layers, batch, "
+                          "hidden)")
+    outputs = int(y.shape[2])
+    if labels is not None and len(labels) != outputs:
+        raise ExportError(f"{len(labels)} labels for {outputs} outputs")
+    pairs = [("h_in", "h_out"), *([("c_in", "c_out")] if lstm else [])]
+    metadata = ModelMetadata(
+        name=name, arch="lstm" if lstm else "gru",
+        task="text" if byte_input else "features", input=inp,
+        outputs=(OutputSpec(name=DATA_OUTPUT, dtype="float32", shape=(BATCH, TIME, outputs),
+                            meaning=meaning or "outputs per time step",
+                            labels=tuple(labels) if labels is not None else None),),
+        states=tuple(StatePair(input=i, output=o, shape=(BATCH, *row)) for i, o in pairs),
+        num_layers=rnn.num_layers, hidden_size=rnn.hidden_size,
+        training={"source": "export_module",
+                  "module": f"{type(module).__module__}.{type(module).__qualname__}",
+                  "parameters": sum(p.numel() for p in module.parameters())},
+        export={"exporter": f"torch.onnx TorchScript-based (dynamo=False), torch "
+                            f"{torch.__version__}",
+                "opset": OPSET, "onnx": onnx.__version__, "traced_batch": DUMMY_BATCH,
+                "traced_time": DUMMY_TIME, "python": platform.python_version()},
+        rnnserve_version=rnnserve.__version__,
+    )
+    metadata.check(name)
+
+    def build() -> tuple[onnx.ModelProto, ModelMetadata]:
+        dynamic = {DATA_INPUT: {0: BATCH, 1: TIME}, DATA_OUTPUT: {0: BATCH, 1: TIME},
+                   **{n: {0: BATCH} for pair in pairs for n in pair}}
+        proto = trace(StreamingWrapper(adapter), (x, *states),
+                      [DATA_INPUT, *(i for i, _ in pairs)], [DATA_OUTPUT, *(o for _, o in pairs)],
+                      dynamic)
+        set_metadata(proto, metadata)
+        return proto, metadata
+
+    return publish(build, adapter, repo, name, version, source=type(module).__name__,
+                   overwrite=overwrite, tolerance=tolerance, seed=seed, fp16=fp16, log=log)
+
+
+__all__ = ["ModuleAdapter", "export_module", "recurrent_layer"]

@@ -1,0 +1,177 @@
+"""Models of one's own: a PyTorch module exported with ``export_module``, verified, and
+streamed through a real server exactly as torch computes it; modules that cannot
+stream are refused with a reason and never published."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rnnserve.client import AsyncClient
+from rnnserve.errors import ExportError, VerificationError
+from rnnserve.export import repository
+from rnnserve.export.module_export import export_module
+
+from ..server.serving import start_server
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+class Tagger(nn.Module):
+    """A frame tagger as users write them: PyTorch's LSTM state layout, (h, c)."""
+
+    def __init__(self, causal: bool = True) -> None:
+        super().__init__()
+        self.inp = nn.Linear(40, 32)
+        self.rnn = nn.LSTM(32, 48, num_layers=2, batch_first=True)
+        self.head = nn.Linear(48, 5)
+        self.causal = causal
+
+    def forward(self, x, state):
+        y, state = self.rnn(torch.relu(self.inp(x)), state)
+        if not self.causal:  # looks at the whole chunk: cannot stream
+            y = y - y.mean(dim=1, keepdim=True)
+        return self.head(y), state
+
+
+class ByteGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(256, 16)
+        self.rnn = nn.GRU(16, 32, num_layers=3, batch_first=True)
+        self.head = nn.Linear(32, 256)
+
+    def forward(self, x, h):
+        y, h = self.rnn(self.emb(x), h)
+        return self.head(y), h
+
+
+def _torch_whole(module: nn.Module, x: torch.Tensor, lstm: bool) -> np.ndarray:
+    rnn = next(m for m in module.modules() if isinstance(m, nn.LSTM | nn.GRU))
+    h = torch.zeros(rnn.num_layers, 1, rnn.hidden_size)
+    with torch.no_grad():
+        y, _ = module.eval()(x[None], (h, h.clone()) if lstm else h)
+    return y[0].numpy()
+
+
+def test_own_modules_export_verify_and_stream_through_the_server_as_torch_computes(
+        tmp_path) -> None:
+    torch.manual_seed(3)
+    tagger, byte_gru = Tagger(), ByteGRU()
+    repo = tmp_path / "repo"
+    labels = ["sil", "a", "b", "c", "d"]
+    mv = export_module(tagger, repo, "tagger", feature_size=40, labels=labels,
+                       meaning="tag logits per frame", log=_quiet)
+    export_module(byte_gru, repo, "bytes", input_kind="utf8_bytes", log=_quiet)
+    assert mv.path == repo / "tagger" / "1" / "model.onnx"
+    assert [m.name for m in repository.list_models(repo)] == ["bytes", "tagger"]
+
+    rng = np.random.default_rng(4)
+    frames = rng.standard_normal((23, 40)).astype(np.float32)
+    text = "Streams of bytes, chunk by chunk. "
+    want_tags = _torch_whole(tagger, torch.from_numpy(frames), lstm=True)
+    want_bytes = _torch_whole(byte_gru, torch.tensor(list(text.encode())), lstm=False)
+
+    server = start_server(repo, tmp_path / "server.log", "--max-batch-delay-ms", "2")
+
+    async def main():
+        async with AsyncClient(server.target) as client:
+            meta = {m.name: m for m in await client.list_models()}
+            tags, got = [], []
+            async with client.stream("tagger") as s:
+                for a, b in ((0, 5), (5, 6), (6, 23)):
+                    tags.append((await s.send(frames[a:b], end=b == 23))["logits"])
+            async with client.stream("bytes") as s:
+                for a, b in ((0, 9), (9, 10), (10, len(text))):
+                    got.append((await s.send(text[a:b], end=b == len(text)))["logits"])
+            return meta, np.concatenate(tags), np.concatenate(got)
+
+    try:
+        meta, tags, got = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        assert server.stop() == 0
+    assert float(np.abs(tags - want_tags).max()) <= 1e-5
+    assert float(np.abs(got - want_bytes).max()) <= 1e-5
+    tm = meta["tagger"]
+    assert (tm.arch, tm.input_kind, list(tm.labels)) == ("lstm", "features", labels)
+    assert tm.state_bytes_per_session == 2 * 2 * 48 * 4  # h and c, 2 layers of 48, float32
+    assert (meta["bytes"].arch, meta["bytes"].input_kind) == ("gru", "utf8_bytes")
+
+
+class _NoRnn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, h):
+        return self.lin(x), h
+
+
+class _TwoRnns(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.GRU(4, 8, batch_first=True)
+        self.b = nn.GRU(8, 8, batch_first=True)
+
+    def forward(self, x, h):
+        y, h = self.a(x, h)
+        return self.b(y, h)
+
+
+class _Layer(nn.Module):
+    def __init__(self, **kw) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(4, 8, **kw)
+
+    def forward(self, x, h):
+        return self.rnn(x, h)
+
+
+class _FlatOutput(_Layer):
+    def forward(self, x, h):
+        y, h = self.rnn(x, h)
+        return y.sum(dim=1), h
+
+
+@pytest.mark.parametrize(("module", "kw", "match"), [
+    (_NoRnn(), {}, "has no nn.LSTM or nn.GRU"),
+    (_TwoRnns(), {}, "has 2 recurrent layers"),
+    (_Layer(batch_first=False), {}, "needs batch_first=True"),
+    (_Layer(batch_first=True, bidirectional=True), {}, "is bidirectional"),
+    (_FlatOutput(batch_first=True), {}, r"float32 \(batch, time, outputs\) tensor; y was "
+                                        r"\(1, 8\)"),
+    (_Layer(batch_first=True), {"input_kind": "pcm16"}, "input_kind must be one of"),
+    (_Layer(batch_first=True), {"feature_size": 7}, "give feature_size|forward failed"),
+    (_Layer(batch_first=True), {"labels": ["x"]}, "1 labels for 8 outputs"),
+])
+def test_modules_that_cannot_stream_are_refused_with_the_reason(tmp_path, module, kw,
+                                                                match) -> None:
+    with pytest.raises(ExportError, match=match):
+        export_module(module, tmp_path / "repo", "m", log=_quiet, **kw)
+    assert not (tmp_path / "repo").exists()  # refused before anything was written
+
+
+def test_a_module_that_looks_at_the_whole_chunk_fails_verification_and_is_not_published(
+        tmp_path) -> None:
+    torch.manual_seed(5)
+    repo = tmp_path / "repo"
+    with pytest.raises(VerificationError, match="chunked vs whole"):
+        export_module(Tagger(causal=False), repo, "tagger", feature_size=40, log=_quiet)
+    assert repository.list_models(repo) == []
+    assert list((repo / "tagger").iterdir()) == []  # no version, no staging left
+
+
+def test_the_readme_example_runs_as_written(tmp_path, monkeypatch) -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("### Your own PyTorch model", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"print": _quiet})
+    assert [m.name for m in repository.list_models(tmp_path / "models")] == ["tagger"]
