@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Issue J's checks on a lent GPU machine, from the repository root, once the kit's parts
+# are in /tmp/rnnserve-kit/parts (scripts/gpu/RUN.md). Everything it prints also goes to
+# $OUT/check.log; measurements to $OUT/ceiling.jsonl and $OUT/bench-many.json.
+#   STEPS="tests ceiling bench" (default: all) picks what runs; BENCH_S: seconds per level
+#   (6); DEVICE=cpu rehearses the whole script on a machine without a GPU.
+set -uo pipefail
+REPO=$(pwd)
+OUT=${OUT:-/tmp/rnnserve-out}
+mkdir -p "$OUT"
+K=${KIT:-/tmp/rnnserve-kit}
+exec > >(tee "$OUT/check.log") 2>&1
+STEPS=${STEPS:-tests ceiling bench}
+BENCH_S=${BENCH_S:-6}
+DEVICE=${DEVICE:-cuda}
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1 DEVICE
+date -u
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+echo "cpus $(nproc)"
+
+if [ ! -f "$K/site/.done" ]; then
+  ls -la "$K/parts" || { echo "no kit parts in $K/parts (RUN.md)"; exit 2; }
+  cat "$K"/parts/kit.* | xz -d | tar -C "$K" -xf - || { echo "kit does not unpack"; exit 2; }
+  touch "$K/site/.done"  # site/: the wheels, installed by prepare.sh for this Python
+fi
+# rnnserve itself from the working tree that travelled (the kit's wheel if that fails)
+rm -rf "$K/pkg" && mkdir -p "$K/pkg"
+$PY -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
+  --target "$K/pkg" . >/dev/null 2>&1 \
+  || $PY -m pip install -q --no-index --no-deps --no-compile --target "$K/pkg" \
+       "$K"/own/rnnserve-*.whl || { echo "rnnserve does not install"; exit 2; }
+rm -rf build ./*.egg-info
+export PYTHONPATH=$K/pkg:$K/site${EXTRA_PYTHONPATH:+:$EXTRA_PYTHONPATH}
+# CUDA 13 and cuDNN 9 come with the image's nvidia wheels (torch's): let onnxruntime find them
+NV=$($PY -c "
+import glob, os, site
+dirs = set()
+for sp in site.getsitepackages():
+    dirs.update(glob.glob(os.path.join(sp, 'nvidia', '*', 'lib')))
+    dirs.update(glob.glob(os.path.join(sp, 'nvidia', '*', '*', 'lib')))
+print(':'.join(sorted(dirs)))")
+export LD_LIBRARY_PATH=$NV${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# Outside the repository root: there the bare rnnserve/ folder would shadow the install.
+cd "$K"
+$PY -c "
+import onnxruntime as ort, rnnserve, sys
+print('python', sys.version.split()[0], 'onnxruntime', ort.__version__, ort.get_device(),
+      ort.get_available_providers(), 'rnnserve', rnnserve.__version__, rnnserve.__file__)"
+
+case " $STEPS " in *" tests "*)
+  echo "== requires_cuda tests (tests/server/test_cuda.py)"
+  rm -rf "$K/t" && mkdir -p "$K/t" && cp -r "$REPO/tests" "$K/t/"
+  (cd "$K/t" && timeout 300 $PY -m pytest -p no:cacheprovider -q -rs \
+     -W ignore::pytest.PytestUnknownMarkWarning tests/server/test_cuda.py 2>&1 | tail -25)
+esac
+
+case " $STEPS " in *" ceiling "*)
+  echo "== compute ceiling (the runtime alone, state pool on the device)"
+  timeout 200 $PY "$REPO/scripts/gpu/ceiling.py" "$K/models" 2 | tee "$OUT/ceiling.jsonl"
+esac
+
+case " $STEPS " in *" bench "*)
+  echo "== bench: speech-small on $DEVICE, 4 workers, StreamMany 64 streams per message"
+  timeout 240 $PY -m rnnserve bench --repo "$K/models" --model speech-small --version 1 \
+    --serve-arg=--device=$DEVICE --serve-arg=--workers=4 --serve-arg=--batch-runners=2 \
+    --max-batch-size 1024 --many 64 --connections 8 --load-procs 8 \
+    --streams ${BENCH_LEVELS:-1024,2048,4096} --duration-s "$BENCH_S" --no-plot \
+    --out "$OUT/bench-many" 2>&1 | tail -25
+  cp "$OUT/bench-many/bench.json" "$OUT/bench-many.json" 2>/dev/null
+  rm -rf "$OUT/bench-many"
+esac
+date -u

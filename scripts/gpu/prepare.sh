@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Builds the payload for a lent GPU machine (issue J): it has Python 3.12, torch, CUDA 13
+# and cuDNN 9 libraries, but no network, and onnxruntime without CUDA. Run here (with
+# network), from the repository root, after `make .venv/.installed`:
+#
+#   bash scripts/gpu/prepare.sh        # -> .gpu/kit.tar.xz (git-ignored), a few minutes
+#
+# The kit holds the wheels the device lacks (onnxruntime-gpu and the serving
+# dependencies at this venv's versions, rnnserve itself) and the reference models
+# (random weights) for the benchmarks. scripts/gpu/RUN.md says how to use it.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=.venv/bin/python
+PYVER=${PYVER:-3.12}  # the device's Python; PYVER=3.11 XZ=-0 builds a kit to rehearse here
+XZ=${XZ:--9}
+[ -x $PY ] || { echo "run make .venv/.installed first" >&2; exit 1; }
+rm -rf .gpu/stage && mkdir -p .gpu/stage/whl .gpu/stage/models .gpu/stage/site
+
+version() { $PY -c "import importlib.metadata as m; print(m.version('$1'))"; }
+WHEELS=""
+for p in onnxruntime-gpu grpcio grpcio-health-checking grpcio-reflection protobuf \
+         prometheus_client pydantic pydantic_core pydantic-settings python-dotenv redis \
+         hiredis annotated-types typing-inspection typing_extensions; do
+  WHEELS="$WHEELS $p==$(version $p)"
+done
+echo "wheels:$WHEELS"
+$PY -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux1_x86_64 -d .gpu/stage/whl $WHEELS 2>&1 | grep -v "is ignored" || true
+$PY -m pip wheel -q --no-deps --no-build-isolation -w .gpu/stage/whl . 2>&1 | tail -1 || true
+ls .gpu/stage/whl/rnnserve-*.whl >/dev/null
+
+# reference models, random weights, exported and verified here (torch 2.13)
+$PY - <<'EOF'
+from pathlib import Path
+from rnnserve.client.bench import build_workload
+from rnnserve.export.fp16 import to_fp16  # noqa: F401  (fails early without the train extra)
+for name in ("speech-small", "speech-tiny"):
+    repo, _ = build_workload(name, Path(".gpu/stage/build"))
+    print("built", repo)
+EOF
+cp -r .gpu/stage/build/speech-small/speech-small .gpu/stage/models/
+cp -r .gpu/stage/build/speech-tiny/speech-tiny .gpu/stage/models/
+# the same speech-small weights in fp16 as version 2 (rnnserve export --fp16)
+$PY - <<'EOF'
+from pathlib import Path
+from rnnserve.export.onnx_export import export_checkpoint
+ckpt = next(Path(".gpu/stage/build").glob("speech-small*.pt"), None)
+if ckpt is None:
+    raise SystemExit("no speech-small checkpoint under .gpu/stage/build")
+export_checkpoint(ckpt, ".gpu/stage/models", "speech-small", 2, fp16=True, log=lambda _: None)
+print("fp16 speech-small v2 exported")
+EOF
+
+# unpacked here (xz shrinks onnxruntime's CUDA library about 8x, a wheel's zip 1.2x)
+$PY -m pip install -q --no-index --no-deps --only-binary=:all: --python-version "$PYVER" \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux1_x86_64 --target .gpu/stage/site \
+  $(ls .gpu/stage/whl/*.whl | grep -v /rnnserve-) 2>&1 | grep -v "is ignored" || true
+mkdir -p .gpu/stage/own && mv .gpu/stage/whl/rnnserve-*.whl .gpu/stage/own/
+tar -C .gpu/stage -cf - site own models | xz "$XZ" -T0 > .gpu/kit.tar.xz
+rm -rf .gpu/parts && mkdir -p .gpu/parts
+split -b 56m -d .gpu/kit.tar.xz .gpu/parts/kit.
+ls -la .gpu/kit.tar.xz .gpu/parts
+echo "parts: $(ls .gpu/parts | wc -l) (each travels in its own call; see scripts/gpu/RUN.md)"
