@@ -33,7 +33,9 @@ comparison and is not published.
 
 from __future__ import annotations
 
+import importlib
 import platform
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -125,10 +127,13 @@ def export_module(
     tolerance: float = 1e-5,
     seed: int = 0,
     fp16: bool = False,
+    provenance: dict[str, str] | None = None,
     log: Callable[[str], None] = print,
 ) -> repository.ModelVersion:
     """Export ``module`` (see the module docstring for what it must look like), verify
     it, and only then publish ``REPO/NAME/VERSION/model.onnx`` for ``rnnserve serve``.
+    ``provenance`` (where the module and its weights came from) goes into the metadata's
+    ``rnnserve.export``.
 
     ``input_kind``: ``features`` ((batch, time, ``feature_size``) float32; default size:
     the recurrent layer's input size) or ``utf8_bytes`` ((batch, time) byte values).
@@ -160,7 +165,8 @@ def export_module(
         raise ExportError(f"{type(module).__name__}.forward failed on a ({shape}) {x.dtype} "
                           f"chunk and its {'(h, c)' if lstm else 'h'} state: {exc}"
                           + ("" if byte_input or feature_size else
-                             "; give feature_size if the input is not the layer's")) from exc
+                             "; give feature_size (--feature-size) if the input is not "
+                             "the layer's")) from exc
     if not isinstance(y, torch.Tensor) or y.dim() != 3 or tuple(y.shape[:2]) != \
             (DUMMY_BATCH, DUMMY_TIME) or y.dtype != torch.float32:
         got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
@@ -188,7 +194,8 @@ def export_module(
         export={"exporter": f"torch.onnx TorchScript-based (dynamo=False), torch "
                             f"{torch.__version__}",
                 "opset": OPSET, "onnx": onnx.__version__, "traced_batch": DUMMY_BATCH,
-                "traced_time": DUMMY_TIME, "python": platform.python_version()},
+                "traced_time": DUMMY_TIME, "python": platform.python_version(),
+                **(provenance or {})},
         rnnserve_version=rnnserve.__version__,
     )
     metadata.check(name)
@@ -206,4 +213,57 @@ def export_module(
                    overwrite=overwrite, tolerance=tolerance, seed=seed, fp16=fp16, log=log)
 
 
-__all__ = ["ModuleAdapter", "export_module", "recurrent_layer"]
+def load_module(spec: str, weights: str | Path) -> nn.Module:
+    """``package.module:Name`` (a class or factory called without arguments, importable
+    from the current directory) with the state dict saved in ``weights``
+    (``torch.save(model.state_dict(), path)``, or a dict holding it under
+    ``state_dict`` or ``model_state_dict``)."""
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise ExportError(f"--module takes package.module:Name, got {spec!r}")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # the user's own code, as `python -c` would find it
+    try:
+        target: object = importlib.import_module(mod_name)
+    except Exception as exc:
+        raise ExportError(f"cannot import {mod_name!r} for --module: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ExportError(f"{mod_name!r} has no {attr!r} (--module {spec})")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ExportError(f"--module {spec}: {attr!r} is not a class or a function")
+    try:
+        module = target()
+    except Exception as exc:
+        raise ExportError(f"--module {spec}: calling {attr}() failed: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(module, nn.Module):
+        raise ExportError(f"--module {spec}: {attr}() gave a {type(module).__name__}, not "
+                          "a torch nn.Module")
+    path = Path(weights)
+    if not path.is_file():
+        raise ExportError(f"weights {str(path)!r} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ExportError(f"cannot read the weights {str(path)!r} (a state dict saved with "
+                          f"torch.save): {type(exc).__name__}: {exc}") from exc
+    if isinstance(state, dict):
+        for key in ("state_dict", "model_state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        raise ExportError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
+    try:
+        module.load_state_dict(state)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()
+        raise ExportError(f"the weights in {str(path)!r} do not fit {attr}: "
+                          f"{' '.join(line.strip() for line in first[:3])}") from exc
+    return module.eval()
+
+
+__all__ = ["ModuleAdapter", "export_module", "load_module", "recurrent_layer"]

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_cmd_init)
 
     e = sub.add_parser("export", help="export a checkpoint into a model repository, verified")
-    e.add_argument("checkpoint", help="a *.pt file written by `rnnserve train` or `init`")
+    e.add_argument("checkpoint", help="a *.pt file written by `rnnserve train` or `init`; "
+                   "with --module, your model's state dict (torch.save(model.state_dict()))")
     e.add_argument("--repo", required=True, help="model repository: REPO/NAME/VERSION/model.onnx")
     e.add_argument("--name", required=True, help="model name in the repository")
     e.add_argument("--version", type=_positive, dest="model_version",
@@ -113,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fp16", action="store_true",
                    help="recurrent layers and their states in half precision (for GPUs), "
                    "verified within 1e-2 x max(1, largest |reference|)")
+    own = e.add_argument_group("a model of your own (README: Your own PyTorch model)")
+    own.add_argument("--module", metavar="PACKAGE.MODULE:NAME",
+                   help="your nn.Module: a class or factory called without arguments, "
+                   "importable from here; its recurrence one nn.LSTM/nn.GRU, forward(x, "
+                   "state) -> (y, state) in that layer's state layout")
+    own.add_argument("--input-kind", choices=["features", "utf8_bytes"],
+                   help="with --module: (batch, time, F) float32 frames (default) or "
+                   "byte values (given to the module as int64)")
+    own.add_argument("--feature-size", type=_positive,
+                   help="with --module: F (default: the recurrent layer's input size)")
+    own.add_argument("--labels", help="with --module: comma-separated names of the outputs")
+    own.add_argument("--meaning", help="with --module: what the outputs are, for clients")
     e.set_defaults(func=_cmd_export)
 
     v = sub.add_parser("verify", help="verify an exported model (file, version or model dir)")
@@ -431,9 +444,33 @@ def _cmd_export(args: argparse.Namespace) -> int:
     require_train_extra("export")
     from rnnserve.export.onnx_export import export_checkpoint
 
-    mv = export_checkpoint(args.checkpoint, args.repo, args.name, args.model_version,
-                           overwrite=args.overwrite, tolerance=args.tolerance,
-                           fp16=args.fp16, log=_log)
+    own = {"--input-kind": args.input_kind, "--feature-size": args.feature_size,
+           "--labels": args.labels, "--meaning": args.meaning}
+    if args.module is None:
+        given = [flag for flag, value in own.items() if value is not None]
+        if given:
+            raise RnnserveError(f"{', '.join(given)} only with --module (a checkpoint of "
+                                "rnnserve train describes itself)")
+        mv = export_checkpoint(args.checkpoint, args.repo, args.name, args.model_version,
+                               overwrite=args.overwrite, tolerance=args.tolerance,
+                               fp16=args.fp16, log=_log)
+    else:
+        from pathlib import Path
+
+        from rnnserve.export.module_export import export_module, load_module
+        from rnnserve.training.checkpoint import file_sha256
+
+        module = load_module(args.module, args.checkpoint)
+        weights = Path(args.checkpoint)
+        provenance = {"module_spec": args.module, "weights": str(weights.resolve()),
+                      "weights_sha256": file_sha256(weights)}
+        mv = export_module(module, args.repo, args.name, args.model_version,
+                           provenance=provenance,
+                           input_kind=args.input_kind or "features",
+                           feature_size=args.feature_size,
+                           labels=args.labels.split(",") if args.labels else None,
+                           meaning=args.meaning or "", overwrite=args.overwrite,
+                           tolerance=args.tolerance, fp16=args.fp16, log=_log)
     print(f"exported {mv.name} version {mv.version}: {mv.path}")
     return 0
 

@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from torch import nn
 from rnnserve.client import AsyncClient
 from rnnserve.errors import ExportError, VerificationError
 from rnnserve.export import repository
+from rnnserve.export.metadata import ModelMetadata
 from rnnserve.export.module_export import export_module
 
 from ..server.serving import start_server
@@ -175,3 +177,78 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {"print": _quiet})
     assert [m.name for m in repository.list_models(tmp_path / "models")] == ["tagger"]
+
+
+MODULE_FILE = '''
+import torch
+from torch import nn
+
+
+class Tagger(nn.Module):
+    def __init__(self, hidden=48):
+        super().__init__()
+        self.inp = nn.Linear(40, 32)
+        self.rnn = nn.LSTM(32, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, 5)
+
+    def forward(self, x, state):
+        y, state = self.rnn(torch.relu(self.inp(x)), state)
+        return self.head(y), state
+
+
+def wide():
+    return Tagger(hidden=64)
+'''
+
+
+def test_the_cli_exports_a_module_with_its_trained_weights(tmp_path) -> None:
+    """`rnnserve export WEIGHTS --module pkg:Name`, from the directory holding the
+    user's code: the exported graph computes what the module with those weights does."""
+    from ..cli.test_cli import assert_one_line_error, rnnserve
+
+    (tmp_path / "mymodels.py").write_text(MODULE_FILE)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mymodels_ref", tmp_path / "mymodels.py")
+    assert spec is not None and spec.loader is not None
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    torch.manual_seed(8)
+    trained = ref.Tagger()
+    torch.save(trained.state_dict(), tmp_path / "tagger.pt")
+    torch.save({"epoch": 3, "state_dict": ref.wide().state_dict()}, tmp_path / "wide.pt")
+
+    proc = rnnserve("export", "tagger.pt", "--module", "mymodels:Tagger", "--repo", "models",
+                    "--name", "tagger", "--feature-size", "40", "--labels", "a,b,c,d,e",
+                    "--meaning", "tags", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "exported tagger version 1" in proc.stdout
+    path = tmp_path / "models" / "tagger" / "1" / "model.onnx"
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = ModelMetadata.from_props(sess.get_modelmeta().custom_metadata_map)
+    assert meta.outputs[0].labels == ("a", "b", "c", "d", "e")
+    assert meta.export["module_spec"] == "mymodels:Tagger"
+    assert meta.verification["passed"] is True
+    x = np.random.default_rng(9).standard_normal((1, 11, 40)).astype(np.float32)
+    zeros = np.zeros((1, 2, 48), dtype=np.float32)
+    got = sess.run(["logits"], {"input": x, "h_in": zeros, "c_in": zeros})[0]
+    want = _torch_whole(trained, torch.from_numpy(x[0]), lstm=True)
+    assert float(np.abs(got[0] - want).max()) <= 1e-5
+
+    # a checkpoint dict holding the state dict, a factory instead of a class
+    ok = rnnserve("export", "wide.pt", "--module", "mymodels:wide", "--repo", "models",
+                  "--name", "wide", "--feature-size", "40", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+
+    def fails(*args: str, needles: tuple[str, ...]) -> None:
+        assert_one_line_error(rnnserve("export", *args, "--repo", "models", "--name", "x",
+                                       cwd=tmp_path), *needles)
+
+    fails("tagger.pt", "--module", "mymodels", needles=("package.module:Name",))
+    fails("tagger.pt", "--module", "nosuch:Tagger", needles=("cannot import 'nosuch'",))
+    fails("tagger.pt", "--module", "mymodels:Nope", needles=("has no 'Nope'",))
+    fails("wide.pt", "--module", "mymodels:Tagger", needles=("do not fit Tagger",))
+    fails("missing.pt", "--module", "mymodels:Tagger", needles=("not found",))
+    fails("tagger.pt", "--feature-size", "40", needles=("--feature-size only with --module",))
+    fails("tagger.pt", "--module", "mymodels:Tagger", needles=("give feature_size",))
+    assert not (tmp_path / "models" / "x").exists()
