@@ -38,15 +38,19 @@ from rnnserve.protos.tensors import from_tensor, to_tensor
 Data = str | bytes | np.ndarray
 
 
-def make_chunk(seq: int, data: Data, end: bool = False, *, pcm16: bool = False) -> pb.Chunk:
+def make_chunk(seq: int, data: Data, end: bool = False, *, pcm16: bool = False,
+               timeout_ms: int = 0) -> pb.Chunk:
+    """``timeout_ms``: the server drops the chunk (DEADLINE_EXCEEDED, the session as it
+    was) if it has not started to run that long after the server read it; 0: no limit."""
     if isinstance(data, str):
-        return pb.Chunk(seq=seq, text=data, end=end)
+        return pb.Chunk(seq=seq, text=data, end=end, timeout_ms=timeout_ms)
     if isinstance(data, bytes | bytearray | memoryview):
         if pcm16:
-            return pb.Chunk(seq=seq, pcm16=bytes(data), end=end)
+            return pb.Chunk(seq=seq, pcm16=bytes(data), end=end, timeout_ms=timeout_ms)
         return pb.Chunk(seq=seq, tensor=to_tensor(np.frombuffer(data, dtype=np.uint8)),
-                        end=end)
-    return pb.Chunk(seq=seq, tensor=to_tensor(np.asarray(data)), end=end)
+                        end=end, timeout_ms=timeout_ms)
+    return pb.Chunk(seq=seq, tensor=to_tensor(np.asarray(data)), end=end,
+                    timeout_ms=timeout_ms)
 
 
 def new_session_id() -> str:
@@ -188,10 +192,13 @@ class StreamSession:
             pause = min(pause * 2, 0.5)
         raise last
 
-    async def send(self, data: Data, end: bool = False) -> dict[str, np.ndarray]:
-        """Send one chunk and wait for its outputs (name -> array shaped (time, ...))."""
+    async def send(self, data: Data, end: bool = False, timeout_ms: int = 0
+                   ) -> dict[str, np.ndarray]:
+        """Send one chunk and wait for its outputs (name -> array shaped (time, ...)).
+        A chunk past its ``timeout_ms`` ends the stream with DEADLINE_EXCEEDED; the
+        session stays as before it (resume it and send the chunk again)."""
         seq = self.next_seq
-        chunk = make_chunk(seq, data, end, pcm16=self.pcm16)
+        chunk = make_chunk(seq, data, end, pcm16=self.pcm16, timeout_ms=timeout_ms)
         while True:
             self._outbox.put_nowait(pb.StreamRequest(chunk=chunk))
             try:
@@ -220,10 +227,12 @@ class StreamSession:
 
 def many_item(session_id: str, seq: int, data: Data, end: bool = False, *,
               pcm16: bool = False, open_model: str = "", version: int = 0,
-              resume: bool = False) -> pb.ManyItem:
+              resume: bool = False, timeout_ms: int = 0) -> pb.ManyItem:
     """One session's chunk for ``ManyStream.send``; with ``open_model`` the item opens
-    the session (``resume``: resumes it) before its chunk."""
-    item = pb.ManyItem(session_id=session_id, chunk=make_chunk(seq, data, end, pcm16=pcm16))
+    the session (``resume``: resumes it) before its chunk. ``timeout_ms``: this item alone
+    fails with DEADLINE_EXCEEDED if its chunk has not run by then (session unchanged)."""
+    item = pb.ManyItem(session_id=session_id,
+                       chunk=make_chunk(seq, data, end, pcm16=pcm16, timeout_ms=timeout_ms))
     if open_model:
         item.open.CopyFrom(pb.OpenSessionRequest(model=open_model, version=version,
                                                  resume=resume))
@@ -408,9 +417,9 @@ class Client:
             timeout=self.timeout, metadata=self._auth + _routing(session_id))
 
     def step(self, session_id: str, seq: int, data: Data, end: bool = False,
-             pcm16: bool = False) -> dict[str, np.ndarray]:
-        resp = self.stub.Step(pb.StepRequest(session_id=session_id,
-                                             chunk=make_chunk(seq, data, end, pcm16=pcm16)),
+             pcm16: bool = False, timeout_ms: int = 0) -> dict[str, np.ndarray]:
+        chunk = make_chunk(seq, data, end, pcm16=pcm16, timeout_ms=timeout_ms)
+        resp = self.stub.Step(pb.StepRequest(session_id=session_id, chunk=chunk),
                               timeout=self.timeout, metadata=self._auth + _routing(session_id))
         return outputs(resp.result)
 

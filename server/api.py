@@ -60,17 +60,19 @@ async def abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
 
 
 def chunk_input(chunk: pb.Chunk) -> ChunkInput:
+    # a chunk's own timeout counts from now, when the server has read it
+    expires = time.perf_counter() + chunk.timeout_ms / 1000 if chunk.timeout_ms else None
     which = chunk.WhichOneof("data")
     if which == "tensor":
         try:
-            return ChunkInput(array=from_tensor(chunk.tensor))
+            return ChunkInput(array=from_tensor(chunk.tensor), expires=expires)
         except TensorError as exc:
             return ChunkInput(invalid=str(exc))  # rejected by the core, counted per model
     if which == "text":
-        return ChunkInput(text=chunk.text)
+        return ChunkInput(text=chunk.text, expires=expires)
     if which == "pcm16":
-        return ChunkInput(pcm16=chunk.pcm16)
-    return ChunkInput()
+        return ChunkInput(pcm16=chunk.pcm16, expires=expires)
+    return ChunkInput(expires=expires)
 
 
 def fill_result(target: pb.ChunkResult, out: ChunkOutput) -> None:

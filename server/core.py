@@ -60,6 +60,7 @@ class ChunkInput:
     text: str | None = None
     pcm16: bytes | None = None
     invalid: str | None = None
+    expires: float | None = None  # the chunk's own deadline (a perf_counter time)
 
 
 @dataclass(slots=True)
@@ -463,6 +464,8 @@ class Core:
             raise OutOfOrder(f"session {session_id!r} expects chunk {session.next_seq}, "
                              f"got {seq}")
         x = runtime.check_chunk(self.decode(runtime, chunk))
+        if chunk.expires is not None and (expires is None or chunk.expires < expires):
+            expires = chunk.expires  # the chunk's own timeout, sooner than the call's
         # with a shared store the batcher commits it (_commit): durable before answered
         pending = None if self.shared is None else _Pending(session, runtime, seq, x, end)
         future = self.batchers[runtime.key].submit(_row(session), x, expires, pending,

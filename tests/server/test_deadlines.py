@@ -4,12 +4,14 @@ lone chunk sits in the queue."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
 
-from rnnserve.client import Client
-from rnnserve.client.client import make_chunk
+from rnnserve.client import AsyncClient, Client
+from rnnserve.client.client import item_status, make_chunk, many_item, outputs
 from rnnserve.protos.inference import grpc_service_pb2_grpc as oip_grpc
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 
@@ -59,3 +61,62 @@ def test_the_triton_timeout_parameter_drops_a_late_request(slow_batches, repo) -
     assert metric_value(slow_batches.metrics(), "rnnserve_chunks_total", api="kserve_v2",
                         code="DEADLINE_EXCEEDED") == 1
 
+
+
+def test_a_chunk_timeout_fails_only_its_own_stream_many_item(slow_batches, repo) -> None:
+    """Two sessions' chunks in one StreamMany request: the one with a 50 ms timeout
+    waits for the 400 ms batch, is dropped alone (DEADLINE_EXCEEDED, its session as it
+    was), and goes through when sent again; the other runs in that batch."""
+    rng = np.random.default_rng(10)
+    xa, xb = (rng.standard_normal((6, 20)).astype(np.float32) for _ in range(2))
+
+    async def main():
+        async with AsyncClient(slow_batches.target, timeout=10) as client:
+            async with client.many() as m:
+                a, b = "deadline-a", "deadline-b"
+                opened = await m.send([many_item(a, 0, xa[:3], open_model="feat"),
+                                       many_item(b, 0, xb[:3], open_model="feat")])
+                late = await m.send([many_item(a, 1, xa[3:], end=True, timeout_ms=50),
+                                     many_item(b, 1, xb[3:], end=True)])
+                again = await m.send([many_item(a, 1, xa[3:], end=True, timeout_ms=5000)])
+        return opened, late, again
+
+    opened, late, again = asyncio.run(asyncio.wait_for(main(), 30))
+    assert item_status(late[0]) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "did not run and nothing advanced" in late[0].message
+    assert item_status(late[1]) == grpc.StatusCode.OK
+    got_a = np.concatenate([outputs(opened[0].result)["logits"],
+                            outputs(again[0].result)["logits"]])
+    got_b = np.concatenate([outputs(opened[1].result)["logits"],
+                            outputs(late[1].result)["logits"]])
+    for got, x in ((got_a, xa), (got_b, xb)):
+        assert float(np.abs(got - reference(repo, "feat", x[None])[0]).max()) <= 1e-5
+
+
+def test_a_chunk_timeout_on_a_stream_or_step_advances_nothing(slow_batches, repo) -> None:
+    """On a Stream the late chunk ends the stream with DEADLINE_EXCEEDED; the session,
+    resumed on a new stream, takes the same chunk again. A unary Step's chunk timeout
+    shorter than its call's deadline applies too."""
+    x = np.random.default_rng(11).standard_normal((9, 20)).astype(np.float32)
+
+    async def main():
+        async with AsyncClient(slow_batches.target, timeout=10) as client:
+            async with client.stream("feat") as s:
+                first = (await s.send(x[:3]))["logits"]
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await s.send(x[3:6], timeout_ms=50)
+                sid = s.session_id
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            async with client.stream("feat", session_id=sid, resume=True) as s:
+                assert s.next_seq == 1
+                second = (await s.send(x[3:6]))["logits"]
+            return sid, first, second
+
+    sid, first, second = asyncio.run(asyncio.wait_for(main(), 30))
+    with Client(slow_batches.target, timeout=10) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.step(sid, 2, x[6:], end=True, timeout_ms=50)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        third = client.step(sid, 2, x[6:], end=True)["logits"]
+    got = np.concatenate([first, second, third])
+    assert float(np.abs(got - reference(repo, "feat", x[None])[0]).max()) <= 1e-5

@@ -67,18 +67,20 @@ class SessionInfo(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., next_seq: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("seq", "tensor", "text", "pcm16", "end")
+    __slots__ = ("seq", "tensor", "text", "pcm16", "end", "timeout_ms")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     PCM16_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     tensor: Tensor
     text: str
     pcm16: bytes
     end: bool
-    def __init__(self, seq: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., text: _Optional[str] = ..., pcm16: _Optional[bytes] = ..., end: _Optional[bool] = ...) -> None: ...
+    timeout_ms: int
+    def __init__(self, seq: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., text: _Optional[str] = ..., pcm16: _Optional[bytes] = ..., end: _Optional[bool] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
     __slots__ = ("open", "chunk")
