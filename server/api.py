@@ -178,11 +178,15 @@ async def pipelined(gate: StreamGate, request_iterator: AsyncIterator[T],
     window = asyncio.Semaphore(STREAM_WINDOW)
     pending: set[asyncio.Task[R]] = set()
     ended: list[Exception] = []
+    broken: list[BaseException] = []  # an answer that raised (it must not)
 
     def finished(task: asyncio.Task[R]) -> None:
         pending.discard(task)
         if task.cancelled():
             window.release()
+        elif (failed := task.exception()) is not None:  # a bug: end the stream rather
+            broken.append(failed)  # than leave the request unanswered
+            answers.put_nowait(None)
         else:  # its slot frees once the answer is written, so a client that does
             answers.put_nowait(task.result())  # not read holds at most the window
 
@@ -206,6 +210,10 @@ async def pipelined(gate: StreamGate, request_iterator: AsyncIterator[T],
     try:
         while reading or pending or not answers.empty():
             out = await answers.get()
+            if broken:
+                log.error("a stream's answer failed", exc_info=broken[0])
+                await context.abort(grpc.StatusCode.INTERNAL,
+                                    "internal error; see the server log")
             if out is None:
                 reading = False
                 continue

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rnnserve.server.app import RnnServer
+from rnnserve.server.settings import Settings
 
 
 @dataclass
@@ -69,3 +75,45 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in head for k, v in labels.items()):
             total += float(value)
     return total
+
+
+class InProcessServer:
+    """An RnnServer on its own event loop in a thread of the test process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.server: RnnServer | None = None
+        self.error: BaseException | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(60):
+            raise RuntimeError("the in-process server did not start in 60 s")
+        if self.error is not None:
+            raise self.error
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = RnnServer(self.settings)
+        try:
+            await server.start()
+        except BaseException as exc:
+            self.error = exc
+            self._ready.set()
+            raise
+        gc.unfreeze()  # start() freezes what it loaded; this process is the test's
+        self.server = server
+        self._ready.set()
+        await self._stop.wait()
+        await server.stop()
+
+    @property
+    def target(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(30)

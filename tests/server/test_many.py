@@ -162,3 +162,48 @@ def test_a_drain_answers_the_requests_in_flight_then_ends_the_stream(repo, tmp_p
                             "INTERNAL: Internal error from Core")), last
     assert later == last
     assert srv.proc.wait(10) == 0
+
+
+def test_a_request_whose_answer_breaks_ends_the_stream_instead_of_hanging(
+        repo, monkeypatch) -> None:
+    """A bug that makes one request's answer raise (injected here into a real in-process
+    server) ends the stream with INTERNAL at once; that request is never left waiting,
+    and the server goes on serving new streams."""
+    from rnnserve.server import api
+    from rnnserve.server.settings import Settings
+
+    from .serving import InProcessServer
+
+    real = api.InferenceServicer._many
+
+    async def buggy(self, req):
+        if req.id == 2:
+            raise RuntimeError("injected")
+        return await real(self, req)
+
+    monkeypatch.setattr(api.InferenceServicer, "_many", buggy)
+    srv = InProcessServer(Settings(repo=repo, host="127.0.0.1", grpc_port=0, metrics_port=0,
+                                   device="cpu", intra_op_threads=1))
+    x = np.random.default_rng(23).standard_normal((2, 20)).astype(np.float32)
+
+    async def main():
+        async with AsyncClient(srv.target, timeout=10) as client:
+            async with client.many() as m:
+                first = await m.send([many_item("broken-a", 0, x[:1], open_model="feat")])
+                try:
+                    await m.send([many_item("broken-a", 1, x[1:])])
+                except grpc.aio.AioRpcError as exc:
+                    code, details = exc.code(), exc.details()
+                else:
+                    code, details = None, ""
+            async with client.many() as m:  # a new stream is served
+                again = await m.send([many_item("broken-b", 0, x[:1], open_model="feat")])
+            return first, code, details, again
+
+    try:
+        first, code, details, again = asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        srv.stop()
+    assert item_status(first[0]) == grpc.StatusCode.OK
+    assert code == grpc.StatusCode.INTERNAL and "see the server log" in details
+    assert item_status(again[0]) == grpc.StatusCode.OK

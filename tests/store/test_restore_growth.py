@@ -5,62 +5,17 @@ as a run would); server A is a real `rnnserve serve` process; the store a real R
 
 from __future__ import annotations
 
-import asyncio
-import gc
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from rnnserve.client import Client
-from rnnserve.server.app import RnnServer
 from rnnserve.server.settings import Settings
 
+from ..server.serving import InProcessServer
 from ..server.test_grpc_api import whole_run
 from .test_failover import serve
-
-
-class InProcessServer:
-    """An RnnServer on its own event loop in a thread of the test process."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.server: RnnServer | None = None
-        self.error: BaseException | None = None
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-        self._thread.start()
-        if not self._ready.wait(60):
-            raise RuntimeError("the in-process server did not start in 60 s")
-        if self.error is not None:
-            raise self.error
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        server = RnnServer(self.settings)
-        try:
-            await server.start()
-        except BaseException as exc:
-            self.error = exc
-            self._ready.set()
-            raise
-        gc.unfreeze()  # start() freezes what it loaded; this process is the test's
-        self.server = server
-        self._ready.set()
-        await self._stop.wait()
-        await server.stop()
-
-    @property
-    def target(self) -> str:
-        assert self.server is not None
-        return f"127.0.0.1:{self.server.grpc_port}"
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(30)
 
 
 def test_a_load_that_grows_the_pool_waits_in_a_thread_not_on_the_event_loop(
