@@ -482,22 +482,23 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from rnnserve.export.verify import verify_file
 
     mv = repository.resolve(args.model)
-    checkpoint = args.checkpoint
+    checkpoint, model = args.checkpoint, None
     if checkpoint is None:
-        checkpoint = _recorded_checkpoint(mv.path)
-        if checkpoint is not None:
-            _log(f"comparing with the checkpoint recorded at export: {checkpoint}")
+        checkpoint, model = _recorded_reference(mv.path)
     elif not Path(checkpoint).is_file():
         raise RnnserveError(f"checkpoint {checkpoint!r} not found")
-    report = verify_file(mv.path, checkpoint=checkpoint, tolerance=args.tolerance,
-                         seed=args.seed, n_cases=args.cases, write=not args.no_write, log=_log)
+    report = verify_file(mv.path, model=model, checkpoint=checkpoint,
+                         tolerance=args.tolerance, seed=args.seed, n_cases=args.cases,
+                         write=not args.no_write, log=_log)
     report.raise_if_failed()
     print(f"verified {mv.path}")
     return 0
 
 
-def _recorded_checkpoint(model_path: object) -> str | None:
-    """The export's checkpoint when it still exists with the same sha256 and torch is here."""
+def _recorded_reference(model_path: object) -> tuple[str | None, object]:
+    """What the export compared with, when it is still there unchanged and torch is
+    here: (its checkpoint, None), or (None, the module rebuilt with its weights) for a
+    model of one's own (``--module``); (None, None) otherwise."""
     from pathlib import Path
 
     import onnxruntime as ort
@@ -507,17 +508,33 @@ def _recorded_checkpoint(model_path: object) -> str | None:
     try:
         import torch  # noqa: F401
     except ImportError:
-        return None
+        return None, None
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
     meta = ModelMetadata.from_props(sess.get_modelmeta().custom_metadata_map, str(model_path))
-    path = meta.export.get("checkpoint")
-    if not path or not Path(path).is_file():
-        return None
     from rnnserve.training.checkpoint import file_sha256
 
-    return path if file_sha256(path) == meta.export.get("checkpoint_sha256") else None
+    path = meta.export.get("checkpoint") or meta.export.get("weights")
+    if not path or not Path(path).is_file() or file_sha256(path) != meta.export.get(
+            "checkpoint_sha256" if "checkpoint" in meta.export else "weights_sha256"):
+        return None, None
+    if "checkpoint" in meta.export:
+        _log(f"comparing with the checkpoint recorded at export: {path}")
+        return path, None
+    from rnnserve.errors import ExportError
+    from rnnserve.export.module_export import ModuleAdapter, load_module
+
+    spec = str(meta.export.get("module_spec", ""))
+    try:
+        module = load_module(spec, path)
+    except ExportError as exc:
+        _log(f"not comparing with torch: the module recorded at export does not load "
+             f"here ({exc})")
+        return None, None
+    _log(f"comparing with the module recorded at export: {spec} with {path}")
+    return None, ModuleAdapter(module, lstm=meta.arch == "lstm",
+                               byte_input=meta.input.kind == "utf8_bytes")
 
 
 def _cmd_say(args: argparse.Namespace) -> int:

@@ -235,6 +235,17 @@ def test_the_cli_exports_a_module_with_its_trained_weights(tmp_path) -> None:
     want = _torch_whole(trained, torch.from_numpy(x[0]), lstm=True)
     assert float(np.abs(got[0] - want).max()) <= 1e-5
 
+    # verify later compares with the module again, rebuilt from what the export recorded
+    again = rnnserve("verify", "models/tagger", "--no-write", cwd=tmp_path)
+    said = again.stdout + again.stderr
+    assert again.returncode == 0, said
+    assert "comparing with the module recorded at export: mymodels:Tagger" in said
+    assert "vs torch" in said and "torch parity skipped" not in said
+    elsewhere = tmp_path / "elsewhere"  # where mymodels does not import: no torch parity
+    elsewhere.mkdir()
+    away = rnnserve("verify", str(tmp_path / "models" / "tagger"), "--no-write", cwd=elsewhere)
+    assert away.returncode == 0 and "does not load here" in away.stdout + away.stderr
+
     # a checkpoint dict holding the state dict, a factory instead of a class
     ok = rnnserve("export", "wide.pt", "--module", "mymodels:wide", "--repo", "models",
                   "--name", "wide", "--feature-size", "40", cwd=tmp_path)
