@@ -515,11 +515,12 @@ def _recorded_reference(model_path: object) -> tuple[str | None, object]:
     meta = ModelMetadata.from_props(sess.get_modelmeta().custom_metadata_map, str(model_path))
     from rnnserve.training.checkpoint import file_sha256
 
-    path = meta.export.get("checkpoint") or meta.export.get("weights")
-    if not path or not Path(path).is_file() or file_sha256(path) != meta.export.get(
-            "checkpoint_sha256" if "checkpoint" in meta.export else "weights_sha256"):
+    kind = "checkpoint" if "checkpoint" in meta.export else "weights"  # weights: --module
+    path = meta.export.get(kind)
+    if not path or not Path(path).is_file() or \
+            file_sha256(path) != meta.export.get(f"{kind}_sha256"):
         return None, None
-    if "checkpoint" in meta.export:
+    if kind == "checkpoint":
         _log(f"comparing with the checkpoint recorded at export: {path}")
         return path, None
     from rnnserve.errors import ExportError

@@ -278,9 +278,9 @@ class StatePool:
     def trim_target(self) -> int:
         """The size the buffers may shrink to (``shrink``), or 0 while the rows handed
         out need more than a quarter of them; first lowers the mark of rows handed out
-        past the free rows at its top. Event loop only (it reorders the free rows)."""
-        if not self.growable or \
-                2 * max(self.first_rows, 2 * (FIRST + self.used)) > self.capacity:
+        past the free rows at its top. Event loop only (it reorders the free rows). A
+        fixed pool never grows past its first size, so it never has anything to give."""
+        if 2 * max(self.first_rows, 2 * (FIRST + self.used)) > self.capacity:
             return 0  # not even with the rows in use at the bottom: no need to look
         free = sorted(self._free)  # sorted: a heap as it is (16 ms for 100k rows)
         while free and free[-1] == self._next - 1:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import numpy as np
 
+from rnnserve.client.bench import runs_back_to_back
 from rnnserve.server.runtime import ModelRuntime, RuntimeOptions
 
 CASES = [  # (model, version, batches)
@@ -25,27 +25,6 @@ CASES = [  # (model, version, batches)
     ("speech-small", 2, (256, 1024, 4096)),  # fp16
     ("speech-tiny", 1, (1024, 4096)),
 ]
-
-
-def measure(rt: ModelRuntime, batch: int, seconds: float) -> dict[str, float]:
-    rng = np.random.default_rng(batch)
-    hop = int(rt.meta.input.hop_samples or 160)
-    xs = [rng.integers(-3000, 3000, 4 * hop).astype(np.int16) for _ in range(batch)]
-    rows = [[rt.pool.alloc() for _ in range(batch)] for _ in range(2)]
-    for k in range(3):  # warm up (and capture, with CUDA graphs)
-        rt.run_rows(xs, rows[k % 2], rows[(k + 1) % 2])
-    runs, times, started = 0, [], time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        t = time.perf_counter()
-        rt.run_rows(xs, rows[runs % 2], rows[(runs + 1) % 2])
-        times.append(time.perf_counter() - t)
-        runs += 1
-    elapsed = time.perf_counter() - started
-    for r in rows[0] + rows[1]:
-        rt.pool.free(r)
-    return {"runs": runs, "run_ms_median": 1000 * float(np.median(times)),
-            "steps_per_s": runs * batch / elapsed,
-            "streams_40ms": runs * batch / elapsed * 0.04}
 
 
 def main() -> int:
@@ -67,7 +46,11 @@ def main() -> int:
                     rt = ModelRuntime(path, name, version, opts)
                     line["provider"] = rt.provider
                     line["precision"] = str(rt.meta.export.get("precision", "fp32"))
-                    line.update(measure(rt, batch, seconds))
+                    rng = np.random.default_rng(batch)
+                    hop = int(rt.meta.input.hop_samples or 160)  # 4 frames: a 40 ms chunk
+                    xs = [rng.integers(-3000, 3000, 4 * hop).astype(np.int16)
+                          for _ in range(batch)]
+                    line.update(runs_back_to_back(rt, xs, seconds, warm_up=3))
                 except Exception as exc:  # e.g. onnxruntime refusing CUDA graphs
                     line["error"] = " ".join(traceback.format_exception_only(exc))[-600:]
                 print(json.dumps(line), flush=True)

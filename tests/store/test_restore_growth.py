@@ -44,7 +44,11 @@ def test_a_load_that_grows_the_pool_waits_in_a_thread_not_on_the_event_loop(
                 with ThreadPoolExecutor(1) as ex:
                     # B loads the session from the store: its row lies beyond the buffers
                     moved = ex.submit(on_b.step, sid, 1, x[3:], True)
-                    time.sleep(0.5)
+                    deadline = time.monotonic() + 10
+                    while pool.used < 2 and time.monotonic() < deadline:
+                        time.sleep(0.01)  # its row is handed out: the write comes next
+                    assert pool.used == 2
+                    time.sleep(0.2)
                     assert "feat" in [m.name for m in on_b.list_models()]  # the loop answers
                     assert not moved.done() and pool.resizes == 0  # growth waits
                     pool.release()
