@@ -24,13 +24,12 @@ if [ ! -f "$K/site/.done" ]; then
   cat "$K"/parts/kit.* | xz -d | tar -C "$K" -xf - || { echo "kit does not unpack"; exit 2; }
   touch "$K/site/.done"  # site/: the wheels, installed by prepare.sh for this Python
 fi
-# rnnserve itself from the working tree that travelled (the kit's wheel if that fails)
-rm -rf "$K/pkg" && mkdir -p "$K/pkg"
-$PY -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
-  --target "$K/pkg" . >/dev/null 2>&1 \
-  || $PY -m pip install -q --no-index --no-deps --no-compile --target "$K/pkg" \
-       "$K"/own/rnnserve-*.whl || { echo "rnnserve does not install"; exit 2; }
-rm -rf build ./*.egg-info
+# rnnserve itself from the working tree that travelled, laid out as its distribution
+# maps it (pyproject.toml: the top-level folders under rnnserve.*); no build step, whose
+# setuptools there may be too old for pyproject.toml
+rm -rf "$K/pkg" && mkdir -p "$K/pkg" && cp -r rnnserve "$K/pkg/rnnserve" \
+  && for d in training export server client protos; do cp -r "$d" "$K/pkg/rnnserve/$d"; done \
+  || { echo "rnnserve does not copy"; exit 2; }
 export PYTHONPATH=$K/pkg:$K/site${EXTRA_PYTHONPATH:+:$EXTRA_PYTHONPATH}
 # CUDA 13 and cuDNN 9 come with the image's nvidia wheels (torch's): let onnxruntime find them
 NV=$($PY -c "
@@ -51,18 +50,18 @@ print('python', sys.version.split()[0], 'onnxruntime', ort.__version__, ort.get_
 case " $STEPS " in *" tests "*)
   echo "== requires_cuda tests (tests/server/test_cuda.py)"
   rm -rf "$K/t" && mkdir -p "$K/t" && cp -r "$REPO/tests" "$K/t/"
-  (cd "$K/t" && timeout 300 $PY -m pytest -p no:cacheprovider -q -rs \
+  (cd "$K/t" && timeout 180 $PY -m pytest -p no:cacheprovider -q -rs \
      -W ignore::pytest.PytestUnknownMarkWarning tests/server/test_cuda.py 2>&1 | tail -25)
 esac
 
 case " $STEPS " in *" ceiling "*)
   echo "== compute ceiling (the runtime alone, state pool on the device)"
-  timeout 200 $PY "$REPO/scripts/gpu/ceiling.py" "$K/models" 2 | tee "$OUT/ceiling.jsonl"
+  timeout 150 $PY "$REPO/scripts/gpu/ceiling.py" "$K/models" 2 | tee "$OUT/ceiling.jsonl"
 esac
 
 case " $STEPS " in *" bench "*)
   echo "== bench: speech-small on $DEVICE, 4 workers, StreamMany 64 streams per message"
-  timeout 240 $PY -m rnnserve bench --repo "$K/models" --model speech-small --version 1 \
+  timeout 180 $PY -m rnnserve bench --repo "$K/models" --model speech-small --version 1 \
     --serve-arg=--device=$DEVICE --serve-arg=--workers=4 --serve-arg=--batch-runners=2 \
     --max-batch-size 1024 --many 64 --connections 8 --load-procs 8 \
     --streams ${BENCH_LEVELS:-1024,2048,4096} --duration-s "$BENCH_S" --no-plot \
