@@ -139,8 +139,10 @@ class RnnServer:
             self.metrics.add_store()
             # The workers of one server share its name: a session may move between them
             # at once (a new connection reaching another worker), fenced by the stored
-            # seq alone, while other servers wait out its lease.
-            owner = self.worker.owner if self.worker else server_name()
+            # seq alone, while other servers wait out its lease. Each signs its leases
+            # with its index, so that one lets go of only its own (shared.py).
+            owner = f"{self.worker.owner}|{self.worker.index}" if self.worker \
+                else server_name()
             self.shared = RedisStore(s.session_store, owner=owner, ttl_s=s.idle_timeout_s,
                                      lease_s=s.lease_s, timeout_s=s.store_timeout_ms / 1000,
                                      upsert=s.store_failure == "degrade",

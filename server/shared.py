@@ -13,7 +13,9 @@ Per session three keys (their ``{id}`` hash tag keeps them in one slot):
 - ``rnnserve:{id}:s``: a hash with ``seq`` (the next chunk's number) and ``data`` (the
   record), expiring after the idle timeout;
 - ``rnnserve:{id}:l``: the lease, the id of the server that writes the session,
-  expiring after ``lease_s`` unless a step renews it;
+  expiring after ``lease_s`` unless a step renews it; a worker of ``serve --workers``
+  writes ``server|index``, and its sibling workers may take the lease at once (the
+  stored seq fences their steps) while other servers wait it out;
 - ``rnnserve:{id}:f``: the record a session's last chunk left, for a minute.
 
 Every write is a Lua script that checks the lease (another holder: ``SessionHeld``,
@@ -56,6 +58,7 @@ StoreHook = Callable[[str, float, bool], None]
 # index, 'held', 'moved' or 'exists', and the lease's time left or the stored seq.
 _WRITE_MANY = """
 local owner, ttl, lease, upsert, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local server = string.match(owner, '^(.*)|%d+$')
 local failed = {}
 for i = 0, (#ARGV - 5) / 2 - 1 do
   local kind, from, to, sid = string.match(ARGV[2 * i + 6], '^(%a) (%-?%d+) (%d+) (.*)$')
@@ -64,7 +67,8 @@ for i = 0, (#ARGV - 5) / 2 - 1 do
   local rec, lk = base .. 's', base .. 'l'
   local holder = redis.call('GET', lk)
   local seq = redis.call('HGET', rec, 'seq')
-  if holder and holder ~= owner then
+  if holder and holder ~= owner
+      and not (server and string.match(holder, '^(.*)|%d+$') == server) then
     table.insert(failed, i); table.insert(failed, 'held')
     table.insert(failed, redis.call('PTTL', lk))
   elseif kind == 'c' then
@@ -93,17 +97,23 @@ end
 return failed
 """
 
-# KEYS: record, lease. ARGV: owner, lease ms. The record, with the lease taken.
+# KEYS: record, lease. ARGV: owner, lease ms. The record, with the lease taken (from
+# this server's sibling worker too).
 _ACQUIRE = """
 local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[1] then return {'held', redis.call('PTTL', KEYS[2])} end
+local server = string.match(ARGV[1], '^(.*)|%d+$')
+if holder and holder ~= ARGV[1]
+    and not (server and string.match(holder, '^(.*)|%d+$') == server) then
+  return {'held', redis.call('PTTL', KEYS[2])}
+end
 local data = redis.call('HGET', KEYS[1], 'data')
 if not data then return {'none', 0} end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return {'ok', data}
 """
 
-# KEYS: lease. ARGV: owner.
+# KEYS: lease. ARGV: owner. Only this owner's own lease: a worker's outdated copy
+# must not let go of the lease its sibling took since.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
@@ -132,7 +142,9 @@ class RedisStore:
     def __init__(self, url: str, *, owner: str, ttl_s: float, lease_s: float,
                  timeout_s: float = 1.0, prefix: str = "rnnserve",
                  upsert: bool = False, on_op: StoreHook | None = None) -> None:
-        """``upsert``: a step may write the record of a session the store does not hold
+        """``owner``: this server's name in the leases; a worker of a server with
+        several gives ``name|index`` (its siblings then share its leases, module doc).
+        ``upsert``: a step may write the record of a session the store does not hold
         (one opened while the store was down, by a server that degrades)."""
         self.url, self.owner, self.prefix = url, owner, prefix
         self.ttl_ms, self.lease_ms = max(1, int(ttl_s * 1000)), max(1, int(lease_s * 1000))

@@ -156,3 +156,46 @@ def test_a_write_of_a_session_served_from_memory_may_start_ahead_of_its_record(
     assert isinstance(c, SessionMoved) and r.hget("rnnserve:{c}:s", "seq") == b"1"
     assert d is None and r.get("rnnserve:{d}:f") == b"recF" and not r.exists("rnnserve:{d}:s")
     assert isinstance(t, SessionHeld) and r.hget("rnnserve:{t}:s", "data") == b"theirs"
+
+
+def test_sibling_workers_share_a_lease_but_each_lets_go_of_only_its_own(redis_server) -> None:
+    """The workers of one server (``name|index``) take a session from each other at
+    once; a worker whose copy went stale (expiry, eviction) releasing it must not free
+    the lease its sibling holds now, which other servers then still wait out."""
+    lease_key = "rnnserve:{w1}:l"
+
+    async def main():
+        w0 = RedisStore(redis_server.url, owner="srv-a|0", ttl_s=60, lease_s=30)
+        w1 = RedisStore(redis_server.url, owner="srv-a|1", ttl_s=60, lease_s=30)
+        other = RedisStore(redis_server.url, owner="srv-b|0", ttl_s=60, lease_s=30)
+        lookalike = RedisStore(redis_server.url, owner="srv-a", ttl_s=60, lease_s=30)
+        r = redis_server.client()
+        try:
+            await w0.create("w1", b"rec0")
+            seen = [r.get(lease_key)]
+            assert await w1.acquire("w1") == b"rec0"  # the sibling takes it at once
+            assert (await w1.checkpoint_many([("w1", b"rec1", 0, 1, False, False)])) == [None]
+            seen.append(r.get(lease_key))
+            await w0.release(["w1"])  # w0's stale copy expires there
+            seen.append(r.get(lease_key))
+            refusals = []
+            for store in (other, lookalike):  # another server, and one named like ours
+                try:
+                    await store.acquire("w1")
+                except SessionHeld as exc:
+                    refusals.append(str(exc))
+            # w0 steps its outdated copy: the lease would let it, the seq does not
+            stale = await w0.checkpoint_many([("w1", b"old", 0, 1, False, False)])
+            await w1.release(["w1"])  # the holder lets go: now anyone may take it
+            seen.append(r.get(lease_key))
+            taken = await other.acquire("w1")
+            return seen, refusals, stale, taken
+        finally:
+            for s in (w0, w1, other, lookalike):
+                await s.close()
+
+    seen, refusals, stale, taken = asyncio.run(main())
+    assert seen == [b"srv-a|0", b"srv-a|1", b"srv-a|1", None]
+    assert len(refusals) == 2 and all("another server" in m for m in refusals)
+    assert isinstance(stale[0], SessionMoved)
+    assert taken == b"rec1"

@@ -3,6 +3,8 @@ processes of one server at once, whichever worker a connection reaches."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 
@@ -56,3 +58,51 @@ def test_a_gap_is_still_refused_and_counts_no_resume(repo, redis_server, tmp_pat
     finally:
         assert srv.stop() == 0
     assert metric_value(text, "rnnserve_session_resumes_total") == 0
+
+
+def test_a_workers_stale_copy_expiring_leaves_its_siblings_lease(repo, redis_server,
+                                                                 tmp_path) -> None:
+    """The session goes on in worker B while worker A keeps an outdated copy; when A's
+    copy expires, A gives up only a lease of its own: B's stays (another server still
+    waits it out), and goes when B's copy expires in its turn."""
+    x = np.zeros((2, 20), np.float32)
+    srv = serve(repo, tmp_path, "lease", redis_server.url, "--workers", "2",
+                "--idle-timeout-s", "3", "--lease-s", "60")
+    r = redis_server.client()
+
+    def by_worker(name: str, **labels: str) -> dict[str, float]:
+        text = srv.metrics()
+        return {w: metric_value(text, name, worker=w, **labels) for w in ("0", "1")}
+
+    try:
+        with Client(srv.target, timeout=10, options=OWN_CONNECTION) as first:
+            sid = first.open_session("feat").session_id
+            first.step(sid, 0, x)
+        lease_key = f"rnnserve:{{{sid}}}:l"
+        a = max(by_worker("rnnserve_chunks_total", code="OK").items(), key=lambda kv: kv[1])[0]
+        b = "1" if a == "0" else "0"
+        seq = 1
+        for _ in range(30):  # a new connection until one reaches B, 1.5 s after A's last
+            time.sleep(1.5)  # step: A's copy then expires 1.5 s before B's
+            with Client(srv.target, timeout=10, options=OWN_CONNECTION) as client:
+                client.step(sid, seq, x)
+            seq += 1
+            if by_worker("rnnserve_chunks_total", code="OK")[b] > 0:
+                break
+        else:
+            raise AssertionError("30 new connections all reached one worker")
+        held_by_b = r.get(lease_key)
+        deadline = time.monotonic() + 10
+        while by_worker("rnnserve_sessions_ended_total", reason="expired")[a] < 1:
+            assert time.monotonic() < deadline, "worker A's copy did not expire"
+            time.sleep(0.05)
+        time.sleep(0.2)  # its release went out with the expiry (one script call)
+        after_a_expired = r.get(lease_key), by_worker("rnnserve_sessions_ended_total",
+                                                      reason="expired")[b]
+        while r.get(lease_key) is not None:  # B's own copy expires and lets go
+            assert time.monotonic() < deadline, "worker B kept its lease"
+            time.sleep(0.05)
+    finally:
+        assert srv.stop() == 0
+    assert held_by_b is not None and held_by_b.decode().endswith(f"|{b}")
+    assert after_a_expired == (held_by_b, 0)
