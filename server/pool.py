@@ -282,11 +282,15 @@ class StatePool:
         fixed pool never grows past its first size, so it never has anything to give."""
         if 2 * max(self.first_rows, 2 * (FIRST + self.used)) > self.capacity:
             return 0  # not even with the rows in use at the bottom: no need to look
-        free = sorted(self._free)  # sorted: a heap as it is (16 ms for 100k rows)
-        while free and free[-1] == self._next - 1:
-            free.pop()
-            self._next -= 1
-        self._free = free
+        # only when the top row handed out is free: an idle session high in the pool
+        # blocks the shrink until it steps or ends, and re-sorting for nothing every
+        # period would cost the loop ~20 ms per 100k free rows (max: ~2 ms)
+        if self._free and max(self._free) == self._next - 1:
+            free = sorted(self._free)  # sorted: a heap as it is
+            while free and free[-1] == self._next - 1:
+                free.pop()
+                self._next -= 1
+            self._free = free
         target = max(self.first_rows, 2 * self._next)
         return target if 2 * target <= self.capacity else 0
 
