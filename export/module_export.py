@@ -33,11 +33,13 @@ comparison and is not published.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import platform
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 import onnx
 import torch
@@ -113,6 +115,26 @@ class ModuleAdapter(nn.Module):
         return y, tuple(s.transpose(0, 1) for s in got)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _modes_kept(fn: Callable[Concatenate[nn.Module, P], R]
+                ) -> Callable[Concatenate[nn.Module, P], R]:
+    """The export runs the module in eval mode; the caller's module gets its own
+    train/eval mode of every submodule back afterwards (it may go on training)."""
+    @functools.wraps(fn)
+    def kept(module: nn.Module, *args: P.args, **kwargs: P.kwargs) -> R:
+        modes = [(m, m.training) for m in module.modules()]
+        try:
+            return fn(module, *args, **kwargs)
+        finally:
+            for m, training in modes:
+                m.training = training
+    return kept
+
+
+@_modes_kept
 def export_module(
     module: nn.Module,
     repo: str | Path,

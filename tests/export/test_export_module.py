@@ -18,6 +18,8 @@ from rnnserve.errors import ExportError, VerificationError
 from rnnserve.export import repository
 from rnnserve.export.metadata import ModelMetadata
 from rnnserve.export.module_export import export_module
+from rnnserve.export.verify import fp16_bound
+from rnnserve.server.runtime import ModelRuntime, RuntimeOptions
 
 from ..server.serving import start_server
 
@@ -105,6 +107,53 @@ def test_own_modules_export_verify_and_stream_through_the_server_as_torch_comput
     assert (tm.arch, tm.input_kind, list(tm.labels)) == ("lstm", "features", labels)
     assert tm.state_bytes_per_session == 2 * 2 * 48 * 4  # h and c, 2 layers of 48, float32
     assert (meta["bytes"].arch, meta["bytes"].input_kind) == ("gru", "utf8_bytes")
+
+
+class DropTagger(Tagger):
+    """Dropout between the layers: only the eval-mode module can be exported."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(32, 48, num_layers=2, batch_first=True, dropout=0.5)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x, state):
+        y, state = self.rnn(self.drop(torch.relu(self.inp(x))), state)
+        return self.head(y), state
+
+
+@pytest.mark.parametrize("make", [DropTagger, ByteGRU], ids=["lstm", "gru"])
+def test_own_modules_export_in_fp16_within_its_bound_and_keep_their_train_mode(
+        tmp_path, make) -> None:
+    """A module in the middle of training (train mode, dropout) exports in eval mode,
+    halves its state, passes the fp16 bound, runs chunked in the runtime within that
+    bound of torch, and is handed back in train mode (its frozen part stays frozen)."""
+    torch.manual_seed(5)
+    module = make().train()
+    byte = make is ByteGRU
+    (module.emb if byte else module.inp).eval()
+    mv = export_module(module, tmp_path, "m", input_kind="utf8_bytes" if byte else "features",
+                       feature_size=None if byte else 40, fp16=True, log=_quiet)
+    modes = {n: m.training for n, m in module.named_modules()}
+    assert modes.pop("inp" if not byte else "emb") is False and all(modes.values())
+    sess = ort.InferenceSession(str(mv.path), providers=["CPUExecutionProvider"])
+    meta = ModelMetadata.from_props(sess.get_modelmeta().custom_metadata_map)
+    assert meta.export["precision"] == "fp16" and meta.verification["passed"]
+    assert [s.dtype for s in meta.states] == ["float16"] * len(meta.states)
+
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 256, 30, dtype=np.uint8) if byte else \
+        rng.standard_normal((30, 40)).astype(np.float32)
+    want = _torch_whole(module, torch.from_numpy(x.astype(np.int64) if byte else x), not byte)
+    rt = ModelRuntime(mv.path, "m", 1, RuntimeOptions(device="cpu"))
+    state, ys = rt.zero_state(), []
+    for a, b in ((0, 7), (7, 8), (8, 30)):
+        outs, states = rt.run([x[a:b]], [state])
+        ys.append(outs[0][0])
+        state = states[0]
+    assert all(s.dtype == np.float16 for s in state)
+    got = np.concatenate(ys)
+    assert 0 < float(np.abs(got - want).max()) <= fp16_bound(want)
 
 
 class _NoRnn(nn.Module):
