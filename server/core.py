@@ -224,11 +224,13 @@ class Core:
         except a ``refresh`` that found the copy here current."""
         local = self.store.peek(sid)
         source = "memory"
-        data, asked = None, False
+        data, asked, taken = None, False, False
         if self.shared is not None:
             try:
-                data = await self.shared.acquire(sid)
+                got = await self.shared.acquire(sid)
                 asked = True
+                if got is not None:
+                    data, taken = got
             except StoreUnavailable as exc:
                 if local is None:
                     raise
@@ -250,10 +252,11 @@ class Core:
                                         "this server does not serve") from None
                 records.check(stored, runtime)
                 # a copy here as new as the record stays (no copy of the state); one
-                # newer than it (steps served while the store was down) is not undone
-                if local is None or stored.next_seq > local.next_seq:
+                # newer than it (steps served while the store was down) is not undone,
+                # unless another server took the session since: its line stands
+                if local is None or stored.next_seq > local.next_seq or taken:
                     source = "store"
-                    await self._restore(stored, runtime)
+                    await self._restore(stored, runtime, over=taken)
         session = self.store.get(sid)
         if asked:
             session.unsure = False  # the store's say is known now
@@ -266,12 +269,14 @@ class Core:
             self._on_resume(session.model, session.version, source)
         return session, runtime
 
-    async def _restore(self, stored: Session, runtime: ModelRuntime) -> None:
+    async def _restore(self, stored: Session, runtime: ModelRuntime, over: bool = False
+                       ) -> None:
         """Make a session read from the shared store live here, its state put into a
         row of the model's pool (the one host-to-device copy of a moved session). The
         write runs in a thread: a row beyond the pool's buffers grows them, which waits
         for the runs in flight, and the event loop must not. A copy that became as new
-        as the record meanwhile (another step's load of it) stays."""
+        as the record meanwhile (another step's load of it) stays, unless ``over``: the
+        record's line replaces a copy here that another server's took over from."""
         pool = runtime.pool
         row = pool.alloc()
         state = PoolState(pool, row)
@@ -286,15 +291,16 @@ class Core:
             state.release()
             raise
         held = self.store.peek(stored.id)
-        if held is not None and held.next_seq >= stored.next_seq:
+        if held is not None and held.next_seq >= stored.next_seq and not over:
             state.release()
             return
         stored.state = state
         try:
-            self.store.restore(stored)
+            live = self.store.restore(stored)
         except BaseException:
             state.release()
             raise
+        live.unsynced = False  # it is the record now
 
     def decode(self, runtime: ModelRuntime, chunk: ChunkInput) -> np.ndarray:
         if chunk.invalid is not None:

@@ -10,8 +10,9 @@ the next collects). That call writes many sessions' keys, so the store is one Re
 
 Per session three keys (their ``{id}`` hash tag keeps them in one slot):
 
-- ``rnnserve:{id}:s``: a hash with ``seq`` (the next chunk's number) and ``data`` (the
-  record), expiring after the idle timeout;
+- ``rnnserve:{id}:s``: a hash with ``seq`` (the next chunk's number), ``data`` (the
+  record) and ``w`` (the server that created it or took it last), expiring after the
+  idle timeout;
 - ``rnnserve:{id}:l``: the lease, the id of the server that writes the session,
   expiring after ``lease_s`` unless a step renews it; a worker of ``serve --workers``
   writes ``server|index``, and its sibling workers may take the lease at once (the
@@ -22,7 +23,10 @@ Every write is a Lua script that checks the lease (another holder: ``SessionHeld
 ABORTED, with the time left) and compares the stored ``seq`` with the one the step
 started from (another server advanced the session: ``SessionMoved``, ABORTED), so two
 servers can never interleave steps of one session nor write an older state over a
-newer one. Redis errors and timeouts become
+newer one. A write of steps served from memory while the store failed (degrade) may
+start ahead of the stored seq, so the seq cannot fence it: ``w`` does. It is refused
+(``SessionMoved``) once another server (or worker) took the session from the store, and
+that server's line of steps stands. Redis errors and timeouts become
 ``StoreUnavailable`` (UNAVAILABLE): nothing waits longer than ``timeout_s``.
 """
 
@@ -53,9 +57,11 @@ StoreHook = Callable[[str, float, bool], None]
 # seq FROM to TO, f steps and ends the session (its record moves to the final key), d
 # deletes (closes); S and F are s and f for a session served from memory while the
 # store failed (degrade): its record may be behind, so any stored seq up to FROM will
-# do (the lease still decides who writes). The keys are built here from the ids (fewer
+# do, as long as no other server took the session since (w; the lease still decides
+# who writes). The keys are built here from the ids (fewer
 # arguments to pack: this is on every step's path). Returns the refusals only, flat:
-# index, 'held', 'moved' or 'exists', and the lease's time left or the stored seq.
+# index, 'held', 'moved', 'taken' or 'exists', and the lease's time left or the
+# stored seq.
 _WRITE_MANY = """
 local owner, ttl, lease, upsert, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local server = string.match(owner, '^(.*)|%d+$')
@@ -66,7 +72,8 @@ for i = 0, (#ARGV - 5) / 2 - 1 do
   local base = prefix .. ':{' .. sid .. '}:'
   local rec, lk = base .. 's', base .. 'l'
   local holder = redis.call('GET', lk)
-  local seq = redis.call('HGET', rec, 'seq')
+  local stored = redis.call('HMGET', rec, 'seq', 'w')
+  local seq, writer = stored[1], stored[2]
   if holder and holder ~= owner
       and not (server and string.match(holder, '^(.*)|%d+$') == server) then
     table.insert(failed, i); table.insert(failed, 'held')
@@ -75,19 +82,25 @@ for i = 0, (#ARGV - 5) / 2 - 1 do
     if seq then
       table.insert(failed, i); table.insert(failed, 'exists'); table.insert(failed, 0)
     else
-      redis.call('HSET', rec, 'seq', 0, 'data', data)
+      redis.call('HSET', rec, 'seq', 0, 'data', data, 'w', owner)
       redis.call('PEXPIRE', rec, ttl)
       redis.call('SET', lk, owner, 'PX', lease)
       redis.call('DEL', base .. 'f')
     end
   elseif kind == 'd' then
     redis.call('DEL', rec, lk)
+  elseif (kind == 'S' or kind == 'F') and seq and writer and writer ~= owner then
+    table.insert(failed, i); table.insert(failed, 'taken'); table.insert(failed, seq)
   elseif seq ~= from and not (seq == false and upsert == '1')
       and not ((kind == 'S' or kind == 'F') and seq and tonumber(seq) <= tonumber(from)) then
     table.insert(failed, i); table.insert(failed, 'moved'); table.insert(failed, seq or -1)
   elseif kind == 'f' or kind == 'F' then
     redis.call('DEL', rec, lk)
     redis.call('SET', base .. 'f', data, 'PX', 60000)
+  elseif kind == 'S' then
+    redis.call('HSET', rec, 'seq', to, 'data', data, 'w', owner)
+    redis.call('PEXPIRE', rec, ttl)
+    redis.call('SET', lk, owner, 'PX', lease)
   else
     redis.call('HSET', rec, 'seq', to, 'data', data)
     redis.call('PEXPIRE', rec, ttl)
@@ -98,7 +111,7 @@ return failed
 """
 
 # KEYS: record, lease. ARGV: owner, lease ms. The record, with the lease taken (from
-# this server's sibling worker too).
+# this server's sibling worker too), and who had taken it before (w, then ours).
 _ACQUIRE = """
 local holder = redis.call('GET', KEYS[2])
 local server = string.match(ARGV[1], '^(.*)|%d+$')
@@ -106,10 +119,11 @@ if holder and holder ~= ARGV[1]
     and not (server and string.match(holder, '^(.*)|%d+$') == server) then
   return {'held', redis.call('PTTL', KEYS[2])}
 end
-local data = redis.call('HGET', KEYS[1], 'data')
-if not data then return {'none', 0} end
+local stored = redis.call('HMGET', KEYS[1], 'data', 'w')
+if not stored[1] then return {'none', 0} end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return {'ok', data}
+redis.call('HSET', KEYS[1], 'w', ARGV[1])
+return {'ok', stored[1], stored[2] or ''}
 """
 
 # KEYS: lease. ARGV: owner. Only this owner's own lease: a worker's outdated copy
@@ -227,6 +241,11 @@ class RedisStore:
                                    "ended or expired there, or the store lost its data)")
             raise SessionMoved(f"session {sid!r} was advanced elsewhere (the store is at "
                                f"chunk {at}); resume it to continue from there")
+        if kind == "taken":
+            raise SessionMoved(f"session {sid!r} was taken from the session store by another "
+                               "server while this one served it from memory (the store is "
+                               f"at chunk {_text(status[1])}); its steps there stand: resume "
+                               "it to continue from the store")
         if kind == "exists":
             raise SessionExists(f"session {sid!r} already exists in the shared store; resume "
                                 "it or pick another id")
@@ -240,15 +259,19 @@ class RedisStore:
         if refused is not None:
             raise refused
 
-    async def acquire(self, sid: str) -> bytes | None:
-        """The session's record with its lease taken for this server; None if there is
-        none (never created, closed, or expired in the store)."""
+    async def acquire(self, sid: str) -> tuple[bytes, bool] | None:
+        """The session's record with its lease taken for this server, and whether
+        another server (or worker) had taken it from the store since this one created
+        or took it (a copy held here is then not its line of steps any more); None if
+        there is none (never created, closed, or expired in the store)."""
         keys = self._keys(sid)[:2]
         status = await self._call("load", lambda: self._acquire(
             keys=keys, args=[self.owner, self.lease_ms]))
         if _text(status[0]) == "none":
             return None
-        return bytes(self._check(sid, status))
+        data = bytes(self._check(sid, status))
+        writer = _text(status[2])
+        return data, writer not in ("", self.owner)
 
     async def final(self, sid: str) -> bytes | None:
         """The record a session's last chunk left (for a minute), for a retry of it."""

@@ -173,7 +173,7 @@ def test_sibling_workers_share_a_lease_but_each_lets_go_of_only_its_own(redis_se
         try:
             await w0.create("w1", b"rec0")
             seen = [r.get(lease_key)]
-            assert await w1.acquire("w1") == b"rec0"  # the sibling takes it at once
+            assert await w1.acquire("w1") == (b"rec0", True)  # the sibling takes it at once
             assert (await w1.checkpoint_many([("w1", b"rec1", 0, 1, False, False)])) == [None]
             seen.append(r.get(lease_key))
             await w0.release(["w1"])  # w0's stale copy expires there
@@ -198,4 +198,47 @@ def test_sibling_workers_share_a_lease_but_each_lets_go_of_only_its_own(redis_se
     assert seen == [b"srv-a|0", b"srv-a|1", b"srv-a|1", None]
     assert len(refusals) == 2 and all("another server" in m for m in refusals)
     assert isinstance(stale[0], SessionMoved)
-    assert taken == b"rec1"
+    assert taken == (b"rec1", True)
+
+
+def test_a_write_from_memory_is_refused_once_another_server_took_the_session(
+        redis_server) -> None:
+    """``w`` fences what the seq cannot: a write of steps served from memory (it may
+    start ahead of the record) is refused once another server took the session from
+    the store, even with both leases lapsed and the record behind it; taking the
+    session back makes this server's writes count again. A record from before ``w``
+    existed, and one a degraded server writes first (upsert), are taken as they are."""
+    async def main():
+        me = RedisStore(redis_server.url, owner="me", ttl_s=60, lease_s=0.2, upsert=True)
+        them = RedisStore(redis_server.url, owner="them", ttl_s=60, lease_s=0.2)
+        r = redis_server.client()
+        try:
+            await me.create("x", b"rec0")
+            await me.checkpoint_many([("x", b"rec1", 0, 1, False, False)])
+            await asyncio.sleep(0.3)  # my lease lapses (my steps 1..3 from memory)
+            took = await them.acquire("x")
+            await them.checkpoint_many([("x", b"theirs2", 1, 2, False, False)])
+            await asyncio.sleep(0.3)  # theirs too
+            stale = await me.checkpoint_many([("x", b"mine4", 3, 4, False, True),
+                                              ("x", b"mineF", 3, 4, True, True)])
+            kept = r.hget("rnnserve:{x}:s", "data")
+            back = await me.acquire("x")  # taken back: mine from here
+            mine = await me.checkpoint_many([("x", b"mine3", 2, 3, False, True)])
+            again = await me.acquire("x")  # mine since: nothing taken
+            await me.create("old", b"rec0")  # a record written before w existed
+            r.hdel("rnnserve:{old}:s", "w")
+            legacy = await me.checkpoint_many([("old", b"rec5", 4, 5, False, True),
+                                               ("new", b"rec7", 6, 7, False, True)])
+            return (took, stale, kept, back, mine, again, legacy,
+                    r.hget("rnnserve:{new}:s", "w"))
+        finally:
+            await me.close()
+            await them.close()
+
+    took, stale, kept, back, mine, again, legacy, new_writer = asyncio.run(main())
+    assert took == (b"rec1", True)
+    assert all(isinstance(s, SessionMoved) and "taken from the session store" in str(s)
+               and "chunk 2" in str(s) for s in stale)
+    assert kept == b"theirs2"
+    assert back == (b"theirs2", True) and mine == [None] and again == (b"mine3", False)
+    assert legacy == [None, None] and new_writer == b"me"

@@ -155,3 +155,47 @@ def test_degrade_mode_writes_again_once_a_store_that_kept_its_data_is_back(
         redis.execute_command("CLIENT", "UNPAUSE")
         a.stop()
         assert b.stop() == 0
+
+
+@pytest.mark.parametrize("back", ["step", "resume"])
+def test_a_degraded_copy_does_not_overwrite_what_another_server_did_with_the_session(
+        repo, redis_server, tmp_path, back) -> None:
+    """Server A serves two steps from memory while Redis stalls (degrade), and its
+    lease lapses. The client meanwhile resumes on B from the stored record (behind A's
+    copy) and goes on there with other data; B's lease lapses too. A's copy must not be
+    written over B's line when the client comes back to A (the stored seq is behind A's,
+    so the seq alone would let it): a step is refused, and a resume (after it, or at
+    once) continues B's line exactly, not A's copy although it is further."""
+    y = np.random.default_rng(5).standard_normal((4, 20)).astype(np.float32)
+    a = serve(repo, tmp_path, "a", redis_server.url, "--store-timeout-ms", "200",
+              "--store-failure", "degrade", "--lease-s", "0.3")
+    b = serve(repo, tmp_path, "b", redis_server.url, "--store-timeout-ms", "200",
+              "--lease-s", "0.3")
+    redis = redis_server.client()
+    try:
+        with Client(a.target, timeout=10) as on_a, Client(b.target, timeout=10) as on_b:
+            sid = on_a.open_session("feat").session_id
+            line = [on_a.step(sid, 0, X[:2])["logits"]]  # durable: the store is at 1
+            redis.execute_command("CLIENT", "PAUSE", "5000", "WRITE")
+            try:
+                for k in (1, 2):  # their writes time out: served from memory on A
+                    on_a.step(sid, k, X[2 * k:2 * k + 2])
+            finally:
+                redis.execute_command("CLIENT", "UNPAUSE")
+            time.sleep(0.5)  # A's lease lapses
+            assert on_b.open_session("feat", session_id=sid, resume=True).next_seq == 1
+            line.append(on_b.step(sid, 1, y[:2])["logits"])  # B's line: the store at 2
+            time.sleep(0.5)  # B's lease lapses
+            code, message = code_and_message(on_a.step, sid, 3, X[6:8]) \
+                if back == "step" else (grpc.StatusCode.ABORTED, "taken from the session store")
+            stored = redis.hget(f"rnnserve:{{{sid}}}:s", "seq")
+            info = on_a.open_session("feat", session_id=sid, resume=True)
+            line.append(on_a.step(sid, 2, y[2:], end=True)["logits"])
+    finally:
+        redis.execute_command("CLIENT", "UNPAUSE")
+        assert a.stop() == 0
+        assert b.stop() == 0
+    assert code == grpc.StatusCode.ABORTED and "taken from the session store" in message
+    assert stored == b"2" and info.next_seq == 2
+    want = whole_run(repo, "feat", 1, np.concatenate([X[:2], y]))
+    assert float(np.abs(np.concatenate(line) - want).max()) <= 1e-5
