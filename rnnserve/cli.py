@@ -13,10 +13,10 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import rnnserve
-from rnnserve.errors import RnnserveError, require_train_extra
+from rnnserve.errors import RnnserveError, UsageError, require_train_extra
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -130,8 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="verify an exported model (file, version or model dir)")
     v.add_argument("model", help="model.onnx, REPO/NAME/VERSION or REPO/NAME (highest version)")
-    v.add_argument("--checkpoint", help="compare with this checkpoint (default: the one "
-                   "recorded at export, when it is still there and unchanged)")
+    v.add_argument("--checkpoint", help="compare with this checkpoint, or with these "
+                   "weights for --module (default: what the export recorded, when it is "
+                   "still there and unchanged)")
+    v.add_argument("--module", help="a model of one's own: compare with this module "
+                   "(package.module:Name, importable from here) holding the --checkpoint "
+                   "weights")
     v.add_argument("--tolerance", type=float, default=1e-5)
     v.add_argument("--cases", type=_positive, default=8, help="random cases to run")
     v.add_argument("--seed", type=int, default=0)
@@ -483,7 +487,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     mv = repository.resolve(args.model)
     checkpoint, model = args.checkpoint, None
-    if checkpoint is None:
+    if args.module:
+        if checkpoint is None:
+            raise UsageError("--module needs --checkpoint WEIGHTS (the module's state dict)")
+        model = _module_reference(mv.path, args.module, checkpoint)
+        checkpoint = None
+    elif checkpoint is None:
         checkpoint, model = _recorded_reference(mv.path)
     elif not Path(checkpoint).is_file():
         raise RnnserveError(f"checkpoint {checkpoint!r} not found")
@@ -495,24 +504,42 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exported_metadata(model_path: object) -> Any:
+    import onnxruntime as ort
+
+    from rnnserve.export.metadata import ModelMetadata
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    return ModelMetadata.from_props(sess.get_modelmeta().custom_metadata_map, str(model_path))
+
+
+def _module_reference(model_path: object, spec: str, weights: str) -> object:
+    """The module ``spec`` with ``weights``, as the export compared with it."""
+    from rnnserve.export.module_export import ModuleAdapter, load_module
+
+    meta = _exported_metadata(model_path)
+    if meta.training.get("source") != "export_module":
+        raise UsageError(f"{model_path} was not exported from a module of one's own; "
+                         "verify it with --checkpoint alone")
+    module = load_module(spec, weights)
+    _log(f"comparing with {spec} holding {weights}")
+    return ModuleAdapter(module, lstm=meta.arch == "lstm",
+                         byte_input=meta.input.kind == "utf8_bytes")
+
+
 def _recorded_reference(model_path: object) -> tuple[str | None, object]:
     """What the export compared with, when it is still there unchanged and torch is
     here: (its checkpoint, None), or (None, the module rebuilt with its weights) for a
     model of one's own (``--module``); (None, None) otherwise."""
     from pathlib import Path
 
-    import onnxruntime as ort
-
-    from rnnserve.export.metadata import ModelMetadata
-
     try:
         import torch  # noqa: F401
     except ImportError:
         return None, None
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-    meta = ModelMetadata.from_props(sess.get_modelmeta().custom_metadata_map, str(model_path))
+    meta = _exported_metadata(model_path)
     from rnnserve.training.checkpoint import file_sha256
 
     kind = "checkpoint" if "checkpoint" in meta.export else "weights"  # weights: --module

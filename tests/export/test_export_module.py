@@ -295,6 +295,21 @@ def test_the_cli_exports_a_module_with_its_trained_weights(tmp_path) -> None:
     away = rnnserve("verify", str(tmp_path / "models" / "tagger"), "--no-write", cwd=elsewhere)
     assert away.returncode == 0 and "does not load here" in away.stdout + away.stderr
 
+    # exported through the Python API (no weights file recorded): verify is told them
+    export_module(trained, tmp_path / "models", "api", feature_size=40, log=_quiet)
+    torch.manual_seed(9)
+    torch.save(ref.Tagger().state_dict(), tmp_path / "other.pt")  # same shapes, not it
+    told = rnnserve("verify", "models/api", "--module", "mymodels:Tagger", "--checkpoint",
+                    "tagger.pt", "--no-write", cwd=tmp_path)
+    said = told.stdout + told.stderr
+    assert told.returncode == 0, said
+    assert "comparing with mymodels:Tagger holding tagger.pt" in said and "vs torch" in said
+    wrong = rnnserve("verify", "models/api", "--module", "mymodels:Tagger", "--checkpoint",
+                     "other.pt", "--no-write", cwd=tmp_path)
+    assert wrong.returncode == 1 and "vs torch" in wrong.stdout + wrong.stderr
+    assert_one_line_error(rnnserve("verify", "models/api", "--module", "mymodels:Tagger",
+                                   cwd=tmp_path), "--module needs --checkpoint")
+
     # a checkpoint dict holding the state dict, a factory instead of a class
     ok = rnnserve("export", "wide.pt", "--module", "mymodels:wide", "--repo", "models",
                   "--name", "wide", "--feature-size", "40", cwd=tmp_path)
