@@ -195,7 +195,11 @@ class RnnServer:
             ("grpc.max_send_message_length", s.max_message_bytes),
             # Workers share the port on purpose; a lone server must not (gRPC allows it
             # by default, and a forgotten server would silently take half the traffic).
-            ("grpc.so_reuseport", int(self.worker is not None))])
+            ("grpc.so_reuseport", int(self.worker is not None)),
+            # GOAWAY at that age (gRPC adds +-10% jitter); the grace stays gRPC's default,
+            # unbounded: a session's stream is never cut for its connection's age
+            *([("grpc.max_connection_age_ms", max(1, round(s.max_connection_age_s * 1000)))]
+              if s.max_connection_age_s else [])])
         self.streams = StreamGate()
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.core, self.streams),
                                                 self.server)

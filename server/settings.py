@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(4 << 20, ge=1024)
     """Largest gRPC message received or sent; a bigger one gets RESOURCE_EXHAUSTED from
     gRPC before the server reads it."""
+    max_connection_age_s: float = Field(0.0, ge=0)
+    """Ask clients to reconnect (HTTP/2 GOAWAY) once a connection is this old, so new
+    calls spread again over the workers of --workers and the replicas behind an L4
+    balancer; calls and streams already open go on until they end (0: never)."""
     nonfinite: Literal["reject", "allow"] = "reject"
     """Float chunks with NaN or infinity: reject (INVALID_ARGUMENT) or allow (the model
     gets them, and its state may carry them on)."""

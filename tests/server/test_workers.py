@@ -196,3 +196,55 @@ def test_worker_settings_share_the_port_and_split_the_cores() -> None:
     assert s.intra_op_threads == max(1, cpus // 4)
     kept = worker_settings(Settings(workers=4, intra_op_threads=3), 1)
     assert kept.intra_op_threads == 3
+
+
+@pytest.mark.parametrize("age_s", [0.0, 0.4])
+def test_connections_past_their_age_reconnect_and_spread_over_the_workers(
+        repo, tmp_path, age_s) -> None:
+    """One client connection: without --max-connection-age-s all its calls reach the
+    worker it first connected to; with it, the server's GOAWAY makes the client
+    reconnect, and its new streams reach both workers, while a session's stream open
+    across many GOAWAYs goes on, exact."""
+    flags = ["--max-connection-age-s", str(age_s)] if age_s else []
+    srv = start_server(repo, tmp_path / "age.log", "--workers", "2",
+                       "--max-batch-delay-ms", "2", *flags)
+    rng = np.random.default_rng(12)
+    long_x = rng.standard_normal((30, 20)).astype(np.float32)
+    short_x = rng.standard_normal((3, 20)).astype(np.float32)
+
+    async def main() -> tuple[np.ndarray, int]:
+        async with AsyncClient(srv.target, timeout=20, options=OWN_CONNECTION) as client:
+            async def long_stream() -> np.ndarray:
+                ys = []
+                async with client.stream("feat") as s:
+                    for k in range(30):  # 6 s on one stream
+                        ys.append((await s.send(long_x[k:k + 1], end=k == 29))["logits"])
+                        await asyncio.sleep(0.2)
+                return np.concatenate(ys)
+
+            async def short_streams() -> int:
+                n = 0
+                deadline = time.monotonic() + 5.5
+                while time.monotonic() < deadline:
+                    async with client.stream("feat") as s:
+                        await s.send(short_x, end=True)
+                    n += 1
+                    await asyncio.sleep(0.1)
+                return n
+
+            y, n = await asyncio.gather(long_stream(), short_streams())
+            return y, n
+
+    try:
+        y, n = asyncio.run(main())
+        text = srv.metrics()
+    finally:
+        assert srv.stop() == 0
+    assert float(np.abs(y - whole_run(repo, "feat", 1, long_x)).max()) <= 1e-5
+    started = [metric_value(text, "rnnserve_sessions_started_total", worker=w)
+               for w in ("0", "1")]
+    assert sum(started) == n + 1 and n > 20
+    if age_s:  # ~13 reconnects: all on one worker has probability 2^-13
+        assert min(started) > 0, started
+    else:
+        assert min(started) == 0, started
