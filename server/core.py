@@ -158,9 +158,26 @@ class Core:
         self.max_sessions_per_principal = max_sessions_per_principal
         self.accepting = True
         self._busy: set[str] = set()
+        self._letting_go: set[asyncio.Task[None]] = set()
         if shared is not None:  # every step is written to the store before it is answered
             for batcher in batchers.values():
                 batcher.commit = self._commit
+
+    def _let_go(self, sid: str) -> None:
+        """Give up the lease a load took for a session that did not become live here (a
+        record refused as foreign or damaged, a restore that failed): other servers,
+        which may serve it, must not wait the lease out. In a task: the caller may be
+        being cancelled."""
+        assert self.shared is not None
+        shared = self.shared
+
+        async def release() -> None:
+            with contextlib.suppress(StoreUnavailable):
+                await shared.release([sid])
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._letting_go.add(task)
+        task.add_done_callback(self._letting_go.discard)
 
     def _degraded(self, op: str, exc: StoreUnavailable) -> None:
         if not self.degrade:
@@ -236,27 +253,32 @@ class Core:
                     raise
                 self._degraded("load", exc)
             if data is not None:
-                stored = records.decode(data, sid)
-                expected = (local.model, local.version) if local is not None else (
-                    model, version or stored.version)
-                if expected[0] and (stored.model, stored.version) != expected:
-                    raise RecordForeign(
-                        f"the stored record of session {sid!r} is for model {stored.model!r} "
-                        f"version {stored.version}, not {expected[0]!r} version "
-                        f"{expected[1]}; it was not loaded")
                 try:
-                    runtime = self.registry.get(stored.model, stored.version)
-                except ModelNotFound:
-                    raise RecordForeign(f"the stored record of session {sid!r} is for model "
-                                        f"{stored.model!r} version {stored.version}, which "
-                                        "this server does not serve") from None
-                records.check(stored, runtime)
-                # a copy here as new as the record stays (no copy of the state); one
-                # newer than it (steps served while the store was down) is not undone,
-                # unless another server took the session since: its line stands
-                if local is None or stored.next_seq > local.next_seq or taken:
-                    source = "store"
-                    await self._restore(stored, runtime, over=taken)
+                    stored = records.decode(data, sid)
+                    expected = (local.model, local.version) if local is not None else (
+                        model, version or stored.version)
+                    if expected[0] and (stored.model, stored.version) != expected:
+                        raise RecordForeign(
+                            f"the stored record of session {sid!r} is for model {stored.model!r} "
+                            f"version {stored.version}, not {expected[0]!r} version "
+                            f"{expected[1]}; it was not loaded")
+                    try:
+                        runtime = self.registry.get(stored.model, stored.version)
+                    except ModelNotFound:
+                        raise RecordForeign(f"the stored record of session {sid!r} is for model "
+                                            f"{stored.model!r} version {stored.version}, which "
+                                            "this server does not serve") from None
+                    records.check(stored, runtime)
+                    # a copy here as new as the record stays (no copy of the state); one
+                    # newer than it (steps served while the store was down) is not undone,
+                    # unless another server took the session since: its line stands
+                    if local is None or stored.next_seq > local.next_seq or taken:
+                        source = "store"
+                        await self._restore(stored, runtime, over=taken)
+                except BaseException:
+                    if local is None and self.store.peek(sid) is None:
+                        self._let_go(sid)  # not live here: its lease must not hold it back
+                    raise
         session = self.store.get(sid)
         if asked:
             session.unsure = False  # the store's say is known now

@@ -4,6 +4,7 @@ redis-server; servers are killed (SIGKILL) or rolled (SIGTERM) under streaming l
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 import time
 
@@ -278,3 +279,46 @@ def test_ownership_holds_across_replicas(repo, redis_server, tmp_path) -> None:
     finally:
         a.stop()
         assert b.stop() == 0
+
+
+def test_a_rollout_to_a_new_model_version_keeps_live_sessions_on_theirs(
+        repo, redis_server, tmp_path) -> None:
+    """Pods of the next release serve feat v2: one that dropped v1 refuses a v1
+    session's resume and says why (the record names its version), and gives up the
+    lease its load took; one that serves v1 beside v2 resumes it on v1 at once,
+    exactly, while new sessions get v2."""
+    only_v2, both = tmp_path / "only-v2", tmp_path / "both"
+    shutil.copytree(repo, both)
+    shutil.copytree(repo / "feat" / "1", both / "feat" / "2")
+    (only_v2 / "feat").mkdir(parents=True)
+    shutil.copytree(repo / "feat" / "1", only_v2 / "feat" / "2")
+    x = np.random.default_rng(13).standard_normal((10, 20)).astype(np.float32)
+    old = serve(repo, tmp_path, "old", redis_server.url)
+    try:
+        with Client(old.target, timeout=10) as client:
+            sid = client.open_session("feat").session_id
+            parts = [client.step(sid, 0, x[:4])["logits"]]
+    finally:
+        assert old.stop() == 0  # drained: its leases released
+    dropped = serve(only_v2, tmp_path, "dropped", redis_server.url)
+    try:
+        with Client(dropped.target, timeout=10) as client:
+            code, message = code_and_message(client.open_session, "feat", session_id=sid,
+                                             resume=True)
+    finally:
+        assert dropped.stop() == 0
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "version 1, which this server does not serve" in message
+    # the refusing server let go of the lease its load took: the next pod need not
+    # wait it out (it would get ABORTED "being written by another server" for 10 s)
+    assert redis_server.client().get(f"rnnserve:{{{sid}}}:l") is None
+    kept = serve(both, tmp_path, "kept", redis_server.url)
+    try:
+        with Client(kept.target, timeout=10) as client:
+            info = client.open_session("feat", session_id=sid, resume=True)
+            parts.append(client.step(sid, 1, x[4:], end=True)["logits"])
+            fresh = client.open_session("feat")
+    finally:
+        assert kept.stop() == 0
+    assert (info.version, info.next_seq, fresh.version) == (1, 1, 2)
+    assert float(np.abs(np.concatenate(parts) - whole_run(repo, "feat", 1, x)).max()) <= 1e-5
