@@ -163,19 +163,16 @@ class Core:
             for batcher in batchers.values():
                 batcher.commit = self._commit
 
-    def _let_go(self, sid: str) -> None:
+    async def _let_go(self, sid: str) -> None:
         """Give up the lease a load took for a session that did not become live here (a
-        record refused as foreign or damaged, a restore that failed): other servers,
-        which may serve it, must not wait the lease out. In a task: the caller may be
-        being cancelled."""
+        record refused as foreign, damaged or another principal's, a restore that
+        failed): other servers, which may serve it, must not wait the lease out."""
         assert self.shared is not None
-        shared = self.shared
+        with contextlib.suppress(StoreUnavailable):
+            await self.shared.release([sid])
 
-        async def release() -> None:
-            with contextlib.suppress(StoreUnavailable):
-                await shared.release([sid])
-
-        task = asyncio.get_running_loop().create_task(release())
+    def _let_go_later(self, sid: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._let_go(sid))
         self._letting_go.add(task)
         task.add_done_callback(self._letting_go.discard)
 
@@ -269,15 +266,22 @@ class Core:
                                             f"{stored.model!r} version {stored.version}, which "
                                             "this server does not serve") from None
                     records.check(stored, runtime)
+                    if local is None:  # before it moves in: another's caller takes nothing
+                        _check_owner(stored)
                     # a copy here as new as the record stays (no copy of the state); one
                     # newer than it (steps served while the store was down) is not undone,
                     # unless another server took the session since: its line stands
                     if local is None or stored.next_seq > local.next_seq or taken:
                         source = "store"
                         await self._restore(stored, runtime, over=taken)
-                except BaseException:
+                except BaseException as exc:
                     if local is None and self.store.peek(sid) is None:
-                        self._let_go(sid)  # not live here: its lease must not hold it back
+                        # not live here: its lease must not hold it back; given up before
+                        # the caller hears of the refusal (a task if it is going away)
+                        if isinstance(exc, asyncio.CancelledError):
+                            self._let_go_later(sid)
+                        else:
+                            await self._let_go(sid)
                     raise
         session = self.store.get(sid)
         if asked:

@@ -259,25 +259,32 @@ def test_any_replica_steps_a_session_and_eviction_only_spills_it(repo, redis_ser
 
 def test_ownership_holds_across_replicas(repo, redis_server, tmp_path) -> None:
     """The owner travels in the record: on a replica that never held the session,
-    another principal can neither step nor close it."""
+    another principal can neither step nor close it, nor hold it back: the refusing
+    replica takes no lease, so the owner goes on at once on any replica."""
     tokens = tmp_path / "tokens"
     tokens.write_text("alice-token-0123456789 alice\nbob-token-00123456789 bob\n")
     a = serve(repo, tmp_path, "a", redis_server.url, "--tokens-file", str(tokens))
     b = serve(repo, tmp_path, "b", redis_server.url, "--tokens-file", str(tokens))
+    c = serve(repo, tmp_path, "c", redis_server.url, "--tokens-file", str(tokens))
     x = np.zeros((2, 20), dtype=np.float32)
     try:
         with Client(a.target, timeout=10, token="alice-token-0123456789") as alice, \
                 Client(b.target, timeout=10, token="bob-token-00123456789") as bob_on_b, \
-                Client(b.target, timeout=10, token="alice-token-0123456789") as alice_on_b:
+                Client(b.target, timeout=10, token="alice-token-0123456789") as alice_on_b, \
+                Client(c.target, timeout=10, token="alice-token-0123456789") as alice_on_c:
             sid = alice.open_session("feat").session_id
             alice.step(sid, 0, x)
             assert a.stop() == 0
-            for call in (lambda: bob_on_b.step(sid, 1, x), lambda: bob_on_b.close_session(sid)):
+            for call in (lambda: bob_on_b.step(sid, 1, x), lambda: bob_on_b.close_session(sid),
+                         lambda: bob_on_b.open_session("feat", session_id=sid, resume=True)):
                 code, msg = code_and_message(call)
                 assert code == grpc.StatusCode.PERMISSION_DENIED, msg
-            assert alice_on_b.step(sid, 1, x, end=True)["logits"].shape == (2, 7)
+            assert alice_on_c.step(sid, 1, x)["logits"].shape == (2, 7)  # not held on b
+            assert c.stop() == 0  # hands the session over
+            assert alice_on_b.step(sid, 2, x, end=True)["logits"].shape == (2, 7)
     finally:
         a.stop()
+        c.stop()
         assert b.stop() == 0
 
 
