@@ -176,6 +176,7 @@ class RnnServer:
                          degrade=s.store_failure == "degrade",
                          on_resume=self.metrics.resumed,
                          on_degraded=self.metrics.store_degraded_hook,
+                         on_refused=self.metrics.store_refused,
                          admission_delay_s=s.admission_queue_wait_ms / 1000,
                          max_sessions_per_principal=s.max_sessions_per_principal)
         self.metrics.registry.register(ServingCollector(

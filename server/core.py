@@ -143,6 +143,7 @@ class Core:
                  on_chunk: ChunkHook | None = None, *, shared: RedisStore | None = None,
                  degrade: bool = False, on_resume: ResumeHook | None = None,
                  on_degraded: Callable[[str], None] | None = None,
+                 on_refused: Callable[[str], None] | None = None,
                  admission_delay_s: float = 0.0, max_sessions_per_principal: int = 0) -> None:
         self.registry = registry
         self._on_chunk = on_chunk
@@ -152,6 +153,7 @@ class Core:
         self.degrade = degrade
         self._on_resume = on_resume
         self._on_degraded = on_degraded
+        self._on_refused = on_refused
         # admission control: new sessions and stateless requests are refused while a
         # model's steps wait longer than this (0: never); a principal's live sessions cap
         self.admission_delay_s = admission_delay_s
@@ -582,6 +584,8 @@ class Core:
             if why is not None:
                 with contextlib.suppress(SessionError):
                     self.store.close(p.session.id)
+                if self._on_refused is not None and isinstance(why, SessionError):
+                    self._on_refused(why.reason.removeprefix("session_"))
             else:
                 p.session.unsynced = False
         return refused

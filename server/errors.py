@@ -17,6 +17,8 @@ Hierarchy::
     │   ├── SessionForbidden       PERMISSION_DENIED: another principal's session
     │   ├── SessionHeld            ABORTED: another server holds its lease (retry later)
     │   ├── SessionMoved           ABORTED: another server advanced it; resume it
+    │   │   └── SessionTaken       another server took it while this one served it
+    │   │                          from memory (degrade); resume it
     │   ├── RecordCorrupt          DATA_LOSS: its stored record is damaged
     │   └── RecordForeign          FAILED_PRECONDITION: its record is another model's
     ├── StoreUnavailable           UNAVAILABLE: the shared session store cannot be reached
@@ -123,6 +125,10 @@ class SessionHeld(SessionError):
 class SessionMoved(SessionError):
     code = "ABORTED"
     reason = "session_moved"
+
+
+class SessionTaken(SessionMoved):
+    reason = "session_taken"
 
 
 class RecordCorrupt(SessionError):

@@ -46,6 +46,9 @@ SLO_SECONDS = 0.1  # the streaming latency budget; a bucket boundary (rules use 
 assert SLO_SECONDS in LATENCY_BUCKETS
 
 
+# why the store refused a step's write (shared.py): SessionHeld, SessionMoved, SessionTaken
+STORE_REFUSALS = ("held", "moved", "taken")
+
 class _LoopCount:
     __slots__ = ("value",)
 
@@ -182,6 +185,11 @@ class Metrics:
         self.store_errors = Counter(
             "rnnserve_store_errors_total", "Shared session store operations that failed "
             "(unreachable, timed out), by operation", ("op",), registry=registry)
+        self.store_refusals = Counter(
+            "rnnserve_store_refusals_total", "Step writes the session store refused, by "
+            "reason: held (another server holds the lease), moved (another server advanced "
+            "the session), taken (another server took a session this one served from memory "
+            "while the store failed)", ("reason",), registry=registry)
         self.store_degraded = Counter(
             "rnnserve_store_degraded_total", "Steps and opens served from memory alone "
             "because the store failed (--store-failure degrade): not durable", ("op",),
@@ -206,12 +214,17 @@ class Metrics:
             self.store_errors.labels(op)
         for op in ("create", "load", "checkpoint"):
             self.store_degraded.labels(op)
+        for reason in STORE_REFUSALS:
+            self.store_refusals.labels(reason)
 
     def store_op(self, op: str, seconds: float, ok: bool) -> None:
         if ok:
             self.store_seconds.labels(op).observe(seconds)
         else:
             self.store_errors.labels(op).inc()
+
+    def store_refused(self, reason: str) -> None:
+        self.store_refusals.labels(reason).inc()
 
     def store_degraded_hook(self, op: str) -> None:
         self.store_degraded.labels(op).inc()

@@ -43,7 +43,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError
 
-from rnnserve.server.errors import SessionExists, SessionHeld, SessionMoved, StoreUnavailable
+from rnnserve.server.errors import (
+    SessionExists,
+    SessionHeld,
+    SessionMoved,
+    SessionTaken,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("rnnserve.shared")
 
@@ -242,7 +248,7 @@ class RedisStore:
             raise SessionMoved(f"session {sid!r} was advanced elsewhere (the store is at "
                                f"chunk {at}); resume it to continue from there")
         if kind == "taken":
-            raise SessionMoved(f"session {sid!r} was taken from the session store by another "
+            raise SessionTaken(f"session {sid!r} was taken from the session store by another "
                                "server while this one served it from memory (the store is "
                                f"at chunk {_text(status[1])}); its steps there stand: resume "
                                "it to continue from the store")

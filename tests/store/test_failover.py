@@ -147,6 +147,9 @@ def test_duplicates_gaps_and_two_writers_across_servers(repo, redis_server, tmp_
             # A still has its stale copy: its step is refused and changes nothing
             code, msg = code_and_message(on_a.step, sid, 2, x[6:9])
             assert code == grpc.StatusCode.ABORTED, msg
+            refused = {why: metric_value(a.metrics(), "rnnserve_store_refusals_total",
+                                         reason=why) for why in ("held", "moved", "taken")}
+            assert refused == {"held": 1, "moved": 0, "taken": 0}  # B's lease still ran
             time.sleep(1.3)
             assert on_a.open_session("feat", session_id=sid, resume=True).next_seq == 3
             y3 = on_a.step(sid, 3, x[9:], end=True)["logits"]

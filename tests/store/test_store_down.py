@@ -191,11 +191,13 @@ def test_a_degraded_copy_does_not_overwrite_what_another_server_did_with_the_ses
             stored = redis.hget(f"rnnserve:{{{sid}}}:s", "seq")
             info = on_a.open_session("feat", session_id=sid, resume=True)
             line.append(on_a.step(sid, 2, y[2:], end=True)["logits"])
+        taken = metric_value(a.metrics(), "rnnserve_store_refusals_total", reason="taken")
     finally:
         redis.execute_command("CLIENT", "UNPAUSE")
         assert a.stop() == 0
         assert b.stop() == 0
     assert code == grpc.StatusCode.ABORTED and "taken from the session store" in message
     assert stored == b"2" and info.next_seq == 2
+    assert taken == (1 if back == "step" else 0)
     want = whole_run(repo, "feat", 1, np.concatenate([X[:2], y]))
     assert float(np.abs(np.concatenate(line) - want).max()) <= 1e-5
