@@ -185,7 +185,9 @@ class StreamSession:
                 if seq is not None and self.next_seq not in (seq, seq + 1):
                     raise ConnectionError(
                         f"session {self.session_id!r} resumed at chunk {self.next_seq}, but "
-                        f"chunk {seq} was unanswered: the store lost steps") from cause
+                        f"chunk {seq} was unanswered: steps were lost (the store lost data, "
+                        "or a server answered them from memory while the store failed and "
+                        "another server's steps stood)") from cause
                 self.resumes += 1
                 return
             await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))

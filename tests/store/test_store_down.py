@@ -3,13 +3,14 @@ the server refuses or degrades as configured, and no call waits long."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
 import numpy as np
 import pytest
 
-from rnnserve.client import Client
+from rnnserve.client import AsyncClient, Client
 
 from ..server.serving import metric_value
 from ..server.test_grpc_api import whole_run
@@ -201,3 +202,47 @@ def test_a_degraded_copy_does_not_overwrite_what_another_server_did_with_the_ses
     assert taken == (1 if back == "step" else 0)
     want = whole_run(repo, "feat", 1, np.concatenate([X[:2], y]))
     assert float(np.abs(np.concatenate(line) - want).max()) <= 1e-5
+
+
+def test_a_resuming_stream_says_its_steps_were_lost_to_another_servers_line(
+        repo, redis_server, tmp_path) -> None:
+    """The client's side of the split brain above: a stream that resumes by itself
+    (``reconnect_s``) on A finds the session at B's line, behind the chunk it sent,
+    and ends with an error that says steps were lost, not with outputs from either
+    line glued together."""
+    y = np.random.default_rng(6).standard_normal((2, 20)).astype(np.float32)
+    a = serve(repo, tmp_path, "a", redis_server.url, "--store-timeout-ms", "200",
+              "--store-failure", "degrade", "--lease-s", "0.3")
+    b = serve(repo, tmp_path, "b", redis_server.url, "--store-timeout-ms", "200",
+              "--lease-s", "0.3")
+    redis = redis_server.client()
+
+    async def main() -> str:
+        def on_b(sid: str) -> None:  # the client goes on with B from the store
+            with Client(b.target, timeout=10) as client:
+                client.open_session("feat", session_id=sid, resume=True)
+                client.step(sid, 1, y)  # B's line: the store at 2
+
+        async with AsyncClient(a.target, timeout=10, reconnect_s=5) as on_a:
+            async with on_a.stream("feat") as s:
+                await s.send(X[:2])  # durable: the store is at 1
+                redis.execute_command("CLIENT", "PAUSE", "5000", "WRITE")
+                try:
+                    for k in (1, 2):  # served from memory on A
+                        await s.send(X[2 * k:2 * k + 2])
+                finally:
+                    redis.execute_command("CLIENT", "UNPAUSE")
+                await asyncio.sleep(0.5)  # A's lease lapses
+                await asyncio.to_thread(on_b, s.session_id)
+                await asyncio.sleep(0.5)  # B's lease lapses
+                with pytest.raises(ConnectionError) as info:
+                    await s.send(X[6:8])  # chunk 3: refused, resumed at 2
+                return str(info.value)
+
+    try:
+        message = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        redis.execute_command("CLIENT", "UNPAUSE")
+        assert a.stop() == 0
+        assert b.stop() == 0
+    assert "resumed at chunk 2, but chunk 3 was unanswered: steps were lost" in message
