@@ -4,6 +4,7 @@ the server refuses or degrades as configured, and no call waits long."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import grpc
@@ -158,6 +159,33 @@ def test_degrade_mode_writes_again_once_a_store_that_kept_its_data_is_back(
         assert b.stop() == 0
 
 
+@contextlib.contextmanager
+def degraded_and_other(repo, redis_server, tmp_path):
+    """Server A (``--store-failure degrade``) and server B on one Redis, both with
+    0.3 s leases and a 200 ms store timeout; stopped cleanly after."""
+    a = serve(repo, tmp_path, "a", redis_server.url, "--store-timeout-ms", "200",
+              "--store-failure", "degrade", "--lease-s", "0.3")
+    b = serve(repo, tmp_path, "b", redis_server.url, "--store-timeout-ms", "200",
+              "--lease-s", "0.3")
+    redis = redis_server.client()
+    try:
+        yield a, b, redis
+    finally:
+        redis.execute_command("CLIENT", "UNPAUSE")
+        assert a.stop() == 0
+        assert b.stop() == 0
+
+
+@contextlib.contextmanager
+def writes_stalled(redis):
+    """Redis keeps its data but answers no write (past any store timeout)."""
+    redis.execute_command("CLIENT", "PAUSE", "5000", "WRITE")
+    try:
+        yield
+    finally:
+        redis.execute_command("CLIENT", "UNPAUSE")
+
+
 @pytest.mark.parametrize("back", ["step", "resume"])
 def test_a_degraded_copy_does_not_overwrite_what_another_server_did_with_the_session(
         repo, redis_server, tmp_path, back) -> None:
@@ -168,35 +196,23 @@ def test_a_degraded_copy_does_not_overwrite_what_another_server_did_with_the_ses
     so the seq alone would let it): a step is refused, and a resume (after it, or at
     once) continues B's line exactly, not A's copy although it is further."""
     y = np.random.default_rng(5).standard_normal((4, 20)).astype(np.float32)
-    a = serve(repo, tmp_path, "a", redis_server.url, "--store-timeout-ms", "200",
-              "--store-failure", "degrade", "--lease-s", "0.3")
-    b = serve(repo, tmp_path, "b", redis_server.url, "--store-timeout-ms", "200",
-              "--lease-s", "0.3")
-    redis = redis_server.client()
-    try:
-        with Client(a.target, timeout=10) as on_a, Client(b.target, timeout=10) as on_b:
-            sid = on_a.open_session("feat").session_id
-            line = [on_a.step(sid, 0, X[:2])["logits"]]  # durable: the store is at 1
-            redis.execute_command("CLIENT", "PAUSE", "5000", "WRITE")
-            try:
-                for k in (1, 2):  # their writes time out: served from memory on A
-                    on_a.step(sid, k, X[2 * k:2 * k + 2])
-            finally:
-                redis.execute_command("CLIENT", "UNPAUSE")
-            time.sleep(0.5)  # A's lease lapses
-            assert on_b.open_session("feat", session_id=sid, resume=True).next_seq == 1
-            line.append(on_b.step(sid, 1, y[:2])["logits"])  # B's line: the store at 2
-            time.sleep(0.5)  # B's lease lapses
-            code, message = code_and_message(on_a.step, sid, 3, X[6:8]) \
-                if back == "step" else (grpc.StatusCode.ABORTED, "taken from the session store")
-            stored = redis.hget(f"rnnserve:{{{sid}}}:s", "seq")
-            info = on_a.open_session("feat", session_id=sid, resume=True)
-            line.append(on_a.step(sid, 2, y[2:], end=True)["logits"])
+    with degraded_and_other(repo, redis_server, tmp_path) as (a, b, redis), \
+            Client(a.target, timeout=10) as on_a, Client(b.target, timeout=10) as on_b:
+        sid = on_a.open_session("feat").session_id
+        line = [on_a.step(sid, 0, X[:2])["logits"]]  # durable: the store is at 1
+        with writes_stalled(redis):
+            for k in (1, 2):  # their writes time out: served from memory on A
+                on_a.step(sid, k, X[2 * k:2 * k + 2])
+        time.sleep(0.5)  # A's lease lapses
+        assert on_b.open_session("feat", session_id=sid, resume=True).next_seq == 1
+        line.append(on_b.step(sid, 1, y[:2])["logits"])  # B's line: the store at 2
+        time.sleep(0.5)  # B's lease lapses
+        code, message = code_and_message(on_a.step, sid, 3, X[6:8]) \
+            if back == "step" else (grpc.StatusCode.ABORTED, "taken from the session store")
+        stored = redis.hget(f"rnnserve:{{{sid}}}:s", "seq")
+        info = on_a.open_session("feat", session_id=sid, resume=True)
+        line.append(on_a.step(sid, 2, y[2:], end=True)["logits"])
         taken = metric_value(a.metrics(), "rnnserve_store_refusals_total", reason="taken")
-    finally:
-        redis.execute_command("CLIENT", "UNPAUSE")
-        assert a.stop() == 0
-        assert b.stop() == 0
     assert code == grpc.StatusCode.ABORTED and "taken from the session store" in message
     assert stored == b"2" and info.next_seq == 2
     assert taken == (1 if back == "step" else 0)
@@ -211,13 +227,8 @@ def test_a_resuming_stream_says_its_steps_were_lost_to_another_servers_line(
     and ends with an error that says steps were lost, not with outputs from either
     line glued together."""
     y = np.random.default_rng(6).standard_normal((2, 20)).astype(np.float32)
-    a = serve(repo, tmp_path, "a", redis_server.url, "--store-timeout-ms", "200",
-              "--store-failure", "degrade", "--lease-s", "0.3")
-    b = serve(repo, tmp_path, "b", redis_server.url, "--store-timeout-ms", "200",
-              "--lease-s", "0.3")
-    redis = redis_server.client()
 
-    async def main() -> str:
+    async def main(a, b, redis) -> str:
         def on_b(sid: str) -> None:  # the client goes on with B from the store
             with Client(b.target, timeout=10) as client:
                 client.open_session("feat", session_id=sid, resume=True)
@@ -226,12 +237,9 @@ def test_a_resuming_stream_says_its_steps_were_lost_to_another_servers_line(
         async with AsyncClient(a.target, timeout=10, reconnect_s=5) as on_a:
             async with on_a.stream("feat") as s:
                 await s.send(X[:2])  # durable: the store is at 1
-                redis.execute_command("CLIENT", "PAUSE", "5000", "WRITE")
-                try:
+                with writes_stalled(redis):
                     for k in (1, 2):  # served from memory on A
                         await s.send(X[2 * k:2 * k + 2])
-                finally:
-                    redis.execute_command("CLIENT", "UNPAUSE")
                 await asyncio.sleep(0.5)  # A's lease lapses
                 await asyncio.to_thread(on_b, s.session_id)
                 await asyncio.sleep(0.5)  # B's lease lapses
@@ -239,10 +247,6 @@ def test_a_resuming_stream_says_its_steps_were_lost_to_another_servers_line(
                     await s.send(X[6:8])  # chunk 3: refused, resumed at 2
                 return str(info.value)
 
-    try:
-        message = asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        redis.execute_command("CLIENT", "UNPAUSE")
-        assert a.stop() == 0
-        assert b.stop() == 0
+    with degraded_and_other(repo, redis_server, tmp_path) as servers:
+        message = asyncio.run(asyncio.wait_for(main(*servers), 60))
     assert "resumed at chunk 2, but chunk 3 was unanswered: steps were lost" in message
