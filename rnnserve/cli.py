@@ -517,6 +517,7 @@ def _exported_metadata(model_path: object) -> Any:
 
 def _module_reference(model_path: object, spec: str, weights: str) -> object:
     """The module ``spec`` with ``weights``, as the export compared with it."""
+    require_train_extra("verify --module")
     from rnnserve.export.module_export import ModuleAdapter, load_module
 
     meta = _exported_metadata(model_path)
