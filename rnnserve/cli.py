@@ -518,15 +518,20 @@ def _exported_metadata(model_path: object) -> Any:
 def _module_reference(model_path: object, spec: str, weights: str) -> object:
     """The module ``spec`` with ``weights``, as the export compared with it."""
     require_train_extra("verify --module")
-    from rnnserve.export.module_export import ModuleAdapter, load_module
-
     meta = _exported_metadata(model_path)
     if meta.training.get("source") != "export_module":
         raise UsageError(f"{model_path} was not exported from a module of one's own; "
                          "verify it with --checkpoint alone")
-    module = load_module(spec, weights)
+    adapter = _adapted(meta, spec, weights)
     _log(f"comparing with {spec} holding {weights}")
-    return ModuleAdapter(module, lstm=meta.arch == "lstm",
+    return adapter
+
+
+def _adapted(meta: Any, spec: str, weights: str) -> object:
+    """The module ``spec`` with ``weights`` in the graph's layout, as export compares."""
+    from rnnserve.export.module_export import ModuleAdapter, load_module
+
+    return ModuleAdapter(load_module(spec, weights), lstm=meta.arch == "lstm",
                          byte_input=meta.input.kind == "utf8_bytes")
 
 
@@ -552,18 +557,16 @@ def _recorded_reference(model_path: object) -> tuple[str | None, object]:
         _log(f"comparing with the checkpoint recorded at export: {path}")
         return path, None
     from rnnserve.errors import ExportError
-    from rnnserve.export.module_export import ModuleAdapter, load_module
 
     spec = str(meta.export.get("module_spec", ""))
     try:
-        module = load_module(spec, path)
+        adapter = _adapted(meta, spec, path)
     except ExportError as exc:
         _log(f"not comparing with torch: the module recorded at export does not load "
              f"here ({exc})")
         return None, None
     _log(f"comparing with the module recorded at export: {spec} with {path}")
-    return None, ModuleAdapter(module, lstm=meta.arch == "lstm",
-                               byte_input=meta.input.kind == "utf8_bytes")
+    return None, adapter
 
 
 def _cmd_say(args: argparse.Namespace) -> int:

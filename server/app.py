@@ -94,7 +94,7 @@ class Worker:
 
     index: int
     count: int
-    owner: str  # the server's name in the session store, one for all its workers
+    owner: str  # the server's name, one for all its workers (its leases: owner|index)
 
     def hint(self, store: str) -> str:
         """What a client should know when this worker does not hold a session."""
@@ -109,7 +109,6 @@ class RnnServer:
     def __init__(self, settings: Settings, worker: Worker | None = None) -> None:
         self.settings = settings
         self.worker = worker
-        self._releases: set[asyncio.Task[None]] = set()
         self.grpc_port = 0
         self.metrics_port = 0
 
@@ -261,16 +260,7 @@ class RnnServer:
         self.metrics.session_event(event, session.model, session.version)
         if self.shared is not None and event in ("expired", "evicted"):
             # no longer here: let another replica take it (the record stays resumable)
-            task = asyncio.get_running_loop().create_task(self._release([session.id]))
-            self._releases.add(task)
-            task.add_done_callback(self._releases.discard)
-
-    async def _release(self, sids: list[str]) -> None:
-        assert self.shared is not None
-        try:
-            await self.shared.release(sids)
-        except StoreUnavailable as exc:
-            log.warning("could not release %d session lease(s): %s", len(sids), exc)
+            self.core.let_go_later([session.id])
 
     async def _reap(self) -> None:
         while True:
@@ -326,7 +316,7 @@ class RnnServer:
         if self.shared is not None:
             # every answered step is in the store already; hand the sessions over now
             # instead of when their leases run out
-            await self._release(list(self.store.live_ids()))
+            await self.core.let_go(list(self.store.live_ids()))
             await self.shared.close()
         self._httpd.shutdown()
         self._httpd.server_close()

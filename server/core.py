@@ -165,16 +165,20 @@ class Core:
             for batcher in batchers.values():
                 batcher.commit = self._commit
 
-    async def _let_go(self, sid: str) -> None:
-        """Give up the lease a load took for a session that did not become live here (a
-        record refused as foreign, damaged or another principal's, a restore that
-        failed): other servers, which may serve it, must not wait the lease out."""
+    async def let_go(self, sids: list[str]) -> None:
+        """Give up this server's leases of sessions no longer live here (drained,
+        expired, evicted, or loaded and refused: a record foreign, damaged or another
+        principal's, a restore that failed), so that other servers need not wait them
+        out. A store that does not answer only costs a warning: the leases lapse."""
         assert self.shared is not None
-        with contextlib.suppress(StoreUnavailable):
-            await self.shared.release([sid])
+        try:
+            await self.shared.release(sids)
+        except StoreUnavailable as exc:
+            log.warning("could not release %d session lease(s): %s", len(sids), exc)
 
-    def _let_go_later(self, sid: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._let_go(sid))
+    def let_go_later(self, sids: list[str]) -> None:
+        """``let_go`` in a task (for callers that cannot wait, or are going away)."""
+        task = asyncio.get_running_loop().create_task(self.let_go(sids))
         self._letting_go.add(task)
         task.add_done_callback(self._letting_go.discard)
 
@@ -281,9 +285,9 @@ class Core:
                         # not live here: its lease must not hold it back; given up before
                         # the caller hears of the refusal (a task if it is going away)
                         if isinstance(exc, asyncio.CancelledError):
-                            self._let_go_later(sid)
+                            self.let_go_later([sid])
                         else:
-                            await self._let_go(sid)
+                            await self.let_go([sid])
                     raise
         session = self.store.get(sid)
         if asked:
