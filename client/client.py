@@ -223,8 +223,15 @@ class StreamSession:
         if et is not None:
             self._call.cancel()
             return
-        while await self._call.read() is not grpc.aio.EOF:
-            pass
+        try:
+            while await self._call.read() is not grpc.aio.EOF:
+                pass
+        except grpc.aio.AioRpcError as exc:
+            # every chunk sent was answered (send waits for it): a server that drains or
+            # a connection that breaks as the stream closes loses nothing (the session,
+            # if it did not end, resumes elsewhere); anything else is still raised
+            if not _resumable(exc):
+                raise
 
 
 def many_item(session_id: str, seq: int, data: Data, end: bool = False, *,

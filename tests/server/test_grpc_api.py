@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import time
 
 import grpc
@@ -358,3 +359,27 @@ def test_sigterm_right_after_the_ready_line_drains_cleanly(repo, tmp_path) -> No
         srv = start_server(repo, tmp_path / f"s{i}.log")
         srv.proc.send_signal(15)  # at once: the handlers are in place before "ready"
         assert srv.proc.wait(20) == 0, (tmp_path / f"s{i}.log").read_text()[-2000:]
+
+
+def test_a_stream_closing_as_its_server_drains_loses_nothing_and_raises_nothing(
+        repo, tmp_path) -> None:
+    """Every chunk of the stream was answered; the server then drains and ends the
+    stream with UNAVAILABLE before the client closes it: leaving the ``async with``
+    is not an error (nothing was in flight)."""
+    srv = start_server(repo, tmp_path / "s.log")
+    x = np.random.default_rng(14).standard_normal((4, 20)).astype(np.float32)
+
+    async def main() -> tuple[np.ndarray, grpc.StatusCode]:
+        async with AsyncClient(srv.target, timeout=20) as client:
+            async with client.stream("feat") as s:
+                y = (await s.send(x))["logits"]
+                srv.proc.send_signal(signal.SIGTERM)  # drains: the stream ends at once
+                code = await s._call.code()  # the status is in before the block ends
+            return y, code
+
+    try:
+        y, code = asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        assert srv.stop() == 0
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert float(np.abs(y - whole_run(repo, "feat", 1, x)).max()) <= 1e-5
