@@ -23,6 +23,8 @@ WIRE: dict[int, np.dtype[Any]] = {
 }
 BY_NAME: dict[str, int] = {d.name: code for code, d in WIRE.items()}  # "float32" -> code
 _CODES = {d.newbyteorder("="): code for code, d in WIRE.items()}
+MAX_DIMS = 16  # numpy takes 64; chunks have two or three
+MAX_ELEMENTS = 1 << 31  # far above any gRPC message; guards the shape arithmetic
 
 
 class TensorError(ValueError):
@@ -58,7 +60,15 @@ def from_tensor(t: pb.Tensor) -> np.ndarray:
     shape = tuple(t.shape)
     if any(d < 0 for d in shape):
         raise TensorError(f"tensor shape {list(shape)} has a negative dimension")
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if len(shape) > MAX_DIMS:
+        raise TensorError(f"tensor shape {list(shape)} has {len(shape)} dimensions; at most "
+                          f"{MAX_DIMS}")
+    n = nonzero = 1  # Python integers: a product that wraps in int64 would pass as 0
+    for d in shape:
+        n *= d
+        nonzero *= d or 1
+    if nonzero > MAX_ELEMENTS:  # [2**40, 0]: no data, yet no array takes that shape
+        raise TensorError(f"tensor shape {list(shape)} has too many elements")
     if n * dtype.itemsize != len(t.data):
         raise TensorError(f"tensor of shape {list(shape)} and dtype {dtype.name} needs "
                           f"{n * dtype.itemsize} bytes, got {len(t.data)}")
