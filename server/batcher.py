@@ -336,6 +336,7 @@ class Batcher:
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Step]) -> None:
         commits: list[asyncio.Task[None]] = []
         last: list[tuple[_Step, list[np.ndarray], list[np.ndarray] | None]] = []
+        todo: list[list[_Step]] = []
         try:
             try:
                 groups: dict[tuple[int, ...], list[_Step]] = defaultdict(list)
@@ -351,12 +352,20 @@ class Batcher:
                             "batch, past its deadline; it did not run and nothing advanced"))
                         continue
                     groups[item.x.shape].append(item)
-                for i, group in enumerate(groups.values()):
-                    tagged = await self._run(loop, group)
-                    if tagged and i < len(groups) - 1:  # it commits while the next group runs
+                todo = list(groups.values())
+                while todo:
+                    tagged = await self._run(loop, todo.pop(0))
+                    if tagged and todo:  # it commits while the next group runs
                         commits.append(loop.create_task(self._commit(tagged)))
                     else:
                         last = tagged
+            except BaseException:  # a bug, or the batcher stopped: the groups not run
+                for s in (s for group in todo for s in group):  # yet are answered, unpinned
+                    self.runtime.pool.unpin(s.row)
+                    if not s.future.done():
+                        s.future.set_exception(BatchFailed("the chunk did not run; nothing "
+                                                           "advanced"))
+                raise
             finally:
                 self._runners.release()  # the next batch may run while this one commits
             if last:
@@ -376,6 +385,9 @@ class Batcher:
         self._last_run_at, self._last_wait = started, max(waits)
         runnable = []
         for s in group:  # a fixed pool out of rows refuses the steps that find none
+            if s.future.done():  # given up while an earlier group of its batch ran
+                pool.unpin(s.row)
+                continue
             try:
                 s.out = pool.alloc() if s.keep else TRASH
             except PoolFull as full:
