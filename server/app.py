@@ -38,7 +38,7 @@ from rnnserve.server.errors import StoreUnavailable
 from rnnserve.server.interceptor import MetricsInterceptor
 from rnnserve.server.metrics import Limits, Metrics, ServingCollector
 from rnnserve.server.oip import OipServicer
-from rnnserve.server.runtime import CUDA, ModelRegistry, RuntimeOptions
+from rnnserve.server.runtime import ANSWER_OVERHEAD, CUDA, ModelRegistry, RuntimeOptions
 from rnnserve.server.sessions import MemorySessionStore, Session
 from rnnserve.server.settings import Settings
 from rnnserve.server.shared import RedisStore
@@ -119,7 +119,8 @@ class RnnServer:
                                  inter_op_threads=s.inter_op_threads,
                                  allow_nonfinite=s.nonfinite == "allow",
                                  batch_buckets=s.buckets(), pool_rows=s.state_pool_rows(),
-                                 cuda_graphs=s.cuda_graphs)
+                                 cuda_graphs=s.cuda_graphs,
+                                 max_answer_bytes=s.max_message_bytes - ANSWER_OVERHEAD)
         self.registry = ModelRegistry(s.repo, options)
         if not len(self.registry):
             raise ModelRepositoryError(f"no models in {str(s.repo)!r}; export one with "

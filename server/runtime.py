@@ -50,7 +50,14 @@ class RuntimeOptions:
     # CUDA graphs: each bucket's run (per chunk length) is captured once and replayed;
     # needs device "cuda" and buckets, and the pool keeps its pool_rows (fixed addresses)
     cuda_graphs: bool = False
+    # Chunks whose answer (the outputs' bytes) would exceed this are refused before they
+    # run: gRPC could not send the answer, and the step would have advanced the session
+    # for nothing. 0: no limit. The server sets it from --max-message-bytes.
+    max_answer_bytes: int = 0
 
+
+# Room left in a message for what surrounds a chunk's outputs (names, shapes, ids)
+ANSWER_OVERHEAD = 4096
 
 # Run shapes (bucket, chunk length) that get fixed buffers (and a CUDA graph each);
 # chunks of other lengths run without (clients sending ever new lengths would else grow
@@ -188,6 +195,30 @@ class ModelRuntime:
         return [np.zeros(s.row_shape(), dtype=dt)
                 for s, dt in zip(self.meta.states, self._state_dtypes, strict=True)]
 
+    def answer_bytes(self, steps: int) -> int:
+        """The bytes of one session's outputs for a chunk of ``steps`` input steps
+        (samples for PCM16: ``"frames"`` axes hold steps / hop); the message that
+        carries them is at most ``ANSWER_OVERHEAD`` larger."""
+        hop = self.meta.input.hop_samples or 1
+        total = 0
+        for o in self.meta.outputs:
+            n = np.dtype(o.dtype).itemsize
+            for d in o.shape[1:]:
+                n *= steps if d == "time" else steps // hop if d == "frames" else \
+                    int(d) if isinstance(d, int) else 1
+            total += n
+        return total
+
+    def max_steps(self, budget: int) -> int:
+        """The longest chunk (input steps, a multiple of the hop for PCM16) whose
+        outputs fit in ``budget`` bytes; 0 when not even one step fits."""
+        hop = self.meta.input.hop_samples or 1
+        per = self.answer_bytes(hop)  # outputs grow linearly with the hops of a chunk
+        fixed = self.answer_bytes(0)
+        if per <= fixed:  # outputs independent of the chunk's length
+            return (1 << 62) if fixed <= budget else 0
+        return max(0, (budget - fixed) // (per - fixed)) * hop
+
     def check_chunk(self, x: np.ndarray) -> np.ndarray:
         """Validate one session's chunk, shaped (time, *frame); return it C-contiguous."""
         inp = self.meta.input
@@ -203,6 +234,13 @@ class ModelRuntime:
         if inp.kind == "pcm16" and inp.hop_samples and x.shape[0] % inp.hop_samples:
             raise InvalidChunk(f"PCM16 chunks must be a multiple of {inp.hop_samples} samples, "
                                f"got {x.shape[0]}")
+        limit = self.options.max_answer_bytes
+        if limit and self.answer_bytes(x.shape[0]) > limit:
+            raise InvalidChunk(
+                f"a chunk of {x.shape[0]} steps would be answered with "
+                f"{self.answer_bytes(x.shape[0])} bytes of outputs, more than a message may "
+                f"carry ({limit + ANSWER_OVERHEAD} bytes, --max-message-bytes); send chunks "
+                f"of at most {self.max_steps(limit)} steps")
         if x.dtype.kind == "f" and not self.options.allow_nonfinite and \
                 not np.isfinite(x).all():
             raise InvalidChunk("chunk contains NaN or Inf (the server rejects them: "
@@ -217,11 +255,13 @@ class ModelRuntime:
         the zero row and write the row no session owns)."""
         started = time.perf_counter()
         hop = self.meta.input.hop_samples or 1
+        # the sizes runs really have: with buckets, the buckets batches up to max_batch
+        # are padded to (one above max_batch too), and every size above the last bucket
+        sizes = sorted({self.padded_size(b) for b in range(1, max_batch + 1)})
         for steps in (1, 4):
             x = np.zeros((steps * hop, *self._frame_shape), dtype=self._np_dtype)
-            for b in range(1, max_batch + 1):  # with buckets: each bucket, and above them
-                if not self.buckets or b in self.buckets or b > self.buckets[-1]:
-                    self.run_rows([x] * b, [ZERO] * b)
+            for b in sizes:
+                self.run_rows([x] * b, [ZERO] * b)
         return time.perf_counter() - started
 
     def padded_size(self, n: int) -> int:
@@ -281,7 +321,10 @@ class ModelRuntime:
         finally:
             pool.release()
         n_out = len(self.data_output_names)
-        outputs = [[r[i] for r in res[:n_out]] for i in range(n)]
+        # each session's own copy: a view would keep the whole batch's outputs alive as
+        # long as its answer is kept (for retries), beyond what the session is counted for
+        outputs = ([[r[0] for r in res[:n_out]]] if n == 1 and not pad else
+                   [[r[i].copy() for r in res[:n_out]] for i in range(n)])
         if not want_states:
             return outputs, None
         return outputs, [[r[i] for r in res[n_out:]] for i in range(n)]

@@ -39,6 +39,58 @@ def test_a_message_over_the_configured_limit_is_refused_before_it_is_read(repo,
     assert float(np.abs(got - whole_run(repo, "feat", 1, X)).max()) <= 1e-5
 
 
+def test_a_chunk_whose_answer_cannot_be_sent_is_refused_before_it_runs(repo,
+                                                                       tmp_path) -> None:
+    """The text model answers 1 KiB per byte (256 float32 logits): 100 bytes in a 64 KiB
+    server would be answered with 100 KiB that gRPC cannot send, after the step had
+    advanced the session (a retry then repeats the chunk)."""
+    srv = start_server(repo, tmp_path / "s.log", "--max-message-bytes", "65536")
+    text = b"The quick brown fox jumps over the lazy dog. " * 3
+    try:
+        with Client(srv.target, timeout=10) as c:
+            sid = c.open_session("text", version=1).session_id
+            exc = refused(c.step, sid, 0, text[:100])
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.details()
+            assert "--max-message-bytes" in exc.details(), exc.details()
+            assert "at most 60 steps" in exc.details(), exc.details()  # (64 Ki - 4 Ki) / 1 Ki
+            first = c.step(sid, 0, text[:60])["logits"]  # the session had not moved
+            rest = c.step(sid, 1, text[60:100], end=True)["logits"]
+    finally:
+        assert srv.stop() == 0
+    got = np.concatenate([first, rest])
+    want = whole_run(repo, "text", 1, np.frombuffer(text[:100], np.uint8))
+    assert float(np.abs(got - want).max()) <= 1e-5
+
+
+@pytest.mark.parametrize("shape", [[2**62, 4], [4, 2**62], [2**40, 0, 20], [0, 2**62, 20],
+                                   [1] * 70, [2**31, 2**31, 0]])
+def test_shapes_no_array_takes_are_invalid_argument(repo, server, shape) -> None:
+    """Element counts that wrap in int64 (to 0, passing the byte check) or zero-size
+    shapes of absurd extent: refused as bad input, not an internal error; the session
+    and a StreamMany request's other items are untouched."""
+    from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
+    from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+    bad = pb.Chunk(seq=0, tensor=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=shape))
+    with Client(server.target, timeout=10) as c, grpc.insecure_channel(server.target) as ch:
+        sid = c.open_session("feat").session_id
+        other = c.open_session("feat").session_id
+        stub = pb_grpc.InferenceStub(ch)
+        exc = refused(stub.Step, pb.StepRequest(session_id=sid, chunk=bad), timeout=10)
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.details()
+        assert "shape" in exc.details(), exc.details()
+        good = pb.Chunk(seq=0, tensor=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[12, 20],
+                                                data=X.astype("<f4").tobytes()))
+        many = pb.ManyRequest(id=1, items=[pb.ManyItem(session_id=sid, chunk=bad),
+                                           pb.ManyItem(session_id=other, chunk=good)])
+        (resp,) = list(stub.StreamMany(iter([many]), timeout=10))
+        failed, answered = resp.results
+        assert failed.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], failed
+        assert answered.HasField("result")
+        y = c.step(sid, 0, X, end=True)["logits"]  # the refused chunk moved nothing
+    assert float(np.abs(y - whole_run(repo, "feat", 1, X)).max()) <= 1e-5
+
+
 @pytest.mark.parametrize("policy", ["reject", "allow"])
 def test_nonfinite_chunks_follow_the_configured_policy(repo, tmp_path, policy) -> None:
     srv = start_server(repo, tmp_path / "s.log", "--nonfinite", policy)

@@ -292,3 +292,87 @@ def test_warm_up_runs_every_batch_size_at_two_lengths(registry) -> None:
     after = rt.pool.read(range(rt.pool.capacity))
     for a, b in zip(before, after, strict=True):  # only the trash row was written
         np.testing.assert_array_equal(np.delete(a, 1, axis=0), np.delete(b, 1, axis=0))
+
+
+def test_warm_up_runs_the_buckets_batches_are_padded_to(repo) -> None:
+    """Buckets 8, 16, 32 and batches up to 12: sizes 9 to 12 run padded to 16, which
+    must be warmed too (it once was not: only buckets up to max_batch were)."""
+    rt = ModelRegistry(repo, RuntimeOptions(device="cpu", batch_buckets=(8, 16, 32))).get("feat")
+    real = rt.run_rows
+    sizes = []
+
+    def counting(xs, rows, out_rows=None, want_states=False):
+        sizes.append((rt.padded_size(len(xs)), xs[0].shape[0]))
+        return real(xs, rows, out_rows, want_states)
+
+    rt.run_rows = counting
+    try:
+        rt.warm_up(12)
+    finally:
+        del rt.run_rows
+    assert sorted(set(sizes)) == [(8, 1), (8, 4), (16, 1), (16, 4)]
+
+
+def test_answer_bytes_are_what_a_run_answers(repo) -> None:
+    """The bound check_chunk refuses chunks by (their answer must fit in a message) is
+    the bytes a run really gives, and max_steps inverts it."""
+    registry = ModelRegistry(repo, RuntimeOptions(device="cpu"))
+    for rt in registry:
+        for t in (1, 7, 40):
+            x = (np.zeros((t, 20), np.float32) if rt.meta.input.kind != "utf8_bytes"
+                 else np.zeros(t, np.uint8))
+            outs, _ = rt.run([x], [rt.zero_state()])
+            assert rt.answer_bytes(t) == sum(o.nbytes for o in outs[0]), (rt.name, t)
+        per = rt.answer_bytes(1)
+        assert rt.max_steps(10 * per) == 10 and rt.max_steps(per - 1) == 0
+    limited = ModelRegistry(repo, RuntimeOptions(device="cpu", max_answer_bytes=4096))
+    rt = limited.get("text")
+    rt.check_chunk(np.zeros(4096 // rt.answer_bytes(1), np.uint8))
+    with pytest.raises(InvalidChunk, match=r"at most 4 steps"):
+        rt.check_chunk(np.zeros(5, np.uint8))
+
+
+def test_a_step_given_up_while_its_batch_runs_leaves_no_step_or_row_behind(repo) -> None:
+    """A fixed pool (what --cuda-graphs gives) out of rows, and a step given up while an
+    earlier chunk-length group of its batch ran: the batch once died there (the full
+    pool's refusal was set on the given-up step's future), leaving the later groups
+    unanswered and their rows pinned for good."""
+    import time
+
+    registry = ModelRegistry(repo, RuntimeOptions(device="cpu", pool_rows=6))
+    rt = registry.get("feat")
+    pool = rt.pool
+    pool.growable = False
+    real = rt.run_rows
+
+    def slow(*args, **kw):
+        time.sleep(0.3)
+        return real(*args, **kw)
+
+    rt.run_rows = slow
+
+    def x(t: int) -> np.ndarray:
+        return np.zeros((t, 20), np.float32)
+
+    async def main():
+        session_row, other_row = pool.alloc(), pool.alloc()  # two live sessions
+        batcher = Batcher(rt, max_batch_size=16, max_delay_s=0.05)
+        batcher.start()
+        first = batcher.submit(ZERO, x(1))  # group T=1 takes the 5th row
+        live = batcher.submit(session_row, x(2))  # group T=2: the 6th, the last
+        gone = batcher.submit(ZERO, x(2))  # ...would find none
+        later = batcher.submit(ZERO, x(3))  # group T=3: none left either
+        await asyncio.sleep(0.15)  # group T=1 runs
+        batcher.abandon(gone)
+        done, pending = await asyncio.wait([first, live, later], timeout=5)
+        await batcher.stop()
+        return session_row, other_row, first, live, later, pending
+
+    session_row, other_row, first, live, later, pending = asyncio.run(main())
+    assert not pending
+    for future in (first, live):
+        pool.free(future.result()[1])
+    assert later.exception() is not None  # the pool was full: a clear refusal
+    pool.free(session_row)
+    pool.free(other_row)
+    assert pool.used == 0 and not pool._pins, (pool.used, pool._pins)

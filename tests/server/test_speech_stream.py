@@ -108,3 +108,17 @@ def test_a_chunk_that_is_not_whole_hops_is_refused_and_the_session_goes_on(
         rest = c.step(sid, 1, x[320:].astype("<i2").tobytes(), end=True,
                       pcm16=True)["posteriors"]
     assert np.abs(np.concatenate([first, rest]) - whole).max() <= 1e-4
+
+
+def test_answer_bytes_count_frames_of_audio(speech_repo) -> None:
+    """A PCM16 model answers one frame per hop: the bound on a chunk's answer (what
+    check_chunk refuses chunks by) is what a run gives for chunks of 1 to 25 hops."""
+    from rnnserve.server.runtime import ModelRegistry, RuntimeOptions
+
+    rt = ModelRegistry(speech_repo, RuntimeOptions(device="cpu")).get("speech")
+    hop = rt.meta.input.hop_samples
+    for hops in (1, 4, 25):
+        x = utterance(1.0)[:hops * hop].astype(np.int16)
+        outs, _ = rt.run([x], [rt.zero_state()])
+        assert rt.answer_bytes(hops * hop) == sum(o.nbytes for o in outs[0]), hops
+    assert rt.max_steps(4 * rt.answer_bytes(hop)) == 4 * hop
