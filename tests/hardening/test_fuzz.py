@@ -86,7 +86,8 @@ def call(fn, req) -> object | None:
 
 models = st.sampled_from(["feat", "text", "nope", "", "feat/1", "\u00e9\u0000"])
 ids = st.one_of(st.sampled_from(["s1", "s2", "s3"]), st.text(max_size=40))
-shapes = st.lists(st.integers(-3, 70), max_size=4)
+shapes = st.lists(st.one_of(st.integers(-3, 70),  # and extents whose products wrap int64
+                            st.sampled_from([2**31, 2**40, 2**62, 2**63 - 1])), max_size=4)
 floats = st.floats(width=32, allow_nan=True, allow_infinity=True)
 
 
