@@ -50,7 +50,10 @@ RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRFC A6: when to retry, for gRPC's 
 async def abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     """End a call with the status of ``exc``: a CoreError's code and message (with its
     retry hint as the ``grpc-retry-pushback-ms`` trailer), anything else INTERNAL
-    without its text (logged here)."""
+    without its text (logged here). A call aborted already (undecodable bytes in its
+    request stream) has its status: its AbortError goes on up, as gRPC expects."""
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
     if isinstance(exc, CoreError):
         trailer = () if exc.retry_after_ms is None else (
             (RETRY_PUSHBACK, str(exc.retry_after_ms)),)
@@ -172,7 +175,8 @@ async def pipelined(gate: StreamGate, request_iterator: AsyncIterator[T],
     at most ``STREAM_WINDOW`` requests are in flight or answered but not yet written,
     then reading pauses. ``answer`` must not raise: it answers failures itself. When
     the requests end, the stream ends once every answer is written: OK when the client
-    half-closed, UNAVAILABLE on drain or when reading broke."""
+    half-closed, UNAVAILABLE on drain or when reading broke (a read that aborted the
+    call, on undecodable bytes, ends it at once with that status)."""
     loop = asyncio.get_running_loop()
     answers: asyncio.Queue[R | None] = asyncio.Queue()
     window = asyncio.Semaphore(STREAM_WINDOW)
@@ -210,6 +214,8 @@ async def pipelined(gate: StreamGate, request_iterator: AsyncIterator[T],
     try:
         while reading or pending or not answers.empty():
             out = await answers.get()
+            if ended and isinstance(ended[0], grpc.aio.AbortError):
+                raise ended[0]  # the call has its status; nothing more is written
             if broken:
                 log.error("a stream's answer failed", exc_info=broken[0])
                 await context.abort(grpc.StatusCode.INTERNAL,
