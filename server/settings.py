@@ -49,7 +49,8 @@ class Settings(BaseSettings):
     pool_rows: int = Field(0, ge=0)
     """Rows of each model's state pool on its device (one per live session and step in
     flight); 0: start at 64 and double when full, or with cuda_graphs (fixed addresses,
-    no growth) max_sessions plus two batches per runner."""
+    no growth) max_sessions plus two batches per runner (and max_sessions more with a
+    shared session_store, whose writes hold a step's new row)."""
     pool_shrink_s: float = Field(30.0, ge=0)
     """How often each state pool looks for memory to give back: when the rows in use fit
     in a quarter of its buffers (after a burst of sessions) they shrink to twice those
@@ -156,7 +157,12 @@ class Settings(BaseSettings):
         if self.pool_rows:
             return self.pool_rows
         if self.cuda_graphs:
-            return self.max_sessions + 2 * self.batch_runners * self.max_batch_size + 2
+            rows = self.max_sessions + 2 * self.batch_runners * self.max_batch_size + 2
+            if self.session_store != "memory":
+                # steps hold their new rows until the store has their write, and batches
+                # being written are not bounded by the runners: each session may have one
+                rows += self.max_sessions
+            return rows
         return 64
 
     @model_validator(mode="after")

@@ -49,4 +49,8 @@ def test_batch_buckets_pool_rows_and_cuda_graphs() -> None:
                       max_batch_size="64", batch_runners="2")
     assert g.buckets() == (1, 2, 4, 8, 16, 32, 64)  # graphs need buckets: pow2 by default
     assert g.state_pool_rows() == 1000 + 2 * 2 * 64 + 2  # fixed: every session and batch
+    shared = Settings.load(cuda_graphs=True, device="cuda", max_sessions="1000",
+                           max_batch_size="64", batch_runners="2",
+                           session_store="redis://127.0.0.1:6379")
+    assert shared.state_pool_rows() == 2 * 1000 + 2 * 2 * 64 + 2  # a row per write in flight
     assert Settings.load(pool_rows="5000").state_pool_rows() == 5000
