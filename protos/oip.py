@@ -39,6 +39,7 @@ _BY_DTYPE = {dt.newbyteorder("="): name for name, (dt, _) in DATATYPES.items()}
 CONTENT_FIELDS = ("bool_contents", "int_contents", "int64_contents", "uint_contents",
                   "uint64_contents", "fp32_contents", "fp64_contents", "bytes_contents")
 MAX_ELEMENTS = 1 << 31  # far above any gRPC message; guards the shape arithmetic
+MAX_DIMS = 16  # numpy takes 64; inputs have two or three
 
 
 def datatype_of(dtype: np.dtype[Any]) -> str:
@@ -53,10 +54,14 @@ def _count(name: str, shape: Sequence[int]) -> int:
     if any(d < 0 for d in shape):
         raise TensorError(f"input {name!r}: shape {list(shape)} has a negative dimension; "
                           "a request names every dimension")
-    n = 1
+    if len(shape) > MAX_DIMS:
+        raise TensorError(f"input {name!r}: shape {list(shape)} has {len(shape)} dimensions; "
+                          f"at most {MAX_DIMS}")
+    n = nonzero = 1
     for d in shape:
         n *= d
-    if n > MAX_ELEMENTS:
+        nonzero *= d or 1
+    if nonzero > MAX_ELEMENTS:  # [0, 2**62]: no data, yet no array takes that shape
         raise TensorError(f"input {name!r}: shape {list(shape)} has too many elements")
     return n
 

@@ -57,7 +57,7 @@ from rnnserve.server.errors import (
     ShuttingDown,
 )
 from rnnserve.server.interceptor import rpc_model
-from rnnserve.server.runtime import ModelRuntime
+from rnnserve.server.runtime import ANSWER_OVERHEAD, ModelRuntime
 
 log = logging.getLogger("rnnserve.oip")
 
@@ -95,11 +95,14 @@ def sequence_params(req: pb.ModelInferRequest) -> SequenceParams:
 
 
 def version_number(version: str) -> int:
-    """A request's model version: "" for the highest, else a positive integer."""
+    """A request's model version: "" for the highest, else a positive integer in ASCII
+    digits (``str.isdigit`` also takes "²", which ``int`` refuses)."""
     if not version:
         return 0
-    if not version.isdigit() or int(version) < 1:
-        raise InvalidChunk(f"model version {version!r} is not a positive integer")
+    if not (version.isascii() and version.isdigit()) or len(version) > 18 or \
+            int(version) < 1:
+        raise InvalidChunk(f"model version {version!r} is not a positive integer (of at "
+                           "most 18 digits)")
     return int(version)
 
 
@@ -166,11 +169,15 @@ def classify(a: np.ndarray, k: int, labels: tuple[str, ...] | None) -> np.ndarra
     return out
 
 
-def input_rows(req: pb.ModelInferRequest, runtime: ModelRuntime) -> list[ChunkInput]:
+def input_rows(req: pb.ModelInferRequest, runtime: ModelRuntime, max_rows: int | None
+               ) -> list[ChunkInput]:
     """The request's one input, split into one chunk per batch row.
 
     Shapes are [batch, time, *frame]; a byte-level text model also takes BYTES of
-    shape [batch] or [batch, 1], one byte string per row.
+    shape [batch] or [batch, 1], one byte string per row. ``max_rows`` is the most rows
+    a stateless request may have (None: a request of a sequence, one row). The rows
+    are counted and refused before any is split off: a request without data ([N, 0,
+    20]) would else cost N chunks' work.
     """
     meta = runtime.meta.input
     frame = [int(d) for d in meta.shape[2:]]
@@ -195,17 +202,53 @@ def input_rows(req: pb.ModelInferRequest, runtime: ModelRuntime) -> list[ChunkIn
         if x.ndim not in (1, 2) or (x.ndim == 2 and x.shape[1] != 1):
             raise InvalidChunk(f"model {runtime.name!r}: BYTES input must be shaped [batch] "
                                f"or [batch, 1], got {list(x.shape)}")
-        rows = [np.frombuffer(b, dtype=np.uint8) for b in x.reshape(-1)]
-        if len({len(r) for r in rows}) > 1:
+        _check_rows(runtime, x.shape[0], max_rows)
+        lengths = {len(b) for b in x.reshape(-1)}
+        if 0 in lengths:
+            raise InvalidChunk("a BYTES string of the input is empty; send at least one byte "
+                               "per row")
+        if len(lengths) > 1:
             raise InvalidChunk("the strings of one request must have the same length in "
                                "bytes (their outputs form one tensor); send them apart")
-        return [ChunkInput(array=r) for r in rows]
+        _check_answer(runtime, x.shape[0], lengths.pop(), max_rows)
+        return [ChunkInput(array=np.frombuffer(b, dtype=np.uint8)) for b in x.reshape(-1)]
     if t.datatype != want_type or x.ndim != 2 + len(frame) or list(x.shape[2:]) != frame:
         raise InvalidChunk(f"model {runtime.name!r} input {meta.name!r} takes {want}; got "
                            f"{t.datatype} {list(x.shape)}")
-    if x.shape[0] < 1:
-        raise InvalidChunk("the input's batch dimension is 0; send at least one row")
+    _check_rows(runtime, x.shape[0], max_rows)
+    if x.shape[1] < 1:
+        raise InvalidChunk("the input's time dimension is 0; send at least one time step")
+    _check_answer(runtime, x.shape[0], x.shape[1], max_rows)
     return [ChunkInput(array=row) for row in x]
+
+
+def _check_rows(runtime: ModelRuntime, rows: int, max_rows: int | None) -> None:
+    if rows < 1:
+        raise InvalidChunk("the input's batch dimension is 0; send at least one row")
+    if max_rows is None:
+        if rows != 1:
+            raise InvalidChunk(f"model {runtime.name!r}: a request of a sequence must have "
+                               f"batch size 1 (one sequence per request), got {rows}")
+    elif rows > max_rows:
+        raise InvalidChunk(f"model {runtime.name!r}: a request of {rows} rows can never run: "
+                           f"its rows queue as steps, and the model queues at most "
+                           f"{max_rows} (--max-queue); send at most {max_rows} rows per "
+                           "request")
+
+
+def _check_answer(runtime: ModelRuntime, rows: int, steps: int, max_rows: int | None) -> None:
+    """A stateless request is answered in one message holding every row's outputs: one
+    that could not be sent is refused before any row runs. (A row too long on its own
+    is refused by the runtime's check, which says how many steps fit.)"""
+    limit = runtime.options.max_answer_bytes
+    one = runtime.answer_bytes(steps)
+    if max_rows is None or not limit or one > limit or rows * one <= limit:
+        return
+    raise InvalidChunk(f"model {runtime.name!r}: {rows} rows of {steps} steps would be "
+                       f"answered with {rows * one} bytes of outputs in one message, more "
+                       f"than it may carry ({limit + ANSWER_OVERHEAD} bytes, "
+                       f"--max-message-bytes); send at most {limit // one} such rows per "
+                       "request")
 
 
 def expiry(req: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> float | None:
@@ -319,11 +362,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             seq = sequence_params(req)
             routing_check(context, seq.label)
             outputs = requested_outputs(req, runtime)
-            rows = input_rows(req, runtime)
-            if seq.label and len(rows) != 1:
-                raise InvalidChunk(f"model {runtime.name!r}: a request of a sequence must "
-                                   f"have batch size 1 (one sequence per request), got "
-                                   f"{len(rows)}")
+            rows = input_rows(req, runtime, None if seq.label else self._max_rows(runtime))
             expires = expiry(req, context)
         except CoreError as exc:
             self.core.rejected(runtime, exc, API)
@@ -336,6 +375,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             named = await self._sequence_step(runtime, seq, req.model_version, rows[0],
                                               expires)
         return self._response(req, runtime, outputs, named)
+
+    def _max_rows(self, runtime: ModelRuntime) -> int:
+        """The most steps the model's batcher queues (--max-queue): a stateless request
+        of more rows could never run."""
+        return self.core.batchers[runtime.key]._queue.maxsize
 
     async def _sequence_step(self, runtime: ModelRuntime, seq: SequenceParams,
                              version: str, chunk: ChunkInput,

@@ -1,0 +1,111 @@
+"""The Open Inference Protocol endpoint against requests a review found mishandled:
+zero-size and oversized batches, versions. Real servers on loopback, real
+onnxruntime."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from rnnserve.protos.inference import grpc_service_pb2 as pb
+from rnnserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from rnnserve.protos.oip import encode_bytes_elements
+
+from ..server.serving import start_server
+from .test_protocol import logits, reference, refused, request
+
+RNG = np.random.default_rng(23)
+BAD = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def tight(repo, tmp_path_factory):
+    """A server with a queue of 8 steps per model and 64 KiB messages."""
+    log = tmp_path_factory.mktemp("tight") / "server.log"
+    srv = start_server(repo, log, "--max-batch-delay-ms", "5", "--max-queue", "8",
+                       "--max-message-bytes", "65536")
+    with grpc.insecure_channel(srv.target) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+    assert srv.stop() == 0, log.read_text()[-3000:]
+
+
+def empty(shape: list[int], model: str = "feat", datatype: str = "FP32",
+          **params: object) -> pb.ModelInferRequest:
+    """A request whose input has ``shape`` and no data at all."""
+    r = request(np.zeros(0, np.float32), model, datatype=datatype, **params)
+    del r.inputs[0].shape[:]
+    r.inputs[0].shape.extend(shape)
+    return r
+
+
+def strings(items: list[bytes], shape: list[int] | None = None) -> pb.ModelInferRequest:
+    r = pb.ModelInferRequest(model_name="text")
+    r.inputs.add(name="input", datatype="BYTES", shape=[len(items)] if shape is None else shape)
+    r.raw_input_contents.append(encode_bytes_elements(items))
+    return r
+
+
+def test_zero_size_inputs_are_refused_before_their_rows_are_split(tight) -> None:
+    """[N, 0, 20] carries no data whatever N is: refused at once for its rows or its
+    empty time axis, never split into N chunks; shapes numpy cannot take are refused
+    as malformed, not an internal error."""
+    refused(lambda: tight.ModelInfer(empty([2_000_000, 0, 20])), BAD,
+            "a request of 2000000 rows can never run", "--max-queue", "at most 8 rows")
+    refused(lambda: tight.ModelInfer(empty([3, 0, 20])), BAD, "time dimension is 0")
+    refused(lambda: tight.ModelInfer(empty([1, 0, 20], sequence_id="z",
+                                           sequence_start=True)), BAD, "time dimension is 0")
+    refused(lambda: tight.ModelInfer(empty([5, 0, 20], sequence_id="z",
+                                           sequence_start=True)), BAD, "batch size 1")
+    for shape in ([0, 2**62, 20], [1, 2**62, 0], [2**40, 2**40, 0]):
+        refused(lambda shape=shape: tight.ModelInfer(empty(shape)), BAD, "too many elements")
+    refused(lambda: tight.ModelInfer(empty([0] * 65)), BAD, "65 dimensions")
+    # BYTES: an empty batch, empty strings, too many strings
+    for shape in ([0], [0, 1]):
+        refused(lambda shape=shape: tight.ModelInfer(strings([], shape)), BAD,
+                "batch dimension is 0")
+    refused(lambda: tight.ModelInfer(strings([b"", b""])), BAD, "BYTES string of the "
+            "input is empty")
+    refused(lambda: tight.ModelInfer(strings([b"a"] * 9)), BAD, "a request of 9 rows",
+            "--max-queue")
+
+
+def test_a_stateless_request_fits_the_queue_and_one_answer(tight, repo) -> None:
+    """Rows beyond the model's queue could never all run; rows whose outputs together
+    would not fit one message could never be answered: both are refused before any row
+    runs, saying how many would do."""
+    x = RNG.standard_normal((9, 2, 20)).astype(np.float32)
+    refused(lambda: tight.ModelInfer(request(x)), BAD, "a request of 9 rows can never run",
+            "at most 8 rows")
+    np.testing.assert_allclose(logits(tight.ModelInfer(request(x[:8]))),
+                               reference(repo, "feat", x[:8]), atol=1e-5, rtol=0)
+    # text: 256 FP32 logits a byte, 16 KiB a row of 16 bytes; 60 KiB fit the answer
+    u8 = RNG.integers(0, 256, (8, 16), dtype=np.uint8)
+    refused(lambda: tight.ModelInfer(request(u8, "text", datatype="UINT8")), BAD,
+            "8 rows of 16 steps would be answered with 131072 bytes",
+            "--max-message-bytes", "at most 3 such rows")
+    refused(lambda: tight.ModelInfer(strings([bytes(row) for row in u8])), BAD,
+            "at most 3 such rows")
+    got = logits(tight.ModelInfer(request(u8[:3], "text", datatype="UINT8")))
+    np.testing.assert_allclose(got, reference(repo, "text", u8[:3], version=2), atol=1e-5,
+                               rtol=0)
+
+
+def test_model_versions_are_ascii_digits(stub) -> None:
+    u8 = np.frombuffer(b"ab", dtype=np.uint8)[None]
+    for version in ("\u00b2", "\u0661", "1" * 5000):
+        refused(lambda v=version: stub.ModelInfer(request(u8, "text", datatype="UINT8",
+                                                          version=v)),
+                BAD, "not a positive integer")
+        refused(lambda v=version: stub.ModelReady(pb.ModelReadyRequest(name="text",
+                                                                       version=v)),
+                BAD, "not a positive integer")
+        refused(lambda v=version: stub.ModelMetadata(pb.ModelMetadataRequest(name="text",
+                                                                             version=v)),
+                BAD, "not a positive integer")
