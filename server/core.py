@@ -2,9 +2,10 @@
 
 API adapters (the native gRPC API and the Open Inference Protocol) convert their
 messages into calls on ``Core`` and its errors into status codes; both share one
-session store and one batcher per model version, so their steps batch together. A rejected chunk
-never touches the session: validation happens before the step is queued, and the
-state is replaced only when the step's result is delivered.
+session store and one batcher per model version, so their steps batch together. A
+rejected chunk never touches the session, not even its last use (which decides its
+expiry and eviction): validation happens before the step is queued, and the state is
+replaced only when the step's result is delivered.
 """
 
 from __future__ import annotations
@@ -159,7 +160,6 @@ class Core:
         self.admission_delay_s = admission_delay_s
         self.max_sessions_per_principal = max_sessions_per_principal
         self.accepting = True
-        self._busy: set[str] = set()
         self._letting_go: set[asyncio.Task[None]] = set()
         if shared is not None:  # every step is written to the store before it is answered
             for batcher in batchers.values():
@@ -192,7 +192,9 @@ class Core:
     async def open(self, model: str, version: int = 0, session_id: str = "",
                    resume: bool = False) -> tuple[Session, ModelRuntime]:
         if resume:
-            return await self._resume(model, version, session_id)
+            session, runtime = await self._resume(model, version, session_id)
+            self.store.touch(session)
+            return session, runtime
         if not self.accepting:
             raise ShuttingDown("the server is shutting down and opens no new sessions; "
                                "open the session on another replica")
@@ -492,13 +494,15 @@ class Core:
         session marked busy. A retry of the last chunk gets its answer here instead."""
         session_id = session.id
         runtime = self.registry.get(session.model, session.version)
-        if session_id in self._busy:
+        if session.busy:
             raise SessionBusy(f"session {session_id!r} has a chunk in flight; send the next "
                               "chunk after its answer")
         if seq != session.next_seq:
             answer = session.answer
             if answer is not None and seq == answer.seq:
-                return self._retry(session_id, answer, runtime, chunk)
+                out = self._retry(session_id, answer, runtime, chunk)
+                self.store.touch(session)
+                return out
             raise OutOfOrder(f"session {session_id!r} expects chunk {session.next_seq}, "
                              f"got {seq}")
         x = runtime.check_chunk(self.decode(runtime, chunk))
@@ -508,7 +512,8 @@ class Core:
         pending = None if self.shared is None else _Pending(session, runtime, seq, x, end)
         future = self.batchers[runtime.key].submit(_row(session), x, expires, pending,
                                                    group=group)
-        self._busy.add(session_id)
+        session.busy = True
+        self.store.touch(session)  # only now: a refused chunk is no use of its session
         return _Flight(session, runtime, seq, x, end, future, pending)
 
     def _give_up(self, flight: _Flight) -> None:
@@ -519,7 +524,7 @@ class Core:
         (``_stale``), so that a retry of this chunk gets the stored answer instead of
         being refused as moved."""
         self.batchers[flight.runtime.key].abandon(flight.future)
-        self._busy.discard(flight.session.id)
+        flight.session.busy = False
         if flight.pending is not None:
             flight.session.unsure = True
 
@@ -540,7 +545,7 @@ class Core:
                 raise failure
             outputs, new_row, _ = flight.future.result()
         finally:
-            self._busy.discard(session_id)
+            flight.session.busy = False
         runtime = flight.runtime
         if flight.pending is None:
             answer = Answer(flight.seq, None,
@@ -611,7 +616,7 @@ class Core:
         was given up (``_give_up``), with a shared store: the session may have gone on
         in the store, and its copy is refreshed before the step."""
         return self.shared is not None and (seq > session.next_seq or session.unsure) \
-            and session.id not in self._busy
+            and not session.busy
 
     async def _refresh(self, session: Session) -> Session:
         """A step ahead of this server's copy: the session went on elsewhere (another

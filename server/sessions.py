@@ -129,6 +129,10 @@ class Session:
     unsynced: bool = False
     # the start of its shared-store record's header, cached by records.encode
     record_prefix: str = field(default="", repr=False, compare=False)
+    # a step of it is queued or running here (the core's mark: a session of the same id
+    # opened after this one ended is not held back by this one's step)
+    busy: bool = field(default=False, repr=False, compare=False)
+    ended: str = ""  # why it ended here (one of ENDED_REASONS), "" while live
 
     def __post_init__(self) -> None:
         self.nbytes = self.state.nbytes + (self.answer.nbytes if self.answer else 0)
@@ -146,6 +150,8 @@ class SessionStore(Protocol):
     def count_of(self, owner: str) -> int: ...
 
     def get(self, session_id: str) -> Session: ...
+
+    def touch(self, session: Session) -> None: ...
 
     def live_ids(self) -> list[str]: ...
 
@@ -246,6 +252,7 @@ class MemorySessionStore:
 
     def _end(self, session: Session, reason: str) -> None:
         del self._live[session.id]
+        session.ended = reason
         session.state.release()
         self._account(session, -session.nbytes)
         self._count(session, -1)
@@ -299,16 +306,23 @@ class MemorySessionStore:
         return session
 
     def get(self, session_id: str) -> Session:
+        """The live session with this id (one idle too long expires here), or why it is
+        gone. A look-up, not a use: a request that is then refused must not keep the
+        session alive nor spare it from eviction; ``touch`` it once the request is taken."""
         session = self._live.get(session_id)
-        now = self._clock()
-        if session is not None and now - session.last_used > self.idle_timeout_s:
+        if session is not None and self._clock() - session.last_used > self.idle_timeout_s:
             self._end(session, "expired")
             session = None
         if session is None:
             raise self._gone(session_id)
-        session.last_used = now
-        self._live.move_to_end(session_id)
         return session
+
+    def touch(self, session: Session) -> None:
+        """A request of ``session`` was taken: its idle timer restarts, and it becomes
+        the most recently used (the last to be evicted)."""
+        if self._live.get(session.id) is session:
+            session.last_used = self._clock()
+            self._live.move_to_end(session.id)
 
     def live_ids(self) -> list[str]:
         return list(self._live)
@@ -317,8 +331,8 @@ class MemorySessionStore:
         """The live session with this id, or None; no side effect (no expiry, no LRU move)."""
         return self._live.get(session_id)
 
-    def _gone(self, session_id: str) -> SessionError:
-        reason = self._ended.get(session_id)
+    def _gone(self, session_id: str, reason: str = "") -> SessionError:
+        reason = reason or self._ended.get(session_id, "")
         if reason == "expired":
             return SessionExpired(f"session {session_id!r} expired after "
                                   f"{self.idle_timeout_s:g}s without a request; open a new one")
@@ -334,8 +348,8 @@ class MemorySessionStore:
                answer: Answer | None = None) -> None:
         """Give ``session`` its new state (its old one is released). If the session is
         no longer live this raises why, and ``state`` stays the caller's."""
-        if self._live.get(session.id) is not session:
-            raise self._gone(session.id)
+        if self._live.get(session.id) is not session:  # maybe another one of that id now
+            raise self._gone(session.id, session.ended)
         nbytes = state.nbytes + (answer.nbytes if answer else 0)
         if nbytes != session.nbytes:  # most steps: the same size as the last one
             self._account(session, nbytes - session.nbytes)

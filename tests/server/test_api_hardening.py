@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.server.settings import Settings
 
 from .serving import InProcessServer
@@ -52,6 +53,69 @@ async def until(check, timeout: float = 10.0) -> bool:
             return False
         await asyncio.sleep(0.02)
     return True
+
+
+def test_rejected_chunks_neither_keep_a_session_alive_nor_move_it_in_the_lru(serve) -> None:
+    srv = serve(max_sessions=2, idle_timeout_s=1.0)
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.InferenceStub(ch)
+
+            async def step(sid: str, c: pb.Chunk) -> str:
+                try:
+                    await stub.Step(pb.StepRequest(session_id=sid, chunk=c))
+                except grpc.aio.AioRpcError as exc:
+                    return f"{exc.code().name} {exc.details()}"
+                return "OK"
+
+            for sid in ("a", "b"):
+                await stub.OpenSession(pb.OpenSessionRequest(model="text", session_id=sid))
+            assert (await step("a", chunk(5, "zz"))).startswith("FAILED_PRECONDITION")
+            assert (await step("a", pb.Chunk(seq=0))).startswith("INVALID_ARGUMENT")
+            await stub.OpenSession(pb.OpenSessionRequest(model="text", session_id="c"))
+            # a is still the least recently used: it makes room for c, not b
+            assert await step("b", chunk(0, "x")) == "OK"
+            assert (await step("a", chunk(0, "x"))).startswith("RESOURCE_EXHAUSTED")
+
+            codes = []  # c idles, but for rejected chunks
+            started = time.monotonic()
+            while time.monotonic() - started < 2.0:
+                codes.append((await step("c", pb.Chunk(seq=0))).split()[0])
+                await asyncio.sleep(0.2)
+            assert codes[0] == "INVALID_ARGUMENT" and codes[-1] == "NOT_FOUND", codes
+            assert "expired after 1s" in await step("c", chunk(0, "x"))
+
+    asyncio.run(main())
+
+
+def test_a_reopened_id_is_not_held_by_the_step_of_its_closed_incarnation(serve, repo) -> None:
+    """Closed while its step waits for its batch, then opened again: the new session
+    steps at once, and the old step's caller hears that its session ended."""
+    srv = serve(max_batch_delay_ms=1500)
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            await stub.OpenSession(pb.OpenSessionRequest(model="text", session_id="s"))
+            old = asyncio.ensure_future(stub.Step(pb.StepRequest(
+                session_id="s", chunk=chunk(0, "old"))))
+            await asyncio.sleep(0.3)  # queued: its batch waits 1.5 s for more steps
+            await stub.CloseSession(pb.CloseSessionRequest(session_id="s"))
+            await stub.OpenSession(pb.OpenSessionRequest(model="text", session_id="s"))
+            new = await stub.Step(pb.StepRequest(session_id="s", chunk=chunk(0, "new")))
+            assert new.result.seq == 0
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await old
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "'s' has ended" in info.value.details()
+            await stub.OpenSession(pb.OpenSessionRequest(model="text", session_id="t"))
+            fresh = await stub.Step(pb.StepRequest(session_id="t", chunk=chunk(0, "new")))
+            assert new.result == fresh.result  # the old step did not touch the new session
+            nxt = await stub.Step(pb.StepRequest(session_id="s", chunk=chunk(1, "go")))
+            assert nxt.result.seq == 1
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize("method,first", [

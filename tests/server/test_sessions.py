@@ -38,10 +38,10 @@ def test_idle_sessions_expire_with_a_distinct_status() -> None:
     s, clock, events = store(idle_timeout_s=10)
     a = s.create("m", 1, state())
     clock.now += 9
-    assert s.get(a.id) is a  # used: the timer restarts
+    s.touch(s.get(a.id))  # used: the timer restarts
     clock.now += 9
-    assert s.get(a.id) is a
-    clock.now += 11
+    assert s.get(a.id) is a  # only looked up: the timer runs on
+    clock.now += 2
     with pytest.raises(SessionExpired, match="expired after 10s"):
         s.get(a.id)
     assert ("expired", a.id) in events and len(s) == 0 and s.state_bytes == 0
@@ -66,7 +66,8 @@ def test_least_recently_used_is_evicted_at_the_session_cap() -> None:
     clock.now += 1
     b = s.create("m", 1, state())
     clock.now += 1
-    s.get(a.id)  # a is now more recent than b
+    s.touch(s.get(a.id))  # a is now more recent than b
+    s.get(b.id)  # a look-up is no use: b stays the least recently used
     c = s.create("m", 1, state())
     with pytest.raises(SessionEvicted, match="evicted"):
         s.get(b.id)
@@ -97,6 +98,16 @@ def test_closed_unknown_and_duplicate_ids_have_their_own_errors() -> None:
         s.get("mine")
     with pytest.raises(SessionNotFound, match="unknown"):
         s.get("never-seen")
+
+
+def test_a_step_of_an_ended_session_hears_why_after_its_id_is_opened_again() -> None:
+    s, _, _ = store()
+    old = s.create("m", 1, state(), session_id="mine")
+    s.close("mine")
+    new = s.create("m", 1, state(), session_id="mine")
+    with pytest.raises(SessionClosed, match="has ended"):
+        s.update(old, state(), 1)
+    assert s.get("mine") is new and new.next_seq == 0
 
 
 def test_update_replaces_state_and_accounts_bytes() -> None:
