@@ -307,12 +307,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return resp
 
     async def _item(self, item: pb.ManyItem, out: pb.ManyResult) -> None:
-        """An item that opens (or resumes) its session, then steps it if it has a chunk."""
+        """An item that opens (or resumes) its session, then steps it if it has a chunk.
+        An item that fails changes nothing: a session it created is closed again (also
+        when the stream goes away meanwhile)."""
+        created = None
         try:
             if item.HasField("open"):
                 o = item.open
                 session, runtime = await self.core.open(o.model, o.version, item.session_id,
                                                         o.resume)
+                created = None if o.resume else session
                 out.session_id = session.id
                 out.opened.CopyFrom(session_info(session, runtime))
             elif not item.HasField("chunk"):
@@ -322,7 +326,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 c = item.chunk
                 result = await self.core.step(out.session_id, c.seq, chunk_input(c), c.end)
                 fill_result(out.result, result)
-        except Exception as exc:
+        except BaseException as exc:
+            if created is not None:
+                out.session_id = item.session_id
+                out.ClearField("opened")
+                await self.core.undo_open(created)
+            if not isinstance(exc, Exception):
+                raise
             fill_failure(out, exc)
 
     async def OpenSession(self, request: pb.OpenSessionRequest,

@@ -215,6 +215,28 @@ class Core:
         session.opened_at = time.perf_counter()
         return session, runtime
 
+    async def undo_open(self, session: Session) -> None:
+        """End a session whose own request opened it and then failed (a StreamMany item
+        whose chunk was refused), as if it had never been opened: the request can be
+        sent again, and a failed try holds no session. Ended at once, so that a caller
+        being cancelled ends it too; the shared store's record is deleted in a task of
+        its own that the caller waits for."""
+        if self.store.peek(session.id) is not session:
+            return  # ended meanwhile
+        self.store.close(session.id)
+        if self.shared is not None:
+            task = asyncio.get_running_loop().create_task(self._forget(session.id))
+            self._letting_go.add(task)
+            task.add_done_callback(self._letting_go.discard)
+            await asyncio.shield(task)
+
+    async def _forget(self, sid: str) -> None:
+        assert self.shared is not None
+        try:
+            await self.shared.delete(sid)
+        except (StoreUnavailable, SessionError) as exc:
+            log.warning("could not delete the record of session %r: %s", sid, exc)
+
     def admit(self, runtime: ModelRuntime, new_session: bool = False) -> None:
         """Admission control for new work (a session, a stateless request); steps of
         admitted sessions are never refused here, so they keep their latency when the

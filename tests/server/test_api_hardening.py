@@ -55,6 +55,58 @@ async def until(check, timeout: float = 10.0) -> bool:
     return True
 
 
+def test_a_many_item_that_opens_its_session_and_then_fails_leaves_no_session(serve) -> None:
+    """The item's chunk fails (no data, its own timeout, the stream cancelled while it
+    waits): the session its open created is gone again, so the same item can be sent
+    again, and server-assigned ids leave no orphans behind."""
+    srv = serve(max_batch_delay_ms=400)
+    store = srv.server.store
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            call = stub.StreamMany()
+
+            async def send(rid: int, *items: pb.ManyItem) -> list[pb.ManyResult]:
+                await call.write(pb.ManyRequest(id=rid, items=items))
+                resp = await call.read()
+                assert resp.id == rid
+                return list(resp.results)
+
+            failed = await send(1, pb.ManyItem(session_id="x", open=TEXT, chunk=pb.Chunk(seq=0)),
+                                pb.ManyItem(session_id="y", open=TEXT,
+                                            chunk=chunk(0, "hi", timeout_ms=20)),
+                                pb.ManyItem(open=TEXT, chunk=chunk(0, "hi", timeout_ms=20)))
+            assert [r.code for r in failed] == [INVALID_ARGUMENT, DEADLINE_EXCEEDED,
+                                                DEADLINE_EXCEEDED], failed
+            assert not any(r.HasField("opened") for r in failed)
+            assert [r.session_id for r in failed] == ["x", "y", ""]
+            assert len(store) == 0  # nothing opened stays
+
+            again = await send(2, pb.ManyItem(session_id="x", open=TEXT, chunk=chunk(0, "hi")),
+                               pb.ManyItem(session_id="y", open=TEXT, chunk=chunk(0, "hi")))
+            assert [(r.code, r.opened.session_id, r.result.seq) for r in again] == \
+                [(0, "x", 0), (0, "y", 0)], again
+            assert len(store) == 2
+
+            # the stream goes away while the item's chunk waits for its batch
+            await call.write(pb.ManyRequest(id=3, items=[
+                pb.ManyItem(session_id="z", open=TEXT, chunk=chunk(0, "hi"))]))
+            assert await until(lambda: store.peek("z") is not None)
+            call.cancel()
+            assert await until(lambda: store.peek("z") is None), "z stayed open"
+            assert sorted(store.live_ids()) == ["x", "y"]
+
+            resent = stub.StreamMany()  # the cancelled item, sent again on a new stream
+            await resent.write(pb.ManyRequest(id=4, items=[
+                pb.ManyItem(session_id="z", open=TEXT, chunk=chunk(0, "hi"))]))
+            r = (await resent.read()).results[0]
+            assert (r.code, r.opened.session_id, r.result.seq) == (0, "z", 0), r
+            await resent.done_writing()
+
+    asyncio.run(main())
+
+
 def test_rejected_chunks_neither_keep_a_session_alive_nor_move_it_in_the_lru(serve) -> None:
     srv = serve(max_sessions=2, idle_timeout_s=1.0)
 
