@@ -52,12 +52,14 @@ from rnnserve.server.errors import (
     InvalidChunk,
     SessionClosed,
     SessionEvicted,
+    SessionExists,
     SessionExpired,
     SessionNotFound,
     ShuttingDown,
 )
 from rnnserve.server.interceptor import rpc_model
 from rnnserve.server.runtime import ANSWER_OVERHEAD, ModelRuntime
+from rnnserve.server.sessions import Session
 
 log = logging.getLogger("rnnserve.oip")
 
@@ -388,13 +390,16 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         async with self._in_turn(sid):
             if seq.start:
                 self.core.check(runtime, chunk, API)  # bad input never ends a live sequence
-                if self.core.store.peek(sid) is not None:
-                    log.warning("sequence %s of model %r started again before it ended; "
-                                "the previous one is dropped", seq.label, runtime.name)
-                    await self.core.close(sid)
-                if not self.core.accepting:
-                    raise ShuttingDown(DRAINING)
-                session, _ = await self.core.open(runtime.name, runtime.version, sid)
+                session = await self._open(runtime, seq, sid)
+                try:
+                    out = await self.core.step(sid, session.next_seq, chunk, seq.end, api=API,
+                                               expires=expires)
+                except BaseException as exc:
+                    await self._unstart(sid)
+                    if isinstance(exc, CoreError):
+                        exc.args = (f"{exc}; sequence {seq.label} was not started: send its "
+                                    "first request again with the START flag",)
+                    raise
             else:
                 try:
                     if self.core.shared is not None and self.core.store.peek(sid) is None:
@@ -416,9 +421,51 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 except InvalidChunk as exc:
                     self.core.rejected(runtime, exc, API)
                     raise
-            out = await self.core.step(sid, session.next_seq, chunk, seq.end, api=API,
-                                       expires=expires)
+                out = await self.core.step(sid, session.next_seq, chunk, seq.end, api=API,
+                                           expires=expires)
         return {name: a[None] for name, a in out.outputs}
+
+    async def _open(self, runtime: ModelRuntime, seq: SequenceParams, sid: str) -> Session:
+        """A start: the sequence opened from a zero state, after the live one of that id
+        (here, or with a shared store anywhere) is closed. A drain refuses before
+        anything is closed."""
+        if not self.core.accepting:
+            raise ShuttingDown(DRAINING)
+        try:
+            session, _ = await self.core.open(runtime.name, runtime.version, sid)
+        except SessionExists:
+            log.warning("sequence %s of model %r started again before it ended; the "
+                        "previous one is dropped", seq.label, runtime.name)
+            await self.core.close(sid)
+            try:
+                session, _ = await self.core.open(runtime.name, runtime.version, sid)
+            except CoreError as exc:
+                exc.args = (f"{exc}; the previous sequence {seq.label} has ended and this one "
+                            "was not started: send its first request again with the START "
+                            "flag",)
+                raise
+        return session
+
+    async def _unstart(self, sid: str) -> None:
+        """Close the sequence of a start whose step failed, so that no later request
+        runs from its zero state. In a task the call's cancellation cannot stop, and
+        its turn is held until the close is done."""
+
+        async def close() -> None:
+            try:
+                await self.core.close(sid)
+            except CoreError as exc:  # gone already (evicted, refused by the store)
+                log.info("sequence %s: closing after its failed start: %s", sid, exc)
+
+        closing = asyncio.get_running_loop().create_task(close())
+        cancelled = False
+        while not closing.done():
+            try:
+                await asyncio.shield(closing)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
 
     def _response(self, req: pb.ModelInferRequest, runtime: ModelRuntime,
                   outputs: list[OutputRequest], named: dict[str, np.ndarray]

@@ -1,13 +1,16 @@
 """The Open Inference Protocol endpoint against requests a review found mishandled:
-zero-size and oversized batches, versions. Real servers on loopback, real
-onnxruntime."""
+zero-size and oversized batches, refused starts, starts of sequences held by the
+shared store, versions. Real servers on loopback, real onnxruntime (and Redis)."""
 
 from __future__ import annotations
+
+import time
 
 import grpc
 import numpy as np
 import pytest
 
+from rnnserve.client.bench import RedisProcess
 from rnnserve.protos.inference import grpc_service_pb2 as pb
 from rnnserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from rnnserve.protos.oip import encode_bytes_elements
@@ -17,6 +20,7 @@ from .test_protocol import logits, reference, refused, request
 
 RNG = np.random.default_rng(23)
 BAD = grpc.StatusCode.INVALID_ARGUMENT
+START_FLAG = "must specify the START flag"
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +101,61 @@ def test_a_stateless_request_fits_the_queue_and_one_answer(tight, repo) -> None:
                                rtol=0)
 
 
+def test_a_start_whose_step_fails_leaves_no_sequence(stub, repo) -> None:
+    """A start refused after its sequence was opened (here: still queued at its
+    ``timeout``) closes it again: the next request without START is refused, not run
+    from a zero state, whether the id was new or live."""
+    x = RNG.standard_normal((1, 6, 20)).astype(np.float32)
+    refused(lambda: stub.ModelInfer(request(x[:, :2], sequence_id="fresh",
+                                            sequence_start=True, timeout=1)),
+            grpc.StatusCode.DEADLINE_EXCEEDED, "sequence fresh was not started")
+    refused(lambda: stub.ModelInfer(request(x[:, 2:4], sequence_id="fresh")), BAD,
+            START_FLAG)
+    stub.ModelInfer(request(x[:, :2], sequence_id="live", sequence_start=True))
+    refused(lambda: stub.ModelInfer(request(x[:, :2], sequence_id="live",
+                                            sequence_start=True, timeout=1)),
+            grpc.StatusCode.DEADLINE_EXCEEDED, "not started", "START flag")
+    refused(lambda: stub.ModelInfer(request(x[:, 2:4], sequence_id="live")), BAD, START_FLAG)
+    again = stub.ModelInfer(request(x, sequence_id="live", sequence_start=True,
+                                    sequence_end=True))
+    np.testing.assert_allclose(logits(again), reference(repo, "feat", x), atol=1e-5, rtol=0)
+
+
+def test_a_cancelled_start_and_a_start_while_draining(repo, tmp_path) -> None:
+    """A start cancelled while queued closes the sequence it opened; a start during a
+    drain is refused before it closes anything, so the live sequence goes on."""
+    srv = start_server(repo, tmp_path / "server.log", "--max-batch-delay-ms", "1000",
+                       "--max-batch-size", "8")
+    x = RNG.standard_normal((1, 6, 20)).astype(np.float32)
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            call = stub.ModelInfer.future(request(x[:, :2], sequence_id="gone",
+                                                  sequence_start=True))
+            time.sleep(0.5)  # queued, waiting 1 s for its batch
+            assert call.cancel()
+            refused(lambda: stub.ModelInfer(request(x[:, 2:4], sequence_id="gone")), BAD,
+                    START_FLAG)
+
+            first = logits(stub.ModelInfer(request(x[:, :2], sequence_id="kept",
+                                                   sequence_start=True)))
+            # a stateless call keeps the draining server serving for its batch (1 s)
+            held = stub.ModelInfer.future(request(x))
+            time.sleep(0.2)
+            srv.proc.send_signal(15)
+            time.sleep(0.1)
+            refused(lambda: stub.ModelInfer(request(x[:, :2], sequence_id="kept",
+                                                    sequence_start=True)),
+                    grpc.StatusCode.UNAVAILABLE, "shutting down")
+            rest = logits(stub.ModelInfer(request(x[:, 2:], sequence_id="kept",
+                                                  sequence_end=True)))
+            held.result()
+    finally:
+        assert srv.stop() == 0, (tmp_path / "server.log").read_text()[-3000:]
+    np.testing.assert_allclose(np.concatenate([first, rest], axis=1),
+                               reference(repo, "feat", x), atol=1e-5, rtol=0)
+
+
 def test_model_versions_are_ascii_digits(stub) -> None:
     u8 = np.frombuffer(b"ab", dtype=np.uint8)[None]
     for version in ("\u00b2", "\u0661", "1" * 5000):
@@ -109,3 +168,54 @@ def test_model_versions_are_ascii_digits(stub) -> None:
         refused(lambda v=version: stub.ModelMetadata(pb.ModelMetadataRequest(name="text",
                                                                              version=v)),
                 BAD, "not a positive integer")
+
+
+# -- with a shared session store ------------------------------------------------------
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    redis = RedisProcess(tmp_path)
+    yield redis.url
+    redis.stop()
+
+
+def serve(repo, tmp_path, name: str, url: str, *flags: str):
+    return start_server(repo, tmp_path / f"{name}.log", "--max-batch-delay-ms", "5",
+                        "--session-store", url, *flags)
+
+
+def test_a_start_restarts_a_sequence_held_only_by_the_store(repo, redis_url,
+                                                            tmp_path) -> None:
+    """A started sequence 5 and drained: a start of 5 on B restarts it (not
+    ALREADY_EXISTS). A sequence whose lease a live server holds is still refused with
+    ABORTED (retry later)."""
+    x = RNG.standard_normal((1, 6, 20)).astype(np.float32)
+    y = RNG.standard_normal((1, 6, 20)).astype(np.float32)
+    a = serve(repo, tmp_path, "a", redis_url)
+    b = serve(repo, tmp_path, "b", redis_url)
+    try:
+        with grpc.insecure_channel(a.target) as ca, grpc.insecure_channel(b.target) as cb:
+            on_a, on_b = pb_grpc.GRPCInferenceServiceStub(ca), \
+                pb_grpc.GRPCInferenceServiceStub(cb)
+            on_a.ModelInfer(request(x[:, :2], sequence_id=5, sequence_start=True))
+            on_b.ModelInfer(request(x[:, :2], sequence_id=6, sequence_start=True))
+            assert a.stop() == 0
+            first = logits(on_b.ModelInfer(request(y[:, :2], sequence_id=5,
+                                                   sequence_start=True)))
+            rest = logits(on_b.ModelInfer(request(y[:, 2:], sequence_id=5,
+                                                  sequence_end=True)))
+            np.testing.assert_allclose(np.concatenate([first, rest], axis=1),
+                                       reference(repo, "feat", y), atol=1e-5, rtol=0)
+        c = serve(repo, tmp_path, "c", redis_url)
+        try:
+            with grpc.insecure_channel(c.target) as cc:
+                on_c = pb_grpc.GRPCInferenceServiceStub(cc)
+                refused(lambda: on_c.ModelInfer(request(y[:, :2], sequence_id=6,
+                                                        sequence_start=True)),
+                        grpc.StatusCode.ABORTED, "being written by another server")
+        finally:
+            assert c.stop() == 0
+    finally:
+        a.stop()
+        assert b.stop() == 0
