@@ -166,6 +166,11 @@ class StreamGate:
 
 
 STREAM_WINDOW = 256  # requests of one stream in flight at once; reading pauses beyond
+# a ManyResult's bytes beside its outputs and its session id (twice, with SessionInfo):
+# status, SessionInfo's other fields, the outputs' names, dtypes and shapes
+MANY_ITEM_OVERHEAD = 320
+TOO_MANY_ITEMS = ("the answers to this message's items up to this one would not fit in one "
+                  "message (--max-message-bytes); send fewer items per message")
 
 
 async def pipelined(gate: StreamGate, request_iterator: AsyncIterator[T],
@@ -242,6 +247,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, core: Core, gate: StreamGate) -> None:
         self.core = core
         self.gate = gate
+        # what one message may carry of a StreamMany request's answers (0: no limit)
+        self.max_answer_bytes = max((r.options.max_answer_bytes for r in core.registry),
+                                    default=0)
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         await abort(context, exc)
@@ -282,18 +290,27 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _many(self, req: pb.ManyRequest) -> pb.ManyResponse:
         """A request's items at once (they batch together), answered in their order.
         Plain chunks go to the core together (no task per item); items that open or
-        resume a session run as tasks beside them."""
+        resume a session run as tasks beside them. The answer is one message: the items
+        from the first whose answer would not fit in it any more are refused before
+        anything runs (gRPC could not send it, with every step in it applied)."""
         resp = pb.ManyResponse(id=req.id)
         steps: list[StepRequest] = []
         targets: list[pb.ManyResult] = []
         opening = []
+        room = self.max_answer_bytes or None
         for item in req.items:
             target = resp.results.add(session_id=item.session_id)
-            if item.HasField("open") or not item.HasField("chunk"):
-                opening.append(self._item(item, target))
+            try:  # whatever an item's decoding raises fails that item alone
+                chunk = chunk_input(item.chunk) if item.HasField("chunk") else None
+                if room is not None:
+                    room -= self._answer_bytes(item, chunk, room)
+            except Exception as exc:
+                fill_failure(target, exc)
                 continue
-            c = item.chunk
-            steps.append((item.session_id, c.seq, chunk_input(c), c.end))
+            if item.HasField("open") or chunk is None:
+                opening.append(self._item(item, chunk, target))
+                continue
+            steps.append((item.session_id, item.chunk.seq, chunk, item.chunk.end))
             targets.append(target)
         if opening:
             outcomes, *_ = await asyncio.gather(self.core.step_many(steps), *opening)
@@ -306,7 +323,26 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 fill_failure(target, outcome)
         return resp
 
-    async def _item(self, item: pb.ManyItem, out: pb.ManyResult) -> None:
+    def _answer_bytes(self, item: pb.ManyItem, chunk: ChunkInput | None, room: int) -> int:
+        """The bytes of an item's result; InvalidChunk when more than ``room``. A chunk
+        for a session not held here (in the shared store) counts as the largest answer
+        any model would give it."""
+        o = item.open
+        runtime = self.core.runtime_for(item.session_id, "" if o.resume else o.model,
+                                        o.version)
+        size = MANY_ITEM_OVERHEAD + 2 * len(item.session_id)
+        if chunk is not None:
+            size += max(r.answer_bytes(chunk.steps)
+                        for r in ([runtime] if runtime is not None else self.core.registry))
+        if size > room:
+            refused = InvalidChunk(TOO_MANY_ITEMS)
+            if runtime is not None and chunk is not None:
+                self.core.rejected(runtime, refused, "native")
+            raise refused
+        return size
+
+    async def _item(self, item: pb.ManyItem, chunk: ChunkInput | None,
+                    out: pb.ManyResult) -> None:
         """An item that opens (or resumes) its session, then steps it if it has a chunk.
         An item that fails changes nothing: a session it created is closed again (also
         when the stream goes away meanwhile)."""
@@ -319,12 +355,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 created = None if o.resume else session
                 out.session_id = session.id
                 out.opened.CopyFrom(session_info(session, runtime))
-            elif not item.HasField("chunk"):
+            elif chunk is None:
                 raise InvalidChunk("an item opens a session, carries a chunk, or both; "
                                    "this one does neither")
-            if item.HasField("chunk"):
+            if chunk is not None:
                 c = item.chunk
-                result = await self.core.step(out.session_id, c.seq, chunk_input(c), c.end)
+                result = await self.core.step(out.session_id, c.seq, chunk, c.end)
                 fill_result(out.result, result)
         except BaseException as exc:
             if created is not None:

@@ -63,6 +63,15 @@ class ChunkInput:
     invalid: str | None = None
     expires: float | None = None  # the chunk's own deadline (a perf_counter time)
 
+    @property
+    def steps(self) -> int:
+        """Its length on the input's time axis (samples for PCM16), before it is checked."""
+        if self.text is not None:
+            return len(self.text.encode("utf-8"))
+        if self.pcm16 is not None:
+            return len(self.pcm16) // 2
+        return self.array.shape[0] if self.array is not None and self.array.ndim else 0
+
 
 @dataclass(slots=True)
 class _Pending:
@@ -714,6 +723,20 @@ class Core:
             if self._on_chunk is not None:
                 self._on_chunk(api, runtime.name, runtime.version, code,
                                time.perf_counter() - started, None)
+
+    def runtime_for(self, session_id: str, model: str = "", version: int = 0
+                    ) -> ModelRuntime | None:
+        """The model a chunk for ``session_id`` would run on: the live session's, else
+        ``model``'s (a request that opens the session); None when neither is known here."""
+        session = self.store.peek(session_id)
+        if session is not None:
+            return self.registry.get(session.model, session.version)
+        if not model:
+            return None
+        try:
+            return self.registry.get(model, version or None)
+        except ModelNotFound:
+            return None
 
     def model_of(self, session_id: str) -> tuple[str, int]:
         """(model, version) of a live session, ("", 0) when there is none; for labels."""

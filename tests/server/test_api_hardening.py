@@ -199,3 +199,70 @@ def test_undecodable_bytes_in_a_stream_end_it_once_without_an_error_logged(
     assert "does not decode" in details
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
+
+
+def test_a_many_request_whose_answers_would_not_fit_in_one_message_refuses_the_rest(
+        serve) -> None:
+    """A text model answers 1 KiB per input byte: three 25-byte chunks need ~77 KB, more
+    than a 64 KiB message. The items that fit run; the rest are refused (and not
+    opened), and the stream goes on."""
+    srv = serve(max_message_bytes=64 << 10)
+    store = srv.server.store
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(srv.target) as ch:
+            call = pb_grpc.InferenceStub(ch).StreamMany()
+            text = "x" * 25
+            await call.write(pb.ManyRequest(id=1, items=[
+                pb.ManyItem(session_id=sid, open=TEXT, chunk=chunk(0, text)) for sid in "abc"]))
+            resp = await call.read()
+            assert resp.ByteSize() <= 64 << 10
+            got = [(r.session_id, r.code) for r in resp.results]
+            assert got == [("a", 0), ("b", 0), ("c", INVALID_ARGUMENT)], resp.results[2].message
+            assert "fewer items" in resp.results[2].message
+            assert sorted(store.live_ids()) == ["a", "b"]  # c was never opened
+            await call.write(pb.ManyRequest(id=2, items=[
+                pb.ManyItem(session_id="c", open=TEXT, chunk=chunk(0, text)),
+                pb.ManyItem(session_id="a", chunk=chunk(1, text))]))
+            resp = await call.read()
+            assert [(r.code, r.result.seq) for r in resp.results] == [(0, 0), (0, 1)]
+            await call.done_writing()
+
+    asyncio.run(main())
+
+
+def test_an_item_whose_chunk_cannot_be_decoded_fails_alone(serve, monkeypatch) -> None:
+    """Whatever one item's decoding raises, the other items of the request are answered
+    and the stream goes on."""
+    from rnnserve.server import api
+
+    real = api.chunk_input
+
+    def broken(c: pb.Chunk):
+        if c.text == "boom":
+            raise ValueError("injected")
+        return real(c)
+
+    monkeypatch.setattr(api, "chunk_input", broken)
+    srv = serve()
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(srv.target) as ch:
+            call = pb_grpc.InferenceStub(ch).StreamMany()
+            await call.write(pb.ManyRequest(id=1, items=[
+                pb.ManyItem(session_id="p", open=TEXT)]))
+            assert (await call.read()).results[0].code == 0
+            await call.write(pb.ManyRequest(id=2, items=[
+                pb.ManyItem(session_id="p", chunk=chunk(0, "boom")),
+                pb.ManyItem(session_id="q", open=TEXT, chunk=chunk(0, "boom")),
+                pb.ManyItem(session_id="r", open=TEXT, chunk=chunk(0, "fine"))]))
+            resp = await call.read()
+            assert [r.code for r in resp.results] == [grpc.StatusCode.INTERNAL.value[0]] * 2 + [0]
+            await call.write(pb.ManyRequest(id=3, items=[
+                pb.ManyItem(session_id="p", chunk=chunk(0, "fine"))]))
+            r = (await call.read()).results[0]
+            assert (r.code, r.result.seq) == (0, 0)  # p did not advance
+            await call.done_writing()
+
+    asyncio.run(main())
+    assert sorted(srv.server.store.live_ids()) == ["p", "r"]  # q was never opened
