@@ -7,13 +7,16 @@ Sequences (Triton's sequence extension): request parameters ``sequence_id`` (a
 non-zero integer or a non-empty string), ``sequence_start`` and ``sequence_end``.
 As in Triton, sequence ids are scoped per model: sequence 7 of model ``speech`` is
 the session ``speech/7`` (the native API sees it under that id). A start creates the
-session, or restarts it when the id is still live (the old state is dropped, as
-Triton ends a sequence that did not end before its id started again); an end closes
-it after answering; a request without an id runs from a zero state and keeps
-nothing. Requests of one sequence run in arrival order, from any number of streams
-and calls; different sequences on one stream run concurrently and batch together.
-With a shared session store, a sequence this server does not hold is taken from the
-store on its next request, so sequences survive their server.
+session, or restarts it when the id is still live, here or in the shared store (the
+old state is dropped, as Triton ends a sequence that did not end before its id
+started again); a start whose step fails closes it again; an end closes it after
+answering; a continuation runs on its sequence's version; a request without an id
+runs from a zero state and keeps nothing. Requests of one sequence run in arrival
+order, from any number of streams and calls; different sequences on one stream run
+concurrently and batch together.
+With a shared session store, a sequence this server does not hold, or holds an
+outdated copy of, is taken from the store on its next request, so sequences survive
+their server.
 
 Errors: ``ModelInfer`` ends with the status code of the core's error (see
 ``server/errors.py``); ``ModelStreamInfer`` answers a failed request with
@@ -46,15 +49,13 @@ from rnnserve.protos.oip import (
 )
 from rnnserve.protos.tensors import TensorError
 from rnnserve.server.api import DRAINING, StreamGate, abort, pipelined
-from rnnserve.server.core import ChunkInput, Core
+from rnnserve.server.core import GONE, ChunkInput, Core
 from rnnserve.server.errors import (
     CoreError,
     InvalidChunk,
-    SessionClosed,
-    SessionEvicted,
     SessionExists,
-    SessionExpired,
-    SessionNotFound,
+    SessionMoved,
+    SessionTaken,
     ShuttingDown,
 )
 from rnnserve.server.interceptor import rpc_model
@@ -363,19 +364,18 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             seq = sequence_params(req)
             routing_check(context, seq.label)
-            outputs = requested_outputs(req, runtime)
-            rows = input_rows(req, runtime, None if seq.label else self._max_rows(runtime))
             expires = expiry(req, context)
+            if not seq.label:
+                outputs = requested_outputs(req, runtime)
+                rows = input_rows(req, runtime, self._max_rows(runtime))
         except CoreError as exc:
             self.core.rejected(runtime, exc, API)
             raise
-        if not seq.label:
-            results = await self.core.infer(runtime, rows, api=API, expires=expires)
-            named = {name: np.stack([r[j] for r in results])
-                     for j, name in enumerate(runtime.data_output_names)}
-        else:
-            named = await self._sequence_step(runtime, seq, req.model_version, rows[0],
-                                              expires)
+        if seq.label:
+            return await self._sequence_step(req, runtime, seq, expires)
+        results = await self.core.infer(runtime, rows, api=API, expires=expires)
+        named = {name: np.stack([r[j] for r in results])
+                 for j, name in enumerate(runtime.data_output_names)}
         return self._response(req, runtime, outputs, named)
 
     def _max_rows(self, runtime: ModelRuntime) -> int:
@@ -383,12 +383,25 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         of more rows could never run."""
         return self.core.batchers[runtime.key]._queue.maxsize
 
-    async def _sequence_step(self, runtime: ModelRuntime, seq: SequenceParams,
-                             version: str, chunk: ChunkInput,
-                             expires: float | None = None) -> dict[str, np.ndarray]:
+    def _parse(self, req: pb.ModelInferRequest, runtime: ModelRuntime
+               ) -> tuple[list[OutputRequest], ChunkInput]:
+        """A sequence request's outputs and chunk, checked against the version its
+        sequence runs on."""
+        try:
+            outputs = requested_outputs(req, runtime)
+            (chunk,) = input_rows(req, runtime, None)
+        except CoreError as exc:
+            self.core.rejected(runtime, exc, API)
+            raise
+        return outputs, chunk
+
+    async def _sequence_step(self, req: pb.ModelInferRequest, runtime: ModelRuntime,
+                             seq: SequenceParams, expires: float | None
+                             ) -> pb.ModelInferResponse:
         sid = f"{runtime.name}/{seq.label}"
         async with self._in_turn(sid):
             if seq.start:
+                outputs, chunk = self._parse(req, runtime)
                 self.core.check(runtime, chunk, API)  # bad input never ends a live sequence
                 session = await self._open(runtime, seq, sid)
                 try:
@@ -401,29 +414,22 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                                     "first request again with the START flag",)
                     raise
             else:
+                session, runtime = await self._live(runtime, seq, sid, req.model_version)
+                rpc_model(runtime.name, runtime.version)
+                outputs, chunk = self._parse(req, runtime)
                 try:
-                    if self.core.shared is not None and self.core.store.peek(sid) is None:
-                        # started on another replica: continue from the shared store
-                        session, _ = await self.core.open(runtime.name, 0, sid, resume=True)
-                    else:
-                        session = self.core.store.get(sid)
-                    if version and session.version != runtime.version:
-                        raise InvalidChunk(f"sequence {seq.label} runs on version "
-                                           f"{session.version} of model {runtime.name!r}, "
-                                           f"not {runtime.version}")
-                except (SessionNotFound, SessionExpired, SessionClosed, SessionEvicted) as exc:
-                    refused = InvalidChunk(
-                        f"inference request for sequence {seq.label} to model "
-                        f"'{runtime.name}' must specify the START flag on the first request "
-                        f"of the sequence ({exc})")
-                    self.core.rejected(runtime, refused, API)
-                    raise refused from None
-                except InvalidChunk as exc:
-                    self.core.rejected(runtime, exc, API)
-                    raise
-                out = await self.core.step(sid, session.next_seq, chunk, seq.end, api=API,
-                                           expires=expires)
-        return {name: a[None] for name, a in out.outputs}
+                    out = await self.core.step(sid, session.next_seq, chunk, seq.end, api=API,
+                                               expires=expires)
+                except SessionMoved as exc:
+                    # the copy here was outdated and is dropped: once more from the store's
+                    # record; not when steps served from memory were lost (SessionTaken)
+                    if isinstance(exc, SessionTaken):
+                        raise
+                    session, runtime = await self._live(runtime, seq, sid, req.model_version)
+                    out = await self.core.step(sid, session.next_seq, chunk, seq.end, api=API,
+                                               expires=expires)
+        named = {name: a[None] for name, a in out.outputs}
+        return self._response(req, runtime, outputs, named)
 
     async def _open(self, runtime: ModelRuntime, seq: SequenceParams, sid: str) -> Session:
         """A start: the sequence opened from a zero state, after the live one of that id
@@ -466,6 +472,34 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 cancelled = True
         if cancelled:
             raise asyncio.CancelledError
+
+    async def _live(self, runtime: ModelRuntime, seq: SequenceParams, sid: str,
+                    version: str) -> tuple[Session, ModelRuntime]:
+        """A continued sequence and the version it runs on (taken from the shared store
+        when this server does not hold it)."""
+        asked = runtime
+        try:
+            if self.core.shared is not None and self.core.store.peek(sid) is None:
+                # started on another replica: continue from the shared store
+                session, runtime = await self.core.open(asked.name, 0, sid, resume=True)
+            else:
+                session = self.core.store.get(sid)
+                runtime = self.core.registry.get(session.model, session.version)
+            if session.model != asked.name or (version and session.version != asked.version):
+                raise InvalidChunk(f"sequence {seq.label} runs on version {session.version} "
+                                   f"of model {session.model!r}, not {asked.version} of "
+                                   f"{asked.name!r}")
+        except GONE as exc:
+            refused = InvalidChunk(
+                f"inference request for sequence {seq.label} to model "
+                f"'{asked.name}' must specify the START flag on the first request "
+                f"of the sequence ({exc})")
+            self.core.rejected(asked, refused, API)
+            raise refused from None
+        except InvalidChunk as exc:
+            self.core.rejected(asked, exc, API)
+            raise
+        return session, runtime
 
     def _response(self, req: pb.ModelInferRequest, runtime: ModelRuntime,
                   outputs: list[OutputRequest], named: dict[str, np.ndarray]

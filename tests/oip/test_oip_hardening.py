@@ -1,6 +1,6 @@
 """The Open Inference Protocol endpoint against requests a review found mishandled:
-zero-size and oversized batches, refused starts, starts of sequences held by the
-shared store, versions. Real servers on loopback, real onnxruntime (and Redis)."""
+zero-size and oversized batches, refused starts, sequences that move between replicas
+of a shared store, versions. Real servers on loopback, real onnxruntime (and Redis)."""
 
 from __future__ import annotations
 
@@ -156,6 +156,19 @@ def test_a_cancelled_start_and_a_start_while_draining(repo, tmp_path) -> None:
                                reference(repo, "feat", x), atol=1e-5, rtol=0)
 
 
+def test_a_continuation_answers_with_its_sequences_version(stub, repo) -> None:
+    """A sequence started on version 1 and continued without a version runs on 1, is
+    checked against 1 and says 1."""
+    u8 = np.frombuffer(b"abcdabcd", dtype=np.uint8)[None]
+    first = stub.ModelInfer(request(u8[:, :4], "text", datatype="UINT8", version="1",
+                                    sequence_id="v1", sequence_start=True))
+    rest = stub.ModelInfer(request(u8[:, 4:], "text", datatype="UINT8", sequence_id="v1",
+                                   sequence_end=True))
+    assert (first.model_version, rest.model_version) == ("1", "1")
+    np.testing.assert_allclose(np.concatenate([logits(first), logits(rest)], axis=1),
+                               reference(repo, "text", u8, version=1), atol=1e-5, rtol=0)
+
+
 def test_model_versions_are_ascii_digits(stub) -> None:
     u8 = np.frombuffer(b"ab", dtype=np.uint8)[None]
     for version in ("\u00b2", "\u0661", "1" * 5000):
@@ -219,3 +232,30 @@ def test_a_start_restarts_a_sequence_held_only_by_the_store(repo, redis_url,
     finally:
         a.stop()
         assert b.stop() == 0
+
+
+def test_a_sequence_back_on_a_replica_with_an_outdated_copy_runs(repo, redis_url,
+                                                                 tmp_path) -> None:
+    """A -> B -> A without affinity: A's copy is behind the store. The request runs on
+    the store's record (an OIP client has no way to "resume"), in order."""
+    x = RNG.standard_normal((1, 8, 20)).astype(np.float32)
+    a = serve(repo, tmp_path, "a", redis_url, "--lease-s", "0.3")
+    b = serve(repo, tmp_path, "b", redis_url, "--lease-s", "0.3")
+    try:
+        with grpc.insecure_channel(a.target) as ca, grpc.insecure_channel(b.target) as cb:
+            on_a, on_b = pb_grpc.GRPCInferenceServiceStub(ca), \
+                pb_grpc.GRPCInferenceServiceStub(cb)
+            parts = [logits(on_a.ModelInfer(request(x[:, :2], sequence_id=11,
+                                                    sequence_start=True)))]
+            time.sleep(0.6)  # A's lease lapses
+            parts.append(logits(on_b.ModelInfer(request(x[:, 2:4], sequence_id=11))))
+            time.sleep(0.6)  # B's lease lapses
+            parts.append(logits(on_a.ModelInfer(request(x[:, 4:6], sequence_id=11))))
+            parts.append(logits(on_a.ModelInfer(request(x[:, 6:], sequence_id=11,
+                                                        sequence_end=True))))
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), reference(repo, "feat", x),
+                               atol=1e-5, rtol=0)
+
