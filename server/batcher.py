@@ -266,6 +266,11 @@ class Batcher:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def max_queue(self) -> int:
+        """Steps queued beyond which a step is refused (Overloaded)."""
+        return self._queue.maxsize
+
     def delay_s(self) -> float:
         """How long a step waits here now, for admission control: the longest queue wait
         of the last group run in the past second, or, while steps are queued and no group

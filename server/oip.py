@@ -381,7 +381,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _max_rows(self, runtime: ModelRuntime) -> int:
         """The most steps the model's batcher queues (--max-queue): a stateless request
         of more rows could never run."""
-        return self.core.batchers[runtime.key]._queue.maxsize
+        return self.core.batchers[runtime.key].max_queue
 
     def _parse(self, req: pb.ModelInferRequest, runtime: ModelRuntime
                ) -> tuple[list[OutputRequest], ChunkInput]:
