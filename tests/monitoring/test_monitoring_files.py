@@ -82,3 +82,26 @@ def test_dashboard_panels_and_variables() -> None:
                  "rnnserve_batch_size", "rnnserve_queue_depth", "rnnserve_active_sessions",
                  "evicted", "by (instance", "by (code"):
         assert need in text, need
+
+
+def test_burn_rate_panel_is_per_version_not_summed_over_versions(tmp_path) -> None:
+    """Versions side by side (v1 and v2 each missing 1% of chunks) burn at 1, not 2."""
+    board = json.loads((MONITORING / "grafana" / "rnnserve.json").read_text())
+    (panel,) = [p for p in board["panels"] if p["title"].startswith("SLO burn rate")]
+    (target,) = panel["targets"]
+    expr = target["expr"].replace("$model", ".*")
+    series = [
+        {"series": f'rnnserve_chunk_latency_seconds_{name}{{instance="a", model="m", '
+                   f'version="{v}"{le}}}', "values": f"0+{n}x300"}
+        for v in (1, 2)
+        for name, le, n in (("bucket", ', le="0.1"', 99), ("count", "", 100))]
+    test = {
+        "rule_files": [str(MONITORING / "rules" / "recording.yml")],
+        "evaluation_interval": "15s",
+        "tests": [{"interval": "15s", "input_series": series, "promql_expr_test": [{
+            "expr": f"round(({expr}) * 100)", "eval_time": "65m",
+            "exp_samples": [{"labels": '{model="m"}', "value": 100}]}]}],
+    }
+    (tmp_path / "burn_test.yml").write_text(yaml.safe_dump(test))
+    run = promtool("test", "rules", "burn_test.yml", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr

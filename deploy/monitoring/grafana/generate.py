@@ -39,8 +39,10 @@ LAYOUT: list[Panel | tuple[str, str]] = [
          f" / sum by (model) (rate(rnnserve_chunk_latency_seconds_count{{{SEL}}}{RATE}))",
          "{{model}}"),
     ], 6, "timeseries"),
+    # the worst version of each model: a ratio summed over versions side by side (v1
+    # and v2 each at 1%) would read twice the budget
     ("SLO burn rate, 1 h (1 = on budget)", "none", [
-        ('sum by (model) (model_version:rnnserve_chunk_latency_slo_misses:ratio_rate1h'
+        ('max by (model) (model_version:rnnserve_chunk_latency_slo_misses:ratio_rate1h'
          '{model=~"$model"}) / 0.01', "{{model}}"),
     ], 6, "timeseries"),
     ("Where the time goes: queue wait and compute (p50, p99)", "s", [
