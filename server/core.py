@@ -142,6 +142,16 @@ GONE = (SessionNotFound, SessionClosed, SessionEvicted, SessionExpired)
 ResumeHook = Callable[[str, int, str], None]
 
 
+def _with(skipped: dict[int, BaseException], results: list[BaseException | None]
+          ) -> list[BaseException | None]:
+    """``results`` of the steps written, with the ``skipped`` ones back at their places."""
+    if not skipped:
+        return results
+    it = iter(results)
+    return [skipped[i] if i in skipped else next(it)
+            for i in range(len(skipped) + len(results))]
+
+
 class Core:
     """Sessions over the batchers. With a ``shared`` store every step is written there
     before it is answered; ``degrade`` says what happens when the store cannot be
@@ -602,24 +612,32 @@ class Core:
         call. A step the store refuses fails with why; its session is dropped here (another
         server owns it now: this copy must never answer again)."""
         assert self.shared is not None
-        writes = []
-        for p, outputs, state in steps:
+        writes, closed = [], {}
+        for i, (p, outputs, state) in enumerate(steps):
             assert state is not None  # the batcher copies the new states for a commit
+            if p.session.ended == "closed":  # closed while its step waited: its record is
+                # deleted, or is already a new session's of the same id, at the same seq
+                closed[i] = SessionClosed(f"session {p.session.id!r} has ended; open a "
+                                          "new one")
+                continue
             p.answer = Answer(p.seq, digest(p.x),
                               list(zip(p.runtime.data_output_names, outputs, strict=True)), p.end)
             writes.append((p.session.id, records.encode(p.session, state, p.seq + 1, p.answer),
                            p.seq, p.seq + 1, p.end, p.session.unsynced))
+        if closed:
+            steps = [step for i, step in enumerate(steps) if i not in closed]
         try:
-            refused = await self.shared.checkpoint_many(writes)
+            refused = await self.shared.checkpoint_many(writes) if writes else []
         except StoreUnavailable as exc:
             if not self.degrade:
-                return [StoreUnavailable(str(exc)) for _ in steps]
+                refused = [StoreUnavailable(str(exc)) for _ in steps]
+                return _with(closed, refused)
             log.warning("session store unavailable (checkpoint); serving from memory: %s", exc)
             for p, _, _ in steps:  # their records may stay behind (or the write may land)
                 p.session.unsynced = True
                 if self._on_degraded is not None:
                     self._on_degraded("checkpoint")
-            return [None] * len(steps)
+            return _with(closed, [None] * len(steps))
         for (p, _, _), why in zip(steps, refused, strict=True):
             if why is not None:
                 with contextlib.suppress(SessionError):
@@ -628,7 +646,7 @@ class Core:
                     self._on_refused(why.reason.removeprefix("session_"))
             else:
                 p.session.unsynced = False
-        return refused
+        return _with(closed, refused)
 
     async def _recover(self, session_id: str, gone: SessionError) -> Session | None:
         """A step for a session this server does not hold (never did, or evicted it):

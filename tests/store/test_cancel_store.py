@@ -131,3 +131,44 @@ def test_a_chunk_committed_after_its_caller_left_is_answered_on_retry(repo, redi
     assert metric_value(text, "rnnserve_chunks_total", code="ABORTED") == 0
     assert metric_value(text, "rnnserve_state_pool_rows") == 0  # no row kept by anyone
     assert metric_value(text, "rnnserve_active_sessions") == 0
+
+
+def test_a_closed_sessions_step_still_queued_does_not_write_over_its_reopened_id(
+        repo, redis_server, tmp_path) -> None:
+    """Close a session while its first chunk waits for its batch, open the id again:
+    the old step, once it runs, must not write its state into the new session's record
+    (both at chunk 0, the seq cannot tell them apart), which made the new session's
+    first chunk ABORTED 'advanced elsewhere'."""
+    import threading
+
+    import grpc
+
+    from rnnserve.client import Client
+
+    x = np.random.default_rng(43).standard_normal((6, 20)).astype(np.float32)
+    server = serve(repo, tmp_path, "a", redis_server.url, "--max-batch-delay-ms", "600")
+    old: list[object] = []
+    try:
+        with Client(server.target, timeout=10) as c:
+            sid = c.open_session("feat").session_id
+
+            def step_old() -> None:
+                try:
+                    old.append(c.step(sid, 0, x[:3] * 5))
+                except grpc.RpcError as exc:
+                    old.append(exc)
+
+            thread = threading.Thread(target=step_old)
+            thread.start()
+            time.sleep(0.2)  # queued: the batch waits 600 ms for more steps
+            c.close_session(sid)
+            c.open_session("feat", session_id=sid)
+            thread.join(10)
+            y0 = c.step(sid, 0, x[:3])["logits"]
+            y1 = c.step(sid, 1, x[3:], end=True)["logits"]
+    finally:
+        assert server.stop() == 0
+    assert isinstance(old[0], grpc.RpcError), old
+    assert old[0].code() == grpc.StatusCode.FAILED_PRECONDITION, old[0].details()
+    got = np.concatenate([y0, y1])
+    assert float(np.abs(got - whole_run(repo, "feat", 1, x)).max()) <= 1e-5
