@@ -89,6 +89,16 @@ RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
                        grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 
 
+# Statuses of a resume refused because the session is gone (ended, or unknown there).
+ENDED = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
+
+
+def deadline_exceeded(details: str) -> grpc.aio.AioRpcError:
+    """The error of an answer that did not come in time, as grpc raises for a deadline."""
+    return grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(),
+                                grpc.aio.Metadata(), details)
+
+
 def _resumable(exc: BaseException) -> bool:
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code() in RESUMABLE
@@ -102,17 +112,25 @@ class StreamSession:
     ends the stream (say, while draining), the next ``send`` raises the server's
     status, not a local write error.
 
+    ``timeout`` (the client's) bounds the wait for each answer (the open's, each
+    chunk's), not the stream: a chunk not answered in time raises DEADLINE_EXCEEDED
+    and ends the stream.
+
     With ``reconnect_s`` > 0 (see ``AsyncClient``) a stream that fails with a
     resumable status is reopened on the next target (any replica sharing the session
     store), the session resumed, and the unanswered chunk sent again: the server
     answers a chunk it already applied from its stored answer, so every chunk is
-    applied exactly once and answered once.
+    applied exactly once and answered once. Each attempt is bounded by what is left of
+    ``reconnect_s``. When the unanswered chunk was the last one (``end=True``) and the
+    server had applied it, the session has ended and cannot be resumed: its answer is
+    then fetched with a unary ``Step`` of the same chunk (the server keeps it).
     """
 
     def __init__(self, client: AsyncClient, open_req: pb.OpenSessionRequest,
                  timeout: float | None) -> None:
         self._client, self._open, self._timeout = client, open_req, timeout
         self._call: Any = None
+        self._stub: pb_grpc.InferenceStub = client.stub
         self._outbox: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
         self.session_id = ""
         self.model = ""
@@ -127,58 +145,80 @@ class StreamSession:
         while (req := await outbox.get()) is not None:
             yield req
 
-    async def _read(self, what: str) -> pb.StreamResponse:
+    async def _read(self, what: str, wait: float | None) -> pb.StreamResponse:
+        """The next response, within ``wait`` seconds (None: no limit)."""
         try:
-            resp = await self._call.read()  # raises AioRpcError with the server's status
-        except grpc.aio.AioRpcError:
-            self._failed = True  # the stream is over; its status was raised once
+            if wait is None:
+                resp = await self._call.read()  # raises AioRpcError with the server's status
+            else:
+                resp = await asyncio.wait_for(self._call.read(), wait)
+        except TimeoutError:
+            self._give_up()
+            raise deadline_exceeded(f"no answer {what} within {wait:.3g} s") from None
+        except BaseException:
+            # the stream is over (its status was raised once), or the caller gave up on
+            # it (a cancelled send: grpc cancels the call with the read)
+            self._give_up()
             raise
         if resp is grpc.aio.EOF:
-            self._failed = True
+            self._give_up()
             raise ConnectionError(f"the server ended the stream without {what}")
         return resp
 
-    async def _start(self, stub: pb_grpc.InferenceStub, req: pb.OpenSessionRequest) -> None:
+    def _give_up(self) -> None:
+        """The stream failed: end its request iterator (grpc's task that consumes it
+        would wait on the queue forever) and its call."""
+        self._failed = True
+        self._outbox.put_nowait(None)
+        self._call.cancel()
+
+    async def _start(self, stub: pb_grpc.InferenceStub, req: pb.OpenSessionRequest,
+                     wait: float | None) -> None:
         if self._call is not None:
             self._outbox.put_nowait(None)
             self._call.cancel()
         self._outbox = asyncio.Queue()
         self._failed = False
-        self._call = stub.Stream(self._requests(self._outbox), timeout=self._timeout,
+        self._stub = stub
+        self._call = stub.Stream(self._requests(self._outbox),
                                  metadata=self._client.metadata(req.session_id))
         self._outbox.put_nowait(pb.StreamRequest(open=req))
-        info = (await self._read("opening the session")).opened
+        info = (await self._read("opening the session", wait)).opened
         self.session_id, self.model, self.version = info.session_id, info.model, info.version
         self.next_seq = info.next_seq
 
     async def __aenter__(self) -> StreamSession:
         try:
-            await self._start(self._client.stub, self._open)
+            await self._start(self._client.stub, self._open, self._timeout)
         except (grpc.aio.AioRpcError, ConnectionError) as exc:
             if not (self._client.reconnect_s and _resumable(exc)):
                 raise
-            await self._reconnect(exc, seq=None)
+            await self._reconnect(exc, None, self._deadline())
         return self
 
-    async def _reconnect(self, cause: BaseException, seq: int | None) -> None:
-        """Reopen on the next targets until the session is back or ``reconnect_s`` ends.
-        ``seq`` is the unanswered chunk's number (None while opening)."""
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self._client.reconnect_s
+
+    async def _reconnect(self, cause: BaseException, seq: int | None, deadline: float) -> None:
+        """Reopen on the next targets until the session is back or ``deadline`` (loop
+        time) passes; each attempt is bounded by what is left of it. ``seq`` is the
+        unanswered chunk's number (None while opening)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._client.reconnect_s
         pause, last = 0.05, cause
         req = pb.OpenSessionRequest()
         req.CopyFrom(self._open)
         req.resume = req.resume or seq is not None
-        while loop.time() < deadline:
+        while (left := deadline - loop.time()) > 0:
             try:
-                await self._start(self._client.next_stub(), req)
+                await self._start(self._client.next_stub(), req,
+                                  left if self._timeout is None else min(left, self._timeout))
             except grpc.aio.AioRpcError as exc:
                 last = exc
                 if exc.code() == grpc.StatusCode.ALREADY_EXISTS and not req.resume:
                     req.resume = True  # opened before the answer was lost: resume it
                     continue
-                if not _resumable(exc):
-                    raise
+                if not (_resumable(exc) or exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise  # a target that did not answer in time: try the next one
             except ConnectionError as exc:
                 last = exc
             else:
@@ -194,24 +234,51 @@ class StreamSession:
             pause = min(pause * 2, 0.5)
         raise last
 
+    async def _final_answer(self, chunk: pb.Chunk, refused: grpc.aio.AioRpcError,
+                            deadline: float) -> pb.ChunkResult:
+        """The stored answer to the chunk that ended the session, by a unary ``Step``
+        retry of it on the server that refused the resume; if there is none (the
+        session ended otherwise), the refusal."""
+        left = deadline - asyncio.get_running_loop().time()
+        try:
+            resp = await self._stub.Step(
+                pb.StepRequest(session_id=self.session_id, chunk=chunk),
+                timeout=self._timeout if self._timeout is not None else max(left, 1.0),
+                metadata=self._client.metadata(self.session_id))
+        except grpc.aio.AioRpcError as exc:
+            raise refused from exc
+        return resp.result
+
     async def send(self, data: Data, end: bool = False, timeout_ms: int = 0
                    ) -> dict[str, np.ndarray]:
         """Send one chunk and wait for its outputs (name -> array shaped (time, ...)).
         A chunk past its ``timeout_ms`` ends the stream with DEADLINE_EXCEEDED; the
-        session stays as before it (resume it and send the chunk again)."""
+        session stays as before it (resume it and send the chunk again). So does one
+        not answered within the client's ``timeout``, except that the server may still
+        apply it."""
         seq = self.next_seq
         chunk = make_chunk(seq, data, end, pcm16=self.pcm16, timeout_ms=timeout_ms)
+        deadline: float | None = None  # of the reconnects, from the first failure
         while True:
             self._outbox.put_nowait(pb.StreamRequest(chunk=chunk))
             try:
-                resp = await self._read("answering the chunk")
+                resp = await self._read(f"to chunk {seq}", self._timeout)
+                result = resp.result
                 break
             except (grpc.aio.AioRpcError, ConnectionError) as exc:
                 if not (self._client.reconnect_s and _resumable(exc)):
                     raise
-                await self._reconnect(exc, seq)
+                if deadline is None:
+                    deadline = self._deadline()
+                try:
+                    await self._reconnect(exc, seq, deadline)
+                except grpc.aio.AioRpcError as refused:
+                    if not (end and refused.code() in ENDED):
+                        raise
+                    result = await self._final_answer(chunk, refused, deadline)
+                    break
         self.next_seq = seq + 1
-        return outputs(resp.result)
+        return outputs(result)
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
@@ -224,8 +291,10 @@ class StreamSession:
             self._call.cancel()
             return
         try:
-            while await self._call.read() is not grpc.aio.EOF:
+            while await asyncio.wait_for(self._call.read(), self._timeout) is not grpc.aio.EOF:
                 pass
+        except TimeoutError:
+            self._call.cancel()  # every chunk sent was answered: nothing is lost
         except grpc.aio.AioRpcError as exc:
             # every chunk sent was answered (send waits for it): a server that drains or
             # a connection that breaks as the stream closes loses nothing (the session,
@@ -325,8 +394,9 @@ class ManyStream:
 
 class AsyncClient:
     """``target``: one address, or several replicas (tried in turn on reconnects).
-    ``reconnect_s`` > 0 makes streams survive their server: they resume the session on
-    a replica (sharing the session store) for up to that many seconds."""
+    ``timeout``: seconds for each call, and on a stream for each answer (not for the
+    whole stream). ``reconnect_s`` > 0 makes streams survive their server: they resume
+    the session on a replica (sharing the session store) for up to that many seconds."""
 
     def __init__(self, target: str | Sequence[str], *, timeout: float | None = None,
                  options: list[tuple[str, Any]] | None = None,
@@ -382,6 +452,11 @@ class AsyncClient:
     def many(self) -> ManyStream:
         """A stream of many sessions' chunks (see ``ManyStream``)."""
         return ManyStream(self, self.timeout)
+
+    async def close_session(self, session_id: str) -> None:
+        """End a session that will not be sent its last chunk (unary ``CloseSession``)."""
+        await self.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id),
+                                     timeout=self.timeout, metadata=self.metadata(session_id))
 
     async def list_models(self) -> list[pb.ModelMetadata]:
         resp = await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout,
