@@ -43,6 +43,7 @@ from rnnserve.client.client import (
 )
 
 OVERRUN_S = 2.0  # how long past the window a stream still sends the chunks it owes
+CHUNK_TIMEOUT_S = 30.0  # a chunk not answered by then counts as DEADLINE_EXCEEDED
 
 
 @dataclass
@@ -97,17 +98,48 @@ async def _tick(t0: float, k: int, chunk_s: float, until: float, closed_loop: bo
     return due
 
 
+class _Closer:
+    """Closes, in the background, sessions a stream leaves without their end chunk (the
+    window ended in closed loop or after an overrun, a chunk failed), so that they do
+    not stay live on the server until its idle timeout and weigh on what runs next."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def close(self, client: AsyncClient, session_id: str) -> None:
+        async def close() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError):  # gone already, or unreachable
+                await client.close_session(session_id)
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def wait(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*self._tasks)
+
+
+def _failure(exc: BaseException) -> str:
+    """The status a failed chunk counts under."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return str(exc.code().name)
+    return "DEADLINE_EXCEEDED" if isinstance(exc, TimeoutError) else "UNAVAILABLE"
+
+
 async def _one_stream(client: AsyncClient, model: str, chunk: Callable[[int], Data],
                       chunk_s: float, t0: float, until: float, session_chunks: int,
                       pcm16: bool, result: LoadResult, origin: float,
-                      closed_loop: bool) -> None:
+                      closed_loop: bool, closer: _Closer) -> None:
     k = 0
     loop = asyncio.get_running_loop()
     if t0 > loop.time():
         await asyncio.sleep(t0 - loop.time())
     while (loop.time() if closed_loop else t0 + k * chunk_s) < until:
+        s = client.stream(model, pcm16=pcm16)
+        ended = False
         try:
-            async with client.stream(model, pcm16=pcm16) as s:
+            async with s:
                 result.sessions += 1
                 for i in range(session_chunks):
                     due = await _tick(t0, k, chunk_s, until, closed_loop, result)
@@ -120,16 +152,25 @@ async def _one_stream(client: AsyncClient, model: str, chunk: Callable[[int], Da
                     result.latencies.append(loop.time() - due)
                     result.times.append(due - origin)
                     if last:
+                        ended = True
                         break
-        except grpc.aio.AioRpcError as exc:
-            result.errors[exc.code().name] += 1
-            k += 1  # the failed chunk's slot; the next session starts on the next tick
+        except (grpc.aio.AioRpcError, ConnectionError) as exc:
+            result.errors[_failure(exc)] += 1
+            if not s.session_id:
+                # the open failed: it takes the slot of the chunk it would have sent,
+                # and the next open waits for the next tick (not a storm of refusals)
+                k += 1
+                await asyncio.sleep(max(0.0, chunk_s if closed_loop
+                                        else t0 + k * chunk_s - loop.time()))
+        finally:
+            if s.session_id and not ended:
+                closer.close(client, s.session_id)
 
 
 async def _many_streams(client: AsyncClient, model: str, chunk: Callable[[int], Data],
                         chunk_s: float, t0: float, until: float, session_chunks: int,
                         pcm16: bool, result: LoadResult, origin: float, closed_loop: bool,
-                        n: int) -> None:
+                        n: int, closer: _Closer) -> None:
     """``n`` streams in step on one ``StreamMany`` stream, as a gateway sends them: one
     request per tick with the chunk of each, a new session opened in the item of its
     first chunk."""
@@ -139,47 +180,66 @@ async def _many_streams(client: AsyncClient, model: str, chunk: Callable[[int], 
         await asyncio.sleep(t0 - loop.time())
     sids = [""] * n
     seqs = [0] * n
-    while (loop.time() if closed_loop else t0 + k * chunk_s) < until:
-        try:
-            async with client.many() as m:
-                while True:
-                    due = await _tick(t0, k, chunk_s, until, closed_loop, result, n)
-                    if due is None:
-                        return
-                    k += 1
-                    last_tick = not closed_loop and due + chunk_s >= until
-                    items, ends = [], []
-                    for i in range(n):
-                        if seqs[i] == 0:
-                            sids[i] = new_session_id()
-                        end = seqs[i] == session_chunks - 1 or last_tick
-                        ends.append(end)
-                        items.append(many_item(sids[i], seqs[i], chunk(k), end, pcm16=pcm16,
-                                               open_model=model if seqs[i] == 0 else ""))
-                    answers = await m.send(items)
-                    latency = loop.time() - due
-                    for i, r in enumerate(answers):
-                        if r.code:
-                            result.errors[item_status(r).name] += 1
-                            seqs[i] = 0  # a new session on the next tick
-                            continue
-                        result.sessions += seqs[i] == 0
-                        result.latencies.append(latency)
-                        result.times.append(due - origin)
-                        seqs[i] = 0 if ends[i] else seqs[i] + 1
-                    if last_tick:
-                        return
-        except (grpc.aio.AioRpcError, ConnectionError) as exc:
-            code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "UNAVAILABLE"
-            result.errors[code] += n
-            seqs = [0] * n
-            k += 1
+    sent = [False] * n  # items of a request in flight
+
+    def close(i: int) -> None:
+        closer.close(client, sids[i])  # also one whose open failed, in case it stayed
+        seqs[i] = 0  # a new session on the next tick
+
+    try:
+        while (loop.time() if closed_loop else t0 + k * chunk_s) < until:
+            try:
+                async with client.many() as m:
+                    while True:
+                        due = await _tick(t0, k, chunk_s, until, closed_loop, result, n)
+                        if due is None:
+                            return
+                        k += 1
+                        last_tick = not closed_loop and due + chunk_s >= until
+                        items, ends = [], []
+                        for i in range(n):
+                            if seqs[i] == 0:
+                                sids[i] = new_session_id()
+                            end = seqs[i] == session_chunks - 1 or last_tick
+                            ends.append(end)
+                            items.append(many_item(sids[i], seqs[i], chunk(k), end,
+                                                   pcm16=pcm16,
+                                                   open_model=model if seqs[i] == 0 else ""))
+                        sent = [True] * n
+                        answers = await m.send(items)
+                        sent = [False] * n
+                        latency = loop.time() - due
+                        for i, r in enumerate(answers):
+                            if r.code:
+                                result.errors[item_status(r).name] += 1
+                                close(i)
+                                continue
+                            result.sessions += seqs[i] == 0
+                            result.latencies.append(latency)
+                            result.times.append(due - origin)
+                            seqs[i] = 0 if ends[i] else seqs[i] + 1
+                        if last_tick:
+                            return
+            except (grpc.aio.AioRpcError, ConnectionError, TimeoutError) as exc:
+                # the stream failed, or a request was not answered in time: its chunks
+                # count as errors, its sessions are closed and new ones open
+                result.errors[_failure(exc)] += n
+                for i in range(n):
+                    if seqs[i] or sent[i]:
+                        close(i)
+                sent = [False] * n
+                if closed_loop:  # no tick to wait for: not a storm of failing requests
+                    await asyncio.sleep(chunk_s)
+    finally:
+        for i in range(n):
+            if seqs[i]:
+                close(i)  # open without their end chunk when the window ended
 
 
 async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data], *,
                            streams: int, chunk_s: float, duration_s: float,
                            session_chunks: int = 250, pcm16: bool = False,
-                           timeout: float = 30.0, closed_loop: bool = False,
+                           timeout: float = CHUNK_TIMEOUT_S, closed_loop: bool = False,
                            start_at: float | None = None,
                            phases: list[float] | None = None,
                            connections: int = 1, many: int = 0) -> LoadResult:
@@ -190,7 +250,9 @@ async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data]
     over one chunk duration); ``connections``: gRPC connections the streams take turns
     on (several let the kernel spread them over a server's worker processes);
     ``many`` > 1: the streams go in groups of that many per ``StreamMany`` stream (each
-    group at the phase of its first), as a gateway would send them.
+    group at the phase of its first), as a gateway would send them; ``timeout``: the
+    longest wait for one chunk's answer (not a session's), past which the chunk counts
+    as ``DEADLINE_EXCEEDED`` and its session is closed.
     """
     result = LoadResult()
     loop = asyncio.get_running_loop()
@@ -210,19 +272,22 @@ async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data]
             phases = [i * chunk_s / streams for i in range(streams)]
         await asyncio.sleep(max(0.0, start - loop.time()))
         cpu0, wall0 = time.process_time(), time.time()
+        closer = _Closer()
         if many > 1:
             groups = [phases[g:g + many] for g in range(0, len(phases), many)]
             await asyncio.gather(*(
                 _many_streams(clients[i % connections], model, chunk, chunk_s,
                               start + group[0], until, session_chunks, pcm16, result, start,
-                              closed_loop, len(group))
+                              closed_loop, len(group), closer)
                 for i, group in enumerate(groups)))
         else:
             await asyncio.gather(*(
                 _one_stream(clients[i % connections], model, chunk, chunk_s, start + phase,
-                            until, session_chunks, pcm16, result, start, closed_loop)
+                            until, session_chunks, pcm16, result, start, closed_loop,
+                            closer)
                 for i, phase in enumerate(phases)))
         result.ended = time.time()
+        await closer.wait()
     result.busy = (time.process_time() - cpu0) / max(1e-9, result.ended - wall0)
     return result
 
