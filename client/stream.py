@@ -4,6 +4,8 @@ Audio (``--wav``): the WAV file is sent as PCM16 chunks of ``--chunk-ms``, one p
 chunk duration as a microphone would (or as fast as possible with ``--fast``); the
 model's per-frame posteriors go through its streaming decision rule (from its
 metadata, ``rnnserve.kws``) and each detection is printed with its time in the audio.
+In real time a chunk's latency counts from when its audio was due, not from its send.
+``--timeout`` bounds the wait for each chunk's answer, not the stream.
 
 Text:
 For a byte-level language model each chunk's outputs are the logits of the byte
@@ -126,14 +128,16 @@ async def stream_audio(server: str, model: str, version: int, pcm: np.ndarray, r
                       file=sys.stderr)
                 started = loop.time()
                 for i, a in enumerate(range(0, len(pcm), chunk)):
+                    due = loop.time()  # what its latency counts from
                     if realtime:  # open loop: chunk i leaves when its audio has been heard
-                        await asyncio.sleep(max(0.0, started + (i + 1) * chunk_ms / 1000
-                                                - loop.time()))
+                        # (later if the last answer came late); its latency counts from
+                        # then, so a server that falls behind cannot hide its queue
+                        due = started + (i + 1) * chunk_ms / 1000
+                        await asyncio.sleep(max(0.0, due - loop.time()))
                     piece = pcm[a:a + chunk]
-                    sent = loop.time()
                     out = await s.send(piece.astype("<i2").tobytes(),
                                        end=a + chunk >= len(pcm))
-                    latencies.append(loop.time() - sent)
+                    latencies.append(loop.time() - due)
                     for d in detector.push(out[meta.outputs[0].name]):
                         if d.label == silence or (d.label.startswith("_") and not show_unknown):
                             continue

@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="model version (default: the highest)")
     st.add_argument("--server", default="127.0.0.1:8001", help="HOST:PORT of rnnserve serve")
     st.add_argument("--chunk-bytes", type=_positive, default=16, help="bytes per chunk")
-    st.add_argument("--timeout", type=float, default=30.0, help="seconds per chunk")
+    st.add_argument("--timeout", type=float, default=30.0,
+                    help="seconds to wait for each chunk's answer (default 30)")
     st.set_defaults(func=_cmd_stream)
 
     sy = sub.add_parser("say", help="synthesize speech with espeak-ng into a 16 kHz WAV file "
