@@ -46,6 +46,7 @@ from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 
 BUDGET_S = 0.1  # capacity: p99 within this, and no errors
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+START_TIMEOUT_S = 120.0  # for a started server to print its ready line
 BUSY = 0.85  # a load process this busy (CPU / wall) may be what limits the figures
 
 # The reference workloads of docs/DESIGN: (arch, input, hidden size, layers, chunk).
@@ -311,15 +312,36 @@ def plot(report: dict[str, Any], runs: dict[str, list[Level]], path: Path) -> No
 class Spawned:
     """A server process on 127.0.0.1 that prints a JSON ready line with its gRPC port."""
 
-    def __init__(self, cmd: list[str], log_path: Path) -> None:
+    def __init__(self, cmd: list[str], log_path: Path,
+                 start_timeout_s: float | None = None) -> None:
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait(30)
-            raise RnnserveError(f"the server did not start; see {log_path}")
-        self.target = f"127.0.0.1:{json.loads(line)['grpc_port']}"
+        try:
+            line = self._ready_line(start_timeout_s or START_TIMEOUT_S)
+            if not line:
+                raise RnnserveError(f"the server did not start; see {log_path}")
+            try:
+                self.target = f"127.0.0.1:{json.loads(line)['grpc_port']}"
+            except (ValueError, KeyError, TypeError):
+                raise RnnserveError(f"the server did not start: it printed {line.strip()!r} "
+                                    f"instead of its ready line; see {log_path}") from None
+        except BaseException:
+            self.proc.kill()  # nothing to drain: it never served
+            self.proc.wait()
+            self._log.close()
+            raise
+
+    def _ready_line(self, timeout_s: float) -> str:
+        """The first line the server prints, or "" if none comes within ``timeout_s``."""
+        stdout = self.proc.stdout
+        assert stdout is not None
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout_s)
+        if reader.is_alive():
+            raise RnnserveError(f"the server did not start within {timeout_s:g} s")
+        return lines[0]
 
     @classmethod
     def rnnserve(cls, repo: str, flags: list[str], log_path: Path) -> Spawned:
@@ -333,6 +355,7 @@ class Spawned:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
         self._log.close()
 
 
