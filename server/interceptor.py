@@ -6,7 +6,9 @@ version and final status code; streams in progress are a gauge; unary RPCs get a
 duration. A client that cancels a stream while the server waits for its next
 message is sometimes seen by the server as a half-close (the read returns end of
 stream, nothing is cancelled): that stream then counts with the status the server
-answered (OK), as the server cannot tell the two apart.
+answered (OK), as the server cannot tell the two apart. A handler that raises counts
+UNKNOWN (what gRPC answers), and a call cut off because its deadline passed counts
+DEADLINE_EXCEEDED (what its client saw), not CANCELLED.
 
 The handlers name the model they served with :func:`rpc_model`, through a context
 variable that the interceptor sets for each call, so no handler needs to know about
@@ -81,7 +83,9 @@ async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerConte
 class _Call:
     model: str = ""
     version: int = 0
-    cancelled: bool = False  # the handler was cancelled: the client went away
+    cancelled: bool = False  # the handler was cancelled: the client went away, or the
+    # call's deadline passed
+    failed: bool = False  # the handler raised: gRPC answers UNKNOWN
 
 
 _current: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("rnnserve_rpc",
@@ -95,10 +99,23 @@ def rpc_model(model: str, version: int) -> None:
         call.model, call.version = model, version
 
 
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()  # None without a deadline
+    return remaining is not None and remaining <= 0
+
+
 def _code_name(context: grpc.aio.ServicerContext, call: _Call) -> str:
+    """The status the call ended with. A status the handler set is that; otherwise a
+    handler that raised ended UNKNOWN (what gRPC answers), a cancelled call whose
+    deadline had passed DEADLINE_EXCEEDED (what the client saw: the server was too
+    slow, not the client gone), any other cancelled call CANCELLED, the rest OK."""
     code = context.code()
     if code is None:
-        return "CANCELLED" if call.cancelled or context.cancelled() else "OK"
+        if call.failed:
+            return "UNKNOWN"
+        if call.cancelled or context.cancelled():
+            return "DEADLINE_EXCEEDED" if _deadline_passed(context) else "CANCELLED"
+        return "OK"
     if isinstance(code, grpc.StatusCode):
         return code.name
     for c in grpc.StatusCode:  # some grpc versions report the integer value
@@ -162,6 +179,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     except asyncio.CancelledError:
                         call.cancelled = True
                         raise
+                    except Exception:  # an abort sets its code first, which wins
+                        call.failed = True
+                        raise
                 return gen
 
             async def coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -174,6 +194,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     return await inner(request, context)
                 except asyncio.CancelledError:
                     call.cancelled = True
+                    raise
+                except Exception:  # an abort sets its code first, which wins
+                    call.failed = True
                     raise
             return coro
 

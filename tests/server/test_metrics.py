@@ -196,3 +196,80 @@ def test_loop_families_expose_what_prometheus_client_would() -> None:
                       if "_created" not in line)
 
     assert lines(ours) == lines(theirs)
+
+
+def test_rpc_codes_of_a_failed_handler_and_a_passed_deadline() -> None:
+    """A handler that raises is answered UNKNOWN and counted UNKNOWN (not OK); a call
+    whose gRPC deadline passed while it waited is counted DEADLINE_EXCEEDED (a server
+    error), not CANCELLED (a client that went away); a call the client cancels is
+    CANCELLED."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from rnnserve.server.interceptor import MetricsInterceptor
+    from rnnserve.server.metrics import Metrics
+
+    async def boom(request, context):
+        raise RuntimeError("a bug")
+
+    async def slow(request, context):
+        await asyncio.sleep(2)
+        return b"x"
+
+    async def ticks(request, context):
+        for _ in range(20):
+            await asyncio.sleep(0.1)
+            yield b"t"
+
+    async def main() -> tuple[dict[str, grpc.StatusCode], str]:
+        metrics = Metrics(CollectorRegistry())
+        server = grpc.aio.server(interceptors=[MetricsInterceptor(metrics)])
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "rnnserve.v1.Inference", {
+                "Boom": grpc.unary_unary_rpc_method_handler(boom),
+                "Slow": grpc.unary_unary_rpc_method_handler(slow),
+                "Ticks": grpc.unary_stream_rpc_method_handler(ticks),
+            })])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        seen: dict[str, grpc.StatusCode] = {}
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                for method, timeout in (("Boom", 5.0), ("Slow", 0.3)):
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await channel.unary_unary(f"/rnnserve.v1.Inference/{method}")(
+                            b"", timeout=timeout)
+                    seen[method] = err.value.code()
+                for method, timeout in (("Ticks", 0.3), ("Cancelled", 5.0)):
+                    call = channel.unary_stream("/rnnserve.v1.Inference/Ticks")(
+                        b"", timeout=timeout)
+                    await call.read()
+                    if method == "Cancelled":
+                        call.cancel()
+                    else:
+                        with pytest.raises(grpc.aio.AioRpcError) as err:
+                            while True:
+                                await call.read()
+                        seen[method] = err.value.code()
+            # the server side completes after the client saw its status
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                text = generate_latest(metrics.registry).decode()
+                if sum(metric_value(text, "rnnserve_requests_total", method=m)
+                       for m in ("Boom", "Slow", "Ticks")) == 4:
+                    break
+                await asyncio.sleep(0.05)
+            return seen, text
+        finally:
+            await server.stop(0)
+
+    seen, text = asyncio.run(main())
+    assert seen == {"Boom": grpc.StatusCode.UNKNOWN, "Slow": grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "Ticks": grpc.StatusCode.DEADLINE_EXCEEDED}
+    def count(method: str, code: str) -> float:
+        return metric_value(text, "rnnserve_requests_total", api="native", method=method,
+                            code=code)
+
+    assert count("Boom", "UNKNOWN") == 1 and count("Boom", "OK") == 0
+    assert count("Slow", "DEADLINE_EXCEEDED") == 1 and count("Slow", "CANCELLED") == 0
+    assert count("Ticks", "DEADLINE_EXCEEDED") == 1
+    assert count("Ticks", "CANCELLED") == 1
