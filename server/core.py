@@ -141,6 +141,18 @@ GONE = (SessionNotFound, SessionClosed, SessionEvicted, SessionExpired)
 # "memory" when this server held it, "store" when loaded from the shared store).
 ResumeHook = Callable[[str, int, str], None]
 
+DEADLINE_SLACK_S = 0.005
+
+
+def _cancelled(expires: float | None) -> str:
+    """The code of a chunk whose call was cancelled: DEADLINE_EXCEEDED when gRPC ended
+    it at its deadline (the client got that; the alerts count it, they leave CANCELLED
+    out), else CANCELLED. ``expires`` was taken from the deadline a moment after gRPC
+    did: the slack covers that."""
+    if expires is not None and time.perf_counter() >= expires - DEADLINE_SLACK_S:
+        return "DEADLINE_EXCEEDED"
+    return "CANCELLED"
+
 
 def _with(skipped: dict[int, BaseException], results: list[BaseException | None]
           ) -> list[BaseException | None]:
@@ -426,8 +438,8 @@ class Core:
         except CoreError as exc:
             code = exc.code
             raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"  # the caller went away; the state did not advance
+        except asyncio.CancelledError:  # the caller went away, or its deadline came;
+            code = _cancelled(expires)  # the state did not advance
             raise
         finally:
             self._count(api, session, code, started)
@@ -735,7 +747,7 @@ class Core:
             code = exc.code
             raise
         except asyncio.CancelledError:
-            code = "CANCELLED"
+            code = _cancelled(expires)
             raise
         finally:
             if self._on_chunk is not None:

@@ -39,6 +39,9 @@ def test_a_grpc_deadline_that_passes_in_the_queue_advances_nothing(slow_batches,
         got = np.concatenate([client.step(sid, 0, x[:3])["logits"],
                               client.step(sid, 1, x[3:], end=True)["logits"]])
     assert float(np.abs(got - reference(repo, "feat", x[None])[0]).max()) <= 1e-5
+    # counted as the client saw it: the alerts leave CANCELLED (callers that left) out
+    assert metric_value(slow_batches.metrics(), "rnnserve_chunks_total", api="native",
+                        code="DEADLINE_EXCEEDED") == 1
 
 
 def test_the_triton_timeout_parameter_drops_a_late_request(slow_batches, repo) -> None:
