@@ -53,7 +53,12 @@ log = logging.getLogger("rnnserve.workers")
 YOUNG_S = 30.0  # a worker that dies sooner after its start is restarted after a pause
 MAX_PAUSE_S = 30.0
 SCRAPE_TIMEOUT_S = 5.0
-STOP_MARGIN_S = 15.0  # beyond the drain grace, before a worker that has not exited is killed
+# Beyond the drain grace, before a worker that has not exited is killed. After the grace
+# a worker only stops its batchers and hands its sessions to the store (bounded by
+# --store-timeout-ms); the margin must end before the pod's own margin does (deploy/k8s:
+# terminationGracePeriodSeconds = preStop sleep + grace + 5 s), or the kubelet's SIGKILL
+# comes first and the supervisor never reports the stuck worker.
+STOP_MARGIN_S = 3.0
 
 
 def worker_settings(settings: Settings, port: int) -> Settings:

@@ -20,6 +20,7 @@ from rnnserve.protos.headers import SESSION_HEADER
 from rnnserve.server.app import SERVICE
 from rnnserve.server.metrics import Limits, Metrics, ServingCollector
 from rnnserve.server.settings import Settings
+from rnnserve.server.workers import STOP_MARGIN_S
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu")
@@ -124,6 +125,23 @@ def test_grace_period_covers_the_drain(rendered) -> None:
     assert pod["terminationGracePeriodSeconds"] == sleep + s.shutdown_grace_s + MARGIN_S
     live = c["livenessProbe"]
     assert live["periodSeconds"] * live["failureThreshold"] > sleep + s.shutdown_grace_s
+    # with RNNSERVE_WORKERS, the supervisor (SIGTERM after the preStop sleep) kills a
+    # worker that outlasts the drain, and exits, before the kubelet's SIGKILL
+    assert sleep + s.shutdown_grace_s + STOP_MARGIN_S + 1 <= pod["terminationGracePeriodSeconds"]
+
+
+def test_the_autoscaler_owns_the_replica_count(rendered) -> None:
+    """A Deployment that an HPA scales sets no replicas: each `kubectl apply` (and each
+    settings rollout) would set the fleet back to that number."""
+    _, docs = rendered
+    deployment = one(docs, "Deployment")
+    scaled = {d["spec"]["scaleTargetRef"]["name"] for d in docs
+              if d["kind"] == "HorizontalPodAutoscaler"
+              and d["spec"]["scaleTargetRef"]["kind"] == "Deployment"}
+    if deployment["metadata"]["name"] in scaled:
+        assert "replicas" not in deployment["spec"]
+    else:
+        assert deployment["spec"]["replicas"] >= 2
 
 
 def test_pod_runs_as_the_images_non_root_user(rendered) -> None:
@@ -192,3 +210,12 @@ def test_istio_component_hashes_on_the_clients_session_header(tmp_path) -> None:
     assert dr["spec"]["host"] == one(docs, "Service", "rnnserve")["metadata"]["name"]
     lb = dr["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"]
     assert lb["httpHeaderName"] == SESSION_HEADER
+    # the sidecar outlives the preStop sleep and the drain (it gets SIGTERM with the
+    # server), and is gone by the kubelet's SIGKILL
+    pod = one(docs, "Deployment")["spec"]["template"]
+    proxy = yaml.safe_load(pod["metadata"]["annotations"]["proxy.istio.io/config"])
+    drain = proxy["terminationDrainDuration"]
+    assert drain.endswith("s") and drain[:-1].isdigit(), drain
+    sleep = container(docs)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    grace = settings_of(docs).shutdown_grace_s
+    assert sleep + grace <= int(drain[:-1]) <= pod["spec"]["terminationGracePeriodSeconds"]
