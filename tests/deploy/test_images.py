@@ -75,6 +75,25 @@ def test_image_declares_what_the_server_uses(dockerfile) -> None:
                 assert f"!{src}/" in ignore or f"!{src}" in ignore, src
 
 
+def test_cuda_image_pins_the_onnxruntime_gpu_its_base_was_checked_against() -> None:
+    """The CUDA provider needs the CUDA and cuDNN majors of one onnxruntime-gpu release:
+    the image installs exactly that release, not whatever is newest at build time."""
+    args = dict(rest.split("=", 1) for word, rest in instructions("Dockerfile.cuda")
+                if word == "ARG" and "=" in rest)
+    version = args["ONNXRUNTIME_GPU"]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version), version
+    build = stage("Dockerfile.cuda", "build")
+    assert ("ARG", "ONNXRUNTIME_GPU") in build  # a global ARG is not seen inside a stage
+    installs = [rest for word, rest in build if word == "RUN" and "pip install" in rest]
+    assert installs and all('"onnxruntime-gpu==${ONNXRUNTIME_GPU}"' in r for r in installs)
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (bound,) = [d.split(";")[0].strip() for d in deps if d.startswith("onnxruntime-gpu")]
+    low = bound.removeprefix("onnxruntime-gpu>=")
+    assert tuple(map(int, version.split("."))) >= tuple(map(int, low.split("."))), bound
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    assert f"onnxruntime-gpu {version}" in readme  # the docs name the pinned release
+
+
 def test_cpu_requirements_are_the_packages_with_the_cpu_onnxruntime() -> None:
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     linux = [d.split(";")[0].strip() for d in deps
