@@ -1,7 +1,8 @@
 """The contract between an exported model and the server, stored in ONNX ``metadata_props``.
 
 Torch-free: the server reads it through onnxruntime's ``custom_metadata_map``.
-Every value is a string; structured ones are JSON. Keys:
+Every value is a string; structured ones are strict JSON (a NaN or infinite number is
+written as null). Keys:
 
 =========================  ================================================================
 ``rnnserve.format``        format version of this metadata (``FORMAT_VERSION``)
@@ -27,6 +28,7 @@ dynamic axes.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -192,8 +194,22 @@ class ModelMetadata:
             raise ModelMetadataError(f"{source}: invalid rnnserve metadata: {'; '.join(problems)}")
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float as ``None``: JSON has no such numbers
+    (a checkpoint saved before its first validation holds NaN metrics; a failed
+    verification measures infinite differences)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    """Strict JSON: non-finite numbers are written as null."""
+    return json.dumps(_finite(value), sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def _loads(props: dict[str, str], key: str, default: Any = None) -> Any:
