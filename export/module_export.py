@@ -36,6 +36,8 @@ from __future__ import annotations
 import functools
 import importlib
 import platform
+import re
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -288,4 +290,24 @@ def load_module(spec: str, weights: str | Path) -> nn.Module:
     return module.eval()
 
 
-__all__ = ["ModuleAdapter", "export_module", "load_module", "recurrent_layer"]
+_SPEC = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$")
+
+
+def verify_module_hint(model: object, export: dict[str, object]) -> str:
+    """How to compare a model of one's own with its module again. ``rnnserve verify``
+    never imports what a model file names (``export.module_spec``): any file could name
+    any importable callable. The recorded names only fill in the command to run, shown
+    when they look like what they should be."""
+    spec = str(export.get("module_spec", ""))
+    weights = str(export.get("weights", ""))
+    spec = spec if _SPEC.match(spec) else "PACKAGE.MODULE:NAME"
+    weights = shlex.quote(weights) if weights and weights.isprintable() else "WEIGHTS"
+    where = str(model)
+    where = shlex.quote(where) if where.isprintable() else "MODEL"
+    return ("a model of one's own is compared with its module only when the command "
+            f"names it: rnnserve verify {where} --module {spec} --checkpoint {weights} "
+            "(run where the module imports)")
+
+
+__all__ = ["ModuleAdapter", "export_module", "load_module", "recurrent_layer",
+           "verify_module_hint"]

@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="verify an exported model (file, version or model dir)")
     v.add_argument("model", help="model.onnx, REPO/NAME/VERSION or REPO/NAME (highest version)")
     v.add_argument("--checkpoint", help="compare with this checkpoint, or with these "
-                   "weights for --module (default: what the export recorded, when it is "
-                   "still there and unchanged)")
+                   "weights for --module (default: the checkpoint the export recorded, when "
+                   "it is still there and unchanged)")
     v.add_argument("--module", help="a model of one's own: compare with this module "
                    "(package.module:Name, importable from here) holding the --checkpoint "
                    "weights")
@@ -538,8 +538,9 @@ def _adapted(meta: Any, spec: str, weights: str) -> object:
 
 def _recorded_reference(model_path: object) -> tuple[str | None, object]:
     """What the export compared with, when it is still there unchanged and torch is
-    here: (its checkpoint, None), or (None, the module rebuilt with its weights) for a
-    model of one's own (``--module``); (None, None) otherwise."""
+    here: (its checkpoint, None); (None, None) otherwise. A model of one's own is never
+    rebuilt from what its file names (that would import and call code a model file
+    chose): verify says how to name the module with ``--module``."""
     from pathlib import Path
 
     try:
@@ -549,25 +550,18 @@ def _recorded_reference(model_path: object) -> tuple[str | None, object]:
     meta = _exported_metadata(model_path)
     from rnnserve.training.checkpoint import file_sha256
 
-    kind = "checkpoint" if "checkpoint" in meta.export else "weights"  # weights: --module
-    path = meta.export.get(kind)
-    if not path or not Path(path).is_file() or \
-            file_sha256(path) != meta.export.get(f"{kind}_sha256"):
-        return None, None
-    if kind == "checkpoint":
-        _log(f"comparing with the checkpoint recorded at export: {path}")
-        return path, None
-    from rnnserve.errors import ExportError
+    if meta.training.get("source") == "export_module":
+        # a model file names its module, but verify imports code only when told to
+        from rnnserve.export.module_export import verify_module_hint
 
-    spec = str(meta.export.get("module_spec", ""))
-    try:
-        adapter = _adapted(meta, spec, path)
-    except ExportError as exc:
-        _log(f"not comparing with torch: the module recorded at export does not load "
-             f"here ({exc})")
+        _log(f"not comparing with torch: {verify_module_hint(model_path, meta.export)}")
         return None, None
-    _log(f"comparing with the module recorded at export: {spec} with {path}")
-    return None, adapter
+    path = meta.export.get("checkpoint")
+    if not path or not Path(path).is_file() or \
+            file_sha256(path) != meta.export.get("checkpoint_sha256"):
+        return None, None
+    _log(f"comparing with the checkpoint recorded at export: {path}")
+    return path, None
 
 
 def _cmd_say(args: argparse.Namespace) -> int:
