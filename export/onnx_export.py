@@ -21,6 +21,7 @@ Graph interface (names also recorded in the metadata):
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 import warnings
@@ -167,13 +168,23 @@ def export_onnx(model: Exportable, metadata: ModelMetadata) -> onnx.ModelProto:
     return proto
 
 
+# TracerWarnings torch's own recurrent layers raise on every trace: their checks of the
+# input's and the state's sizes, which raise on a mismatch and never pick a computation.
+_SIZE_CHECKS = os.path.join("torch", "nn", "modules", "rnn.py")
+
+
 def trace(module: nn.Module, args: tuple[torch.Tensor, ...], in_names: list[str],
           out_names: list[str], dynamic: dict[str, dict[int, str]]) -> onnx.ModelProto:
-    """``module`` through the pinned exporter (TorchScript-based, opset 17)."""
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of dynamo, and warns that
-        # RNN batch sizes are traced; both are handled (see module docstring).
-        warnings.simplefilter("ignore")
+    """``module`` through the pinned exporter (TorchScript-based, opset 17).
+
+    A ``TracerWarning`` from the module's own code (Python control flow on a tensor's
+    value, a tensor turned into a Python number) means the graph froze what the traced
+    input did and may compute something else for other inputs: such a module is
+    refused with the warning's text. Only the size checks of torch's recurrent layers
+    are let through; the exporter's other warnings (the TorchScript exporter's
+    deprecation, RNN batch sizes being traced) are handled (see module docstring)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             tmp = tempfile.TemporaryDirectory(prefix="rnnserve-export-")
             traced = Path(tmp.name) / "traced.onnx"
@@ -185,6 +196,16 @@ def trace(module: nn.Module, args: tuple[torch.Tensor, ...], in_names: list[str]
         except Exception as exc:
             raise ExportError(f"torch.onnx.export failed: {exc}") from exc
     with tmp:
+        frozen = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)
+                  and not str(w.filename).endswith(_SIZE_CHECKS)]
+        if frozen:
+            w = frozen[0]
+            text = " ".join(str(w.message).split())
+            raise ExportError(
+                f"the trace may be wrong for other inputs: at {w.filename}:{w.lineno}: "
+                f"{text} (the exported graph keeps what the traced input did; compute "
+                "that with tensor operations, e.g. torch.where, instead of Python "
+                "control flow on a tensor's value)")
         return onnx.load(str(traced))
 
 
@@ -199,15 +220,56 @@ def set_metadata(proto: onnx.ModelProto, metadata: ModelMetadata) -> None:
     proto.doc_string = f"rnnserve {metadata.arch} model {metadata.name!r} ({metadata.task})"
 
 
-def write_model_atomically(proto: onnx.ModelProto, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".model.", suffix=".onnx.tmp")
+def _fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename into it) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory
+    finally:
+        os.close(fd)
+
+
+def _new_file(directory: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+    """A new file in ``directory`` with the mode the umask gives (0644 under umask
+    022), not mkstemp's 0600: a server running as another user reads published models."""
+    for _ in range(100):
+        path = directory / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {str(directory)!r}")
+
+
+def _write_new(proto: onnx.ModelProto, directory: Path) -> Path:
+    """Serialize ``proto`` into a new hidden file of ``directory``, synced to disk."""
+    fd, tmp = _new_file(directory, ".model.", ".onnx.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(proto.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_model_atomically(proto: onnx.ModelProto, path: Path) -> None:
+    """Replace ``path`` with ``proto``: written and synced beside it, renamed over it,
+    the folder synced; readers see the old file or the new one, never a part."""
+    tmp = _write_new(proto, path.parent)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
 def export_checkpoint(
@@ -260,52 +322,115 @@ def publish(build: Callable[[], tuple[onnx.ModelProto, ModelMetadata]], referenc
             log: Callable[[str], None]) -> repository.ModelVersion:
     """``build()`` the graph and its metadata, verify it against ``reference`` (torch,
     ``forward(x, states) -> (y, new_states)`` with batch-major states) in a hidden staging
-    directory of the model's folder, and only then rename it into place."""
+    directory of the repository, and only then publish it.
+
+    The version is claimed when publishing, not before the export: ``os.mkdir`` of the
+    version directory is the claim (it fails when the directory exists), so concurrent
+    exports of one name never share a version; an automatic version moves on to the next
+    free number, an explicit one is refused unless ``overwrite``. The verified file is
+    then renamed into the claimed directory (with ``overwrite``, over the old file: the
+    version is never missing). Nothing is left behind on a failure: no staging
+    directory, no empty version or model directory."""
     if not torch.__version__.startswith(TESTED_TORCH):
         log(f"warning: export is tested with torch {TESTED_TORCH}x, this is {torch.__version__}")
     from rnnserve.export.verify import verify_file
 
     repo_path = Path(repo)
     model_dir = repo_path / name
-    try:
-        if repo_path.exists() and not repo_path.is_dir():
-            raise ModelRepositoryError(f"model repository {str(repo_path)!r} is not a directory")
-        model_dir.mkdir(parents=True, exist_ok=True)
-        if version is None:
-            version = repository.next_version(repo_path, name)
-        if version < 1:
-            raise ModelRepositoryError(f"versions are positive integers, got {version}")
-        final_dir = model_dir / str(version)
-        if final_dir.exists() and not overwrite:
-            raise ModelRepositoryError(
-                f"{str(final_dir)!r} already exists; pick another --version or pass --overwrite"
-            )
-        staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".staging-{version}-"))
-    except OSError as exc:
-        raise ModelRepositoryError(
-            f"cannot write to model repository {str(repo_path)!r}: {exc.strerror or exc}"
-        ) from exc
-    try:
-        log(f"exporting {source} -> {final_dir / repository.MODEL_FILE} (opset {OPSET})")
-        proto, metadata = build()
-        if fp16:
-            from rnnserve.export.fp16 import to_fp16
+    if version is not None and version < 1:
+        raise ModelRepositoryError(f"versions are positive integers, got {version}")
+    if repo_path.exists() and not repo_path.is_dir():
+        raise ModelRepositoryError(f"model repository {str(repo_path)!r} is not a directory")
+    if version is not None and not overwrite and (model_dir / str(version)).exists():
+        raise _exists(model_dir / str(version))  # early; checked again when publishing
+    where = model_dir / (str(version) if version is not None else "<next version>")
+    log(f"exporting {source} -> {where / repository.MODEL_FILE} (opset {OPSET})")
+    proto, metadata = build()  # a module the tracer cannot follow is refused here: no files
+    if fp16:
+        from rnnserve.export.fp16 import to_fp16
 
-            proto, metadata = to_fp16(proto, metadata)
-            set_metadata(proto, metadata)
-            log(f"fp16: {metadata.export['fp16']}")
+        proto, metadata = to_fp16(proto, metadata)
+        set_metadata(proto, metadata)
+        log(f"fp16: {metadata.export['fp16']}")
+    try:
+        repo_path.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=repo_path, prefix=f".rnnserve-staging-{name}-"))
+    except OSError as exc:
+        raise _cannot_write(repo_path, exc) from exc
+    try:
         staged = staging / repository.MODEL_FILE
         write_model_atomically(proto, staged)
         report = verify_file(staged, model=reference, tolerance=tolerance, seed=seed, log=log)
         report.raise_if_failed()
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        os.replace(staging, final_dir)
+        if not report.written:
+            raise ModelRepositoryError(f"cannot write the verification report into "
+                                       f"{str(staged)!r}")
+        version, final_dir = _publish_file(staged, model_dir, version, overwrite)
     except OSError as exc:
-        raise ModelRepositoryError(
-            f"cannot write to model repository {str(repo_path)!r}: {exc.strerror or exc}"
-        ) from exc
+        raise _cannot_write(repo_path, exc) from exc
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return repository.ModelVersion(name, version, final_dir / repository.MODEL_FILE)
+
+
+def _exists(final_dir: Path) -> ModelRepositoryError:
+    return ModelRepositoryError(
+        f"{str(final_dir)!r} already exists; pick another --version or pass --overwrite")
+
+
+def _cannot_write(repo_path: Path, exc: OSError) -> ModelRepositoryError:
+    return ModelRepositoryError(
+        f"cannot write to model repository {str(repo_path)!r}: {exc.strerror or exc}")
+
+
+def _publish_file(staged: Path, model_dir: Path, version: int | None,
+                  overwrite: bool) -> tuple[int, Path]:
+    """Claim a version directory and rename ``staged`` into it; (version, directory)."""
+    made_model_dir = False
+    tried = 0
+    for _ in range(1000):
+        if not model_dir.is_dir():
+            try:
+                model_dir.mkdir()
+                made_model_dir = True
+            except FileExistsError:
+                pass
+        v = version if version is not None else max(
+            repository.next_version(model_dir.parent, model_dir.name), tried + 1)
+        final_dir = model_dir / str(v)
+        try:
+            os.mkdir(final_dir)  # the claim: fails when the version exists
+            claimed = True
+        except FileNotFoundError:
+            continue  # the model directory went away meanwhile (a failed export's cleanup)
+        except FileExistsError:
+            if version is None:
+                tried = v  # taken meanwhile: the next number
+                continue
+            if not overwrite:
+                raise _exists(final_dir) from None
+            if not final_dir.is_dir():
+                raise ModelRepositoryError(
+                    f"{str(final_dir)!r} exists and is not a version directory") from None
+            claimed = False
+        break
+    else:
+        raise ModelRepositoryError(f"no free version in {str(model_dir)!r}")
+    try:
+        os.replace(staged, final_dir / repository.MODEL_FILE)
+    except BaseException:
+        if claimed:
+            _rmdir_quietly(final_dir)
+        if made_model_dir:
+            _rmdir_quietly(model_dir)
+        raise
+    _fsync_dir(final_dir)
+    _fsync_dir(model_dir)
+    return v, final_dir
+
+
+def _rmdir_quietly(path: Path) -> None:
+    try:
+        path.rmdir()  # only when empty
+    except OSError:
+        pass

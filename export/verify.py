@@ -8,10 +8,15 @@ Runs at the end of every export and as ``rnnserve verify MODEL``. Checks:
    node has ``linear_before_reset=1`` (PyTorch's formulation);
 3. streaming: at random batch sizes 1..16 and sequence lengths never seen at export,
    random chunkings run with the state carried forward give the outputs and final
-   state of one whole-sequence run;
+   state of one whole-sequence run; feature inputs are standard normal, and in every
+   other case scaled by 10 or 100 (``FEATURE_SCALES``), so a graph that froze what the
+   traced input did (a branch on the input's size) disagrees with torch;
 4. batching: each row of a batched run equals that row run alone (the server batches
    unrelated sessions together);
-5. parity with torch, when the torch model is at hand: outputs and final states;
+5. parity with torch, when the torch model is at hand: outputs and final states
+   (a model or checkpoint of another architecture or size is refused with what
+   differs; a module that does not run in float64, e.g. one that casts its input
+   with ``x.float()``, is compared in float32 alone);
 6. speech models (PCM16 input, front end in the graph): the graph's log-mel front
    end, cut out of the ONNX file, against the offline float64 reference of
    ``rnnserve.audio.log_mel`` on a test signal; with the torch model at hand, the
@@ -19,7 +24,9 @@ Runs at the end of every export and as ``rnnserve verify MODEL``. Checks:
    offline features.
 
 Every comparison starts from random non-zero states. The largest absolute
-differences are printed and written into the model's ``rnnserve.verification``.
+differences are printed and written into the model's ``rnnserve.verification``
+(where the file cannot be written, e.g. a read-only repository, a warning says so and
+the result stands).
 
 Tolerances. Streaming and batching compare onnxruntime with itself and must agree
 within ``tolerance`` (1e-5) in absolute terms; measured, they agree exactly. ONNX vs
@@ -58,6 +65,7 @@ FORBIDDEN_OPS = ("Loop", "Scan")
 FP16_RTOL = 1e-2  # fp16 models: largest difference / max(1, largest |reference|)
 RECURRENT_OP = {"lstm": "LSTM", "gru": "GRU"}
 MAX_BATCH = 16
+FEATURE_SCALES = (1.0, 1.0, 10.0, 100.0)  # feature input of case i: N(0, 1) x [i % 4]
 
 
 @dataclass
@@ -76,7 +84,9 @@ class VerificationReport:
     torch_parity: str = "not run"
     precision: str = "fp32"  # fp16: every bound is FP16_RTOL relative (module docstring)
     cases: list[tuple[int, int, int]] = field(default_factory=list)  # (batch, time, chunks)
+    input_scales: list[float] = field(default_factory=list)  # feature inputs: N(0, 1) x these
     seconds: float = 0.0
+    written: bool = False  # the report went into the file (not part of the metadata)
 
     @property
     def passed(self) -> bool:
@@ -106,6 +116,7 @@ class VerificationReport:
             "cases": len(self.cases),
             "batch_sizes": sorted({c[0] for c in self.cases}),
             "lengths": sorted({c[1] for c in self.cases}),
+            **({"input_scales": self.input_scales} if self.input_scales else {}),
             "ops": self.ops,
             "onnxruntime": _ort().__version__,
             "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -220,8 +231,10 @@ def _steps_per_frame(meta: ModelMetadata) -> int:
     return int(meta.input.hop_samples or 1) if meta.input.kind == "pcm16" else 1
 
 
-def _random_input(meta: ModelMetadata, rng: np.random.Generator, b: int, t: int) -> np.ndarray:
-    """A batch of ``t`` output steps of input (``t`` hops of samples for PCM16)."""
+def _random_input(meta: ModelMetadata, rng: np.random.Generator, b: int, t: int,
+                  scale: float = 1.0) -> np.ndarray:
+    """A batch of ``t`` output steps of input (``t`` hops of samples for PCM16);
+    features are standard normal times ``scale``."""
     if meta.input.kind == "pcm16":
         n = t * _steps_per_frame(meta)
         level = rng.uniform(50, 20000, size=(b, 1))
@@ -230,7 +243,7 @@ def _random_input(meta: ModelMetadata, rng: np.random.Generator, b: int, t: int)
         return rng.integers(0, 256, size=(b, t), dtype=np.uint8)
     if meta.input.kind == "features":
         feat = [d for d in meta.input.shape[2:] if isinstance(d, int)]
-        return rng.standard_normal((b, t, *feat)).astype(np.float32)
+        return (rng.standard_normal((b, t, *feat)) * scale).astype(np.float32)
     raise ModelMetadataError(f"verification does not yet generate {meta.input.kind!r} input")
 
 
@@ -299,6 +312,9 @@ def verify_file(
     log(f"verify {path}: ops {report.ops}")
     if model is None and checkpoint is not None:
         model = _load_torch_model(checkpoint)
+        _check_reference(model, meta, f"the checkpoint {str(checkpoint)!r}")
+    elif model is not None:
+        _check_reference(model, meta, "the torch model")
     if model is None:
         recorded = meta.verification.get("max_abs_diff_vs_torch")
         report.torch_parity = "skipped: no checkpoint given" + (
@@ -314,7 +330,9 @@ def verify_file(
     hop = _steps_per_frame(meta)
     traced = int(meta.export.get("traced_time", 8))
     for i, (b, t) in enumerate(verification_cases(rng, n_cases, traced)):
-        x = _random_input(meta, rng, b, t)
+        scale = FEATURE_SCALES[i % len(FEATURE_SCALES)] if meta.input.kind == "features" \
+            else 1.0
+        x = _random_input(meta, rng, b, t, scale)
         s0 = _random_states(meta, rng, b)
         try:
             y_whole, s_whole = runner(x, s0)
@@ -347,12 +365,21 @@ def verify_file(
             if not value <= allowed:
                 report.failures.append(f"{label} at batch {b}, time {t}: largest difference "
                                        f"{value:.3e} > {allowed:.1e}")
-        line = (f"  case {i + 1}/{n_cases}: batch {b:2d}, time {t:3d}, {len(cuts) - 1} chunks: "
-                f"chunked {d_chunk:.1e}, row {row} alone {d_batch:.1e}")
+        line = (f"  case {i + 1}/{n_cases}: batch {b:2d}, time {t:3d}, {len(cuts) - 1} chunks"
+                + (f", features x{scale:g}" if meta.input.kind == "features" else "")
+                + f": chunked {d_chunk:.1e}, row {row} alone {d_batch:.1e}")
         if model is not None:
-            d_torch = cmp.add(x, s0, [y_whole, *s_whole])
-            line += f", vs torch {d_torch:.1e}"
+            try:
+                d_torch = cmp.add(x, s0, [y_whole, *s_whole])
+                line += f", vs torch {d_torch:.1e}"
+            except Exception as exc:  # the torch model refuses this input
+                msg = " ".join(str(exc).split())[:300]
+                report.failures.append(f"torch model failed at batch {b}, time {t}: "
+                                       f"{type(exc).__name__}: {msg}")
+                line += ", torch failed"
         report.cases.append((b, t, len(cuts) - 1))
+        if meta.input.kind == "features" and scale not in report.input_scales:
+            report.input_scales.append(scale)
         log(line)
 
     if model is not None:
@@ -360,9 +387,14 @@ def verify_file(
     if meta.input.kind == "pcm16":
         _check_frontend(proto, meta, runner, model, report, log)
     report.seconds = time.perf_counter() - started
-    torch_part = (f"vs torch {report.max_abs_diff_vs_torch:.2e} (float32 rounding: torch "
-                  f"{report.torch_vs_float64:.1e}, onnx {report.onnx_vs_float64:.1e} from float64)"
-                  if model is not None else f"torch parity {report.torch_parity}")
+    if model is None:
+        torch_part = f"torch parity {report.torch_parity}"
+    elif report.torch_vs_float64 is None or report.onnx_vs_float64 is None:
+        torch_part = f"vs torch {report.max_abs_diff_vs_torch:.2e} ({report.torch_parity})"
+    else:
+        torch_part = (f"vs torch {report.max_abs_diff_vs_torch:.2e} (float32 rounding: torch "
+                      f"{report.torch_vs_float64:.1e}, onnx {report.onnx_vs_float64:.1e} "
+                      "from float64)")
     log(f"verify {'PASSED' if report.passed else 'FAILED'} in {report.seconds:.1f}s: "
         f"largest differences: chunked vs whole {report.max_abs_diff_chunked_vs_whole:.2e}, "
         f"batched vs single {report.max_abs_diff_batched_vs_single:.2e}, {torch_part} "
@@ -371,7 +403,12 @@ def verify_file(
     for failure in report.failures:
         log(f"  FAILED: {failure}")
     if write:
-        _write_report(proto, meta, report, path)
+        try:
+            _write_report(proto, meta, report, path)
+            report.written = True
+        except OSError as exc:  # a read-only repository: the result stands
+            log(f"warning: the report was not written into {path}: {exc.strerror or exc} "
+                "(the file is as it was; --no-write does not try)")
     return report
 
 
@@ -452,6 +489,40 @@ def _write_report(proto: Any, meta: ModelMetadata, report: VerificationReport,
     write_model_atomically(proto, path)
 
 
+def _check_reference(model: Any, meta: ModelMetadata, what: str) -> None:
+    """Refuse a torch reference of another architecture or size than the model, with
+    what differs, before any comparison runs."""
+    from torch import nn
+
+    layers = [m for m in model.modules() if isinstance(m, nn.LSTM | nn.GRU)]
+    if len(layers) != 1:
+        return  # export_module refuses such modules; nothing to compare it by
+    rnn = layers[0]
+    theirs: dict[str, Any] = {"arch": type(rnn).__name__.lower(), "layers": rnn.num_layers,
+                              "hidden size": rnn.hidden_size}
+    ours: dict[str, Any] = {"arch": meta.arch, "layers": meta.num_layers,
+                            "hidden size": meta.hidden_size}
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "input_kind") and hasattr(cfg, "output_size"):
+        # a checkpoint's model (rnnserve train): its input and output sizes, too
+        ours["input"] = meta.input.kind
+        theirs["input"] = "pcm16" if type(model).__name__ == "SpeechModel" else \
+            {"bytes": "utf8_bytes"}.get(cfg.input_kind, cfg.input_kind)
+        if meta.input.kind == "features" and len(meta.input.shape) > 2:
+            ours["input size"] = meta.input.shape[2]
+            theirs["input size"] = cfg.input_size
+        ours["outputs"] = meta.outputs[0].shape[-1]
+        theirs["outputs"] = cfg.output_size
+    differ = [k for k in ours if ours[k] != theirs.get(k)]
+    if differ:
+        def show(d: dict[str, Any]) -> str:
+            return ", ".join(f"{k} {d.get(k)}" for k in differ)
+
+        raise VerificationError(
+            f"{what} does not match the model {meta.name!r}: the model has {show(ours)}, "
+            f"the {'checkpoint' if 'checkpoint' in what else 'module'} {show(theirs)}")
+
+
 def _load_torch_model(checkpoint: str | Path) -> Any:
     from rnnserve.errors import require_train_extra
 
@@ -463,38 +534,64 @@ def _load_torch_model(checkpoint: str | Path) -> Any:
 
 
 class _TorchComparison:
-    """ONNX outputs against torch float32, and both against torch float64."""
+    """ONNX outputs against torch float32, and both against torch float64 (when the
+    model runs in float64: one that casts its input, e.g. with ``x.float()``, does
+    not, and is compared in float32 alone)."""
 
     def __init__(self, model: Any) -> None:
         import copy
 
         self.model = model.eval()
-        self.model64 = copy.deepcopy(model).double().eval()
+        self.model64: Any = None
+        self.no_float64 = ""  # why the float64 reference does not run
+        try:
+            self.model64 = copy.deepcopy(model).double().eval()
+        except Exception as exc:
+            self._drop_float64(exc)
         self.max_abs = self.t32 = self.o64 = 0.0
         self.worst = 0.0  # fp16: the largest difference over its allowed bound
+
+    def _drop_float64(self, exc: Exception) -> None:
+        self.model64 = None
+        self.no_float64 = (f"{type(exc).__name__}: "
+                           f"{' '.join(str(exc).split())[:200]}")
 
     def add(self, x: np.ndarray, s0: list[np.ndarray], onnx_out: list[np.ndarray]) -> float:
         import torch
 
-        x64 = torch.from_numpy(x) if x.dtype.kind in "iu" else torch.from_numpy(x).double()
         with torch.no_grad():
             y, s = self.model(torch.from_numpy(x), tuple(torch.from_numpy(v).float()
                                                          for v in s0))
-            y64, s64 = self.model64(x64, tuple(torch.from_numpy(v).double() for v in s0))
+        refs64: tuple[Any, ...] | None = None
+        if self.model64 is not None:
+            x64 = torch.from_numpy(x) if x.dtype.kind in "iu" else torch.from_numpy(x).double()
+            try:
+                with torch.no_grad():
+                    y64, s64 = self.model64(x64, tuple(torch.from_numpy(v).double()
+                                                       for v in s0))
+                refs64 = (y64, *s64)
+            except Exception as exc:  # runs in float32 (above), not in float64
+                self._drop_float64(exc)
         case_max = 0.0
-        for got, r32, r64 in zip(onnx_out, (y, *s), (y64, *s64), strict=True):
+        for k, (got, r32) in enumerate(zip(onnx_out, (y, *s), strict=True)):
             d = max_abs_diff(got, r32.numpy())
             case_max = max(case_max, d)
             self.worst = max(self.worst, d / fp16_bound(r32.numpy()))
-            self.t32 = max(self.t32, max_abs_diff(r32.numpy(), r64.numpy()))
-            self.o64 = max(self.o64, max_abs_diff(got, r64.numpy()))
+            if refs64 is not None:
+                r64 = refs64[k].numpy()
+                self.t32 = max(self.t32, max_abs_diff(r32.numpy(), r64))
+                self.o64 = max(self.o64, max_abs_diff(got, r64))
         self.max_abs = max(self.max_abs, case_max)
         return case_max
 
     def finish(self, report: VerificationReport, tolerance: float) -> None:
         report.max_abs_diff_vs_torch = self.max_abs
-        report.torch_vs_float64 = self.t32
-        report.onnx_vs_float64 = self.o64
+        if self.model64 is None:
+            report.torch_parity = ("run in float32 only: the model does not run in float64 "
+                                   f"({self.no_float64})")
+        else:
+            report.torch_vs_float64 = self.t32
+            report.onnx_vs_float64 = self.o64
         if report.precision == "fp16":
             if not self.worst <= 1.0:
                 report.failures.append(
@@ -504,7 +601,12 @@ class _TorchComparison:
             return
         if self.max_abs <= tolerance:
             return
-        if not self.o64 <= 2 * self.t32 + tolerance:
+        if self.model64 is None:
+            report.failures.append(
+                f"onnx vs torch: largest difference {self.max_abs:.3e} > {tolerance:.0e} "
+                "(no float64 reference to tell float32 rounding: the model does not run "
+                "in float64)")
+        elif not self.o64 <= 2 * self.t32 + tolerance:
             report.failures.append(
                 f"onnx vs torch: largest difference {self.max_abs:.3e} > {tolerance:.0e}, and "
                 f"onnx is {self.o64:.2e} from float64 where torch float32 is {self.t32:.2e}"

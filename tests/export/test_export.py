@@ -182,4 +182,5 @@ def test_a_model_that_fails_verification_is_never_published(tmp_path, make_check
     with pytest.raises(VerificationError, match="verification failed"):
         export_checkpoint(ckpt, tmp_path, "l", tolerance=-1.0, log=_quiet)
     assert repository.versions(tmp_path, "l") == []
-    assert list((tmp_path / "l").iterdir()) == []
+    assert not (tmp_path / "l").exists()  # no empty model folder, no staging left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rnnserve-staging")]
