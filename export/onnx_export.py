@@ -20,6 +20,7 @@ Graph interface (names also recorded in the metadata):
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -341,6 +342,7 @@ def publish(build: Callable[[], tuple[onnx.ModelProto, ModelMetadata]], referenc
         raise ModelRepositoryError(f"versions are positive integers, got {version}")
     if repo_path.exists() and not repo_path.is_dir():
         raise ModelRepositoryError(f"model repository {str(repo_path)!r} is not a directory")
+    _check_writable(repo_path)  # fail before the export's seconds, writing nothing yet
     if version is not None and not overwrite and (model_dir / str(version)).exists():
         raise _exists(model_dir / str(version))  # early; checked again when publishing
     where = model_dir / (str(version) if version is not None else "<next version>")
@@ -371,6 +373,19 @@ def publish(build: Callable[[], tuple[onnx.ModelProto, ModelMetadata]], referenc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return repository.ModelVersion(name, version, final_dir / repository.MODEL_FILE)
+
+
+def _check_writable(repo_path: Path) -> None:
+    """The repository, or the folder it will be made in, can be written to."""
+    existing = repo_path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise _cannot_write(repo_path, NotADirectoryError(errno.ENOTDIR, os.strerror(
+            errno.ENOTDIR)))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _cannot_write(repo_path, PermissionError(errno.EACCES, os.strerror(
+            errno.EACCES)))
 
 
 def _exists(final_dir: Path) -> ModelRepositoryError:
