@@ -146,22 +146,33 @@ class StreamSession:
             yield req
 
     async def _read(self, what: str, wait: float | None) -> pb.StreamResponse:
-        """The next response, within ``wait`` seconds (None: no limit)."""
+        """The next response, within ``wait`` seconds (None: no limit). A timer that
+        cancels the call bounds the wait: ``asyncio.wait_for`` would cost a task per
+        chunk."""
+        call, timer = self._call, None
+        late: list[bool] = []
+        if wait is not None:
+            def expire() -> None:
+                late.append(True)
+                call.cancel()
+
+            timer = asyncio.get_running_loop().call_later(wait, expire)
         try:
-            if wait is None:
-                resp = await self._call.read()  # raises AioRpcError with the server's status
-            else:
-                resp = await asyncio.wait_for(self._call.read(), wait)
-        except TimeoutError:
-            self._give_up()
-            raise deadline_exceeded(f"no answer {what} within {wait:.3g} s") from None
+            resp = await call.read()  # raises AioRpcError with the server's status
         except BaseException:
-            # the stream is over (its status was raised once), or the caller gave up on
-            # it (a cancelled send: grpc cancels the call with the read)
+            # the stream is over (its status was raised once), it was late, or the
+            # caller gave up on it (a cancelled send: grpc cancels the call with the read)
             self._give_up()
+            if late:
+                raise deadline_exceeded(f"no answer {what} within {wait:.3g} s") from None
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         if resp is grpc.aio.EOF:
             self._give_up()
+            if late:
+                raise deadline_exceeded(f"no answer {what} within {wait:.3g} s")
             raise ConnectionError(f"the server ended the stream without {what}")
         return resp
 
