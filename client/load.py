@@ -180,10 +180,10 @@ async def _many_streams(client: AsyncClient, model: str, chunk: Callable[[int], 
         await asyncio.sleep(t0 - loop.time())
     sids = [""] * n
     seqs = [0] * n
-    sent = [False] * n  # items of a request in flight
 
     def close(i: int) -> None:
-        closer.close(client, sids[i])  # also one whose open failed, in case it stayed
+        if seqs[i]:  # an item that failed opening its session left none (the server
+            closer.close(client, sids[i])  # closes it): no extra call while overloaded
         seqs[i] = 0  # a new session on the next tick
 
     try:
@@ -205,9 +205,7 @@ async def _many_streams(client: AsyncClient, model: str, chunk: Callable[[int], 
                             items.append(many_item(sids[i], seqs[i], chunk(k), end,
                                                    pcm16=pcm16,
                                                    open_model=model if seqs[i] == 0 else ""))
-                        sent = [True] * n
                         answers = await m.send(items)
-                        sent = [False] * n
                         latency = loop.time() - due
                         for i, r in enumerate(answers):
                             if r.code:
@@ -225,9 +223,7 @@ async def _many_streams(client: AsyncClient, model: str, chunk: Callable[[int], 
                 # count as errors, its sessions are closed and new ones open
                 result.errors[_failure(exc)] += n
                 for i in range(n):
-                    if seqs[i] or sent[i]:
-                        close(i)
-                sent = [False] * n
+                    close(i)
                 if closed_loop:  # no tick to wait for: not a storm of failing requests
                     await asyncio.sleep(chunk_s)
     finally:
