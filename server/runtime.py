@@ -156,6 +156,7 @@ class ModelRuntime:
         self._np_dtype = np.dtype(self.meta.input.dtype)
         self._frame_shape = tuple(int(d) for d in self.meta.input.shape[2:])
         self.data_output_names = [o.name for o in self.meta.outputs]
+        self._answer_terms = self._answer_sizes()
         on_gpu = self.provider == CUDA
         self.pool = StatePool(specs, device="cuda" if on_gpu else "cpu",
                               device_id=options.device_id,
@@ -198,16 +199,36 @@ class ModelRuntime:
     def answer_bytes(self, steps: int) -> int:
         """The bytes of one session's outputs for a chunk of ``steps`` input steps
         (samples for PCM16: ``"frames"`` axes hold steps / hop); the message that
-        carries them is at most ``ANSWER_OVERHEAD`` larger."""
+        carries them is at most ``ANSWER_OVERHEAD`` larger. Asked for every chunk: the
+        bytes per step, per frame and fixed are worked out once, at load."""
         hop = self.meta.input.hop_samples or 1
+        if self._answer_terms is not None:
+            per_step, per_frame, fixed = self._answer_terms
+            return per_step * steps + per_frame * (steps // hop) + fixed
         total = 0
-        for o in self.meta.outputs:
+        for o in self.meta.outputs:  # an output growing along two axes: not linear
             n = np.dtype(o.dtype).itemsize
             for d in o.shape[1:]:
                 n *= steps if d == "time" else steps // hop if d == "frames" else \
                     int(d) if isinstance(d, int) else 1
             total += n
         return total
+
+    def _answer_sizes(self) -> tuple[int, int, int] | None:
+        """Bytes per input step, per output frame and fixed, summed over the outputs;
+        None when an output grows along more than one axis with the chunk."""
+        sizes = [0, 0, 0]
+        for o in self.meta.outputs:
+            n, axes = np.dtype(o.dtype).itemsize, []
+            for d in o.shape[1:]:
+                if d in ("time", "frames"):
+                    axes.append(0 if d == "time" else 1)
+                elif isinstance(d, int):
+                    n *= d
+            if len(axes) > 1:
+                return None
+            sizes[axes[0] if axes else 2] += n
+        return sizes[0], sizes[1], sizes[2]
 
     def max_steps(self, budget: int) -> int:
         """The longest chunk (input steps, a multiple of the hop for PCM16) whose
