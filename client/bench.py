@@ -508,6 +508,38 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
+class CpuSampler:
+    """A process tree's CPU seconds sampled in the background (every ``every_s``), to
+    tell what it used between two wall-clock times: a load run's window, without the
+    set-up before it or the closing of its sessions after."""
+
+    def __init__(self, pid: int, every_s: float = 0.25) -> None:
+        self.pid, self.every_s = pid, every_s
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.time(), cpu_seconds(self.pid)))
+            if self._stop.wait(self.every_s):
+                self.samples.append((time.time(), cpu_seconds(self.pid)))
+                return
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def at(self, wall: float) -> float:
+        """CPU seconds at wall-clock time ``wall``, interpolated between samples."""
+        times = [t for t, _ in self.samples]
+        return float(np.interp(wall, times, [c for _, c in self.samples]))
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time (user and system) a process and its descendants have used so far
     (Linux: /proc/PID/stat)."""
@@ -630,15 +662,18 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
                 f"{name} " + ", ".join(f"{lv.streams}: {lv.latency_ms['p99']:.0f}"
                                        for lv in runs[name]) for name in targets))
         n = saturation_streams or levels[-1]
-        cpu_before = cpu_seconds(spawned.proc.pid) if spawned else 0.0
-        closed = summarize(n, duration_s, gen.run(
-            target, meta.name, meta.SerializeToString(), streams=n, chunk_ms=chunk_ms,
-            chunk_bytes=chunk_bytes, duration_s=duration_s, closed_loop=True))
-        # the server's CPU per answered chunk, every thread and worker process: what a
-        # host needs per chunk at full load (the clients' cost not included)
+        with (CpuSampler(spawned.proc.pid) if spawned else contextlib.nullcontext()
+              ) as cpu:
+            result = gen.run(target, meta.name, meta.SerializeToString(), streams=n,
+                             chunk_ms=chunk_ms, chunk_bytes=chunk_bytes,
+                             duration_s=duration_s, closed_loop=True)
+        closed = summarize(n, duration_s, result)
+        # the server's CPU per answered chunk, every thread and worker process, over the
+        # run's window (not the closing of the sessions it leaves open): what a host
+        # needs per chunk at full load (the clients' cost not included)
         cpu_us = None
-        if spawned and closed.answered:
-            cpu_us = 1e6 * (cpu_seconds(spawned.proc.pid) - cpu_before) / closed.answered
+        if cpu is not None and closed.answered:
+            cpu_us = 1e6 * (cpu.at(result.ended) - cpu.at(result.started)) / closed.answered
         log(f"closed loop, {n} streams: {closed.throughput:.0f} chunks/s, "
             f"p50 {closed.latency_ms['p50']:.2f} ms, load {closed.load_busy:.2f}"
             + (f", server CPU {cpu_us:.0f} us per chunk" if cpu_us is not None else ""))

@@ -99,25 +99,24 @@ async def _tick(t0: float, k: int, chunk_s: float, until: float, closed_loop: bo
 
 
 class _Closer:
-    """Closes, in the background, sessions a stream leaves without their end chunk (the
-    window ended in closed loop or after an overrun, a chunk failed), so that they do
-    not stay live on the server until its idle timeout and weigh on what runs next."""
+    """Closes the sessions a stream leaves without their end chunk (the window ended in
+    closed loop or after an overrun, a chunk failed), so that they do not stay live on
+    the server until its idle timeout and weigh on what runs next. The closes go out
+    once the run's window is over: they are no part of what it measures."""
 
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._left: list[tuple[AsyncClient, str]] = []
 
     def close(self, client: AsyncClient, session_id: str) -> None:
-        async def close() -> None:
+        self._left.append((client, session_id))
+
+    async def wait(self) -> None:
+        async def close(client: AsyncClient, session_id: str) -> None:
             with contextlib.suppress(grpc.aio.AioRpcError):  # gone already, or unreachable
                 await client.close_session(session_id)
 
-        task = asyncio.get_running_loop().create_task(close())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def wait(self) -> None:
-        while self._tasks:
-            await asyncio.gather(*self._tasks)
+        left, self._left = self._left, []
+        await asyncio.gather(*(close(c, sid) for c, sid in left))
 
 
 def _failure(exc: BaseException) -> str:
@@ -282,9 +281,9 @@ async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data]
                             until, session_chunks, pcm16, result, start, closed_loop,
                             closer)
                 for i, phase in enumerate(phases)))
-        result.ended = time.time()
+        result.ended, cpu1 = time.time(), time.process_time()
         await closer.wait()
-    result.busy = (time.process_time() - cpu0) / max(1e-9, result.ended - wall0)
+    result.busy = (cpu1 - cpu0) / max(1e-9, result.ended - wall0)
     return result
 
 
