@@ -292,6 +292,15 @@ class Core:
         if refused is not None:  # before the shared store has a record of it
             raise refused
 
+    async def _check_stored_owner(self, sid: str) -> None:
+        """With tokens: another principal's session is refused before its lease is taken
+        (and its writer changed): a refused caller must not hold the owner's replica
+        back while the refusal is under way."""
+        assert self.shared is not None
+        data = await self.shared.peek(sid)
+        if data is not None:
+            _check_owner(records.decode(data, sid))
+
     async def _resume(self, model: str, version: int, sid: str, refresh: bool = False
                       ) -> tuple[Session, ModelRuntime]:
         """The session ``sid`` live here: taken from the shared store when it has a newer
@@ -301,6 +310,8 @@ class Core:
         source = "memory"
         data, asked, taken = None, False, False
         if self.shared is not None:
+            if local is None and principal():
+                await self._check_stored_owner(sid)
             try:
                 got = await self.shared.acquire(sid)
                 asked = True

@@ -279,6 +279,13 @@ class RedisStore:
         writer = _text(status[2])
         return data, writer not in ("", self.owner)
 
+    async def peek(self, sid: str) -> bytes | None:
+        """The session's record as stored, its lease and writer untouched (None if there
+        is none): to check who owns it before taking it."""
+        key = self._keys(sid)[0]
+        data = await self._call("load", lambda: self._redis.hget(key, "data"))
+        return None if data is None else bytes(data)
+
     async def final(self, sid: str) -> bytes | None:
         """The record a session's last chunk left (for a minute), for a retry of it."""
         key = self._keys(sid)[2]

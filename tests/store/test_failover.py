@@ -270,6 +270,7 @@ def test_ownership_holds_across_replicas(repo, redis_server, tmp_path) -> None:
     b = serve(repo, tmp_path, "b", redis_server.url, "--tokens-file", str(tokens))
     c = serve(repo, tmp_path, "c", redis_server.url, "--tokens-file", str(tokens))
     x = np.zeros((2, 20), dtype=np.float32)
+    redis = redis_server.client()
     try:
         with Client(a.target, timeout=10, token="alice-token-0123456789") as alice, \
                 Client(b.target, timeout=10, token="bob-token-00123456789") as bob_on_b, \
@@ -278,10 +279,16 @@ def test_ownership_holds_across_replicas(repo, redis_server, tmp_path) -> None:
             sid = alice.open_session("feat").session_id
             alice.step(sid, 0, x)
             assert a.stop() == 0
+            record = f"rnnserve:{{{sid}}}:s"
+            writer = redis.hget(record, "w")
             for call in (lambda: bob_on_b.step(sid, 1, x), lambda: bob_on_b.close_session(sid),
                          lambda: bob_on_b.open_session("feat", session_id=sid, resume=True)):
                 code, msg = code_and_message(call)
                 assert code == grpc.StatusCode.PERMISSION_DENIED, msg
+                # refused before the lease is taken: it was, for a moment in which the
+                # owner's own replica was refused ('held'), and the writer stayed changed
+                assert redis.hget(record, "w") == writer
+                assert not redis.exists(f"rnnserve:{{{sid}}}:l")
             assert alice_on_c.step(sid, 1, x)["logits"].shape == (2, 7)  # not held on b
             assert c.stop() == 0  # hands the session over
             assert alice_on_b.step(sid, 2, x, end=True)["logits"].shape == (2, 7)
