@@ -127,10 +127,13 @@ def test_bearer_tokens_guard_both_apis_but_not_health(repo, tmp_path) -> None:
 def test_bad_security_settings_fail_at_start_with_one_line(repo, tmp_path) -> None:
     short = tmp_path / "short"
     short.write_text("tooshort alice\n")
+    twice = tmp_path / "twice"
+    twice.write_text(f"{TOKEN} alice\n{TOKEN} bob\n")
     for flags, needle in [
         (["--tls-cert-file", str(tmp_path / "c.pem")], "tls_cert_file and tls_key_file"),
         (["--tls-client-ca-file", str(tmp_path / "ca.pem")], "needs tls_cert_file"),
         (["--tokens-file", str(short)], "at least 16 characters"),
+        (["--tokens-file", str(twice)], "listed twice (lines 1 and 2)"),
         (["--tokens-file", str(tmp_path / "missing")], "cannot read the tokens file"),
     ]:
         with pytest.raises(RuntimeError) as info:
@@ -181,5 +184,77 @@ def test_a_session_belongs_to_the_principal_that_opened_it(repo, tmp_path) -> No
             y1 = logits(stub.ModelInfer(request(x[None, 3:], sequence_id=1,
                                                 sequence_end=True), metadata=as_alice))
             assert np.array_equal(np.concatenate([y0, y1], axis=1)[0], want)
+    finally:
+        assert srv.stop() == 0
+
+
+def test_an_unnamed_tokens_principal_comes_from_the_token_not_its_line(tmp_path) -> None:
+    """An unnamed token's principal is derived from the token: it cannot be named
+    explicitly by accident ('token2') and stays the same when lines are added above it
+    (the shared store keeps owners by name across restarts)."""
+    import hashlib
+
+    from rnnserve.server.auth import load_tokens
+
+    bob = "bob-secret-11111111111"
+    bob_name = "token-" + hashlib.sha256(bob.encode()).hexdigest()[:12]
+    before, after = tmp_path / "before", tmp_path / "after"
+    before.write_text(f"{TOKEN} token2\n{bob}\n")
+    after.write_text(f"# rotated\n\n{TOKEN} token2\ncarol-secret-2222222222\n{bob}\n")
+    assert load_tokens(before) == [(TOKEN.encode(), "token2"), (bob.encode(), bob_name)]
+    assert dict(load_tokens(after))[bob.encode()] == bob_name
+    names = [who for _, who in load_tokens(after)]
+    assert len(set(names)) == 3
+
+
+def test_a_token_listed_twice_is_refused_naming_the_lines_not_the_token(tmp_path) -> None:
+    from rnnserve.errors import UsageError
+    from rnnserve.server.auth import load_tokens
+
+    same = "same-token-0000000000"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{same} alice\n{TOKEN} carol\n{same} bob\n")
+    with pytest.raises(UsageError) as info:
+        load_tokens(tokens)
+    assert "lines 1 and 3" in str(info.value) and same not in str(info.value)
+    # several tokens for one principal (rotation) stay allowed
+    tokens.write_text(f"{same} alice\n{TOKEN} alice\n")
+    assert [who for _, who in load_tokens(tokens)] == ["alice", "alice"]
+
+
+def test_a_hash_starts_a_comment_only_at_a_line_start_or_after_whitespace(tmp_path) -> None:
+    from rnnserve.server.auth import TokenAuth, load_tokens
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("0123456789abcdef#Zq9!longer alice\n"
+                      "   # an indented comment\n"
+                      f"{TOKEN} bob # bob's, since May\n"
+                      f"{'x' * 20}\t#no principal here\n"
+                      f"{'y' * 20} carol#2\n")
+    assert load_tokens(tokens)[:2] == [(b"0123456789abcdef#Zq9!longer", "alice"),
+                                       (TOKEN.encode(), "bob")]
+    assert load_tokens(tokens)[2][1].startswith("token-")
+    assert load_tokens(tokens)[3][1] == "carol#2"
+    auth = TokenAuth(load_tokens(tokens))
+    assert auth._match(b"0123456789abcdef") is None
+    assert auth._match(b"0123456789abcdef#Zq9!longer") == "alice"
+
+
+def test_an_explicit_principal_named_like_a_line_cannot_reach_an_unnamed_tokens_session(
+        repo, tmp_path) -> None:
+    bob_token = "bob-secret-11111111111"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN} token2\n{bob_token}\n")
+    srv = start_server(repo, tmp_path / "s.log", "--tokens-file", str(tokens))
+    x = np.random.default_rng(1).standard_normal((6, 20)).astype(np.float32)
+    try:
+        with Client(srv.target, timeout=5, token=TOKEN) as alice, \
+                Client(srv.target, timeout=5, token=bob_token) as bob:
+            sid = bob.open_session("feat").session_id
+            bob.step(sid, 0, x[:3])
+            with pytest.raises(grpc.RpcError) as info:
+                alice.step(sid, 1, x[3:])
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            bob.step(sid, 1, x[3:], end=True)
     finally:
         assert srv.stop() == 0
