@@ -108,13 +108,34 @@ def _corrupt(session_id: str, why: str) -> RecordCorrupt:
                          "loaded (open a new session)")
 
 
+_MAX_DIMS = 32  # numpy's limit before 2.0
+_MAX_INT = 2**63  # numbers in a header are below it (int64), and so is every array's size
+
+
+def _int(value: Any, what: str, session_id: str) -> int:
+    if type(value) is not int or not 0 <= value < _MAX_INT:  # no bool, float, inf or nan
+        raise _corrupt(session_id, f"damaged (header: bad {what})")
+    return value
+
+
 def _array(spec: Any, buf: memoryview, at: int, session_id: str) -> tuple[np.ndarray, int]:
+    """The array that ``spec`` ([dtype, shape]) describes at ``at`` in ``buf``; a spec that
+    is not exactly that, or a size that the bytes left do not hold, is corrupt."""
+    if type(spec) is not list or len(spec) != 2:
+        raise _corrupt(session_id, "damaged (bad array description)")
     dtype_name, shape = spec
-    if dtype_name not in _DTYPES or not isinstance(shape, list) or \
-            not all(isinstance(d, int) and d >= 0 for d in shape):
+    if type(dtype_name) is not str or dtype_name not in _DTYPES or \
+            type(shape) is not list or len(shape) > _MAX_DIMS or \
+            not all(type(d) is int and 0 <= d < _MAX_INT for d in shape):
         raise _corrupt(session_id, "damaged (bad array description)")
     dtype = np.dtype(dtype_name).newbyteorder("<")
-    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    count = bound = 1
+    for d in shape:  # Python ints: no overflow; numpy refuses sizes past int64, zeros aside
+        count *= d
+        bound *= max(d, 1)
+    if bound * dtype.itemsize >= _MAX_INT:
+        raise _corrupt(session_id, "damaged (bad array description)")
+    n = count * dtype.itemsize
     if at + n > len(buf):
         raise _corrupt(session_id, "truncated")
     a = np.frombuffer(buf[at:at + n], dtype=dtype).reshape(shape)
@@ -132,13 +153,23 @@ def decode(data: bytes, session_id: str) -> Session:
         raise _corrupt(session_id, "damaged or truncated (checksum mismatch)")
     (n,) = struct.unpack_from("<I", body, len(MAGIC))
     start = len(MAGIC) + 4
+    if start + n > len(body):
+        raise _corrupt(session_id, "truncated")
     try:
         h = json.loads(body[start:start + n])
-        model, version, next_seq = str(h["model"]), int(h["version"]), int(h["next_seq"])
-        record_id, state_specs, ans = h["id"], list(h["state"]), h["answer"]
-        owner = str(h.get("owner", ""))
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise _corrupt(session_id, f"damaged (header: {exc.__class__.__name__})") from None
+    if type(h) is not dict or not {"id", "model", "version", "next_seq", "state",
+                                   "answer"} <= h.keys():
+        raise _corrupt(session_id, "damaged (header: not a session's)")
+    record_id, model, owner = h["id"], h["model"], h.get("owner", "")
+    if not (type(record_id) is str and type(model) is str and type(owner) is str):
+        raise _corrupt(session_id, "damaged (header: bad id, model or owner)")
+    version = _int(h["version"], "version", session_id)
+    next_seq = _int(h["next_seq"], "next_seq", session_id)
+    state_specs, ans = h["state"], h["answer"]
+    if type(state_specs) is not list:
+        raise _corrupt(session_id, "damaged (header: bad state)")
     if record_id != session_id:
         raise RecordForeign(f"the stored record under session {session_id!r} belongs to "
                             f"session {record_id!r}; it was not loaded")
@@ -149,15 +180,21 @@ def decode(data: bytes, session_id: str) -> Session:
         state.append(a)
     answer = None
     if ans is not None:
+        if type(ans) is not dict or type(ans.get("outputs")) is not list or \
+                type(ans.get("digest")) is not str or type(ans.get("end")) is not bool:
+            raise _corrupt(session_id, "damaged (answer: not an answer)")
+        seq = _int(ans.get("seq"), "answer seq", session_id)
         try:
-            outputs = []
-            for name, *spec in ans["outputs"]:
-                a, at = _array(spec, buf, at, session_id)
-                outputs.append((str(name), a))
-            answer = Answer(int(ans["seq"]), bytes.fromhex(ans["digest"]), outputs,
-                            bool(ans["end"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise _corrupt(session_id, f"damaged (answer: {exc.__class__.__name__})") from None
+            digest = bytes.fromhex(ans["digest"])
+        except ValueError:
+            raise _corrupt(session_id, "damaged (answer: bad digest)") from None
+        outputs = []
+        for out in ans["outputs"]:
+            if type(out) is not list or len(out) != 3 or type(out[0]) is not str:
+                raise _corrupt(session_id, "damaged (answer: bad output)")
+            a, at = _array(out[1:], buf, at, session_id)
+            outputs.append((out[0], a))
+        answer = Answer(seq, digest, outputs, ans["end"])
     if at != len(body):
         raise _corrupt(session_id, "damaged (payload length)")
     return Session(session_id, model, version, HostState(state), next_seq, answer=answer,

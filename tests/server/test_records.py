@@ -60,3 +60,59 @@ def test_a_flipped_byte_anywhere_is_refused() -> None:
         bad[at] ^= 0x40
         with pytest.raises(RecordCorrupt):
             records.decode(bytes(bad), "s")
+
+
+def _record(header: dict | bytes, payload: bytes = b"") -> bytes:
+    import zlib
+
+    head = header if isinstance(header, bytes) else json.dumps(header).encode()
+    body = records.MAGIC + struct.pack("<I", len(head)) + head + payload
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+_BASE = {"id": "s", "model": "m", "version": 1, "owner": "", "next_seq": 0, "answer": None}
+
+
+_CRAFTED = {
+    "state entry not a pair": _record(dict(_BASE, state=[5])),
+    "state entry of three": _record(dict(_BASE, state=[["float32", [1], 9]])),
+    "dtype a list": _record(dict(_BASE, state=[[["float32"], [1]]])),
+    "dimension a bool": _record(dict(_BASE, state=[["float32", [True]]]), b"\0" * 4),
+    "dimension a float": _record(dict(_BASE, state=[["float32", [1.0]]]), b"\0" * 4),
+    "shape product past int64": _record(dict(_BASE, state=[["float32", [2**32, 2**32]]])),
+    "dimension past int64": _record(dict(_BASE, state=[["float32", [2**70]]])),
+    "empty but huge": _record(dict(_BASE, state=[["float32", [0, 2**70]]])),
+    "65 dimensions": _record(dict(_BASE, state=[["float32", [1] * 65]]), b"\0" * 4),
+    "state past the payload": _record(dict(_BASE, state=[["float32", [2]]]), b"\0" * 4),
+    "payload past the state": _record(dict(_BASE, state=[["float32", [1]]]), b"\0" * 8),
+    "state an object": _record(dict(_BASE, state={"a": 1})),
+    "answer a list": _record(dict(_BASE, state=[], answer=[1])),
+    "output not a triple": _record(dict(_BASE, state=[], answer={
+        "seq": 1, "digest": "00", "end": True, "outputs": [5]})),
+    "answer seq infinite": _record(dict(_BASE, state=[], answer={
+        "seq": 1e400, "digest": "00", "end": True, "outputs": []})),
+    "next_seq a list": _record(dict(_BASE, state=[], next_seq=[1])),
+    "version Infinity": _record(b'{"id":"s","model":"m","version":Infinity,"owner":"",'
+                                b'"next_seq":0,"state":[],"answer":null}'),
+    "next_seq NaN": _record(b'{"id":"s","model":"m","version":1,"next_seq":NaN,'
+                            b'"state":[],"answer":null}'),
+    "header nested 100k deep": _record(
+        b'{"id":"s","model":"m","version":1,"next_seq":0,"answer":null,"state":'
+        + b"[" * 100000 + b"]" * 100000 + b"}"),
+    "header a list": _record(b"[1, 2]"),
+    "header not utf-8": _record(b"\xff\xfe"),
+}
+
+
+@pytest.mark.parametrize("record", list(_CRAFTED.values()), ids=list(_CRAFTED))
+def test_a_crafted_record_with_a_valid_checksum_is_refused_as_corrupt(record) -> None:
+    with pytest.raises(RecordCorrupt):
+        records.decode(record, "s")
+
+
+def test_the_header_length_cannot_point_past_the_record() -> None:
+    import zlib
+
+    body = records.MAGIC + struct.pack("<I", 1 << 30) + b"{}"
+    with pytest.raises(RecordCorrupt):
+        records.decode(body + struct.pack("<I", zlib.crc32(body)), "s")
