@@ -15,7 +15,7 @@ from rnnserve.protos.headers import SESSION_HEADER
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.protos.tensors import BY_NAME, TensorError, fill_tensor, from_tensor
-from rnnserve.server.core import ChunkInput, ChunkOutput, Core, StepRequest
+from rnnserve.server.core import ChunkInput, ChunkOutput, Core, StepRequest, check_id
 from rnnserve.server.errors import CoreError, InvalidChunk, ShuttingDown
 from rnnserve.server.interceptor import rpc_model
 from rnnserve.server.runtime import ModelRuntime
@@ -35,8 +35,10 @@ def routed_session_id(context: grpc.aio.ServicerContext, body_id: str) -> str:
     """
     header = next((v for k, v in context.invocation_metadata() or ()
                    if k == SESSION_HEADER), None)
+    check_id(body_id)
     if header is None or header == body_id:
         return body_id
+    check_id(str(header))
     if not body_id:
         return str(header)
     raise InvalidChunk(f"the {SESSION_HEADER} header names session {header!r} but the "

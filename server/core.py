@@ -109,6 +109,17 @@ class _Flight:
 StepRequest = tuple[str, int, "ChunkInput", bool]
 
 
+MAX_ID_CHARS = 256  # a session id (an OIP sequence: "model/id"); a UUID's hex is 32
+
+
+def check_id(session_id: str) -> None:
+    """Session ids are bounded: every id a client opens and closes is remembered for a
+    while (to say why it is gone), and errors name it."""
+    if len(session_id) > MAX_ID_CHARS:
+        raise InvalidChunk(f"a session id has at most {MAX_ID_CHARS} characters; this one "
+                           f"has {len(session_id)}")
+
+
 def _check_owner(session: Session) -> None:
     """A session serves only the principal that opened it (with authentication on)."""
     if session.owner != principal():
@@ -222,6 +233,7 @@ class Core:
 
     async def open(self, model: str, version: int = 0, session_id: str = "",
                    resume: bool = False) -> tuple[Session, ModelRuntime]:
+        check_id(session_id)
         if resume:
             session, runtime = await self._resume(model, version, session_id)
             self.store.touch(session)
@@ -426,6 +438,7 @@ class Core:
         session: Session | None = None
         code = "UNKNOWN"
         try:
+            check_id(session_id)
             try:
                 session = self.store.get(session_id)
             except GONE as gone:
@@ -785,6 +798,7 @@ class Core:
         return (session.model, session.version) if session is not None else ("", 0)
 
     async def close(self, session_id: str) -> None:
+        check_id(session_id)
         held = self.store.peek(session_id)
         if held is None and self.shared is not None:
             try:  # held elsewhere: load it, so that its owner is checked here too

@@ -49,7 +49,7 @@ from rnnserve.protos.oip import (
 )
 from rnnserve.protos.tensors import TensorError
 from rnnserve.server.api import DRAINING, StreamGate, abort, pipelined
-from rnnserve.server.core import GONE, ChunkInput, Core
+from rnnserve.server.core import GONE, ChunkInput, Core, check_id
 from rnnserve.server.errors import (
     CoreError,
     InvalidChunk,
@@ -276,6 +276,8 @@ def routing_check(context: grpc.aio.ServicerContext, label: str) -> None:
     header = next((v for k, v in context.invocation_metadata() or ()
                    if k == SESSION_HEADER), None)
     if header is not None and label and header != label:
+        check_id(str(header))  # named in the refusal
+        check_id(label)
         raise InvalidChunk(f"the {SESSION_HEADER} header names sequence {header!r} but the "
                            f"request names {label!r}; send the same id in both")
 

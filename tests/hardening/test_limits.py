@@ -162,3 +162,47 @@ def test_reflection_can_be_turned_off(repo, tmp_path, server) -> None:
             assert [m.name for m in c.list_models()] == ["feat", "text", "text"]
     finally:
         assert srv.stop() == 0
+
+
+def test_session_ids_are_bounded_on_every_api(server) -> None:
+    """Every id a client opens and closes is remembered a while (to say why it is gone)
+    and errors name ids: unbounded ids grew the server by their size each time (1 MiB
+    ids: +316 MiB after 300), and an error naming a 3 MiB id overflowed gRPC's limit on
+    error details (RESOURCE_EXHAUSTED instead of a clear refusal)."""
+    from rnnserve.protos.inference import grpc_service_pb2 as oip
+    from rnnserve.protos.inference import grpc_service_pb2_grpc as oip_grpc
+    from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
+    from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+    long_id, huge_id = "a" * 257, "b" * (3 << 20)
+    with Client(server.target, timeout=10, options=[
+            ("grpc.max_send_message_length", 8 << 20)]) as c, \
+            grpc.insecure_channel(server.target, options=[
+                ("grpc.max_send_message_length", 8 << 20)]) as ch:
+        ok = c.open_session("feat", session_id="c" * 256).session_id  # the longest id
+        c.step(ok, 0, X[:2])
+        for call in (lambda: c.open_session("feat", session_id=long_id),
+                     lambda: c.close_session(long_id),
+                     lambda: c.step(long_id, 0, X[:2])):
+            exc = refused(call)
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.details()
+            assert "at most 256 characters" in exc.details()
+        stub = pb_grpc.InferenceStub(ch)
+        exc = refused(stub.Step, pb.StepRequest(session_id=huge_id, chunk=pb.Chunk(seq=0)),
+                      timeout=10)
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.details()
+        many = pb.ManyRequest(id=1, items=[
+            pb.ManyItem(session_id=long_id, open=pb.OpenSessionRequest(model="feat")),
+            pb.ManyItem(session_id=ok, chunk=pb.Chunk(seq=1, tensor=pb.Tensor(
+                dtype=pb.DATA_TYPE_FLOAT32, shape=[2, 20], data=X[2:4].tobytes())))])
+        (resp,) = list(stub.StreamMany(iter([many]), timeout=10))
+        assert resp.results[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert resp.results[1].HasField("result")  # the other item goes on
+        req = oip.ModelInferRequest(model_name="feat")
+        req.parameters["sequence_id"].string_param = "s" * 300
+        req.parameters["sequence_start"].bool_param = True
+        inp = req.inputs.add(name="input", datatype="FP32", shape=[1, 2, 20])
+        inp.contents.fp32_contents.extend(X[:2].ravel().tolist())
+        exc = refused(oip_grpc.GRPCInferenceServiceStub(ch).ModelInfer, req, timeout=10)
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.details()
+        assert "at most 256 characters" in exc.details()
