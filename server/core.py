@@ -126,6 +126,9 @@ def _check_owner(session: Session) -> None:
         raise SessionForbidden(f"session {session.id!r} belongs to another principal")
 
 
+check_owner = _check_owner  # for the API adapters
+
+
 def _code(exc: Exception) -> str:
     """The status code name a step's failure is counted under."""
     return exc.code if isinstance(exc, CoreError) else "UNKNOWN"

@@ -49,7 +49,7 @@ from rnnserve.protos.oip import (
 )
 from rnnserve.protos.tensors import TensorError
 from rnnserve.server.api import DRAINING, StreamGate, abort, pipelined
-from rnnserve.server.core import GONE, ChunkInput, Core, check_id
+from rnnserve.server.core import GONE, ChunkInput, Core, check_id, check_owner
 from rnnserve.server.errors import (
     CoreError,
     InvalidChunk,
@@ -486,6 +486,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 session, runtime = await self.core.open(asked.name, 0, sid, resume=True)
             else:
                 session = self.core.store.get(sid)
+                check_owner(session)  # before anything of it is told (its version)
                 runtime = self.core.registry.get(session.model, session.version)
             if session.model != asked.name or (version and session.version != asked.version):
                 raise InvalidChunk(f"sequence {seq.label} runs on version {session.version} "

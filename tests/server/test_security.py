@@ -184,6 +184,15 @@ def test_a_session_belongs_to_the_principal_that_opened_it(repo, tmp_path) -> No
             y1 = logits(stub.ModelInfer(request(x[None, 3:], sequence_id=1,
                                                 sequence_end=True), metadata=as_alice))
             assert np.array_equal(np.concatenate([y0, y1], axis=1)[0], want)
+            # nothing of Alice's sequence is told to Bob, not even its version
+            text = np.frombuffer(b"abcdef", np.uint8)[None]
+            stub.ModelInfer(request(text, "text", datatype="UINT8", version="1",
+                                    sequence_id=5, sequence_start=True), metadata=as_alice)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(request(text, "text", datatype="UINT8", version="2",
+                                        sequence_id=5), metadata=as_bob)
+            assert info.value.code() == denied, info.value.details()
+            assert "version" not in info.value.details()
     finally:
         assert srv.stop() == 0
 
