@@ -336,6 +336,8 @@ async def serve(settings: Settings, worker: Worker | None = None,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # a worker starts with them blocked (workers.py): one that came meanwhile comes now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     if stop_fd is not None:
         def parent_gone() -> None:
             loop.remove_reader(stop_fd)  # at end of file it would stay readable

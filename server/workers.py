@@ -25,22 +25,34 @@ otherwise answers NOT_FOUND naming its worker unless it is the session's own.
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
+import http.client
 import json
 import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -59,6 +71,10 @@ SCRAPE_TIMEOUT_S = 5.0
 # terminationGracePeriodSeconds = preStop sleep + grace + 5 s), or the kubelet's SIGKILL
 # comes first and the supervisor never reports the stuck worker.
 STOP_MARGIN_S = 3.0
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# The workers' /metrics are on 127.0.0.1: never through a proxy from the environment
+# (urllib's default opener follows http_proxy for any host, 127.0.0.1 included).
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def worker_settings(settings: Settings, port: int) -> Settings:
@@ -108,22 +124,24 @@ class WorkerScrape:
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="scrape")
 
     @staticmethod
-    def _fetch(port: int) -> str | None:
+    def _fetch(port: int) -> list[Metric] | None:
+        """A worker's metric families; None when it does not answer whole (it may be
+        dying mid-response: a truncated body, a broken exposition)."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
-                                        timeout=SCRAPE_TIMEOUT_S) as r:
-                return str(r.read().decode())
-        except OSError:
+            with _DIRECT.open(f"http://127.0.0.1:{port}/metrics",
+                              timeout=SCRAPE_TIMEOUT_S) as r:
+                return list(text_string_to_metric_families(r.read().decode()))
+        except (OSError, http.client.HTTPException, ValueError):
             return None
 
     def collect(self) -> Iterator[Metric]:
         ports = self._ports()
-        texts = self._pool.map(self._fetch, ports.values())
+        scraped = self._pool.map(self._fetch, ports.values())
         merged: dict[str, Metric] = {}
-        for index, text in zip(ports, texts, strict=True):
-            if text is None:
+        for index, families in zip(ports, scraped, strict=True):
+            if families is None:
                 continue
-            for family in text_string_to_metric_families(text):
+            for family in families:
                 into = merged.get(family.name)
                 if into is None:
                     into = merged[family.name] = Metric(family.name, family.documentation,
@@ -142,6 +160,8 @@ class Supervisor:
         self.owner = server_name()
         self.stopping = threading.Event()
         self._ctx = multiprocessing.get_context("spawn")
+        self._lock: int | None = None  # the port's lock file (see hold_port)
+        disable_created_metrics()  # no *_created series, as in the workers (app.py)
         self.registry = CollectorRegistry()
         self.up = Gauge("rnnserve_worker_up", "1 while the worker process serves, by worker",
                         ["worker"], registry=self.registry)
@@ -160,7 +180,19 @@ class Supervisor:
             target=_worker_main, name=f"rnnserve-worker-{slot.index}",
             args=(worker_settings(self.settings, self.port),
                   Worker(slot.index, self.count, self.owner), theirs))
-        proc.start()
+        # The worker starts with SIGTERM and SIGINT blocked (the mask is inherited
+        # across the spawn's fork and exec) and unblocks them once its handlers are in
+        # place (app.serve): one that arrives while it imports or loads is delivered
+        # then and drains it, instead of killing it with the default action. Here they
+        # are held for the moment of the start; ours runs when they are unblocked.
+        # multiprocessing's resource tracker is started first: starting it (in the first
+        # proc.start) unblocks both signals, which would leave the worker without them.
+        resource_tracker.ensure_running()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         theirs.close()
         slot.proc, slot.conn, slot.ready = proc, ours, None
         slot.started, slot.restart_at = time.monotonic(), None
@@ -178,16 +210,61 @@ class Supervisor:
                     try:
                         slot.ready = slot.conn.recv()
                     except EOFError:
-                        slot.proc.join()
-                        return slot.proc.exitcode or EXIT_ERROR
+                        return self._failed_start(slot)
                     self.up.labels(str(slot.index)).set(1)
                     waiting.remove(slot)
                 elif not slot.proc.is_alive():
-                    return slot.proc.exitcode or EXIT_ERROR
+                    return self._failed_start(slot)
             if waiting:
                 wait([s.conn for s in waiting if s.conn is not None]
                      + [s.proc.sentinel for s in waiting if s.proc is not None], timeout=0.5)
         return None
+
+    @staticmethod
+    def _failed_start(slot: _Slot) -> int:
+        """The exit status for a worker that exited before it was ready: its own when it
+        exited with one (it said why on stderr), else EXIT_ERROR, and a line saying so
+        (a signal, e.g. the OOM killer's, leaves nothing else)."""
+        assert slot.proc is not None
+        slot.proc.join()
+        code = slot.proc.exitcode
+        if code is not None and code > 0:
+            return code
+        how = f"signal {-code}" if code is not None and code < 0 else f"status {code}"
+        log.error("worker %d (pid %s) died during start (%s)", slot.index, slot.proc.pid, how)
+        return EXIT_ERROR
+
+    def hold_port(self) -> None:
+        """Refuse a gRPC port that another server serves already. The workers bind it
+        with SO_REUSEPORT, which lets any socket of the same user with that option join
+        (and take a share of the connections), so the bind alone cannot tell: a
+        supervisor takes a lock on the port (a lock file, held while it runs) against
+        one starting beside it, and refuses the port when it accepts connections (a
+        server that does not take the lock). A lone server's plain bind already fails
+        on the workers' port, and theirs on its port. Port 0 is the kernel's pick."""
+        port = self.port
+        if port == 0:
+            return
+        where = f"{self.settings.host}:{port}"
+        taken = UsageError(f"cannot listen on {where}: the port is taken (another server?)")
+        path = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(),
+                            f"rnnserve-{os.getuid()}-port-{port}.lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            log.warning("cannot lock %s (%s): checking port %d by connecting only", path,
+                        exc.strerror or exc, port)
+        else:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise taken from None
+                raise
+            self._lock = fd  # released when this process exits, however it exits
+        if _accepts(self.settings.host, port):
+            raise taken
 
     def start(self) -> int | None:
         """Start the workers: the first picks the port when it is 0; None when all
@@ -245,25 +322,49 @@ class Supervisor:
 
     def stop(self) -> int:
         """Drain every worker (SIGTERM), kill those that outlast the grace; 0 when
-        all exited cleanly."""
-        alive = [s.proc for s in self.slots if s.proc is not None and s.proc.is_alive()]
-        for proc in alive:
-            assert proc.pid is not None
-            os.kill(proc.pid, signal.SIGTERM)
+        all exited cleanly, counting those that had died already (before the stop, or
+        not yet seen by watch)."""
+        procs = [s.proc for s in self.slots if s.proc is not None]
+        for proc in procs:
+            if proc.is_alive():
+                assert proc.pid is not None
+                os.kill(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.settings.shutdown_grace_s + STOP_MARGIN_S
         status = 0
-        for proc in alive:
+        for proc in procs:
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 log.error("%s did not stop within the grace; killing it", proc.name)
                 proc.kill()
                 proc.join()
             if proc.exitcode:
+                log.error("%s (pid %s) exited with status %s", proc.name, proc.pid,
+                          proc.exitcode)
                 status = 1
         for slot in self.slots:
             if slot.conn is not None:
                 slot.conn.close()
         return status
+
+
+def _accepts(host: str, port: int) -> bool:
+    """Whether something accepts connections on ``host``:``port`` (the loopback
+    address for a wildcard host)."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return False  # the workers' bind says what is wrong with the host
+    for family, kind, proto, _, addr in infos:
+        if addr[0] in ("0.0.0.0", "::"):
+            addr = ("127.0.0.1" if family == socket.AF_INET else "::1", *addr[1:])
+        with socket.socket(family, kind, proto) as s:
+            s.settimeout(1.0)
+            try:
+                s.connect(addr)
+            except OSError:
+                continue
+            return True
+    return False
 
 
 def supervise(settings: Settings) -> int:
@@ -273,6 +374,7 @@ def supervise(settings: Settings) -> int:
     # before any worker starts: a SIGTERM while they load must stop them, not kill us
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sup.stopping.set())
+    sup.hold_port()  # before anything else: a second server on the port fails at once
     if settings.session_store == "memory":
         log.warning("%d workers without a shared session store: a session lives in the "
                     "worker that opened it, and a call on a new connection may reach "

@@ -4,10 +4,13 @@ metrics gathered by the supervising process, restarted when they die, drained to
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import pytest
 
 from rnnserve.client import OWN_CONNECTION, AsyncClient, Client
 from rnnserve.server.settings import Settings
-from rnnserve.server.workers import worker_settings
+from rnnserve.server.workers import WorkerScrape, worker_settings
 
 from ..monitoring.prom import promtool
 from .serving import ServerProcess, metric_value, start_server
@@ -248,3 +251,143 @@ def test_connections_past_their_age_reconnect_and_spread_over_the_workers(
         assert min(started) > 0, started
     else:
         assert min(started) == 0, started
+
+
+def _serve(repo: Path, log: Path, *flags: str, env: dict[str, str] | None = None,
+           **popen) -> subprocess.Popen[str]:
+    """``rnnserve serve`` as start_server runs it, not waiting for its ready line."""
+    cmd = [sys.executable, "-m", "rnnserve", "serve", "--repo", str(repo), "--host",
+           "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--device", "cpu",
+           "--intra-op-threads", "1", *flags]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
+                            env={**base, **(env or {})}, **popen)
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The worker processes a supervisor started (not multiprocessing's helpers)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                cmd = Path(f"/proc/{child}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue
+            if b"resource_tracker" not in cmd:
+                found.append(int(child))
+    return found
+
+
+def test_worker_metrics_are_gathered_with_a_proxy_in_the_environment(repo, tmp_path) -> None:
+    no_proxy = {"http_proxy": "", "HTTP_PROXY": "", "no_proxy": "", "NO_PROXY": ""}
+    proc = _serve(repo, tmp_path / "proxy.log", "--workers", "2",
+                  env={**no_proxy, "http_proxy": "http://127.0.0.1:9",
+                       "HTTP_PROXY": "http://127.0.0.1:9"})
+    assert proc.stdout is not None
+    ready = json.loads(proc.stdout.readline())
+    srv = ServerProcess(proc, ready["grpc_port"], ready["metrics_port"],
+                        tmp_path / "proxy.log", ready["workers"])
+    try:
+        text = srv.metrics()
+        for w in ("0", "1"):
+            assert metric_value(text, "rnnserve_worker_up", worker=w) == 1
+            assert metric_value(text, "rnnserve_model_info", worker=w, model="feat") == 1
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_worker_that_dies_mid_response_is_left_out_of_the_scrape() -> None:
+    """A worker's /metrics cut short (it died while answering) is that worker's
+    series left out, not an error for the whole /metrics."""
+    bodies = [b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n# TYPE a gauge\na 1\n",
+              b"HTTP/1.0 200 OK\r\n\r\n# TYPE a gauge\na{x=\"1",
+              b"HTTP/1.0 200 OK\r\n\r\n# TYPE a gauge\na 2\n"]
+    servers = []
+    for body in bodies:
+        s = socket.create_server(("127.0.0.1", 0))
+        servers.append(s)
+
+        def answer(s: socket.socket = s, body: bytes = body) -> None:
+            conn, _ = s.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(body)
+
+        threading.Thread(target=answer, daemon=True).start()
+    ports = {i: s.getsockname()[1] for i, s in enumerate(servers)}
+    try:
+        families = list(WorkerScrape(lambda: ports).collect())
+    finally:
+        for s in servers:
+            s.close()
+    assert [(f.name, [(x.labels, x.value) for x in f.samples]) for f in families] == [
+        ("a", [({"worker": "2"}, 2.0)])]
+
+
+def test_a_worker_killed_while_it_starts_is_reported(repo, tmp_path) -> None:
+    log = tmp_path / "killed.log"
+    proc = _serve(repo, log, "--workers", "2")
+    wait_until("worker 0 started", lambda: _workers_of(proc.pid), 30)
+    (victim,) = _workers_of(proc.pid)
+    os.kill(victim, signal.SIGKILL)
+    assert proc.wait(30) == 1
+    assert proc.stdout is not None and proc.stdout.read() == ""
+    assert f"worker 0 (pid {victim}) died during start (signal 9)" in log.read_text()
+
+
+def test_a_worker_dead_at_the_stop_sets_the_exit_status(workers: ServerProcess) -> None:
+    os.kill(workers.workers[1], signal.SIGKILL)
+    workers.proc.send_signal(signal.SIGTERM)  # before it is started again
+    assert workers.proc.wait(30) == 1
+    assert "rnnserve-worker-1 (pid" in workers.log.read_text()
+
+
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_a_stop_signal_while_the_workers_load_drains_them(repo, tmp_path, how) -> None:
+    log = tmp_path / "early.log"
+    proc = _serve(repo, log, "--workers", "2", start_new_session=True)
+    wait_until("worker 0 started", lambda: _workers_of(proc.pid), 30)
+    (first,) = _workers_of(proc.pid)  # just started: importing, then loading
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    else:  # the terminal sends it to the whole process group
+        os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(60) == 0, log.read_text()[-3000:]
+    wait_until("worker gone", lambda: not alive(first), 10)
+    text = log.read_text()
+    assert "[worker 0]: stopped" in text and "Traceback" not in text, text[-3000:]
+
+
+def test_a_stop_signal_while_a_worker_starts_again_drains_it(workers: ServerProcess) -> None:
+    os.kill(workers.workers[1], signal.SIGKILL)
+    wait_until("worker 1 started again", lambda: "started again" in workers.log.read_text())
+    workers.proc.send_signal(signal.SIGTERM)
+    assert workers.proc.wait(30) == 0, workers.log.read_text()[-3000:]
+    assert workers.log.read_text().count("[worker 1]: stopped") == 1
+
+
+def test_the_supervisor_exports_no_created_series(workers: ServerProcess) -> None:
+    text = workers.metrics()
+    assert "_created" not in text, [x for x in text.splitlines() if "_created" in x]
+
+
+def test_a_second_supervisor_on_the_port_is_refused_in_one_line(repo, tmp_path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    first = start_server(repo, tmp_path / "first.log", "--workers", "2",
+                         "--grpc-port", str(port))
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "rnnserve", "serve", "--repo", str(repo), "--host",
+             "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0",
+             "--workers", "2"], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1, second.stderr
+        assert second.stdout == ""
+        assert second.stderr.strip().splitlines() == [
+            f"rnnserve serve: error: cannot listen on 127.0.0.1:{port}: the port is taken "
+            "(another server?)"], second.stderr
+        # the first serves on, alone
+        assert metric_value(first.metrics(), "rnnserve_worker_up") == 2
+    finally:
+        assert first.stop() == 0
