@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     and the device; one process answers a few thousand chunks a second at most. Limits
     (sessions, queue, state bytes, pool rows) are per worker, and a session lives in the
     worker that opened it: a new connection reaches it only with a shared session_store."""
+    worker_hang_s: float = Field(10.0, gt=0)
+    """With workers: a serving worker whose event loop sent no heartbeat (one a second)
+    for this long is hung; it is killed and started again."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when onnxruntime obtains it, else CPU; cuda: fail without it."""
     device_id: int = Field(0, ge=0)

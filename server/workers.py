@@ -72,6 +72,7 @@ SCRAPE_TIMEOUT_S = 5.0
 # comes first and the supervisor never reports the stuck worker.
 STOP_MARGIN_S = 3.0
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+HEARTBEAT_S = 1.0  # a serving worker's event loop sends one this often (see watch)
 # The workers' /metrics are on 127.0.0.1: never through a proxy from the environment
 # (urllib's default opener follows http_proxy for any host, 127.0.0.1 included).
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -92,9 +93,22 @@ def _worker_main(settings: Settings, worker: Worker, conn: Connection) -> None:
     to the supervisor over ``conn``, stopping when ``conn`` closes."""
     index = worker.index
     log_to_stderr(f"[worker {index}]")
+    beats: set[asyncio.Task[None]] = set()
+
+    async def heartbeat() -> None:  # a blocked event loop sends none
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                conn.send(None)
+            except OSError:  # the supervisor is gone: serve() stops on the pipe's end
+                return
+
+    def ready(line: dict[str, Any]) -> None:  # called on the event loop
+        conn.send(line)
+        beats.add(asyncio.get_running_loop().create_task(heartbeat()))
+
     try:
-        code = asyncio.run(serve(settings, worker, on_ready=conn.send,
-                                 stop_fd=conn.fileno()))
+        code = asyncio.run(serve(settings, worker, on_ready=ready, stop_fd=conn.fileno()))
     except RnnserveError as exc:
         print(f"rnnserve serve: error: [worker {index}] {exc}", file=sys.stderr, flush=True)
         code = EXIT_ERROR
@@ -110,6 +124,7 @@ class _Slot:
         self.conn: Connection | None = None
         self.ready: dict[str, Any] | None = None
         self.started = 0.0
+        self.beat = 0.0  # when its last message (ready line or heartbeat) came
         self.pause = 1.0
         self.restart_at: float | None = None
 
@@ -196,6 +211,7 @@ class Supervisor:
         theirs.close()
         slot.proc, slot.conn, slot.ready = proc, ours, None
         slot.started, slot.restart_at = time.monotonic(), None
+        slot.beat = slot.started
 
     def _await_ready(self, slots: list[_Slot]) -> int | None:
         """Wait until every slot's worker is ready; the exit status of the first that
@@ -211,6 +227,7 @@ class Supervisor:
                         slot.ready = slot.conn.recv()
                     except EOFError:
                         return self._failed_start(slot)
+                    slot.beat = time.monotonic()
                     self.up.labels(str(slot.index)).set(1)
                     waiting.remove(slot)
                 elif not slot.proc.is_alive():
@@ -280,7 +297,8 @@ class Supervisor:
         return self._await_ready(self.slots[1:])
 
     def watch(self) -> None:
-        """Until told to stop: restart the workers that die."""
+        """Until told to stop: restart the workers that die, kill those that hang
+        (no heartbeat from their event loop for worker_hang_s once serving)."""
         while not self.stopping.is_set():
             sentinels = [s.proc.sentinel for s in self.slots
                          if s.proc is not None and s.restart_at is None]
@@ -298,12 +316,28 @@ class Supervisor:
                     continue
                 if slot.proc is not None and not slot.proc.is_alive():
                     self._died(slot, now)
-                elif slot.ready is None and slot.conn is not None and slot.conn.poll():
-                    try:
-                        slot.ready = slot.conn.recv()
-                        self.up.labels(str(slot.index)).set(1)
-                    except EOFError:
-                        pass  # it died: seen on the next pass
+                    continue
+                self._read(slot)
+                hung_s = time.monotonic() - slot.beat
+                if (slot.ready is not None and slot.proc is not None
+                        and hung_s > self.settings.worker_hang_s):
+                    log.error("worker %d (pid %s) is hung: no heartbeat for %.0fs; killing it",
+                              slot.index, slot.proc.pid, hung_s)
+                    slot.proc.kill()  # seen dead on the next pass, and started again
+                    slot.ready = None
+                    self.up.labels(str(slot.index)).set(0)
+
+    def _read(self, slot: _Slot) -> None:
+        """Take what a worker sent: its ready line, heartbeats."""
+        while slot.conn is not None and slot.conn.poll():
+            try:
+                message = slot.conn.recv()
+            except (EOFError, OSError):
+                return  # it died: seen on the next pass
+            slot.beat = time.monotonic()
+            if message is not None and slot.ready is None:
+                slot.ready = message
+                self.up.labels(str(slot.index)).set(1)
 
     def _died(self, slot: _Slot, now: float) -> None:
         assert slot.proc is not None

@@ -391,3 +391,20 @@ def test_a_second_supervisor_on_the_port_is_refused_in_one_line(repo, tmp_path) 
         assert metric_value(first.metrics(), "rnnserve_worker_up") == 2
     finally:
         assert first.stop() == 0
+
+
+def test_a_hung_worker_is_killed_and_started_again(repo, tmp_path) -> None:
+    srv = start_server(repo, tmp_path / "hung.log", "--workers", "2", "--worker-hang-s", "2")
+    try:
+        victim = srv.workers[1]
+        os.kill(victim, signal.SIGSTOP)  # its event loop sends no heartbeat
+        wait_until("worker 1 killed, restarted and up", lambda: metric_value(
+            srv.metrics(), "rnnserve_worker_restarts_total", worker="1") == 1 and
+            metric_value(srv.metrics(), "rnnserve_worker_up", worker="1") == 1)
+        wait_until("the hung worker gone", lambda: not alive(victim), 5)
+        log = srv.log.read_text()
+        assert f"worker 1 (pid {victim}) is hung: no heartbeat for" in log
+        # the other was never taken for hung
+        assert metric_value(srv.metrics(), "rnnserve_worker_restarts_total", worker="0") == 0
+    finally:
+        assert srv.stop() == 0
