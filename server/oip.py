@@ -48,7 +48,7 @@ from rnnserve.protos.oip import (
     parameter_value,
 )
 from rnnserve.protos.tensors import TensorError
-from rnnserve.server.api import DRAINING, StreamGate, abort, pipelined
+from rnnserve.server.api import StreamGate, abort, pipelined
 from rnnserve.server.core import GONE, ChunkInput, Core, check_id, check_owner
 from rnnserve.server.errors import (
     CoreError,
@@ -56,7 +56,6 @@ from rnnserve.server.errors import (
     SessionExists,
     SessionMoved,
     SessionTaken,
-    ShuttingDown,
 )
 from rnnserve.server.interceptor import rpc_model
 from rnnserve.server.runtime import ANSWER_OVERHEAD, ModelRuntime
@@ -213,7 +212,7 @@ def input_rows(req: pb.ModelInferRequest, runtime: ModelRuntime, max_rows: int |
         if len(lengths) > 1:
             raise InvalidChunk("the strings of one request must have the same length in "
                                "bytes (their outputs form one tensor); send them apart")
-        _check_answer(runtime, x.shape[0], lengths.pop(), max_rows)
+        _check_answer(runtime, x.shape[0], lengths.pop())
         return [ChunkInput(array=np.frombuffer(b, dtype=np.uint8)) for b in x.reshape(-1)]
     if t.datatype != want_type or x.ndim != 2 + len(frame) or list(x.shape[2:]) != frame:
         raise InvalidChunk(f"model {runtime.name!r} input {meta.name!r} takes {want}; got "
@@ -221,7 +220,7 @@ def input_rows(req: pb.ModelInferRequest, runtime: ModelRuntime, max_rows: int |
     _check_rows(runtime, x.shape[0], max_rows)
     if x.shape[1] < 1:
         raise InvalidChunk("the input's time dimension is 0; send at least one time step")
-    _check_answer(runtime, x.shape[0], x.shape[1], max_rows)
+    _check_answer(runtime, x.shape[0], x.shape[1])
     return [ChunkInput(array=row) for row in x]
 
 
@@ -239,13 +238,13 @@ def _check_rows(runtime: ModelRuntime, rows: int, max_rows: int | None) -> None:
                            "request")
 
 
-def _check_answer(runtime: ModelRuntime, rows: int, steps: int, max_rows: int | None) -> None:
+def _check_answer(runtime: ModelRuntime, rows: int, steps: int) -> None:
     """A stateless request is answered in one message holding every row's outputs: one
     that could not be sent is refused before any row runs. (A row too long on its own
     is refused by the runtime's check, which says how many steps fit.)"""
     limit = runtime.options.max_answer_bytes
     one = runtime.answer_bytes(steps)
-    if max_rows is None or not limit or one > limit or rows * one <= limit:
+    if not limit or one > limit or rows * one <= limit:
         return
     raise InvalidChunk(f"model {runtime.name!r}: {rows} rows of {steps} steps would be "
                        f"answered with {rows * one} bytes of outputs in one message, more "
@@ -410,7 +409,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                     out = await self.core.step(sid, session.next_seq, chunk, seq.end, api=API,
                                                expires=expires)
                 except BaseException as exc:
-                    await self._unstart(sid)
+                    await self.core.undo_open(session)
                     if isinstance(exc, CoreError):
                         exc.args = (f"{exc}; sequence {seq.label} was not started: send its "
                                     "first request again with the START flag",)
@@ -422,11 +421,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 try:
                     out = await self.core.step(sid, session.next_seq, chunk, seq.end, api=API,
                                                expires=expires)
-                except SessionMoved as exc:
+                except SessionTaken:
+                    raise  # steps served from memory were lost
+                except SessionMoved:
                     # the copy here was outdated and is dropped: once more from the store's
-                    # record; not when steps served from memory were lost (SessionTaken)
-                    if isinstance(exc, SessionTaken):
-                        raise
+                    # record
                     session, runtime = await self._live(runtime, seq, sid, req.model_version)
                     out = await self.core.step(sid, session.next_seq, chunk, seq.end, api=API,
                                                expires=expires)
@@ -437,8 +436,6 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         """A start: the sequence opened from a zero state, after the live one of that id
         (here, or with a shared store anywhere) is closed. A drain refuses before
         anything is closed."""
-        if not self.core.accepting:
-            raise ShuttingDown(DRAINING)
         try:
             session, _ = await self.core.open(runtime.name, runtime.version, sid)
         except SessionExists:
@@ -453,27 +450,6 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                             "flag",)
                 raise
         return session
-
-    async def _unstart(self, sid: str) -> None:
-        """Close the sequence of a start whose step failed, so that no later request
-        runs from its zero state. In a task the call's cancellation cannot stop, and
-        its turn is held until the close is done."""
-
-        async def close() -> None:
-            try:
-                await self.core.close(sid)
-            except CoreError as exc:  # gone already (evicted, refused by the store)
-                log.info("sequence %s: closing after its failed start: %s", sid, exc)
-
-        closing = asyncio.get_running_loop().create_task(close())
-        cancelled = False
-        while not closing.done():
-            try:
-                await asyncio.shield(closing)
-            except asyncio.CancelledError:
-                cancelled = True
-        if cancelled:
-            raise asyncio.CancelledError
 
     async def _live(self, runtime: ModelRuntime, seq: SequenceParams, sid: str,
                     version: str) -> tuple[Session, ModelRuntime]:
