@@ -35,12 +35,12 @@ def routed_session_id(context: grpc.aio.ServicerContext, body_id: str) -> str:
     """
     header = next((v for k, v in context.invocation_metadata() or ()
                    if k == SESSION_HEADER), None)
-    check_id(body_id)
     if header is None or header == body_id:
         return body_id
-    check_id(str(header))
     if not body_id:
         return str(header)
+    check_id(body_id)  # named in the refusal (the core checks the ids it is given)
+    check_id(str(header))
     raise InvalidChunk(f"the {SESSION_HEADER} header names session {header!r} but the "
                        f"request names {body_id!r}; send the same id in both")
 

@@ -120,13 +120,10 @@ def check_id(session_id: str) -> None:
                            f"has {len(session_id)}")
 
 
-def _check_owner(session: Session) -> None:
+def check_owner(session: Session) -> None:
     """A session serves only the principal that opened it (with authentication on)."""
     if session.owner != principal():
         raise SessionForbidden(f"session {session.id!r} belongs to another principal")
-
-
-check_owner = _check_owner  # for the API adapters
 
 
 def _code(exc: Exception) -> str:
@@ -223,9 +220,15 @@ class Core:
 
     def let_go_later(self, sids: list[str]) -> None:
         """``let_go`` in a task (for callers that cannot wait, or are going away)."""
-        task = asyncio.get_running_loop().create_task(self.let_go(sids))
+        self._in_background(self.let_go(sids))
+
+    def _in_background(self, coro: Coroutine[None, None, None]) -> asyncio.Task[None]:
+        """A store call in a task of its own, kept until done: it finishes even when the
+        caller that started it is cancelled."""
+        task = asyncio.get_running_loop().create_task(coro)
         self._letting_go.add(task)
         task.add_done_callback(self._letting_go.discard)
+        return task
 
     def _degraded(self, op: str, exc: StoreUnavailable) -> None:
         if not self.degrade:
@@ -271,10 +274,7 @@ class Core:
             return  # ended meanwhile
         self.store.close(session.id)
         if self.shared is not None:
-            task = asyncio.get_running_loop().create_task(self._forget(session.id))
-            self._letting_go.add(task)
-            task.add_done_callback(self._letting_go.discard)
-            await asyncio.shield(task)
+            await asyncio.shield(self._in_background(self._forget(session.id)))
 
     async def _forget(self, sid: str) -> None:
         assert self.shared is not None
@@ -314,7 +314,7 @@ class Core:
         assert self.shared is not None
         data = await self.shared.peek(sid)
         if data is not None:
-            _check_owner(records.decode(data, sid))
+            check_owner(records.decode(data, sid))
 
     async def _resume(self, model: str, version: int, sid: str, refresh: bool = False
                       ) -> tuple[Session, ModelRuntime]:
@@ -354,7 +354,7 @@ class Core:
                                             "this server does not serve") from None
                     records.check(stored, runtime)
                     if local is None:  # before it moves in: another's caller takes nothing
-                        _check_owner(stored)
+                        check_owner(stored)
                     # a copy here as new as the record stays (no copy of the state); one
                     # newer than it (steps served while the store was down) is not undone,
                     # unless another server took the session since: its line stands
@@ -373,7 +373,7 @@ class Core:
         session = self.store.get(sid)
         if asked:
             session.unsure = False  # the store's say is known now
-        _check_owner(session)
+        check_owner(session)
         runtime = self.registry.get(session.model, session.version)
         if model and (model != session.model or (version and version != session.version)):
             raise InvalidChunk(f"session {sid!r} belongs to model {session.model!r} "
@@ -451,12 +451,12 @@ class Core:
                     if ended is None or ended.answer is None or seq != ended.answer.seq:
                         raise
                     session = ended
-                    _check_owner(ended)
+                    check_owner(ended)
                     out = self._retry(session_id, ended.answer,
                                       self.registry.get(ended.model, ended.version), chunk)
                     code = "OK"
                     return out
-            _check_owner(session)
+            check_owner(session)
             if self._stale(session, seq):
                 session = await self._refresh(session)
             out = await self._step(session, seq, chunk, end, expires)
@@ -506,7 +506,7 @@ class Core:
                 except GONE:
                     coro = self.step(sid, seq, chunk, end, api)
                 else:
-                    _check_owner(session)
+                    check_owner(session)
                     if self._stale(session, seq):  # step's path refreshes it first
                         coro = self.step(sid, seq, chunk, end, api)
                     else:
@@ -809,7 +809,7 @@ class Core:
             except GONE:
                 held = None
         if held is not None:
-            _check_owner(held)
+            check_owner(held)
         try:
             self.store.close(session_id)
         except SessionError:
