@@ -139,6 +139,7 @@ class StreamSession:
         self.pcm16 = False
         self.resumes = 0  # how many times the session moved to a new stream
         self._failed = False
+        self._late = False  # the answer awaited did not come in time
 
     async def _requests(self, outbox: asyncio.Queue[pb.StreamRequest | None]
                         ) -> AsyncIterator[pb.StreamRequest]:
@@ -149,21 +150,16 @@ class StreamSession:
         """The next response, within ``wait`` seconds (None: no limit). A timer that
         cancels the call bounds the wait: ``asyncio.wait_for`` would cost a task per
         chunk."""
-        call, timer = self._call, None
-        late: list[bool] = []
-        if wait is not None:
-            def expire() -> None:
-                late.append(True)
-                call.cancel()
-
-            timer = asyncio.get_running_loop().call_later(wait, expire)
+        self._late = False
+        timer = None if wait is None else \
+            asyncio.get_running_loop().call_later(wait, self._expire)
         try:
-            resp = await call.read()  # raises AioRpcError with the server's status
+            resp = await self._call.read()  # raises AioRpcError with the server's status
         except BaseException:
             # the stream is over (its status was raised once), it was late, or the
             # caller gave up on it (a cancelled send: grpc cancels the call with the read)
             self._give_up()
-            if late:
+            if self._late:
                 raise deadline_exceeded(f"no answer {what} within {wait:.3g} s") from None
             raise
         finally:
@@ -171,10 +167,15 @@ class StreamSession:
                 timer.cancel()
         if resp is grpc.aio.EOF:
             self._give_up()
-            if late:
+            if self._late:
                 raise deadline_exceeded(f"no answer {what} within {wait:.3g} s")
             raise ConnectionError(f"the server ended the stream without {what}")
         return resp
+
+    def _expire(self) -> None:
+        """An answer did not come in time: the call is cancelled (``_read`` says why)."""
+        self._late = True
+        self._call.cancel()
 
     def _give_up(self) -> None:
         """The stream failed: end its request iterator (grpc's task that consumes it
@@ -186,8 +187,7 @@ class StreamSession:
     async def _start(self, stub: pb_grpc.InferenceStub, req: pb.OpenSessionRequest,
                      wait: float | None) -> None:
         if self._call is not None:
-            self._outbox.put_nowait(None)
-            self._call.cancel()
+            self._give_up()
         self._outbox = asyncio.Queue()
         self._failed = False
         self._stub = stub
