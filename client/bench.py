@@ -312,12 +312,11 @@ def plot(report: dict[str, Any], runs: dict[str, list[Level]], path: Path) -> No
 class Spawned:
     """A server process on 127.0.0.1 that prints a JSON ready line with its gRPC port."""
 
-    def __init__(self, cmd: list[str], log_path: Path,
-                 start_timeout_s: float | None = None) -> None:
+    def __init__(self, cmd: list[str], log_path: Path) -> None:
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
         try:
-            line = self._ready_line(start_timeout_s or START_TIMEOUT_S)
+            line = self._ready_line(START_TIMEOUT_S)
             if not line:
                 raise RnnserveError(f"the server did not start; see {log_path}")
             try:

@@ -227,8 +227,7 @@ async def _many_streams(client: AsyncClient, model: str, chunk: Callable[[int], 
                     await asyncio.sleep(chunk_s)
     finally:
         for i in range(n):
-            if seqs[i]:
-                close(i)  # open without their end chunk when the window ended
+            close(i)  # those open without their end chunk when the window ended
 
 
 async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data], *,

@@ -79,9 +79,11 @@ def write_wav(path: Path, seconds: float, rate: int = 16000) -> Path:
 
 # -- AsyncClient: resume, timeouts, refused opens --------------------------------------
 
-def test_a_lost_answer_to_the_final_chunk_is_fetched_after_the_session_ended(proxy) -> None:
+def test_a_lost_answer_to_the_final_chunk_is_fetched_after_the_session_ended(
+        server, proxy) -> None:
     """The server applied the end chunk, its answer was lost with the connection: the
     resume is refused (the session has ended), the client gets the stored answer."""
+    before = live_sessions(server)
 
     async def main() -> tuple[tuple[int, ...], int, int]:
         async with AsyncClient(proxy.target, reconnect_s=5) as client:
@@ -89,7 +91,8 @@ def test_a_lost_answer_to_the_final_chunk_is_fetched_after_the_session_ended(pro
                 await s.send("hello ")
                 proxy.hold()  # answers stop reaching the client
                 task = asyncio.ensure_future(s.send("world", end=True))
-                await asyncio.sleep(0.7)  # the server applies the chunk meanwhile
+                # the server applies the end chunk: its session ends
+                assert await asyncio.to_thread(wait_for_sessions, server, before) == before
                 proxy.cut()
                 out = await asyncio.wait_for(task, 10)
                 return out["logits"].shape, s.next_seq, s.resumes
@@ -177,8 +180,9 @@ def test_a_refused_open_leaves_no_pending_request_task(one_session_server) -> No
                             pass
                     except grpc.aio.AioRpcError as exc:
                         codes.append(exc.code().name)
-                await asyncio.sleep(0.3)
-                left = consumers() - before
+                deadline = time.monotonic() + 5
+                while (left := consumers() - before) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
                 await s.send("y", end=True)
         return left, codes
 
@@ -297,7 +301,7 @@ def test_spawned_refuses_a_server_that_prints_no_ready_line(tmp_path) -> None:
 def test_spawned_gives_up_on_a_server_that_never_starts(tmp_path, monkeypatch) -> None:
     """bench says so within its start timeout, and leaves no process behind."""
     pid_file = tmp_path / "pid"
-    monkeypatch.setattr(bench, "START_TIMEOUT_S", 1.5, raising=False)
+    monkeypatch.setattr(bench, "START_TIMEOUT_S", 1.5)
     hang = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); " \
            "time.sleep(6)"
     started = time.monotonic()
