@@ -291,9 +291,10 @@ def export_checkpoint(
     (``rnnserve.export.fp16``), verified against the fp32 torch model within the fp16
     bound.
 
-    The model is written into a hidden staging directory inside the model's folder
-    and renamed into place after verification passed, so a server scanning the
-    repository never sees a half-written or unverified version.
+    The model is written into a hidden staging directory of the repository
+    (``REPO/.rnnserve-staging-*``) and renamed into place after verification passed,
+    so a server scanning the repository never sees a half-written or unverified
+    version.
     """
     repository.check_name(name)
     ckpt_path = Path(checkpoint)
@@ -361,7 +362,7 @@ def publish(build: Callable[[], tuple[onnx.ModelProto, ModelMetadata]], referenc
         raise _cannot_write(repo_path, exc) from exc
     try:
         staged = staging / repository.MODEL_FILE
-        write_model_atomically(proto, staged)
+        staged.write_bytes(proto.SerializeToString())  # private; verify rewrites it atomically
         report = verify_file(staged, model=reference, tolerance=tolerance, seed=seed, log=log)
         report.raise_if_failed()
         if not report.written:
@@ -402,7 +403,6 @@ def _publish_file(staged: Path, model_dir: Path, version: int | None,
                   overwrite: bool) -> tuple[int, Path]:
     """Claim a version directory and rename ``staged`` into it; (version, directory)."""
     made_model_dir = False
-    tried = 0
     for _ in range(1000):
         if not model_dir.is_dir():
             try:
@@ -410,8 +410,8 @@ def _publish_file(staged: Path, model_dir: Path, version: int | None,
                 made_model_dir = True
             except FileExistsError:
                 pass
-        v = version if version is not None else max(
-            repository.next_version(model_dir.parent, model_dir.name), tried + 1)
+        v = version if version is not None else repository.next_version(
+            model_dir.parent, model_dir.name)
         final_dir = model_dir / str(v)
         try:
             os.mkdir(final_dir)  # the claim: fails when the version exists
@@ -420,8 +420,7 @@ def _publish_file(staged: Path, model_dir: Path, version: int | None,
             continue  # the model directory went away meanwhile (a failed export's cleanup)
         except FileExistsError:
             if version is None:
-                tried = v  # taken meanwhile: the next number
-                continue
+                continue  # taken meanwhile: next_version rescans and moves past it
             if not overwrite:
                 raise _exists(final_dir) from None
             if not final_dir.is_dir():

@@ -494,7 +494,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         model = _module_reference(mv.path, args.module, checkpoint)
         checkpoint = None
     elif checkpoint is None:
-        checkpoint, model = _recorded_reference(mv.path)
+        checkpoint = _recorded_checkpoint(mv.path)
     elif not Path(checkpoint).is_file():
         raise RnnserveError(f"checkpoint {checkpoint!r} not found")
     report = verify_file(mv.path, model=model, checkpoint=checkpoint,
@@ -536,9 +536,9 @@ def _adapted(meta: Any, spec: str, weights: str) -> object:
                          byte_input=meta.input.kind == "utf8_bytes")
 
 
-def _recorded_reference(model_path: object) -> tuple[str | None, object]:
-    """What the export compared with, when it is still there unchanged and torch is
-    here: (its checkpoint, None); (None, None) otherwise. A model of one's own is never
+def _recorded_checkpoint(model_path: object) -> str | None:
+    """The checkpoint the export compared with, when it is still there unchanged and
+    torch is here; None otherwise. A model of one's own is never
     rebuilt from what its file names (that would import and call code a model file
     chose): verify says how to name the module with ``--module``."""
     from pathlib import Path
@@ -546,7 +546,7 @@ def _recorded_reference(model_path: object) -> tuple[str | None, object]:
     try:
         import torch  # noqa: F401
     except ImportError:
-        return None, None
+        return None
     meta = _exported_metadata(model_path)
     from rnnserve.training.checkpoint import file_sha256
 
@@ -555,13 +555,13 @@ def _recorded_reference(model_path: object) -> tuple[str | None, object]:
         from rnnserve.export.module_export import verify_module_hint
 
         _log(f"not comparing with torch: {verify_module_hint(model_path, meta.export)}")
-        return None, None
+        return None
     path = meta.export.get("checkpoint")
     if not path or not Path(path).is_file() or \
             file_sha256(path) != meta.export.get("checkpoint_sha256"):
-        return None, None
+        return None
     _log(f"comparing with the checkpoint recorded at export: {path}")
-    return path, None
+    return path
 
 
 def _cmd_say(args: argparse.Namespace) -> int:
