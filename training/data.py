@@ -9,6 +9,11 @@ Sources (all read from the running interpreter's standard library, no downloads)
 Each source is cut into documents with stable ids. A document belongs to the
 validation split when ``crc32(id) % 100 < val_percent``: deterministic, independent
 of the order in which documents are found, and stable when a source grows.
+
+Documents can quote each other: the pydoc topic ``compound`` holds the topics ``try``
+and ``with`` word for word, ``specialnames`` holds ``customization``. So every passage
+of ``SHARED_BYTES`` or more that a validation document also contains is cut out of
+the training documents: the validation text is never trained on.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ SOURCES = ("pydoc_topics", "stdlib_docstrings", "idle_docs")
 # they make a larger but harder corpus, chosen with ``--sources``.
 DEFAULT_SOURCES = ("pydoc_topics", "idle_docs")
 DOC_SEPARATOR = b"\n\n"
+# Training passages this long (or longer) that occur in the validation text are cut out.
+SHARED_BYTES = 64
 # Library folders whose docstrings are mostly test scaffolding or duplicates.
 _SKIP_DIRS = {"test", "tests", "site-packages", "idlelib", "lib2to3", "turtledemo", "ensurepip"}
 
@@ -129,6 +136,27 @@ def is_validation(doc_id: str, val_percent: int) -> bool:
     return zlib.crc32(doc_id.encode("utf-8")) % 100 < val_percent
 
 
+def drop_shared_passages(train: list[bytes], val: list[bytes], n: int = SHARED_BYTES
+                         ) -> list[bytes]:
+    """The training documents with every passage of ``n`` bytes or more that also occurs
+    in a validation document cut out (the pieces left are kept as documents)."""
+    seen = {doc[i:i + n] for doc in val for i in range(len(doc) - n + 1)}
+    kept: list[bytes] = []
+    for doc in train:
+        pieces: list[bytes] = []
+        start = 0  # first byte of the piece being kept
+        cut_end = 0  # end of the last passage cut out
+        for i in range(len(doc) - n + 1):
+            if doc[i:i + n] in seen:
+                if i >= cut_end:
+                    pieces.append(doc[start:i])
+                cut_end = i + n
+                start = cut_end
+        pieces.append(doc[start:])
+        kept += [p for p in (piece.strip() for piece in pieces) if p]
+    return kept
+
+
 def load_text_corpus(
     sources: tuple[str, ...] = DEFAULT_SOURCES, val_percent: int = 10
 ) -> TextCorpus:
@@ -144,6 +172,8 @@ def load_text_corpus(
             data = doc.text.strip().encode("utf-8")
             if data:
                 (val if is_validation(doc.id, val_percent) else train).append(data)
+    n_train = len(train)
+    train = drop_shared_passages(train, val)
     if not train or not val:
         raise DataError(f"text sources {list(sources)} gave too few documents to split")
     train_b = DOC_SEPARATOR.join(train)
@@ -154,7 +184,7 @@ def load_text_corpus(
         val=np.frombuffer(val_b, dtype=np.uint8),
         sha256=digest,
         sources=tuple(sources),
-        documents=(len(train), len(val)),
+        documents=(n_train, len(val)),
     )
 
 

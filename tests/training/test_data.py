@@ -43,3 +43,14 @@ def test_english_text_has_the_expected_unigram_entropy(small_corpus) -> None:
 def test_unknown_source_is_refused() -> None:
     with pytest.raises(DataError, match="unknown text sources"):
         load_text_corpus(("wikipedia",))
+
+
+def test_no_validation_passage_is_in_the_training_text(small_corpus) -> None:
+    # pydoc topics nest: 'compound' holds 'try' and 'with', 'specialnames' holds
+    # 'customization'. A passage of a validation document must not be trained on.
+    n = 64
+    val = small_corpus.val.tobytes()
+    seen = {val[i:i + n] for i in range(len(val) - n + 1)}
+    train = small_corpus.train.tobytes()
+    leaked = sum(train[i:i + n] in seen for i in range(0, len(train) - n + 1, 16))
+    assert leaked == 0, f"{leaked} training windows of {n} bytes are validation text"
