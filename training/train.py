@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -186,6 +188,43 @@ class _Progress:
             self.bar.close()
 
 
+class _StopAfterStep:
+    """Ctrl-C (SIGINT) ends the run at the next step boundary, not inside a step.
+
+    Saved in the middle of a step, ``last.pt`` would hold random generators that had
+    drawn the step's batch and dropout, or half-updated weights, against a step
+    counter that had not moved: the resumed run would differ from an uninterrupted
+    one. The first Ctrl-C is noted and the loop stops once the step (and its
+    evaluation) is done; a second one stops at once without saving. Only the main
+    thread can catch signals; elsewhere, and where SIGINT is ignored, nothing changes.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+        self._installed = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupted: stopping after this step (Ctrl-C again: stop now, no save)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self) -> _StopAfterStep:
+        if threading.current_thread() is threading.main_thread():
+            old = signal.getsignal(signal.SIGINT)
+            if old is not signal.SIG_IGN:
+                self._old = signal.signal(signal.SIGINT, self._handler)
+                self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._old)
+            self._installed = False
+
+
 def train_text(
     cfg: TrainConfig,
     out_dir: str | Path,
@@ -304,44 +343,48 @@ def train_text(
             },
         }
 
+    stop = _StopAfterStep()
     try:
-        while step < cfg.steps:
-            lr = lr_at(cfg, step)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            starts = torch.randint(0, n_start, (cfg.batch_size,), generator=gen)  # (B,)
-            batch = train_data[starts[:, None] + window]  # (B, T+1)
-            x, y = batch[:, :-1], batch[:, 1:].long()  # (B, T) each
-            logits, _ = model(x)  # (B, T, 256)
-            loss = F.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            step += 1
-            value = loss.item()
-            loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
-            seconds = time.perf_counter() - started
-            rate = (step - start_step) * cfg.batch_size * cfg.seq_len / max(seconds, 1e-9)
-            bar.update(1, loss=f"{bits_per_byte(loss_ema):.3f} bpb", speed=f"{rate / 1e3:.0f} kB/s",
-                       lr=f"{lr:.1e}")
-            final = step == cfg.steps
-            if final or step % cfg.eval_every == 0:
-                val_bpb = evaluate_bits_per_byte(model, corpus.val, cfg.eval_shards)
-                val_step = step
-                improved = val_bpb < best
-                best = min(best, val_bpb)
-                bar.write(f"step {step}: validation {val_bpb:.3f} bits/byte "
-                          f"(unigram entropy {entropy:.2f})")
-                payload = snapshot()
-                save_checkpoint(out / LAST, payload)
-                if improved:
-                    save_checkpoint(out / BEST, payload)
-                if on_eval is not None:
-                    on_eval(step, val_bpb)
-    except KeyboardInterrupt:
+        with stop:
+            while step < cfg.steps:
+                if stop.requested:
+                    save_checkpoint(out / LAST, snapshot())
+                    raise KeyboardInterrupt
+                lr = lr_at(cfg, step)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                starts = torch.randint(0, n_start, (cfg.batch_size,), generator=gen)  # (B,)
+                batch = train_data[starts[:, None] + window]  # (B, T+1)
+                x, y = batch[:, :-1], batch[:, 1:].long()  # (B, T) each
+                logits, _ = model(x)  # (B, T, 256)
+                loss = F.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                step += 1
+                value = loss.item()
+                loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
+                seconds = time.perf_counter() - started
+                rate = (step - start_step) * cfg.batch_size * cfg.seq_len / max(seconds, 1e-9)
+                bar.update(1, loss=f"{bits_per_byte(loss_ema):.3f} bpb",
+                           speed=f"{rate / 1e3:.0f} kB/s", lr=f"{lr:.1e}")
+                final = step == cfg.steps
+                if final or step % cfg.eval_every == 0:
+                    val_bpb = evaluate_bits_per_byte(model, corpus.val, cfg.eval_shards)
+                    val_step = step
+                    improved = val_bpb < best
+                    best = min(best, val_bpb)
+                    bar.write(f"step {step}: validation {val_bpb:.3f} bits/byte "
+                              f"(unigram entropy {entropy:.2f})")
+                    payload = snapshot()
+                    save_checkpoint(out / LAST, payload)
+                    if improved:
+                        save_checkpoint(out / BEST, payload)
+                    if on_eval is not None:
+                        on_eval(step, val_bpb)
+    except KeyboardInterrupt:  # saved above when it was a first Ctrl-C
         bar.close()
-        save_checkpoint(out / LAST, snapshot())
         raise
     bar.close()
     result = snapshot()["metrics"]

@@ -70,3 +70,43 @@ def test_val_metric_is_finite_bits_per_byte(tmp_path, small_corpus) -> None:
     r = train_text(replace(TINY, steps=3, eval_every=3), tmp_path, progress=False,
                    corpus=small_corpus)
     assert math.isfinite(r["val_bits_per_byte"]) and 0 < r["val_bits_per_byte"] < 9
+
+
+def interrupt_at_forward(calls: int):
+    """A real SIGINT raised inside the model's forward pass of a training step: Ctrl-C
+    lands mid-step (the data generator and dropout have drawn, no update yet)."""
+    import signal
+
+    from rnnserve.training.model import RecurrentModel
+
+    seen = 0
+
+    def hook(module, args, output):  # noqa: ANN001, ANN202
+        nonlocal seen
+        if isinstance(module, RecurrentModel) and module.training:
+            seen += 1
+            if seen == calls:
+                signal.raise_signal(signal.SIGINT)
+
+    return torch.nn.modules.module.register_module_forward_hook(hook)
+
+
+def test_ctrl_c_mid_step_resumes_bit_exactly(tmp_path, small_corpus) -> None:
+    cfg = replace(TINY, steps=12, eval_every=100, dropout=0.1, num_layers=2)
+    train_text(cfg, tmp_path / "straight", progress=False, corpus=small_corpus)
+    handle = interrupt_at_forward(7)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_text(cfg, tmp_path / "cut", progress=False, corpus=small_corpus)
+    finally:
+        handle.remove()
+    import signal
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    saved = load_checkpoint(tmp_path / "cut" / LAST)
+    assert saved["step"] in (6, 7)
+    train_text(cfg, tmp_path / "cut", progress=False, corpus=small_corpus, resume=True)
+    a = load_checkpoint(tmp_path / "straight" / LAST)["model_state"]
+    b = load_checkpoint(tmp_path / "cut" / LAST)["model_state"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
