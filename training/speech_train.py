@@ -40,7 +40,7 @@ from rnnserve.training.speech_data import (
     load_speech_data,
 )
 from rnnserve.training.speech_model import LogMelFrontEnd, SpeechModel
-from rnnserve.training.train import BEST, LAST, _Progress, lr_at
+from rnnserve.training.train import BEST, LAST, _Progress, _StopAfterStep, lr_at
 
 IGNORE = -100
 TRANSITION = 6
@@ -314,59 +314,63 @@ def train_speech(
                         "data_seconds": prep_seconds, "torch": str(torch.__version__)},
         }
 
+    stop = _StopAfterStep()
     try:
-        while step < cfg.steps:
-            lr = lr_at(cfg, step)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            idx = torch.randint(0, len(train_feats), (cfg.batch_size,), generator=gen)
-            x, y = train_feats[idx], targets[idx]  # (B, T, mels), (B, T)
-            if crop:
-                frames = crop_starts(word_end[idx], n_frames, cfg, gen)[:, None] + torch.arange(
-                    cfg.crop_frames)  # (B, crop)
-                x = torch.gather(x, 1, frames[:, :, None].expand(-1, -1, x.shape[2]))
-                y = torch.gather(y, 1, frames)
-            x = augment(model.normalize(x), cfg, gen)
-            logits, _ = model.rnn(x)  # (B, T, labels)
-            loss = F.cross_entropy(logits.reshape(-1, len(LABELS)), y.reshape(-1),
-                                   weight=class_weight, ignore_index=IGNORE)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.rnn.parameters(), cfg.grad_clip)
-            opt.step()
-            step += 1
-            value = loss.item()
-            loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
-            bar.update(1, loss=f"{loss_ema:.3f}", lr=f"{lr:.1e}")
-            if step == cfg.steps or step % cfg.eval_every == 0:
-                if cfg.calibrate:
-                    calib = np.nonzero(data.train.single)[0][::2]  # one-word clips
-                    rule, train_acc = calibrate(posteriors_of(model, train_feats[calib]),
-                                                data.train.label[calib],
-                                                cfg.rule.refractory_frames)
-                else:
-                    rule, train_acc = cfg.rule, math.nan
-                metrics = {**evaluate(model, val_feats, data.val, rule),
-                           "val_step": step, "train_loss": loss_ema,
-                           "train_accuracy": train_acc}
-                decision = rule
-                improved = metrics["val_accuracy"] > best
-                best = max(best, metrics["val_accuracy"])
-                if improved:
-                    best_at = {"step": step, "val_accuracy": best}
-                bar.write(f"step {step}: held-out voices: accuracy "
-                          f"{metrics['val_accuracy']:.2%} ({metrics['val_clips']} clips, "
-                          f"{metrics['val_false_alarms']} false alarms, "
-                          f"{metrics['val_missed_keywords']} missed keywords); training "
-                          f"clips {train_acc:.2%}; rule: smooth {rule.smooth_frames} frames, "
-                          f"threshold {rule.threshold}")
-                payload = snapshot()
-                save_checkpoint(last_path, payload)
-                if improved:
-                    save_checkpoint(out / BEST, payload)
-    except KeyboardInterrupt:
+        with stop:
+            while step < cfg.steps:
+                if stop.requested:
+                    save_checkpoint(last_path, snapshot())
+                    raise KeyboardInterrupt
+                lr = lr_at(cfg, step)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                idx = torch.randint(0, len(train_feats), (cfg.batch_size,), generator=gen)
+                x, y = train_feats[idx], targets[idx]  # (B, T, mels), (B, T)
+                if crop:
+                    frames = crop_starts(word_end[idx], n_frames, cfg, gen)[:, None] + torch.arange(
+                        cfg.crop_frames)  # (B, crop)
+                    x = torch.gather(x, 1, frames[:, :, None].expand(-1, -1, x.shape[2]))
+                    y = torch.gather(y, 1, frames)
+                x = augment(model.normalize(x), cfg, gen)
+                logits, _ = model.rnn(x)  # (B, T, labels)
+                loss = F.cross_entropy(logits.reshape(-1, len(LABELS)), y.reshape(-1),
+                                       weight=class_weight, ignore_index=IGNORE)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.rnn.parameters(), cfg.grad_clip)
+                opt.step()
+                step += 1
+                value = loss.item()
+                loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
+                bar.update(1, loss=f"{loss_ema:.3f}", lr=f"{lr:.1e}")
+                if step == cfg.steps or step % cfg.eval_every == 0:
+                    if cfg.calibrate:
+                        calib = np.nonzero(data.train.single)[0][::2]  # one-word clips
+                        rule, train_acc = calibrate(posteriors_of(model, train_feats[calib]),
+                                                    data.train.label[calib],
+                                                    cfg.rule.refractory_frames)
+                    else:
+                        rule, train_acc = cfg.rule, math.nan
+                    metrics = {**evaluate(model, val_feats, data.val, rule),
+                               "val_step": step, "train_loss": loss_ema,
+                               "train_accuracy": train_acc}
+                    decision = rule
+                    improved = metrics["val_accuracy"] > best
+                    best = max(best, metrics["val_accuracy"])
+                    if improved:
+                        best_at = {"step": step, "val_accuracy": best}
+                    bar.write(f"step {step}: held-out voices: accuracy "
+                              f"{metrics['val_accuracy']:.2%} ({metrics['val_clips']} clips, "
+                              f"{metrics['val_false_alarms']} false alarms, "
+                              f"{metrics['val_missed_keywords']} missed keywords); training "
+                              f"clips {train_acc:.2%}; rule: smooth {rule.smooth_frames} frames, "
+                              f"threshold {rule.threshold}")
+                    payload = snapshot()
+                    save_checkpoint(last_path, payload)
+                    if improved:
+                        save_checkpoint(out / BEST, payload)
+    except KeyboardInterrupt:  # saved above when it was a first Ctrl-C
         bar.close()
-        save_checkpoint(last_path, snapshot())
         raise
     bar.close()
     result = snapshot()["metrics"]

@@ -273,3 +273,25 @@ def test_train_speech_writes_a_complete_checkpoint(tmp_path) -> None:
     resumed = train_speech(cfg, tmp_path / "run", resume=True, steps=6, progress=False,
                            cache_dir=tmp_path / "cache")
     assert resumed["steps"] == 6
+
+
+@needs_espeak
+def test_speech_ctrl_c_mid_step_resumes_bit_exactly(tmp_path) -> None:
+    from .test_train import interrupt_at_forward
+
+    data = load_speech_data(TINY_DATA, tmp_path / "cache")
+    cfg = replace(PRESETS["quick"], hidden_size=16, embed_size=8, steps=6, batch_size=8,
+                  eval_every=100, dropout=0.2, data=TINY_DATA, threads=1)
+    train_speech(cfg, tmp_path / "straight", progress=False, data=data)
+    handle = interrupt_at_forward(4)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_speech(cfg, tmp_path / "cut", progress=False, data=data)
+    finally:
+        handle.remove()
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] in (3, 4)
+    train_speech(cfg, tmp_path / "cut", resume=True, progress=False, data=data)
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")["model_state"]
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")["model_state"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
