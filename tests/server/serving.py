@@ -15,6 +15,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rnnserve.server.app import RnnServer
 from rnnserve.server.settings import Settings
@@ -43,13 +44,25 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
 
-def start_server(repo: Path, log: Path, *flags: str) -> ServerProcess:
+def launch_server(repo: Path, log: Path, *flags: str, env: dict[str, str] | None = None,
+                  **popen: Any) -> subprocess.Popen[str]:
+    """``rnnserve serve`` on 127.0.0.1 with ephemeral ports, its stderr into ``log``,
+    without waiting for its ready line (on its stdout). ``flags`` come last (a later
+    flag wins: ``--host``, ``--grpc-port`` ...); ``env`` is added to the environment,
+    which has no ``RNNSERVE_*`` of the test's own; ``popen`` goes to subprocess.Popen."""
     cmd = [sys.executable, "-m", "rnnserve", "serve", "--repo", str(repo), "--host",
            "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--device", "cpu",
            "--intra-op-threads", "1", *flags]
-    err = open(log, "w")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
+    with open(log, "w") as err:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
+                                env={**base, **(env or {})}, **popen)
+
+
+def start_server(repo: Path, log: Path, *flags: str,
+                 env: dict[str, str] | None = None) -> ServerProcess:
+    """launch_server, then its ready line read: the server serving."""
+    proc = launch_server(repo, log, *flags, env=env)
     deadline = time.monotonic() + 60
     assert proc.stdout is not None
     line = proc.stdout.readline()

@@ -4,12 +4,9 @@ metrics gathered by the supervising process, restarted when they die, drained to
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +20,7 @@ from rnnserve.server.settings import Settings
 from rnnserve.server.workers import WorkerScrape, worker_settings
 
 from ..monitoring.prom import promtool
-from .serving import ServerProcess, metric_value, start_server
+from .serving import ServerProcess, launch_server, metric_value, start_server
 from .test_grpc_api import mixed_jobs, whole_run
 
 
@@ -46,6 +43,19 @@ def wait_until(what: str, check, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout:.0f}s: {what}")
         time.sleep(0.1)
+
+
+def run_server(repo: Path, log: Path, *flags: str, timeout: float = 60
+               ) -> tuple[int, str, str]:
+    """launch_server to its end: its exit status, stdout and stderr (the log)."""
+    proc = launch_server(repo, log, *flags)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out, log.read_text()
 
 
 def stream_jobs(target: str, jobs) -> list[np.ndarray]:
@@ -163,33 +173,27 @@ def test_workers_drain_themselves_when_the_supervisor_is_killed(repo, tmp_path) 
 
 def test_a_worker_that_cannot_start_stops_the_server_with_its_error(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-m", "rnnserve", "serve", "--repo", str(tmp_path / "empty"),
-         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--workers", "3"],
-        capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1, proc.stderr
-    assert proc.stdout == ""  # never ready
-    assert "rnnserve serve: error: [worker 0] no models in" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    code, out, err = run_server(tmp_path / "empty", tmp_path / "empty.log", "--workers", "3")
+    assert code == 1, err
+    assert out == ""  # never ready
+    assert "rnnserve serve: error: [worker 0] no models in" in err
+    assert "Traceback" not in err
 
 
 def test_ports_another_server_holds_are_refused_in_one_line(workers: ServerProcess,
-                                                            repo) -> None:
-    def serve(*flags: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "rnnserve", "serve", "--repo", str(repo), "--host",
-             "127.0.0.1", *flags], capture_output=True, text=True, timeout=60)
-
+                                                            repo, tmp_path) -> None:
     # a lone server must not share the gRPC port of another (gRPC would allow it)
-    lone = serve("--grpc-port", str(workers.grpc_port), "--metrics-port", "0")
-    assert lone.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{workers.grpc_port}: the port is taken" in lone.stderr
-    for flags in (["--grpc-port", "0"], ["--grpc-port", "0", "--workers", "2"]):
-        taken = serve(*flags, "--metrics-port", str(workers.metrics_port))
-        assert taken.returncode == 1, taken.stderr
+    code, _, err = run_server(repo, tmp_path / "lone.log", "--grpc-port",
+                              str(workers.grpc_port))
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1:{workers.grpc_port}: the port is taken" in err
+    for flags in ([], ["--workers", "2"]):
+        code, _, err = run_server(repo, tmp_path / "taken.log", *flags, "--metrics-port",
+                                  str(workers.metrics_port))
+        assert code == 1, err
         assert f"cannot serve metrics on 127.0.0.1:{workers.metrics_port}: Address already " \
-            "in use" in taken.stderr, taken.stderr
-        assert "Traceback" not in taken.stderr and "internal error" not in taken.stderr
+            "in use" in err, err
+        assert "Traceback" not in err and "internal error" not in err
 
 
 def test_worker_settings_share_the_port_and_split_the_cores() -> None:
@@ -253,17 +257,6 @@ def test_connections_past_their_age_reconnect_and_spread_over_the_workers(
         assert min(started) == 0, started
 
 
-def _serve(repo: Path, log: Path, *flags: str, env: dict[str, str] | None = None,
-           **popen) -> subprocess.Popen[str]:
-    """``rnnserve serve`` as start_server runs it, not waiting for its ready line."""
-    cmd = [sys.executable, "-m", "rnnserve", "serve", "--repo", str(repo), "--host",
-           "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--device", "cpu",
-           "--intra-op-threads", "1", *flags]
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
-                            env={**base, **(env or {})}, **popen)
-
-
 def _workers_of(pid: int) -> list[int]:
     """The worker processes a supervisor started (not multiprocessing's helpers)."""
     found = []
@@ -280,13 +273,9 @@ def _workers_of(pid: int) -> list[int]:
 
 def test_worker_metrics_are_gathered_with_a_proxy_in_the_environment(repo, tmp_path) -> None:
     no_proxy = {"http_proxy": "", "HTTP_PROXY": "", "no_proxy": "", "NO_PROXY": ""}
-    proc = _serve(repo, tmp_path / "proxy.log", "--workers", "2",
-                  env={**no_proxy, "http_proxy": "http://127.0.0.1:9",
-                       "HTTP_PROXY": "http://127.0.0.1:9"})
-    assert proc.stdout is not None
-    ready = json.loads(proc.stdout.readline())
-    srv = ServerProcess(proc, ready["grpc_port"], ready["metrics_port"],
-                        tmp_path / "proxy.log", ready["workers"])
+    srv = start_server(repo, tmp_path / "proxy.log", "--workers", "2",
+                       env={**no_proxy, "http_proxy": "http://127.0.0.1:9",
+                            "HTTP_PROXY": "http://127.0.0.1:9"})
     try:
         text = srv.metrics()
         for w in ("0", "1"):
@@ -326,7 +315,7 @@ def test_a_worker_that_dies_mid_response_is_left_out_of_the_scrape() -> None:
 
 def test_a_worker_killed_while_it_starts_is_reported(repo, tmp_path) -> None:
     log = tmp_path / "killed.log"
-    proc = _serve(repo, log, "--workers", "2")
+    proc = launch_server(repo, log, "--workers", "2")
     wait_until("worker 0 started", lambda: _workers_of(proc.pid), 30)
     (victim,) = _workers_of(proc.pid)
     os.kill(victim, signal.SIGKILL)
@@ -345,7 +334,7 @@ def test_a_worker_dead_at_the_stop_sets_the_exit_status(workers: ServerProcess) 
 @pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
 def test_a_stop_signal_while_the_workers_load_drains_them(repo, tmp_path, how) -> None:
     log = tmp_path / "early.log"
-    proc = _serve(repo, log, "--workers", "2", start_new_session=True)
+    proc = launch_server(repo, log, "--workers", "2", start_new_session=True)
     wait_until("worker 0 started", lambda: _workers_of(proc.pid), 30)
     (first,) = _workers_of(proc.pid)  # just started: importing, then loading
     if how == "sigterm":
@@ -378,15 +367,13 @@ def test_a_second_supervisor_on_the_port_is_refused_in_one_line(repo, tmp_path) 
     first = start_server(repo, tmp_path / "first.log", "--workers", "2",
                          "--grpc-port", str(port))
     try:
-        second = subprocess.run(
-            [sys.executable, "-m", "rnnserve", "serve", "--repo", str(repo), "--host",
-             "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0",
-             "--workers", "2"], capture_output=True, text=True, timeout=60)
-        assert second.returncode == 1, second.stderr
-        assert second.stdout == ""
-        assert second.stderr.strip().splitlines() == [
+        code, out, err = run_server(repo, tmp_path / "second.log", "--grpc-port", str(port),
+                                    "--workers", "2")
+        assert code == 1, err
+        assert out == ""
+        assert err.strip().splitlines() == [
             f"rnnserve serve: error: cannot listen on 127.0.0.1:{port}: the port is taken "
-            "(another server?)"], second.stderr
+            "(another server?)"], err
         # the first serves on, alone
         assert metric_value(first.metrics(), "rnnserve_worker_up") == 2
     finally:
