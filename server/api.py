@@ -64,6 +64,13 @@ async def abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
 
+def deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's gRPC deadline as a perf_counter time (None without one): a step still
+    queued then is dropped, and one cancelled then counts DEADLINE_EXCEEDED."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.perf_counter() + remaining
+
+
 def chunk_input(chunk: pb.Chunk) -> ChunkInput:
     # a chunk's own timeout counts from now, when the server has read it
     expires = time.perf_counter() + chunk.timeout_ms / 1000 if chunk.timeout_ms else None
@@ -259,6 +266,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Stream(self, request_iterator: AsyncIterator[pb.StreamRequest],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamResponse]:
         session_id = None
+        expires = deadline(context)
         try:
             async for req in self.gate.requests(request_iterator):
                 kind = req.WhichOneof("kind")
@@ -273,7 +281,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     yield pb.StreamResponse(opened=session_info(session, runtime))
                 elif kind == "chunk":
                     out = await self.core.step(session_id, req.chunk.seq,
-                                               chunk_input(req.chunk), req.chunk.end)
+                                               chunk_input(req.chunk), req.chunk.end,
+                                               expires=expires)
                     resp = pb.StreamResponse()
                     fill_result(resp.result, out)
                     yield resp
@@ -284,12 +293,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def StreamMany(self, request_iterator: AsyncIterator[pb.ManyRequest],
                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ManyResponse]:
-        answers = pipelined(self.gate, request_iterator, self._many, context)
+        expires = deadline(context)
+        answers = pipelined(self.gate, request_iterator,
+                            lambda req: self._many(req, expires), context)
         async with aclosing(answers):
             async for answer in answers:
                 yield answer
 
-    async def _many(self, req: pb.ManyRequest) -> pb.ManyResponse:
+    async def _many(self, req: pb.ManyRequest, expires: float | None) -> pb.ManyResponse:
         """A request's items at once (they batch together), answered in their order.
         Plain chunks go to the core together (no task per item); items that open or
         resume a session run as tasks beside them. The answer is one message: the items
@@ -310,14 +321,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 fill_failure(target, exc)
                 continue
             if item.HasField("open") or chunk is None:
-                opening.append(self._item(item, chunk, target))
+                opening.append(self._item(item, chunk, target, expires))
                 continue
             steps.append((item.session_id, item.chunk.seq, chunk, item.chunk.end))
             targets.append(target)
         if opening:
-            outcomes, *_ = await asyncio.gather(self.core.step_many(steps), *opening)
+            outcomes, *_ = await asyncio.gather(self.core.step_many(steps, expires=expires),
+                                                *opening)
         else:
-            outcomes = await self.core.step_many(steps)
+            outcomes = await self.core.step_many(steps, expires=expires)
         for target, outcome in zip(targets, outcomes, strict=True):
             if isinstance(outcome, ChunkOutput):
                 fill_result(target.result, outcome)
@@ -344,7 +356,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return size
 
     async def _item(self, item: pb.ManyItem, chunk: ChunkInput | None,
-                    out: pb.ManyResult) -> None:
+                    out: pb.ManyResult, expires: float | None) -> None:
         """An item that opens (or resumes) its session, then steps it if it has a chunk.
         An item that fails changes nothing: a session it created is closed again (also
         when the stream goes away meanwhile)."""
@@ -362,7 +374,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                    "this one does neither")
             if chunk is not None:
                 c = item.chunk
-                result = await self.core.step(out.session_id, c.seq, chunk, c.end)
+                result = await self.core.step(out.session_id, c.seq, chunk, c.end,
+                                              expires=expires)
                 fill_result(out.result, result)
         except BaseException as exc:
             if created is not None:
@@ -390,11 +403,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         rpc_model(*self.core.model_of(request.session_id))
         try:
             routed_session_id(context, request.session_id)
-            remaining = context.time_remaining()
             out = await self.core.step(request.session_id, request.chunk.seq,
                                        chunk_input(request.chunk), request.chunk.end,
-                                       expires=None if remaining is None
-                                       else time.perf_counter() + remaining)
+                                       expires=deadline(context))
             resp = pb.StepResponse()
             fill_result(resp.result, out)
             return resp

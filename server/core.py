@@ -484,13 +484,14 @@ class Core:
         elif session is not None and code == "OK":
             session.opened_at = 0.0
 
-    async def step_many(self, steps: Sequence[StepRequest], api: str = "native"
-                        ) -> list[ChunkOutput | Exception]:
+    async def step_many(self, steps: Sequence[StepRequest], api: str = "native",
+                        expires: float | None = None) -> list[ChunkOutput | Exception]:
         """Advance several sessions by one chunk each, as many ``step`` calls would (each
         checked and counted alike), but queued at once and awaited once: no task per
         step. Returns per step its output or the exception ``step`` would have raised;
         one step's failure changes nothing for the others. The rare steps that need the
-        shared store first (a session to load, a copy to refresh) take ``step``'s path."""
+        shared store first (a session to load, a copy to refresh) take ``step``'s path.
+        ``expires``: the call's deadline, as ``step``'s."""
         started = time.perf_counter()
         outcomes: list[ChunkOutput | Exception | None] = [None] * len(steps)
         flights: list[tuple[int, _Flight, ChunkInput]] = []
@@ -504,13 +505,13 @@ class Core:
                 try:
                     session = self.store.get(sid)
                 except GONE:
-                    coro = self.step(sid, seq, chunk, end, api)
+                    coro = self.step(sid, seq, chunk, end, api, expires)
                 else:
                     check_owner(session)
                     if self._stale(session, seq):  # step's path refreshes it first
-                        coro = self.step(sid, seq, chunk, end, api)
+                        coro = self.step(sid, seq, chunk, end, api, expires)
                     else:
-                        flight = self._begin(session, seq, chunk, end, group=group)
+                        flight = self._begin(session, seq, chunk, end, expires, group)
                         if isinstance(flight, ChunkOutput):  # a retry, answered again
                             outcomes[i] = flight
                             self._count(api, session, "OK", started)
@@ -527,10 +528,11 @@ class Core:
         try:
             if waiting:
                 await asyncio.wait(waiting)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the caller went away, or its deadline came
+            code = _cancelled(expires)
             for _, f, _ in flights:
                 self._give_up(f)
-                self._count(api, f.session, "CANCELLED", started)
+                self._count(api, f.session, code, started)
             for _, t in slow:
                 t.cancel()
             raise
@@ -539,9 +541,10 @@ class Core:
                 outcomes[i] = await self._finish(f, chunk)  # suspends only for a moved session
                 code = "OK"
             except asyncio.CancelledError:  # while a moved session's answer was looked up
+                code = _cancelled(expires)
                 for _, g, _ in flights[k:]:  # the later ones ran: their new rows go back
                     self._give_up(g)
-                    self._count(api, g.session, "CANCELLED", started)
+                    self._count(api, g.session, code, started)
                 raise
             except Exception as exc:
                 outcomes[i] = exc

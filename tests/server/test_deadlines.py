@@ -5,6 +5,7 @@ lone chunk sits in the queue."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import numpy as np
@@ -123,3 +124,48 @@ def test_a_chunk_timeout_on_a_stream_or_step_advances_nothing(slow_batches, repo
         third = client.step(sid, 2, x[6:], end=True)["logits"]
     got = np.concatenate([first, second, third])
     assert float(np.abs(got - reference(repo, "feat", x[None])[0]).max()) <= 1e-5
+
+
+def test_a_stream_deadline_reached_in_the_queue_counts_deadline_exceeded(slow_batches,
+                                                                          repo) -> None:
+    """A Stream or StreamMany call whose gRPC deadline passes while its chunk waits for
+    the 400 ms batch: the client gets DEADLINE_EXCEEDED and the chunk is counted so (a
+    server too slow for its callers, which the error alerts count), not CANCELLED (a
+    caller that went away, which they leave out); the session does not advance."""
+    x = np.random.default_rng(12).standard_normal((6, 20)).astype(np.float32)
+
+    def counted(code: str) -> float:
+        return metric_value(slow_batches.metrics(), "rnnserve_chunks_total", api="native",
+                            code=code)
+
+    before = {c: counted(c) for c in ("DEADLINE_EXCEEDED", "CANCELLED")}
+    with Client(slow_batches.target, timeout=10) as client:
+        sid = client.open_session("feat").session_id
+        many_sid = client.open_session("feat").session_id
+        stub = client.stub
+        stream = stub.Stream(iter([
+            pb.StreamRequest(open=pb.OpenSessionRequest(session_id=sid, resume=True)),
+            pb.StreamRequest(chunk=make_chunk(0, x[:3]))]),
+            timeout=0.25, metadata=(("x-rnnserve-session", sid),))
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(0.5)  # the batch the given-up chunk began is gone: a new one waits
+        many = stub.StreamMany(iter([pb.ManyRequest(id=1, items=[
+            many_item(many_sid, 0, x[:3])])]), timeout=0.25)
+        with pytest.raises(grpc.RpcError) as info:
+            list(many)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        got = {s: np.concatenate([client.step(s, 0, x[:3])["logits"],
+                                  client.step(s, 1, x[3:], end=True)["logits"]])
+               for s in (sid, many_sid)}
+    want = reference(repo, "feat", x[None])[0]
+    for s, out in got.items():
+        assert float(np.abs(out - want).max()) <= 1e-5, s
+    # the handlers finish after the client saw its status
+    for _ in range(50):
+        if counted("DEADLINE_EXCEEDED") - before["DEADLINE_EXCEEDED"] >= 2:
+            break
+        time.sleep(0.1)
+    assert counted("DEADLINE_EXCEEDED") - before["DEADLINE_EXCEEDED"] == 2
+    assert counted("CANCELLED") == before["CANCELLED"]

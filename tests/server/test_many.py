@@ -176,10 +176,10 @@ def test_a_request_whose_answer_breaks_ends_the_stream_instead_of_hanging(
 
     real = api.InferenceServicer._many
 
-    async def buggy(self, req):
+    async def buggy(self, req, expires):
         if req.id == 2:
             raise RuntimeError("injected")
-        return await real(self, req)
+        return await real(self, req, expires)
 
     monkeypatch.setattr(api.InferenceServicer, "_many", buggy)
     srv = InProcessServer(Settings(repo=repo, host="127.0.0.1", grpc_port=0, metrics_port=0,
