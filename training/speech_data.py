@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -369,7 +370,7 @@ def load_speech_data(cfg: SpeechDataConfig, cache_dir: str | Path | None = None,
                 log(f"speech data: loaded {path}")
             return SpeechData(cfg, splits["train"], splits["val"], version, train_variants,
                               val_variants)
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             if log:
                 log(f"speech data: cache {path} unreadable ({exc}); synthesizing again")
     rng = np.random.default_rng(cfg.seed)

@@ -295,3 +295,16 @@ def test_speech_ctrl_c_mid_step_resumes_bit_exactly(tmp_path) -> None:
     b = load_checkpoint(tmp_path / "cut" / "last.pt")["model_state"]
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+
+
+@needs_espeak
+@pytest.mark.parametrize("damage", [b"", b"PK\x03\x04 cut short"])
+def test_damaged_cache_is_synthesized_again(tmp_path, damage: bytes) -> None:
+    data = load_speech_data(TINY_DATA, tmp_path)
+    (path,) = tmp_path.glob("kws-*.npz")
+    path.write_bytes(damage)  # an empty file (a crash before it reached the disk), a stub
+    lines: list[str] = []
+    again = load_speech_data(TINY_DATA, tmp_path, log=lines.append)
+    assert any("unreadable" in line for line in lines)
+    assert np.array_equal(again.train.audio, data.train.audio)
+    assert path.stat().st_size > 1000  # and cached again
