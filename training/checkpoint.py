@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +23,50 @@ TASKS = ("text", "features")
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a crash mid-write never leaves a truncated checkpoint."""
+    """Write atomically: a crash mid-write never leaves a truncated checkpoint.
+
+    The data is written to a new file beside ``path``, synced, renamed over it, and
+    the folder synced. The file gets the mode the umask gives (0644 under umask 022),
+    as ``torch.save`` would, not ``mkstemp``'s owner-only 0600.
+    """
     path = Path(path)
     payload = {"format": FORMAT, **payload}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _new_file(path.parent, f".{path.name}.", ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _new_file(directory: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+    for _ in range(100):
+        path = directory / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {str(directory)!r}")
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the rename into ``path`` durable (where the file system can)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -75,3 +75,20 @@ def test_not_a_checkpoint_is_refused(tmp_path) -> None:
         load_checkpoint(garbage)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoint_file_has_the_mode_the_umask_gives(tmp_path) -> None:
+    # as torch.save would: another user (a server, an export job) can read a run's files
+    import os
+    import stat
+
+    from rnnserve.training.checkpoint import new_model_checkpoint, save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "x.pt", new_model_checkpoint(tiny_config("gru"), "text"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "x.pt").stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]  # no temporary left
+    assert load_checkpoint(tmp_path / "x.pt")["task"] == "text"
