@@ -69,7 +69,8 @@ class LogMelFrontEnd(nn.Module):
         re, im = spec[..., :bins], spec[..., bins:]
         power = re * re + im * im  # (B, T, bins)
         feats = torch.log(torch.matmul(power, self.mel) + fe.log_floor)
-        return feats, full[:, -fe.overlap:]
+        # full[:, -0:] would be all of it: no overlap, an empty state
+        return feats, full[:, -fe.overlap:] if fe.overlap else full[:, :0]
 
 
 class SpeechModel(nn.Module):

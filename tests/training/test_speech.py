@@ -308,3 +308,17 @@ def test_damaged_cache_is_synthesized_again(tmp_path, damage: bytes) -> None:
     assert any("unreadable" in line for line in lines)
     assert np.array_equal(again.train.audio, data.train.audio)
     assert path.stat().st_size > 1000  # and cached again
+
+
+def test_front_end_without_overlap_streams() -> None:
+    fe_cfg = FrontEnd(win_samples=320, hop_samples=320)  # frames do not overlap: no state
+    fe = LogMelFrontEnd(fe_cfg)
+    x = torch.from_numpy(make_signal(16000, 320))[None]
+    with torch.no_grad():
+        whole, _ = fe(x, fe.initial_state(1))
+        state, parts = fe.initial_state(1), []
+        for a in range(0, x.shape[1], 640):
+            y, state = fe(x[:, a:a + 640], state)
+            parts.append(y)
+    assert state.shape == (1, 0)
+    assert (torch.cat(parts, dim=1) - whole).abs().max() < 1e-4
