@@ -279,6 +279,9 @@ def train_speech(
     model.train()
     prep_seconds = time.perf_counter() - started
     params = count_parameters(model.rnn)
+    if overwrite and not resume:  # none of the old run's files may pass for this one's
+        for name in (LAST, BEST):
+            (out / name).unlink(missing_ok=True)
     bar = _Progress(cfg.steps, start_step, progress)
     bar.write(f"{cfg.arch.upper()} {cfg.num_layers}x{cfg.hidden_size}, {params:,} parameters; "
               f"{len(data.train)} training clips, {len(data.val)} validation clips from "

@@ -309,6 +309,9 @@ def train_text(
         "corpus": corpus.describe(),
         "unigram_entropy_bits": entropy,
     }
+    if overwrite and not resume:  # none of the old run's files may pass for this one's
+        for name in (LAST, BEST):
+            (out / name).unlink(missing_ok=True)
     bar = _Progress(cfg.steps, start_step, progress)
     bar.write(
         f"{cfg.arch.upper()} {cfg.num_layers}x{cfg.hidden_size}, {info['parameters']:,} "

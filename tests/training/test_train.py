@@ -110,3 +110,18 @@ def test_ctrl_c_mid_step_resumes_bit_exactly(tmp_path, small_corpus) -> None:
     b = load_checkpoint(tmp_path / "cut" / LAST)["model_state"]
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+
+
+def test_overwrite_does_not_keep_the_old_runs_files(tmp_path, small_corpus) -> None:
+    train_text(replace(TINY, steps=2, eval_every=2), tmp_path, progress=False,
+               corpus=small_corpus)
+    handle = interrupt_at_forward(1)  # the new run stops before its first evaluation
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_text(replace(TINY, arch="lstm", steps=4, eval_every=4), tmp_path,
+                       progress=False, corpus=small_corpus, overwrite=True)
+    finally:
+        handle.remove()
+    assert load_checkpoint(tmp_path / LAST)["model_config"]["arch"] == "lstm"
+    # best.pt of the GRU run that was overwritten would pass for this run's best
+    assert not (tmp_path / BEST).exists()
