@@ -250,6 +250,11 @@ def train_speech(
     gen = torch.Generator().manual_seed(cfg.seed)
     if data is None:
         data = load_speech_data(cfg.data, cache_dir, log=bar_log)
+    if ckpt is not None and ckpt.get("data") != data.describe():
+        raise CheckpointError(
+            "the speech data differs from the one this run started on (another espeak-ng "
+            "version?); start a new run instead of resuming"
+        )
     frontend = LogMelFrontEnd(FRONT_END)
     train_feats = compute_features(frontend, data.train.audio)  # (N, T, mels)
     val_feats = compute_features(frontend, data.val.audio)

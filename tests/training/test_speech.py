@@ -322,3 +322,16 @@ def test_front_end_without_overlap_streams() -> None:
             parts.append(y)
     assert state.shape == (1, 0)
     assert (torch.cat(parts, dim=1) - whole).abs().max() < 1e-4
+
+
+@needs_espeak
+def test_resume_refuses_other_speech_data(tmp_path) -> None:
+    # e.g. espeak-ng upgraded between the runs: other audio under the same config
+    from rnnserve.errors import CheckpointError
+
+    cfg = replace(PRESETS["quick"], hidden_size=8, embed_size=8, steps=2, batch_size=4,
+                  eval_every=2, data=TINY_DATA, threads=1)
+    train_speech(cfg, tmp_path / "run", progress=False, cache_dir=tmp_path / "cache")
+    other = load_speech_data(replace(TINY_DATA, seed=7), tmp_path / "cache")
+    with pytest.raises(CheckpointError, match="data"):
+        train_speech(cfg, tmp_path / "run", resume=True, steps=4, progress=False, data=other)
