@@ -39,6 +39,7 @@ from rnnserve.server.errors import (
     SessionForbidden,
     SessionMoved,
     SessionNotFound,
+    SessionTaken,
     ShuttingDown,
     StoreUnavailable,
 )
@@ -433,10 +434,12 @@ class Core:
             raise InvalidChunk("the chunk carries no data: set tensor, text or pcm16")
         return chunk.array
 
-    async def step(self, session_id: str, seq: int, chunk: ChunkInput,
+    async def step(self, session_id: str, seq: int | None, chunk: ChunkInput,
                    end: bool = False, api: str = "native",
                    expires: float | None = None) -> ChunkOutput:
-        """Advance a session by one chunk; every call is counted by its outcome."""
+        """Advance a session by one chunk; every call is counted by its outcome, once.
+        ``seq`` None: the session's next chunk, wherever its last one ran (OIP, whose
+        requests carry no number; ``_step_next``)."""
         started = time.perf_counter()
         session: Session | None = None
         code = "UNKNOWN"
@@ -457,9 +460,12 @@ class Core:
                     code = "OK"
                     return out
             check_owner(session)
-            if self._stale(session, seq):
-                session = await self._refresh(session)
-            out = await self._step(session, seq, chunk, end, expires)
+            if seq is None:
+                out = await self._step_next(session, chunk, end, expires)
+            else:
+                if self._stale(session, seq):
+                    session = await self._refresh(session)
+                out = await self._step(session, seq, chunk, end, expires)
             code = "OK"
             return out
         except CoreError as exc:
@@ -470,6 +476,33 @@ class Core:
             raise
         finally:
             self._count(api, session, code, started)
+
+    async def _step_next(self, session: Session, chunk: ChunkInput, end: bool,
+                         expires: float | None) -> ChunkOutput:
+        """A step with no number of its own, with a shared store: the copy here may be
+        behind the store when the session went on elsewhere. After its lease may have
+        run out (``_lapsed``) another server could have taken it: the store's record is
+        taken first. A sibling worker takes it at once, unseen: the store then refuses
+        the copy's step (SessionMoved; the copy is dropped), and the chunk runs once
+        more from the record. Not after SessionTaken: steps served from memory were lost."""
+        if self._lapsed(session):
+            session = await self._refresh(session)
+        try:
+            return await self._step(session, session.next_seq, chunk, end, expires)
+        except SessionTaken:
+            raise
+        except SessionMoved:
+            if self.shared is None:
+                raise
+            session, _ = await self._resume(session.model, session.version, session.id)
+            return await self._step(session, session.next_seq, chunk, end, expires)
+
+    def _lapsed(self, session: Session) -> bool:
+        """With a shared store, a copy idle for the lease's time (its lease may have run
+        out: another server may have taken the session since), or whose last step was
+        given up. Its last use came before its last write renewed the lease: never late."""
+        return self.shared is not None and not session.busy and (
+            session.unsure or self.store.idle_s(session) >= self.shared.lease_s)
 
     def _count(self, api: str, session: Session | None, code: str, started: float) -> None:
         """Count one chunk by its outcome (and a session's first answer)."""

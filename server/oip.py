@@ -54,8 +54,6 @@ from rnnserve.server.errors import (
     CoreError,
     InvalidChunk,
     SessionExists,
-    SessionMoved,
-    SessionTaken,
 )
 from rnnserve.server.interceptor import rpc_model
 from rnnserve.server.runtime import ANSWER_OVERHEAD, ModelRuntime
@@ -418,17 +416,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 session, runtime = await self._live(runtime, seq, sid, req.model_version)
                 rpc_model(runtime.name, runtime.version)
                 outputs, chunk = self._parse(req, runtime)
-                try:
-                    out = await self.core.step(sid, session.next_seq, chunk, seq.end, api=API,
-                                               expires=expires)
-                except SessionTaken:
-                    raise  # steps served from memory were lost
-                except SessionMoved:
-                    # the copy here was outdated and is dropped: once more from the store's
-                    # record
-                    session, runtime = await self._live(runtime, seq, sid, req.model_version)
-                    out = await self.core.step(sid, session.next_seq, chunk, seq.end, api=API,
-                                               expires=expires)
+                # the next chunk, wherever the last ran (a copy here may be behind the store)
+                out = await self.core.step(sid, None, chunk, seq.end, api=API, expires=expires)
         named = {name: a[None] for name, a in out.outputs}
         return self._response(req, runtime, outputs, named)
 

@@ -153,6 +153,8 @@ class SessionStore(Protocol):
 
     def touch(self, session: Session) -> None: ...
 
+    def idle_s(self, session: Session) -> float: ...
+
     def live_ids(self) -> list[str]: ...
 
     def peek(self, session_id: str) -> Session | None: ...
@@ -323,6 +325,10 @@ class MemorySessionStore:
         if self._live.get(session.id) is session:
             session.last_used = self._clock()
             self._live.move_to_end(session.id)
+
+    def idle_s(self, session: Session) -> float:
+        """Seconds since ``session``'s last use (``touch``)."""
+        return self._clock() - session.last_used
 
     def live_ids(self) -> list[str]:
         return list(self._live)

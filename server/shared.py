@@ -168,6 +168,7 @@ class RedisStore:
         (one opened while the store was down, by a server that degrades)."""
         self.url, self.owner, self.prefix = url, owner, prefix
         self.ttl_ms, self.lease_ms = max(1, int(ttl_s * 1000)), max(1, int(lease_s * 1000))
+        self.lease_s = self.lease_ms / 1000
         self.timeout_s = timeout_s
         self.upsert = upsert
         self._on_op = on_op

@@ -10,12 +10,13 @@ import grpc
 import numpy as np
 import pytest
 
+from rnnserve.client import OWN_CONNECTION
 from rnnserve.client.bench import RedisProcess
 from rnnserve.protos.inference import grpc_service_pb2 as pb
 from rnnserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from rnnserve.protos.oip import encode_bytes_elements
 
-from ..server.serving import start_server
+from ..server.serving import metric_value, start_server
 from .test_protocol import logits, reference, refused, request
 
 RNG = np.random.default_rng(23)
@@ -253,9 +254,45 @@ def test_a_sequence_back_on_a_replica_with_an_outdated_copy_runs(repo, redis_url
             parts.append(logits(on_a.ModelInfer(request(x[:, 4:6], sequence_id=11))))
             parts.append(logits(on_a.ModelInfer(request(x[:, 6:], sequence_id=11,
                                                         sequence_end=True))))
+        text = a.metrics()
     finally:
         assert a.stop() == 0
         assert b.stop() == 0
     np.testing.assert_allclose(np.concatenate(parts, axis=1), reference(repo, "feat", x),
                                atol=1e-5, rtol=0)
+    # A's lease had lapsed: it took the store's record before running the request, not
+    # after a run whose write the store refused (the model run twice, an ABORTED counted)
+    assert metric_value(text, "rnnserve_chunks_total", api="kserve_v2", code="OK") == 3
+    assert metric_value(text, "rnnserve_chunks_total", api="kserve_v2") == 3
+    assert metric_value(text, "rnnserve_batch_size_sum") == 3
+    assert metric_value(text, "rnnserve_store_refusals_total") == 0
+
+
+def test_a_sequence_moving_between_workers_on_each_request_counts_each_once(
+        repo, redis_url, tmp_path) -> None:
+    """``--workers 2``: each request on a connection of its own reaches either worker; a
+    worker's copy is then often behind the store (siblings take a session at once). The
+    store refuses that copy's step, and the request runs once more from the store's record:
+    exact, and counted once, as the client saw it (OK), never ABORTED."""
+    steps = 16
+    x = RNG.standard_normal((1, 2 * steps, 20)).astype(np.float32)
+    srv = serve(repo, tmp_path, "workers", redis_url, "--workers", "2")
+    try:
+        parts = []
+        for k in range(steps):
+            with grpc.insecure_channel(srv.target, options=OWN_CONNECTION) as channel:
+                on = pb_grpc.GRPCInferenceServiceStub(channel)
+                parts.append(logits(on.ModelInfer(request(
+                    x[:, 2 * k:2 * k + 2], sequence_id=12, sequence_start=k == 0,
+                    sequence_end=k == steps - 1))))
+        text = srv.metrics()
+    finally:
+        assert srv.stop() == 0
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), reference(repo, "feat", x),
+                               atol=1e-5, rtol=0)
+    for w in ("0", "1"):  # both ran some (all on one: probability 2^-15)
+        assert metric_value(text, "rnnserve_chunks_total", api="kserve_v2", code="OK",
+                            worker=w) > 0
+    assert metric_value(text, "rnnserve_chunks_total", api="kserve_v2", code="OK") == steps
+    assert metric_value(text, "rnnserve_chunks_total", api="kserve_v2") == steps
 
