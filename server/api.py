@@ -81,7 +81,7 @@ def chunk_input(chunk: pb.Chunk) -> ChunkInput:
         except TensorError as exc:
             return ChunkInput(invalid=str(exc))  # rejected by the core, counted per model
     if which == "text":
-        return ChunkInput(text=chunk.text, expires=expires)
+        return ChunkInput(text=chunk.text.encode("utf-8"), expires=expires)
     if which == "pcm16":
         return ChunkInput(pcm16=chunk.pcm16, expires=expires)
     return ChunkInput(expires=expires)

@@ -59,7 +59,7 @@ class ChunkInput:
     known, so that the rejection is counted against its model)."""
 
     array: np.ndarray | None = None
-    text: str | None = None
+    text: bytes | None = None  # UTF-8, encoded once by the adapter
     pcm16: bytes | None = None
     invalid: str | None = None
     expires: float | None = None  # the chunk's own deadline (a perf_counter time)
@@ -68,7 +68,7 @@ class ChunkInput:
     def steps(self) -> int:
         """Its length on the input's time axis (samples for PCM16), before it is checked."""
         if self.text is not None:
-            return len(self.text.encode("utf-8"))
+            return len(self.text)
         if self.pcm16 is not None:
             return len(self.pcm16) // 2
         return self.array.shape[0] if self.array is not None and self.array.ndim else 0
@@ -423,7 +423,7 @@ class Core:
         if chunk.text is not None:
             if kind != "utf8_bytes":
                 raise InvalidChunk(f"model {runtime.name!r} takes {kind} input, not text")
-            return np.frombuffer(chunk.text.encode("utf-8"), dtype=np.uint8)
+            return np.frombuffer(chunk.text, dtype=np.uint8)
         if chunk.pcm16 is not None:
             if kind != "pcm16":
                 raise InvalidChunk(f"model {runtime.name!r} takes {kind} input, not PCM16 audio")
