@@ -34,7 +34,7 @@ from rnnserve.server.api import InferenceServicer, StreamGate
 from rnnserve.server.auth import TokenAuth, load_tokens
 from rnnserve.server.batcher import Batcher
 from rnnserve.server.core import Core
-from rnnserve.server.errors import StoreUnavailable
+from rnnserve.server.errors import DeviceUnavailable, StoreUnavailable
 from rnnserve.server.interceptor import MetricsInterceptor
 from rnnserve.server.metrics import Limits, Metrics, ServingCollector
 from rnnserve.server.oip import OipServicer
@@ -121,7 +121,10 @@ class RnnServer:
                                  batch_buckets=s.buckets(), pool_rows=s.state_pool_rows(),
                                  cuda_graphs=s.cuda_graphs,
                                  max_answer_bytes=s.max_message_bytes - ANSWER_OVERHEAD)
-        self.registry = ModelRegistry(s.repo, options)
+        try:
+            self.registry = ModelRegistry(s.repo, options)
+        except DeviceUnavailable as exc:  # --device cuda where it cannot run: the user's
+            raise UsageError(str(exc)) from exc  # to fix, told in one line
         if not len(self.registry):
             raise ModelRepositoryError(f"no models in {str(s.repo)!r}; export one with "
                                        "`rnnserve export CHECKPOINT --repo DIR --name NAME`")

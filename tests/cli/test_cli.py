@@ -126,3 +126,23 @@ def test_quick_gru_preset_reaches_the_target_and_exports(tmp_path) -> None:
     # float32 rounding, no larger than torch's own distance from float64
     assert v["max_abs_diff_vs_torch"] <= 1e-5 or (
         v["onnx_vs_float64"] <= 2 * v["torch_float32_vs_float64"] + 1e-5)
+
+
+def test_serve_on_a_cuda_device_it_cannot_get_says_so_as_an_error(repo) -> None:
+    """``--device cuda`` where onnxruntime cannot run CUDA: a user's mistake, told as
+    one ``error:`` line (exit 1), not an internal error (exit 70)."""
+    from rnnserve.server.errors import DeviceUnavailable
+    from rnnserve.server.runtime import ModelRegistry, RuntimeOptions
+
+    try:
+        ModelRegistry(repo, RuntimeOptions(device="cuda"))
+    except DeviceUnavailable:
+        pass
+    else:
+        pytest.skip("CUDA works here")
+    proc = rnnserve("serve", "--repo", str(repo), "--device", "cuda", "--grpc-port", "0",
+                    "--metrics-port", "0", "--host", "127.0.0.1", timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("rnnserve serve: error: ") and "cuda" in last.lower(), last
+    assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr
