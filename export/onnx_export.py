@@ -210,6 +210,22 @@ def trace(module: nn.Module, args: tuple[torch.Tensor, ...], in_names: list[str]
         return onnx.load(str(traced))
 
 
+def pin_declared_dims(proto: onnx.ModelProto, metadata: ModelMetadata) -> None:
+    """Give the graph's inputs and outputs the fixed sizes the metadata declares where
+    the exporter left a symbol (it names an axis it cannot infer through a slice, e.g.
+    a front end's overlap state, ``Sliceframe_out_dim_1``); verification checks them."""
+    shapes = metadata.graph_shapes()
+    for value in [*proto.graph.input, *proto.graph.output]:
+        shape = shapes.get(value.name)
+        dims = value.type.tensor_type.shape.dim
+        if shape is None or len(dims) != len(shape):
+            continue  # verification names the mismatch
+        for dim, want in zip(dims, shape, strict=True):
+            if isinstance(want, int) and dim.HasField("dim_param"):
+                dim.Clear()
+                dim.dim_value = want
+
+
 def set_metadata(proto: onnx.ModelProto, metadata: ModelMetadata) -> None:
     keep = [p for p in proto.metadata_props if not p.key.startswith("rnnserve.")]
     del proto.metadata_props[:]
@@ -349,6 +365,7 @@ def publish(build: Callable[[], tuple[onnx.ModelProto, ModelMetadata]], referenc
     where = model_dir / (str(version) if version is not None else "<next version>")
     log(f"exporting {source} -> {where / repository.MODEL_FILE} (opset {OPSET})")
     proto, metadata = build()  # a module the tracer cannot follow is refused here: no files
+    pin_declared_dims(proto, metadata)
     if fp16:
         from rnnserve.export.fp16 import to_fp16
 

@@ -173,6 +173,15 @@ def check_structure(proto: Any, meta: ModelMetadata, report: VerificationReport)
         dims = _dims(info)
         if not dims or not isinstance(dims[0], str) or not dims[0]:
             report.failures.append(f"{name}: batch axis is not dynamic (dims {dims})")
+    for name, shape in meta.graph_shapes().items():
+        info = graph_inputs.get(name) or graph_outputs.get(name)
+        if info is None:
+            continue
+        dims = _dims(info)
+        if len(dims) != len(shape) or any(isinstance(want, int) and got != want
+                                          for got, want in zip(dims, shape, strict=False)):
+            report.failures.append(f"{name}: graph shape {dims} is not the declared "
+                                   f"{list(shape)}")
     for name in (meta.input.name, *(o.name for o in meta.outputs)):
         info = graph_inputs.get(name) or graph_outputs.get(name)
         if info is not None:

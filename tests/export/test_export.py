@@ -162,6 +162,21 @@ def test_verify_catches_a_frozen_time_axis(tmp_path, make_checkpoint) -> None:
     assert any("time axis is not dynamic" in f for f in report.failures)
 
 
+def test_verify_catches_a_graph_shape_the_metadata_does_not_declare(tmp_path,
+                                                                    make_checkpoint) -> None:
+    mv = export_checkpoint(make_checkpoint("lstm"), tmp_path, "l", log=_quiet)
+    proto = onnx.load(str(mv.path))
+    state_out = proto.graph.output[1]
+    dim = state_out.type.tensor_type.shape.dim[2]
+    dim.Clear()
+    dim.dim_param = "hidden"
+    other = tmp_path / "other.onnx"
+    onnx.save(proto, str(other))
+    report = verify_file(other, write=False, log=_quiet)
+    assert any(f.startswith(f"{state_out.name}: graph shape ") and "declared" in f
+               for f in report.failures), report.failures
+
+
 def test_verify_writes_its_figures_into_the_metadata(tmp_path, make_checkpoint) -> None:
     ckpt = make_checkpoint("lstm")
     mv = export_checkpoint(ckpt, tmp_path, "l", log=_quiet)

@@ -64,6 +64,24 @@ def test_metadata_declares_pcm16_the_overlap_state_and_the_rule(exported) -> Non
     assert {"MatMul", "Log"} <= ops and not ops & {"Loop", "Scan", "STFT", "DFT"}
 
 
+def test_graph_shapes_are_the_declared_ones(exported) -> None:
+    """Every fixed axis the metadata declares is fixed in the graph too (the exporter
+    named the front end's sliced state axis ``Sliceframe_out_dim_1``, not 240)."""
+    _, path = exported
+    sess = _session(path)
+    meta = ModelMetadata.from_props(sess.get_modelmeta().custom_metadata_map)
+    declared = {meta.input.name: meta.input.shape, **{o.name: o.shape for o in meta.outputs}}
+    for s in meta.states:
+        declared[s.input] = declared[s.output] = s.shape
+    graph = {t.name: t.shape for t in [*sess.get_inputs(), *sess.get_outputs()]}
+    assert sorted(graph) == sorted(declared)
+    for name, shape in declared.items():
+        assert len(graph[name]) == len(shape), name
+        for got, want in zip(graph[name], shape, strict=True):
+            assert got == want if isinstance(want, int) else isinstance(got, str), \
+                (name, graph[name], shape)
+
+
 @pytest.mark.parametrize("chunk_ms", [10, 20, 40, 100])
 def test_chunked_pcm_equals_the_whole_utterance(exported, chunk_ms: int) -> None:
     _, path = exported
