@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text: byte-level language model on text shipped with Python; "
                    "speech: keyword spotting on audio synthesized with espeak-ng")
     t.add_argument("--arch", choices=["lstm", "gru"],
-                   help="recurrent layer (default: gru for text, lstm for speech)")
+                   help="recurrent layer (default: gru)")
     t.add_argument("--out", required=True, help="directory for the checkpoint files")
     t.add_argument("--quick", action="store_true",
                    help="small fast preset (text about 2.5 minutes, speech about 4)")
@@ -357,10 +357,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in (
         "hidden_size", "num_layers", "embed_size", "dropout", "batch_size", "seq_len", "lr",
         "eval_every", "seed", "sources", "threads") if getattr(args, k) is not None}
+    if args.arch is not None:
+        overrides["arch"] = args.arch
     if args.resume and (overrides or args.quick):
         raise RnnserveError("--resume continues the saved run; only --steps may change it")
     try:
-        cfg = replace(cfg, task=args.task, arch=args.arch or "gru", **overrides)
+        cfg = replace(cfg, task=args.task, **overrides)
         cfg.model_config()  # validate dimensions before loading data
     except ValueError as exc:
         raise RnnserveError(str(exc)) from exc

@@ -146,3 +146,13 @@ def test_serve_on_a_cuda_device_it_cannot_get_says_so_as_an_error(repo) -> None:
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("rnnserve serve: error: ") and "cuda" in last.lower(), last
     assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("task", ["text", "speech"])
+def test_resume_refuses_another_arch(tmp_path, task) -> None:
+    """``--resume`` continues the saved run: ``--arch`` would silently be ignored (a text
+    run went on as the GRU it was), so it is refused like the other overrides."""
+    proc = rnnserve("train", "--task", task, "--arch", "lstm", "--resume", "--out",
+                    str(tmp_path / "run"))
+    assert_one_line_error(proc, "--resume continues the saved run")
+    assert proc.returncode == 1
