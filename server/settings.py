@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     worker_hang_s: float = Field(10.0, gt=0)
     """With workers: a serving worker whose event loop sent no heartbeat (one a second)
     for this long is hung; it is killed and started again."""
+    worker_start_s: float = Field(300.0, gt=0)
+    """With workers: the longest a worker may take from its start to serving (importing,
+    loading the models, warming up); one that takes longer is hung: at the start the
+    server exits with an error naming it, later it is killed and started again. Under an
+    orchestrator keep it below the startup limit (deploy/k8s: the startupProbe's 120 s),
+    so that the server's error, not the probe's, says which worker hung."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when onnxruntime obtains it, else CPU; cuda: fail without it."""
     device_id: int = Field(0, ge=0)

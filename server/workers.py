@@ -13,6 +13,9 @@ new connections over them. This process supervises them:
   plus ``rnnserve_worker_up`` and ``rnnserve_worker_restarts_total`` of its own;
 - a worker that dies is started again (after a pause that doubles while it keeps
   dying young); the others serve on, and the kernel stops sending it connections;
+- a worker that hangs is killed: one not serving ``worker_start_s`` after its start
+  (then, at the start, this process exits with an error; later, it is started again),
+  or one serving whose event loop sent no heartbeat for ``worker_hang_s``;
 - SIGTERM or SIGINT drains every worker (each as ``rnnserve serve`` alone would) and
   exits 0 when they all stopped cleanly; a worker whose supervisor dies drains itself.
 
@@ -62,7 +65,8 @@ from rnnserve.server.app import Worker, log_to_stderr, serve, server_name
 from rnnserve.server.settings import Settings
 
 log = logging.getLogger("rnnserve.workers")
-YOUNG_S = 30.0  # a worker that dies sooner after its start is restarted after a pause
+YOUNG_S = 30.0  # a worker that dies sooner after it began to serve (or before) is
+# restarted after a pause that doubles each time
 MAX_PAUSE_S = 30.0
 SCRAPE_TIMEOUT_S = 5.0
 # Beyond the drain grace, before a worker that has not exited is killed. After the grace
@@ -124,9 +128,11 @@ class _Slot:
         self.conn: Connection | None = None
         self.ready: dict[str, Any] | None = None
         self.started = 0.0
+        self.serving: float | None = None  # when its ready line came
         self.beat = 0.0  # when its last message (ready line or heartbeat) came
         self.pause = 1.0
         self.restart_at: float | None = None
+        self.killed = False  # killed as hung, not yet seen dead
 
 
 class WorkerScrape:
@@ -210,7 +216,8 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         theirs.close()
         slot.proc, slot.conn, slot.ready = proc, ours, None
-        slot.started, slot.restart_at = time.monotonic(), None
+        slot.started, slot.restart_at, slot.serving = time.monotonic(), None, None
+        slot.killed = False
         slot.beat = slot.started
 
     def _await_ready(self, slots: list[_Slot]) -> int | None:
@@ -227,15 +234,33 @@ class Supervisor:
                         slot.ready = slot.conn.recv()
                     except EOFError:
                         return self._failed_start(slot)
-                    slot.beat = time.monotonic()
+                    slot.beat = slot.serving = time.monotonic()
                     self.up.labels(str(slot.index)).set(1)
                     waiting.remove(slot)
                 elif not slot.proc.is_alive():
                     return self._failed_start(slot)
+                elif self._stuck(slot, "; the server stops"):
+                    return EXIT_ERROR
             if waiting:
                 wait([s.conn for s in waiting if s.conn is not None]
                      + [s.proc.sentinel for s in waiting if s.proc is not None], timeout=0.5)
         return None
+
+    def _stuck(self, slot: _Slot, then: str) -> bool:
+        """Whether a worker not serving yet has outlasted worker_start_s (hung while it
+        imports, loads or warms up); if so it is killed, with a line saying so and
+        ``then`` (what follows). SIGKILL: its loading blocks the event loop that would
+        act on a SIGTERM. Not waited for: a process blocked in the kernel (a hung
+        network file system) dies only when the call returns; watch sees it die."""
+        assert slot.proc is not None
+        bound = self.settings.worker_start_s
+        if slot.ready is not None or time.monotonic() - slot.started <= bound:
+            return False
+        log.error("worker %d (pid %s) did not start serving within %gs (--worker-start-s); "
+                  "killing it%s", slot.index, slot.proc.pid, bound, then)
+        slot.proc.kill()
+        slot.killed = True
+        return True
 
     @staticmethod
     def _failed_start(slot: _Slot) -> int:
@@ -298,7 +323,8 @@ class Supervisor:
 
     def watch(self) -> None:
         """Until told to stop: restart the workers that die, kill those that hang
-        (no heartbeat from their event loop for worker_hang_s once serving)."""
+        (not serving worker_start_s after their start, or no heartbeat from their
+        event loop for worker_hang_s once serving)."""
         while not self.stopping.is_set():
             sentinels = [s.proc.sentinel for s in self.slots
                          if s.proc is not None and s.restart_at is None]
@@ -317,13 +343,18 @@ class Supervisor:
                 if slot.proc is not None and not slot.proc.is_alive():
                     self._died(slot, now)
                     continue
+                if slot.killed:
+                    continue  # seen dead on a later pass, and started again
                 self._read(slot)
+                if self._stuck(slot, ""):
+                    continue
                 hung_s = time.monotonic() - slot.beat
                 if (slot.ready is not None and slot.proc is not None
                         and hung_s > self.settings.worker_hang_s):
                     log.error("worker %d (pid %s) is hung: no heartbeat for %.0fs; killing it",
                               slot.index, slot.proc.pid, hung_s)
-                    slot.proc.kill()  # seen dead on the next pass, and started again
+                    slot.proc.kill()
+                    slot.killed = True
                     slot.ready = None
                     self.up.labels(str(slot.index)).set(0)
 
@@ -336,13 +367,13 @@ class Supervisor:
                 return  # it died: seen on the next pass
             slot.beat = time.monotonic()
             if message is not None and slot.ready is None:
-                slot.ready = message
+                slot.ready, slot.serving = message, slot.beat
                 self.up.labels(str(slot.index)).set(1)
 
     def _died(self, slot: _Slot, now: float) -> None:
         assert slot.proc is not None
         slot.proc.join()
-        young = now - slot.started < YOUNG_S
+        young = slot.serving is None or now - slot.serving < YOUNG_S
         slot.pause = min(MAX_PAUSE_S, slot.pause * 2) if young else 1.0
         log.error("worker %d (pid %d) exited with status %s; starting it again in %.0fs "
                   "(its sessions are lost unless a session store holds them)", slot.index,

@@ -54,3 +54,12 @@ def test_batch_buckets_pool_rows_and_cuda_graphs() -> None:
                            session_store="redis://127.0.0.1:6379")
     assert shared.state_pool_rows() == 2 * 1000 + 2 * 2 * 64 + 2  # a row per write in flight
     assert Settings.load(pool_rows="5000").state_pool_rows() == 5000
+
+
+def test_worker_start_bound() -> None:
+    # generous by default: loading big models and warming CUDA graphs take minutes
+    assert Settings.load().worker_start_s == 300.0
+    assert Settings.load(worker_start_s="45").worker_start_s == 45.0
+    for bad in ("0", "-1"):
+        with pytest.raises(ValidationError, match="worker_start_s"):
+            Settings.load(worker_start_s=bad)

@@ -395,3 +395,52 @@ def test_a_hung_worker_is_killed_and_started_again(repo, tmp_path) -> None:
         assert metric_value(srv.metrics(), "rnnserve_worker_restarts_total", worker="0") == 0
     finally:
         assert srv.stop() == 0
+
+
+def test_a_worker_that_hangs_while_it_loads_fails_the_start(repo, tmp_path) -> None:
+    log = tmp_path / "stuck.log"
+    proc = launch_server(repo, log, "--workers", "2", "--worker-start-s", "5")
+    victim = 0
+    try:
+        wait_until("worker 0 started", lambda: _workers_of(proc.pid), 30)
+        (victim,) = _workers_of(proc.pid)
+        os.kill(victim, signal.SIGSTOP)  # still importing or loading: it never gets ready
+        assert proc.wait(60) == 1, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if victim and alive(victim):
+            os.kill(victim, signal.SIGKILL)
+    assert proc.stdout is not None and proc.stdout.read() == ""  # never ready
+    wait_until("the stuck worker gone", lambda: not alive(victim), 5)
+    text = log.read_text()
+    assert (f"worker 0 (pid {victim}) did not start serving within 5s (--worker-start-s)"
+            in text), text[-3000:]
+    assert "Traceback" not in text
+
+
+def test_a_worker_started_again_that_hangs_while_it_loads_is_killed_and_started_again(
+        repo, tmp_path) -> None:
+    # the bound must cover a worker's normal start on a busy machine: the second restart
+    srv = start_server(repo, tmp_path / "restuck.log", "--workers", "2",
+                       "--worker-start-s", "10")
+    stuck = 0
+    try:
+        os.kill(srv.workers[1], signal.SIGKILL)
+        wait_until("worker 1 started again", lambda: set(_workers_of(srv.proc.pid))
+                   - set(srv.workers), 30)
+        (stuck,) = set(_workers_of(srv.proc.pid)) - set(srv.workers)
+        os.kill(stuck, signal.SIGSTOP)  # importing or loading: it never gets ready
+        wait_until("the stuck worker killed, worker 1 started again and up", lambda:
+                   metric_value(srv.metrics(), "rnnserve_worker_restarts_total",
+                                worker="1") == 2 and
+                   metric_value(srv.metrics(), "rnnserve_worker_up", worker="1") == 1, 90)
+        wait_until("the stuck worker gone", lambda: not alive(stuck), 5)
+        log = srv.log.read_text()
+        assert (f"worker 1 (pid {stuck}) did not start serving within 10s "
+                "(--worker-start-s); killing it") in log, log[-3000:]
+        assert metric_value(srv.metrics(), "rnnserve_worker_restarts_total", worker="0") == 0
+    finally:
+        if stuck and alive(stuck):
+            os.kill(stuck, signal.SIGKILL)
+        assert srv.stop() == 0
