@@ -371,10 +371,20 @@ class ManyStream:
             self._error = ConnectionError("the server ended the stream")
         except grpc.aio.AioRpcError as exc:
             self._error = exc
-        for fut in self._waiting.values():
-            if not fut.done():
-                fut.set_exception(self._error)
-        self._waiting.clear()
+        except asyncio.CancelledError:
+            # the call was cancelled (the block was left by an error or a cancellation):
+            # the sends waiting on it, and any later one, fail instead of waiting forever
+            self._error = grpc.aio.AioRpcError(
+                grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                "the stream was cancelled")
+            raise
+        finally:
+            if self._error is None:
+                self._error = ConnectionError("the stream failed")
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(self._error)
+            self._waiting.clear()
 
     async def __aenter__(self) -> ManyStream:
         self._call = self._client.stub.StreamMany(self._requests(),
