@@ -11,7 +11,6 @@ replaced only when the step's result is delivered.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -714,9 +713,8 @@ class Core:
                     self._on_degraded("checkpoint")
             return _with(closed, [None] * len(steps))
         for (p, _, _), why in zip(steps, refused, strict=True):
-            if why is not None:
-                with contextlib.suppress(SessionError):
-                    self.store.close(p.session.id)
+            if why is not None:  # not closed: a later request takes it from the store
+                self.store.drop(p.session)
                 if self._on_refused is not None and isinstance(why, SessionError):
                     self._on_refused(why.reason.removeprefix("session_"))
             else:

@@ -168,6 +168,8 @@ class SessionStore(Protocol):
 
     def close(self, session_id: str) -> Session: ...
 
+    def drop(self, session: Session) -> None: ...
+
     def expire_idle(self) -> list[Session]: ...
 
 
@@ -379,6 +381,16 @@ class MemorySessionStore:
             while len(self._final) > self._max_final:
                 self._final.popitem(last=False)
         return session
+
+    def drop(self, session: Session) -> None:
+        """End ``session``, an outdated copy that the shared store refused to write (the
+        session went on elsewhere), if it is still the live one, without remembering it
+        as ended here: it has not ended, and a later request of it takes it from the
+        store, as on a server that never held it. Counted as closed."""
+        if self._live.get(session.id) is not session:
+            return
+        self._end(session, "closed")
+        del self._ended[session.id]
 
     def final_answer(self, session_id: str) -> Session | None:
         """A session that its last chunk ended, without its state but with the answer
