@@ -2,7 +2,8 @@
 
 It speaks ``rnnserve.v1.Inference`` like the real server (same messages, same sizes):
 ``Stream`` opens a session and answers every chunk at once with an output tensor of
-the shape the real model would return, taken from the model's metadata. No
+the shape the real model would return, taken from the model's metadata; ``StreamMany``
+answers every item of a request so (``bench --many``). No
 inference, no batching, no state: what is left is gRPC, protobuf and asyncio, the
 most any server written this way can do on the machine.
 
@@ -62,6 +63,27 @@ class EchoServicer(pb_grpc.InferenceServicer):
                 c = req.chunk
                 yield pb.StreamResponse(result=pb.ChunkResult(
                     seq=c.seq, end=c.end, outputs=self._outputs(output_frames(self.meta, c))))
+
+    async def StreamMany(self, request_iterator: AsyncIterator[pb.ManyRequest],
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ManyResponse]:
+        """Every item answered at once, its session opened first where it asks to be."""
+        async for req in request_iterator:
+            results = []
+            for item in req.items:
+                r = pb.ManyResult(session_id=item.session_id)
+                if item.HasField("open"):
+                    self._sessions += 1
+                    r.session_id = r.session_id or f"echo-{self._sessions}"
+                    r.opened.CopyFrom(pb.SessionInfo(session_id=r.session_id,
+                                                     model=self.meta.name,
+                                                     version=self.meta.version))
+                if item.HasField("chunk"):
+                    c = item.chunk
+                    r.result.CopyFrom(pb.ChunkResult(
+                        seq=c.seq, end=c.end,
+                        outputs=self._outputs(output_frames(self.meta, c))))
+                results.append(r)
+            yield pb.ManyResponse(id=req.id, results=results)
 
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
