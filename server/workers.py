@@ -279,11 +279,13 @@ class Supervisor:
     def hold_port(self) -> None:
         """Refuse a gRPC port that another server serves already. The workers bind it
         with SO_REUSEPORT, which lets any socket of the same user with that option join
-        (and take a share of the connections), so the bind alone cannot tell: a
+        (and take a share of the connections), so their bind alone cannot tell: a
         supervisor takes a lock on the port (a lock file, held while it runs) against
-        one starting beside it, and refuses the port when it accepts connections (a
-        server that does not take the lock). A lone server's plain bind already fails
-        on the workers' port, and theirs on its port. Port 0 is the kernel's pick."""
+        one starting beside it whose workers do not listen yet, and refuses the port
+        when a plain bind of it fails (a server that does not take the lock, or took
+        another file: on this address, on all addresses while this binds one, or on one
+        while this binds all). A lone server's plain bind already fails on the workers'
+        port, and theirs on its port. Port 0 is the kernel's pick."""
         port = self.port
         if port == 0:
             return
@@ -305,7 +307,7 @@ class Supervisor:
                     raise taken from None
                 raise
             self._lock = fd  # released when this process exits, however it exits
-        if _accepts(self.settings.host, port):
+        if _listened(self.settings.host, port):
             raise taken
 
     def start(self) -> int | None:
@@ -412,23 +414,25 @@ class Supervisor:
         return status
 
 
-def _accepts(host: str, port: int) -> bool:
-    """Whether something accepts connections on ``host``:``port`` (the loopback
-    address for a wildcard host)."""
+def _listened(host: str, port: int) -> bool:
+    """Whether a socket listens on ``host``:``port`` or on an address that overlaps it
+    (the wildcard address and any single one, either way round): a bind of it without
+    SO_REUSEPORT fails then. With SO_REUSEADDR, as the server's own sockets have it, the
+    connections of a server that just stopped (TIME_WAIT) do not count."""
     try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
     except OSError:
         return False  # the workers' bind says what is wrong with the host
     for family, kind, proto, _, addr in infos:
-        if addr[0] in ("0.0.0.0", "::"):
-            addr = ("127.0.0.1" if family == socket.AF_INET else "::1", *addr[1:])
         with socket.socket(family, kind, proto) as s:
-            s.settimeout(1.0)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                s.connect(addr)
-            except OSError:
-                continue
-            return True
+                s.bind(addr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+                # not this machine's address, a privileged port: the workers' bind says
     return False
 
 

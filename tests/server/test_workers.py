@@ -380,6 +380,39 @@ def test_a_second_supervisor_on_the_port_is_refused_in_one_line(repo, tmp_path) 
         assert first.stop() == 0
 
 
+@pytest.mark.parametrize(("first", "host", "kind"), [
+    ("127.0.0.2", "0.0.0.0", "lone"), ("127.0.0.2", "0.0.0.0", "workers"),
+    ("0.0.0.0", "127.0.0.2", "workers")])
+def test_a_port_served_on_an_overlapping_address_is_refused_in_one_line(
+        repo, tmp_path, first, host, kind) -> None:
+    """One server on a single address of the host and the next on all of them (or the
+    reverse) share a port with SO_REUSEPORT (the first's workers), or the workers find
+    it taken only once they loaded (a lone first); the supervisor refuses it at once,
+    also when the first's lock file is elsewhere (another XDG_RUNTIME_DIR)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    srv = start_server(repo, tmp_path / "first.log", "--host", first, "--grpc-port",
+                       str(port), *(["--workers", "2"] if kind == "workers" else []),
+                       env={"XDG_RUNTIME_DIR": str(elsewhere)})
+    try:
+        code, out, err = run_server(repo, tmp_path / "second.log", "--host", host,
+                                    "--grpc-port", str(port), "--workers", "2", timeout=30)
+        assert code == 1, err
+        assert out == ""
+        assert err.strip().splitlines() == [
+            f"rnnserve serve: error: cannot listen on {host}:{port}: the port is taken "
+            "(another server?)"], err
+        # the first serves on
+        reach = first if first != "0.0.0.0" else "127.0.0.1"
+        with grpc.insecure_channel(f"{reach}:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=10)
+    finally:
+        assert srv.stop() == 0
+
+
 def test_a_hung_worker_is_killed_and_started_again(repo, tmp_path) -> None:
     srv = start_server(repo, tmp_path / "hung.log", "--workers", "2", "--worker-hang-s", "2")
     try:
