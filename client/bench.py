@@ -565,12 +565,14 @@ def idle_memory(repo: str, model: str, sessions: int, serve_flags: list[str],
                 out: Path) -> dict[str, Any]:
     """Resident memory growth of a server holding ``sessions`` idle sessions, against
     the raw bytes of their recurrent state."""
-    server = Spawned.rnnserve(repo, [*serve_flags, f"--max-sessions={sessions}",
+    warm = 64  # sessions opened first, to warm every code path once; they stay, so
+    # the server holds them and the N measured (none evicted, or refused)
+    server = Spawned.rnnserve(repo, [*serve_flags, f"--max-sessions={sessions + warm}",
                                      f"--max-state-bytes={1 << 40}", "--idle-timeout-s=3600"],
                               out / "server-idle.log")
     try:
         meta = asyncio.run(fetch_metadata(server.target, model, 0))
-        asyncio.run(_open_idle(server.target, model, 64))  # warm every code path once
+        asyncio.run(_open_idle(server.target, model, warm))
         before = rss_bytes(server.proc.pid)
         started = time.perf_counter()
         asyncio.run(_open_idle(server.target, model, sessions))

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import Iterator
 
 import grpc
+import numpy as np
 import pytest
 
-from rnnserve.client import AsyncClient, many_item, outputs
-from rnnserve.client.bench import Spawned
+from rnnserve.client import AsyncClient, bench, many_item, outputs
+from rnnserve.client.bench import RedisProcess, Spawned
 from rnnserve.client.client import new_session_id
 from rnnserve.client.load import realtime_streams
 
-from ..server.serving import ServerProcess
+from ..server.serving import ServerProcess, metric_value, start_server
+from ..server.test_grpc_api import whole_run
 from .proxy import Proxy
 
 
@@ -93,3 +96,60 @@ async def _many_once(target: str) -> tuple[object, ...]:
     return (results[0].session_id, results[1].session_id,
             outputs(results[0].result)["logits"].shape,
             outputs(results[1].result)["logits"].shape)
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_a_chunk_applied_by_a_killed_server_is_answered_once_by_the_other(
+        repo, tmp_path, last) -> None:
+    """A applies a chunk (in the store) and dies before its answer gets out; the client
+    resumes on B and gets that chunk's stored answer (the end chunk's by a Step): the
+    outputs equal an uninterrupted run, no chunk lost or applied twice."""
+    redis = RedisProcess(tmp_path)
+    a = start_server(repo, tmp_path / "a.log", "--session-store", redis.url, "--lease-s", "1")
+    b = start_server(repo, tmp_path / "b.log", "--session-store", redis.url, "--lease-s", "1")
+    proxy = Proxy(a.grpc_port)
+    x = np.random.default_rng(5).standard_normal((9, 20)).astype(np.float32)
+
+    async def main() -> tuple[np.ndarray, int, int]:
+        async with AsyncClient([proxy.target, b.target], reconnect_s=15, timeout=10) as c:
+            async with c.stream("feat") as s:
+                ys = [(await s.send(x[:3]))["logits"]]
+                chunks = metric_value(a.metrics(), "rnnserve_chunks_total", code="OK")
+                proxy.hold()
+                task = asyncio.ensure_future(s.send(x[3:6], end=last))
+                deadline = time.monotonic() + 10
+                while metric_value(a.metrics(), "rnnserve_chunks_total",
+                                   code="OK") == chunks:
+                    assert time.monotonic() < deadline, "A never applied the chunk"
+                    await asyncio.sleep(0.05)
+                a.proc.kill()
+                await asyncio.to_thread(a.proc.wait, 10)
+                proxy.cut()
+                ys.append((await task)["logits"])
+                if not last:
+                    ys.append((await s.send(x[6:], end=True))["logits"])
+                return np.concatenate(ys), s.next_seq, s.resumes
+
+    try:
+        y, next_seq, resumes = asyncio.run(main())
+        text = b.metrics()
+    finally:
+        proxy.close()
+        a.stop()
+        b.stop()
+        redis.stop()
+    want = whole_run(repo, "feat", 1, x if not last else x[:6])
+    assert y.shape == want.shape
+    assert float(np.abs(y - want).max()) <= 1e-5
+    assert next_seq == (2 if last else 3) and resumes == (0 if last else 1)
+    # B applied only what A had not: the chunk after the one A applied
+    assert metric_value(text, "rnnserve_chunks_total", code="OK") <= (1 if not last else 0) + 1
+
+
+def test_idle_memory_holds_every_session_it_opens(repo, tmp_path) -> None:
+    """The N idle sessions measured come on top of the warm-up's: none is evicted (the
+    growth would be of fewer sessions than N) nor refused by a server that refuses."""
+    memory = bench.idle_memory(str(repo), "text", 100,
+                               ["--when-full=refuse", "--intra-op-threads=1",
+                                "--device=cpu"], tmp_path)
+    assert memory["sessions"] == 100 and memory["rss_after"] > 0
