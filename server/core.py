@@ -704,6 +704,8 @@ class Core:
             refused = await self.shared.checkpoint_many(writes) if writes else []
         except StoreUnavailable as exc:
             if not self.degrade:
+                for p, _, _ in steps:  # a write sent may land all the same: the next
+                    p.session.unsure = True  # step takes the store's record first
                 refused = [StoreUnavailable(str(exc)) for _ in steps]
                 return _with(closed, refused)
             log.warning("session store unavailable (checkpoint); serving from memory: %s", exc)
@@ -743,11 +745,13 @@ class Core:
     async def _refresh(self, session: Session) -> Session:
         """A step ahead of this server's copy: the session went on elsewhere (another
         replica or worker took it from the store) and came back. The store's newer
-        record replaces the copy; when it has none (or cannot be reached) the copy
-        stays, and the step is refused for its seq as before."""
+        record replaces the copy; when it has none the copy stays, and the step is
+        refused for its seq as before. A store that cannot be reached answers
+        UNAVAILABLE at once (with ``degrade`` the copy is served): the step's write
+        would only wait out the timeout once more."""
         try:
             fresh, _ = await self._resume("", 0, session.id, refresh=True)
-        except (StoreUnavailable, *GONE):
+        except GONE:
             return session
         return fresh
 

@@ -3,6 +3,7 @@ loopback, one real redis-server."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -10,7 +11,7 @@ import numpy as np
 
 from rnnserve.client import Client
 
-from ..server.serving import start_server
+from ..server.serving import metric_value, start_server
 from ..server.test_grpc_api import whole_run
 from .test_failover import code_and_message
 
@@ -46,3 +47,44 @@ def test_a_dropped_outdated_copy_does_not_end_the_session_on_its_server(
         assert float(np.abs(got - want).max()) <= 1e-5
     finally:
         assert a.stop() == 0 and b.stop() == 0
+
+
+BUSY_LUA = """
+local t = redis.call('TIME')
+local until_us = t[1] * 1000000 + t[2] + tonumber(ARGV[1]) * 1000
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= until_us
+return 0
+"""
+
+
+def test_a_write_that_timed_out_but_landed_answers_the_retry(repo, redis_server,
+                                                             tmp_path) -> None:
+    """Redis busy past --store-timeout-ms: the step gets UNAVAILABLE ("retry the
+    chunk"), but its write, already sent, lands once Redis goes on. The retry of that
+    chunk on the same server (no resume) gets the stored answer: not ABORTED, not run
+    again."""
+    x = np.random.default_rng(22).standard_normal((9, 20)).astype(np.float32)
+    want = whole_run(repo, "feat", 1, x)
+    a = serve(repo, tmp_path, "a", redis_server.url, "--store-timeout-ms", "300")
+    redis = redis_server.client()
+    try:
+        with Client(a.target, timeout=10) as on_a:
+            sid = on_a.open_session("feat").session_id
+            y0 = on_a.step(sid, 0, x[:3])["logits"]
+            busy = threading.Thread(target=redis.eval, args=(BUSY_LUA, 0, 1500))
+            busy.start()
+            time.sleep(0.2)  # the script runs: Redis reads nothing else until it ends
+            code, msg = code_and_message(on_a.step, sid, 1, x[3:6])
+            assert code == grpc.StatusCode.UNAVAILABLE, msg
+            busy.join()
+            time.sleep(0.2)
+            assert int(redis.hget(f"rnnserve:{{{sid}}}:s", "seq")) == 2  # it landed
+            runs = metric_value(a.metrics(), "rnnserve_batch_size_sum")
+            y1 = on_a.step(sid, 1, x[3:6])["logits"]  # the retry: the stored answer
+            assert metric_value(a.metrics(), "rnnserve_batch_size_sum") == runs
+            y2 = on_a.step(sid, 2, x[6:], end=True)["logits"]
+        got = np.concatenate([y0, y1, y2])
+        assert float(np.abs(got - want).max()) <= 1e-5
+    finally:
+        redis.close()
+        assert a.stop() == 0
