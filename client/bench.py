@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from rnnserve.client.client import AsyncClient, Data
@@ -123,8 +124,14 @@ def summarize(streams: int, duration_s: float, result: LoadResult) -> Level:
 
 
 async def fetch_metadata(server: str, model: str, version: int) -> pb.ModelMetadata:
+    """The model's metadata; a server that cannot give it (unreachable, no such model)
+    is the bench's one-line error, with its status."""
     async with AsyncClient(server, timeout=30) as client:
-        return await client.model_metadata(model, version)
+        try:
+            return await client.model_metadata(model, version)
+        except grpc.aio.AioRpcError as exc:
+            raise RnnserveError(f"model {model!r} at {server}: {exc.code().name}: "
+                                f"{exc.details()}") from None
 
 
 def sweep(gen: LoadGenerator, targets: dict[str, str], meta: pb.ModelMetadata,

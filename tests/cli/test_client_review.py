@@ -20,6 +20,7 @@ from rnnserve.client.load import realtime_streams
 from ..server.serving import ServerProcess, metric_value, start_server
 from ..server.test_grpc_api import whole_run
 from .proxy import Proxy
+from .test_cli import assert_one_line_error, rnnserve
 
 
 @pytest.fixture
@@ -153,3 +154,13 @@ def test_idle_memory_holds_every_session_it_opens(repo, tmp_path) -> None:
                                ["--when-full=refuse", "--intra-op-threads=1",
                                 "--device=cpu"], tmp_path)
     assert memory["sessions"] == 100 and memory["rss_after"] > 0
+
+
+def test_bench_says_why_it_cannot_reach_a_model(server, tmp_path) -> None:
+    """An unknown model or an unreachable server is a one-line error naming the status,
+    not an internal error."""
+    proc = rnnserve("bench", "--server", server.target, "--model", "nosuch", "--streams", "1",
+                    "--duration-s", "1", "--load-procs", "1", "--out", str(tmp_path),
+                    timeout=120)
+    assert_one_line_error(proc, "NOT_FOUND", "nosuch")
+    assert proc.returncode == 1 and "internal error" not in proc.stderr
