@@ -266,13 +266,17 @@ class StreamSession:
         A chunk past its ``timeout_ms`` ends the stream with DEADLINE_EXCEEDED; the
         session stays as before it (resume it and send the chunk again). So does one
         not answered within the client's ``timeout``, except that the server may still
-        apply it."""
+        apply it. A send on a stream that failed so resumes the session where
+        ``reconnect_s`` allows, else raises ConnectionError."""
         seq = self.next_seq
         chunk = make_chunk(seq, data, end, pcm16=self.pcm16, timeout_ms=timeout_ms)
         deadline: float | None = None  # of the reconnects, from the first failure
         while True:
-            self._outbox.put_nowait(pb.StreamRequest(chunk=chunk))
             try:
+                if self._failed:  # its call is cancelled: a read would raise CancelledError
+                    raise ConnectionError(f"session {self.session_id!r}: the stream ended "
+                                          "with an earlier failure")
+                self._outbox.put_nowait(pb.StreamRequest(chunk=chunk))
                 resp = await self._read(f"to chunk {seq}", self._timeout)
                 result = resp.result
                 break

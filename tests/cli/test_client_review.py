@@ -164,3 +164,31 @@ def test_bench_says_why_it_cannot_reach_a_model(server, tmp_path) -> None:
                     timeout=120)
     assert_one_line_error(proc, "NOT_FOUND", "nosuch")
     assert proc.returncode == 1 and "internal error" not in proc.stderr
+
+
+@pytest.mark.parametrize("reconnect_s", [0.0, 5.0])
+def test_a_send_after_a_late_answer_fails_clearly_or_resumes(proxy, reconnect_s) -> None:
+    """A chunk not answered in time ends the stream. The next send raises a
+    ConnectionError saying so (not asyncio.CancelledError, which reads as the caller's
+    task being cancelled); with reconnect_s it resumes the session and goes on."""
+    async def main() -> tuple[BaseException | None, int]:
+        async with AsyncClient(proxy.target, timeout=0.5, reconnect_s=reconnect_s) as client:
+            async with client.stream("text") as s:
+                await s.send("abcd")
+                proxy.hold()
+                with pytest.raises(grpc.aio.AioRpcError) as late:
+                    await s.send("efgh")
+                assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                proxy.release()
+                try:
+                    await s.send("efgh")  # the server applied it meanwhile: its answer
+                    await s.send("ijkl", end=True)
+                except Exception as exc:  # noqa: BLE001
+                    return exc, s.next_seq
+                return None, s.next_seq
+
+    failure, next_seq = asyncio.run(main())
+    if reconnect_s:
+        assert failure is None and next_seq == 3
+    else:
+        assert isinstance(failure, ConnectionError) and "ended" in str(failure), repr(failure)
