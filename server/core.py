@@ -252,15 +252,26 @@ class Core:
         if self.store.peek(sid) is not None:
             raise SessionExists(f"session {sid!r} already exists; resume it or pick another id")
         self.admit(runtime, new_session=True)
+        stored = False
         if self.shared is not None:
             try:
                 fresh = Session(sid, runtime.name, runtime.version,
                                 HostState(runtime.zero_state()), owner=principal())
                 await self.shared.create(sid, records.encode(fresh))
+                stored = True
             except StoreUnavailable as exc:
                 self._degraded("create", exc)
-        session = self.store.create(runtime.name, runtime.version, PoolState(runtime.pool),
-                                    sid, owner=principal())  # the pool's zero row
+        try:
+            session = self.store.create(runtime.name, runtime.version,
+                                        PoolState(runtime.pool), sid,
+                                        owner=principal())  # the pool's zero row
+        except BaseException:
+            # refused here after its record was stored (the cap reached by opens admitted
+            # meanwhile): the record goes too, or the same open sent again would be
+            # refused as existing
+            if stored and self.store.peek(sid) is None:
+                await asyncio.shield(self._in_background(self._forget(sid)))
+            raise
         session.opened_at = time.perf_counter()
         return session, runtime
 

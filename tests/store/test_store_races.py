@@ -3,6 +3,7 @@ loopback, one real redis-server."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -10,6 +11,8 @@ import grpc
 import numpy as np
 
 from rnnserve.client import Client
+from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 from ..server.serving import metric_value, start_server
 from ..server.test_grpc_api import whole_run
@@ -85,6 +88,47 @@ def test_a_write_that_timed_out_but_landed_answers_the_retry(repo, redis_server,
             y2 = on_a.step(sid, 2, x[6:], end=True)["logits"]
         got = np.concatenate([y0, y1, y2])
         assert float(np.abs(got - want).max()) <= 1e-5
+    finally:
+        redis.close()
+        assert a.stop() == 0
+
+
+def test_an_open_refused_at_the_cap_leaves_no_record_behind(repo, redis_server,
+                                                             tmp_path) -> None:
+    """--when-full refuse at --max-sessions 1: of two opens at once, both admitted
+    before either is live here, the second is refused (RESOURCE_EXHAUSTED, retry
+    later) once its record is in the shared store. The record goes with the refusal:
+    the same open sent again once there is room (a retry, as the pushback invites)
+    opens the session, and is not refused as ALREADY_EXISTS."""
+    a = serve(repo, tmp_path, "a", redis_server.url, "--when-full", "refuse",
+              "--max-sessions", "1")
+    redis = redis_server.client()
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(a.target) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+
+            async def open_(sid: str) -> grpc.StatusCode:
+                try:
+                    await stub.OpenSession(pb.OpenSessionRequest(model="feat", session_id=sid),
+                                           timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+            busy = asyncio.get_running_loop().run_in_executor(
+                None, lambda: redis.eval(BUSY_LUA, 0, 500))
+            await asyncio.sleep(0.1)  # Redis holds the writes: both opens are admitted
+            codes = await asyncio.gather(open_("cap-1"), open_("cap-2"))
+            await busy
+            assert sorted(c.name for c in codes) == ["OK", "RESOURCE_EXHAUSTED"], codes
+            opened, refused = ("cap-1", "cap-2") if codes[0] == grpc.StatusCode.OK \
+                else ("cap-2", "cap-1")
+            await stub.CloseSession(pb.CloseSessionRequest(session_id=opened), timeout=10)
+            assert await open_(refused) == grpc.StatusCode.OK
+
+    try:
+        asyncio.run(main())
     finally:
         redis.close()
         assert a.stop() == 0
