@@ -130,6 +130,18 @@ def test_grace_period_covers_the_drain(rendered) -> None:
     assert sleep + s.shutdown_grace_s + STOP_MARGIN_S + 1 <= pod["terminationGracePeriodSeconds"]
 
 
+def test_a_worker_hung_while_loading_is_named_before_the_startup_probe_gives_up(
+        rendered) -> None:
+    """With RNNSERVE_WORKERS the supervisor kills a worker not serving after
+    --worker-start-s and exits naming it: that must come before the kubelet's restart
+    for a failed startupProbe, which says nothing of which worker hung."""
+    _, docs = rendered
+    s = settings_of(docs)
+    startup = container(docs)["startupProbe"]
+    window = startup["periodSeconds"] * startup["failureThreshold"]
+    assert s.worker_start_s + 10 <= window, (s.worker_start_s, window)
+
+
 def test_the_autoscaler_owns_the_replica_count(rendered) -> None:
     """A Deployment that an HPA scales sets no replicas: each `kubectl apply` (and each
     settings rollout) would set the fleet back to that number."""
