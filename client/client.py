@@ -170,6 +170,8 @@ class StreamSession:
             if self._late:
                 raise deadline_exceeded(f"no answer {what} within {wait:.3g} s")
             raise ConnectionError(f"the server ended the stream without {what}")
+        if self._late:  # the timer fired as the answer came: the answer stands, but the
+            self._give_up()  # call is cancelled (the next send resumes, or says so)
         return resp
 
     def _expire(self) -> None:
@@ -275,7 +277,7 @@ class StreamSession:
             try:
                 if self._failed:  # its call is cancelled: a read would raise CancelledError
                     raise ConnectionError(f"session {self.session_id!r}: the stream ended "
-                                          "with an earlier failure")
+                                          "(an earlier failure, or a timeout)")
                 self._outbox.put_nowait(pb.StreamRequest(chunk=chunk))
                 resp = await self._read(f"to chunk {seq}", self._timeout)
                 result = resp.result

@@ -192,3 +192,45 @@ def test_a_send_after_a_late_answer_fails_clearly_or_resumes(proxy, reconnect_s)
         assert failure is None and next_seq == 3
     else:
         assert isinstance(failure, ConnectionError) and "ended" in str(failure), repr(failure)
+
+
+def test_a_timeout_that_fires_as_the_answer_comes_never_raises_cancelled(server) -> None:
+    """With a per-answer timeout near the server's latency, the timer sometimes fires in
+    the loop iteration that brings the answer: the answer is returned, but the timer
+    has cancelled the call. The stream's next read then raised asyncio.CancelledError;
+    every failure must be DEADLINE_EXCEEDED or ConnectionError."""
+    async def main() -> tuple[dict[str, int], float]:
+        seen: dict[str, int] = {}
+        async with AsyncClient(server.target) as client:
+            async with client.stream("text") as s:
+                took = []
+                for _ in range(30):
+                    t = time.perf_counter()
+                    await s.send("ab")
+                    took.append(time.perf_counter() - t)
+            median = sorted(took)[len(took) // 2]
+            until, i = time.monotonic() + 6, 0
+            while time.monotonic() < until:
+                client.timeout = median * (0.5 + (i * 0.618034) % 1)  # around the latency
+                i += 1
+                try:
+                    async with client.stream("text") as s:
+                        for _ in range(20):
+                            await s.send("ab")
+                    outcome = "ok"
+                except grpc.aio.AioRpcError as exc:
+                    outcome = exc.code().name
+                except ConnectionError:
+                    outcome = "ConnectionError"
+                except asyncio.CancelledError:
+                    outcome = "CancelledError"
+                    task = asyncio.current_task()
+                    assert task is not None
+                    while task.uncancel():
+                        pass
+                seen[outcome] = seen.get(outcome, 0) + 1
+        return seen, median
+
+    seen, median = asyncio.run(main())
+    assert "CancelledError" not in seen, (seen, median)
+    assert seen.get("DEADLINE_EXCEEDED", 0) > 0, (seen, median)  # the timeouts did fire
