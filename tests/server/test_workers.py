@@ -258,7 +258,9 @@ def test_connections_past_their_age_reconnect_and_spread_over_the_workers(
 
 
 def _workers_of(pid: int) -> list[int]:
-    """The worker processes a supervisor started (not multiprocessing's helpers)."""
+    """The worker processes a supervisor started: spawned ones, past their exec (a child
+    between its fork and exec still shows the supervisor's command line, and may be
+    multiprocessing's resource tracker on its way)."""
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         for child in (task / "children").read_text().split():
@@ -266,7 +268,7 @@ def _workers_of(pid: int) -> list[int]:
                 cmd = Path(f"/proc/{child}/cmdline").read_bytes()
             except FileNotFoundError:
                 continue
-            if b"resource_tracker" not in cmd:
+            if b"spawn_main" in cmd:
                 found.append(int(child))
     return found
 
