@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import shutil
 import tempfile
 import warnings
@@ -46,6 +45,7 @@ from rnnserve.export.metadata import (
     OutputSpec,
     StatePair,
 )
+from rnnserve.files import fsync_dir, new_file
 from rnnserve.training.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 from rnnserve.training.model import RecurrentModel
 from rnnserve.training.speech_model import SpeechModel, speech_model_from_checkpoint
@@ -237,35 +237,9 @@ def set_metadata(proto: onnx.ModelProto, metadata: ModelMetadata) -> None:
     proto.doc_string = f"rnnserve {metadata.arch} model {metadata.name!r} ({metadata.task})"
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a rename into it) durable."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot sync a directory
-    finally:
-        os.close(fd)
-
-
-def _new_file(directory: Path, prefix: str, suffix: str) -> tuple[int, Path]:
-    """A new file in ``directory`` with the mode the umask gives (0644 under umask
-    022), not mkstemp's 0600: a server running as another user reads published models."""
-    for _ in range(100):
-        path = directory / f"{prefix}{secrets.token_hex(6)}{suffix}"
-        try:
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary name in {str(directory)!r}")
-
-
 def _write_new(proto: onnx.ModelProto, directory: Path) -> Path:
     """Serialize ``proto`` into a new hidden file of ``directory``, synced to disk."""
-    fd, tmp = _new_file(directory, ".model.", ".onnx.tmp")
+    fd, tmp = new_file(directory, ".model.", ".onnx.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(proto.SerializeToString())
@@ -286,7 +260,7 @@ def write_model_atomically(proto: onnx.ModelProto, path: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def export_checkpoint(
@@ -455,8 +429,8 @@ def _publish_file(staged: Path, model_dir: Path, version: int | None,
         if made_model_dir:
             _rmdir_quietly(model_dir)
         raise
-    _fsync_dir(final_dir)
-    _fsync_dir(model_dir)
+    fsync_dir(final_dir)
+    fsync_dir(model_dir)
     return v, final_dir
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rnnserve.errors import CheckpointError
+from rnnserve.files import fsync_dir, new_file
 from rnnserve.training.model import ModelConfig, RecurrentModel
 
 FORMAT = "rnnserve.checkpoint/1"
@@ -32,7 +32,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     path = Path(path)
     payload = {"format": FORMAT, **payload}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _new_file(path.parent, f".{path.name}.", ".tmp")
+    fd, tmp = new_file(path.parent, f".{path.name}.", ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
@@ -42,31 +42,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
-
-
-def _new_file(directory: Path, prefix: str, suffix: str) -> tuple[int, Path]:
-    for _ in range(100):
-        path = directory / f"{prefix}{secrets.token_hex(6)}{suffix}"
-        try:
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary name in {str(directory)!r}")
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the rename into ``path`` durable (where the file system can)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
