@@ -79,6 +79,8 @@ async def stream_text(server: str, model: str, version: int, data: bytes, chunk_
                           f"next-byte guesses {_show(guess)}", flush=True)
         except grpc.aio.AioRpcError as exc:
             raise RnnserveError(f"{exc.code().name}: {exc.details()}") from None
+        except ConnectionError as exc:  # the stream ended without an answer
+            raise RnnserveError(str(exc)) from None
     if predicted:
         print(f"{len(data)} bytes in {math.ceil(len(data) / chunk_bytes)} chunks; the model "
               f"spent {nats / predicted / math.log(2):.3f} bits per byte predicting them")
@@ -146,6 +148,8 @@ async def stream_audio(server: str, model: str, version: int, pcm: np.ndarray, r
                               f"score {d.score:.2f}", flush=True)
         except grpc.aio.AioRpcError as exc:
             raise RnnserveError(f"{exc.code().name}: {exc.details()}") from None
+        except ConnectionError as exc:  # the stream ended without an answer
+            raise RnnserveError(str(exc)) from None
     lat = np.array(latencies) * 1000
     print(f"{detections} detection(s); {len(lat)} chunks; chunk latency p50 "
           f"{np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms, "

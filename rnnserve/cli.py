@@ -41,6 +41,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _pitch(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer 0..99, got {text!r}") from None
+    if not 0 <= value <= 99:  # espeak-ng clamps it silently
+        raise argparse.ArgumentTypeError(f"expected an integer 0..99, got {value}")
+    return value
+
+
 def _sources(text: str) -> tuple[str, ...]:
     from rnnserve.training.data import SOURCES
 
@@ -175,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--out", required=True, help="WAV file to write")
     sy.add_argument("--voice", default="en-us+m3", help="espeak-ng voice[+variant]")
     sy.add_argument("--speed", type=_positive, default=150, help="words per minute")
-    sy.add_argument("--pitch", type=int, default=50, help="0..99")
+    sy.add_argument("--pitch", type=_pitch, default=50, help="0..99")
     sy.set_defaults(func=_cmd_say)
 
     b = sub.add_parser(
@@ -572,6 +582,8 @@ def _cmd_say(args: argparse.Namespace) -> int:
     from rnnserve.audio import FRONT_END, write_wav
     from rnnserve.training.speech_data import synthesize_sentence
 
+    if not args.text.strip():
+        raise RnnserveError("nothing to say: the text is empty")
     pcm = synthesize_sentence(args.text, args.voice, args.speed, args.pitch)
     try:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

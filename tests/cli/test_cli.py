@@ -156,3 +156,13 @@ def test_resume_refuses_another_arch(tmp_path, task) -> None:
                     str(tmp_path / "run"))
     assert_one_line_error(proc, "--resume continues the saved run")
     assert proc.returncode == 1
+
+
+def test_say_refuses_a_pitch_espeak_would_clamp_and_empty_text(tmp_path) -> None:
+    proc = rnnserve("say", "hi", "--out", str(tmp_path / "a.wav"), "--pitch", "500")
+    assert_one_line_error(proc, "--pitch", "0..99")
+    assert proc.returncode == 2
+    proc = rnnserve("say", "  ", "--out", str(tmp_path / "b.wav"))
+    assert_one_line_error(proc, "nothing to say")
+    assert proc.returncode == 1
+    assert not (tmp_path / "a.wav").exists() and not (tmp_path / "b.wav").exists()
