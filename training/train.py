@@ -52,7 +52,7 @@ class TrainConfig:
     hidden_size: int = 512
     num_layers: int = 2
     embed_size: int = 64
-    dropout: float = 0.15
+    dropout: float = 0.3
     batch_size: int = 32
     seq_len: int = 64
     steps: int = 3000
