@@ -13,7 +13,8 @@ from pathlib import Path
 from rnnserve.errors import ModelRepositoryError
 
 MODEL_FILE = "model.onnx"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # fullmatch: "$" takes "m\n"
+_VERSION = re.compile(r"[1-9][0-9]{0,17}")  # not "01" (its path is not "1"), "²" or "٣"
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,18 @@ class ModelVersion:
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ModelRepositoryError(
             f"invalid model name {name!r}: use letters, digits, '_', '.', '-' "
             "(at most 128, not starting with a separator)"
         )
     return name
+
+
+def _version_number(dir_name: str) -> int | None:
+    """The version a directory name stands for: a positive decimal integer written the
+    one way ``str(version)`` writes it, else None (such a directory is not a version)."""
+    return int(dir_name) if _VERSION.fullmatch(dir_name) else None
 
 
 def versions(repo: str | Path, name: str) -> list[int]:
@@ -39,17 +46,17 @@ def versions(repo: str | Path, name: str) -> list[int]:
         return []
     found = []
     for child in model_dir.iterdir():
-        if child.name.isdigit() and int(child.name) > 0 and (child / MODEL_FILE).is_file():
-            found.append(int(child.name))
+        v = _version_number(child.name)
+        if v is not None and (child / MODEL_FILE).is_file():
+            found.append(v)
     return sorted(found)
 
 
 def next_version(repo: str | Path, name: str) -> int:
     """One past the highest version directory, whether or not it holds a model yet."""
     model_dir = Path(repo) / check_name(name)
-    taken = [int(c.name) for c in model_dir.iterdir() if c.name.isdigit()] if model_dir.is_dir() \
-        else []
-    return max(taken, default=0) + 1
+    taken = [_version_number(c.name) for c in model_dir.iterdir()] if model_dir.is_dir() else []
+    return max((v for v in taken if v is not None), default=0) + 1
 
 
 def list_models(repo: str | Path) -> list[ModelVersion]:
@@ -58,7 +65,7 @@ def list_models(repo: str | Path) -> list[ModelVersion]:
         raise ModelRepositoryError(f"model repository {str(root)!r} is not a directory")
     out = []
     for child in sorted(root.iterdir()):
-        if child.is_dir() and _NAME.match(child.name):
+        if child.is_dir() and _NAME.fullmatch(child.name):
             for v in versions(root, child.name):
                 out.append(ModelVersion(child.name, v, child / str(v) / MODEL_FILE))
     return out
@@ -72,7 +79,7 @@ def resolve(path: str | Path) -> ModelVersion:
     elif (p / MODEL_FILE).is_file():
         version_dir, model_file = p, p / MODEL_FILE
     elif p.is_dir():
-        vs = versions(p.parent, p.name) if _NAME.match(p.name) else []
+        vs = versions(p.parent, p.name) if _NAME.fullmatch(p.name) else []
         if not vs:
             raise ModelRepositoryError(
                 f"{str(p)!r} holds no {MODEL_FILE} and no numbered version directories with one"
@@ -81,5 +88,5 @@ def resolve(path: str | Path) -> ModelVersion:
         model_file = version_dir / MODEL_FILE
     else:
         raise ModelRepositoryError(f"model {str(p)!r} not found")
-    version = int(version_dir.name) if version_dir.name.isdigit() else 0
+    version = _version_number(version_dir.name) or 0
     return ModelVersion(version_dir.parent.name, version, model_file)
