@@ -345,16 +345,9 @@ class Batcher:
         try:
             try:
                 groups: dict[tuple[int, ...], list[_Step]] = defaultdict(list)
-                now = time.perf_counter()
                 for item in batch:
                     if item.future.done():  # the caller went away (a cancelled call)
                         self.runtime.pool.unpin(item.row)
-                        continue
-                    if item.expires is not None and now >= item.expires:
-                        self.runtime.pool.unpin(item.row)
-                        item.future.set_exception(DeadlineExpired(
-                            f"the chunk waited {(now - item.queued_at) * 1000:.0f} ms for its "
-                            "batch, past its deadline; it did not run and nothing advanced"))
                         continue
                     groups[item.x.shape].append(item)
                 todo = list(groups.values())
@@ -392,6 +385,14 @@ class Batcher:
         for s in group:  # a fixed pool out of rows refuses the steps that find none
             if s.future.done():  # given up while an earlier group of its batch ran
                 pool.unpin(s.row)
+                continue
+            # checked as the group starts, not as the batch does: a step whose deadline
+            # came while an earlier group of its batch ran has not run by then either
+            if s.expires is not None and started >= s.expires:
+                pool.unpin(s.row)
+                s.future.set_exception(DeadlineExpired(
+                    f"the chunk waited {(started - s.queued_at) * 1000:.0f} ms for its "
+                    "batch, past its deadline; it did not run and nothing advanced"))
                 continue
             try:
                 s.out = pool.alloc() if s.keep else TRASH
