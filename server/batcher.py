@@ -379,8 +379,9 @@ class Batcher:
         results, for the commit hook. Each kept step's new state goes to a fresh row."""
         pool = self.runtime.pool
         started = time.perf_counter()
-        waits = [started - s.queued_at for s in group]
-        self._last_run_at, self._last_wait = started, max(waits)
+        # admission: the longest wait, of the steps that run or not
+        self._last_run_at = started
+        self._last_wait = max(started - s.queued_at for s in group)
         runnable = []
         for s in group:  # a fixed pool out of rows refuses the steps that find none
             if s.future.done():  # given up while an earlier group of its batch ran
@@ -404,6 +405,7 @@ class Batcher:
         if not runnable:
             return []
         group = runnable
+        waits = [started - s.queued_at for s in group]  # the metrics: the steps that run
         want_states = self.commit is not None and any(s.tag is not None for s in group)
         try:
             outputs, states = await loop.run_in_executor(

@@ -60,3 +60,31 @@ def test_a_step_whose_deadline_passes_while_an_earlier_group_runs_never_runs(
     assert rt.ran == [1]  # the late step never ran
     assert pool.used == 0 and not pool._pins
 
+
+def test_the_batch_metrics_count_only_the_steps_that_ran(slow_feat) -> None:
+    """rnnserve_batch_size is 'session steps in one onnxruntime run' and queue_wait one
+    observation per step that started: a step given up while an earlier group of its
+    batch ran is in neither."""
+    rt = slow_feat
+    pool = rt.pool
+    seen: list[int] = []
+
+    async def main():
+        batcher = Batcher(rt, max_batch_size=16, max_delay_s=0.05,
+                          on_batch=lambda waits, s: seen.append(len(waits)))
+        batcher.start()
+        first = batcher.submit(ZERO, _x(1))
+        stay = batcher.submit(ZERO, _x(2))
+        gone = batcher.submit(ZERO, _x(2))
+        await asyncio.sleep(0.15)  # group T=1 runs
+        batcher.abandon(gone)
+        await asyncio.wait([first, stay], timeout=5)
+        await batcher.stop()
+        return first, stay
+
+    first, stay = asyncio.run(main())
+    for f in (first, stay):
+        pool.free(f.result()[1])
+    assert rt.ran == [1, 1]
+    assert seen == [1, 1], seen
+    assert pool.used == 0 and not pool._pins
