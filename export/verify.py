@@ -3,7 +3,7 @@
 Runs at the end of every export and as ``rnnserve verify MODEL``. Checks:
 
 1. structure: the ONNX checker passes; metadata parses; graph inputs/outputs carry
-   the declared names with dynamic ``batch`` (and ``time``) axes;
+   the declared names, dtypes and sizes with dynamic ``batch`` (and ``time``) axes;
 2. ops: native ``LSTM``/``GRU`` nodes, one per layer, no ``Loop``/``Scan``; every GRU
    node has ``linear_before_reset=1`` (PyTorch's formulation);
 3. streaming: at random batch sizes 1..16 and sequence lengths never seen at export,
@@ -182,6 +182,19 @@ def check_structure(proto: Any, meta: ModelMetadata, report: VerificationReport)
                                           for got, want in zip(dims, shape, strict=False)):
             report.failures.append(f"{name}: graph shape {dims} is not the declared "
                                    f"{list(shape)}")
+    # the server sizes and checks tensors by the declared dtypes; verification makes its
+    # data input by the input's kind, so running the graph would not notice another dtype
+    declared = {meta.input.name: meta.input.dtype, **{o.name: o.dtype for o in meta.outputs}}
+    for s in meta.states:
+        declared[s.input] = declared[s.output] = s.dtype
+    for name, dtype in declared.items():
+        info = graph_inputs.get(name) or graph_outputs.get(name)
+        if info is None:
+            continue
+        elem = info.type.tensor_type.elem_type
+        got = onnx.helper.tensor_dtype_to_np_dtype(elem).name if elem else "undefined"
+        if got != dtype:
+            report.failures.append(f"{name}: graph dtype {got} is not the declared {dtype}")
     for name in (meta.input.name, *(o.name for o in meta.outputs)):
         info = graph_inputs.get(name) or graph_outputs.get(name)
         if info is not None:
