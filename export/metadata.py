@@ -191,6 +191,8 @@ class ModelMetadata:
             if s.shape[:1] != (BATCH,) or not all(isinstance(d, int) and d > 0
                                                   for d in s.shape[1:]):
                 problems.append(f"state {s.input}: shape {s.shape} must be (batch, n, ...)")
+            if s.dtype not in DTYPES:  # the server makes its state pools with np.dtype
+                problems.append(f"state {s.input}: dtype {s.dtype!r} not in {DTYPES}")
             if s.init != "zeros":
                 problems.append(f"state {s.input}: unknown init {s.init!r}")
         if len(set(names)) != len(names):
