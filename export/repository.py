@@ -6,6 +6,7 @@ Torch-free: the server uses it to discover models.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,7 @@ def list_models(repo: str | Path) -> list[ModelVersion]:
 
 def resolve(path: str | Path) -> ModelVersion:
     """Accept a model.onnx file, a version directory, or a model directory (highest version)."""
-    p = Path(path)
+    p = Path(os.path.abspath(path))  # "." and "3/.." have no name to read the model's from
     if p.is_file():
         version_dir, model_file = p.parent, p
     elif (p / MODEL_FILE).is_file():
@@ -82,11 +83,11 @@ def resolve(path: str | Path) -> ModelVersion:
         vs = versions(p.parent, p.name) if _NAME.fullmatch(p.name) else []
         if not vs:
             raise ModelRepositoryError(
-                f"{str(p)!r} holds no {MODEL_FILE} and no numbered version directories with one"
+                f"{str(path)!r} holds no {MODEL_FILE} and no numbered version directories with one"
             )
         version_dir = p / str(vs[-1])
         model_file = version_dir / MODEL_FILE
     else:
-        raise ModelRepositoryError(f"model {str(p)!r} not found")
+        raise ModelRepositoryError(f"model {str(path)!r} not found")
     version = _version_number(version_dir.name) or 0
     return ModelVersion(version_dir.parent.name, version, model_file)

@@ -38,3 +38,13 @@ def test_model_names_with_odd_characters_are_refused(name) -> None:
 def test_a_model_directory_with_a_trailing_newline_is_not_listed(tmp_path) -> None:
     _version(tmp_path, "m\n", "1")
     assert repository.list_models(tmp_path) == []
+
+
+def test_resolve_takes_relative_paths_such_as_dot(tmp_path, monkeypatch) -> None:
+    """`cd REPO/m && rnnserve verify .` (or `verify 3`, `verify 3/..`)."""
+    _version(tmp_path, "m", "3")
+    monkeypatch.chdir(tmp_path / "m")
+    want = (tmp_path / "m" / "3" / repository.MODEL_FILE).resolve()
+    for given in (".", "3", "3/.", "3/..", "3/model.onnx"):
+        mv = repository.resolve(given)
+        assert (mv.name, mv.version, mv.path.resolve()) == ("m", 3, want), given
