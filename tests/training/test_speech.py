@@ -283,12 +283,8 @@ def test_speech_ctrl_c_mid_step_resumes_bit_exactly(tmp_path) -> None:
     cfg = replace(PRESETS["quick"], hidden_size=16, embed_size=8, steps=6, batch_size=8,
                   eval_every=100, dropout=0.2, data=TINY_DATA, threads=1)
     train_speech(cfg, tmp_path / "straight", progress=False, data=data)
-    handle = interrupt_at_forward(4)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train_speech(cfg, tmp_path / "cut", progress=False, data=data)
-    finally:
-        handle.remove()
+    with interrupt_at_forward(4), pytest.raises(KeyboardInterrupt):
+        train_speech(cfg, tmp_path / "cut", progress=False, data=data)
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] in (3, 4)
     train_speech(cfg, tmp_path / "cut", resume=True, progress=False, data=data)
     a = load_checkpoint(tmp_path / "straight" / "last.pt")["model_state"]

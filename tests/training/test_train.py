@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -72,11 +75,12 @@ def test_val_metric_is_finite_bits_per_byte(tmp_path, small_corpus) -> None:
     assert math.isfinite(r["val_bits_per_byte"]) and 0 < r["val_bits_per_byte"] < 9
 
 
-def interrupt_at_forward(calls: int):
+@contextlib.contextmanager
+def interrupt_at_forward(calls: int) -> Iterator[None]:
     """A real SIGINT raised inside the model's forward pass of a training step: Ctrl-C
-    lands mid-step (the data generator and dropout have drawn, no update yet)."""
-    import signal
-
+    lands mid-step (the data generator and dropout have drawn, no update yet). SIGINT is
+    handled as at a terminal meanwhile: a test run started in the background by a script
+    (``cmd &``, nohup; CI) inherits it ignored, and training then leaves it so."""
     from rnnserve.training.model import RecurrentModel
 
     seen = 0
@@ -88,21 +92,22 @@ def interrupt_at_forward(calls: int):
             if seen == calls:
                 signal.raise_signal(signal.SIGINT)
 
-    return torch.nn.modules.module.register_module_forward_hook(hook)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        signal.signal(signal.SIGINT, old)
 
 
 def test_ctrl_c_mid_step_resumes_bit_exactly(tmp_path, small_corpus) -> None:
     cfg = replace(TINY, steps=12, eval_every=100, dropout=0.1, num_layers=2)
     train_text(cfg, tmp_path / "straight", progress=False, corpus=small_corpus)
-    handle = interrupt_at_forward(7)
-    try:
+    with interrupt_at_forward(7):
         with pytest.raises(KeyboardInterrupt):
             train_text(cfg, tmp_path / "cut", progress=False, corpus=small_corpus)
-    finally:
-        handle.remove()
-    import signal
-
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
     saved = load_checkpoint(tmp_path / "cut" / LAST)
     assert saved["step"] in (6, 7)
     train_text(cfg, tmp_path / "cut", progress=False, corpus=small_corpus, resume=True)
@@ -115,13 +120,10 @@ def test_ctrl_c_mid_step_resumes_bit_exactly(tmp_path, small_corpus) -> None:
 def test_overwrite_does_not_keep_the_old_runs_files(tmp_path, small_corpus) -> None:
     train_text(replace(TINY, steps=2, eval_every=2), tmp_path, progress=False,
                corpus=small_corpus)
-    handle = interrupt_at_forward(1)  # the new run stops before its first evaluation
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train_text(replace(TINY, arch="lstm", steps=4, eval_every=4), tmp_path,
-                       progress=False, corpus=small_corpus, overwrite=True)
-    finally:
-        handle.remove()
+    # the new run stops before its first evaluation
+    with interrupt_at_forward(1), pytest.raises(KeyboardInterrupt):
+        train_text(replace(TINY, arch="lstm", steps=4, eval_every=4), tmp_path,
+                   progress=False, corpus=small_corpus, overwrite=True)
     assert load_checkpoint(tmp_path / LAST)["model_config"]["arch"] == "lstm"
     # best.pt of the GRU run that was overwritten would pass for this run's best
     assert not (tmp_path / BEST).exists()
