@@ -222,3 +222,12 @@ def test_verify_catches_a_dtype_the_graph_does_not_have(tmp_path, make_checkpoin
     onnx.save(proto, str(other))
     report = verify_file(other, write=False, log=_quiet)
     assert any("dtype" in f for f in report.failures), report.failures
+
+
+def test_one_verification_case_still_compares_batched_with_single(tmp_path,
+                                                                  make_checkpoint) -> None:
+    """``rnnserve verify --cases 1`` ran batch 1 alone: its batched-vs-single check
+    compared a row with itself and could not fail."""
+    mv = export_checkpoint(make_checkpoint("gru"), tmp_path, "g", log=_quiet)
+    report = verify_file(mv.path, write=False, n_cases=1, log=_quiet)
+    assert report.passed and [c[0] for c in report.cases] == [16]
