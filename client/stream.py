@@ -77,14 +77,20 @@ async def stream_text(server: str, model: str, version: int, data: bytes, chunk_
                     guess = bytes(logp.argmax(axis=-1).astype(np.uint8))
                     print(f"{s.next_seq - 1:5d}  sent {_show(piece)!s:<{chunk_bytes}}  "
                           f"next-byte guesses {_show(guess)}", flush=True)
-        except grpc.aio.AioRpcError as exc:
-            raise RnnserveError(f"{exc.code().name}: {exc.details()}") from None
-        except ConnectionError as exc:  # the stream ended without an answer
-            raise RnnserveError(str(exc)) from None
+        except (grpc.aio.AioRpcError, ConnectionError) as exc:
+            raise _failed(exc) from None
     if predicted:
         print(f"{len(data)} bytes in {math.ceil(len(data) / chunk_bytes)} chunks; the model "
               f"spent {nats / predicted / math.log(2):.3f} bits per byte predicting them")
     return 0
+
+
+def _failed(exc: grpc.aio.AioRpcError | ConnectionError) -> RnnserveError:
+    """A stream's failure as one line: its status, or (a stream that ended without an
+    answer, say after a late one) the client's words."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return RnnserveError(f"{exc.code().name}: {exc.details()}")
+    return RnnserveError(str(exc))
 
 
 def decision_rule(meta: pb.ModelMetadata) -> tuple[DecisionRule, str, float]:
@@ -146,10 +152,8 @@ async def stream_audio(server: str, model: str, version: int, pcm: np.ndarray, r
                         detections += 1
                         print(f"{d.seconds(frame_seconds):7.2f}s  {d.label:<10} "
                               f"score {d.score:.2f}", flush=True)
-        except grpc.aio.AioRpcError as exc:
-            raise RnnserveError(f"{exc.code().name}: {exc.details()}") from None
-        except ConnectionError as exc:  # the stream ended without an answer
-            raise RnnserveError(str(exc)) from None
+        except (grpc.aio.AioRpcError, ConnectionError) as exc:
+            raise _failed(exc) from None
     lat = np.array(latencies) * 1000
     print(f"{detections} detection(s); {len(lat)} chunks; chunk latency p50 "
           f"{np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms, "

@@ -102,12 +102,13 @@ class ModelMetadata:
             total += n * size.get(s.dtype, 4)
         return total
 
-    def graph_shapes(self) -> dict[str, tuple[int | str, ...]]:
-        """Every graph input's and output's shape as declared here, by name."""
-        shapes = {self.input.name: self.input.shape, **{o.name: o.shape for o in self.outputs}}
+    def graph_tensors(self) -> dict[str, tuple[tuple[int | str, ...], str]]:
+        """Every graph input's and output's (shape, dtype) as declared here, by name."""
+        declared = {self.input.name: (self.input.shape, self.input.dtype),
+                    **{o.name: (o.shape, o.dtype) for o in self.outputs}}
         for s in self.states:
-            shapes[s.input] = shapes[s.output] = s.shape
-        return shapes
+            declared[s.input] = declared[s.output] = (s.shape, s.dtype)
+        return declared
 
     def to_props(self) -> dict[str, str]:
         model = {

@@ -214,12 +214,12 @@ def pin_declared_dims(proto: onnx.ModelProto, metadata: ModelMetadata) -> None:
     """Give the graph's inputs and outputs the fixed sizes the metadata declares where
     the exporter left a symbol (it names an axis it cannot infer through a slice, e.g.
     a front end's overlap state, ``Sliceframe_out_dim_1``); verification checks them."""
-    shapes = metadata.graph_shapes()
+    declared = metadata.graph_tensors()
     for value in [*proto.graph.input, *proto.graph.output]:
-        shape = shapes.get(value.name)
+        shape, _ = declared.get(value.name, ((), ""))
         dims = value.type.tensor_type.shape.dim
-        if shape is None or len(dims) != len(shape):
-            continue  # verification names the mismatch
+        if len(dims) != len(shape):
+            continue  # not declared, or another rank: verification names the mismatch
         for dim, want in zip(dims, shape, strict=True):
             if isinstance(want, int) and dim.HasField("dim_param"):
                 dim.Clear()

@@ -173,7 +173,9 @@ def check_structure(proto: Any, meta: ModelMetadata, report: VerificationReport)
         dims = _dims(info)
         if not dims or not isinstance(dims[0], str) or not dims[0]:
             report.failures.append(f"{name}: batch axis is not dynamic (dims {dims})")
-    for name, shape in meta.graph_shapes().items():
+    # the server sizes and checks tensors by the declared shapes and dtypes; verification
+    # makes its data input by the input's kind, so running the graph would not notice
+    for name, (shape, dtype) in meta.graph_tensors().items():
         info = graph_inputs.get(name) or graph_outputs.get(name)
         if info is None:
             continue
@@ -182,15 +184,6 @@ def check_structure(proto: Any, meta: ModelMetadata, report: VerificationReport)
                                           for got, want in zip(dims, shape, strict=False)):
             report.failures.append(f"{name}: graph shape {dims} is not the declared "
                                    f"{list(shape)}")
-    # the server sizes and checks tensors by the declared dtypes; verification makes its
-    # data input by the input's kind, so running the graph would not notice another dtype
-    declared = {meta.input.name: meta.input.dtype, **{o.name: o.dtype for o in meta.outputs}}
-    for s in meta.states:
-        declared[s.input] = declared[s.output] = s.dtype
-    for name, dtype in declared.items():
-        info = graph_inputs.get(name) or graph_outputs.get(name)
-        if info is None:
-            continue
         elem = info.type.tensor_type.elem_type
         got = onnx.helper.tensor_dtype_to_np_dtype(elem).name if elem else "undefined"
         if got != dtype:

@@ -501,9 +501,7 @@ class Core:
             return await self._step(session, session.next_seq, chunk, end, expires)
         except SessionTaken:
             raise
-        except SessionMoved:
-            if self.shared is None:
-                raise
+        except SessionMoved:  # only a shared store refuses a step so
             session, _ = await self._resume(session.model, session.version, session.id)
             return await self._step(session, session.next_seq, chunk, end, expires)
 

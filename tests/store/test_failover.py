@@ -4,9 +4,11 @@ redis-server; servers are killed (SIGKILL) or rolled (SIGTERM) under streaming l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -16,7 +18,7 @@ from rnnserve.client import AsyncClient, Client
 from rnnserve.server import records
 from rnnserve.server.sessions import HostState, Session
 
-from ..server.serving import metric_value, start_server
+from ..server.serving import ServerProcess, metric_value, start_server
 from ..server.test_grpc_api import whole_run
 
 
@@ -29,6 +31,20 @@ def code_and_message(fn, *args, **kw) -> tuple[grpc.StatusCode, str]:
 def serve(repo, tmp_path, name: str, url: str, *flags: str, port: int = 0):
     return start_server(repo, tmp_path / f"{name}.log", "--session-store", url,
                         "--grpc-port", str(port), "--max-batch-delay-ms", "2", *flags)
+
+
+@contextlib.contextmanager
+def two_servers(repo, tmp_path, url: str
+                ) -> Iterator[tuple[ServerProcess, ServerProcess, Client, Client]]:
+    """Servers A and B on one store with a 1 s lease, and a client of each; both must
+    stop cleanly."""
+    a = serve(repo, tmp_path, "a", url, "--lease-s", "1")
+    b = serve(repo, tmp_path, "b", url, "--lease-s", "1")
+    try:
+        with Client(a.target, timeout=10) as on_a, Client(b.target, timeout=10) as on_b:
+            yield a, b, on_a, on_b
+    finally:
+        assert a.stop() == 0 and b.stop() == 0
 
 
 def jobs(n: int, chunks: int, seed: int) -> list[tuple[np.ndarray, list[int]]]:
@@ -123,42 +139,37 @@ def test_a_sigterm_rollout_of_both_servers_moves_streams_without_waiting(repo, r
 def test_duplicates_gaps_and_two_writers_across_servers(repo, redis_server, tmp_path) -> None:
     x = np.random.default_rng(3).standard_normal((12, 20)).astype(np.float32)
     want = whole_run(repo, "feat", 1, x)
-    a = serve(repo, tmp_path, "a", redis_server.url, "--lease-s", "1")
-    b = serve(repo, tmp_path, "b", redis_server.url, "--lease-s", "1")
-    try:
-        with Client(a.target, timeout=10) as on_a, Client(b.target, timeout=10) as on_b:
-            sid = on_a.open_session("feat").session_id
-            y0 = on_a.step(sid, 0, x[:3])["logits"]
-            y1 = on_a.step(sid, 1, x[3:6])["logits"]  # its answer "lost" on the way
-            # B cannot take the session while A's lease runs: a clear error, no step
-            code, msg = code_and_message(on_b.open_session, "feat", session_id=sid,
-                                         resume=True)
-            assert code == grpc.StatusCode.ABORTED, msg
-            assert "being written by another server" in msg and "retry after" in msg
-            time.sleep(1.3)  # A's lease lapses (A is idle)
-            info = on_b.open_session("feat", session_id=sid, resume=True)
-            assert info.next_seq == 2
-            assert np.array_equal(on_b.step(sid, 1, x[3:6])["logits"], y1)  # the retry
-            code, msg = code_and_message(on_b.step, sid, 1, x[3:7])
-            assert code == grpc.StatusCode.FAILED_PRECONDITION and "other data" in msg
-            code, msg = code_and_message(on_b.step, sid, 3, x[6:9])
-            assert code == grpc.StatusCode.FAILED_PRECONDITION and "expects chunk 2" in msg
-            y2 = on_b.step(sid, 2, x[6:9])["logits"]
-            # A still has its stale copy: its step is refused and changes nothing
-            code, msg = code_and_message(on_a.step, sid, 2, x[6:9])
-            assert code == grpc.StatusCode.ABORTED, msg
-            refused = {why: metric_value(a.metrics(), "rnnserve_store_refusals_total",
-                                         reason=why) for why in ("held", "moved", "taken")}
-            assert refused == {"held": 1, "moved": 0, "taken": 0}  # B's lease still ran
-            time.sleep(1.3)
-            assert on_a.open_session("feat", session_id=sid, resume=True).next_seq == 3
-            y3 = on_a.step(sid, 3, x[9:], end=True)["logits"]
-            # the last chunk's retry, on the other server: its answer again
-            assert np.array_equal(on_b.step(sid, 3, x[9:], end=True)["logits"], y3)
+    with two_servers(repo, tmp_path, redis_server.url) as (a, b, on_a, on_b):
+        sid = on_a.open_session("feat").session_id
+        y0 = on_a.step(sid, 0, x[:3])["logits"]
+        y1 = on_a.step(sid, 1, x[3:6])["logits"]  # its answer "lost" on the way
+        # B cannot take the session while A's lease runs: a clear error, no step
+        code, msg = code_and_message(on_b.open_session, "feat", session_id=sid,
+                                     resume=True)
+        assert code == grpc.StatusCode.ABORTED, msg
+        assert "being written by another server" in msg and "retry after" in msg
+        time.sleep(1.3)  # A's lease lapses (A is idle)
+        info = on_b.open_session("feat", session_id=sid, resume=True)
+        assert info.next_seq == 2
+        assert np.array_equal(on_b.step(sid, 1, x[3:6])["logits"], y1)  # the retry
+        code, msg = code_and_message(on_b.step, sid, 1, x[3:7])
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "other data" in msg
+        code, msg = code_and_message(on_b.step, sid, 3, x[6:9])
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "expects chunk 2" in msg
+        y2 = on_b.step(sid, 2, x[6:9])["logits"]
+        # A still has its stale copy: its step is refused and changes nothing
+        code, msg = code_and_message(on_a.step, sid, 2, x[6:9])
+        assert code == grpc.StatusCode.ABORTED, msg
+        refused = {why: metric_value(a.metrics(), "rnnserve_store_refusals_total",
+                                     reason=why) for why in ("held", "moved", "taken")}
+        assert refused == {"held": 1, "moved": 0, "taken": 0}  # B's lease still ran
+        time.sleep(1.3)
+        assert on_a.open_session("feat", session_id=sid, resume=True).next_seq == 3
+        y3 = on_a.step(sid, 3, x[9:], end=True)["logits"]
+        # the last chunk's retry, on the other server: its answer again
+        assert np.array_equal(on_b.step(sid, 3, x[9:], end=True)["logits"], y3)
         got = np.concatenate([y0, y1, y2, y3])
         assert float(np.abs(got - want).max()) <= 1e-5
-    finally:
-        assert a.stop() == 0 and b.stop() == 0
 
 
 def test_corrupted_truncated_and_foreign_records_are_never_loaded(repo, redis_server,
