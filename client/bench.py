@@ -557,18 +557,19 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-async def _open_idle(target: str, model: str, n: int, concurrency: int = 64) -> None:
+async def _open_idle(target: str, model: str, version: int, n: int,
+                     concurrency: int = 64) -> None:
     async with AsyncClient(target, timeout=60) as client:
         stub, left = client.stub, iter(range(n))
 
         async def opener() -> None:
             for _ in left:
-                await stub.OpenSession(pb.OpenSessionRequest(model=model))
+                await stub.OpenSession(pb.OpenSessionRequest(model=model, version=version))
 
         await asyncio.gather(*(opener() for _ in range(concurrency)))
 
 
-def idle_memory(repo: str, model: str, sessions: int, serve_flags: list[str],
+def idle_memory(repo: str, model: str, version: int, sessions: int, serve_flags: list[str],
                 out: Path) -> dict[str, Any]:
     """Resident memory growth of a server holding ``sessions`` idle sessions, against
     the raw bytes of their recurrent state."""
@@ -578,11 +579,11 @@ def idle_memory(repo: str, model: str, sessions: int, serve_flags: list[str],
                                      f"--max-state-bytes={1 << 40}", "--idle-timeout-s=3600"],
                               out / "server-idle.log")
     try:
-        meta = asyncio.run(fetch_metadata(server.target, model, 0))
-        asyncio.run(_open_idle(server.target, model, warm))
+        meta = asyncio.run(fetch_metadata(server.target, model, version))
+        asyncio.run(_open_idle(server.target, model, version, warm))
         before = rss_bytes(server.proc.pid)
         started = time.perf_counter()
-        asyncio.run(_open_idle(server.target, model, sessions))
+        asyncio.run(_open_idle(server.target, model, version, sessions))
         seconds = time.perf_counter() - started
         after = rss_bytes(server.proc.pid)
     finally:
@@ -717,7 +718,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
     memory = None
     if idle_sessions:
         assert repo is not None
-        memory = idle_memory(repo, meta.name, idle_sessions, serve_flags, out)
+        memory = idle_memory(repo, meta.name, meta.version, idle_sessions, serve_flags, out)
         log(f"\n{idle_sessions} idle sessions: resident memory +{memory['rss_growth'] / 2**20:.0f}"
             f" MiB for {memory['raw_state_bytes'] / 2**20:.0f} MiB of state "
             f"({memory['growth_vs_raw']} x), opened at {memory['opened_per_s']}/s")

@@ -126,16 +126,16 @@ def _failure(exc: BaseException) -> str:
     return "DEADLINE_EXCEEDED" if isinstance(exc, TimeoutError) else "UNAVAILABLE"
 
 
-async def _one_stream(client: AsyncClient, model: str, chunk: Callable[[int], Data],
-                      chunk_s: float, t0: float, until: float, session_chunks: int,
-                      pcm16: bool, result: LoadResult, origin: float,
+async def _one_stream(client: AsyncClient, model: str, version: int,
+                      chunk: Callable[[int], Data], chunk_s: float, t0: float, until: float,
+                      session_chunks: int, pcm16: bool, result: LoadResult, origin: float,
                       closed_loop: bool, closer: _Closer) -> None:
     k = 0
     loop = asyncio.get_running_loop()
     if t0 > loop.time():
         await asyncio.sleep(t0 - loop.time())
     while (loop.time() if closed_loop else t0 + k * chunk_s) < until:
-        s = client.stream(model, pcm16=pcm16)
+        s = client.stream(model, version, pcm16=pcm16)
         ended = False
         try:
             async with s:
@@ -166,10 +166,10 @@ async def _one_stream(client: AsyncClient, model: str, chunk: Callable[[int], Da
                 closer.close(client, s.session_id)
 
 
-async def _many_streams(client: AsyncClient, model: str, chunk: Callable[[int], Data],
-                        chunk_s: float, t0: float, until: float, session_chunks: int,
-                        pcm16: bool, result: LoadResult, origin: float, closed_loop: bool,
-                        n: int, closer: _Closer) -> None:
+async def _many_streams(client: AsyncClient, model: str, version: int,
+                        chunk: Callable[[int], Data], chunk_s: float, t0: float,
+                        until: float, session_chunks: int, pcm16: bool, result: LoadResult,
+                        origin: float, closed_loop: bool, n: int, closer: _Closer) -> None:
     """``n`` streams in step on one ``StreamMany`` stream, as a gateway sends them: one
     request per tick with the chunk of each, a new session opened in the item of its
     first chunk."""
@@ -203,7 +203,8 @@ async def _many_streams(client: AsyncClient, model: str, chunk: Callable[[int], 
                             ends.append(end)
                             items.append(many_item(sids[i], seqs[i], chunk(k), end,
                                                    pcm16=pcm16,
-                                                   open_model=model if seqs[i] == 0 else ""))
+                                                   open_model=model if seqs[i] == 0 else "",
+                                                   version=version))
                         answers = await m.send(items)
                         latency = loop.time() - due
                         for i, r in enumerate(answers):
@@ -236,8 +237,10 @@ async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data]
                            timeout: float = CHUNK_TIMEOUT_S, closed_loop: bool = False,
                            start_at: float | None = None,
                            phases: list[float] | None = None,
-                           connections: int = 1, many: int = 0) -> LoadResult:
+                           connections: int = 1, many: int = 0, version: int = 0
+                           ) -> LoadResult:
     """Run ``streams`` real-time streams for ``duration_s``; ``chunk(k)`` gives chunk k.
+    Each stream opens ``model`` at ``version`` (0: the highest).
 
     ``start_at``: wall-clock time (time.time()) of the start, to line up several
     processes; ``phases``: each stream's offset in seconds (default: spread evenly
@@ -270,15 +273,15 @@ async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data]
         if many > 1:
             groups = [phases[g:g + many] for g in range(0, len(phases), many)]
             await asyncio.gather(*(
-                _many_streams(clients[i % connections], model, chunk, chunk_s,
+                _many_streams(clients[i % connections], model, version, chunk, chunk_s,
                               start + group[0], until, session_chunks, pcm16, result, start,
                               closed_loop, len(group), closer)
                 for i, group in enumerate(groups)))
         else:
             await asyncio.gather(*(
-                _one_stream(clients[i % connections], model, chunk, chunk_s, start + phase,
-                            until, session_chunks, pcm16, result, start, closed_loop,
-                            closer)
+                _one_stream(clients[i % connections], model, version, chunk, chunk_s,
+                            start + phase, until, session_chunks, pcm16, result, start,
+                            closed_loop, closer)
                 for i, phase in enumerate(phases)))
         result.ended, cpu1 = time.time(), time.process_time()
         await closer.wait()
@@ -315,7 +318,8 @@ def _work(job: LoadJob) -> LoadResult:
         job.target, job.model, chunk, streams=len(job.phases), chunk_s=job.chunk_ms / 1000,
         duration_s=job.duration_s, session_chunks=job.session_chunks, pcm16=pcm16,
         closed_loop=job.closed_loop, start_at=job.start_at, phases=list(job.phases),
-        connections=job.connections, many=job.many))
+        connections=job.connections, many=job.many,
+        version=meta.version))  # the version measured, not the highest one
 
 
 class LoadGenerator:

@@ -12,6 +12,7 @@ import pytest
 from rnnserve.client.bench import Level, median_level
 
 from ..conftest import build_repo
+from ..server.serving import metric_value
 from .test_cli import assert_one_line_error, rnnserve
 
 
@@ -72,6 +73,24 @@ def test_bench_sweeps_levels_with_baselines_and_writes_json_and_plot(tmp_path) -
         assert any(line in x for x in lines), line
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "server.log").exists() and (out / "echo.log").exists()
+
+
+@pytest.mark.parametrize("many", ["0", "4"])
+def test_bench_loads_the_version_it_names(server, tmp_path, many) -> None:
+    """``--version 1`` of a model with two versions: every stream (one per call, and
+    several per StreamMany) opens version 1, not the highest (the GPU runs measured the
+    fp16 v2 of speech-small as "v1")."""
+    def chunks(version: str) -> float:
+        return metric_value(server.metrics(), "rnnserve_chunks_total", model="text",
+                            version=version, code="OK")
+
+    before = chunks("1"), chunks("2")
+    proc = rnnserve("bench", "--server", server.target, "--model", "text", "--version", "1",
+                    "--streams", "4", "--duration-s", "1", "--load-procs", "1", "--many", many,
+                    "--no-plot", "--out", str(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "text v1 " in proc.stdout
+    assert chunks("1") - before[0] >= 4 * 20 and chunks("2") == before[1]
 
 
 def test_bench_refuses_bad_arguments(tmp_path) -> None:

@@ -150,7 +150,7 @@ def test_a_chunk_applied_by_a_killed_server_is_answered_once_by_the_other(
 def test_idle_memory_holds_every_session_it_opens(repo, tmp_path) -> None:
     """The N idle sessions measured come on top of the warm-up's: none is evicted (the
     growth would be of fewer sessions than N) nor refused by a server that refuses."""
-    memory = bench.idle_memory(str(repo), "text", 100,
+    memory = bench.idle_memory(str(repo), "text", 0, 100,
                                ["--when-full=refuse", "--intra-op-threads=1",
                                 "--device=cpu"], tmp_path)
     assert memory["sessions"] == 100 and memory["rss_after"] > 0
