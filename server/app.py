@@ -128,11 +128,6 @@ class RnnServer:
         if not len(self.registry):
             raise ModelRepositoryError(f"no models in {str(s.repo)!r}; export one with "
                                        "`rnnserve export CHECKPOINT --repo DIR --name NAME`")
-        for rt in self.registry:
-            if s.warmup == "on" or (s.warmup == "auto" and rt.provider == CUDA):
-                seconds = rt.warm_up(s.max_batch_size)
-                log.info("warmed up %s version %d: batch sizes 1..%d in %.2fs", rt.name,
-                         rt.version, s.max_batch_size, seconds)
         disable_created_metrics()  # no *_created series: Prometheus would store them as gauges
         self.metrics = Metrics(CollectorRegistry())
         for rt in self.registry:
@@ -172,6 +167,12 @@ class RnnServer:
                             on_batch=self.metrics.batch_hook(rt.name, rt.version))
             for rt in self.registry
         }
+        for rt in self.registry:  # on each runner thread, before any batch runs
+            if s.warmup == "on" or (s.warmup == "auto" and rt.provider == CUDA):
+                seconds = await self.batchers[rt.key].warm_up(s.max_batch_size)
+                log.info("warmed up %s version %d: batch sizes 1..%d%s in %.2fs", rt.name,
+                         rt.version, s.max_batch_size,
+                         ", CUDA graphs captured" if s.cuda_graphs else "", seconds)
         for b in self.batchers.values():
             b.start()
         self.core = Core(self.registry, self.store, self.batchers,

@@ -235,8 +235,17 @@ class Batcher:
         # batch fills while the current one runs; with more, runs overlap.
         self._runners = asyncio.Semaphore(runners)
         self._running: set[asyncio.Task[None]] = set()
-        self._executor = ThreadPoolExecutor(max_workers=runners,
-                                            thread_name_prefix=f"ort-{runtime.name}")
+        # Each runner runs on a thread of its own, known to warm_up(). With CUDA graphs
+        # all of a model's runs go through one thread: onnxruntime keeps a captured
+        # graph with the thread that captured it and does not support runs of a
+        # graph-captured session from several threads (more runners then only let the
+        # next batch gather while one runs).
+        threads = 1 if runtime.options.cuda_graphs else runners
+        self._threads = [ThreadPoolExecutor(max_workers=1,
+                                            thread_name_prefix=f"ort-{runtime.name}-{i}")
+                         for i in range(threads)]
+        # a runner's thread, for each runner free (as many as the semaphore's count)
+        self._idle = [self._threads[i % threads] for i in range(runners)]
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.steps = 0
@@ -260,7 +269,24 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        self._executor.shutdown(wait=True)
+        for thread in self._threads:
+            thread.shutdown(wait=True)
+
+    async def warm_up(self, max_batch: int, every_thread: bool | None = None) -> float:
+        """``runtime.warm_up`` on a runner thread, before any batch runs, so that the
+        first batches do not pay for the device's per-shape set-up while clients wait;
+        with ``every_thread`` (default: with CUDA graphs) on each runner thread in turn.
+        With CUDA graphs every graph is captured here, on the thread that will replay
+        it, one at a time, never while another run is under way (a capture fails when
+        any other CUDA work starts meanwhile), and none after. Returns the seconds."""
+        if every_thread is None:
+            every_thread = self.runtime.options.cuda_graphs
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        for thread in self._threads if every_thread else self._threads[:1]:
+            await loop.run_in_executor(thread, self.runtime.warm_up, max_batch)
+        self.runtime.seal()
+        return time.perf_counter() - started
 
     @property
     def queue_depth(self) -> int:
@@ -334,11 +360,13 @@ class Batcher:
                 remaining = deadline - loop.time()
                 if remaining <= 0 or not await queue.wait(remaining):
                     break
-            task = loop.create_task(self._run_batch(loop, batch))
+            thread = self._idle.pop()  # one is idle: the semaphore counts them
+            task = loop.create_task(self._run_batch(loop, batch, thread))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Step]) -> None:
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Step],
+                         thread: ThreadPoolExecutor) -> None:
         commits: list[asyncio.Task[None]] = []
         last: list[tuple[_Step, list[np.ndarray], list[np.ndarray] | None]] = []
         todo: list[list[_Step]] = []
@@ -352,7 +380,7 @@ class Batcher:
                     groups[item.x.shape].append(item)
                 todo = list(groups.values())
                 while todo:
-                    tagged = await self._run(loop, todo.pop(0))
+                    tagged = await self._run(loop, todo.pop(0), thread)
                     if tagged and todo:  # it commits while the next group runs
                         commits.append(loop.create_task(self._commit(tagged)))
                     else:
@@ -365,6 +393,7 @@ class Batcher:
                                                            "advanced"))
                 raise
             finally:
+                self._idle.append(thread)
                 self._runners.release()  # the next batch may run while this one commits
             if last:
                 await self._commit(last)  # in this task: one event-loop turn less per step
@@ -373,7 +402,8 @@ class Batcher:
         finally:
             self._queue.task_done(len(batch))
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, group: list[_Step]
+    async def _run(self, loop: asyncio.AbstractEventLoop, group: list[_Step],
+                   thread: ThreadPoolExecutor
                    ) -> list[tuple[_Step, list[np.ndarray], list[np.ndarray] | None]]:
         """Run a group; answer its untagged steps; return the tagged ones with their
         results, for the commit hook. Each kept step's new state goes to a fresh row."""
@@ -409,7 +439,7 @@ class Batcher:
         want_states = self.commit is not None and any(s.tag is not None for s in group)
         try:
             outputs, states = await loop.run_in_executor(
-                self._executor, self.runtime.run_rows, [s.x for s in group],
+                thread, self.runtime.run_rows, [s.x for s in group],
                 [s.row for s in group], [s.out for s in group], want_states)
         except Exception:
             log.exception("batch of %d steps failed on model %s v%d", len(group),

@@ -63,6 +63,9 @@ ANSWER_OVERHEAD = 4096
 # chunks of other lengths run without (clients sending ever new lengths would else grow
 # them without end).
 MAX_BOUND_SHAPES = 32
+# Runs of one shape on one thread that make onnxruntime (1.2x to 1.31) capture its CUDA
+# graph: two ordinary ones, the capture, then one replay
+GRAPH_CAPTURE_RUNS = 4
 
 # Set when device "auto" asked onnxruntime for CUDA and got the CPU: later models go
 # straight to the CPU instead of repeating onnxruntime's error for each of them.
@@ -171,6 +174,15 @@ class ModelRuntime:
         # fixed buffers per (bucket, chunk shape), bound once: what CUDA graphs replay
         self._bound: dict[tuple[int, ...], _Bound] = {}
         self._bound_lock = threading.Lock()
+        # after warm-up no graph is captured any more: a capture fails when other CUDA
+        # work (another runner, model or pool) starts meanwhile, which serving cannot stop
+        self._sealed = False
+        # With CUDA graphs, one run of this session at a time, as onnxruntime requires
+        # (its CUDA provider documentation: no runs of a graph-captured session from
+        # several threads). Runs that overlapped served wrong answers on an H200: a
+        # captured graph keeps using memory its capture took from the session's arena,
+        # which the arena hands out again to ordinary runs (uncaptured chunk lengths).
+        self._run_lock = threading.Lock() if options.cuda_graphs else None
         self._local = threading.local()  # per runner thread: its binding (_binding)
         # None, not empty RunOptions: onnxruntime's Python side looks up gpu_graph_id in
         # them on every run, and a missing key costs a raised error (~40 us on the CPU)
@@ -279,11 +291,20 @@ class ModelRuntime:
         # the sizes runs really have: with buckets, the buckets batches up to max_batch
         # are padded to (one above max_batch too), and every size above the last bucket
         sizes = sorted({self.padded_size(b) for b in range(1, max_batch + 1)})
+        # with CUDA graphs, onnxruntime captures a graph at its third run on a thread
+        # (two ordinary runs first, to allocate); the fourth replays it
+        runs = GRAPH_CAPTURE_RUNS if self.options.cuda_graphs and not self._sealed else 1
         for steps in (1, 4):
             x = np.zeros((steps * hop, *self._frame_shape), dtype=self._np_dtype)
             for b in sizes:
-                self.run_rows([x] * b, [ZERO] * b)
+                for _ in range(runs):
+                    self.run_rows([x] * b, [ZERO] * b)
         return time.perf_counter() - started
+
+    def seal(self) -> None:
+        """No more CUDA graph captures: run shapes first seen from now on run from fixed
+        buffers without one (called once every runner thread warmed up)."""
+        self._sealed = True
 
     def padded_size(self, n: int) -> int:
         """The batch size a run of ``n`` sessions is padded to."""
@@ -337,7 +358,7 @@ class ModelRuntime:
                 if want_states:
                     for pair in self.meta.states:
                         b.bind_output(pair.output, "cpu")
-                self.session.run_with_iobinding(b, self._plain)
+                self.run_binding(b, self._plain)
                 res = [v.numpy() for v in b.get_outputs()[len(pool.specs):]]
         finally:
             pool.release()
@@ -349,6 +370,14 @@ class ModelRuntime:
         if not want_states:
             return outputs, None
         return outputs, [[r[i] for r in res[n_out:]] for i in range(n)]
+
+    def run_binding(self, binding: ort.IOBinding, options: ort.RunOptions | None) -> None:
+        """One onnxruntime run of a binding (alone, with CUDA graphs)."""
+        if self._run_lock is None:
+            self.session.run_with_iobinding(binding, options)
+            return
+        with self._run_lock:
+            self.session.run_with_iobinding(binding, options)
 
     def _binding(self) -> ort.IOBinding:
         """This thread's binding for unbucketed runs, kept between runs (a new one costs
@@ -379,10 +408,11 @@ class ModelRuntime:
             names = self.data_output_names + [p.output for p in self.meta.states]
             for name in names:
                 b.bind_output(name, self.pool.device, self.options.device_id)
-            self.session.run_with_iobinding(b, self._plain)
+            self.run_binding(b, self._plain)
             got = b.get_outputs()[len(self.pool.specs):]
             shapes = [(tuple(v.shape()), v.numpy().dtype) for v in got]  # once per shape
-            graph_id = len(self._bound) + 1 if self.options.cuda_graphs else None
+            graph_id = len(self._bound) + 1 if self.options.cuda_graphs and \
+                not self._sealed else None
             bound = _Bound(self, x, names, shapes, graph_id)
             self._bound[x.shape] = bound
             log.info("%s v%d: fixed buffers for batch %d x %d time steps%s", self.name,
@@ -430,6 +460,10 @@ class _Bound:
         self.outs = [buffer(shape, dt) for shape, dt in shapes]
         self.n_data = len(rt.data_output_names)
         self.copy = dev == "cpu"  # host buffers: the outputs must not alias the next run
+        # update_inplace copies from pageable memory with cudaMemcpy, which may return
+        # before its DMA lands, and the run goes on onnxruntime's own (non-blocking)
+        # stream: reading the last buffer written back waits for every copy before it
+        self.fence = dev == "cuda"
         self.binding = rt.session.io_binding()
         self.binding.bind_ortvalue_input(rt.meta.input.name, self.x)
         self.binding.bind_ortvalue_input(GATHER, self.gather)
@@ -437,7 +471,7 @@ class _Bound:
         for name, value in zip(names, self.outs, strict=True):
             self.binding.bind_ortvalue_output(name, value)
         self.pool_resizes = -1  # the pools are bound at the first run (and after growth)
-        self.options: ort.RunOptions | None = None
+        self.options = rt._plain  # not captured: None, or gpu_graph_id -1 with graphs on
         if graph_id is not None:
             self.options = ort.RunOptions()
             self.options.add_run_config_entry("gpu_graph_id", str(graph_id))
@@ -449,10 +483,12 @@ class _Bound:
             self.x.update_inplace(x)
             self.gather.update_inplace(gather)
             self.scatter.update_inplace(scatter)
+            if self.fence:
+                self.scatter.numpy()
             if self.pool_resizes != pool.resizes:
                 pool.bind(self.binding)
                 self.pool_resizes = pool.resizes
-            self.rt.session.run_with_iobinding(self.binding, self.options)
+            self.rt.run_binding(self.binding, self.options)
             wanted = self.outs if want_states else self.outs[:self.n_data]
             res = [v.numpy() for v in wanted]
             return [r.copy() for r in res] if self.copy else res

@@ -66,7 +66,9 @@ class Settings(BaseSettings):
     rows, not below the first size; 0: never. A fixed pool (cuda_graphs) never shrinks."""
     cuda_graphs: bool = False
     """Capture each bucket's run as a CUDA graph and replay it (device cuda; batch buckets
-    default to pow2)."""
+    default to pow2). The graphs are captured at warm-up, for chunks of one and four
+    steps (hops); runs of other chunk lengths use the buckets' fixed buffers uncaptured.
+    A model's runs then go through one thread, one at a time."""
     warmup: Literal["auto", "on", "off"] = "auto"
     """Run every batch size once at start (auto: on CUDA, where a new shape's first run
     is slow; off on the CPU)."""
@@ -74,7 +76,8 @@ class Settings(BaseSettings):
     """Longest wait for more steps once one is queued."""
     batch_runners: int = Field(1, ge=1)
     """onnxruntime runs of one model version at once: with 2 or more the next batch is
-    gathered and run while one runs (worth it on a GPU; on a CPU they share the cores)."""
+    gathered and run while one runs (worth it on a GPU; on a CPU they share the cores).
+    With cuda_graphs a model's runs are one at a time: more only gather the next batch."""
     max_queue: int = Field(4096, ge=1)
     """Queued steps per model version beyond which requests get RESOURCE_EXHAUSTED."""
     admission_queue_wait_ms: float = Field(0.0, ge=0)
@@ -178,6 +181,9 @@ class Settings(BaseSettings):
     def _cuda_graphs(self) -> Settings:
         if self.cuda_graphs and self.device != "cuda":
             raise ValueError("cuda_graphs needs device cuda")
+        if self.cuda_graphs and self.warmup == "off":  # graphs are captured at warm-up
+            raise ValueError("cuda_graphs captures its graphs at warm-up: it needs warmup "
+                             "auto or on")
         return self
 
     @model_validator(mode="after")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -73,6 +74,49 @@ async def _stream(batcher, store, runtime, x, cuts):
         ys.append(outs[0])
         await asyncio.sleep(random.random() * 0.002)  # interleave sessions differently
     return np.concatenate(ys), session
+
+
+def test_warm_up_prepares_each_runner_thread_and_batches_run_only_there(repo) -> None:
+    """onnxruntime's CUDA provider keeps a captured CUDA graph with the thread that
+    captured it: with graphs, warm-up runs every batch size on each runner thread (here
+    asked for on the CPU, which has no graphs), and the batches run on those threads
+    alone (a pool of threads could start fresh ones); without, on one runner thread."""
+    runtime = ModelRegistry(repo, RuntimeOptions(device="cpu", intra_op_threads=1,
+                                                 batch_buckets=(2, 4, 8))).get("feat")
+    threads: list[str] = []
+    run_rows = runtime.run_rows
+
+    def recorded(*args, **kw):
+        threads.append(threading.current_thread().name)
+        return run_rows(*args, **kw)
+
+    runtime.run_rows = recorded  # type: ignore[method-assign]
+    rng = np.random.default_rng(2)
+    xs = [rng.standard_normal((12, 20)).astype(np.float32) for _ in range(24)]
+
+    async def main():
+        store = MemorySessionStore()
+        batcher = Batcher(runtime, max_batch_size=8, max_delay_s=0.002, runners=3)
+        assert await batcher.warm_up(8) > 0  # no graphs: one thread
+        assert len(threads) == 6 and threads[0].startswith("ort-feat-")
+        threads.clear()
+        assert await batcher.warm_up(8, every_thread=True) > 0
+        warmed = list(threads)
+        threads.clear()
+        batcher.start()
+        results = await asyncio.gather(*(_stream(batcher, store, runtime, x, [0, 1, 5, 12])
+                                         for x in xs))
+        await batcher.stop()
+        return warmed, results
+
+    warmed, results = asyncio.run(main())
+    names = sorted(set(warmed))
+    assert len(names) == 3 and all(n.startswith("ort-feat-") for n in names)
+    # each thread: the buckets 2, 4, 8 (batch sizes 1..8 are padded to them) at 1 and 4 steps
+    assert all(warmed.count(n) == 6 for n in names)
+    assert set(threads) <= set(names) and len(threads) >= 3
+    for x, (y, _) in zip(xs, results, strict=True):
+        assert np.abs(y - _whole(runtime, x)[0]).max() <= 1e-5
 
 
 @pytest.mark.parametrize(("name", "runners"), [("text", 1), ("feat", 1), ("feat", 3)])

@@ -45,6 +45,8 @@ def test_batch_buckets_pool_rows_and_cuda_graphs() -> None:
             Settings.load(batch_buckets=bad)
     with pytest.raises(ValidationError, match="cuda_graphs needs device cuda"):
         Settings.load(cuda_graphs=True, device="cpu")
+    with pytest.raises(ValidationError, match="captures its graphs at warm-up"):
+        Settings.load(cuda_graphs=True, device="cuda", warmup="off")
     g = Settings.load(cuda_graphs=True, device="cuda", max_sessions="1000",
                       max_batch_size="64", batch_runners="2")
     assert g.buckets() == (1, 2, 4, 8, 16, 32, 64)  # graphs need buckets: pow2 by default
