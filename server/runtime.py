@@ -63,8 +63,9 @@ ANSWER_OVERHEAD = 4096
 # chunks of other lengths run without (clients sending ever new lengths would else grow
 # them without end).
 MAX_BOUND_SHAPES = 32
-# Runs of one shape on one thread that make onnxruntime (1.2x to 1.31) capture its CUDA
-# graph: two ordinary ones, the capture, then one replay
+# Runs of one shape on one thread after which onnxruntime has captured its CUDA graph:
+# it captures at the third (two ordinary runs first, to allocate), and recent versions
+# (1.31) make all three within the first call; the last one replays
 GRAPH_CAPTURE_RUNS = 4
 
 # Set when device "auto" asked onnxruntime for CUDA and got the CPU: later models go

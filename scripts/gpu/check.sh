@@ -3,7 +3,10 @@
 # are in /tmp/rnnserve-kit/parts (scripts/gpu/RUN.md). Everything it prints also goes to
 # $OUT/check.log; measurements to $OUT/ceiling.jsonl and $OUT/bench-many.json.
 #   STEPS="tests ceiling bench" (default: all) picks what runs; BENCH_S: seconds per level
-#   (6); DEVICE=cpu rehearses the whole script on a machine without a GPU.
+#   (6); BENCH_LEVELS (1024,2048,4096), BENCH_VERSION (1: fp32; 2: fp16), WORKERS (4),
+#   LOAD_PROCS (8) and SERVE_EXTRA (one more serve flag, e.g. --cuda-graphs) shape the
+#   bench, whose server log comes back as $OUT/server.log; DEVICE=cpu rehearses the
+#   whole script on a machine without a GPU.
 set -uo pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/rnnserve-out}
@@ -60,13 +63,16 @@ case " $STEPS " in *" ceiling "*)
 esac
 
 case " $STEPS " in *" bench "*)
-  echo "== bench: speech-small on $DEVICE, 4 workers, StreamMany 64 streams per message"
-  timeout 180 $PY -m rnnserve bench --repo "$K/models" --model speech-small --version 1 \
-    --serve-arg=--device=$DEVICE --serve-arg=--workers=4 --serve-arg=--batch-runners=2 \
-    --max-batch-size 1024 --many 64 --connections 8 --load-procs 8 \
+  echo "== bench: speech-small v${BENCH_VERSION:-1} on $DEVICE, ${WORKERS:-4} workers" \
+    "${SERVE_EXTRA:-}, StreamMany 64 streams per message, ${LOAD_PROCS:-8} load processes"
+  timeout 180 $PY -m rnnserve bench --repo "$K/models" --model speech-small \
+    --version "${BENCH_VERSION:-1}" \
+    --serve-arg=--device=$DEVICE --serve-arg=--workers=${WORKERS:-4} --serve-arg=--batch-runners=2 ${SERVE_EXTRA:+--serve-arg=$SERVE_EXTRA} \
+    --max-batch-size 1024 --many 64 --connections 8 --load-procs ${LOAD_PROCS:-8} \
     --streams ${BENCH_LEVELS:-1024,2048,4096} --duration-s "$BENCH_S" --no-plot \
     --out "$OUT/bench-many" 2>&1 | tail -25
   cp "$OUT/bench-many/bench.json" "$OUT/bench-many.json" 2>/dev/null
+  for f in "$OUT"/bench-many/*.log; do [ -f "$f" ] && grep -v "W:onnxruntime" "$f" | tail -c 4000000 > "$OUT/$(basename "$f")"; done
   rm -rf "$OUT/bench-many"
 esac
 date -u
