@@ -344,7 +344,7 @@ class ModelRuntime:
             if size in self.buckets:
                 bound = self._bound.get(x.shape)
                 if bound is None and len(self._bound) < MAX_BOUND_SHAPES:
-                    bound = self._bind(x, gather, scatter)
+                    bound = self._bind(x, gather, scatter)  # None: the cap was reached
             if bound is not None:
                 res = bound.run(x, gather, scatter, want_states)
             else:
@@ -394,12 +394,14 @@ class ModelRuntime:
         binding: ort.IOBinding = local.binding
         return binding
 
-    def _bind(self, x: np.ndarray, gather: np.ndarray, scatter: np.ndarray) -> _Bound:
+    def _bind(self, x: np.ndarray, gather: np.ndarray, scatter: np.ndarray
+              ) -> _Bound | None:
         """Fixed buffers for runs shaped like ``x``: one ordinary run (reading the zero
-        row, writing the trash row) tells the outputs' shapes."""
+        row, writing the trash row) tells the outputs' shapes. None once
+        ``MAX_BOUND_SHAPES`` shapes have them (runner threads may all have seen room)."""
         with self._bound_lock:
             bound = self._bound.get(x.shape)
-            if bound is not None:
+            if bound is not None or len(self._bound) >= MAX_BOUND_SHAPES:
                 return bound
             b = self.session.io_binding()
             b.bind_cpu_input(self.meta.input.name, x)

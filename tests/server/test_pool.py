@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnxruntime as ort
@@ -296,6 +297,28 @@ def test_run_shapes_with_fixed_buffers_are_capped(repo, monkeypatch) -> None:
             x, [ZERO, ZERO])
         np.testing.assert_array_equal(got[1][0], want[1][0])
     assert len(rt._bound) == 2
+
+
+def test_the_cap_on_fixed_buffers_holds_for_runner_threads_at_once(repo, monkeypatch) -> None:
+    """Runner threads meeting new chunk lengths at the same moment: no more run shapes
+    get fixed buffers than the cap (each thread saw room before any had bound)."""
+    monkeypatch.setattr(runtime_module, "MAX_BOUND_SHAPES", 2)
+    rt = ModelRuntime(repo / "text" / "2" / "model.onnx", "text", 2,
+                      RuntimeOptions(device="cpu", intra_op_threads=1, batch_buckets=(2,)))
+    rng = np.random.default_rng(12)
+    chunks = [_chunks(rt, rng, 2, t) for t in range(3, 11)]
+    start = threading.Barrier(len(chunks))
+
+    def run(x):
+        start.wait()
+        return rt.run_rows(x, [ZERO, ZERO])[0]
+
+    with ThreadPoolExecutor(len(chunks)) as ex:
+        got = list(ex.map(run, chunks))
+    assert len(rt._bound) == 2
+    plain = ModelRuntime(rt.path, "text", 2, RuntimeOptions(device="cpu"))
+    for x, g in zip(chunks, got, strict=True):
+        np.testing.assert_array_equal(g[1][0], plain.run_rows(x, [ZERO, ZERO])[0][1][0])
 
 
 def test_cuda_graphs_are_refused_without_cuda_and_buckets() -> None:
