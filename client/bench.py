@@ -436,23 +436,26 @@ def runs_back_to_back(rt: Any, xs: list[np.ndarray], seconds: float, chunk_ms: i
                       warm_up: int = 1) -> dict[str, Any]:
     """Runs of the chunks ``xs`` (one per session) through ``rt.run_rows`` back to back
     for ``seconds``, each session's state carried from one run to the next in the pool;
-    ``warm_up`` runs first (a CUDA graph's capture among them)."""
+    ``warm_up`` runs first (a CUDA graph's capture among them). ``host_cpu_ms`` is the
+    process's CPU time per run (every thread): on a GPU, the host's share of a run
+    (stacking and copying chunks, launching, and waiting, which CUDA may do spinning)."""
     batch = len(xs)
     rows = [[rt.pool.alloc() for _ in range(batch)] for _ in range(2)]
     for k in range(warm_up):
         rt.run_rows(xs, rows[k % 2], rows[(k + 1) % 2])
-    runs, times, started = 0, [], time.perf_counter()
+    runs, times, started, cpu = 0, [], time.perf_counter(), time.process_time()
     while (elapsed := time.perf_counter() - started) < seconds:
         t = time.perf_counter()
         rt.run_rows(xs, rows[runs % 2], rows[(runs + 1) % 2])  # state carried
         times.append(time.perf_counter() - t)
         runs += 1
+    cpu = time.process_time() - cpu
     for row in rows[0] + rows[1]:
         rt.pool.free(row)
     steps = runs * batch / elapsed
     return {"batch": batch, "runs_per_s": runs / elapsed, "steps_per_s": steps,
             "run_ms": 1000 * elapsed / runs, "run_ms_median": 1000 * float(np.median(times)),
-            "streams": steps * chunk_ms / 1000}
+            "host_cpu_ms": 1000 * cpu / runs, "streams": steps * chunk_ms / 1000}
 
 
 def build_workload(name: str, root: Path) -> tuple[Path, int]:
@@ -714,7 +717,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
                                       min(duration_s, 10.0), threads=0)
             log(f"\ncompute ceiling (onnxruntime alone, batch {max_batch_size}): "
                 f"{ceiling['steps_per_s']:.0f} chunks/s = {ceiling['streams']:.0f} real-time "
-                f"streams ({ceiling['run_ms']:.2f} ms per run)")
+                f"streams ({ceiling['run_ms']:.2f} ms per run, host CPU "
+                f"{ceiling['host_cpu_ms']:.2f} ms)")
     memory = None
     if idle_sessions:
         assert repo is not None

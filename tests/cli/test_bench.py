@@ -58,6 +58,7 @@ def test_bench_sweeps_levels_with_baselines_and_writes_json_and_plot(tmp_path) -
         assert all(lv["answered"] > 0 for lv in base[name]["levels"])
     ceiling = base["compute_ceiling"]
     assert ceiling["batch"] == 64 and ceiling["steps_per_s"] > 0
+    assert 0 < ceiling["host_cpu_ms"] < 60 * ceiling["run_ms"]  # at most the machine's cores
     assert ceiling["streams"] == pytest.approx(ceiling["steps_per_s"] * 0.04)
     ratios = report["ratios"]
     assert set(ratios) == {"capacity_vs_transport", "capacity_vs_unbatched",
