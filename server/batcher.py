@@ -246,6 +246,9 @@ class Batcher:
                          for i in range(threads)]
         # a runner's thread, for each runner free (as many as the semaphore's count)
         self._idle = [self._threads[i % threads] for i in range(runners)]
+        # held while a group waits for and runs on a thread: a group is timed, and its
+        # deadlines checked, when the thread is its own (runners may share one thread)
+        self._busy = {thread: asyncio.Lock() for thread in self._threads}
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.steps = 0
@@ -279,6 +282,8 @@ class Batcher:
         With CUDA graphs every graph is captured here, on the thread that will replay
         it, one at a time, never while another run is under way (a capture fails when
         any other CUDA work starts meanwhile), and none after. Returns the seconds."""
+        if self._task is not None:  # a capture must not meet a batch's run
+            raise RuntimeError("warm up a batcher before it starts")
         if every_thread is None:
             every_thread = self.runtime.options.cuda_graphs
         loop = asyncio.get_running_loop()
@@ -407,6 +412,33 @@ class Batcher:
                    ) -> list[tuple[_Step, list[np.ndarray], list[np.ndarray] | None]]:
         """Run a group; answer its untagged steps; return the tagged ones with their
         results, for the commit hook. Each kept step's new state goes to a fresh row."""
+        async with self._busy[thread]:
+            ran = await self._run_on(loop, group, thread)
+        if ran is None:
+            return []
+        group, outputs, states, waits, seconds = ran
+        pool = self.runtime.pool
+        tagged = []
+        host = states if states is not None else [None] * len(group)
+        for s, out, st in zip(group, outputs, host, strict=True):
+            if s.future.done():  # cancelled while it ran: its new row is nobody's
+                pool.free(s.out)
+                continue
+            if s.tag is not None and self.commit is not None:
+                tagged.append((s, out, st))
+            else:
+                s.future.set_result((out, s.out, st))
+        self.batches += 1
+        self.steps += len(group)
+        self.largest_batch = max(self.largest_batch, len(group))
+        if self._on_batch is not None:
+            self._on_batch(waits, seconds)
+        return tagged
+
+    async def _run_on(self, loop: asyncio.AbstractEventLoop, group: list[_Step],
+                      thread: ThreadPoolExecutor) -> tuple[Any, ...] | None:
+        """The group's run on ``thread``, once it is free: (the steps that ran, their
+        outputs, host states or None, queue waits, seconds); None when none ran."""
         pool = self.runtime.pool
         started = time.perf_counter()
         # admission: the longest wait, of the steps that run or not
@@ -433,7 +465,7 @@ class Batcher:
                 continue
             runnable.append(s)
         if not runnable:
-            return []
+            return None
         group = runnable
         waits = [started - s.queued_at for s in group]  # the metrics: the steps that run
         want_states = self.commit is not None and any(s.tag is not None for s in group)
@@ -448,27 +480,11 @@ class Batcher:
                 pool.free(s.out)
                 if not s.future.done():
                     s.future.set_exception(BatchFailed("the model failed to run this chunk"))
-            return []
+            return None
         finally:
             for s in group:
                 pool.unpin(s.row)
-        seconds = time.perf_counter() - started
-        tagged = []
-        host = states if states is not None else [None] * len(group)
-        for s, out, st in zip(group, outputs, host, strict=True):
-            if s.future.done():  # cancelled while it ran: its new row is nobody's
-                pool.free(s.out)
-                continue
-            if s.tag is not None and self.commit is not None:
-                tagged.append((s, out, st))
-            else:
-                s.future.set_result((out, s.out, st))
-        self.batches += 1
-        self.steps += len(group)
-        self.largest_batch = max(self.largest_batch, len(group))
-        if self._on_batch is not None:
-            self._on_batch(waits, seconds)
-        return tagged
+        return group, outputs, states, waits, time.perf_counter() - started
 
     async def _commit(self, tagged: list[tuple[_Step, list[np.ndarray], list[np.ndarray] | None]]
                       ) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from rnnserve.server.batcher import Batcher, Group
 from rnnserve.server.errors import (
     BatchFailed,
+    DeadlineExpired,
     DeviceUnavailable,
     InvalidChunk,
     ModelNotFound,
@@ -117,6 +120,41 @@ def test_warm_up_prepares_each_runner_thread_and_batches_run_only_there(repo) ->
     assert set(threads) <= set(names) and len(threads) >= 3
     for x, (y, _) in zip(xs, results, strict=True):
         assert np.abs(y - _whole(runtime, x)[0]).max() <= 1e-5
+
+
+def test_runners_sharing_a_thread_time_and_check_deadlines_when_it_is_theirs(repo) -> None:
+    """With CUDA graphs a model's runners share one thread: a group waiting for it is
+    neither timed nor checked against its deadline until the thread is free (a step
+    whose deadline passed behind another batch's run was run, and that wait counted as
+    compute time). Here on the CPU, the runtime told it has graphs."""
+    runtime = ModelRegistry(repo, RuntimeOptions(device="cpu", intra_op_threads=1)).get("feat")
+    runtime.options = replace(runtime.options, cuda_graphs=True)  # one thread for both
+    run_rows = runtime.run_rows
+
+    def slow(*args, **kw):
+        time.sleep(0.2)
+        return run_rows(*args, **kw)
+
+    runtime.run_rows = slow  # type: ignore[method-assign]
+    batches: list[tuple[list[float], float]] = []
+    x = np.zeros((4, 20), dtype=np.float32)
+
+    async def main():
+        batcher = Batcher(runtime, max_batch_size=1, max_delay_s=0, runners=2,
+                          on_batch=lambda waits, s: batches.append((waits, s)))
+        batcher.start()
+        first = asyncio.ensure_future(batcher.step(ZERO, x))
+        await asyncio.sleep(0.02)  # the first runs; the second waits for the thread
+        second = batcher.step(ZERO, x, expires=time.perf_counter() + 0.1)
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    first, second = asyncio.run(main())
+    assert not isinstance(first, BaseException)
+    runtime.pool.free(first[1])
+    assert isinstance(second, DeadlineExpired), second
+    assert len(batches) == 1 and 0.19 < batches[0][1] < 0.35
 
 
 @pytest.mark.parametrize(("name", "runners"), [("text", 1), ("feat", 1), ("feat", 3)])
