@@ -167,7 +167,7 @@ class RnnServer:
                             on_batch=self.metrics.batch_hook(rt.name, rt.version))
             for rt in self.registry
         }
-        for rt in self.registry:  # on each runner thread, before any batch runs
+        for rt in self.registry:  # on the runner thread(s), before any batch runs
             if s.warmup == "on" or (s.warmup == "auto" and rt.provider == CUDA):
                 seconds = await self.batchers[rt.key].warm_up(s.max_batch_size)
                 log.info("warmed up %s version %d: batch sizes 1..%d%s in %.2fs", rt.name,

@@ -219,6 +219,12 @@ class _Step:
     out: int = TRASH  # the fresh row its new state goes to, once it runs
 
 
+# a group's run: the steps that ran, their outputs, host states (or None), queue waits
+# and seconds
+_Ran = tuple[list[_Step], list[list[np.ndarray]], list[list[np.ndarray]] | None,
+             list[float], float]
+
+
 class Batcher:
     def __init__(self, runtime: ModelRuntime, *, max_batch_size: int = 64,
                  max_delay_s: float = 0.002, max_queue: int = 4096, runners: int = 1,
@@ -436,9 +442,8 @@ class Batcher:
         return tagged
 
     async def _run_on(self, loop: asyncio.AbstractEventLoop, group: list[_Step],
-                      thread: ThreadPoolExecutor) -> tuple[Any, ...] | None:
-        """The group's run on ``thread``, once it is free: (the steps that ran, their
-        outputs, host states or None, queue waits, seconds); None when none ran."""
+                      thread: ThreadPoolExecutor) -> _Ran | None:
+        """The group's run on ``thread``, once it is free; None when none ran."""
         pool = self.runtime.pool
         started = time.perf_counter()
         # admission: the longest wait, of the steps that run or not

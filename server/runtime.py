@@ -180,9 +180,8 @@ class ModelRuntime:
         self._sealed = False
         # With CUDA graphs, one run of this session at a time, as onnxruntime requires
         # (its CUDA provider documentation: no runs of a graph-captured session from
-        # several threads). Runs that overlapped served wrong answers on an H200: a
-        # captured graph keeps using memory its capture took from the session's arena,
-        # which the arena hands out again to ordinary runs (uncaptured chunk lengths).
+        # several threads; overlapping runs served wrong answers on an H200). The
+        # batcher runs such a model on one thread; this holds for every caller.
         self._run_lock = threading.Lock() if options.cuda_graphs else None
         self._local = threading.local()  # per runner thread: its binding (_binding)
         # None, not empty RunOptions: onnxruntime's Python side looks up gpu_graph_id in
@@ -292,8 +291,6 @@ class ModelRuntime:
         # the sizes runs really have: with buckets, the buckets batches up to max_batch
         # are padded to (one above max_batch too), and every size above the last bucket
         sizes = sorted({self.padded_size(b) for b in range(1, max_batch + 1)})
-        # with CUDA graphs, onnxruntime captures a graph at its third run on a thread
-        # (two ordinary runs first, to allocate); the fourth replays it
         runs = GRAPH_CAPTURE_RUNS if self.options.cuda_graphs and not self._sealed else 1
         for steps in (1, 4):
             x = np.zeros((steps * hop, *self._frame_shape), dtype=self._np_dtype)

@@ -154,7 +154,7 @@ def test_runners_sharing_a_thread_time_and_check_deadlines_when_it_is_theirs(rep
     assert not isinstance(first, BaseException)
     runtime.pool.free(first[1])
     assert isinstance(second, DeadlineExpired), second
-    assert len(batches) == 1 and 0.19 < batches[0][1] < 0.35
+    assert len(batches) == 1 and 0.19 < batches[0][1] < 0.39  # not both runs' 0.4 s
 
 
 @pytest.mark.parametrize(("name", "runners"), [("text", 1), ("feat", 1), ("feat", 3)])
