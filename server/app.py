@@ -119,7 +119,7 @@ class RnnServer:
                                  inter_op_threads=s.inter_op_threads,
                                  allow_nonfinite=s.nonfinite == "allow",
                                  batch_buckets=s.buckets(), pool_rows=s.state_pool_rows(),
-                                 cuda_graphs=s.cuda_graphs,
+                                 cuda_graphs=s.cuda_graphs, cuda_sync=s.cuda_sync,
                                  max_answer_bytes=s.max_message_bytes - ANSWER_OVERHEAD)
         try:
             self.registry = ModelRegistry(s.repo, options)

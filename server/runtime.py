@@ -50,6 +50,11 @@ class RuntimeOptions:
     # CUDA graphs: each bucket's run (per chunk length) is captured once and replayed;
     # needs device "cuda" and buckets, and the pool keeps its pool_rows (fixed addresses)
     cuda_graphs: bool = False
+    # How host threads wait for the GPU (CUDA's scheduling flag for the device's primary
+    # context, set before the first session): auto is CUDA's choice (it spins while the
+    # process has fewer active contexts than the host has cores), blocking sleeps until
+    # the device is done, yield spins yielding the core.
+    cuda_sync: str = "auto"
     # Chunks whose answer (the outputs' bytes) would exceed this are refused before they
     # run: gRPC could not send the answer, and the step would have advanced the session
     # for nothing. 0: no limit. The server sets it from --max-message-bytes.
@@ -67,6 +72,50 @@ MAX_BOUND_SHAPES = 32
 # it captures at the third (two ordinary runs first, to allocate), and recent versions
 # (1.31) make all three within the first call; the last one replays
 GRAPH_CAPTURE_RUNS = 4
+
+# CUDA driver API's CU_CTX_SCHED_* flags, by cuda_sync
+CUDA_SYNC_FLAGS = {"auto": 0, "spin": 1, "yield": 2, "blocking": 4}
+_cuda_sync_done: dict[int, str] = {}  # device id -> the mode set in this process
+
+
+def set_cuda_sync(mode: str, device_id: int = 0) -> None:
+    """Sets how this process's host threads wait for device ``device_id`` (cuda_sync),
+    through the driver (libcuda) before onnxruntime makes the device's primary context
+    active. A CUDA synchronize spins by default when a process has fewer contexts than
+    the host has cores, so every runner thread waiting for its batch holds a core the
+    event loops could use; blocking sleeps on an interrupt instead."""
+    if mode not in CUDA_SYNC_FLAGS:
+        raise DeviceUnavailable(f"unknown cuda_sync {mode!r}; choose from "
+                                f"{tuple(CUDA_SYNC_FLAGS)}")
+    if mode == "auto" or _cuda_sync_done.get(device_id) == mode:
+        return
+    if device_id in _cuda_sync_done:  # a context's flags are its process's: one mode
+        raise DeviceUnavailable(f"cuda_sync {mode!r}: device {device_id} already has "
+                                f"{_cuda_sync_done[device_id]!r} in this process")
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError as exc:
+        raise DeviceUnavailable(f"cuda_sync {mode!r} needs the CUDA driver (libcuda.so.1), "
+                                f"which does not load here: {exc}") from None
+    dev, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+    wanted = CUDA_SYNC_FLAGS[mode]
+    for call, args in (("cuInit", (0,)), ("cuDeviceGet", (ctypes.byref(dev), device_id)),
+                       ("cuDevicePrimaryCtxSetFlags", (dev, ctypes.c_uint(wanted))),
+                       ("cuDevicePrimaryCtxGetState", (dev, ctypes.byref(flags),
+                                                       ctypes.byref(active)))):
+        rc = getattr(lib, call)(*args)
+        if rc:
+            raise DeviceUnavailable(f"cuda_sync {mode!r}: {call} failed with CUDA driver "
+                                    f"error {rc}")
+    if flags.value & 7 != wanted:
+        raise DeviceUnavailable(f"cuda_sync {mode!r}: device {device_id}'s context kept "
+                                f"scheduling flags {flags.value & 7}")
+    _cuda_sync_done[device_id] = mode
+    log.info("device %d: host threads wait for the GPU by %s (context flags %d, %s)",
+             device_id, mode, flags.value, "active" if active.value else "not yet active")
+
 
 # Set when device "auto" asked onnxruntime for CUDA and got the CPU: later models go
 # straight to the CPU instead of repeating onnxruntime's error for each of them.
@@ -138,6 +187,8 @@ class ModelRuntime:
                     default=17)
         pooled = pooled_model(model, specs).SerializeToString()
         del model
+        if options.device == "cuda":
+            set_cuda_sync(options.cuda_sync, options.device_id)
         if quiet:  # a failed CUDA attempt is expected on CPU machines: say it once, below
             ort.set_default_logger_severity(4)
         try:

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     default to pow2). The graphs are captured at warm-up, for chunks of one and four
     steps (hops); runs of other chunk lengths use the buckets' fixed buffers uncaptured.
     A model's runs then go through one thread, one at a time."""
+    cuda_sync: Literal["auto", "spin", "yield", "blocking"] = "auto"
+    """How threads waiting for the GPU wait (device cuda): auto is CUDA's choice, which
+    spins a core while a process has fewer GPU contexts than the host has cores;
+    blocking sleeps until the GPU is done, leaving the core to the event loops (a
+    little later wake-up per run); yield spins but yields the core."""
     warmup: Literal["auto", "on", "off"] = "auto"
     """Run every batch size once at start (auto: on CUDA, where a new shape's first run
     is slow; off on the CPU)."""
@@ -181,6 +186,8 @@ class Settings(BaseSettings):
     def _cuda_graphs(self) -> Settings:
         if self.cuda_graphs and self.device != "cuda":
             raise ValueError("cuda_graphs needs device cuda")
+        if self.cuda_sync != "auto" and self.device != "cuda":
+            raise ValueError("cuda_sync needs device cuda")
         if self.cuda_graphs and self.warmup == "off":  # graphs are captured at warm-up
             raise ValueError("cuda_graphs captures its graphs at warm-up: it needs warmup "
                              "auto or on")

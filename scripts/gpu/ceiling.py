@@ -5,6 +5,8 @@ to back, with and without CUDA graphs, fp32 and fp16. One JSON line per measurem
     python3 scripts/gpu/ceiling.py MODEL_REPO [SECONDS]
 
 Run by scripts/gpu/check.sh on a lent GPU; DEVICE=cpu rehearses it here (no graphs).
+CUDA_SYNC (auto, spin, yield, blocking) sets how the host waits for the card (the
+server's --cuda-sync); CEILING_MODELS=speech-small:1,... keeps only those cases.
 """
 
 from __future__ import annotations
@@ -31,18 +33,23 @@ def main() -> int:
     repo = Path(sys.argv[1])
     seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 2.0
     device = os.environ.get("DEVICE", "cuda")  # cpu: a rehearsal, without graphs
+    sync = os.environ.get("CUDA_SYNC", "auto") if device == "cuda" else "auto"
+    only = [c for c in os.environ.get("CEILING_MODELS", "").split(",") if c]
     for name, version, batches in CASES:
+        if only and f"{name}:{version}" not in only:
+            continue
         path = repo / name / str(version) / "model.onnx"
         if not path.exists():
             continue
         for graphs in (False, True) if device == "cuda" else (False,):
             for batch in batches:
                 line = {"model": name, "version": version, "batch": batch,
-                        "cuda_graphs": graphs}
+                        "cuda_graphs": graphs, "cuda_sync": sync}
                 try:
                     opts = RuntimeOptions(device="cuda", batch_buckets=(batch,),
-                                          cuda_graphs=graphs, pool_rows=2 * batch + 8) \
-                        if graphs else RuntimeOptions(device=device)
+                                          cuda_graphs=graphs, pool_rows=2 * batch + 8,
+                                          cuda_sync=sync) \
+                        if graphs else RuntimeOptions(device=device, cuda_sync=sync)
                     rt = ModelRuntime(path, name, version, opts)
                     line["provider"] = rt.provider
                     line["precision"] = str(rt.meta.export.get("precision", "fp32"))

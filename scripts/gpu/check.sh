@@ -4,9 +4,11 @@
 # $OUT/check.log; measurements to $OUT/ceiling.jsonl and $OUT/bench-many.json.
 #   STEPS="tests ceiling bench" (default: all) picks what runs; BENCH_S: seconds per level
 #   (6); BENCH_LEVELS (1024,2048,4096), BENCH_VERSION (1: fp32; 2: fp16), WORKERS (4),
-#   LOAD_PROCS (8) and SERVE_EXTRA (one more serve flag, e.g. --cuda-graphs) shape the
-#   bench, whose server log comes back as $OUT/server.log; DEVICE=cpu rehearses the
-#   whole script on a machine without a GPU.
+#   LOAD_PROCS (8) and SERVE_EXTRA (more serve flags, space-separated, e.g.
+#   "--cuda-graphs --cuda-sync=blocking") shape the bench, whose server log comes back as
+#   $OUT/server.log; MPS=1 runs the bench under CUDA's MPS daemon (started and stopped
+#   here). Step ceiling-sync: the fp32 ceiling again with CUDA_SYNC (default blocking).
+#   DEVICE=cpu rehearses the whole script on a machine without a GPU.
 set -uo pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/rnnserve-out}
@@ -62,17 +64,34 @@ case " $STEPS " in *" ceiling "*)
   timeout 150 $PY "$REPO/scripts/gpu/ceiling.py" "$K/models" 2 | tee "$OUT/ceiling.jsonl"
 esac
 
+case " $STEPS " in *" ceiling-sync "*)
+  echo "== compute ceiling, host waiting by ${CUDA_SYNC:-blocking}"
+  CUDA_SYNC=${CUDA_SYNC:-blocking} CEILING_MODELS=speech-small:1 timeout 100 \
+    $PY "$REPO/scripts/gpu/ceiling.py" "$K/models" 2 | tee -a "$OUT/ceiling.jsonl"
+esac
+
 case " $STEPS " in *" bench "*)
+  EXTRA=()
+  for f in ${SERVE_EXTRA:-}; do EXTRA+=("--serve-arg=$f"); done
+  if [ "${MPS:-0}" = 1 ]; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d && echo "MPS daemon started" || echo "MPS daemon did not start"
+  fi
   echo "== bench: speech-small v${BENCH_VERSION:-1} on $DEVICE, ${WORKERS:-4} workers" \
     "${SERVE_EXTRA:-}, StreamMany 64 streams per message, ${LOAD_PROCS:-8} load processes"
   timeout 180 $PY -m rnnserve bench --repo "$K/models" --model speech-small \
     --version "${BENCH_VERSION:-1}" \
-    --serve-arg=--device=$DEVICE --serve-arg=--workers=${WORKERS:-4} --serve-arg=--batch-runners=2 ${SERVE_EXTRA:+--serve-arg=$SERVE_EXTRA} \
+    --serve-arg=--device=$DEVICE --serve-arg=--workers=${WORKERS:-4} --serve-arg=--batch-runners=2 "${EXTRA[@]}" \
     --max-batch-size 1024 --many 64 --connections 8 --load-procs ${LOAD_PROCS:-8} \
     --streams ${BENCH_LEVELS:-1024,2048,4096} --duration-s "$BENCH_S" --no-plot \
     --out "$OUT/bench-many" 2>&1 | tail -25
   cp "$OUT/bench-many/bench.json" "$OUT/bench-many.json" 2>/dev/null
   for f in "$OUT"/bench-many/*.log; do [ -f "$f" ] && grep -v "W:onnxruntime" "$f" | tail -c 4000000 > "$OUT/$(basename "$f")"; done
   rm -rf "$OUT/bench-many"
+  if [ "${MPS:-0}" = 1 ]; then
+    echo quit | nvidia-cuda-mps-control; sleep 1
+    tail -5 "$CUDA_MPS_LOG_DIRECTORY/control.log" 2>/dev/null
+  fi
 esac
 date -u

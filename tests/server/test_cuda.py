@@ -26,6 +26,68 @@ def test_cuda_options_keep_fp32_exact() -> None:
     assert name == CUDA and options["use_tf32"] == 0 and options["device_id"] == 0
 
 
+def _driver_loads() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def test_cuda_sync_without_a_driver_is_a_clear_error() -> None:
+    """--cuda-sync other than auto sets the context's flags through the driver: without
+    one the error says so, and auto never touches it."""
+    from rnnserve.server.runtime import set_cuda_sync
+
+    with pytest.raises(DeviceUnavailable, match="unknown cuda_sync"):
+        set_cuda_sync("sleep")
+    set_cuda_sync("auto")  # CUDA's own choice: nothing to set, no driver needed
+    if _driver_loads():
+        pytest.skip("a CUDA driver loads here: the requires_cuda test covers it")
+    with pytest.raises(DeviceUnavailable, match=r"needs the CUDA driver \(libcuda.so.1\)"):
+        set_cuda_sync("blocking")
+
+
+@pytest.mark.requires_cuda
+def test_cuda_sync_blocking_sets_the_context_and_serves_exactly(cuda_registry, repo) -> None:
+    """In a process of its own (a context's flags are the process's): a model loaded
+    with cuda_sync blocking leaves the device's primary context with the blocking flag
+    (read back through the driver) and its runs equal the CPU's."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"""
+import ctypes, json, numpy as np
+from rnnserve.server.runtime import ModelRegistry, RuntimeOptions
+reg = ModelRegistry({str(repo)!r}, RuntimeOptions(device="cuda", cuda_sync="blocking"))
+cpu = ModelRegistry({str(repo)!r}, RuntimeOptions(device="cpu"))
+lib = ctypes.CDLL("libcuda.so.1")
+dev, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+lib.cuDeviceGet(ctypes.byref(dev), 0)
+lib.cuDevicePrimaryCtxGetState(dev, ctypes.byref(flags), ctypes.byref(active))
+rng, worst = np.random.default_rng(3), 0.0
+for rt in reg:
+    c = cpu.get(rt.name, rt.version)
+    if rt.meta.input.kind == "utf8_bytes":
+        xs = [rng.integers(0, 256, 9, dtype=np.uint8) for _ in range(8)]
+    else:
+        xs = [rng.standard_normal((9, 20)).astype(np.float32) for _ in range(8)]
+    got, _ = rt.run(xs, [rt.zero_state()] * 8)
+    want, _ = c.run(xs, [c.zero_state()] * 8)
+    worst = max(worst, max(float(np.abs(g[0] - w[0]).max()) for g, w in zip(got, want)))
+print(json.dumps({{"flags": flags.value, "active": active.value, "worst": worst}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["active"] == 1 and got["flags"] & 7 == 4, got  # CU_CTX_SCHED_BLOCKING_SYNC
+    assert got["worst"] <= 1e-4, got
+
+
 @pytest.fixture(scope="module")
 def cuda_registry(repo):
     try:

@@ -45,6 +45,11 @@ def test_batch_buckets_pool_rows_and_cuda_graphs() -> None:
             Settings.load(batch_buckets=bad)
     with pytest.raises(ValidationError, match="cuda_graphs needs device cuda"):
         Settings.load(cuda_graphs=True, device="cpu")
+    with pytest.raises(ValidationError, match="cuda_sync needs device cuda"):
+        Settings.load(cuda_sync="blocking")  # device auto may end on the CPU
+    with pytest.raises(ValidationError, match="cuda_sync"):
+        Settings.load(cuda_sync="sleep", device="cuda")
+    assert Settings.load(cuda_sync="blocking", device="cuda").cuda_sync == "blocking"
     with pytest.raises(ValidationError, match="captures its graphs at warm-up"):
         Settings.load(cuda_graphs=True, device="cuda", warmup="off")
     g = Settings.load(cuda_graphs=True, device="cuda", max_sessions="1000",
