@@ -377,12 +377,11 @@ class ModelRuntime:
         n = len(xs)
         size = self.padded_size(n)
         pad = size - n
-        x = np.stack(xs)  # (B, T, *frame)
+        x = _batch(xs, pad)  # (size, T, *frame)
         gather = np.fromiter(rows, dtype=np.int64, count=n)
         scatter = (np.full(n, TRASH, dtype=np.int64) if out_rows is None else
                    np.fromiter(out_rows, dtype=np.int64, count=n))
         if pad:
-            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), dtype=x.dtype)])
             gather = np.concatenate([gather, np.full(pad, ZERO, dtype=np.int64)])
             scatter = np.concatenate([scatter, np.full(pad, TRASH, dtype=np.int64)])
         pool = self.pool
@@ -414,8 +413,11 @@ class ModelRuntime:
         n_out = len(self.data_output_names)
         # each session's own copy: a view would keep the whole batch's outputs alive as
         # long as its answer is kept (for retries), beyond what the session is counted for
+        # (iterating an array yields its rows as views faster than indexing each)
         outputs = ([[r[0] for r in res[:n_out]]] if n == 1 and not pad else
-                   [[r[i].copy() for r in res[:n_out]] for i in range(n)])
+                   [[a.copy()] for a in res[0][:n]] if n_out == 1 else
+                   [[a.copy() for a in row]
+                    for row in zip(*(r[:n] for r in res[:n_out]), strict=True)])
         if not want_states:
             return outputs, None
         return outputs, [[r[i] for r in res[n_out:]] for i in range(n)]
@@ -487,6 +489,19 @@ class ModelRuntime:
         finally:
             for row in rows + out_rows:
                 pool.free(row)
+
+
+def _batch(xs: Sequence[np.ndarray], pad: int) -> np.ndarray:
+    """The chunks ``xs`` (one length) as one array (B + pad, T, *frame), ``pad`` zero
+    chunks last. One concatenate: np.stack's view per chunk cost 3.2 ms for 4,096 chunks
+    (against 1.2 ms, length check included), on the GPU host's runner thread per batch."""
+    first = xs[0]
+    if len(xs) > 1 and len(set(map(len, xs))) != 1:  # other axes: concatenate checks
+        raise ValueError(f"one run's chunks must share one length, got "
+                         f"{sorted(set(map(len, xs)))}")
+    parts = [*xs, np.zeros((pad * len(first), *first.shape[1:]), first.dtype)] if pad \
+        else xs
+    return np.concatenate(parts).reshape(len(xs) + pad, *first.shape)
 
 
 class _Bound:

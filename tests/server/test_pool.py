@@ -107,6 +107,22 @@ def test_a_step_writes_in_place_and_touches_only_its_new_rows(registry) -> None:
         rt.pool.free(row)
 
 
+def test_a_run_of_chunks_of_several_lengths_is_refused_and_touches_nothing(registry) -> None:
+    """Chunks of 3 and 5 steps hold as many values as two of 4: joined into one batch
+    they would run misaligned. The run refuses them before anything runs."""
+    rt = registry.get("feat")
+    rng = np.random.default_rng(8)
+    rows = [rt.pool.alloc() for _ in range(4)]
+    before = _snapshot(rt)
+    xs = _chunks(rt, rng, 1, 3) + _chunks(rt, rng, 1, 5)
+    with pytest.raises(ValueError, match=r"one length, got \[3, 5\]"):
+        rt.run_rows(xs, rows[:2], rows[2:])
+    for a, b in zip(before, _snapshot(rt), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for row in rows:
+        rt.pool.free(row)
+
+
 @pytest.mark.parametrize("commit", [False, True])
 def test_states_leave_the_pool_only_for_a_checkpoint(registry, commit) -> None:
     """Without a shared store no state output is copied to the host on any step; with
