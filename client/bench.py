@@ -75,6 +75,8 @@ class Level:
     load_busy: float  # the busiest load process: CPU time / wall time
     timeline: list[tuple[float, float]] = field(default_factory=list, repr=False)
     p99_repeats: list[float] = field(default_factory=list)  # every repeat's p99 (ms)
+    # streams per server worker process, by index (empty: one process)
+    worker_streams: list[int] = field(default_factory=list)
 
     @property
     def within_budget(self) -> bool:
@@ -120,7 +122,10 @@ def summarize(streams: int, duration_s: float, result: LoadResult) -> Level:
     return Level(streams, duration_s, result.answered, result.sessions, result.late,
                  result.unsent, dict(result.errors), result.answered / elapsed, pct,
                  round(result.busy, 3),
-                 timeline=list(zip(result.times, result.latencies, strict=True)))
+                 timeline=list(zip(result.times, result.latencies, strict=True)),
+                 worker_streams=[result.workers.get(i, 0)
+                                 for i in range(max(result.workers) + 1)]
+                 if len(result.workers) > 1 else [])
 
 
 async def fetch_metadata(server: str, model: str, version: int) -> pb.ModelMetadata:
@@ -257,9 +262,11 @@ def row(level: Level) -> str:
     errors = ", ".join(f"{k} {v}" for k, v in sorted(level.errors.items())) or "-"
     if level.unsent:
         errors = f"{level.unsent} unsent; {errors}"
+    spread = level.worker_streams
+    where = (f"  [streams per worker {min(spread)}..{max(spread)}]" if spread else "")
     return (f"{level.streams:>8} {level.throughput:>9.1f} {ms['p50']:>8.2f} {ms['p90']:>8.2f} "
             f"{ms['p99']:>8.2f} {ms['p99.9']:>9.2f} {ms['max']:>8.2f} {level.late:>6} "
-            f"{level.load_busy:>5.2f}  {errors}")
+            f"{level.load_busy:>5.2f}  {errors}{where}")
 
 
 def capacity(levels: list[Level]) -> int:
@@ -612,8 +619,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
               baselines: bool = False, load_procs: int = 1, max_batch_size: int = 64,
               saturation_streams: int = 0, idle_sessions: int = 0,
               redis_store: bool = False, repeats: int = 1, soak_s: float = 0.0,
-              soak_streams: int = 0, connections: int = 1, many: int = 0
-              ) -> dict[str, Any]:
+              soak_streams: int = 0, connections: int = 1, many: int = 0,
+              spread: bool = True) -> dict[str, Any]:
     if (server is None) == (repo is None):
         raise RnnserveError("give either --server HOST:PORT or --repo DIR (to start one)")
     if baselines and repo is None:
@@ -631,7 +638,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
     log = lambda line: print(line, flush=True)  # noqa: E731
     flags = [*serve_flags, f"--max-batch-size={max_batch_size}"]
     runs: dict[str, list[Level]] = {}
-    with LoadGenerator(load_procs, connections, many) as gen, contextlib.ExitStack() as stack:
+    with LoadGenerator(load_procs, connections, many, spread) as gen, \
+            contextlib.ExitStack() as stack:
         spawned = Spawned.rnnserve(repo, flags, out / "server.log") if repo else None
         if spawned is not None:
             stack.callback(spawned.stop)
@@ -739,6 +747,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
                        "latency_ms": closed.latency_ms, "load_busy": closed.load_busy,
                        "server_cpu_us_per_chunk": cpu_us},
         "load_generator": {"processes": load_procs, "connections": connections,
+                           "spread": spread if connections > 1 else None,
                            "streams_per_message": max(1, many),
                            "busiest": busy,
                            "saturated": busy >= BUSY},

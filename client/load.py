@@ -57,6 +57,8 @@ class LoadResult:
     started: float = 0.0  # wall clock (time.time()) of the first chunk's due time
     ended: float = 0.0
     busy: float = 0.0  # the busiest load process's CPU time / wall time (0..1)
+    # streams per server worker process (serve --workers), by the worker's index
+    workers: Counter[int] = field(default_factory=Counter)
 
     @property
     def answered(self) -> int:
@@ -75,6 +77,7 @@ class LoadResult:
         self.started = min(self.started or other.started, other.started)
         self.ended = max(self.ended, other.ended)
         self.busy = max(self.busy, other.busy)
+        self.workers.update(other.workers)
 
 
 async def _tick(t0: float, k: int, chunk_s: float, until: float, closed_loop: bool,
@@ -237,8 +240,8 @@ async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data]
                            timeout: float = CHUNK_TIMEOUT_S, closed_loop: bool = False,
                            start_at: float | None = None,
                            phases: list[float] | None = None,
-                           connections: int = 1, many: int = 0, version: int = 0
-                           ) -> LoadResult:
+                           connections: int = 1, many: int = 0, version: int = 0,
+                           spread: bool = True, offset: int = 0) -> LoadResult:
     """Run ``streams`` real-time streams for ``duration_s``; ``chunk(k)`` gives chunk k.
     Each stream opens ``model`` at ``version`` (0: the highest).
 
@@ -249,17 +252,30 @@ async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data]
     ``many`` > 1: the streams go in groups of that many per ``StreamMany`` stream (each
     group at the phase of its first), as a gateway would send them; ``timeout``: the
     longest wait for one chunk's answer (not a session's), past which the chunk counts
-    as ``DEADLINE_EXCEEDED`` and its session is closed.
+    as ``DEADLINE_EXCEEDED`` and its session is closed. ``spread``: several connections
+    are spread evenly over the server's worker processes (``AsyncClient.open_spread``),
+    else the kernel places them; the streams (or groups) take the connections in turn
+    from ``offset``, so that processes given consecutive offsets take the workers in
+    turn together.
     """
     result = LoadResult()
     loop = asyncio.get_running_loop()
     options = OWN_CONNECTION if connections > 1 else None
     async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(
-            AsyncClient(target, timeout=timeout, options=options))
-            for _ in range(connections)]
-        for client in clients:
-            await client.list_models()  # connect before the clock starts
+        if connections > 1 and spread:
+            placed = await AsyncClient.open_spread(target, connections, timeout=timeout)
+            for client, _ in placed:
+                stack.push_async_callback(client.close)
+        else:
+            placed = []
+            for _ in range(connections):
+                client = await stack.enter_async_context(
+                    AsyncClient(target, timeout=timeout, options=options))
+                where = await client.worker()  # connects before the clock starts
+                placed.append((client, where[0] if where else 0))
+        clients = [c for c, _ in placed]
+        count = max(((await clients[0].worker()) or (0, 1))[1], 1 + max(i for _, i in placed))
+        result.workers.update({i: 0 for i in range(count)})  # a worker given none counts
         wall = time.time()
         start_wall = max(start_at or wall + 0.05, wall)
         start = loop.time() + (start_wall - wall)
@@ -272,14 +288,20 @@ async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data]
         closer = _Closer()
         if many > 1:
             groups = [phases[g:g + many] for g in range(0, len(phases), many)]
+            for i, group in enumerate(groups):
+                result.workers[placed[(i + offset) % connections][1]] += len(group)
             await asyncio.gather(*(
-                _many_streams(clients[i % connections], model, version, chunk, chunk_s,
+                _many_streams(clients[(i + offset) % connections], model, version, chunk,
+                              chunk_s,
                               start + group[0], until, session_chunks, pcm16, result, start,
                               closed_loop, len(group), closer)
                 for i, group in enumerate(groups)))
         else:
+            for i in range(len(phases)):
+                result.workers[placed[(i + offset) % connections][1]] += 1
             await asyncio.gather(*(
-                _one_stream(clients[i % connections], model, version, chunk, chunk_s,
+                _one_stream(clients[(i + offset) % connections], model, version, chunk,
+                            chunk_s,
                             start + phase, until, session_chunks, pcm16, result, start,
                             closed_loop, closer)
                 for i, phase in enumerate(phases)))
@@ -305,6 +327,8 @@ class LoadJob:
     session_chunks: int
     connections: int
     many: int
+    spread: bool = True
+    offset: int = 0  # streams (groups) of the processes before this one
 
 
 def _work(job: LoadJob) -> LoadResult:
@@ -318,19 +342,21 @@ def _work(job: LoadJob) -> LoadResult:
         job.target, job.model, chunk, streams=len(job.phases), chunk_s=job.chunk_ms / 1000,
         duration_s=job.duration_s, session_chunks=job.session_chunks, pcm16=pcm16,
         closed_loop=job.closed_loop, start_at=job.start_at, phases=list(job.phases),
-        connections=job.connections, many=job.many,
+        connections=job.connections, many=job.many, spread=job.spread, offset=job.offset,
         version=meta.version))  # the version measured, not the highest one
 
 
 class LoadGenerator:
     """A pool of load processes, kept across the levels of a sweep; each opens
-    ``connections`` gRPC connections, and sends ``many`` streams per ``StreamMany``
-    stream when ``many`` > 1."""
+    ``connections`` gRPC connections (``spread``: evenly over the server's worker
+    processes), and sends ``many`` streams per ``StreamMany`` stream when ``many`` > 1."""
 
-    def __init__(self, procs: int, connections: int = 1, many: int = 0) -> None:
+    def __init__(self, procs: int, connections: int = 1, many: int = 0,
+                 spread: bool = True) -> None:
         self.procs = max(1, procs)
         self.connections = max(1, connections)
         self.many = many
+        self.spread = spread
         self._pool: Any = multiprocessing.get_context("spawn").Pool(self.procs)
 
     def run(self, target: str, model: str, meta: bytes, *, streams: int, chunk_ms: int,
@@ -339,10 +365,18 @@ class LoadGenerator:
         chunk_s = chunk_ms / 1000
         phases = [i * chunk_s / streams for i in range(streams)]
         start_at = time.time() + 1.0  # every process connected and waiting by then
-        jobs = [LoadJob(target, model, meta, chunk_ms, chunk_bytes, tuple(phases[p::self.procs]),
-                        duration_s, start_at, closed_loop, session_chunks,
-                        min(self.connections, len(phases[p::self.procs])), self.many)
-                for p in range(self.procs) if phases[p::self.procs]]
+        jobs, offset = [], 0
+        for p in range(self.procs):
+            mine = phases[p::self.procs]
+            if not mine:
+                continue
+            jobs.append(LoadJob(target, model, meta, chunk_ms, chunk_bytes, tuple(mine),
+                                duration_s, start_at, closed_loop, session_chunks,
+                                min(self.connections, len(mine)), self.many, self.spread,
+                                offset))
+            # the next process's first stream (group) goes to the worker after this one's
+            # last: together they take the workers in turn
+            offset += -(-len(mine) // self.many) if self.many > 1 else len(mine)
         result = LoadResult()
         for part in self._pool.map(_work, jobs):
             result.merge(part)

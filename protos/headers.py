@@ -4,3 +4,8 @@
 # (consistent hash on this header: deploy/k8s/routing). Clients send it on every
 # session-bound call; the server refuses a call whose header and body disagree.
 SESSION_HEADER = "x-rnnserve-session"
+
+# Sent by the server with ListModels' answer: which of its worker processes (serve
+# --workers) the call's connection reached, as "index/count" ("0/1" for one process),
+# so that a client can spread its connections evenly over them (AsyncClient.open_spread).
+WORKER_HEADER = "x-rnnserve-worker"

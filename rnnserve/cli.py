@@ -236,8 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--load-procs", type=_positive, default=2,
                    help="processes generating the load (default 2)")
     b.add_argument("--connections", type=_positive, default=1,
-                   help="gRPC connections per load process (default 1); give several for a "
-                   "server of several --workers, which the kernel assigns connections to")
+                   help="gRPC connections per load process (default 1); give at least as "
+                   "many as a server has --workers: they are spread evenly over them")
+    b.add_argument("--spread", choices=("even", "kernel"), default="even",
+                   help="with several --connections: even (default) reopens connections "
+                   "until each worker process holds its share, and the streams take the "
+                   "workers in turn; kernel keeps where the kernel's hash puts them")
     b.add_argument("--many", type=int, default=0, metavar="N",
                    help="send the streams N at a time on StreamMany streams, one message "
                    "per tick for N sessions, as a gateway would (default: one Stream each)")
@@ -347,7 +351,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               saturation_streams=args.saturation_streams, idle_sessions=args.idle_sessions,
               redis_store=args.redis_store, repeats=args.repeats, soak_s=args.soak_s,
               soak_streams=args.soak_streams, connections=args.connections,
-              many=args.many)
+              many=args.many, spread=args.spread == "even")
     return 0
 
 

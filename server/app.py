@@ -206,8 +206,10 @@ class RnnServer:
             *([("grpc.max_connection_age_ms", max(1, round(s.max_connection_age_s * 1000)))]
               if s.max_connection_age_s else [])])
         self.streams = StreamGate()
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.core, self.streams),
-                                                self.server)
+        pb_grpc.add_InferenceServicer_to_server(
+            InferenceServicer(self.core, self.streams,
+                              (self.worker.index, self.worker.count) if self.worker else (0, 1)),
+            self.server)
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(
             OipServicer(self.core, self.streams), self.server)
         self.health = health.aio.HealthServicer()

@@ -169,6 +169,11 @@ def test_bench_sends_many_streams_per_message_to_several_workers(tmp_path) -> No
     report = json.loads((out / "bench.json").read_text())
     assert report["load_generator"]["streams_per_message"] == 4
     assert report["load_generator"]["connections"] == 2
+    assert report["load_generator"]["spread"] is True
+    # two load processes, one group of 4 each at 8 streams: one group on each worker (at
+    # 3 streams the second process has 1 stream, so 1 connection, placed by the kernel)
+    spread = [lv["worker_streams"] for lv in report["levels"]]
+    assert len(spread[0]) == 2 and sum(spread[0]) == 3 and spread[1] == [4, 4]
     for lv in report["levels"]:
         # every stream's chunk each tick, its session opened in the item of its first
         assert 20 * lv["streams"] <= lv["answered"] <= 26 * lv["streams"]

@@ -122,6 +122,35 @@ def test_workers_share_the_port_and_answer_exactly(workers: ServerProcess, repo,
     assert "Traceback" not in log
 
 
+def test_clients_spread_their_connections_evenly_over_the_workers(
+        workers: ServerProcess, server) -> None:
+    """open_spread: each worker holds its share of the connections (the kernel's hash
+    alone loaded one worker 2.5 times the mean in a bench), in turns; a session opened
+    on each is counted by the worker the client said. A server of one process says 0/1."""
+    x = np.zeros((2, 20), np.float32)
+
+    async def main(target: str, n: int) -> tuple[list[int], list[tuple[int, int] | None]]:
+        placed = await AsyncClient.open_spread(target, n, timeout=30)
+        try:
+            seen = [await c.worker() for c, _ in placed]
+            for c, _ in placed:
+                async with c.stream("feat") as s:
+                    await s.send(x, end=True)
+        finally:
+            for c, _ in placed:
+                await c.close()
+        return [i for _, i in placed], seen
+
+    before = [metric_value(workers.metrics(), "rnnserve_sessions_started_total", worker=w)
+              for w in "01"]
+    order, seen = asyncio.run(main(workers.target, 6))
+    assert order == [0, 1, 0, 1, 0, 1] and seen == [(i, 2) for i in order]
+    text = workers.metrics()
+    after = [metric_value(text, "rnnserve_sessions_started_total", worker=w) for w in "01"]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [3, 3]
+    assert asyncio.run(main(server.target, 3)) == ([0, 0, 0], [(0, 1)] * 3)
+
+
 def test_a_session_lives_in_its_worker_and_elsewhere_the_error_says_so(
         workers: ServerProcess) -> None:
     with Client(workers.target, timeout=10, options=OWN_CONNECTION) as first:
