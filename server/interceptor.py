@@ -10,6 +10,15 @@ answered (OK), as the server cannot tell the two apart. A handler that raises co
 UNKNOWN (what gRPC answers), and a call cut off because its deadline passed counts
 DEADLINE_EXCEEDED (what its client saw), not CANCELLED.
 
+A call is cut off wherever it is when gRPC ends it, and often that is not inside the
+handler: a streaming handler is suspended at a ``yield`` while gRPC writes its
+message, and a write that fails there (or a cancel that lands there) ends the call
+without the handler seeing any error. So the code is not taken from what the handler
+saw: a call counts OK only when its handler ran to its end before the deadline; one
+that did not is cut off, DEADLINE_EXCEEDED when its deadline had passed (within
+:data:`DEADLINE_SLACK_S`: the client's own timer fires first and its cancel can reach
+the server a moment before the server's copy of the deadline), else CANCELLED.
+
 The handlers name the model they served with :func:`rpc_model`, through a context
 variable that the interceptor sets for each call, so no handler needs to know about
 metrics.
@@ -21,7 +30,6 @@ they get INVALID_ARGUMENT naming the message type, and the handler never sees th
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import inspect
 import time
@@ -79,12 +87,20 @@ async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerConte
         yield request
 
 
+# A call cut off this close to its deadline was cut off by it: the client's timer
+# starts before the server reads the call's timeout, so the client cancels first (by
+# the time the request took to arrive) and its cancel can beat the server's timer.
+DEADLINE_SLACK_S = 0.05
+
+
 @dataclass
 class _Call:
     model: str = ""
     version: int = 0
-    cancelled: bool = False  # the handler was cancelled: the client went away, or the
-    # call's deadline passed
+    ended: bool = False  # the handler ran to its end (returned; a generator ran out)
+    # before the deadline: gRPC sends the status it set, OK by default. False when the
+    # call was cut off: cancelled in the handler or while gRPC wrote a message, or
+    # ended after its deadline, when gRPC can no longer answer in time
     failed: bool = False  # the handler raised: gRPC answers UNKNOWN
 
 
@@ -99,23 +115,24 @@ def rpc_model(model: str, version: int) -> None:
         call.model, call.version = model, version
 
 
-def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
-    remaining = context.time_remaining()  # None without a deadline
-    return remaining is not None and remaining <= 0
+def _deadline_passed(context: grpc.aio.ServicerContext, slack: float = 0.0) -> bool:
+    remaining = context.time_remaining()  # None without a deadline; never below 0
+    return remaining is not None and remaining <= slack
 
 
 def _code_name(context: grpc.aio.ServicerContext, call: _Call) -> str:
     """The status the call ended with. A status the handler set is that; otherwise a
-    handler that raised ended UNKNOWN (what gRPC answers), a cancelled call whose
-    deadline had passed DEADLINE_EXCEEDED (what the client saw: the server was too
-    slow, not the client gone), any other cancelled call CANCELLED, the rest OK."""
+    handler that raised ended UNKNOWN (what gRPC answers), one that ran to its end in
+    time OK, and a call cut off DEADLINE_EXCEEDED when its deadline had passed (what
+    the client saw: the server was too slow, not the client gone), else CANCELLED."""
     code = context.code()
     if code is None:
         if call.failed:
             return "UNKNOWN"
-        if call.cancelled or context.cancelled():
-            return "DEADLINE_EXCEEDED" if _deadline_passed(context) else "CANCELLED"
-        return "OK"
+        if call.ended:
+            return "OK"
+        return ("DEADLINE_EXCEEDED" if _deadline_passed(context, DEADLINE_SLACK_S)
+                else "CANCELLED")
     if isinstance(code, grpc.StatusCode):
         return code.name
     for c in grpc.StatusCode:  # some grpc versions report the integer value
@@ -174,14 +191,14 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     elif isinstance(request, _Undecodable):
                         await _refuse(context, request)
                     try:
+                        # gRPC stops iterating, with no error in here, when writing
+                        # a message fails or is cancelled: ``ended`` stays False
                         async for resp in inner(request, context):
                             yield resp
-                    except asyncio.CancelledError:
-                        call.cancelled = True
-                        raise
                     except Exception:  # an abort sets its code first, which wins
                         call.failed = True
                         raise
+                    call.ended = not _deadline_passed(context)
                 return gen
 
             async def coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -191,13 +208,12 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 elif isinstance(request, _Undecodable):
                     await _refuse(context, request)
                 try:
-                    return await inner(request, context)
-                except asyncio.CancelledError:
-                    call.cancelled = True
-                    raise
+                    result = await inner(request, context)
                 except Exception:  # an abort sets its code first, which wins
                     call.failed = True
                     raise
+                call.ended = not _deadline_passed(context)
+                return result
             return coro
 
         ser, des = handler.response_serializer, _guard(handler.request_deserializer)

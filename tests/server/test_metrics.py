@@ -202,7 +202,10 @@ def test_rpc_codes_of_a_failed_handler_and_a_passed_deadline() -> None:
     """A handler that raises is answered UNKNOWN and counted UNKNOWN (not OK); a call
     whose gRPC deadline passed while it waited is counted DEADLINE_EXCEEDED (a server
     error), not CANCELLED (a client that went away); a call the client cancels is
-    CANCELLED."""
+    CANCELLED. Both hold wherever the call is when it is cut off: "Flood" never awaits
+    anything itself, so it is always cut off while gRPC writes a message it yielded,
+    where the handler sees no error (counted OK before the fix; "Ticks" hit that only
+    when its deadline fell on a write)."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     from rnnserve.server.interceptor import MetricsInterceptor
@@ -220,6 +223,10 @@ def test_rpc_codes_of_a_failed_handler_and_a_passed_deadline() -> None:
             await asyncio.sleep(0.1)
             yield b"t"
 
+    async def flood(request, context):
+        while True:  # suspended only at the yield: gRPC's write blocks (flow control)
+            yield b"f" * 1024
+
     async def main() -> tuple[dict[str, grpc.StatusCode], str]:
         metrics = Metrics(CollectorRegistry())
         server = grpc.aio.server(interceptors=[MetricsInterceptor(metrics)])
@@ -228,6 +235,7 @@ def test_rpc_codes_of_a_failed_handler_and_a_passed_deadline() -> None:
                 "Boom": grpc.unary_unary_rpc_method_handler(boom),
                 "Slow": grpc.unary_unary_rpc_method_handler(slow),
                 "Ticks": grpc.unary_stream_rpc_method_handler(ticks),
+                "Flood": grpc.unary_stream_rpc_method_handler(flood),
             })])
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
@@ -239,12 +247,15 @@ def test_rpc_codes_of_a_failed_handler_and_a_passed_deadline() -> None:
                         await channel.unary_unary(f"/rnnserve.v1.Inference/{method}")(
                             b"", timeout=timeout)
                     seen[method] = err.value.code()
-                for method, timeout in (("Ticks", 0.3), ("Cancelled", 5.0)):
-                    call = channel.unary_stream("/rnnserve.v1.Inference/Ticks")(
+                for method, timeout in (("Ticks", 0.3), ("Ticks", 5.0), ("Flood", 0.3),
+                                        ("Flood", 5.0)):
+                    call = channel.unary_stream(f"/rnnserve.v1.Inference/{method}")(
                         b"", timeout=timeout)
                     await call.read()
-                    if method == "Cancelled":
+                    if timeout > 1:
                         call.cancel()
+                    elif method == "Flood":  # leave the rest unread: its writes block
+                        seen[method] = await call.code()
                     else:
                         with pytest.raises(grpc.aio.AioRpcError) as err:
                             while True:
@@ -255,7 +266,7 @@ def test_rpc_codes_of_a_failed_handler_and_a_passed_deadline() -> None:
             while time.monotonic() < deadline:
                 text = generate_latest(metrics.registry).decode()
                 if sum(metric_value(text, "rnnserve_requests_total", method=m)
-                       for m in ("Boom", "Slow", "Ticks")) == 4:
+                       for m in ("Boom", "Slow", "Ticks", "Flood")) == 6:
                     break
                 await asyncio.sleep(0.05)
             return seen, text
@@ -264,12 +275,15 @@ def test_rpc_codes_of_a_failed_handler_and_a_passed_deadline() -> None:
 
     seen, text = asyncio.run(main())
     assert seen == {"Boom": grpc.StatusCode.UNKNOWN, "Slow": grpc.StatusCode.DEADLINE_EXCEEDED,
-                    "Ticks": grpc.StatusCode.DEADLINE_EXCEEDED}
+                    "Ticks": grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "Flood": grpc.StatusCode.DEADLINE_EXCEEDED}
     def count(method: str, code: str) -> float:
         return metric_value(text, "rnnserve_requests_total", api="native", method=method,
                             code=code)
 
     assert count("Boom", "UNKNOWN") == 1 and count("Boom", "OK") == 0
     assert count("Slow", "DEADLINE_EXCEEDED") == 1 and count("Slow", "CANCELLED") == 0
-    assert count("Ticks", "DEADLINE_EXCEEDED") == 1
-    assert count("Ticks", "CANCELLED") == 1
+    for method in ("Ticks", "Flood"):  # one call cut off by its deadline, one cancelled
+        assert count(method, "DEADLINE_EXCEEDED") == 1, (method, text)
+        assert count(method, "CANCELLED") == 1, (method, text)
+        assert count(method, "OK") == 0, (method, text)
