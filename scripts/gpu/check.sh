@@ -5,7 +5,8 @@
 #   STEPS="tests ceiling bench" (default: all) picks what runs; BENCH_S: seconds per level
 #   (6); BENCH_LEVELS (1024,2048,4096), BENCH_VERSION (1: fp32; 2: fp16), WORKERS (4),
 #   LOAD_PROCS (8) and SERVE_EXTRA (more serve flags, space-separated, e.g.
-#   "--cuda-graphs --cuda-sync=blocking") shape the bench, whose server log comes back as
+#   "--cuda-graphs --cuda-sync=blocking") and BENCH_EXTRA (bench flags, e.g.
+#   --spread=kernel) shape the bench, whose server log comes back as
 #   $OUT/server.log; MPS=1 runs the bench under CUDA's MPS daemon (started and stopped
 #   here). Step ceiling-sync: the fp32 ceiling again with CUDA_SYNC (default blocking).
 #   DEVICE=cpu rehearses the whole script on a machine without a GPU.
@@ -73,6 +74,7 @@ esac
 case " $STEPS " in *" bench "*)
   EXTRA=()
   for f in ${SERVE_EXTRA:-}; do EXTRA+=("--serve-arg=$f"); done
+  for f in ${BENCH_EXTRA:-}; do EXTRA+=("$f"); done
   if [ "${MPS:-0}" = 1 ]; then
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
