@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -217,6 +218,10 @@ class StatePool:
         self.buffers: list[Any] = []  # numpy arrays on the CPU, kept alive beside the values
         self.values: list[ort.OrtValue] = []
         self.resizes = 0
+        # bindings that hold the buffers (bind): bound to the new ones at a resize, so
+        # the old buffers go at once (on CUDA the bindings' references kept device
+        # memory until each run shape ran again, which after a shrink may be never)
+        self._holders: weakref.WeakSet[ort.IOBinding] = weakref.WeakSet()
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         so.log_severity_level = 3
@@ -340,6 +345,8 @@ class StatePool:
             b.bind_cpu_input(SCATTER, np.arange(min(rows, self.capacity), dtype=np.int64))
             self._copy.run_with_iobinding(b)
         self.buffers, self.values, self.capacity = buffers, values, rows
+        for holder in list(self._holders):  # no run holds the pool now (resizes wait)
+            self.bind(holder)
 
     def acquire(self, rows: int = 0) -> None:
         """A run starts using the buffers, rows 0..``rows``-1 of them (no resize until
@@ -376,10 +383,12 @@ class StatePool:
                 self._resize.notify_all()
 
     def bind(self, binding: ort.IOBinding) -> None:
-        """Bind every pool as input and, in place, as output of a run."""
+        """Bind every pool as input and, in place, as output of a run (with ``acquire``
+        held); a resize binds the new buffers to it as long as it lives."""
         for j, v in enumerate(self.values):
             binding.bind_ortvalue_input(pool_input(j), v)
         self.bind_outputs(binding)
+        self._holders.add(binding)
 
     def bind_outputs(self, binding: ort.IOBinding) -> None:
         for j, v in enumerate(self.values):

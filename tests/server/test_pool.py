@@ -301,6 +301,48 @@ def test_bucketed_runs_from_fixed_buffers_survive_pool_growth(repo) -> None:
                 np.testing.assert_array_equal(u, v)
 
 
+def test_a_resize_binds_the_new_buffers_to_every_binding_holding_the_old(repo) -> None:
+    """The bindings of a runtime (fixed buffers per run shape, each runner thread's own)
+    hold the pool's buffers: a growth or a shrink binds the new ones to them at once, so
+    the old buffers are let go (on CUDA they held device memory until each run shape ran
+    again, after a shrink perhaps never), and runs after it stay exact."""
+    path = repo / "feat" / "1" / "model.onnx"
+    rt = ModelRuntime(path, "feat", 1, RuntimeOptions(device="cpu", intra_op_threads=1,
+                                                        batch_buckets=(4,), pool_rows=4))
+    plain = ModelRuntime(path, "feat", 1, RuntimeOptions(device="cpu", intra_op_threads=1))
+    rng = np.random.default_rng(12)
+
+    def holders() -> list[ort.IOBinding]:  # white box: the runtime's bindings
+        return [b.binding for b in rt._bound.values()] + [rt._local.binding]
+
+    def held() -> list[set[int]]:  # the addresses each holds (pools and fixed outputs)
+        return [{v.data_ptr() for v in h.get_outputs()} for h in holders()]
+
+    xs = _chunks(rt, rng, 5, 3)
+    rt.run_rows(xs[:4], [ZERO] * 4)  # a bucket: fixed buffers
+    rt.run_rows(xs, [ZERO] * 5)  # beyond the buckets: this thread's binding
+    rows = [rt.pool.alloc() for _ in range(40)]  # beyond the 4 rows: the run grows it
+    rt.run_rows(xs, [ZERO] * 5, rows[-5:])
+    first = {v.data_ptr() for v in rt.pool.values}
+    assert all(first <= h for h in held())  # grown: the new buffers bound at the growth
+    rt.run_rows(xs, rows[-5:], rows[:5])  # the live rows at the bottom
+    grown = rt.pool.capacity
+    for row in rows[5:]:
+        rt.pool.free(row)
+    state = rt.pool.read(rows[:5])
+    target = rt.pool.trim_target()
+    assert target and rt.pool.shrink(target) and rt.pool.capacity < grown
+    now = {v.data_ptr() for v in rt.pool.values}
+    assert not now & first and all(now <= h and not first & h for h in held())
+    np.testing.assert_array_equal(rt.pool.read(rows[:5]), state)
+    got, _ = rt.run_rows(xs[:4], rows[:4])
+    want, _ = plain.run(xs[:4], [[a[i] for a in state] for i in range(4)])
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g[0], w[0], atol=1e-6)
+    for row in rows[:5]:
+        rt.pool.free(row)
+
+
 def test_run_shapes_with_fixed_buffers_are_capped(repo, monkeypatch) -> None:
     monkeypatch.setattr(runtime_module, "MAX_BOUND_SHAPES", 2)
     rt = ModelRuntime(repo / "text" / "2" / "model.onnx", "text", 2,
