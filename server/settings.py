@@ -73,7 +73,8 @@ class Settings(BaseSettings):
     """How threads waiting for the GPU wait (device cuda): auto is CUDA's choice, which
     spins a core while a process has fewer GPU contexts than the host has cores;
     blocking sleeps until the GPU is done, leaving the core to the event loops (a
-    little later wake-up per run); yield spins but yields the core."""
+    little later wake-up per run); yield spins but yields the core. On an H100 host
+    blocking served worse than auto (docs/benchmarks.md)."""
     warmup: Literal["auto", "on", "off"] = "auto"
     """Run every batch size once at start (auto: on CUDA, where a new shape's first run
     is slow; off on the CPU)."""
