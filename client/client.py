@@ -521,7 +521,9 @@ class AsyncClient:
         from a server that does not name its workers, connections are kept as they
         come. Returns each client with its worker's index (0 when unknown), ordered so
         that the workers take turns: client j is on worker j mod workers as far as the
-        spread came out even. ``kwargs``: AsyncClient's (timeout, token, TLS)."""
+        spread came out even (against one server: through an address balancing over
+        several replicas their workers' indices coincide). ``kwargs``: AsyncClient's
+        (timeout, token, TLS)."""
         tries = tries or 16 * connections
         own = [*OWN_CONNECTION, *(options or [])]
         kept: dict[int, list[AsyncClient]] = {}
