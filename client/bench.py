@@ -139,6 +139,13 @@ async def fetch_metadata(server: str, model: str, version: int) -> pb.ModelMetad
                                 f"{exc.details()}") from None
 
 
+async def server_workers(server: str) -> int:
+    """How many worker processes the server runs (1 when it does not say)."""
+    async with AsyncClient(server, timeout=30) as client:
+        where = await client.worker()
+    return where[1] if where is not None and where[1] > 0 else 1
+
+
 def sweep(gen: LoadGenerator, targets: dict[str, str], meta: pb.ModelMetadata,
           levels: list[int], duration_s: float, chunk_ms: int, chunk_bytes: int,
           log: Callable[[str], None], repeats: int = 1) -> dict[str, list[Level]]:
@@ -619,7 +626,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
               baselines: bool = False, load_procs: int = 1, max_batch_size: int = 64,
               saturation_streams: int = 0, idle_sessions: int = 0,
               redis_store: bool = False, repeats: int = 1, soak_s: float = 0.0,
-              soak_streams: int = 0, connections: int = 1, many: int = 0,
+              soak_streams: int = 0, connections: int = 0, many: int = 0,
               spread: bool = True) -> dict[str, Any]:
     if (server is None) == (repo is None):
         raise RnnserveError("give either --server HOST:PORT or --repo DIR (to start one)")
@@ -631,6 +638,9 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         raise RnnserveError("--idle-sessions measures a server it starts: give --repo")
     if repeats < 1:
         raise RnnserveError("--repeats must be at least 1")
+    if connections < 0:
+        raise RnnserveError("--connections must be 0 (one per worker process of the "
+                            "server) or more")
     if not levels or min(levels) < 1:
         raise RnnserveError("--streams needs positive numbers, e.g. 1,4,16")
     levels = sorted(set(levels))
@@ -647,9 +657,12 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         assert target is not None
         targets = {"rnnserve": target}
         meta = asyncio.run(fetch_metadata(target, model, version))
+        if not connections:  # one per worker process of the server, so each gets load
+            connections = gen.connections = asyncio.run(server_workers(target))
         log(f"rnnserve bench: {meta.name} v{meta.version} ({meta.arch}, {meta.input_kind}, "
             f"{meta.execution_provider}) at {target}; {chunk_ms} ms chunks, "
             f"{duration_s:g} s per level, {gen.procs} load process(es)"
+            f" with {connections} connection(s) each"
             + (f", {repeats} repeats per level (the median p99's repeat counts)"
                if repeats > 1 else ""))
         if redis_store:

@@ -235,9 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "with the median p99 counts, errors of any repeat count (default 1)")
     b.add_argument("--load-procs", type=_positive, default=2,
                    help="processes generating the load (default 2)")
-    b.add_argument("--connections", type=_positive, default=1,
-                   help="gRPC connections per load process (default 1); give at least as "
-                   "many as a server has --workers: they are spread evenly over them")
+    b.add_argument("--connections", type=int, default=0,
+                   help="gRPC connections per load process, spread over the server's "
+                   "worker processes (default: as many as it has, which ListModels' "
+                   "answer says; 1 for a server that does not)")
     b.add_argument("--spread", choices=("even", "kernel"), default="even",
                    help="with several --connections: even (default) reopens connections "
                    "until each worker process holds its share, and the streams take the "

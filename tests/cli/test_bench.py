@@ -102,6 +102,9 @@ def test_bench_refuses_bad_arguments(tmp_path) -> None:
     assert proc.returncode == 2 and "--server" in proc.stderr
     proc = rnnserve("bench", "--server", "127.0.0.1:1", "--model", "x", "--baselines")
     assert_one_line_error(proc, "--baselines", "--repo")
+    proc = rnnserve("bench", "--server", "127.0.0.1:1", "--model", "x", "--connections",
+                    "-1", "--out", str(tmp_path))
+    assert_one_line_error(proc, "--connections")
 
 
 def test_a_level_counts_its_median_repeat_and_every_repeats_errors() -> None:
@@ -181,6 +184,25 @@ def test_bench_sends_many_streams_per_message_to_several_workers(tmp_path) -> No
     assert "[worker 1]" in (out / "server.log").read_text()
     # counted over the worker processes too (the supervisor alone answers nothing)
     assert report["saturation"]["server_cpu_us_per_chunk"] > 20
+
+
+def test_bench_opens_a_connection_per_worker_unless_told(tmp_path) -> None:
+    """Without --connections the load processes open one connection per worker process
+    of the server (its ListModels answer says how many), spread one to each: every
+    worker gets load. With one connection per process, as before, two processes could
+    leave workers of a bigger server idle."""
+    repo = build_repo(tmp_path)
+    out = tmp_path / "bench"
+    proc = rnnserve("bench", "--repo", str(repo), "--model", "feat", "--streams", "8",
+                    "--duration-s", "1", "--out", str(out), "--no-plot", "--many", "2",
+                    "--serve-arg=--workers=2", "--serve-arg=--intra-op-threads=1",
+                    timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 load process(es) with 2 connection(s) each" in proc.stdout
+    report = json.loads((out / "bench.json").read_text())
+    assert report["load_generator"]["connections"] == 2
+    assert report["levels"][0]["worker_streams"] == [4, 4]
+    assert report["levels"][0]["errors"] == {}
 
 
 def test_the_cli_offers_every_reference_workload() -> None:
