@@ -262,19 +262,21 @@ async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data]
     loop = asyncio.get_running_loop()
     options = OWN_CONNECTION if connections > 1 else None
     async with contextlib.AsyncExitStack() as stack:
+        count = 1  # the server's worker processes
         if connections > 1 and spread:
             placed = await AsyncClient.open_spread(target, connections, timeout=timeout)
             for client, _ in placed:
                 stack.push_async_callback(client.close)
+            count = ((await placed[0][0].worker()) or (0, 1))[1]
         else:
             placed = []
             for _ in range(connections):
                 client = await stack.enter_async_context(
                     AsyncClient(target, timeout=timeout, options=options))
-                where = await client.worker()  # connects before the clock starts
-                placed.append((client, where[0] if where else 0))
+                where = await client.worker() or (0, 1)  # connects before the clock starts
+                placed.append((client, where[0]))
+                count = max(count, where[1])
         clients = [c for c, _ in placed]
-        count = max(((await clients[0].worker()) or (0, 1))[1], 1 + max(i for _, i in placed))
         result.workers.update({i: 0 for i in range(count)})  # a worker given none counts
         wall = time.time()
         start_wall = max(start_at or wall + 0.05, wall)
