@@ -118,7 +118,9 @@ class RnnServer:
                                  intra_op_threads=s.intra_op_threads,
                                  inter_op_threads=s.inter_op_threads,
                                  allow_nonfinite=s.nonfinite == "allow",
-                                 batch_buckets=s.buckets(), pool_rows=s.state_pool_rows(),
+                                 batch_buckets=s.buckets(),
+                                 cuda_batch_buckets=s.buckets(cuda=True),
+                                 pool_rows=s.state_pool_rows(),
                                  cuda_graphs=s.cuda_graphs, cuda_sync=s.cuda_sync,
                                  max_answer_bytes=s.max_message_bytes - ANSWER_OVERHEAD)
         try:
@@ -170,8 +172,10 @@ class RnnServer:
         for rt in self.registry:  # on the runner thread(s), before any batch runs
             if s.warmup == "on" or (s.warmup == "auto" and rt.provider == CUDA):
                 seconds = await self.batchers[rt.key].warm_up(s.max_batch_size)
-                log.info("warmed up %s version %d: batch sizes 1..%d%s in %.2fs", rt.name,
-                         rt.version, s.max_batch_size,
+                log.info("warmed up %s version %d: batch sizes 1..%d (%s)%s in %.2fs",
+                         rt.name, rt.version, s.max_batch_size,
+                         f"buckets {','.join(map(str, rt.buckets))}" if rt.buckets
+                         else "each size",
                          ", CUDA graphs captured" if s.cuda_graphs else "", seconds)
         for b in self.batchers.values():
             b.start()

@@ -46,6 +46,9 @@ class RuntimeOptions:
     # Batch sizes a run is padded up to (padding rows read the zero state and write a
     # row no session owns); () runs every batch at its own size.
     batch_buckets: tuple[int, ...] = ()
+    # The buckets of a model that obtained CUDA (None: batch_buckets). Device auto
+    # learns only at load where a model runs; CUDA warms every size up at start.
+    cuda_batch_buckets: tuple[int, ...] | None = None
     pool_rows: int = 64  # the state pool's first size in rows (it doubles when full)
     # CUDA graphs: each bucket's run (per chunk length) is captured once and replayed;
     # needs device "cuda" and buckets, and the pool keeps its pool_rows (fixed addresses)
@@ -220,7 +223,10 @@ class ModelRuntime:
                                          if on_gpu else [CPU]),
                               rows=options.pool_rows, growable=not options.cuda_graphs,
                               opset=opset)
-        self.buckets = tuple(sorted(set(options.batch_buckets)))
+        buckets = options.batch_buckets
+        if on_gpu and options.cuda_batch_buckets is not None:
+            buckets = options.cuda_batch_buckets
+        self.buckets = tuple(sorted(set(buckets)))
         if self.buckets and self.buckets[0] < 1:
             raise ValueError(f"batch buckets must be >= 1, got {self.buckets}")
         # fixed buffers per (bucket, chunk shape), bound once: what CUDA graphs replay

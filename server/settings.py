@@ -53,8 +53,10 @@ class Settings(BaseSettings):
     batch_buckets: str = ""
     """Batch sizes runs are padded up to, e.g. 8,16,32,64, or pow2 (powers of two up to
     max_batch_size); padding rows read the zero state and write a row no session owns,
-    and each bucket runs from fixed buffers (what CUDA graphs replay). Empty: every batch
-    runs at its own size (best on the CPU)."""
+    and each bucket runs from fixed buffers (what CUDA graphs replay). none: every batch
+    runs at its own size (best on the CPU). Empty (auto): pow2 for a model that runs on
+    CUDA, none on the CPU (CUDA warms up every size a run can have at start: without
+    buckets that is every size up to max_batch_size)."""
     pool_rows: int = Field(0, ge=0)
     """Rows of each model's state pool on its device (one per live session and step in
     flight); 0: start at 64 and double when full, or with cuda_graphs (fixed addresses,
@@ -149,27 +151,28 @@ class Settings(BaseSettings):
     @field_validator("batch_buckets")
     @classmethod
     def _buckets(cls, v: str) -> str:
-        if v.strip() in ("", "pow2"):
+        if v.strip() in ("", "pow2", "none"):
             return v.strip()
         try:
             sizes = [int(p) for p in v.split(",")]
         except ValueError:
-            raise ValueError(f"batch_buckets must be sizes like 8,16,32 or pow2, got {v!r}"
-                             ) from None
+            raise ValueError("batch_buckets must be sizes like 8,16,32, pow2 or none, "
+                             f"got {v!r}") from None
         if not sizes or min(sizes) < 1:
             raise ValueError(f"batch buckets must be >= 1, got {v!r}")
         return ",".join(str(n) for n in sorted(set(sizes)))
 
-    def buckets(self) -> tuple[int, ...]:
-        """The batch buckets as sizes (pow2 expanded; cuda_graphs implies pow2)."""
-        spec = self.batch_buckets or ("pow2" if self.cuda_graphs else "")
+    def buckets(self, cuda: bool = False) -> tuple[int, ...]:
+        """The batch buckets as sizes for a model on the CPU, or with ``cuda`` on CUDA
+        (pow2 expanded; auto is pow2 on CUDA, and cuda_graphs implies pow2)."""
+        spec = self.batch_buckets or ("pow2" if self.cuda_graphs or cuda else "none")
         if spec == "pow2":
             sizes, n = [], 1
             while n < self.max_batch_size:
                 sizes.append(n)
                 n *= 2
             return (*sizes, self.max_batch_size)
-        return tuple(int(p) for p in spec.split(",")) if spec else ()
+        return () if spec == "none" else tuple(int(p) for p in spec.split(","))
 
     def state_pool_rows(self) -> int:
         if self.pool_rows:
@@ -189,6 +192,9 @@ class Settings(BaseSettings):
             raise ValueError("cuda_graphs needs device cuda")
         if self.cuda_sync != "auto" and self.device != "cuda":
             raise ValueError("cuda_sync needs device cuda")
+        if self.cuda_graphs and self.batch_buckets == "none":
+            raise ValueError("cuda_graphs replays a graph per batch bucket: batch_buckets "
+                             "none leaves none")
         if self.cuda_graphs and self.warmup == "off":  # graphs are captured at warm-up
             raise ValueError("cuda_graphs captures its graphs at warm-up: it needs warmup "
                              "auto or on")

@@ -174,6 +174,21 @@ def test_states_stay_on_the_gpu_between_steps(cuda_registry, repo) -> None:
 
 
 @pytest.mark.requires_cuda
+def test_a_model_on_cuda_takes_the_cuda_buckets(repo) -> None:
+    """Device auto on a GPU: the model gets the server's CUDA buckets (pow2 by default),
+    so warm-up runs those sizes, not every size up to the largest batch."""
+    try:
+        reg = ModelRegistry(repo, RuntimeOptions(device="auto", cuda_batch_buckets=(2, 8)))
+    except DeviceUnavailable as exc:
+        pytest.skip(f"no CUDA for onnxruntime here: {exc}")
+    rt = reg.get("feat")
+    if rt.provider != "CUDAExecutionProvider":
+        pytest.skip("device auto did not obtain CUDA here")
+    assert rt.buckets == (2, 8) and [rt.padded_size(n) for n in (1, 3, 9)] == [2, 8, 9]
+    assert rt.warm_up(8) > 0
+
+
+@pytest.mark.requires_cuda
 def test_cuda_graphs_replay_each_bucket_exactly(repo) -> None:
     """One captured graph per (bucket, chunk shape), replayed with new chunks and rows;
     padding never touches a live row; results equal the CPU within 1e-4."""

@@ -395,6 +395,17 @@ def test_warm_up_runs_the_buckets_batches_are_padded_to(repo) -> None:
     assert sorted(set(sizes)) == [(8, 1), (8, 4), (16, 1), (16, 4)]
 
 
+def test_cuda_buckets_apply_only_where_cuda_was_obtained(repo) -> None:
+    """The server's auto buckets (pow2 on CUDA) reach a model only if it runs on CUDA:
+    device auto that ends on the CPU runs every batch at its own size."""
+    opts = RuntimeOptions(device="cpu", cuda_batch_buckets=(1, 2, 4, 8))
+    rt = ModelRegistry(repo, opts).get("feat")
+    assert rt.buckets == () and rt.padded_size(3) == 3
+    listed = ModelRegistry(repo, RuntimeOptions(device="cpu", batch_buckets=(8,),
+                                                cuda_batch_buckets=(2, 4))).get("feat")
+    assert listed.buckets == (8,) and listed.padded_size(3) == 8
+
+
 def test_answer_bytes_are_what_a_run_answers(repo) -> None:
     """The bound check_chunk refuses chunks by (their answer must fit in a message) is
     the bytes a run really gives, and max_steps inverts it."""

@@ -40,6 +40,14 @@ def test_batch_buckets_pool_rows_and_cuda_graphs() -> None:
     assert s.buckets() == (1, 2, 4, 8, 16, 32, 48) and s.state_pool_rows() == 64
     assert Settings.load(batch_buckets="32, 8,8").buckets() == (8, 32)
     assert Settings.load().buckets() == ()
+    # auto: pow2 for a model on CUDA (else every size up to the largest is warmed up)
+    assert Settings.load(max_batch_size="48").buckets(cuda=True) == (1, 2, 4, 8, 16, 32, 48)
+    none = Settings.load(batch_buckets="none")
+    assert none.buckets() == none.buckets(cuda=True) == ()
+    listed = Settings.load(batch_buckets="8,32")
+    assert listed.buckets() == listed.buckets(cuda=True) == (8, 32)
+    with pytest.raises(ValidationError, match="batch_buckets none"):
+        Settings.load(cuda_graphs=True, device="cuda", batch_buckets="none")
     for bad in ("0,8", "eight", "8,,16"):
         with pytest.raises(ValidationError, match="batch"):
             Settings.load(batch_buckets=bad)
