@@ -23,6 +23,9 @@ WIRE: dict[int, np.dtype[Any]] = {
 }
 BY_NAME: dict[str, int] = {d.name: code for code, d in WIRE.items()}  # "float32" -> code
 _CODES = {d.newbyteorder("="): code for code, d in WIRE.items()}
+# dtypes whose bytes travel as they are (the wire's byte order is this machine's): the
+# per-answer path, a dict look-up instead of a new dtype and a no-op astype
+_AS_IS = {d: code for code, d in WIRE.items() if d == d.newbyteorder("=")}
 MAX_DIMS = 16  # numpy takes 64; chunks have two or three
 MAX_ELEMENTS = 1 << 31  # far above any gRPC message; guards the shape arithmetic
 
@@ -32,6 +35,9 @@ class TensorError(ValueError):
 
 
 def _wire(a: np.ndarray) -> tuple[int, bytes]:
+    code = _AS_IS.get(a.dtype)
+    if code is not None:
+        return code, a.tobytes()
     code = _CODES.get(a.dtype.newbyteorder("="))
     if code is None:
         raise TensorError(f"dtype {a.dtype} cannot travel; use one of {sorted(BY_NAME)}")

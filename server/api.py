@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
@@ -263,6 +264,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         # what one message may carry of a StreamMany request's answers (0: no limit)
         self.max_answer_bytes = max((r.options.max_answer_bytes for r in core.registry),
                                     default=0)
+        # the largest answer any model gives a chunk of so many steps (the models are
+        # fixed for the server's life; lengths other than the few a client sends age out)
+        self._largest_answer = functools.lru_cache(maxsize=256)(
+            lambda steps: max((r.answer_bytes(steps) for r in core.registry), default=0))
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         await abort(context, exc)
@@ -315,19 +320,35 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         targets: list[pb.ManyResult] = []
         opening = []
         room = self.max_answer_bytes or None
+        taken: list[tuple[pb.ManyItem, ChunkInput | None, pb.ManyResult]] = []
+        bound = 0  # the answer's size if each item got the largest answer of any model
         for item in req.items:
             target = resp.results.add(session_id=item.session_id)
             try:  # whatever an item's decoding raises fails that item alone
                 chunk = chunk_input(item.chunk) if item.HasField("chunk") else None
-                if room is not None:
-                    room -= self._answer_bytes(item, chunk, room)
             except Exception as exc:
                 fill_failure(target, exc)
                 continue
+            if room is not None:
+                bound += MANY_ITEM_OVERHEAD + 2 * len(item.session_id) + (
+                    0 if chunk is None else self._largest_answer(chunk.steps))
+            taken.append((item, chunk, target))
+        if room is not None and bound > room:  # it may not fit: each item's own answer
+            fits = []  # counted, in order (what almost every request is spared)
+            for item, chunk, target in taken:
+                try:
+                    room -= self._answer_bytes(item, chunk, room)
+                except Exception as exc:
+                    fill_failure(target, exc)
+                    continue
+                fits.append((item, chunk, target))
+            taken = fits
+        for item, chunk, target in taken:
             if item.HasField("open") or chunk is None:
                 opening.append(self._item(item, chunk, target, expires))
                 continue
-            steps.append((item.session_id, item.chunk.seq, chunk, item.chunk.end))
+            c = item.chunk
+            steps.append((item.session_id, c.seq, chunk, c.end))
             targets.append(target)
         if opening:
             outcomes, *_ = await asyncio.gather(self.core.step_many(steps, expires=expires),

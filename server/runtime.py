@@ -213,6 +213,7 @@ class ModelRuntime:
         self.provider = obtained[0]
         self._np_dtype = np.dtype(self.meta.input.dtype)
         self._frame_shape = tuple(int(d) for d in self.meta.input.shape[2:])
+        self._chunk_ndim = 1 + len(self._frame_shape)  # (time, *frame)
         self.data_output_names = [o.name for o in self.meta.outputs]
         self._answer_terms = self._answer_sizes()
         on_gpu = self.provider == CUDA
@@ -315,8 +316,8 @@ class ModelRuntime:
         if x.dtype != self._np_dtype:
             raise InvalidChunk(f"model {self.name!r} takes {inp.dtype} input ({inp.kind}), "
                                f"got {x.dtype}")
-        want = ("time", *self._frame_shape)
-        if x.ndim != len(want) or tuple(x.shape[1:]) != self._frame_shape:
+        if x.ndim != self._chunk_ndim or x.shape[1:] != self._frame_shape:
+            want = ("time", *self._frame_shape)
             raise InvalidChunk(f"model {self.name!r} takes chunks shaped {list(want)}, "
                                f"got {list(x.shape)}")
         if x.shape[0] < 1:

@@ -102,7 +102,9 @@ class Answer:
     @property
     def nbytes(self) -> int:
         held = self._chunk.nbytes if self._chunk is not None else 0
-        return held + sum(a.nbytes for _, a in self.outputs)
+        for _, a in self.outputs:  # a loop: a generator costs more for one or two
+            held += a.nbytes
+        return held
 
     def __repr__(self) -> str:
         return f"Answer(seq={self.seq}, end={self.end}, outputs={[n for n, _ in self.outputs]})"

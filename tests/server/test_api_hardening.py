@@ -231,6 +231,39 @@ def test_a_many_request_whose_answers_would_not_fit_in_one_message_refuses_the_r
     asyncio.run(main())
 
 
+def test_a_many_request_that_fits_only_by_its_own_models_answers_is_answered_whole(
+        serve) -> None:
+    """The server first bounds a request's answer by the largest model's answers (the
+    text model: 1 KiB per step); twenty 10-step chunks of the feature model (28 bytes
+    per step) pass that bound of a 64 KiB message fourfold, yet their own answers fit:
+    every item is answered, none refused."""
+    import numpy as np
+
+    from rnnserve.protos.tensors import from_tensor, to_tensor
+
+    srv = serve(max_message_bytes=64 << 10)
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal((10, 20)).astype(np.float32) for _ in range(20)]
+
+    async def main() -> list[np.ndarray]:
+        async with grpc.aio.insecure_channel(srv.target) as ch:
+            call = pb_grpc.InferenceStub(ch).StreamMany()
+            await call.write(pb.ManyRequest(id=1, items=[
+                pb.ManyItem(session_id=f"f{i}", open=pb.OpenSessionRequest(model="feat"),
+                            chunk=pb.Chunk(seq=0, tensor=to_tensor(x)))
+                for i, x in enumerate(xs)]))
+            resp = await call.read()
+            await call.done_writing()
+            assert [(r.code, r.message) for r in resp.results] == [(0, "")] * 20
+            return [from_tensor(r.result.outputs[0].tensor) for r in resp.results]
+
+    got = asyncio.run(main())
+    rt = srv.server.registry.get("feat")
+    for x, y in zip(xs, got, strict=True):  # each one its own session's answer
+        want, _ = rt.run([x], [rt.zero_state()])
+        np.testing.assert_allclose(y, want[0][0], atol=1e-5)
+
+
 def test_an_item_whose_chunk_cannot_be_decoded_fails_alone(serve, monkeypatch) -> None:
     """Whatever one item's decoding raises, the other items of the request are answered
     and the stream goes on."""
