@@ -6,10 +6,11 @@ from rnnserve.client.client import (
     Client,
     ManyStream,
     StreamSession,
+    add_many_item,
     item_status,
     many_item,
     outputs,
 )
 
 __all__ = ["OWN_CONNECTION", "AsyncClient", "Client", "ManyStream", "StreamSession",
-           "item_status", "many_item", "outputs"]
+           "add_many_item", "item_status", "many_item", "outputs"]

@@ -33,7 +33,7 @@ import numpy as np
 from rnnserve.protos.headers import SESSION_HEADER, WORKER_HEADER
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from rnnserve.protos.tensors import from_tensor, to_tensor
+from rnnserve.protos.tensors import fill_tensor, from_tensor
 
 Data = str | bytes | np.ndarray
 
@@ -42,15 +42,29 @@ def make_chunk(seq: int, data: Data, end: bool = False, *, pcm16: bool = False,
                timeout_ms: int = 0) -> pb.Chunk:
     """``timeout_ms``: the server drops the chunk (DEADLINE_EXCEEDED, the session as it
     was) if it has not started to run that long after the server read it; 0: no limit."""
+    c = pb.Chunk()
+    _fill_chunk(c, seq, data, end, pcm16, timeout_ms)
+    return c
+
+
+def _fill_chunk(c: pb.Chunk, seq: int, data: Data, end: bool, pcm16: bool,
+                timeout_ms: int) -> None:
+    """Write a chunk into the empty ``c`` (in place: a finished Chunk would be copied
+    once more into the message that carries it)."""
+    c.seq = seq
     if isinstance(data, str):
-        return pb.Chunk(seq=seq, text=data, end=end, timeout_ms=timeout_ms)
-    if isinstance(data, bytes | bytearray | memoryview):
+        c.text = data
+    elif isinstance(data, bytes | bytearray | memoryview):
         if pcm16:
-            return pb.Chunk(seq=seq, pcm16=bytes(data), end=end, timeout_ms=timeout_ms)
-        return pb.Chunk(seq=seq, tensor=to_tensor(np.frombuffer(data, dtype=np.uint8)),
-                        end=end, timeout_ms=timeout_ms)
-    return pb.Chunk(seq=seq, tensor=to_tensor(np.asarray(data)), end=end,
-                    timeout_ms=timeout_ms)
+            c.pcm16 = data if isinstance(data, bytes) else bytes(data)
+        else:
+            fill_tensor(c.tensor, np.frombuffer(data, dtype=np.uint8))
+    else:
+        fill_tensor(c.tensor, np.asarray(data))
+    if end:
+        c.end = True
+    if timeout_ms:
+        c.timeout_ms = timeout_ms
 
 
 def new_session_id() -> str:
@@ -326,12 +340,33 @@ def many_item(session_id: str, seq: int, data: Data, end: bool = False, *,
     """One session's chunk for ``ManyStream.send``; with ``open_model`` the item opens
     the session (``resume``: resumes it) before its chunk. ``timeout_ms``: this item alone
     fails with DEADLINE_EXCEEDED if its chunk has not run by then (session unchanged)."""
-    item = pb.ManyItem(session_id=session_id,
-                       chunk=make_chunk(seq, data, end, pcm16=pcm16, timeout_ms=timeout_ms))
-    if open_model:
-        item.open.CopyFrom(pb.OpenSessionRequest(model=open_model, version=version,
-                                                 resume=resume))
+    item = pb.ManyItem()
+    _fill_item(item, session_id, seq, data, end, pcm16, open_model, version, resume,
+               timeout_ms)
     return item
+
+
+def add_many_item(request: pb.ManyRequest, session_id: str, seq: int, data: Data,
+                  end: bool = False, *, pcm16: bool = False, open_model: str = "",
+                  version: int = 0, resume: bool = False, timeout_ms: int = 0
+                  ) -> pb.ManyItem:
+    """``many_item`` written straight into ``request`` (for ``ManyStream.send``): a
+    gateway's per-chunk path, without the two copies a finished item costs on its way
+    into the request (a quarter of the client's time per item, measured)."""
+    item = request.items.add()
+    _fill_item(item, session_id, seq, data, end, pcm16, open_model, version, resume,
+               timeout_ms)
+    return item
+
+
+def _fill_item(item: pb.ManyItem, session_id: str, seq: int, data: Data, end: bool,
+               pcm16: bool, open_model: str, version: int, resume: bool,
+               timeout_ms: int) -> None:
+    item.session_id = session_id
+    _fill_chunk(item.chunk, seq, data, end, pcm16, timeout_ms)
+    if open_model:
+        o = item.open
+        o.model, o.version, o.resume = open_model, version, resume
 
 
 def item_status(result: pb.ManyResult) -> grpc.StatusCode:
@@ -398,14 +433,21 @@ class ManyStream:
         self._reader = asyncio.get_running_loop().create_task(self._read())
         return self
 
-    async def send(self, items: Sequence[pb.ManyItem]) -> list[pb.ManyResult]:
-        """Send one request and wait for its answer: one result per item, in order."""
+    async def send(self, items: Sequence[pb.ManyItem] | pb.ManyRequest
+                   ) -> list[pb.ManyResult]:
+        """Send one request and wait for its answer: one result per item, in order.
+        ``items``: the items, or a request filled by ``add_many_item`` (its id is set
+        here; the request is the stream's from then on)."""
         if self._error is not None:
             raise self._error
         self._ids += 1
         fut: asyncio.Future[pb.ManyResponse] = asyncio.get_running_loop().create_future()
         self._waiting[self._ids] = fut
-        self._outbox.put_nowait(pb.ManyRequest(id=self._ids, items=items))
+        if isinstance(items, pb.ManyRequest):
+            items.id = self._ids
+            self._outbox.put_nowait(items)
+        else:
+            self._outbox.put_nowait(pb.ManyRequest(id=self._ids, items=items))
         resp = await asyncio.wait_for(fut, self._timeout)
         return list(resp.results)
 

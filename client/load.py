@@ -37,10 +37,11 @@ from rnnserve.client.client import (
     OWN_CONNECTION,
     AsyncClient,
     Data,
+    add_many_item,
     item_status,
-    many_item,
     new_session_id,
 )
+from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 
 OVERRUN_S = 2.0  # how long past the window a stream still sends the chunks it owes
 CHUNK_TIMEOUT_S = 30.0  # a chunk not answered by then counts as DEADLINE_EXCEEDED
@@ -198,17 +199,17 @@ async def _many_streams(client: AsyncClient, model: str, version: int,
                             return
                         k += 1
                         last_tick = not closed_loop and due + chunk_s >= until
-                        items, ends = [], []
+                        request, ends = pb.ManyRequest(), []
+                        data = chunk(k)  # every stream's chunk of this tick
                         for i in range(n):
                             if seqs[i] == 0:
                                 sids[i] = new_session_id()
                             end = seqs[i] == session_chunks - 1 or last_tick
                             ends.append(end)
-                            items.append(many_item(sids[i], seqs[i], chunk(k), end,
-                                                   pcm16=pcm16,
-                                                   open_model=model if seqs[i] == 0 else "",
-                                                   version=version))
-                        answers = await m.send(items)
+                            add_many_item(request, sids[i], seqs[i], data, end, pcm16=pcm16,
+                                          open_model=model if seqs[i] == 0 else "",
+                                          version=version)
+                        answers = await m.send(request)
                         latency = loop.time() - due
                         for i, r in enumerate(answers):
                             if r.code:

@@ -9,7 +9,7 @@ import signal
 import grpc
 import numpy as np
 
-from rnnserve.client import AsyncClient, item_status, many_item, outputs
+from rnnserve.client import AsyncClient, add_many_item, item_status, many_item, outputs
 from rnnserve.client.client import new_session_id
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 
@@ -28,17 +28,21 @@ def test_many_sessions_on_one_stream_stream_exactly_and_batch(server, repo) -> N
         async with AsyncClient(server.target, timeout=20) as client, client.many() as m:
             k = 0
             while True:  # one request per round: the next chunk of every running job
-                items, who = [], []
+                # (odd rounds write the items into the request, add_many_item's way)
+                items, who, request = [], [], pb.ManyRequest()
                 for j, (name, x, cuts) in enumerate(jobs):
                     if k + 1 < len(cuts):
                         a, b = cuts[k], cuts[k + 1]
-                        items.append(many_item(sids[j], k, x[a:b], end=b == len(x),
-                                               open_model=name if k == 0 else ""))
+                        if k % 2:
+                            add_many_item(request, sids[j], k, x[a:b], end=b == len(x))
+                        else:
+                            items.append(many_item(sids[j], k, x[a:b], end=b == len(x),
+                                                   open_model=name if k == 0 else ""))
                         who.append(j)
-                if not items:
+                if not who:
                     return ys, sizes
-                results = await m.send(items)
-                sizes.append(len(items))
+                results = await m.send(request if k % 2 else items)
+                sizes.append(len(who))
                 for j, r in zip(who, results, strict=True):
                     assert r.code == 0, r.message
                     assert r.session_id == sids[j] and r.result.seq == k
@@ -62,6 +66,39 @@ def test_many_sessions_on_one_stream_stream_exactly_and_batch(server, repo) -> N
         metric_value(before, "rnnserve_chunks_total", code="OK") == steps
     assert metric_value(text, "rnnserve_requests_total", method="StreamMany", code="OK") >= 1
     assert metric_value(text, "rnnserve_state_bytes") == 0  # every session ended
+
+
+def test_items_written_into_their_request_carry_what_was_asked() -> None:
+    """add_many_item (in place, the load generator's way) and many_item write the same
+    bytes, those of the messages spelled out field by field, for every kind of chunk
+    and option."""
+    from rnnserve.protos.tensors import to_tensor
+
+    pcm = np.arange(-8, 8, dtype="<i2").tobytes()
+    x = np.ones((2, 20), np.float32)
+    cases = [("a", 0, "héllo", dict(open_model="text", version=2)),
+             ("b", 3, pcm, dict(pcm16=True, timeout_ms=250)),
+             ("c", 1, b"\x00\xff", dict(end=True)),
+             ("d", 0, x, dict(open_model="feat", resume=True)),
+             ("e", 9, "", {})]
+    spelled = pb.ManyRequest(items=[
+        pb.ManyItem(session_id="a", chunk=pb.Chunk(seq=0, text="héllo"),
+                    open=pb.OpenSessionRequest(model="text", version=2)),
+        pb.ManyItem(session_id="b", chunk=pb.Chunk(seq=3, pcm16=pcm, timeout_ms=250)),
+        pb.ManyItem(session_id="c", chunk=pb.Chunk(
+            seq=1, end=True, tensor=to_tensor(np.array([0, 255], np.uint8)))),
+        pb.ManyItem(session_id="d", chunk=pb.Chunk(seq=0, tensor=to_tensor(x)),
+                    open=pb.OpenSessionRequest(model="feat", resume=True)),
+        pb.ManyItem(session_id="e", chunk=pb.Chunk(seq=9, text=""))])
+    built = pb.ManyRequest()
+    for sid, seq, data, kw in cases:
+        add_many_item(built, sid, seq, data, **kw)  # type: ignore[arg-type]
+    made = pb.ManyRequest(items=[many_item(sid, seq, data, **kw)  # type: ignore[arg-type]
+                                 for sid, seq, data, kw in cases])
+    assert built == made == spelled
+    assert built.SerializeToString() == spelled.SerializeToString()
+    assert built.items[4].chunk.WhichOneof("data") == "text"  # empty text is still text
+    assert not built.items[1].HasField("open")
 
 
 def test_a_failing_item_fails_alone_and_changes_nothing(server, repo) -> None:
