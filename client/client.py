@@ -387,7 +387,9 @@ class ManyStream:
     answered as they complete); a session's next chunk goes out after its last one's
     answer. Items fail one by one (``code``, ``message``); a failed stream (drain,
     lost connection) raises its status from every waiting and later ``send``.
-    ``timeout`` bounds each ``send``, not the stream.
+    ``timeout`` bounds each ``send``, not the stream: a request not answered in time
+    raises DEADLINE_EXCEEDED (its items may have run: send each session's chunk again,
+    with the same seq, to get its answer).
     """
 
     def __init__(self, client: AsyncClient, timeout: float | None) -> None:
@@ -443,12 +445,19 @@ class ManyStream:
         self._ids += 1
         fut: asyncio.Future[pb.ManyResponse] = asyncio.get_running_loop().create_future()
         self._waiting[self._ids] = fut
+        rid = self._ids
         if isinstance(items, pb.ManyRequest):
-            items.id = self._ids
+            items.id = rid
             self._outbox.put_nowait(items)
         else:
-            self._outbox.put_nowait(pb.ManyRequest(id=self._ids, items=items))
-        resp = await asyncio.wait_for(fut, self._timeout)
+            self._outbox.put_nowait(pb.ManyRequest(id=rid, items=items))
+        try:
+            resp = await asyncio.wait_for(fut, self._timeout)
+        except TimeoutError:  # said as every other call of the client says it
+            raise deadline_exceeded(f"StreamMany request {rid} not answered within "
+                                    f"{self._timeout:g} s") from None
+        finally:  # a late answer finds no one waiting and is dropped
+            self._waiting.pop(rid, None)
         return list(resp.results)
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,

@@ -222,7 +222,7 @@ async def _many_streams(client: AsyncClient, model: str, version: int,
                             seqs[i] = 0 if ends[i] else seqs[i] + 1
                         if last_tick:
                             return
-            except (grpc.aio.AioRpcError, ConnectionError, TimeoutError) as exc:
+            except (grpc.aio.AioRpcError, ConnectionError) as exc:
                 # the stream failed, or a request was not answered in time: its chunks
                 # count as errors, its sessions are closed and new ones open
                 result.errors[_failure(exc)] += n

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
-from rnnserve.client import AsyncClient, bench
+from rnnserve.client import AsyncClient, bench, many_item
 from rnnserve.client.bench import Spawned
 from rnnserve.client.load import realtime_streams
 from rnnserve.errors import RnnserveError
@@ -121,6 +121,28 @@ def test_the_client_timeout_bounds_each_answer_not_the_stream(server, proxy) -> 
                 assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 assert time.monotonic() - started < 3.0
             proxy.release()
+
+    asyncio.run(main())
+
+
+def test_a_many_request_not_answered_in_time_is_deadline_exceeded(server, proxy) -> None:
+    """ManyStream's timeout ends a send as the client's other calls do (DEADLINE_EXCEEDED,
+    not the built-in TimeoutError), and the request leaves its table of waiting ones."""
+    async def main() -> None:
+        async with AsyncClient(proxy.target, timeout=0.5) as client, client.many() as m:
+            assert (await m.send([many_item("m1", 0, "ab", open_model="text")]))[0].code == 0
+            proxy.hold()
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await m.send([many_item("m1", 1, "cd")])
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "not answered within 0.5 s" in (err.value.details() or "")
+            assert time.monotonic() - started < 3.0
+            assert not m._waiting  # nothing left waiting for the late answer
+            proxy.release()
+            again = await m.send([many_item("m1", 1, "cd")])  # the same chunk again:
+            assert again[0].code == 0 and again[0].result.seq == 1  # answered (once)
+            assert (await m.send([many_item("m1", 2, "ef", end=True)]))[0].code == 0
 
     asyncio.run(main())
 
