@@ -80,12 +80,14 @@ case " $STEPS " in *" bench "*)
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
     nvidia-cuda-mps-control -d && echo "MPS daemon started" || echo "MPS daemon did not start"
   fi
+  # connections: one per worker per load process (bench's default; the runs before
+  # 2026-11-28 passed --connections 8, the same with 8 workers)
   echo "== bench: speech-small v${BENCH_VERSION:-1} on $DEVICE, ${WORKERS:-4} workers" \
     "${SERVE_EXTRA:-}, StreamMany 64 streams per message, ${LOAD_PROCS:-8} load processes"
   timeout 180 $PY -m rnnserve bench --repo "$K/models" --model speech-small \
     --version "${BENCH_VERSION:-1}" \
     --serve-arg=--device=$DEVICE --serve-arg=--workers=${WORKERS:-4} --serve-arg=--batch-runners=2 "${EXTRA[@]}" \
-    --max-batch-size 1024 --many 64 --connections 8 --load-procs ${LOAD_PROCS:-8} \
+    --max-batch-size 1024 --many 64 --load-procs ${LOAD_PROCS:-8} \
     --streams ${BENCH_LEVELS:-1024,2048,4096} --duration-s "$BENCH_S" --no-plot \
     --out "$OUT/bench-many" 2>&1 | tail -25
   cp "$OUT/bench-many/bench.json" "$OUT/bench-many.json" 2>/dev/null
