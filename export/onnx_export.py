@@ -23,7 +23,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -284,7 +286,8 @@ def export_checkpoint(
     The model is written into a hidden staging directory of the repository
     (``REPO/.rnnserve-staging-*``) and renamed into place after verification passed,
     so a server scanning the repository never sees a half-written or unverified
-    version.
+    version. The staging folders of exports that were killed are removed by the next
+    export (``_sweep_staging``).
     """
     repository.check_name(name)
     ckpt_path = Path(checkpoint)
@@ -348,7 +351,13 @@ def publish(build: Callable[[], tuple[onnx.ModelProto, ModelMetadata]], referenc
         log(f"fp16: {metadata.export['fp16']}")
     try:
         repo_path.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=repo_path, prefix=f".rnnserve-staging-{name}-"))
+        _sweep_staging(repo_path, log)
+        staging = Path(tempfile.mkdtemp(dir=repo_path, prefix=f"{STAGING_PREFIX}{name}-"))
+        try:  # whose it is: a later export removes it if this process dies unfinished
+            (staging / STAGING_OWNER).write_text(f"{socket.gethostname()}\n{os.getpid()}\n")
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     except OSError as exc:
         raise _cannot_write(repo_path, exc) from exc
     try:
@@ -365,6 +374,49 @@ def publish(build: Callable[[], tuple[onnx.ModelProto, ModelMetadata]], referenc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return repository.ModelVersion(name, version, final_dir / repository.MODEL_FILE)
+
+
+STAGING_PREFIX = ".rnnserve-staging-"
+STAGING_OWNER = "owner"  # in a staging folder: the exporting host and process id
+STAGING_ORPHAN_S = 24 * 3600  # a staging folder without an owner this old is left over
+
+
+def _sweep_staging(repo_path: Path, log: Callable[[str], None]) -> None:
+    """Remove the staging folders of exports that were killed (an export removes its
+    own when it ends, however it ends, unless the process dies): those of this host
+    whose process is gone, and any without an owner (killed before it was written)
+    untouched for a day. Another host's live export is never touched: a process id
+    is only checked on its own host."""
+    host = socket.gethostname()
+    for folder in repo_path.glob(f"{STAGING_PREFIX}*"):
+        try:
+            if not folder.is_dir():
+                continue
+            owner = folder / STAGING_OWNER
+            if owner.exists():
+                lines = owner.read_text().split()
+                if len(lines) != 2 or lines[0] != host or not lines[1].isdigit() or \
+                        _alive(int(lines[1])):
+                    continue
+                why = f"process {lines[1]}, gone"
+            elif time.time() - folder.stat().st_mtime > STAGING_ORPHAN_S:
+                why = "no owner, a day old"
+            else:
+                continue
+            shutil.rmtree(folder)
+            log(f"removed {str(folder)!r}: left by an export that did not finish ({why})")
+        except OSError:  # another export's sweep got there first, or no right to it
+            continue
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _check_writable(repo_path: Path) -> None:

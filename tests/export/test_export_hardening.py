@@ -308,3 +308,50 @@ def test_the_model_file_is_synced_before_it_is_published(tmp_path, make_checkpoi
     assert ino in synced_files, events
     synced_dirs = [v[2] for k, v in events[at:] if k == "fsync" and v[1]]  # type: ignore[index]
     assert str(mv.path.parent) in synced_dirs and str(mv.path.parent.parent) in synced_dirs
+
+
+def test_the_staging_folder_of_a_killed_export_is_removed_by_the_next(tmp_path,
+                                                                       make_checkpoint) -> None:
+    """An export SIGKILLed while it verifies leaves its hidden staging folder (nothing
+    can remove it then); the next export into that repository removes it, and only
+    what is surely left over: not another host's, nor a live process's, nor a fresh
+    folder whose owner is not written yet."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    ckpt = make_checkpoint("gru", seed=6)
+    repo = tmp_path / "models"
+    killed = subprocess.Popen([sys.executable, "-m", "rnnserve", "export", str(ckpt),
+                               "--repo", str(repo), "--name", "k"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(repo.glob(".rnnserve-staging-k-*/model.onnx")):
+        assert killed.poll() is None and time.monotonic() < deadline, "no staging seen"
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    [left] = list(repo.glob(".rnnserve-staging-k-*"))
+
+    def staged(tag: str, owner: str | None, age_s: float = 0) -> Path:
+        folder = repo / f".rnnserve-staging-{tag}-x"
+        folder.mkdir()
+        if owner is not None:
+            (folder / "owner").write_text(owner)
+        if age_s:
+            os.utime(folder, (time.time() - age_s, time.time() - age_s))
+        return folder
+
+    host = socket.gethostname()
+    other_host = staged("h", f"not-{host}\n{killed.pid}\n")
+    live = staged("l", f"{host}\n{os.getpid()}\n")
+    old_orphan = staged("o", None, age_s=2 * 24 * 3600)
+    new_orphan = staged("n", None)
+    lines: list[str] = []
+    export_checkpoint(ckpt, repo, "k", log=lines.append)
+    assert not left.exists() and not old_orphan.exists()
+    assert other_host.exists() and live.exists() and new_orphan.exists()
+    assert any(str(left) in line and f"process {killed.pid}, gone" in line for line in lines)
+    assert (repo / "k" / "1" / "model.onnx").exists()
