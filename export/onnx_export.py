@@ -332,13 +332,15 @@ def publish(build: Callable[[], tuple[onnx.ModelProto, ModelMetadata]], referenc
 
     repo_path = Path(repo)
     model_dir = repo_path / name
-    if version is not None and version < 1:
-        raise ModelRepositoryError(f"versions are positive integers, got {version}")
+    if version is not None:
+        repository.check_version(version)
     if repo_path.exists() and not repo_path.is_dir():
         raise ModelRepositoryError(f"model repository {str(repo_path)!r} is not a directory")
     _check_writable(repo_path)  # fail before the export's seconds, writing nothing yet
     if version is not None and not overwrite and (model_dir / str(version)).exists():
         raise _exists(model_dir / str(version))  # early; checked again when publishing
+    if version is None and model_dir.is_dir():  # the last version taken: none comes next
+        repository.check_version(repository.next_version(repo_path, name))
     where = model_dir / (str(version) if version is not None else "<next version>")
     log(f"exporting {source} -> {where / repository.MODEL_FILE} (opset {OPSET})")
     proto, metadata = build()  # a module the tracer cannot follow is refused here: no files
@@ -455,6 +457,7 @@ def _publish_file(staged: Path, model_dir: Path, version: int | None,
                 pass
         v = version if version is not None else repository.next_version(
             model_dir.parent, model_dir.name)
+        repository.check_version(v)  # past the last: no folder a server would read
         final_dir = model_dir / str(v)
         try:
             os.mkdir(final_dir)  # the claim: fails when the version exists

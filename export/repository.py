@@ -16,6 +16,9 @@ from rnnserve.errors import ModelRepositoryError
 MODEL_FILE = "model.onnx"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # fullmatch: "$" takes "m\n"
 _VERSION = re.compile(r"[1-9][0-9]{0,17}")  # not "01" (its path is not "1"), "²" or "٣"
+# The highest version: 18 digits, as _VERSION reads folders (and as the protocol's
+# int64 and the Open Inference Protocol's version strings carry them)
+MAX_VERSION = 10**18 - 1
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,14 @@ def check_name(name: str) -> str:
             "(at most 128, not starting with a separator)"
         )
     return name
+
+
+def check_version(version: int) -> int:
+    """``version`` if a repository may hold it, else why not."""
+    if not 1 <= version <= MAX_VERSION:
+        raise ModelRepositoryError(f"versions are integers from 1 to {MAX_VERSION} (at most "
+                                   f"18 digits), got {version}")
+    return version
 
 
 def _version_number(dir_name: str) -> int | None:

@@ -48,3 +48,26 @@ def test_resolve_takes_relative_paths_such_as_dot(tmp_path, monkeypatch) -> None
     for given in (".", "3", "3/.", "3/..", "3/model.onnx"):
         mv = repository.resolve(given)
         assert (mv.name, mv.version, mv.path.resolve()) == ("m", 3, want), given
+
+
+def test_versions_past_eighteen_digits_are_refused_before_anything_is_written(
+        tmp_path, make_checkpoint) -> None:
+    """A server reads version folders of at most 18 digits: an export to version 10^18,
+    or one whose next version would be that, is refused at once, writing nothing."""
+    from rnnserve.export.onnx_export import export_checkpoint
+
+    assert repository.check_version(repository.MAX_VERSION) == 10**18 - 1
+    for bad in (0, -1, 10**18):
+        with pytest.raises(ModelRepositoryError, match="from 1 to 999999999999999999"):
+            repository.check_version(bad)
+    ckpt = make_checkpoint("gru", seed=1)
+    repo = tmp_path / "models"
+    lines: list[str] = []
+    with pytest.raises(ModelRepositoryError, match="got 1000000000000000000"):
+        export_checkpoint(ckpt, repo, "m", 10**18, log=lines.append)
+    assert not lines and not repo.exists()  # refused before the export began
+    (repo / "m" / str(repository.MAX_VERSION)).mkdir(parents=True)  # the last one taken
+    with pytest.raises(ModelRepositoryError, match="got 1000000000000000000"):
+        export_checkpoint(ckpt, repo, "m", log=lines.append)
+    assert not lines and sorted(p.name for p in (repo / "m").iterdir()) == [
+        str(repository.MAX_VERSION)]
