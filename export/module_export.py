@@ -69,6 +69,7 @@ from rnnserve.export.onnx_export import (
     set_metadata,
     trace,
 )
+from rnnserve.export.verify import modes_kept
 
 KINDS = ("features", "utf8_bytes")
 
@@ -127,12 +128,8 @@ def _modes_kept(fn: Callable[Concatenate[nn.Module, P], R]
     train/eval mode of every submodule back afterwards (it may go on training)."""
     @functools.wraps(fn)
     def kept(module: nn.Module, *args: P.args, **kwargs: P.kwargs) -> R:
-        modes = [(m, m.training) for m in module.modules()]
-        try:
+        with modes_kept(module):
             return fn(module, *args, **kwargs)
-        finally:
-            for m, training in modes:
-                m.training = training
     return kept
 
 

@@ -48,10 +48,11 @@ the state is rounded to fp16 at every chunk boundary.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,6 +300,19 @@ def verification_cases(rng: np.random.Generator, n: int, avoid_time: int) -> lis
     return cases[:n]
 
 
+@contextlib.contextmanager
+def modes_kept(module: Any) -> Iterator[None]:
+    """Afterwards every submodule of ``module`` (a torch module, or None) has its own
+    train/eval mode back, whatever ran meanwhile: verification runs it in eval mode,
+    and the caller may go on training it."""
+    modes = [(m, m.training) for m in module.modules()] if module is not None else []
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def verify_file(
     path: str | Path,
     *,
@@ -310,12 +324,20 @@ def verify_file(
     write: bool = True,
     log: Callable[[str], None] = print,
 ) -> VerificationReport:
-    """Verify ``path``; compare with torch when ``model`` or ``checkpoint`` is given.
+    """Verify ``path``; compare with torch when ``model`` or ``checkpoint`` is given
+    (``model`` keeps the train/eval modes it had).
 
     With ``write`` the report replaces ``rnnserve.verification`` in the file
     (atomically). A failed check is recorded in the report, not raised: call
     ``raise_if_failed()``.
     """
+    with modes_kept(model):
+        return _verify_file(path, model, checkpoint, tolerance, seed, n_cases, write, log)
+
+
+def _verify_file(path: str | Path, model: Any, checkpoint: str | Path | None,
+                 tolerance: float, seed: int, n_cases: int, write: bool,
+                 log: Callable[[str], None]) -> VerificationReport:
     onnx = _onnx()
     started = time.perf_counter()
     path = Path(path)

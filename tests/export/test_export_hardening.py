@@ -355,3 +355,20 @@ def test_the_staging_folder_of_a_killed_export_is_removed_by_the_next(tmp_path,
     assert other_host.exists() and live.exists() and new_orphan.exists()
     assert any(str(left) in line and f"process {killed.pid}, gone" in line for line in lines)
     assert (repo / "k" / "1" / "model.onnx").exists()
+
+
+def test_verify_hands_the_torch_model_back_in_its_modes(tmp_path, make_checkpoint) -> None:
+    """verify_file(model=...) runs the model in eval mode and then gives every
+    submodule its own train/eval mode back (a training loop may go on with it)."""
+    from rnnserve.export.onnx_export import load_checkpoint, model_for_checkpoint
+
+    ckpt = make_checkpoint("lstm", seed=8)
+    mv = export_checkpoint(ckpt, tmp_path / "models", "m", log=_quiet)
+    model = model_for_checkpoint(load_checkpoint(ckpt)).train()
+    first = next(iter(model.children()))
+    first.eval()  # a mix, as a caller may have it
+    before = [m.training for m in model.modules()]
+    assert True in before and False in before
+    report = verify_file(mv.path, model=model, write=False, log=_quiet)
+    assert report.passed and report.torch_parity == "run"
+    assert [m.training for m in model.modules()] == before
