@@ -388,8 +388,8 @@ class ManyStream:
     answer. Items fail one by one (``code``, ``message``); a failed stream (drain,
     lost connection) raises its status from every waiting and later ``send``.
     ``timeout`` bounds each ``send``, not the stream: a request not answered in time
-    raises DEADLINE_EXCEEDED (its items may have run: send each session's chunk again,
-    with the same seq, to get its answer).
+    raises DEADLINE_EXCEEDED (its items may have run: a session's chunk sent again with
+    the same seq gets the answer it had).
     """
 
     def __init__(self, client: AsyncClient, timeout: float | None) -> None:
