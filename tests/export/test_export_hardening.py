@@ -14,6 +14,7 @@ import stat
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -148,6 +149,35 @@ def test_verification_feeds_features_of_a_larger_scale(tmp_path) -> None:
                          write=False, log=_quiet)
     assert any(f.startswith("onnx vs torch") for f in report.failures), report.failures
     assert report.to_metadata()["input_scales"] == [1.0, 10.0, 100.0]
+
+
+def test_fp16_bounds_grow_with_the_feature_scale_and_still_catch_a_frozen_branch(
+        tmp_path, make_checkpoint) -> None:
+    """fp16 rounds the recurrent layers' inputs and weights relative to their size:
+    against torch, x100 features get ten times the bound of x1 and x10. A GRU whose
+    x100 cases differ by 1.5e-2 (this seed; 3 of 18 random GRUs were refused at the
+    plain 1e-2) passes; a graph that froze a branch is still refused in fp16."""
+    from rnnserve.export.verify import FP16_RTOL, fp16_bound
+
+    ref = np.array([0.5, -3.0])
+    assert fp16_bound(ref) == fp16_bound(ref, scale=10.0) == FP16_RTOL * 3.0
+    assert fp16_bound(ref, scale=100.0) == pytest.approx(10 * FP16_RTOL * 3.0)
+    ckpt = make_checkpoint("gru", "features", seed=0, hidden_size=16)
+    mv = export_checkpoint(ckpt, tmp_path / "models", "g", fp16=True, log=_quiet)
+    v = ModelMetadata.from_props({p.key: p.value for p in onnx.load(str(mv.path)).metadata_props
+                                  }).verification
+    assert v["passed"] and v["input_scales"] == [1.0, 10.0, 100.0]
+    assert v["max_abs_diff_vs_torch"] > FP16_RTOL  # within the x100 cases' wider bound
+    assert "feature scale / 10" in v["fp16_bound"]
+
+    torch.manual_seed(0)
+    plain = Branchy(branch=False)
+    half = export_module(plain, tmp_path / "repo", "b", fp16=True, log=_quiet)
+    branchy = copy.deepcopy(plain)
+    branchy.branch = True
+    report = verify_file(half.path, model=ModuleAdapter(branchy, lstm=False, byte_input=False),
+                         write=False, log=_quiet)
+    assert any(f.startswith("onnx (fp16) vs torch") for f in report.failures), report.failures
 
 
 # 4. a module that does not run in float64; no empty model folder on a failure
