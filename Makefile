@@ -72,8 +72,8 @@ test-fast: $(STAMP) $(TRITON)/.installed system-deps
 	$(BIN)/pytest -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check rnnserve training export server client protos/generate.py tests deploy
-	$(BIN)/mypy rnnserve training export server client
+	$(BIN)/ruff check rnnserve training export server client protos/generate.py tests deploy scripts
+	$(BIN)/mypy rnnserve training export server client scripts/loop_cost.py
 
 clean:
 	rm -rf $(VENV) $(TRITON) $(RUNS) $(REPO) *.egg-info

@@ -214,3 +214,31 @@ def test_the_cli_offers_every_reference_workload() -> None:
     bench = build_parser()._subparsers._group_actions[0].choices["bench"]  # type: ignore[union-attr]
     (workload,) = [a for a in bench._actions if a.dest == "workload"]
     assert sorted(workload.choices) == sorted(WORKLOADS)
+
+
+def test_loop_cost_measures_this_build_against_another(repo, tmp_path) -> None:
+    """scripts/loop_cost.py: the loop's CPU per StreamMany item, in process, for a
+    tensor model and a text model, this checkout in turns with another (here a copy
+    of this one, laid out from its own folders)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    other = tmp_path / "other"
+    for name in ("rnnserve", "training", "export", "server", "client", "protos"):
+        shutil.copytree(root / name, other / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for model in ("feat", "text"):
+        run = subprocess.run([sys.executable, str(root / "scripts" / "loop_cost.py"),
+                              "--repo", str(repo), "--model", model, "--groups", "2",
+                              "--per", "4", "--rounds", "4", "--repeats", "1",
+                              "--against", str(other)],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        lines = run.stdout.strip().splitlines()
+        assert lines[0].startswith(f"this ({root})") and f"against ({other})" in lines[1]
+        m = re.search(r"this ([0-9.]+) us, against ([0-9.]+) us; this / against", lines[-1])
+        assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, lines
+        assert "(8 items)" in lines[0]  # 2 streams x 4 sessions x (4 - 3 warm-up) rounds

@@ -1,0 +1,174 @@
+"""The event loop's CPU per ``StreamMany`` item, in process: the server's servicer called
+directly (no gRPC, no network), on the CPU. Beside gRPC's own work this is what a host
+spends per chunk when a GPU runs the model (docs/benchmarks.md, "The host's work per
+chunk"), and it drifts far less than a benchmark over gRPC on a shared machine.
+
+    python scripts/loop_cost.py --repo runs/workloads/speech-tiny [--model NAME]
+        [--groups 16] [--per 64] [--rounds 40] [--repeats 3] [--against DIR] [--profile]
+
+``--against DIR``: another checkout of rnnserve (``git worktree add /tmp/base REV``);
+the two builds take turns, each in a fresh process, and the medians are compared.
+``--profile``: cProfile's top functions of one run (its overhead inflates the times).
+Build a model repository first, e.g. ``rnnserve bench --workload speech-tiny --streams 1
+--duration-s 1`` (it lands in runs/workloads/speech-tiny).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PACKAGES = ("training", "export", "server", "client", "protos")  # rnnserve.<name> = <name>/
+
+
+def _lay_out(root: Path) -> Path:
+    """A folder to put first on sys.path whose ``rnnserve`` package is ``root``'s code,
+    laid out as the distribution maps it (rnnserve/ plus the top-level packages)."""
+    where = Path(tempfile.mkdtemp(prefix="rnnserve-build-"))
+    pkg = where / "rnnserve"
+    pkg.mkdir()
+    for f in (root / "rnnserve").iterdir():
+        (pkg / f.name).symlink_to(f.resolve())
+    for name in PACKAGES:
+        (pkg / name).symlink_to((root / name).resolve())
+    return where
+
+
+async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
+                   profile: bool) -> dict[str, float]:
+    import asyncio
+    import cProfile
+    import pstats
+    import time
+
+    import numpy as np
+
+    from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
+    from rnnserve.protos.tensors import to_tensor
+    from rnnserve.server.api import InferenceServicer
+    from rnnserve.server.app import RnnServer
+    from rnnserve.server.settings import Settings
+
+    settings = Settings(repo=Path(repo), host="127.0.0.1", grpc_port=0, metrics_port=0,
+                        device="cpu", intra_op_threads=1, warmup="off",
+                        max_batch_size=max(64, per * 4), max_sessions=groups * per + 64)
+    server = RnnServer(settings)
+    await server.start()
+    try:
+        core = server.core
+        runtime = core.registry.get(model) if model else next(iter(core.registry))
+        servicer = InferenceServicer(core, server.streams)
+        inp = runtime.meta.input
+        rng = np.random.default_rng(0)
+        pcm16 = inp.kind == "pcm16"
+        if pcm16:  # four hops of audio
+            data: object = rng.integers(-3000, 3000, 4 * (inp.hop_samples or 160)
+                                        ).astype("<i2").tobytes()
+        elif inp.kind == "utf8_bytes":
+            data = "four"
+        else:
+            frame = [int(d) for d in inp.shape[2:]]
+            data = rng.standard_normal((4, *frame)).astype(np.dtype(inp.dtype))
+        sids = [[(await core.open(runtime.name, runtime.version))[0].id for _ in range(per)]
+                for _ in range(groups)]
+
+        def request(g: int, k: int) -> pb.ManyRequest:  # built alike for every build
+            req = pb.ManyRequest(id=k)
+            for sid in sids[g]:
+                c = req.items.add(session_id=sid).chunk
+                c.seq = k
+                if isinstance(data, bytes):
+                    c.pcm16 = data
+                elif isinstance(data, str):
+                    c.text = data
+                else:
+                    c.tensor.CopyFrom(to_tensor(data))  # type: ignore[arg-type]
+            return req
+
+        requests = [[request(g, k) for k in range(rounds)] for g in range(groups)]
+
+        async def stream(g: int, first: int, last: int) -> None:
+            for k in range(first, last):
+                resp = await servicer._many(requests[g][k], None)
+                failed = [r for r in resp.results if r.code]
+                if failed:
+                    raise RuntimeError(f"an item failed: {failed[0].message}")
+
+        warm = min(5, rounds - 1)
+        await asyncio.gather(*(stream(g, 0, warm) for g in range(groups)))
+        prof = cProfile.Profile() if profile else None
+        wall, cpu = time.perf_counter(), time.thread_time()
+        if prof is not None:
+            prof.enable()
+        await asyncio.gather(*(stream(g, warm, rounds) for g in range(groups)))
+        if prof is not None:
+            prof.disable()
+        items = groups * per * (rounds - warm)
+        out = {"loop_cpu_us": 1e6 * (time.thread_time() - cpu) / items,
+               "wall_us": 1e6 * (time.perf_counter() - wall) / items, "items": items}
+        if prof is not None:
+            pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+        return out
+    finally:
+        await server.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repo", required=True)
+    ap.add_argument("--model", default="")
+    ap.add_argument("--groups", type=int, default=16, help="StreamMany streams at once")
+    ap.add_argument("--per", type=int, default=64, help="sessions per request")
+    ap.add_argument("--rounds", type=int, default=40, help="requests per stream (5 warm)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--against", type=Path, help="another checkout, in turns with this one")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child's run
+    ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rounds < 2 or args.groups < 1 or args.per < 1 or args.repeats < 1:
+        ap.error("--rounds must be at least 2; --groups, --per and --repeats at least 1")
+    if args.one:
+        if args.root is not None:
+            sys.path.insert(0, str(_lay_out(args.root)))
+        import asyncio
+        import logging
+
+        logging.basicConfig(level=logging.WARNING)
+        print(json.dumps(asyncio.run(_measure(args.repo, args.model, args.groups, args.per,
+                                              args.rounds, args.profile))))
+        return 0
+    here = Path(__file__).resolve().parents[1]
+    builds = {"this": here, **({"against": args.against.resolve()} if args.against else {})}
+    got: dict[str, list[float]] = {name: [] for name in builds}
+    for _ in range(args.repeats):
+        for name, root in builds.items():
+            cmd = [sys.executable, __file__, "--one", "--repo", args.repo, "--model", args.model,
+                   "--groups", str(args.groups), "--per", str(args.per),
+                   "--rounds", str(args.rounds), "--root", str(root),
+                   *(["--profile"] if args.profile else [])]
+            run = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+            if run.returncode:
+                sys.stderr.write(run.stderr[-3000:])
+                return run.returncode
+            if args.profile:
+                sys.stderr.write(run.stderr)
+            result = json.loads(run.stdout.strip().splitlines()[-1])
+            got[name].append(result["loop_cpu_us"])
+            print(f"{name} ({root}): loop CPU {result['loop_cpu_us']:.1f} us per item, "
+                  f"wall {result['wall_us']:.1f} us ({result['items']} items)", flush=True)
+    medians = {name: statistics.median(v) for name, v in got.items()}
+    print("median loop CPU per item: " + ", ".join(f"{n} {m:.1f} us" for n, m in medians.items())
+          + (f"; this / against = {medians['this'] / medians['against']:.2f}"
+             if "against" in medians else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
