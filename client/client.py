@@ -145,6 +145,8 @@ class StreamSession:
         self._client, self._open, self._timeout = client, open_req, timeout
         self._call: Any = None
         self._stub: pb_grpc.InferenceStub = client.stub
+        self._target = 0  # the index of the target this stream is on (the first, then
+        # each reconnect moves on from where it failed, not from a turn all streams share)
         self._outbox: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
         self.session_id = ""
         self.model = ""
@@ -237,7 +239,8 @@ class StreamSession:
         req.resume = req.resume or seq is not None
         while (left := deadline - loop.time()) > 0:
             try:
-                await self._start(self._client.next_stub(), req,
+                self._target = (self._target + 1) % len(self._client.targets)
+                await self._start(self._client.stub_at(self._target), req,
                                   left if self._timeout is None else min(left, self._timeout))
             except grpc.aio.AioRpcError as exc:
                 last = exc
@@ -489,7 +492,6 @@ class AsyncClient:
                           for t in self.targets]
         self._stubs = [pb_grpc.InferenceStub(c) for c in self._channels]
         self.stub = self._stubs[0]
-        self._turn = 0
         self.timeout = timeout
         self.reconnect_s = reconnect_s
 
@@ -502,10 +504,9 @@ class AsyncClient:
         """The first target's channel (for other services on the same server)."""
         return self._channels[0]
 
-    def next_stub(self) -> pb_grpc.InferenceStub:
-        """The next replica's stub, round robin."""
-        self._turn = (self._turn + 1) % len(self._stubs)
-        return self._stubs[self._turn]
+    def stub_at(self, i: int) -> pb_grpc.InferenceStub:
+        """The stub of target ``i`` (in the order given)."""
+        return self._stubs[i]
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
-from rnnserve.client import AsyncClient, bench, many_item
+from rnnserve.client import AsyncClient, StreamSession, bench, many_item
 from rnnserve.client.bench import Spawned
 from rnnserve.client.load import realtime_streams
 from rnnserve.errors import RnnserveError
@@ -145,6 +145,38 @@ def test_a_many_request_not_answered_in_time_is_deadline_exceeded(server, proxy)
             assert (await m.send([many_item("m1", 2, "ef", end=True)]))[0].code == 0
 
     asyncio.run(main())
+
+
+def test_each_stream_reconnects_past_the_replica_it_failed_on(server) -> None:
+    """Two streams on replica A, which freezes (its connections break, new ones are
+    accepted and never answered): both resume on B at once. With one turn shared by
+    all streams, the second stream's reconnect went to A first and waited out its
+    timeout there."""
+    a, b = Proxy(server.grpc_port), Proxy(server.grpc_port)
+
+    async def main() -> list[tuple[float, int]]:
+        async with AsyncClient([a.target, b.target], reconnect_s=10, timeout=1.5) as client:
+            async with client.stream("text") as s1, client.stream("text") as s2:
+                for s in (s1, s2):
+                    await s.send("hello ")
+                a.cut()  # breaks the streams' connection (and stops any holding)
+                a.hold()  # new connections to A: accepted, never answered
+
+                async def again(s: StreamSession) -> tuple[float, int]:
+                    started = time.monotonic()
+                    await s.send("world")
+                    return time.monotonic() - started, s.resumes
+
+                return list(await asyncio.gather(again(s1), again(s2)))
+
+    try:
+        took = asyncio.run(main())
+    finally:
+        a.release()
+        a.close()
+        b.close()
+    assert [resumes for _, resumes in took] == [1, 1]
+    assert max(t for t, _ in took) < 1.5, took  # no attempt waited out A's timeout
 
 
 def test_reconnect_s_bounds_an_attempt_on_a_replica_that_never_answers(server) -> None:
