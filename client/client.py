@@ -446,9 +446,9 @@ class ManyStream:
         if self._error is not None:
             raise self._error
         self._ids += 1
-        fut: asyncio.Future[pb.ManyResponse] = asyncio.get_running_loop().create_future()
-        self._waiting[self._ids] = fut
         rid = self._ids
+        fut: asyncio.Future[pb.ManyResponse] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = fut
         if isinstance(items, pb.ManyRequest):
             items.id = rid
             self._outbox.put_nowait(items)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -27,17 +26,16 @@ from pathlib import Path
 PACKAGES = ("training", "export", "server", "client", "protos")  # rnnserve.<name> = <name>/
 
 
-def _lay_out(root: Path) -> Path:
-    """A folder to put first on sys.path whose ``rnnserve`` package is ``root``'s code,
-    laid out as the distribution maps it (rnnserve/ plus the top-level packages)."""
-    where = Path(tempfile.mkdtemp(prefix="rnnserve-build-"))
+def _lay_out(root: Path, where: Path) -> None:
+    """Make ``where`` (to go first on sys.path) hold an ``rnnserve`` package that is
+    ``root``'s code, laid out as the distribution maps it (rnnserve/ plus the top-level
+    packages)."""
     pkg = where / "rnnserve"
     pkg.mkdir()
     for f in (root / "rnnserve").iterdir():
         (pkg / f.name).symlink_to(f.resolve())
     for name in PACKAGES:
         (pkg / name).symlink_to((root / name).resolve())
-    return where
 
 
 async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
@@ -66,15 +64,15 @@ async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
         servicer = InferenceServicer(core, server.streams)
         inp = runtime.meta.input
         rng = np.random.default_rng(0)
-        pcm16 = inp.kind == "pcm16"
-        if pcm16:  # four hops of audio
-            data: object = rng.integers(-3000, 3000, 4 * (inp.hop_samples or 160)
-                                        ).astype("<i2").tobytes()
+        if inp.kind == "pcm16":  # four hops of audio
+            chunk = pb.Chunk(pcm16=rng.integers(-3000, 3000, 4 * (inp.hop_samples or 160)
+                                                ).astype("<i2").tobytes())
         elif inp.kind == "utf8_bytes":
-            data = "four"
+            chunk = pb.Chunk(text="four")
         else:
             frame = [int(d) for d in inp.shape[2:]]
-            data = rng.standard_normal((4, *frame)).astype(np.dtype(inp.dtype))
+            chunk = pb.Chunk(tensor=to_tensor(
+                rng.standard_normal((4, *frame)).astype(np.dtype(inp.dtype))))
         sids = [[(await core.open(runtime.name, runtime.version))[0].id for _ in range(per)]
                 for _ in range(groups)]
 
@@ -82,13 +80,8 @@ async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
             req = pb.ManyRequest(id=k)
             for sid in sids[g]:
                 c = req.items.add(session_id=sid).chunk
+                c.CopyFrom(chunk)
                 c.seq = k
-                if isinstance(data, bytes):
-                    c.pcm16 = data
-                elif isinstance(data, str):
-                    c.text = data
-                else:
-                    c.tensor.CopyFrom(to_tensor(data))  # type: ignore[arg-type]
             return req
 
         requests = [[request(g, k) for k in range(rounds)] for g in range(groups)]
@@ -135,14 +128,16 @@ def main() -> int:
     if args.rounds < 2 or args.groups < 1 or args.per < 1 or args.repeats < 1:
         ap.error("--rounds must be at least 2; --groups, --per and --repeats at least 1")
     if args.one:
-        if args.root is not None:
-            sys.path.insert(0, str(_lay_out(args.root)))
         import asyncio
         import logging
 
         logging.basicConfig(level=logging.WARNING)
-        print(json.dumps(asyncio.run(_measure(args.repo, args.model, args.groups, args.per,
-                                              args.rounds, args.profile))))
+        with tempfile.TemporaryDirectory(prefix="rnnserve-build-") as where:
+            if args.root is not None:
+                _lay_out(args.root, Path(where))
+                sys.path.insert(0, where)
+            print(json.dumps(asyncio.run(_measure(args.repo, args.model, args.groups,
+                                                  args.per, args.rounds, args.profile))))
         return 0
     here = Path(__file__).resolve().parents[1]
     builds = {"this": here, **({"against": args.against.resolve()} if args.against else {})}
@@ -153,7 +148,7 @@ def main() -> int:
                    "--groups", str(args.groups), "--per", str(args.per),
                    "--rounds", str(args.rounds), "--root", str(root),
                    *(["--profile"] if args.profile else [])]
-            run = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+            run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode:
                 sys.stderr.write(run.stderr[-3000:])
                 return run.returncode

@@ -320,35 +320,36 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         targets: list[pb.ManyResult] = []
         opening = []
         room = self.max_answer_bytes or None
-        taken: list[tuple[pb.ManyItem, ChunkInput | None, pb.ManyResult]] = []
+        taken: list[tuple[pb.ManyItem, str, ChunkInput | None, pb.ManyResult]] = []
         bound = 0  # the answer's size if each item got the largest answer of any model
         for item in req.items:
-            target = resp.results.add(session_id=item.session_id)
+            sid = item.session_id  # each read of a string field makes a new str
+            target = resp.results.add(session_id=sid)
             try:  # whatever an item's decoding raises fails that item alone
                 chunk = chunk_input(item.chunk) if item.HasField("chunk") else None
             except Exception as exc:
                 fill_failure(target, exc)
                 continue
             if room is not None:
-                bound += MANY_ITEM_OVERHEAD + 2 * len(item.session_id) + (
+                bound += MANY_ITEM_OVERHEAD + 2 * len(sid) + (
                     0 if chunk is None else self._largest_answer(chunk.steps))
-            taken.append((item, chunk, target))
+            taken.append((item, sid, chunk, target))
         if room is not None and bound > room:  # it may not fit: each item's own answer
             fits = []  # counted, in order (what almost every request is spared)
-            for item, chunk, target in taken:
+            for item, sid, chunk, target in taken:
                 try:
                     room -= self._answer_bytes(item, chunk, room)
                 except Exception as exc:
                     fill_failure(target, exc)
                     continue
-                fits.append((item, chunk, target))
+                fits.append((item, sid, chunk, target))
             taken = fits
-        for item, chunk, target in taken:
+        for item, sid, chunk, target in taken:
             if item.HasField("open") or chunk is None:
                 opening.append(self._item(item, chunk, target, expires))
                 continue
             c = item.chunk
-            steps.append((item.session_id, c.seq, chunk, c.end))
+            steps.append((sid, c.seq, chunk, c.end))
             targets.append(target)
         if opening:
             outcomes, *_ = await asyncio.gather(self.core.step_many(steps, expires=expires),

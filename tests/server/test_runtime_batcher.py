@@ -397,7 +397,8 @@ def test_warm_up_runs_the_buckets_batches_are_padded_to(repo) -> None:
 
 def test_cuda_buckets_apply_only_where_cuda_was_obtained(repo) -> None:
     """The server's auto buckets (pow2 on CUDA) reach a model only if it runs on CUDA:
-    device auto that ends on the CPU runs every batch at its own size."""
+    one on the CPU (device cpu, or auto that ends there) runs every batch at its own
+    size, or at the buckets given for every device."""
     opts = RuntimeOptions(device="cpu", cuda_batch_buckets=(1, 2, 4, 8))
     rt = ModelRegistry(repo, opts).get("feat")
     assert rt.buckets == () and rt.padded_size(3) == 3
