@@ -40,3 +40,20 @@ class CountingSession:
     def run_with_iobinding(self, binding, run_options=None):
         self._log.append(("run", ""))
         return self._real.run_with_iobinding(binding._real, run_options)
+
+
+def warm_up_runs(rt: Any, max_batch: int) -> list[tuple[int, int]]:
+    """``rt.warm_up(max_batch)``, recording each run as (the size it is padded to, its
+    chunk length)."""
+    real, runs = rt.run_rows, []
+
+    def counting(xs, rows, out_rows=None, want_states=False):
+        runs.append((rt.padded_size(len(xs)), xs[0].shape[0]))
+        return real(xs, rows, out_rows, want_states)
+
+    rt.run_rows = counting
+    try:
+        rt.warm_up(max_batch)
+    finally:
+        del rt.run_rows
+    return runs

@@ -12,7 +12,7 @@ import pytest
 from rnnserve.server.errors import DeviceUnavailable
 from rnnserve.server.runtime import CUDA, ModelRegistry, RuntimeOptions, providers_for
 
-from .binding import CountingSession
+from .binding import CountingSession, warm_up_runs
 
 
 def test_cuda_options_keep_fp32_exact() -> None:
@@ -185,18 +185,7 @@ def test_a_model_on_cuda_takes_the_cuda_buckets(repo) -> None:
     if rt.provider != "CUDAExecutionProvider":
         pytest.skip("device auto did not obtain CUDA here")
     assert rt.buckets == (2, 8) and [rt.padded_size(n) for n in (1, 3, 9)] == [2, 8, 9]
-    real, sizes = rt.run_rows, []
-
-    def counting(xs, rows, out_rows=None, want_states=False):
-        sizes.append(rt.padded_size(len(xs)))
-        return real(xs, rows, out_rows, want_states)
-
-    rt.run_rows = counting
-    try:
-        rt.warm_up(8)
-    finally:
-        del rt.run_rows
-    assert sorted(set(sizes)) == [2, 8]  # not 1..8
+    assert sorted({size for size, _ in warm_up_runs(rt, 8)}) == [2, 8]  # not 1..8
 
 
 @pytest.mark.requires_cuda

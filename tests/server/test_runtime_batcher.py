@@ -24,6 +24,8 @@ from rnnserve.server.pool import ZERO, PoolState
 from rnnserve.server.runtime import ModelRegistry, RuntimeOptions
 from rnnserve.server.sessions import MemorySessionStore
 
+from .binding import warm_up_runs
+
 
 @pytest.fixture(scope="module")
 def registry(repo):
@@ -380,19 +382,7 @@ def test_warm_up_runs_the_buckets_batches_are_padded_to(repo) -> None:
     """Buckets 8, 16, 32 and batches up to 12: sizes 9 to 12 run padded to 16, which
     must be warmed too (it once was not: only buckets up to max_batch were)."""
     rt = ModelRegistry(repo, RuntimeOptions(device="cpu", batch_buckets=(8, 16, 32))).get("feat")
-    real = rt.run_rows
-    sizes = []
-
-    def counting(xs, rows, out_rows=None, want_states=False):
-        sizes.append((rt.padded_size(len(xs)), xs[0].shape[0]))
-        return real(xs, rows, out_rows, want_states)
-
-    rt.run_rows = counting
-    try:
-        rt.warm_up(12)
-    finally:
-        del rt.run_rows
-    assert sorted(set(sizes)) == [(8, 1), (8, 4), (16, 1), (16, 4)]
+    assert sorted(set(warm_up_runs(rt, 12))) == [(8, 1), (8, 4), (16, 1), (16, 4)]
 
 
 def test_cuda_buckets_apply_only_where_cuda_was_obtained(repo) -> None:
