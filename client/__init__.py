@@ -5,12 +5,17 @@ from rnnserve.client.client import (
     AsyncClient,
     Client,
     ManyStream,
+    PackedAnswer,
+    PackedStream,
     StreamSession,
     add_many_item,
     item_status,
     many_item,
     outputs,
+    packed_request,
+    status_of,
 )
 
-__all__ = ["OWN_CONNECTION", "AsyncClient", "Client", "ManyStream", "StreamSession",
-           "add_many_item", "item_status", "many_item", "outputs"]
+__all__ = ["OWN_CONNECTION", "AsyncClient", "Client", "ManyStream", "PackedAnswer",
+           "PackedStream", "StreamSession", "add_many_item", "item_status", "many_item",
+           "outputs", "packed_request", "status_of"]

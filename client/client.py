@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -374,37 +375,25 @@ def _fill_item(item: pb.ManyItem, session_id: str, seq: int, data: Data, end: bo
 
 def item_status(result: pb.ManyResult) -> grpc.StatusCode:
     """The status of one item of a ``ManyStream`` answer."""
-    return next(c for c in grpc.StatusCode if c.value[0] == result.code)
+    return status_of(result.code)
 
 
-class ManyStream:
-    """Many sessions on one stream (``StreamMany``), as a gateway carrying many live
-    streams sends them::
+class _Pipelined:
+    """A stream whose requests carry ids and whose answers come back by id, as they
+    complete (``StreamMany``, ``StreamPacked``): several tasks may ``_send`` at once."""
 
-        async with client.many() as m:
-            results = await m.send([many_item(a, 0, pcm, open_model="speech"),
-                                    many_item(b, 7, pcm)])
-            outputs(results[0].result) if results[0].code == 0 else item_status(results[1])
-
-    ``send`` may be called by several tasks at once (requests in flight together are
-    answered as they complete); a session's next chunk goes out after its last one's
-    answer. Items fail one by one (``code``, ``message``); a failed stream (drain,
-    lost connection) raises its status from every waiting and later ``send``.
-    ``timeout`` bounds each ``send``, not the stream: a request not answered in time
-    raises DEADLINE_EXCEEDED (its items may have run: a session's chunk sent again with
-    the same seq gets the answer it had).
-    """
+    _method = ""
 
     def __init__(self, client: AsyncClient, timeout: float | None) -> None:
         self._client, self._timeout = client, timeout
-        self._outbox: asyncio.Queue[pb.ManyRequest | None] = asyncio.Queue()
-        self._waiting: dict[int, asyncio.Future[pb.ManyResponse]] = {}
+        self._outbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._ids = 0
         self._error: BaseException | None = None
         self._call: Any = None
         self._reader: asyncio.Task[None] | None = None
 
-    async def _requests(self) -> AsyncIterator[pb.ManyRequest]:
+    async def _requests(self) -> AsyncIterator[Any]:
         while (req := await self._outbox.get()) is not None:
             yield req
 
@@ -432,36 +421,27 @@ class ManyStream:
                     fut.set_exception(self._error)
             self._waiting.clear()
 
-    async def __aenter__(self) -> ManyStream:
-        self._call = self._client.stub.StreamMany(self._requests(),
-                                                  metadata=self._client.metadata())
+    async def _open(self) -> None:
+        self._call = getattr(self._client.stub, self._method)(
+            self._requests(), metadata=self._client.metadata())
         self._reader = asyncio.get_running_loop().create_task(self._read())
-        return self
 
-    async def send(self, items: Sequence[pb.ManyItem] | pb.ManyRequest
-                   ) -> list[pb.ManyResult]:
-        """Send one request and wait for its answer: one result per item, in order.
-        ``items``: the items, or a request filled by ``add_many_item`` (its id is set
-        here; the request is the stream's from then on)."""
+    async def _send(self, request: Any) -> Any:
+        """Send ``request`` (its id set here) and wait for its answer."""
         if self._error is not None:
             raise self._error
         self._ids += 1
-        rid = self._ids
-        fut: asyncio.Future[pb.ManyResponse] = asyncio.get_running_loop().create_future()
+        rid = request.id = self._ids
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
-        if isinstance(items, pb.ManyRequest):
-            items.id = rid
-            self._outbox.put_nowait(items)
-        else:
-            self._outbox.put_nowait(pb.ManyRequest(id=rid, items=items))
+        self._outbox.put_nowait(request)
         try:
-            resp = await asyncio.wait_for(fut, self._timeout)
+            return await asyncio.wait_for(fut, self._timeout)
         except TimeoutError:  # said as every other call of the client says it
-            raise deadline_exceeded(f"StreamMany request {rid} not answered within "
+            raise deadline_exceeded(f"{self._method} request {rid} not answered within "
                                     f"{self._timeout:g} s") from None
         finally:  # a late answer finds no one waiting and is dropped
             self._waiting.pop(rid, None)
-        return list(resp.results)
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
@@ -471,6 +451,115 @@ class ManyStream:
         if self._reader is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+
+
+class ManyStream(_Pipelined):
+    """Many sessions on one stream (``StreamMany``), as a gateway carrying many live
+    streams sends them::
+
+        async with client.many() as m:
+            results = await m.send([many_item(a, 0, pcm, open_model="speech"),
+                                    many_item(b, 7, pcm)])
+            outputs(results[0].result) if results[0].code == 0 else item_status(results[1])
+
+    ``send`` may be called by several tasks at once (requests in flight together are
+    answered as they complete); a session's next chunk goes out after its last one's
+    answer. Items fail one by one (``code``, ``message``); a failed stream (drain,
+    lost connection) raises its status from every waiting and later ``send``.
+    ``timeout`` bounds each ``send``, not the stream: a request not answered in time
+    raises DEADLINE_EXCEEDED (its items may have run: a session's chunk sent again with
+    the same seq gets the answer it had).
+    """
+
+    _method = "StreamMany"
+
+    async def __aenter__(self) -> ManyStream:
+        await self._open()
+        return self
+
+    async def send(self, items: Sequence[pb.ManyItem] | pb.ManyRequest
+                   ) -> list[pb.ManyResult]:
+        """Send one request and wait for its answer: one result per item, in order.
+        ``items``: the items, or a request filled by ``add_many_item`` (its id is set
+        here; the request is the stream's from then on)."""
+        request = items if isinstance(items, pb.ManyRequest) else pb.ManyRequest(items=items)
+        resp: pb.ManyResponse = await self._send(request)
+        return list(resp.results)
+
+
+@dataclass
+class PackedAnswer:
+    """The answer to a ``PackedStream.send``: each output (sessions, time, ...), row i
+    session i's (zeros for a failed session), and the failed sessions' status by
+    position: (code, message, retry-after milliseconds or 0)."""
+
+    outputs: dict[str, np.ndarray]
+    failures: dict[int, tuple[grpc.StatusCode, str, int]]
+
+
+def packed_request(model: str, session_ids: Sequence[str], seqs: Sequence[int],
+                   chunks: np.ndarray | bytes, *, version: int = 0,
+                   opens: Sequence[int] = (), ends: Sequence[int] = (),
+                   timeout_ms: int = 0) -> pb.PackedRequest:
+    """A ``StreamPacked`` request: session ``session_ids[i]`` stepped by ``chunks[i]``
+    numbered ``seqs[i]``. ``chunks``: (sessions, time, *frame) in the model's input
+    dtype (int16 samples for PCM16 models, uint8 for text models), or PCM16 bytes of
+    every session's chunk in turn (equal lengths). ``opens``: the positions whose
+    session this request opens (with the id given, on ``model`` and ``version``);
+    ``ends``: those whose chunk is their session's last; ``timeout_ms`` as for a chunk,
+    for each of them."""
+    req = pb.PackedRequest(model=model, version=version, timeout_ms=timeout_ms)
+    req.session_ids.extend(session_ids)
+    req.seqs.extend(seqs)
+    if isinstance(chunks, bytes | bytearray | memoryview):
+        n = len(session_ids)
+        samples = np.frombuffer(chunks, dtype="<i2")
+        if not n or len(samples) % n:
+            raise ValueError(f"{len(samples)} PCM16 samples do not split into {n} chunks")
+        chunks = samples.reshape(n, -1)
+    fill_tensor(req.chunks, np.asarray(chunks))
+    if opens:
+        req.opens.extend(opens)
+    if ends:
+        req.ends.extend(ends)
+    return req
+
+
+def status_of(code: int) -> grpc.StatusCode:
+    """The status of a numeric google.rpc code."""
+    return next(c for c in grpc.StatusCode if c.value[0] == code)
+
+
+class PackedStream(_Pipelined):
+    """Many sessions of one model stepped together on one stream (``StreamPacked``),
+    their chunks in one array, as a gateway whose streams' chunks share one length sends
+    them; the server steps them as one block::
+
+        async with client.packed() as p:
+            a = await p.send(packed_request("speech", [s1, s2], [0, 0], pcm, opens=[0, 1]))
+            a.outputs["logits"][1], a.failures.get(0)
+
+    As ``ManyStream``: ``send`` may be called by several tasks at once; a session's
+    next chunk goes out after its last one's answer; sessions fail one by one
+    (``failures``); a request refused as a whole (malformed, too large an answer)
+    raises its status, with nothing run; ``timeout`` bounds each ``send``.
+    """
+
+    _method = "StreamPacked"
+
+    async def __aenter__(self) -> PackedStream:
+        await self._open()
+        return self
+
+    async def send(self, request: pb.PackedRequest) -> PackedAnswer:
+        """Send a request made by ``packed_request`` (its id is set here)."""
+        resp: pb.PackedResponse = await self._send(request)
+        if resp.code:
+            raise grpc.aio.AioRpcError(status_of(resp.code), grpc.aio.Metadata(),
+                                       grpc.aio.Metadata(), resp.message)
+        return PackedAnswer({o.name: from_tensor(o.tensor) for o in resp.outputs},
+                            {f.index: (status_of(f.code), f.message, f.retry_after_ms)
+                             for f in resp.failures})
 
 
 class AsyncClient:
@@ -531,6 +620,10 @@ class AsyncClient:
     def many(self) -> ManyStream:
         """A stream of many sessions' chunks (see ``ManyStream``)."""
         return ManyStream(self, self.timeout)
+
+    def packed(self) -> PackedStream:
+        """A stream of many sessions' chunks packed in one array (see ``PackedStream``)."""
+        return PackedStream(self, self.timeout)
 
     async def close_session(self, session_id: str) -> None:
         """End a session that will not be sent its last chunk (unary ``CloseSession``)."""

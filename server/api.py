@@ -97,7 +97,7 @@ def fill_result(target: pb.ChunkResult, out: ChunkOutput) -> None:
         fill_tensor(target.outputs.add(name=name).tensor, a)
 
 
-def fill_failure(target: pb.ManyResult, exc: BaseException) -> None:
+def fill_failure(target: pb.ManyResult | pb.PackedFailure, exc: BaseException) -> None:
     """An item's failure as its status: a CoreError's code, message and retry hint,
     anything else INTERNAL without its text (logged here)."""
     if isinstance(exc, CoreError):
@@ -361,6 +361,52 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 fill_result(target.result, outcome)
             else:
                 fill_failure(target, outcome)
+        return resp
+
+    async def StreamPacked(self, request_iterator: AsyncIterator[pb.PackedRequest],
+                           context: grpc.aio.ServicerContext
+                           ) -> AsyncIterator[pb.PackedResponse]:
+        expires = deadline(context)
+        answers = pipelined(self.gate, request_iterator,
+                            lambda req: self._packed(req, expires), context)
+        async with aclosing(answers):
+            async for answer in answers:
+                yield answer
+
+    async def _packed(self, req: pb.PackedRequest, expires: float | None
+                      ) -> pb.PackedResponse:
+        """A packed request: its sessions stepped as one block where they can be
+        (``Core.step_packed``); a request refused whole gets its status in the answer,
+        and the stream goes on."""
+        resp = pb.PackedResponse(id=req.id)
+        try:
+            sids = list(req.session_ids)
+            for sid in sids:
+                check_id(sid)
+            try:
+                x = from_tensor(req.chunks)
+            except TensorError as exc:
+                raise InvalidChunk(str(exc)) from None
+            if self.max_answer_bytes and x.ndim >= 2:
+                runtime = self.core.registry.get(req.model, req.version or None)
+                size = len(sids) * runtime.answer_bytes(x.shape[1])
+                if size > self.max_answer_bytes:
+                    raise InvalidChunk(
+                        f"the answers to {len(sids)} sessions' chunks of {x.shape[1]} steps "
+                        f"take {size} bytes, more than a message may carry "
+                        f"({self.max_answer_bytes} bytes of outputs, --max-message-bytes); "
+                        "send fewer sessions per message")
+            outputs, failures = await self.core.step_packed(
+                req.model, req.version, sids, req.seqs, x, req.opens, req.ends,
+                timeout_s=req.timeout_ms / 1000, expires=expires)
+        except CoreError as exc:
+            resp.code = grpc.StatusCode[exc.code].value[0]
+            resp.message = str(exc)
+            return resp
+        for i in sorted(failures):
+            fill_failure(resp.failures.add(index=i), failures[i])
+        for name, a in outputs:
+            fill_tensor(resp.outputs.add(name=name).tensor, a)
         return resp
 
     def _answer_bytes(self, item: pb.ManyItem, chunk: ChunkInput | None, room: int) -> int:

@@ -15,6 +15,12 @@ chunks stay in order, also when ``runners`` > 1 lets batches run at once. A full
 queue answers ``Overloaded`` at once instead of blocking the producer; a failed run
 fails every step in it, and the batcher goes on.
 
+A step may also be a block: ``submit_block`` queues the chunks of many sessions as one
+array (a ``StreamPacked`` request's), which joins a batch as one piece and gets its
+outputs back as one (the queue, the batch size and the metrics still count its
+sessions). A block is taken whole into a batch, and a block's sessions run, fail or
+expire together.
+
 A step may carry a ``tag`` for the ``commit`` hook (the core's write to the shared
 session store): after a group ran, the hook gets the tagged steps' tags, outputs and
 new states at once, and their callers get their results only when it returned (or
@@ -37,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from rnnserve.server.errors import BatchFailed, DeadlineExpired, Overloaded
-from rnnserve.server.pool import TRASH, PoolFull
+from rnnserve.server.pool import TRASH, PoolFull, StatePool
 from rnnserve.server.runtime import ModelRuntime
 
 log = logging.getLogger("rnnserve.batcher")
@@ -61,6 +67,10 @@ CommitHook = Callable[[list[tuple[Any, list[np.ndarray], list[np.ndarray] | None
 # (the caller owns it: it becomes the session's row or is freed), and a host copy of the
 # new state when the commit hook needed one (else None).
 StepResult = tuple[list[np.ndarray], int, list[np.ndarray] | None]
+
+# What a block gives its caller: its outputs, each (sessions, ...), and the rows that now
+# hold its sessions' new states, in order (the caller's).
+BlockResult = tuple[list[np.ndarray], list[int]]
 
 
 class Group:
@@ -147,33 +157,47 @@ class _StepQueue:
     at a time (``asyncio.Queue`` does more per step than one event loop's producers and
     one consumer need)."""
 
-    __slots__ = ("maxsize", "_items", "_waiter", "_unfinished", "_idle")
+    __slots__ = ("maxsize", "_items", "_rows", "_waiter", "_unfinished", "_idle")
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
         self._items: deque[_Step] = deque()
+        self._rows = 0  # the sessions' steps queued: a block counts its sessions
         self._waiter: asyncio.Future[None] | None = None
-        self._unfinished = 0  # queued and not yet done (``task_done``)
+        self._unfinished = 0  # sessions' steps queued and not yet done (``task_done``)
         self._idle: asyncio.Event | None = None
 
     def qsize(self) -> int:
-        return len(self._items)
+        """The sessions' steps queued (a block's each)."""
+        return self._rows
 
     def put(self, item: _Step) -> None:
         self._items.append(item)
-        self._unfinished += 1
+        n = item.count or 1
+        self._rows += n
+        self._unfinished += n
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def take(self, n: int) -> list[_Step]:
-        """Up to ``n`` steps, oldest first."""
+    def take(self, n: int, whole: bool = True) -> list[_Step]:
+        """Steps of up to ``n`` sessions, oldest first; with ``whole`` at least one (a
+        block of more sessions than ``n`` is taken alone)."""
         items = self._items
-        if n >= len(items):
+        if n >= self._rows:
             out = list(items)
             items.clear()
+            self._rows = 0
             return out
-        return [items.popleft() for _ in range(n)]
+        out, rows = [], 0
+        while items:
+            k = items[0].count or 1
+            if rows + k > n and (out or not whole):
+                break
+            out.append(items.popleft())
+            rows += k
+        self._rows -= rows
+        return out
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Until a step is queued (True) or ``timeout`` seconds passed (False)."""
@@ -217,6 +241,42 @@ class _Step:
     expires: float | None = None  # perf_counter time after which it must not run
     tag: Any = None  # handed to the commit hook with the step's results
     out: int = TRASH  # the fresh row its new state goes to, once it runs
+    # a block: its sessions (x is (count, T, *frame)), their rows (pinned while queued)
+    # and, once it runs, the fresh rows of their new states; 0, None, None for one chunk
+    count: int = 0
+    rows: list[int] | None = None
+    outs: list[int] | None = None
+
+    @property
+    def chunk_shape(self) -> tuple[int, ...]:
+        return self.x.shape[1:] if self.count else self.x.shape
+
+    def unpin(self, pool: StatePool) -> None:
+        if self.rows is None:
+            pool.unpin(self.row)
+            return
+        for row in self.rows:
+            pool.unpin(row)
+
+    def free_outs(self, pool: StatePool) -> None:
+        if self.outs is None:
+            pool.free(self.out)
+            return
+        for row in self.outs:
+            pool.free(row)
+
+
+def _alloc(pool: StatePool, n: int) -> list[int]:
+    """``n`` fresh rows, or none (PoolFull) when the pool has not that many."""
+    rows: list[int] = []
+    try:
+        for _ in range(n):
+            rows.append(pool.alloc())
+    except PoolFull:
+        for row in rows:
+            pool.free(row)
+        raise
+    return rows
 
 
 # a group's run: the steps that ran, their outputs, host states (or None), queue waits
@@ -348,13 +408,37 @@ class Batcher:
         self._queue.put(_Step(x, row, keep, future, time.perf_counter(), expires, tag))
         return future
 
+    def submit_block(self, rows: list[int], x: np.ndarray, expires: float | None,
+                     group: Group) -> Slot:
+        """Queue the chunks ``x`` (len(rows), T, *frame) of the sessions whose states are
+        in pool rows ``rows`` as one block; its slot in ``group`` gets a ``BlockResult``
+        (given to ``abandon`` when nobody waits for it any more). The rows are not
+        changed. Refused whole (Overloaded) when its sessions would pass the queue's
+        bound."""
+        if not rows:
+            raise ValueError("a block holds at least one session")
+        queue = self._queue
+        if queue.qsize() and queue.qsize() + len(rows) > queue.maxsize:
+            raise Overloaded(f"model {self.runtime.name!r} has {queue.qsize()} steps "
+                             f"queued (at most {queue.maxsize}); retry after a short delay",
+                             retry_after_ms=retry_after_ms(self.delay_s()))
+        slot = group.slot()
+        pool = self.runtime.pool
+        for row in rows:
+            pool.pin(row)
+        queue.put(_Step(x, TRASH, True, slot, time.perf_counter(), expires, None,
+                        count=len(rows), rows=rows))
+        return slot
+
     def abandon(self, future: StepFuture) -> None:
         """A submitted step nobody waits for any more: dropped if it has not run, and a
         new row it already got freed (it would be nobody's)."""
         if not future.done():
             future.cancel()  # the batcher skips it (or frees its row once it ran)
         elif not future.cancelled() and future.exception() is None:
-            self.runtime.pool.free(future.result()[1])
+            got = future.result()[1]
+            for row in got if isinstance(got, list) else (got,):
+                self.runtime.pool.free(row)
 
     async def _consume(self) -> None:
         loop = asyncio.get_running_loop()
@@ -363,10 +447,15 @@ class Batcher:
             await self._runners.acquire()
             await queue.wait()
             batch = queue.take(most)
+            rows = sum(s.count or 1 for s in batch)
             deadline = loop.time() + self.max_delay_s
-            while len(batch) < most:
+            while rows < most:
                 if queue.qsize():
-                    batch += queue.take(most - len(batch))
+                    more = queue.take(most - rows, whole=False)
+                    if not more:  # a block that does not fit: it starts the next batch
+                        break
+                    batch += more
+                    rows += sum(s.count or 1 for s in more)
                     continue
                 remaining = deadline - loop.time()
                 if remaining <= 0 or not await queue.wait(remaining):
@@ -386,9 +475,9 @@ class Batcher:
                 groups: dict[tuple[int, ...], list[_Step]] = defaultdict(list)
                 for item in batch:
                     if item.future.done():  # the caller went away (a cancelled call)
-                        self.runtime.pool.unpin(item.row)
+                        item.unpin(self.runtime.pool)
                         continue
-                    groups[item.x.shape].append(item)
+                    groups[item.chunk_shape].append(item)
                 todo = list(groups.values())
                 while todo:
                     tagged = await self._run(loop, todo.pop(0), thread)
@@ -398,7 +487,7 @@ class Batcher:
                         last = tagged
             except BaseException:  # a bug, or the batcher stopped: the groups not run
                 for s in (s for group in todo for s in group):  # yet are answered, unpinned
-                    self.runtime.pool.unpin(s.row)
+                    s.unpin(self.runtime.pool)
                     if not s.future.done():
                         s.future.set_exception(BatchFailed("the chunk did not run; nothing "
                                                            "advanced"))
@@ -411,7 +500,7 @@ class Batcher:
             if commits:
                 await asyncio.gather(*commits)
         finally:
-            self._queue.task_done(len(batch))
+            self._queue.task_done(sum(s.count or 1 for s in batch))
 
     async def _run(self, loop: asyncio.AbstractEventLoop, group: list[_Step],
                    thread: ThreadPoolExecutor
@@ -428,15 +517,17 @@ class Batcher:
         host = states if states is not None else [None] * len(group)
         for s, out, st in zip(group, outputs, host, strict=True):
             if s.future.done():  # cancelled while it ran: its new row is nobody's
-                pool.free(s.out)
+                s.free_outs(pool)
                 continue
-            if s.tag is not None and self.commit is not None:
+            if s.outs is not None:  # a block (never tagged: no shared store)
+                s.future.set_result((out, s.outs))  # type: ignore[arg-type]
+            elif s.tag is not None and self.commit is not None:
                 tagged.append((s, out, st))
             else:
                 s.future.set_result((out, s.out, st))
         self.batches += 1
-        self.steps += len(group)
-        self.largest_batch = max(self.largest_batch, len(group))
+        self.steps += len(waits)
+        self.largest_batch = max(self.largest_batch, len(waits))
         if self._on_batch is not None:
             self._on_batch(waits, seconds)
         return tagged
@@ -450,45 +541,62 @@ class Batcher:
         self._last_run_at = started
         self._last_wait = max(started - s.queued_at for s in group)
         runnable = []
+        blocks = False
         for s in group:  # a fixed pool out of rows refuses the steps that find none
             if s.future.done():  # given up while an earlier group of its batch ran
-                pool.unpin(s.row)
+                s.unpin(pool)
                 continue
             # checked as the group starts, not as the batch does: a step whose deadline
             # came while an earlier group of its batch ran has not run by then either
             if s.expires is not None and started >= s.expires:
-                pool.unpin(s.row)
+                s.unpin(pool)
                 s.future.set_exception(DeadlineExpired(
                     f"the chunk waited {(started - s.queued_at) * 1000:.0f} ms for its "
                     "batch, past its deadline; it did not run and nothing advanced"))
                 continue
             try:
-                s.out = pool.alloc() if s.keep else TRASH
+                if s.rows is not None:
+                    blocks = True
+                    s.outs = _alloc(pool, len(s.rows))
+                else:
+                    s.out = pool.alloc() if s.keep else TRASH
             except PoolFull as full:
-                pool.unpin(s.row)
+                s.unpin(pool)
                 s.future.set_exception(full)
                 continue
             runnable.append(s)
         if not runnable:
             return None
         group = runnable
-        waits = [started - s.queued_at for s in group]  # the metrics: the steps that run
+        waits = []  # the metrics: the sessions' steps that run
+        for s in group:
+            if s.count:
+                waits += [started - s.queued_at] * s.count
+            else:
+                waits.append(started - s.queued_at)
         want_states = self.commit is not None and any(s.tag is not None for s in group)
+        if blocks:  # a row per session; run_rows joins and splits each block as one
+            rows = [r for s in group for r in (s.rows if s.rows is not None else (s.row,))]
+            outs = [r for s in group for r in (s.outs if s.outs is not None else (s.out,))]
+            args: tuple[Any, ...] = ([s.x for s in group], rows, outs, want_states,
+                                     [s.count for s in group])
+        else:
+            args = ([s.x for s in group], [s.row for s in group], [s.out for s in group],
+                    want_states)
         try:
             outputs, states = await loop.run_in_executor(
-                thread, self.runtime.run_rows, [s.x for s in group],
-                [s.row for s in group], [s.out for s in group], want_states)
+                thread, self.runtime.run_rows, *args)
         except Exception:
-            log.exception("batch of %d steps failed on model %s v%d", len(group),
+            log.exception("batch of %d steps failed on model %s v%d", len(waits),
                           self.runtime.name, self.runtime.version)
             for s in group:
-                pool.free(s.out)
+                s.free_outs(pool)
                 if not s.future.done():
                     s.future.set_exception(BatchFailed("the model failed to run this chunk"))
             return None
         finally:
             for s in group:
-                pool.unpin(s.row)
+                s.unpin(pool)
         return group, outputs, states, waits, time.perf_counter() - started
 
     async def _commit(self, tagged: list[tuple[_Step, list[np.ndarray], list[np.ndarray] | None]]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from rnnserve.server import records
-from rnnserve.server.batcher import Batcher, Group, StepFuture, retry_after_ms
+from rnnserve.server.batcher import Batcher, Group, Slot, StepFuture, retry_after_ms
 from rnnserve.server.errors import (
     CoreError,
     InvalidChunk,
@@ -45,7 +45,14 @@ from rnnserve.server.errors import (
 from rnnserve.server.identity import principal
 from rnnserve.server.pool import ZERO, PoolState
 from rnnserve.server.runtime import ModelRegistry, ModelRuntime
-from rnnserve.server.sessions import Answer, HostState, Session, SessionStore, digest
+from rnnserve.server.sessions import (
+    Answer,
+    HostState,
+    RowAnswer,
+    Session,
+    SessionStore,
+    digest,
+)
 from rnnserve.server.shared import RedisStore
 
 log = logging.getLogger("rnnserve.core")
@@ -145,9 +152,10 @@ def _row(session: Session) -> int:
 
 
 # Called once per chunk, answered or rejected: (api, model, version, status code name,
-# seconds from receipt to answer, seconds from open to this first answer or None).
-# model is "" and version 0 when the session was not found.
-ChunkHook = Callable[[str, str, int, str, float, float | None], None]
+# seconds from receipt to answer, seconds from open to this first answer or None[,
+# how many chunks, 1 unless given]). model is "" and version 0 when the session was
+# not found.
+ChunkHook = Callable[..., None]
 
 
 # A session this server does not hold (any more), by the reason it gives.
@@ -168,6 +176,18 @@ def _cancelled(expires: float | None) -> str:
     if expires is not None and time.perf_counter() >= expires - DEADLINE_SLACK_S:
         return "DEADLINE_EXCEEDED"
     return "CANCELLED"
+
+
+TOO_DIFFERENT = ("session {!r} answered with other outputs than the request's model "
+                 "version gives; send its chunks in a request for its own version")
+
+
+def _positions(places: Sequence[int], n: int, what: str) -> set[int]:
+    """The positions ``places`` of a packed request of ``n`` sessions, checked."""
+    got = set(places)
+    if len(got) != len(places) or any(not 0 <= p < n for p in got):
+        raise InvalidChunk(f"{what} must name distinct positions below {n}")
+    return got
 
 
 def _with(skipped: dict[int, BaseException], results: list[BaseException | None]
@@ -452,10 +472,13 @@ class Core:
 
     async def step(self, session_id: str, seq: int | None, chunk: ChunkInput,
                    end: bool = False, api: str = "native",
-                   expires: float | None = None) -> ChunkOutput:
+                   expires: float | None = None, like: ModelRuntime | None = None
+                   ) -> ChunkOutput:
         """Advance a session by one chunk; every call is counted by its outcome, once.
         ``seq`` None: the session's next chunk, wherever its last one ran (OIP, whose
-        requests carry no number; ``_step_next``)."""
+        requests carry no number; ``_step_next``). ``like``: the session must be of
+        this model, in a version that takes and gives the same tensors (a packed
+        request's), else it is refused before anything runs."""
         started = time.perf_counter()
         session: Session | None = None
         code = "UNKNOWN"
@@ -471,11 +494,13 @@ class Core:
                         raise
                     session = ended
                     check_owner(ended)
+                    self._check_like(like, ended)
                     out = self._retry(session_id, ended.answer,
                                       self.registry.get(ended.model, ended.version), chunk)
                     code = "OK"
                     return out
             check_owner(session)
+            self._check_like(like, session)
             if seq is None:
                 out = await self._step_next(session, chunk, end, expires)
             else:
@@ -601,6 +626,270 @@ class Core:
             failed = t.exception()
             outcomes[i] = t.result() if failed is None else failed  # type: ignore[assignment]
         return outcomes  # type: ignore[return-value]
+
+    async def step_packed(self, model: str, version: int, sids: Sequence[str],
+                          seqs: Sequence[int], x: np.ndarray, opens: Sequence[int] = (),
+                          ends: Sequence[int] = (), *, timeout_s: float = 0.0,
+                          api: str = "native", expires: float | None = None
+                          ) -> tuple[list[tuple[str, np.ndarray]], dict[int, Exception]]:
+        """Advance ``sids[i]`` by chunk ``x[i]`` (numbered ``seqs[i]``) for every i, as
+        ``step_many`` would, the chunks (sessions, time, *frame) for ``model``; the
+        sessions at positions ``opens`` are opened first (on ``version``, with their
+        ids), those at ``ends`` end with their chunk. Returns the outputs, each
+        (sessions, ...) with zero rows for the sessions that failed, and those sessions'
+        failures by position; one failure changes nothing for the others.
+
+        The common case costs a look-up and a check per session: a live session of
+        ``model`` with no chunk in flight whose chunk is its next one goes to its
+        batcher with the others as one block (split at ``--max-batch-size``), and the
+        outputs come back as one array. Any other session (a retry, one to open, one
+        not held here, any session with a shared store) takes ``step``'s path.
+        Raises (nothing ran) when the request as a whole is malformed: an unknown
+        model, chunks it cannot take, positions out of range."""
+        started = time.perf_counter()
+        runtime = self.registry.get(model, version or None)
+        n = len(sids)
+        try:
+            if len(seqs) != n or x.ndim < 1 or len(x) != n:
+                raise InvalidChunk(f"{n} sessions, {len(seqs)} sequence numbers and "
+                                   f"{len(x) if x.ndim else 0} rows of chunks: give one "
+                                   "of each per session")
+            x = runtime.check_block(x)
+            opening = _positions(opens, n, "opens")
+            ending = _positions(ends, n, "ends")
+        except CoreError as exc:
+            if self._on_chunk is not None and n:
+                self._on_chunk(api, runtime.name, runtime.version, exc.code, 0.0, None, n)
+            raise
+        chunk_expires = started + timeout_s if timeout_s else None
+        fast_expires = expires if chunk_expires is None or (
+            expires is not None and expires < chunk_expires) else chunk_expires
+        failures: dict[int, Exception] = {
+            i: InvalidChunk("chunk contains NaN or Inf (the server rejects them: "
+                            "--nonfinite reject)") for i in runtime.nonfinite_rows(x)}
+        for i in failures:
+            self._count(api, self.store.peek(sids[i]), "INVALID_ARGUMENT", started)
+        # the common case, by model version: positions, sessions
+        fast: dict[tuple[str, int], tuple[list[int], list[Session]]] = {}
+        slow: list[int] = []
+        who = principal()
+        held = self.store.live_many(list(sids)) if self.shared is None else [None] * n
+        for i, (session, seq) in enumerate(zip(held, seqs, strict=True)):
+            if i in failures:
+                continue
+            if session is None or session.busy or seq != session.next_seq or \
+                    session.model != runtime.name or session.owner != who or \
+                    (opening and i in opening):
+                slow.append(i)  # (a session twice in the request: busy the second time)
+                continue
+            session.busy = True  # until its block lands, or is refused
+            key = (session.model, session.version)
+            got = fast.get(key)
+            if got is None:
+                got = fast[key] = ([], [])
+            got[0].append(i)
+            got[1].append(session)
+        group = Group()
+        blocks: list[tuple[ModelRuntime, list[int], list[Session], np.ndarray, Slot]] = []
+        try:
+            for key, (places, sessions) in fast.items():
+                self._queue_blocks(runtime, self.registry.get(*key), places, sessions, x,
+                                   fast_expires, group, blocks, failures, api, started)
+        except BaseException:  # a bug: no session may stay busy
+            for rt, _, _, _, slot in blocks:
+                self.batchers[rt.key].abandon(slot)
+            for _, sessions in fast.values():
+                for m in sessions:
+                    m.busy = False
+            raise
+        loop = asyncio.get_running_loop()
+        tasks: list[tuple[int, asyncio.Task[ChunkOutput]]] = []
+        for i in slow:
+            chunk = ChunkInput(array=x[i], expires=chunk_expires)
+            coro = self._open_step(runtime, sids[i], chunk, i in ending, api, expires) \
+                if opening and i in opening else \
+                self.step(sids[i], seqs[i], chunk, i in ending, api, expires, runtime)
+            tasks.append((i, loop.create_task(coro)))
+        waiting: list[asyncio.Future[Any]] = [t for _, t in tasks]
+        if blocks:
+            waiting.append(group.future)
+        try:
+            if waiting:
+                await asyncio.wait(waiting)
+        except asyncio.CancelledError:
+            code = _cancelled(expires)
+            for rt, _, members, _, slot in blocks:
+                self.batchers[rt.key].abandon(slot)
+                for m in members:
+                    m.busy = False
+                    self._count(api, m, code, started)
+            for _, t in tasks:
+                t.cancel()
+            raise
+        names = runtime.data_output_names
+        expected = [(name, shape, dtype) for name, (shape, dtype)
+                    in zip(names, runtime.output_row_shapes(x.shape[1]), strict=True)]
+        outputs: list[np.ndarray] | None = None
+        if len(blocks) == 1 and len(blocks[0][1]) == n:  # everyone, in order, ran as one
+            outputs = self._land(blocks[0], ending, failures, api, started)
+            blocks = []
+        pieces: list[tuple[list[int], list[np.ndarray]]] = []
+        for block in blocks:
+            landed = self._land(block, ending, failures, api, started)
+            if landed is not None:
+                pieces.append((block[1], landed))
+        for i, t in tasks:
+            failed = t.exception()
+            if failed is not None:
+                failures[i] = failed  # type: ignore[assignment]
+                continue
+            answer = t.result()
+            if [(a, b.shape, b.dtype) for a, b in answer.outputs] != expected:
+                failures[i] = InvalidChunk(TOO_DIFFERENT.format(sids[i]))
+                continue
+            pieces.append(([i], [a[None] for _, a in answer.outputs]))
+        if outputs is None or failures:
+            outputs = self._assemble(runtime, x.shape[1], n, outputs, pieces, failures)
+        return list(zip(names, outputs, strict=True)), failures
+
+    def _queue_blocks(self, runtime: ModelRuntime, rt: ModelRuntime, places: list[int],
+                      sessions: list[Session], x: np.ndarray, expires: float | None,
+                      group: Group,
+                      blocks: list[tuple[ModelRuntime, list[int], list[Session], np.ndarray,
+                                         Slot]],
+                      failures: dict[int, Exception], api: str, started: float) -> None:
+        """Queue the chunks ``x[places]`` of ``sessions`` (busy, of ``rt``) in blocks of at
+        most a batch each, added to ``blocks``; those refused fail, no longer busy."""
+        why = self._packable(runtime, rt)
+        if why is not None:
+            for i, session in zip(places, sessions, strict=True):
+                session.busy = False
+                failures[i] = why
+                self._count(api, session, why.code, started)
+            return
+        batcher = self.batchers[rt.key]
+        step = batcher.max_batch_size
+        for lo in range(0, len(places), step):
+            part, members = places[lo:lo + step], sessions[lo:lo + step]
+            # consecutive positions (the common case) are a view, others a copy
+            xb = x[part[0]:part[-1] + 1] if part[-1] - part[0] == len(part) - 1 \
+                else x[part]
+            try:
+                slot = batcher.submit_block([_row(m) for m in members], xb, expires, group)
+            except Overloaded as exc:
+                for i, m in zip(part, members, strict=True):
+                    m.busy = False
+                    failures[i] = exc
+                    self._count(api, m, exc.code, started)
+                continue
+            self.store.touch_many(members)
+            blocks.append((rt, part, members, xb, slot))
+
+    def _check_like(self, like: ModelRuntime | None, session: Session) -> None:
+        """Refuse a session that a packed request for ``like`` cannot step (``step``)."""
+        if like is None:
+            return
+        if session.model != like.name:
+            raise InvalidChunk(f"session {session.id!r} belongs to model {session.model!r}, "
+                               f"not {like.name!r}")
+        why = self._packable(like, self.registry.get(session.model, session.version))
+        if why is not None:
+            raise why
+
+    def _packable(self, runtime: ModelRuntime, other: ModelRuntime) -> CoreError | None:
+        """Why a session of ``other`` cannot step in a packed request for ``runtime``
+        (its input or outputs differ), or None."""
+        if other is runtime:
+            return None
+        a, b = runtime.meta, other.meta
+        if (a.input.kind, a.input.dtype, a.input.shape, a.input.hop_samples) != \
+                (b.input.kind, b.input.dtype, b.input.shape, b.input.hop_samples) or \
+                [(o.name, o.dtype, o.shape) for o in a.outputs] != \
+                [(o.name, o.dtype, o.shape) for o in b.outputs]:
+            return InvalidChunk(f"this session is on version {other.version} of model "
+                                f"{other.name!r}, whose input or outputs differ from version "
+                                f"{runtime.version}'s; send its chunks in a request for "
+                                f"version {other.version}")
+        return None
+
+    def _land(self, block: tuple[ModelRuntime, list[int], list[Session], np.ndarray, Slot],
+              ending: set[int], failures: dict[int, Exception], api: str, started: float
+              ) -> list[np.ndarray] | None:
+        """A block's run done: its sessions get their new states and answers (or its
+        failure, each); returns its outputs, or None when it failed."""
+        rt, places, members, xb, slot = block
+        for m in members:
+            m.busy = False
+        failed = slot.exception()
+        if failed is not None:
+            code = _code(failed)  # type: ignore[arg-type]
+            for i, m in zip(places, members, strict=True):
+                failures[i] = failed  # type: ignore[assignment]
+                self._count(api, m, code, started)
+            return None
+        outs, rows = slot.result()  # type: ignore[misc]
+        pool, names = rt.pool, rt.data_output_names
+        states = [PoolState(pool, row) for row in rows]
+        seqs = [m.next_seq + 1 for m in members]
+        answers: list[Answer] = [RowAnswer(seq - 1, names, outs, j, xb, i in ending)
+                                 for j, (seq, i) in enumerate(zip(seqs, places, strict=True))]
+        nbytes = pool.row_bytes + (answers[0].nbytes if answers else 0)  # one size for all
+        gone = self.store.update_many(members, states, seqs, answers, nbytes)
+        for j in gone:  # ended while its step ran (closed, evicted): not answered
+            states[j].release()
+            m = members[j]
+            failures[places[j]] = SessionClosed(
+                f"session {m.id!r} ended while its chunk ran; open a new one") \
+                if m.ended == "closed" else SessionEvicted(
+                f"session {m.id!r} ended ({m.ended or 'replaced'}) while its chunk ran; "
+                "open a new one")
+            self._count(api, m, failures[places[j]].code, started)  # type: ignore[attr-defined]
+        if ending:
+            for i, m in zip(places, members, strict=True):
+                if i in ending and i not in failures:
+                    self.store.close(m.id)
+        answered = [m for j, m in enumerate(members) if j not in gone] if gone else members
+        firsts = [m for m in answered if m.opened_at]
+        for m in firsts:  # opened by another call, first answered here: one by one
+            self._count(api, m, "OK", started)
+        if self._on_chunk is not None and len(answered) > len(firsts):
+            self._on_chunk(api, rt.name, rt.version, "OK", time.perf_counter() - started,
+                           None, len(answered) - len(firsts))
+        return outs
+
+    @staticmethod
+    def _assemble(runtime: ModelRuntime, steps: int, n: int, whole: list[np.ndarray] | None,
+                  pieces: list[tuple[list[int], list[np.ndarray]]],
+                  failures: dict[int, Exception]) -> list[np.ndarray]:
+        """The outputs of a packed request, each (n, ...), from its pieces (positions and
+        their rows); the rows of failed sessions zero."""
+        shapes = runtime.output_row_shapes(steps)
+        if whole is not None:  # one block ran all; zero the rows that failed after all
+            out = [a.copy() for a in whole] if failures else whole
+        else:
+            out = [np.zeros((n, *shape), dtype) for shape, dtype in shapes]
+            for places, arrays in pieces:
+                for target, a in zip(out, arrays, strict=True):
+                    target[places] = a
+        if failures:
+            bad = list(failures)
+            for a in out:
+                a[bad] = 0
+        return out
+
+    async def _open_step(self, runtime: ModelRuntime, sid: str, chunk: ChunkInput,
+                         end: bool, api: str, expires: float | None) -> ChunkOutput:
+        """Open session ``sid`` of ``runtime``'s model and version, then step it by its
+        first chunk; a failed step ends the session again, as if never opened."""
+        if not sid:
+            raise InvalidChunk("a session opened by a packed request needs an id of the "
+                               "client's")
+        session, _ = await self.open(runtime.name, runtime.version, sid)
+        try:
+            return await self.step(sid, 0, chunk, end, api, expires)
+        except BaseException:
+            await self.undo_open(session)
+            raise
 
     async def _step(self, session: Session, seq: int, chunk: ChunkInput,
                     end: bool, expires: float | None = None) -> ChunkOutput:

@@ -67,9 +67,10 @@ class _LoopObservations:
         self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; last: +Inf
         self.sum = 0.0
 
-    def observe(self, amount: float) -> None:
-        self.counts[bisect_left(self.bounds, amount)] += 1
-        self.sum += amount
+    def observe(self, amount: float, n: int = 1) -> None:
+        """``n`` observations of ``amount``."""
+        self.counts[bisect_left(self.bounds, amount)] += n
+        self.sum += amount * n
 
 
 class LoopFamily(Collector):
@@ -233,7 +234,9 @@ class Metrics:
         self.resumes.labels(model, str(version), source).inc()
 
     def observe_chunk(self, api: str, model: str, version: int, code: str, seconds: float,
-                      first: float | None) -> None:
+                      first: float | None, n: int = 1) -> None:
+        """``n`` chunks (a packed request's answered together) by their status code;
+        each answered one a latency sample of ``seconds``."""
         # the per-chunk path: label children are looked up once per label set, not per
         # chunk; latency series exist only for answered chunks
         key = (api, model, version, code)
@@ -246,10 +249,10 @@ class Metrics:
                 self.chunk_latency.labels(api, model, v) if answered else None,
                 self.first_output.labels(model, v) if answered else None)
         count, latency, first_output = series
-        count.inc()
+        count.inc(n)
         if latency is None:
             return
-        latency.observe(seconds)
+        latency.observe(seconds, n)
         if first is not None and first_output is not None:
             first_output.observe(first)
 
@@ -272,8 +275,16 @@ class Metrics:
 
         def on_batch(waits: list[float], seconds: float) -> None:
             size.observe(len(waits))
+            last, same = None, 0  # a block's sessions waited alike: counted at once
             for w in waits:
-                wait.observe(w)
+                if w == last:
+                    same += 1
+                    continue
+                if same:
+                    wait.observe(last, same)
+                last, same = w, 1
+            if same:
+                wait.observe(last, same)
             compute.observe(seconds)
 
         return on_batch

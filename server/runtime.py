@@ -284,6 +284,14 @@ class ModelRuntime:
             total += n
         return total
 
+    def output_row_shapes(self, steps: int) -> list[tuple[tuple[int, ...], np.dtype[Any]]]:
+        """Each data output's shape and dtype for one session's chunk of ``steps``
+        input steps (samples for PCM16), as ``answer_bytes`` counts them."""
+        hop = self.meta.input.hop_samples or 1
+        return [(tuple(steps if d == "time" else steps // hop if d == "frames" else int(d)
+                       for d in o.shape[1:]), np.dtype(o.dtype))
+                for o in self.meta.outputs]
+
     def _answer_sizes(self) -> tuple[int, int, int] | None:
         """Bytes per input step, per output frame and fixed, summed over the outputs;
         None when an output grows along more than one axis with the chunk."""
@@ -312,27 +320,46 @@ class ModelRuntime:
 
     def check_chunk(self, x: np.ndarray) -> np.ndarray:
         """Validate one session's chunk, shaped (time, *frame); return it C-contiguous."""
+        return self._check(x, block=False)
+
+    def check_block(self, x: np.ndarray) -> np.ndarray:
+        """Validate the chunks of several sessions, shaped (sessions, time, *frame), as
+        ``check_chunk`` each but for their values (``nonfinite_rows`` tells the rows
+        that ``check_chunk`` would refuse for NaN or Inf); return them C-contiguous."""
+        return self._check(x, block=True)
+
+    def nonfinite_rows(self, x: np.ndarray) -> list[int]:
+        """The rows of a block (``check_block``) holding NaN or Inf, when refused."""
+        if x.dtype.kind != "f" or self.options.allow_nonfinite or not len(x):
+            return []
+        ok = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        return [] if ok.all() else np.flatnonzero(~ok).tolist()
+
+    def _check(self, x: np.ndarray, block: bool) -> np.ndarray:
         inp = self.meta.input
         if x.dtype != self._np_dtype:
             raise InvalidChunk(f"model {self.name!r} takes {inp.dtype} input ({inp.kind}), "
                                f"got {x.dtype}")
-        if x.ndim != self._chunk_ndim or x.shape[1:] != self._frame_shape:
-            want = ("time", *self._frame_shape)
+        lead = ("sessions",) if block else ()
+        shape = x.shape[1:] if block else x.shape
+        if x.ndim != self._chunk_ndim + len(lead) or shape[1:] != self._frame_shape:
+            want = (*lead, "time", *self._frame_shape)
             raise InvalidChunk(f"model {self.name!r} takes chunks shaped {list(want)}, "
                                f"got {list(x.shape)}")
-        if x.shape[0] < 1:
+        steps = shape[0]
+        if steps < 1:
             raise InvalidChunk("empty chunk: send at least one time step")
-        if inp.kind == "pcm16" and inp.hop_samples and x.shape[0] % inp.hop_samples:
+        if inp.kind == "pcm16" and inp.hop_samples and steps % inp.hop_samples:
             raise InvalidChunk(f"PCM16 chunks must be a multiple of {inp.hop_samples} samples, "
-                               f"got {x.shape[0]}")
+                               f"got {steps}")
         limit = self.options.max_answer_bytes
-        if limit and self.answer_bytes(x.shape[0]) > limit:
+        if limit and self.answer_bytes(steps) > limit:
             raise InvalidChunk(
-                f"a chunk of {x.shape[0]} steps would be answered with "
-                f"{self.answer_bytes(x.shape[0])} bytes of outputs, more than a message may "
+                f"a chunk of {steps} steps would be answered with "
+                f"{self.answer_bytes(steps)} bytes of outputs, more than a message may "
                 f"carry ({limit + ANSWER_OVERHEAD} bytes, --max-message-bytes); send chunks "
                 f"of at most {self.max_steps(limit)} steps")
-        if x.dtype.kind == "f" and not self.options.allow_nonfinite and \
+        if not block and x.dtype.kind == "f" and not self.options.allow_nonfinite and \
                 not np.isfinite(x).all():
             raise InvalidChunk("chunk contains NaN or Inf (the server rejects them: "
                                "--nonfinite reject)")
@@ -370,9 +397,10 @@ class ModelRuntime:
         return n
 
     def run_rows(self, xs: Sequence[np.ndarray], rows: Sequence[int],
-                 out_rows: Sequence[int] | None = None, want_states: bool = False
+                 out_rows: Sequence[int] | None = None, want_states: bool = False,
+                 counts: Sequence[int] | None = None
                  ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]] | None]:
-        """One onnxruntime call for ``len(xs)`` sessions whose chunks share one length.
+        """One onnxruntime call for the sessions of ``xs``, whose chunks share one length.
 
         ``xs[i]`` is session i's chunk (time, *frame); its state is read from pool row
         ``rows[i]`` and its new state written to ``out_rows[i]`` (default: the row no
@@ -380,11 +408,40 @@ class ModelRuntime:
         its outputs (time, ...), and with ``want_states`` a host copy of its new state
         rows (for a checkpoint), else None. Padding rows, when the batch is padded to a
         bucket, read the zero row and write the trash row.
+
+        With ``counts``, ``xs[i]`` is a block of ``counts[i]`` sessions' chunks
+        (counts[i], time, *frame) when counts[i] > 0 (a single chunk when 0), ``rows``
+        and ``out_rows`` have a row per session, in order, and a block's outputs and
+        states are returned as one array per output (counts[i], time, ...): a packed
+        request's sessions are split and joined as one piece, not one by one.
         """
-        n = len(xs)
-        size = self.padded_size(n)
+        if counts is None:
+            n = len(xs)
+            x = _batch(xs, self.padded_size(n) - n)  # (size, T, *frame)
+        else:
+            n = sum(c or 1 for c in counts)
+            x = _batch_blocks(xs, counts, self.padded_size(n) - n)
+        res = self._run_batch(x, n, rows, out_rows, want_states)
+        n_out = len(self.data_output_names)
+        if counts is not None:
+            return _split_blocks(res, n_out, counts, n == x.shape[0], want_states)
+        # each session's own copy: a view would keep the whole batch's outputs alive as
+        # long as its answer is kept (for retries), beyond what the session is counted for
+        # (iterating an array yields its rows as views faster than indexing each)
+        outputs = ([[r[0] for r in res[:n_out]]] if n == 1 and n == x.shape[0] else
+                   [[a.copy()] for a in res[0][:n]] if n_out == 1 else
+                   [[a.copy() for a in row]
+                    for row in zip(*(r[:n] for r in res[:n_out]), strict=True)])
+        if not want_states:
+            return outputs, None
+        return outputs, [[r[i] for r in res[n_out:]] for i in range(n)]
+
+    def _run_batch(self, x: np.ndarray, n: int, rows: Sequence[int],
+                   out_rows: Sequence[int] | None, want_states: bool) -> list[np.ndarray]:
+        """The run of ``x`` (its first ``n`` rows sessions', the rest padding): the
+        outputs, then with ``want_states`` the new states, each (size, ...)."""
+        size = x.shape[0]
         pad = size - n
-        x = _batch(xs, pad)  # (size, T, *frame)
         gather = np.fromiter(rows, dtype=np.int64, count=n)
         scatter = (np.full(n, TRASH, dtype=np.int64) if out_rows is None else
                    np.fromiter(out_rows, dtype=np.int64, count=n))
@@ -400,34 +457,22 @@ class ModelRuntime:
                 if bound is None and len(self._bound) < MAX_BOUND_SHAPES:
                     bound = self._bind(x, gather, scatter)  # None: the cap was reached
             if bound is not None:
-                res = bound.run(x, gather, scatter, want_states)
-            else:
-                b = self._binding()
-                b.bind_cpu_input(self.meta.input.name, x)
-                b.bind_cpu_input(GATHER, gather)
-                b.bind_cpu_input(SCATTER, scatter)
-                b.clear_binding_outputs()  # outputs bound again: fresh ones, never aliased
-                pool.bind_outputs(b)
-                for name in self.data_output_names:
-                    b.bind_output(name, "cpu")
-                if want_states:
-                    for pair in self.meta.states:
-                        b.bind_output(pair.output, "cpu")
-                self.run_binding(b, self._plain)
-                res = [v.numpy() for v in b.get_outputs()[len(pool.specs):]]
+                return bound.run(x, gather, scatter, want_states)
+            b = self._binding()
+            b.bind_cpu_input(self.meta.input.name, x)
+            b.bind_cpu_input(GATHER, gather)
+            b.bind_cpu_input(SCATTER, scatter)
+            b.clear_binding_outputs()  # outputs bound again: fresh ones, never aliased
+            pool.bind_outputs(b)
+            for name in self.data_output_names:
+                b.bind_output(name, "cpu")
+            if want_states:
+                for pair in self.meta.states:
+                    b.bind_output(pair.output, "cpu")
+            self.run_binding(b, self._plain)
+            return [v.numpy() for v in b.get_outputs()[len(pool.specs):]]
         finally:
             pool.release()
-        n_out = len(self.data_output_names)
-        # each session's own copy: a view would keep the whole batch's outputs alive as
-        # long as its answer is kept (for retries), beyond what the session is counted for
-        # (iterating an array yields its rows as views faster than indexing each)
-        outputs = ([[r[0] for r in res[:n_out]]] if n == 1 and not pad else
-                   [[a.copy()] for a in res[0][:n]] if n_out == 1 else
-                   [[a.copy() for a in row]
-                    for row in zip(*(r[:n] for r in res[:n_out]), strict=True)])
-        if not want_states:
-            return outputs, None
-        return outputs, [[r[i] for r in res[n_out:]] for i in range(n)]
 
     def run_binding(self, binding: ort.IOBinding, options: ort.RunOptions | None) -> None:
         """One onnxruntime run of a binding (alone, with CUDA graphs)."""
@@ -510,6 +555,49 @@ def _batch(xs: Sequence[np.ndarray], pad: int) -> np.ndarray:
     parts = [*xs, np.zeros((pad * len(first), *first.shape[1:]), first.dtype)] if pad \
         else xs
     return np.concatenate(parts).reshape(len(xs) + pad, *first.shape)
+
+
+def _batch_blocks(xs: Sequence[np.ndarray], counts: Sequence[int], pad: int) -> np.ndarray:
+    """``_batch`` of single chunks (count 0) and blocks of chunks (count k: shaped
+    (k, T, *frame)) in their order; a block is joined as one piece."""
+    lengths = {x.shape[1] if c else x.shape[0] for x, c in zip(xs, counts, strict=True)}
+    if len(lengths) != 1:
+        raise ValueError(f"one run's chunks must share one length, got {sorted(lengths)}")
+    first = next(x[0] if c else x for x, c in zip(xs, counts, strict=True))
+    parts = [x.reshape(-1, *first.shape[1:]) if c else x
+             for x, c in zip(xs, counts, strict=True)]
+    if pad:
+        parts.append(np.zeros((pad * len(first), *first.shape[1:]), first.dtype))
+    n = sum(c or 1 for c in counts)
+    if len(parts) == 1:
+        return parts[0].reshape(n + pad, *first.shape)
+    return np.concatenate(parts).reshape(n + pad, *first.shape)
+
+
+def _split_blocks(res: list[np.ndarray], n_out: int, counts: Sequence[int], whole: bool,
+                  want_states: bool
+                  ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]] | None]:
+    """``run_rows``'s answer per step of ``counts``: a single chunk's outputs (and
+    states) row by row, a block's as its rows of each array. A block that is the whole
+    run (``whole``: one block, no padding) keeps the run's arrays; others are copies,
+    which do not keep the rest of the run alive."""
+    outputs: list[list[np.ndarray]] = []
+    states: list[list[np.ndarray]] | None = [] if want_states else None
+    start = 0
+    for c in counts:
+        if c:
+            end = start + c
+            outputs.append([r[start:end] if whole else r[start:end].copy()
+                            for r in res[:n_out]])
+            if states is not None:
+                states.append([r[start:end] for r in res[n_out:]])
+        else:
+            end = start + 1
+            outputs.append([r[start].copy() for r in res[:n_out]])
+            if states is not None:
+                states.append([r[start] for r in res[n_out:]])
+        start = end
+    return outputs, states
 
 
 class _Bound:

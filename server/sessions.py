@@ -110,6 +110,25 @@ class Answer:
         return f"Answer(seq={self.seq}, end={self.end}, outputs={[n for n, _ in self.outputs]})"
 
 
+class RowAnswer(Answer):
+    """An ``Answer`` that is row ``row`` of a packed block's outputs ``block`` (each
+    (sessions, ...)) and of its chunks: made per session in one step, its outputs
+    listed only when asked (a retry, a record written), as most answers never are."""
+
+    __slots__ = ("_block", "_names", "_row")
+
+    def __init__(self, seq: int, names: list[str], block: list[np.ndarray], row: int,
+                 chunks: np.ndarray, end: bool = False) -> None:
+        self.seq, self.end, self._digest = seq, end, None
+        self._names, self._block, self._row = names, block, row
+        self._chunk = chunks[row]
+
+    @property
+    def outputs(self) -> list[tuple[str, np.ndarray]]:  # type: ignore[override]
+        row = self._row
+        return [(name, a[row]) for name, a in zip(self._names, self._block, strict=True)]
+
+
 @dataclass
 class Session:
     id: str
@@ -154,6 +173,13 @@ class SessionStore(Protocol):
     def get(self, session_id: str) -> Session: ...
 
     def touch(self, session: Session) -> None: ...
+
+    def live_many(self, session_ids: list[str]) -> list[Session | None]: ...
+
+    def touch_many(self, sessions: list[Session]) -> None: ...
+
+    def update_many(self, sessions: list[Session], states: list[State], seqs: list[int],
+                    answers: list[Answer], nbytes: int) -> list[int]: ...
 
     def idle_s(self, session: Session) -> float: ...
 
@@ -322,6 +348,47 @@ class MemorySessionStore:
         if session is None:
             raise self._gone(session_id)
         return session
+
+    def live_many(self, session_ids: list[str]) -> list[Session | None]:
+        """Per id its live session, or None where ``get`` would not give one (unknown,
+        ended, or idle past the timeout: ``get`` then says why); no side effect. One
+        look-up each, for the packed path's many sessions."""
+        live, since = self._live, self._clock() - self.idle_timeout_s
+        out: list[Session | None] = []
+        for sid in session_ids:
+            session = live.get(sid)
+            out.append(session if session is not None and session.last_used >= since
+                       else None)
+        return out
+
+    def touch_many(self, sessions: list[Session]) -> None:
+        """``touch`` each of ``sessions``, with one reading of the clock."""
+        now, live = self._clock(), self._live
+        for session in sessions:
+            if live.get(session.id) is session:
+                session.last_used = now
+                live.move_to_end(session.id)
+
+    def update_many(self, sessions: list[Session], states: list[State], seqs: list[int],
+                    answers: list[Answer], nbytes: int) -> list[int]:
+        """``update`` each session, whose new state and answer together take ``nbytes``
+        (one size for all: a block's sessions), with one reading of the clock. Returns
+        the positions of the sessions no longer live, whose states stay the caller's."""
+        now, live, gone = self._clock(), self._live, []
+        for i, (session, state, seq, answer) in enumerate(
+                zip(sessions, states, seqs, answers, strict=True)):
+            if live.get(session.id) is not session:
+                gone.append(i)
+                continue
+            if nbytes != session.nbytes:
+                self._account(session, nbytes - session.nbytes)
+            if state is not session.state:
+                session.state.release()
+            session.state, session.nbytes, session.next_seq = state, nbytes, seq
+            session.answer = answer
+            session.last_used = now
+            live.move_to_end(session.id)
+        return gone
 
     def touch(self, session: Session) -> None:
         """A request of ``session`` was taken: its idle timer restarts, and it becomes

@@ -89,3 +89,45 @@ def test_sessions_moving_between_servers_mid_request_stay_exact(repo, redis_serv
     assert metric_value(text_a, "rnnserve_chunks_total",
                         code="FAILED_PRECONDITION") == SESSIONS // 2
     assert redis_server.client().dbsize() == SESSIONS  # the final answers, kept for retries
+
+
+def test_packed_sessions_on_the_shared_store_move_between_servers_exactly(
+        repo, redis_server, tmp_path) -> None:
+    """``StreamPacked`` with a shared store: every session's step is written before it
+    is answered (the core's full step path), so the sessions a request opened on one
+    server go on on another, exactly, and a request sent again gets its answers again."""
+    from rnnserve.client import packed_request
+
+    n = 6
+    x = np.random.default_rng(32).standard_normal((n, 8, 20)).astype(np.float32)
+    sids = [new_session_id() for _ in range(n)]
+    a = serve(repo, tmp_path, "a", redis_server.url, "--lease-s", "0.2")
+    b = serve(repo, tmp_path, "b", redis_server.url, "--lease-s", "0.2")
+
+    async def main() -> np.ndarray:
+        async with AsyncClient(a.target, timeout=20) as ca, \
+                AsyncClient(b.target, timeout=20) as cb, ca.packed() as pa, \
+                cb.packed() as pb_:
+            first = await pa.send(packed_request("feat", sids, [0] * n, x[:, :3],
+                                                 opens=range(n)))
+            assert not first.failures, first.failures
+            await asyncio.sleep(0.3)  # a's leases lapse: b takes them from the store
+            second = await pb_.send(packed_request("feat", sids, [1] * n, x[:, 3:5]))
+            again = await pb_.send(packed_request("feat", sids, [1] * n, x[:, 3:5]))
+            assert not second.failures and not again.failures, again.failures
+            assert np.array_equal(second.outputs["logits"], again.outputs["logits"])
+            last = await pb_.send(packed_request("feat", sids, [2] * n, x[:, 5:],
+                                                 ends=range(n)))
+            assert not last.failures, last.failures
+            return np.concatenate([first.outputs["logits"], second.outputs["logits"],
+                                   last.outputs["logits"]], axis=1)
+
+    try:
+        y = asyncio.run(main())
+        text_b = b.metrics()
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+    for i in range(n):
+        assert float(np.abs(y[i] - whole_run(repo, "feat", 1, x[i])).max()) <= 1e-5
+    assert metric_value(text_b, "rnnserve_session_resumes_total", source="store") == n

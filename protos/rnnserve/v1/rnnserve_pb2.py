@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arnnserve/v1/rnnserve.proto\x12\x0brnnserve.v1\"K\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.rnnserve.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"@\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor\"X\n\x12OpenSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x0e\n\x06resume\x18\x04 \x01(\x08\"S\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x10\n\x08next_seq\x18\x04 \x01(\x04\"\x85\x01\n\x05\x43hunk\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12%\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.TensorH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x0f\n\x05pcm16\x18\x04 \x01(\x0cH\x00\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x08\x12\x12\n\ntimeout_ms\x18\x06 \x01(\rB\x06\n\x04\x64\x61ta\"m\n\rStreamRequest\x12/\n\x04open\x18\x01 \x01(\x0b\x32\x1f.rnnserve.v1.OpenSessionRequestH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.rnnserve.v1.ChunkH\x00\x42\x06\n\x04kind\"R\n\x0b\x43hunkResult\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12)\n\x07outputs\x18\x02 \x03(\x0b\x32\x18.rnnserve.v1.NamedTensor\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x08\"p\n\x0eStreamResponse\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.rnnserve.v1.SessionInfoH\x00\x12*\n\x06result\x18\x02 \x01(\x0b\x32\x18.rnnserve.v1.ChunkResultH\x00\x42\x06\n\x04kind\"p\n\x08ManyItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12-\n\x04open\x18\x02 \x01(\x0b\x32\x1f.rnnserve.v1.OpenSessionRequest\x12!\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.rnnserve.v1.Chunk\"?\n\x0bManyRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.rnnserve.v1.ManyItem\"\xab\x01\n\nManyResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\x12(\n\x06opened\x18\x05 \x01(\x0b\x32\x18.rnnserve.v1.SessionInfo\x12(\n\x06result\x18\x06 \x01(\x0b\x32\x18.rnnserve.v1.ChunkResult\"D\n\x0cManyResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.rnnserve.v1.ManyResult\"D\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.rnnserve.v1.Chunk\"8\n\x0cStepResponse\x12(\n\x06result\x18\x01 \x01(\x0b\x32\x18.rnnserve.v1.ChunkResult\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\x13\n\x11ListModelsRequest\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.rnnserve.v1.ModelMetadata\"9\n\x17GetModelMetadataRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"O\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.rnnserve.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xac\x03\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x0c\n\x04\x61rch\x18\x04 \x01(\t\x12\x0c\n\x04task\x18\x05 \x01(\t\x12\x12\n\ninput_kind\x18\x06 \x01(\t\x12&\n\x05input\x18\x07 \x01(\x0b\x32\x17.rnnserve.v1.TensorInfo\x12(\n\x07outputs\x18\x08 \x03(\x0b\x32\x17.rnnserve.v1.TensorInfo\x12\x0e\n\x06labels\x18\t \x03(\t\x12\x13\n\x0bsample_rate\x18\n \x01(\r\x12\x13\n\x0bhop_samples\x18\x0b \x01(\r\x12\x1f\n\x17state_bytes_per_session\x18\x0c \x01(\x03\x12\x1a\n\x12\x65xecution_provider\x18\r \x01(\t\x12>\n\nproperties\x18\x0e \x03(\x0b\x32*.rnnserve.v1.ModelMetadata.PropertiesEntry\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xa7\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x06\x32\x9a\x04\n\tInference\x12\x45\n\x06Stream\x12\x1a.rnnserve.v1.StreamRequest\x1a\x1b.rnnserve.v1.StreamResponse(\x01\x30\x01\x12\x45\n\nStreamMany\x12\x18.rnnserve.v1.ManyRequest\x1a\x19.rnnserve.v1.ManyResponse(\x01\x30\x01\x12H\n\x0bOpenSession\x12\x1f.rnnserve.v1.OpenSessionRequest\x1a\x18.rnnserve.v1.SessionInfo\x12;\n\x04Step\x12\x18.rnnserve.v1.StepRequest\x1a\x19.rnnserve.v1.StepResponse\x12S\n\x0c\x43loseSession\x12 .rnnserve.v1.CloseSessionRequest\x1a!.rnnserve.v1.CloseSessionResponse\x12M\n\nListModels\x12\x1e.rnnserve.v1.ListModelsRequest\x1a\x1f.rnnserve.v1.ListModelsResponse\x12T\n\x10GetModelMetadata\x12$.rnnserve.v1.GetModelMetadataRequest\x1a\x1a.rnnserve.v1.ModelMetadatab\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arnnserve/v1/rnnserve.proto\x12\x0brnnserve.v1\"K\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.rnnserve.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"@\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor\"X\n\x12OpenSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x0e\n\x06resume\x18\x04 \x01(\x08\"S\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x10\n\x08next_seq\x18\x04 \x01(\x04\"\x85\x01\n\x05\x43hunk\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12%\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.TensorH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x0f\n\x05pcm16\x18\x04 \x01(\x0cH\x00\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x08\x12\x12\n\ntimeout_ms\x18\x06 \x01(\rB\x06\n\x04\x64\x61ta\"m\n\rStreamRequest\x12/\n\x04open\x18\x01 \x01(\x0b\x32\x1f.rnnserve.v1.OpenSessionRequestH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.rnnserve.v1.ChunkH\x00\x42\x06\n\x04kind\"R\n\x0b\x43hunkResult\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12)\n\x07outputs\x18\x02 \x03(\x0b\x32\x18.rnnserve.v1.NamedTensor\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x08\"p\n\x0eStreamResponse\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.rnnserve.v1.SessionInfoH\x00\x12*\n\x06result\x18\x02 \x01(\x0b\x32\x18.rnnserve.v1.ChunkResultH\x00\x42\x06\n\x04kind\"p\n\x08ManyItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12-\n\x04open\x18\x02 \x01(\x0b\x32\x1f.rnnserve.v1.OpenSessionRequest\x12!\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.rnnserve.v1.Chunk\"?\n\x0bManyRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.rnnserve.v1.ManyItem\"\xab\x01\n\nManyResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\x12(\n\x06opened\x18\x05 \x01(\x0b\x32\x18.rnnserve.v1.SessionInfo\x12(\n\x06result\x18\x06 \x01(\x0b\x32\x18.rnnserve.v1.ChunkResult\"D\n\x0cManyResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.rnnserve.v1.ManyResult\"\xb4\x01\n\rPackedRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x13\n\x0bsession_ids\x18\x04 \x03(\t\x12\x0c\n\x04seqs\x18\x05 \x03(\x04\x12#\n\x06\x63hunks\x18\x06 \x01(\x0b\x32\x13.rnnserve.v1.Tensor\x12\r\n\x05opens\x18\x07 \x03(\r\x12\x0c\n\x04\x65nds\x18\x08 \x03(\r\x12\x12\n\ntimeout_ms\x18\t \x01(\r\"U\n\rPackedFailure\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\"\x94\x01\n\x0ePackedResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12,\n\x08\x66\x61ilures\x18\x04 \x03(\x0b\x32\x1a.rnnserve.v1.PackedFailure\x12)\n\x07outputs\x18\x05 \x03(\x0b\x32\x18.rnnserve.v1.NamedTensor\"D\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.rnnserve.v1.Chunk\"8\n\x0cStepResponse\x12(\n\x06result\x18\x01 \x01(\x0b\x32\x18.rnnserve.v1.ChunkResult\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\x13\n\x11ListModelsRequest\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.rnnserve.v1.ModelMetadata\"9\n\x17GetModelMetadataRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"O\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.rnnserve.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xac\x03\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x0c\n\x04\x61rch\x18\x04 \x01(\t\x12\x0c\n\x04task\x18\x05 \x01(\t\x12\x12\n\ninput_kind\x18\x06 \x01(\t\x12&\n\x05input\x18\x07 \x01(\x0b\x32\x17.rnnserve.v1.TensorInfo\x12(\n\x07outputs\x18\x08 \x03(\x0b\x32\x17.rnnserve.v1.TensorInfo\x12\x0e\n\x06labels\x18\t \x03(\t\x12\x13\n\x0bsample_rate\x18\n \x01(\r\x12\x13\n\x0bhop_samples\x18\x0b \x01(\r\x12\x1f\n\x17state_bytes_per_session\x18\x0c \x01(\x03\x12\x1a\n\x12\x65xecution_provider\x18\r \x01(\t\x12>\n\nproperties\x18\x0e \x03(\x0b\x32*.rnnserve.v1.ModelMetadata.PropertiesEntry\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xa7\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x06\x32\xe7\x04\n\tInference\x12\x45\n\x06Stream\x12\x1a.rnnserve.v1.StreamRequest\x1a\x1b.rnnserve.v1.StreamResponse(\x01\x30\x01\x12\x45\n\nStreamMany\x12\x18.rnnserve.v1.ManyRequest\x1a\x19.rnnserve.v1.ManyResponse(\x01\x30\x01\x12K\n\x0cStreamPacked\x12\x1a.rnnserve.v1.PackedRequest\x1a\x1b.rnnserve.v1.PackedResponse(\x01\x30\x01\x12H\n\x0bOpenSession\x12\x1f.rnnserve.v1.OpenSessionRequest\x1a\x18.rnnserve.v1.SessionInfo\x12;\n\x04Step\x12\x18.rnnserve.v1.StepRequest\x1a\x19.rnnserve.v1.StepResponse\x12S\n\x0c\x43loseSession\x12 .rnnserve.v1.CloseSessionRequest\x1a!.rnnserve.v1.CloseSessionResponse\x12M\n\nListModels\x12\x1e.rnnserve.v1.ListModelsRequest\x1a\x1f.rnnserve.v1.ListModelsResponse\x12T\n\x10GetModelMetadata\x12$.rnnserve.v1.GetModelMetadataRequest\x1a\x1a.rnnserve.v1.ModelMetadatab\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELMETADATA_PROPERTIESENTRY']._loaded_options = None
   _globals['_MODELMETADATA_PROPERTIESENTRY']._serialized_options = b'8\001'
-  _globals['_DATATYPE']._serialized_start=2083
-  _globals['_DATATYPE']._serialized_end=2250
+  _globals['_DATATYPE']._serialized_start=2504
+  _globals['_DATATYPE']._serialized_end=2671
   _globals['_TENSOR']._serialized_start=43
   _globals['_TENSOR']._serialized_end=118
   _globals['_NAMEDTENSOR']._serialized_start=120
@@ -59,26 +59,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MANYRESULT']._serialized_end=1157
   _globals['_MANYRESPONSE']._serialized_start=1159
   _globals['_MANYRESPONSE']._serialized_end=1227
-  _globals['_STEPREQUEST']._serialized_start=1229
-  _globals['_STEPREQUEST']._serialized_end=1297
-  _globals['_STEPRESPONSE']._serialized_start=1299
-  _globals['_STEPRESPONSE']._serialized_end=1355
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1357
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1398
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1400
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1422
-  _globals['_LISTMODELSREQUEST']._serialized_start=1424
-  _globals['_LISTMODELSREQUEST']._serialized_end=1443
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1445
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1509
-  _globals['_GETMODELMETADATAREQUEST']._serialized_start=1511
-  _globals['_GETMODELMETADATAREQUEST']._serialized_end=1568
-  _globals['_TENSORINFO']._serialized_start=1570
-  _globals['_TENSORINFO']._serialized_end=1649
-  _globals['_MODELMETADATA']._serialized_start=1652
-  _globals['_MODELMETADATA']._serialized_end=2080
-  _globals['_MODELMETADATA_PROPERTIESENTRY']._serialized_start=2031
-  _globals['_MODELMETADATA_PROPERTIESENTRY']._serialized_end=2080
-  _globals['_INFERENCE']._serialized_start=2253
-  _globals['_INFERENCE']._serialized_end=2791
+  _globals['_PACKEDREQUEST']._serialized_start=1230
+  _globals['_PACKEDREQUEST']._serialized_end=1410
+  _globals['_PACKEDFAILURE']._serialized_start=1412
+  _globals['_PACKEDFAILURE']._serialized_end=1497
+  _globals['_PACKEDRESPONSE']._serialized_start=1500
+  _globals['_PACKEDRESPONSE']._serialized_end=1648
+  _globals['_STEPREQUEST']._serialized_start=1650
+  _globals['_STEPREQUEST']._serialized_end=1718
+  _globals['_STEPRESPONSE']._serialized_start=1720
+  _globals['_STEPRESPONSE']._serialized_end=1776
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1778
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1819
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1821
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1843
+  _globals['_LISTMODELSREQUEST']._serialized_start=1845
+  _globals['_LISTMODELSREQUEST']._serialized_end=1864
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1866
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1930
+  _globals['_GETMODELMETADATAREQUEST']._serialized_start=1932
+  _globals['_GETMODELMETADATAREQUEST']._serialized_end=1989
+  _globals['_TENSORINFO']._serialized_start=1991
+  _globals['_TENSORINFO']._serialized_end=2070
+  _globals['_MODELMETADATA']._serialized_start=2073
+  _globals['_MODELMETADATA']._serialized_end=2501
+  _globals['_MODELMETADATA_PROPERTIESENTRY']._serialized_start=2452
+  _globals['_MODELMETADATA_PROPERTIESENTRY']._serialized_end=2501
+  _globals['_INFERENCE']._serialized_start=2674
+  _globals['_INFERENCE']._serialized_end=3289
 # @@protoc_insertion_point(module_scope)

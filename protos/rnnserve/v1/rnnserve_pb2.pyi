@@ -150,6 +150,54 @@ class ManyResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[ManyResult]
     def __init__(self, id: _Optional[int] = ..., results: _Optional[_Iterable[_Union[ManyResult, _Mapping]]] = ...) -> None: ...
 
+class PackedRequest(_message.Message):
+    __slots__ = ("id", "model", "version", "session_ids", "seqs", "chunks", "opens", "ends", "timeout_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    OPENS_FIELD_NUMBER: _ClassVar[int]
+    ENDS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    model: str
+    version: int
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    seqs: _containers.RepeatedScalarFieldContainer[int]
+    chunks: Tensor
+    opens: _containers.RepeatedScalarFieldContainer[int]
+    ends: _containers.RepeatedScalarFieldContainer[int]
+    timeout_ms: int
+    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., session_ids: _Optional[_Iterable[str]] = ..., seqs: _Optional[_Iterable[int]] = ..., chunks: _Optional[_Union[Tensor, _Mapping]] = ..., opens: _Optional[_Iterable[int]] = ..., ends: _Optional[_Iterable[int]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class PackedFailure(_message.Message):
+    __slots__ = ("index", "code", "message", "retry_after_ms")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    code: int
+    message: str
+    retry_after_ms: int
+    def __init__(self, index: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
+
+class PackedResponse(_message.Message):
+    __slots__ = ("id", "code", "message", "failures", "outputs")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    code: int
+    message: str
+    failures: _containers.RepeatedCompositeFieldContainer[PackedFailure]
+    outputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., failures: _Optional[_Iterable[_Union[PackedFailure, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
 class StepRequest(_message.Message):
     __slots__ = ("session_id", "chunk")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -44,6 +44,11 @@ class InferenceStub:
                 request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ManyRequest.SerializeToString,
                 response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ManyResponse.FromString,
                 _registered_method=True)
+        self.StreamPacked = channel.stream_stream(
+                '/rnnserve.v1.Inference/StreamPacked',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.PackedRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.PackedResponse.FromString,
+                _registered_method=True)
         self.OpenSession = channel.unary_unary(
                 '/rnnserve.v1.Inference/OpenSession',
                 request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.OpenSessionRequest.SerializeToString,
@@ -96,6 +101,21 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamPacked(self, request_iterator, context):
+        """Many sessions of one model stepped by one chunk each, the chunks packed in one
+        tensor (one row per session) and the answers in one tensor per output: what a
+        gateway sends when its streams' chunks share one length. The server's work per
+        session is a look-up and a check; the chunks go to the model as one block, and
+        the answers come back as one. Pipelined as StreamMany (up to 256 requests per
+        stream in flight, answered as they complete, each response carrying its
+        request's id); a session takes its next chunk only after the answer to its last.
+        A session whose chunk fails gets its own status and changes nothing; the others
+        are answered as if it never came.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def OpenSession(self, request, context):
         """For clients that cannot stream: open a session, step it by id, close it.
         """
@@ -140,6 +160,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.StreamMany,
                     request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ManyRequest.FromString,
                     response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ManyResponse.SerializeToString,
+            ),
+            'StreamPacked': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamPacked,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.PackedRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.PackedResponse.SerializeToString,
             ),
             'OpenSession': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenSession,
@@ -221,6 +246,33 @@ class Inference:
             '/rnnserve.v1.Inference/StreamMany',
             rnnserve_dot_v1_dot_rnnserve__pb2.ManyRequest.SerializeToString,
             rnnserve_dot_v1_dot_rnnserve__pb2.ManyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamPacked(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/rnnserve.v1.Inference/StreamPacked',
+            rnnserve_dot_v1_dot_rnnserve__pb2.PackedRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.PackedResponse.FromString,
             options,
             channel_credentials,
             insecure,
