@@ -627,7 +627,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
               saturation_streams: int = 0, idle_sessions: int = 0,
               redis_store: bool = False, repeats: int = 1, soak_s: float = 0.0,
               soak_streams: int = 0, connections: int = 0, many: int = 0,
-              spread: bool = True) -> dict[str, Any]:
+              spread: bool = True, packed: bool = False) -> dict[str, Any]:
     if (server is None) == (repo is None):
         raise RnnserveError("give either --server HOST:PORT or --repo DIR (to start one)")
     if baselines and repo is None:
@@ -638,6 +638,9 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         raise RnnserveError("--idle-sessions measures a server it starts: give --repo")
     if repeats < 1:
         raise RnnserveError("--repeats must be at least 1")
+    if packed and many < 2:
+        raise RnnserveError("--packed sends the streams --many N at a time: give --many "
+                            "2 or more")
     if connections < 0:
         raise RnnserveError("--connections must be 0 (one per worker process of the "
                             "server) or more")
@@ -648,7 +651,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
     log = lambda line: print(line, flush=True)  # noqa: E731
     flags = [*serve_flags, f"--max-batch-size={max_batch_size}"]
     runs: dict[str, list[Level]] = {}
-    with LoadGenerator(load_procs, connections, many, spread) as gen, \
+    with LoadGenerator(load_procs, connections, many, spread, packed) as gen, \
             contextlib.ExitStack() as stack:
         spawned = Spawned.rnnserve(repo, flags, out / "server.log") if repo else None
         if spawned is not None:
@@ -762,6 +765,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         "load_generator": {"processes": load_procs, "connections": connections,
                            "spread": spread if connections > 1 else None,
                            "streams_per_message": max(1, many),
+                           "rpc": "StreamPacked" if packed else
+                           "StreamMany" if many > 1 else "Stream",
                            "busiest": busy,
                            "saturated": busy >= BUSY},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),

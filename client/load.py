@@ -40,6 +40,7 @@ from rnnserve.client.client import (
     add_many_item,
     item_status,
     new_session_id,
+    packed_request,
 )
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 
@@ -235,6 +236,80 @@ async def _many_streams(client: AsyncClient, model: str, version: int,
             close(i)  # those open without their end chunk when the window ended
 
 
+def _as_array(data: Data, pcm16: bool) -> np.ndarray:
+    """A chunk as the model's input array (PCM16 samples, text bytes, or as given)."""
+    if isinstance(data, str):
+        return np.frombuffer(data.encode(), dtype=np.uint8)
+    if isinstance(data, bytes | bytearray | memoryview):
+        return np.frombuffer(data, dtype="<i2" if pcm16 else np.uint8)
+    return np.asarray(data)
+
+
+async def _packed_streams(client: AsyncClient, model: str, version: int,
+                          chunk: Callable[[int], Data], chunk_s: float, t0: float,
+                          until: float, session_chunks: int, pcm16: bool,
+                          result: LoadResult, origin: float, closed_loop: bool, n: int,
+                          closer: _Closer) -> None:
+    """``_many_streams`` on one ``StreamPacked`` stream: each tick one request with the
+    chunks of the ``n`` streams in one array, new sessions opened in it."""
+    k = 0
+    loop = asyncio.get_running_loop()
+    if t0 > loop.time():
+        await asyncio.sleep(t0 - loop.time())
+    sids = [""] * n
+    seqs = [0] * n
+
+    def close(i: int) -> None:
+        if seqs[i]:  # a session that failed opening is none (the server ends it)
+            closer.close(client, sids[i])
+        seqs[i] = 0
+
+    try:
+        while (loop.time() if closed_loop else t0 + k * chunk_s) < until:
+            try:
+                async with client.packed() as p:
+                    while True:
+                        due = await _tick(t0, k, chunk_s, until, closed_loop, result, n)
+                        if due is None:
+                            return
+                        k += 1
+                        last_tick = not closed_loop and due + chunk_s >= until
+                        opens = [i for i in range(n) if seqs[i] == 0]
+                        for i in opens:
+                            sids[i] = new_session_id()
+                        ends = range(n) if last_tick else \
+                            [i for i in range(n) if seqs[i] == session_chunks - 1]
+                        a = _as_array(chunk(k), pcm16)  # every stream's chunk of this tick
+                        answer = await p.send(packed_request(
+                            model, sids, seqs, np.broadcast_to(a, (n, *a.shape)),
+                            version=version, opens=opens, ends=ends))
+                        latency = loop.time() - due
+                        ended = set(ends)
+                        for i in range(n):
+                            failed = answer.failures.get(i)
+                            if failed is not None:
+                                result.errors[failed[0].name] += 1
+                                close(i)
+                                continue
+                            result.sessions += seqs[i] == 0
+                            result.latencies.append(latency)
+                            result.times.append(due - origin)
+                            seqs[i] = 0 if i in ended else seqs[i] + 1
+                        if last_tick:
+                            return
+            except (grpc.aio.AioRpcError, ConnectionError) as exc:
+                # the stream failed, the request was refused whole or not answered in
+                # time: its chunks count as errors, its sessions are closed
+                result.errors[_failure(exc)] += n
+                for i in range(n):
+                    close(i)
+                if closed_loop:
+                    await asyncio.sleep(chunk_s)
+    finally:
+        for i in range(n):
+            close(i)
+
+
 async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data], *,
                            streams: int, chunk_s: float, duration_s: float,
                            session_chunks: int = 250, pcm16: bool = False,
@@ -242,7 +317,8 @@ async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data]
                            start_at: float | None = None,
                            phases: list[float] | None = None,
                            connections: int = 1, many: int = 0, version: int = 0,
-                           spread: bool = True, offset: int = 0) -> LoadResult:
+                           spread: bool = True, offset: int = 0,
+                           packed: bool = False) -> LoadResult:
     """Run ``streams`` real-time streams for ``duration_s``; ``chunk(k)`` gives chunk k.
     Each stream opens ``model`` at ``version`` (0: the highest).
 
@@ -251,7 +327,8 @@ async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data]
     over one chunk duration); ``connections``: gRPC connections the streams take turns
     on (several let the kernel spread them over a server's worker processes);
     ``many`` > 1: the streams go in groups of that many per ``StreamMany`` stream (each
-    group at the phase of its first), as a gateway would send them; ``timeout``: the
+    group at the phase of its first), as a gateway would send them (``packed``: on a
+    ``StreamPacked`` stream, the group's chunks in one array); ``timeout``: the
     longest wait for one chunk's answer (not a session's), past which the chunk counts
     as ``DEADLINE_EXCEEDED`` and its session is closed. ``spread``: several connections
     are spread evenly over the server's worker processes (``AsyncClient.open_spread``),
@@ -294,7 +371,8 @@ async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data]
             for i, group in enumerate(groups):
                 result.workers[placed[(i + offset) % connections][1]] += len(group)
             await asyncio.gather(*(
-                _many_streams(clients[(i + offset) % connections], model, version, chunk,
+                (_packed_streams if packed else _many_streams)(
+                    clients[(i + offset) % connections], model, version, chunk,
                               chunk_s,
                               start + group[0], until, session_chunks, pcm16, result, start,
                               closed_loop, len(group), closer)
@@ -332,6 +410,7 @@ class LoadJob:
     many: int
     spread: bool = True
     offset: int = 0  # streams (groups) of the processes before this one
+    packed: bool = False
 
 
 def _work(job: LoadJob) -> LoadResult:
@@ -346,20 +425,22 @@ def _work(job: LoadJob) -> LoadResult:
         duration_s=job.duration_s, session_chunks=job.session_chunks, pcm16=pcm16,
         closed_loop=job.closed_loop, start_at=job.start_at, phases=list(job.phases),
         connections=job.connections, many=job.many, spread=job.spread, offset=job.offset,
-        version=meta.version))  # the version measured, not the highest one
+        version=meta.version, packed=job.packed))  # the version measured, not the highest one
 
 
 class LoadGenerator:
     """A pool of load processes, kept across the levels of a sweep; each opens
     ``connections`` gRPC connections (``spread``: evenly over the server's worker
-    processes), and sends ``many`` streams per ``StreamMany`` stream when ``many`` > 1."""
+    processes), and sends ``many`` streams per ``StreamMany`` stream when ``many`` > 1
+    (per ``StreamPacked`` stream, their chunks in one array, with ``packed``)."""
 
     def __init__(self, procs: int, connections: int = 1, many: int = 0,
-                 spread: bool = True) -> None:
+                 spread: bool = True, packed: bool = False) -> None:
         self.procs = max(1, procs)
         self.connections = max(1, connections)
         self.many = many
         self.spread = spread
+        self.packed = packed
         self._pool: Any = multiprocessing.get_context("spawn").Pool(self.procs)
 
     def run(self, target: str, model: str, meta: bytes, *, streams: int, chunk_ms: int,
@@ -376,7 +457,7 @@ class LoadGenerator:
             jobs.append(LoadJob(target, model, meta, chunk_ms, chunk_bytes, tuple(mine),
                                 duration_s, start_at, closed_loop, session_chunks,
                                 min(self.connections, len(mine)), self.many, self.spread,
-                                offset))
+                                offset, self.packed))
             # the next process's first stream (group) goes to the worker after this one's
             # last: together they take the workers in turn
             offset += -(-len(mine) // self.many) if self.many > 1 else len(mine)

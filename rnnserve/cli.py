@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--many", type=int, default=0, metavar="N",
                    help="send the streams N at a time on StreamMany streams, one message "
                    "per tick for N sessions, as a gateway would (default: one Stream each)")
+    b.add_argument("--packed", action="store_true",
+                   help="with --many N: send each tick's N chunks in one array on "
+                   "StreamPacked streams instead of StreamMany items")
     b.add_argument("--max-batch-size", type=_positive, default=64,
                    help="the started server's max batch size, also the compute ceiling's "
                    "batch (default 64)")
@@ -352,7 +355,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               saturation_streams=args.saturation_streams, idle_sessions=args.idle_sessions,
               redis_store=args.redis_store, repeats=args.repeats, soak_s=args.soak_s,
               soak_streams=args.soak_streams, connections=args.connections,
-              many=args.many, spread=args.spread == "even")
+              many=args.many, spread=args.spread == "even", packed=args.packed)
     return 0
 
 

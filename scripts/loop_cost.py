@@ -1,13 +1,16 @@
-"""The event loop's CPU per ``StreamMany`` item, in process: the server's servicer called
-directly (no gRPC, no network), on the CPU. Beside gRPC's own work this is what a host
+"""The event loop's CPU per ``StreamMany`` item (or ``StreamPacked`` session, with
+``--rpc packed``), in process: the server's servicer called directly (no gRPC, no
+network), on the CPU. Beside gRPC's own work this is what a host
 spends per chunk when a GPU runs the model (docs/benchmarks.md, "The host's work per
 chunk"), and it drifts far less than a benchmark over gRPC on a shared machine.
 
     python scripts/loop_cost.py --repo runs/workloads/speech-tiny [--model NAME]
         [--groups 16] [--per 64] [--rounds 40] [--repeats 3] [--against DIR] [--profile]
+        [--rpc many[,packed]]
 
 ``--against DIR``: another checkout of rnnserve (``git worktree add /tmp/base REV``);
 the two builds take turns, each in a fresh process, and the medians are compared.
+``--rpc many,packed``: both RPCs in turns (of this build; ``--against`` runs ``many``).
 ``--profile``: cProfile's top functions of one run (its overhead inflates the times).
 Build a model repository first, e.g. ``rnnserve bench --workload speech-tiny --streams 1
 --duration-s 1`` (it lands in runs/workloads/speech-tiny).
@@ -39,7 +42,7 @@ def _lay_out(root: Path, where: Path) -> None:
 
 
 async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
-                   profile: bool) -> dict[str, float]:
+                   profile: bool, rpc: str = "many") -> dict[str, float]:
     import asyncio
     import cProfile
     import pstats
@@ -84,10 +87,32 @@ async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
                 c.seq = k
             return req
 
-        requests = [[request(g, k) for k in range(rounds)] for g in range(groups)]
+        def packed(g: int, k: int) -> pb.PackedRequest:  # the same chunk for each session
+            req = pb.PackedRequest(id=k, model=runtime.name, version=runtime.version)
+            req.session_ids.extend(sids[g])
+            req.seqs.extend([k] * per)
+            if chunk.HasField("tensor"):
+                t = chunk.tensor
+                req.chunks.dtype, req.chunks.data = t.dtype, t.data * per
+                req.chunks.shape.extend([per, *t.shape])
+            else:  # PCM16 samples or text bytes, as the model's input tensor
+                data = chunk.pcm16 or chunk.text.encode()
+                req.chunks.dtype = pb.DATA_TYPE_INT16 if chunk.pcm16 else pb.DATA_TYPE_UINT8
+                req.chunks.data = data * per
+                req.chunks.shape.extend([per, len(data) // (2 if chunk.pcm16 else 1)])
+            return req
+
+        requests = [[(packed if rpc == "packed" else request)(g, k) for k in range(rounds)]
+                    for g in range(groups)]
 
         async def stream(g: int, first: int, last: int) -> None:
             for k in range(first, last):
+                if rpc == "packed":
+                    got = await servicer._packed(requests[g][k], None)
+                    if got.code or got.failures:
+                        raise RuntimeError(f"a session failed: {got.message} "
+                                           f"{got.failures[:1]}")
+                    continue
                 resp = await servicer._many(requests[g][k], None)
                 failed = [r for r in resp.results if r.code]
                 if failed:
@@ -122,11 +147,16 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--against", type=Path, help="another checkout, in turns with this one")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--rpc", default="many",
+                    help="many, packed, or both in turns (many,packed)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child's run
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rounds < 2 or args.groups < 1 or args.per < 1 or args.repeats < 1:
         ap.error("--rounds must be at least 2; --groups, --per and --repeats at least 1")
+    rpcs = args.rpc.split(",")
+    if not set(rpcs) <= {"many", "packed"} or (args.one and len(rpcs) > 1):
+        ap.error("--rpc takes many, packed or many,packed")
     if args.one:
         import asyncio
         import logging
@@ -137,16 +167,19 @@ def main() -> int:
                 _lay_out(args.root, Path(where))
                 sys.path.insert(0, where)
             print(json.dumps(asyncio.run(_measure(args.repo, args.model, args.groups,
-                                                  args.per, args.rounds, args.profile))))
+                                                  args.per, args.rounds, args.profile,
+                                                  args.rpc))))
         return 0
     here = Path(__file__).resolve().parents[1]
-    builds = {"this": here, **({"against": args.against.resolve()} if args.against else {})}
+    builds = {(f"this {rpc}" if len(rpcs) > 1 else "this"): (here, rpc) for rpc in rpcs}
+    if args.against:
+        builds["against"] = (args.against.resolve(), "many")
     got: dict[str, list[float]] = {name: [] for name in builds}
     for _ in range(args.repeats):
-        for name, root in builds.items():
+        for name, (root, rpc) in builds.items():
             cmd = [sys.executable, __file__, "--one", "--repo", args.repo, "--model", args.model,
                    "--groups", str(args.groups), "--per", str(args.per),
-                   "--rounds", str(args.rounds), "--root", str(root),
+                   "--rounds", str(args.rounds), "--root", str(root), "--rpc", rpc,
                    *(["--profile"] if args.profile else [])]
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode:

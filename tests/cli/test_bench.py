@@ -76,22 +76,34 @@ def test_bench_sweeps_levels_with_baselines_and_writes_json_and_plot(tmp_path) -
     assert (out / "server.log").exists() and (out / "echo.log").exists()
 
 
-@pytest.mark.parametrize("many", ["0", "4"])
+@pytest.mark.parametrize("many", ["0", "4", "packed"])
 def test_bench_loads_the_version_it_names(server, tmp_path, many) -> None:
     """``--version 1`` of a model with two versions: every stream (one per call, and
-    several per StreamMany) opens version 1, not the highest (the GPU runs measured the
-    fp16 v2 of speech-small as "v1")."""
+    several per StreamMany or StreamPacked message) opens version 1, not the highest
+    (the GPU runs measured the fp16 v2 of speech-small as "v1")."""
     def chunks(version: str) -> float:
         return metric_value(server.metrics(), "rnnserve_chunks_total", model="text",
                             version=version, code="OK")
 
+    def requests(method: str) -> float:
+        return metric_value(server.metrics(), "rnnserve_requests_total", method=method)
+
     before = chunks("1"), chunks("2")
+    packed_before = requests("StreamPacked")
+    how = ["--many", "4", "--packed"] if many == "packed" else ["--many", many]
     proc = rnnserve("bench", "--server", server.target, "--model", "text", "--version", "1",
-                    "--streams", "4", "--duration-s", "1", "--load-procs", "1", "--many", many,
+                    "--streams", "4", "--duration-s", "1", "--load-procs", "1", *how,
                     "--no-plot", "--out", str(tmp_path), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "text v1 " in proc.stdout
     assert chunks("1") - before[0] >= 4 * 20 and chunks("2") == before[1]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["load_generator"]["rpc"] == {"0": "Stream", "4": "StreamMany",
+                                               "packed": "StreamPacked"}[many]
+    for lv in report["levels"]:
+        assert lv["errors"] == {}
+    # the packed streams' chunks went as StreamPacked requests (a stream per run)
+    assert (requests("StreamPacked") > packed_before) == (many == "packed")
 
 
 def test_bench_refuses_bad_arguments(tmp_path) -> None:
@@ -105,6 +117,9 @@ def test_bench_refuses_bad_arguments(tmp_path) -> None:
     proc = rnnserve("bench", "--server", "127.0.0.1:1", "--model", "x", "--connections",
                     "-1", "--out", str(tmp_path))
     assert_one_line_error(proc, "--connections")
+    proc = rnnserve("bench", "--server", "127.0.0.1:1", "--model", "x", "--packed",
+                    "--out", str(tmp_path))
+    assert_one_line_error(proc, "--packed", "--many")
 
 
 def test_a_level_counts_its_median_repeat_and_every_repeats_errors() -> None:
@@ -242,3 +257,13 @@ def test_loop_cost_measures_this_build_against_another(repo, tmp_path) -> None:
         m = re.search(r"this ([0-9.]+) us, against ([0-9.]+) us; this / against", lines[-1])
         assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, lines
         assert "(8 items)" in lines[0]  # 2 streams x 4 sessions x (4 - 3 warm-up) rounds
+    # the two RPCs of this build in turns
+    run = subprocess.run([sys.executable, str(root / "scripts" / "loop_cost.py"),
+                          "--repo", str(repo), "--model", "feat", "--groups", "2",
+                          "--per", "4", "--rounds", "4", "--repeats", "1",
+                          "--rpc", "many,packed"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines[0].startswith("this many") and lines[1].startswith("this packed"), lines
+    assert "(8 items)" in lines[1]
+    assert re.search(r"this many [0-9.]+ us, this packed [0-9.]+ us$", lines[-1]), lines
