@@ -122,3 +122,36 @@ def test_answer_bytes_count_frames_of_audio(speech_repo) -> None:
         outs, _ = rt.run([x], [rt.zero_state()])
         assert rt.answer_bytes(hops * hop) == sum(o.nbytes for o in outs[0]), hops
     assert rt.max_steps(4 * rt.answer_bytes(hop)) == 4 * hop
+
+
+def test_packed_pcm16_streams_equal_the_whole_utterance(server, speech_repo) -> None:
+    """README: a gateway's calls as one StreamPacked request per 40 ms tick, their
+    samples in one int16 array (the first tick opening them), and as PCM16 bytes of
+    every call in turn: each call's posteriors equal one run of its whole audio."""
+    from rnnserve.client import packed_request
+
+    n, chunk = 5, 640
+    calls = np.stack([np.roll(utterance(1.28), 160 * i) for i in range(n)])
+    sids = [f"call-{i}" for i in range(n)]
+
+    async def main() -> np.ndarray:
+        parts = []
+        async with AsyncClient(server.target, timeout=30) as client, \
+                client.packed() as p:
+            for k, a in enumerate(range(0, calls.shape[1], chunk)):
+                block = calls[:, a:a + chunk].astype(np.int16)
+                last = a + chunk >= calls.shape[1]
+                req = packed_request("speech", sids, [k] * n,
+                                     block if k % 2 else block.astype("<i2").tobytes(),
+                                     opens=range(n) if k == 0 else (),
+                                     ends=range(n) if last else ())
+                answer = await p.send(req)
+                assert not answer.failures, answer.failures
+                parts.append(answer.outputs["posteriors"])
+        return np.concatenate(parts, axis=1)
+
+    y = asyncio.run(main())
+    for i in range(n):
+        want = whole_run(speech_repo, calls[i].astype(np.int16))
+        assert y[i].shape == want.shape
+        assert np.abs(y[i] - want).max() <= 1e-4, i
