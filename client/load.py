@@ -171,69 +171,28 @@ async def _one_stream(client: AsyncClient, model: str, version: int,
                 closer.close(client, s.session_id)
 
 
-async def _many_streams(client: AsyncClient, model: str, version: int,
-                        chunk: Callable[[int], Data], chunk_s: float, t0: float,
-                        until: float, session_chunks: int, pcm16: bool, result: LoadResult,
-                        origin: float, closed_loop: bool, n: int, closer: _Closer) -> None:
-    """``n`` streams in step on one ``StreamMany`` stream, as a gateway sends them: one
-    request per tick with the chunk of each, a new session opened in the item of its
-    first chunk."""
-    k = 0
-    loop = asyncio.get_running_loop()
-    if t0 > loop.time():
-        await asyncio.sleep(t0 - loop.time())
-    sids = [""] * n
-    seqs = [0] * n
+async def _send_many(m: Any, model: str, version: int, sids: list[str], seqs: list[int],
+                     data: Data, opens: list[int], ends: set[int], pcm16: bool
+                     ) -> dict[int, str]:
+    """One tick's ``StreamMany`` request: every stream's chunk as an item (those in
+    ``opens`` opening their session); the failed items' status names by position."""
+    request, first = pb.ManyRequest(), set(opens)
+    for i, (sid, seq) in enumerate(zip(sids, seqs, strict=True)):
+        add_many_item(request, sid, seq, data, i in ends, pcm16=pcm16,
+                      open_model=model if i in first else "", version=version)
+    answers = await m.send(request)
+    return {i: item_status(r).name for i, r in enumerate(answers) if r.code}
 
-    def close(i: int) -> None:
-        if seqs[i]:  # an item that failed opening its session left none (the server
-            closer.close(client, sids[i])  # closes it): no extra call while overloaded
-        seqs[i] = 0  # a new session on the next tick
 
-    try:
-        while (loop.time() if closed_loop else t0 + k * chunk_s) < until:
-            try:
-                async with client.many() as m:
-                    while True:
-                        due = await _tick(t0, k, chunk_s, until, closed_loop, result, n)
-                        if due is None:
-                            return
-                        k += 1
-                        last_tick = not closed_loop and due + chunk_s >= until
-                        request, ends = pb.ManyRequest(), []
-                        data = chunk(k)  # every stream's chunk of this tick
-                        for i in range(n):
-                            if seqs[i] == 0:
-                                sids[i] = new_session_id()
-                            end = seqs[i] == session_chunks - 1 or last_tick
-                            ends.append(end)
-                            add_many_item(request, sids[i], seqs[i], data, end, pcm16=pcm16,
-                                          open_model=model if seqs[i] == 0 else "",
-                                          version=version)
-                        answers = await m.send(request)
-                        latency = loop.time() - due
-                        for i, r in enumerate(answers):
-                            if r.code:
-                                result.errors[item_status(r).name] += 1
-                                close(i)
-                                continue
-                            result.sessions += seqs[i] == 0
-                            result.latencies.append(latency)
-                            result.times.append(due - origin)
-                            seqs[i] = 0 if ends[i] else seqs[i] + 1
-                        if last_tick:
-                            return
-            except (grpc.aio.AioRpcError, ConnectionError) as exc:
-                # the stream failed, or a request was not answered in time: its chunks
-                # count as errors, its sessions are closed and new ones open
-                result.errors[_failure(exc)] += n
-                for i in range(n):
-                    close(i)
-                if closed_loop:  # no tick to wait for: not a storm of failing requests
-                    await asyncio.sleep(chunk_s)
-    finally:
-        for i in range(n):
-            close(i)  # those open without their end chunk when the window ended
+async def _send_packed(p: Any, model: str, version: int, sids: list[str], seqs: list[int],
+                       data: Data, opens: list[int], ends: set[int], pcm16: bool
+                       ) -> dict[int, str]:
+    """``_send_many`` as one ``StreamPacked`` request, the chunks in one array."""
+    a = _as_array(data, pcm16)
+    answer = await p.send(packed_request(model, sids, seqs,
+                                         np.broadcast_to(a, (len(sids), *a.shape)),
+                                         version=version, opens=opens, ends=sorted(ends)))
+    return {i: code.name for i, (code, _, _) in answer.failures.items()}
 
 
 def _as_array(data: Data, pcm16: bool) -> np.ndarray:
@@ -245,29 +204,31 @@ def _as_array(data: Data, pcm16: bool) -> np.ndarray:
     return np.asarray(data)
 
 
-async def _packed_streams(client: AsyncClient, model: str, version: int,
-                          chunk: Callable[[int], Data], chunk_s: float, t0: float,
-                          until: float, session_chunks: int, pcm16: bool,
-                          result: LoadResult, origin: float, closed_loop: bool, n: int,
-                          closer: _Closer) -> None:
-    """``_many_streams`` on one ``StreamPacked`` stream: each tick one request with the
-    chunks of the ``n`` streams in one array, new sessions opened in it."""
+async def _many_streams(client: AsyncClient, model: str, version: int,
+                        chunk: Callable[[int], Data], chunk_s: float, t0: float,
+                        until: float, session_chunks: int, pcm16: bool, result: LoadResult,
+                        origin: float, closed_loop: bool, n: int, closer: _Closer,
+                        packed: bool = False) -> None:
+    """``n`` streams in step on one ``StreamMany`` stream (``packed``: ``StreamPacked``,
+    the chunks in one array), as a gateway sends them: one request per tick with the
+    chunk of each, a new session opened in the request of its first chunk."""
     k = 0
     loop = asyncio.get_running_loop()
     if t0 > loop.time():
         await asyncio.sleep(t0 - loop.time())
     sids = [""] * n
     seqs = [0] * n
+    send = _send_packed if packed else _send_many
 
     def close(i: int) -> None:
-        if seqs[i]:  # a session that failed opening is none (the server ends it)
-            closer.close(client, sids[i])
-        seqs[i] = 0
+        if seqs[i]:  # a session that failed opening is none (the server ends it): no
+            closer.close(client, sids[i])  # extra call while overloaded
+        seqs[i] = 0  # a new session on the next tick
 
     try:
         while (loop.time() if closed_loop else t0 + k * chunk_s) < until:
             try:
-                async with client.packed() as p:
+                async with (client.packed() if packed else client.many()) as m:
                     while True:
                         due = await _tick(t0, k, chunk_s, until, closed_loop, result, n)
                         if due is None:
@@ -277,37 +238,35 @@ async def _packed_streams(client: AsyncClient, model: str, version: int,
                         opens = [i for i in range(n) if seqs[i] == 0]
                         for i in opens:
                             sids[i] = new_session_id()
-                        ends = range(n) if last_tick else \
-                            [i for i in range(n) if seqs[i] == session_chunks - 1]
-                        a = _as_array(chunk(k), pcm16)  # every stream's chunk of this tick
-                        answer = await p.send(packed_request(
-                            model, sids, seqs, np.broadcast_to(a, (n, *a.shape)),
-                            version=version, opens=opens, ends=ends))
+                        ends = {i for i in range(n)
+                                if last_tick or seqs[i] == session_chunks - 1}
+                        # every stream's chunk of this tick
+                        failed = await send(m, model, version, sids, seqs, chunk(k), opens,
+                                            ends, pcm16)
                         latency = loop.time() - due
-                        ended = set(ends)
                         for i in range(n):
-                            failed = answer.failures.get(i)
-                            if failed is not None:
-                                result.errors[failed[0].name] += 1
+                            if i in failed:
+                                result.errors[failed[i]] += 1
                                 close(i)
                                 continue
                             result.sessions += seqs[i] == 0
                             result.latencies.append(latency)
                             result.times.append(due - origin)
-                            seqs[i] = 0 if i in ended else seqs[i] + 1
+                            seqs[i] = 0 if i in ends else seqs[i] + 1
                         if last_tick:
                             return
             except (grpc.aio.AioRpcError, ConnectionError) as exc:
-                # the stream failed, the request was refused whole or not answered in
-                # time: its chunks count as errors, its sessions are closed
+                # the stream failed, a request was refused whole or not answered in
+                # time: its chunks count as errors, its sessions are closed and new ones
+                # open
                 result.errors[_failure(exc)] += n
                 for i in range(n):
                     close(i)
-                if closed_loop:
+                if closed_loop:  # no tick to wait for: not a storm of failing requests
                     await asyncio.sleep(chunk_s)
     finally:
         for i in range(n):
-            close(i)
+            close(i)  # those open without their end chunk when the window ended
 
 
 async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data], *,
@@ -371,11 +330,9 @@ async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data]
             for i, group in enumerate(groups):
                 result.workers[placed[(i + offset) % connections][1]] += len(group)
             await asyncio.gather(*(
-                (_packed_streams if packed else _many_streams)(
-                    clients[(i + offset) % connections], model, version, chunk,
-                              chunk_s,
-                              start + group[0], until, session_chunks, pcm16, result, start,
-                              closed_loop, len(group), closer)
+                _many_streams(clients[(i + offset) % connections], model, version, chunk,
+                              chunk_s, start + group[0], until, session_chunks, pcm16,
+                              result, start, closed_loop, len(group), closer, packed)
                 for i, group in enumerate(groups)))
         else:
             for i in range(len(phases)):
