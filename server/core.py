@@ -831,8 +831,14 @@ class Core:
         pool, names = rt.pool, rt.data_output_names
         states = [PoolState(pool, row) for row in rows]
         seqs = [m.next_seq + 1 for m in members]
-        answers: list[Answer] = [RowAnswer(seq - 1, names, outs, j, xb, i in ending)
-                                 for j, (seq, i) in enumerate(zip(seqs, places, strict=True))]
+        # each answer's own copies of its rows (iterating an array's rows is the
+        # quickest way to them): 0.2 to 0.4 us per session more than views
+        answers: list[Answer] = [
+            RowAnswer(seq - 1, names, (o.copy(),), c.copy(), i in ending)
+            for seq, i, c, o in zip(seqs, places, xb, outs[0], strict=True)
+        ] if len(outs) == 1 else [
+            RowAnswer(seq - 1, names, tuple(a.copy() for a in row), c.copy(), i in ending)
+            for seq, i, c, *row in zip(seqs, places, xb, *outs, strict=True)]
         nbytes = pool.row_bytes + (answers[0].nbytes if answers else 0)  # one size for all
         gone = self.store.update_many(members, states, seqs, answers, nbytes)
         for j in gone:  # ended while its step ran (closed, evicted): not answered

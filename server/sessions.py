@@ -111,22 +111,22 @@ class Answer:
 
 
 class RowAnswer(Answer):
-    """An ``Answer`` that is row ``row`` of a packed block's outputs ``block`` (each
-    (sessions, ...)) and of its chunks: made per session in one step, its outputs
-    listed only when asked (a retry, a record written), as most answers never are."""
+    """An ``Answer`` made per session of a packed block in one step: its chunk and
+    output rows are its own copies (a view would keep the whole request's chunks and
+    the block's outputs alive as long as this answer is kept, which for an idle session
+    is its idle timeout), its outputs listed only when asked (a retry, a record
+    written), as most answers never are."""
 
-    __slots__ = ("_block", "_names", "_row")
+    __slots__ = ("_names", "_rows")
 
-    def __init__(self, seq: int, names: list[str], block: list[np.ndarray], row: int,
-                 chunks: np.ndarray, end: bool = False) -> None:
+    def __init__(self, seq: int, names: list[str], rows: tuple[np.ndarray, ...],
+                 chunk: np.ndarray, end: bool = False) -> None:
         self.seq, self.end, self._digest = seq, end, None
-        self._names, self._block, self._row = names, block, row
-        self._chunk = chunks[row]
+        self._names, self._rows, self._chunk = names, rows, chunk
 
     @property
     def outputs(self) -> list[tuple[str, np.ndarray]]:  # type: ignore[override]
-        row = self._row
-        return [(name, a[row]) for name, a in zip(self._names, self._block, strict=True)]
+        return list(zip(self._names, self._rows, strict=True))
 
 
 @dataclass

@@ -285,3 +285,37 @@ def test_a_packed_request_past_its_timeout_runs_nothing(repo, tmp_path) -> None:
             assert np.abs(y[i] - whole_run(repo, "feat", 1, x[i])).max() <= 1e-5
     finally:
         assert srv.stop() == 0
+
+
+def test_each_packed_answer_holds_only_its_own_rows(repo) -> None:
+    """A session keeps its last answer (for a retry) as long as it lives, idle or not:
+    a packed session's answer owns its chunk and output rows, so an idle session holds
+    what it is counted for, not the request's chunks and its block's outputs."""
+    from rnnserve.server.api import InferenceServicer
+    from rnnserve.server.app import RnnServer
+    from rnnserve.server.settings import Settings
+
+    async def main() -> None:
+        server = RnnServer(Settings(repo=repo, host="127.0.0.1", grpc_port=0,
+                                    metrics_port=0, device="cpu", intra_op_threads=1))
+        await server.start()
+        try:
+            servicer = InferenceServicer(server.core, server.streams)
+            sids = [new_session_id() for _ in range(8)]
+            x = np.random.default_rng(48).standard_normal((8, 3, 20)).astype(np.float32)
+            for seq, opens in ((0, range(8)), (1, ())):  # opened, then a packed block
+                req = packed_request("feat", sids, [seq] * 8, x, opens=opens)
+                resp: pb.PackedResponse = await servicer._packed(req, None)
+                assert not resp.code and not resp.failures, resp
+            rt = server.core.registry.get("feat")
+            for sid in sids:
+                session = server.core.store.peek(sid)
+                assert session is not None and session.answer is not None
+                answer = session.answer
+                arrays = [answer._chunk] + [a for _, a in answer.outputs]
+                assert all(a.base is None for a in arrays), [a.base is None for a in arrays]
+                assert session.nbytes == rt.pool.row_bytes + sum(a.nbytes for a in arrays)
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
