@@ -267,3 +267,42 @@ def test_an_explicit_principal_named_like_a_line_cannot_reach_an_unnamed_tokens_
             bob.step(sid, 1, x[3:], end=True)
     finally:
         assert srv.stop() == 0
+
+
+def test_a_packed_request_steps_only_its_principals_sessions(repo, tmp_path) -> None:
+    """Bob's packed request naming Alice's session beside his own: hers is refused
+    (PERMISSION_DENIED) and unchanged, his is answered."""
+    import asyncio
+
+    from rnnserve.client import AsyncClient, packed_request
+
+    bob_token = "bob-token-0123456789"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN} alice\n{bob_token} bob\n")
+    srv = start_server(repo, tmp_path / "s.log", "--tokens-file", str(tokens))
+    x = np.random.default_rng(8).standard_normal((2, 6, 20)).astype(np.float32)
+
+    async def main() -> np.ndarray:
+        async with AsyncClient(srv.target, timeout=10, token=TOKEN) as alice, \
+                AsyncClient(srv.target, timeout=10, token=bob_token) as bob, \
+                alice.packed() as pa, bob.packed() as pb_:
+            first = await pa.send(packed_request("feat", ["a"], [0], x[:1, :3], opens=[0]))
+            mixed = await pb_.send(packed_request("feat", ["a", "b"], [1, 0], x[:, :3],
+                                                  opens=[1]))
+            assert list(mixed.failures) == [0], mixed.failures
+            code, message, _ = mixed.failures[0]
+            assert code == grpc.StatusCode.PERMISSION_DENIED and \
+                "belongs to another principal" in message
+            rest = await pa.send(packed_request("feat", ["a"], [1], x[:1, 3:], ends=[0]))
+            assert not rest.failures, rest.failures
+            return np.concatenate([first.outputs["logits"][0], rest.outputs["logits"][0]])
+
+    try:
+        y = asyncio.run(main())
+        with Client(srv.target, timeout=5, token=TOKEN) as again:
+            alone = again.open_session("feat").session_id
+            want = np.concatenate([again.step(alone, 0, x[0, :3])["logits"],
+                                   again.step(alone, 1, x[0, 3:], end=True)["logits"]])
+        assert np.array_equal(y, want)
+    finally:
+        assert srv.stop() == 0
