@@ -568,12 +568,9 @@ class Batcher:
         if not runnable:
             return None
         group = runnable
-        waits = []  # the metrics: the sessions' steps that run
-        for s in group:
-            if s.count:
-                waits += [started - s.queued_at] * s.count
-            else:
-                waits.append(started - s.queued_at)
+        # the metrics: the sessions' steps that run (a block's each)
+        waits = [started - s.queued_at for s in group] if not blocks else \
+            [w for s in group for w in [started - s.queued_at] * (s.count or 1)]
         want_states = self.commit is not None and any(s.tag is not None for s in group)
         if blocks:  # a row per session; run_rows joins and splits each block as one
             rows = [r for s in group for r in (s.rows if s.rows is not None else (s.row,))]

@@ -19,7 +19,7 @@ import hashlib
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -174,7 +174,7 @@ class SessionStore(Protocol):
 
     def touch(self, session: Session) -> None: ...
 
-    def live_many(self, session_ids: list[str]) -> list[Session | None]: ...
+    def live_many(self, session_ids: Sequence[str]) -> list[Session | None]: ...
 
     def touch_many(self, sessions: list[Session]) -> None: ...
 
@@ -349,7 +349,7 @@ class MemorySessionStore:
             raise self._gone(session_id)
         return session
 
-    def live_many(self, session_ids: list[str]) -> list[Session | None]:
+    def live_many(self, session_ids: Sequence[str]) -> list[Session | None]:
         """Per id its live session, or None where ``get`` would not give one (unknown,
         ended, or idle past the timeout: ``get`` then says why); no side effect. One
         look-up each, for the packed path's many sessions."""
