@@ -6,12 +6,15 @@ chunk"), and it drifts far less than a benchmark over gRPC on a shared machine.
 
     python scripts/loop_cost.py --repo runs/workloads/speech-tiny [--model NAME]
         [--groups 16] [--per 64] [--rounds 40] [--repeats 3] [--against DIR] [--profile]
-        [--rpc many[,packed]]
+        [--rpc many[,packed]] [--store redis]
 
 ``--against DIR``: another checkout of rnnserve (``git worktree add /tmp/base REV``);
 the two builds take turns, each in a fresh process, and the medians are compared.
 ``--rpc many,packed``: both RPCs in turns (of this build; ``--against`` runs ``many``).
 ``--profile``: cProfile's top functions of one run (its overhead inflates the times).
+``--store redis``: the server on the shared session store (a throw-away redis-server on
+127.0.0.1, started per run), every step written there before it is answered; the
+redis-server's own CPU per item is printed beside the loop's.
 Build a model repository first, e.g. ``rnnserve bench --workload speech-tiny --streams 1
 --duration-s 1`` (it lands in runs/workloads/speech-tiny).
 """
@@ -42,7 +45,8 @@ def _lay_out(root: Path, where: Path) -> None:
 
 
 async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
-                   profile: bool, rpc: str = "many") -> dict[str, float]:
+                   profile: bool, rpc: str = "many", store: str = "memory",
+                   redis_pid: int = 0) -> dict[str, float]:
     import asyncio
     import cProfile
     import pstats
@@ -58,7 +62,8 @@ async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
 
     settings = Settings(repo=Path(repo), host="127.0.0.1", grpc_port=0, metrics_port=0,
                         device="cpu", intra_op_threads=1, warmup="off",
-                        max_batch_size=max(64, per * 4), max_sessions=groups * per + 64)
+                        max_batch_size=max(64, per * 4), max_sessions=groups * per + 64,
+                        session_store=store)
     server = RnnServer(settings)
     await server.start()
     try:
@@ -121,6 +126,7 @@ async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
         warm = min(5, rounds - 1)
         await asyncio.gather(*(stream(g, 0, warm) for g in range(groups)))
         prof = cProfile.Profile() if profile else None
+        redis_cpu = _proc_cpu(redis_pid)
         wall, cpu = time.perf_counter(), time.thread_time()
         if prof is not None:
             prof.enable()
@@ -130,11 +136,23 @@ async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
         items = groups * per * (rounds - warm)
         out = {"loop_cpu_us": 1e6 * (time.thread_time() - cpu) / items,
                "wall_us": 1e6 * (time.perf_counter() - wall) / items, "items": items}
+        if redis_pid:
+            out["redis_cpu_us"] = 1e6 * (_proc_cpu(redis_pid) - redis_cpu) / items
         if prof is not None:
             pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
         return out
     finally:
         await server.stop()
+
+
+def _proc_cpu(pid: int) -> float:
+    """A process's CPU seconds so far (user and system), from /proc; 0 without one."""
+    if not pid:
+        return 0.0
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
@@ -149,6 +167,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--rpc", default="many",
                     help="many, packed, or both in turns (many,packed)")
+    ap.add_argument("--store", default="memory", choices=("memory", "redis"),
+                    help="the session store: memory, or a redis-server started per run")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child's run
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -166,9 +186,19 @@ def main() -> int:
             if args.root is not None:
                 _lay_out(args.root, Path(where))
                 sys.path.insert(0, where)
-            print(json.dumps(asyncio.run(_measure(args.repo, args.model, args.groups,
-                                                  args.per, args.rounds, args.profile,
-                                                  args.rpc))))
+            redis = None
+            if args.store == "redis":
+                from rnnserve.client.bench import RedisProcess
+
+                redis = RedisProcess(Path(where))
+            try:
+                print(json.dumps(asyncio.run(_measure(
+                    args.repo, args.model, args.groups, args.per, args.rounds, args.profile,
+                    args.rpc, redis.url if redis else "memory",
+                    redis.proc.pid if redis and redis.proc else 0))))
+            finally:
+                if redis is not None:
+                    redis.stop()
         return 0
     here = Path(__file__).resolve().parents[1]
     builds = {(f"this {rpc}" if len(rpcs) > 1 else "this"): (here, rpc) for rpc in rpcs}
@@ -180,6 +210,7 @@ def main() -> int:
             cmd = [sys.executable, __file__, "--one", "--repo", args.repo, "--model", args.model,
                    "--groups", str(args.groups), "--per", str(args.per),
                    "--rounds", str(args.rounds), "--root", str(root), "--rpc", rpc,
+                   "--store", args.store,
                    *(["--profile"] if args.profile else [])]
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode:
@@ -189,8 +220,11 @@ def main() -> int:
                 sys.stderr.write(run.stderr)
             result = json.loads(run.stdout.strip().splitlines()[-1])
             got[name].append(result["loop_cpu_us"])
+            redis_cpu = (f", redis-server CPU {result['redis_cpu_us']:.1f} us"
+                         if "redis_cpu_us" in result else "")
             print(f"{name} ({root}): loop CPU {result['loop_cpu_us']:.1f} us per item, "
-                  f"wall {result['wall_us']:.1f} us ({result['items']} items)", flush=True)
+                  f"wall {result['wall_us']:.1f} us{redis_cpu} ({result['items']} items)",
+                  flush=True)
     medians = {name: statistics.median(v) for name, v in got.items()}
     print("median loop CPU per item: " + ", ".join(f"{n} {m:.1f} us" for n, m in medians.items())
           + (f"; this / against = {medians['this'] / medians['against']:.2f}"

@@ -59,6 +59,7 @@ BatchHook = Callable[[list[float], float], None]
 
 # (tag, outputs, host copy of the new state) of each tagged step of a group that ran ->
 # per step None (its caller gets its result) or the exception its caller gets instead.
+# A tagged block is one step whose outputs and states have a row per session.
 CommitHook = Callable[[list[tuple[Any, list[np.ndarray], list[np.ndarray] | None]]],
                       Awaitable[list[BaseException | None]]]
 
@@ -409,12 +410,14 @@ class Batcher:
         return future
 
     def submit_block(self, rows: list[int], x: np.ndarray, expires: float | None,
-                     group: Group) -> Slot:
+                     group: Group, tag: Any = None) -> Slot:
         """Queue the chunks ``x`` (len(rows), T, *frame) of the sessions whose states are
         in pool rows ``rows`` as one block; its slot in ``group`` gets a ``BlockResult``
         (given to ``abandon`` when nobody waits for it any more). The rows are not
         changed. Refused whole (Overloaded) when its sessions would pass the queue's
-        bound."""
+        bound. A ``tag`` goes to the commit hook with the block's outputs and new
+        states, each (sessions, ...), as one step: the hook answers for the whole
+        block (a session it refuses is its tag's business)."""
         if not rows:
             raise ValueError("a block holds at least one session")
         queue = self._queue
@@ -426,7 +429,7 @@ class Batcher:
         pool = self.runtime.pool
         for row in rows:
             pool.pin(row)
-        queue.put(_Step(x, TRASH, True, slot, time.perf_counter(), expires, None,
+        queue.put(_Step(x, TRASH, True, slot, time.perf_counter(), expires, tag,
                         count=len(rows), rows=rows))
         return slot
 
@@ -519,10 +522,10 @@ class Batcher:
             if s.future.done():  # cancelled while it ran: its new row is nobody's
                 s.free_outs(pool)
                 continue
-            if s.outs is not None:  # a block (never tagged: no shared store)
-                s.future.set_result((out, s.outs))  # type: ignore[arg-type]
-            elif s.tag is not None and self.commit is not None:
+            if s.tag is not None and self.commit is not None:
                 tagged.append((s, out, st))
+            elif s.outs is not None:  # a block
+                s.future.set_result((out, s.outs))  # type: ignore[arg-type]
             else:
                 s.future.set_result((out, s.out, st))
         self.batches += 1
@@ -608,9 +611,12 @@ class Batcher:
                                     "nothing advanced") for _ in tagged]
         for (s, out, st), failure in zip(tagged, failures, strict=True):
             if s.future.done() or failure is not None:
-                self.runtime.pool.free(s.out)  # the session keeps its old row
+                s.free_outs(self.runtime.pool)  # the sessions keep their old rows
                 if not s.future.done():
                     assert failure is not None
                     s.future.set_exception(failure)
                 continue
-            s.future.set_result((out, s.out, st))
+            if s.outs is not None:
+                s.future.set_result((out, s.outs))  # type: ignore[arg-type]
+            else:
+                s.future.set_result((out, s.out, st))

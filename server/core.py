@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,7 @@ from rnnserve.server.sessions import (
     Session,
     SessionStore,
     digest,
+    digest_rows,
 )
 from rnnserve.server.shared import RedisStore
 
@@ -90,6 +91,45 @@ class _Pending:
     x: np.ndarray
     end: bool
     answer: Answer | None = None  # set by the commit, with the record it wrote
+
+
+@dataclass(slots=True)
+class _PendingBlock:
+    """A packed block on its way to the shared store: the batcher's commit tag. The
+    commit makes its sessions' answers and writes their records in one call; a session
+    the store refuses is set in ``refused`` by its place in the block."""
+
+    sessions: list[Session]
+    runtime: ModelRuntime
+    next_seqs: list[int]  # each session's next chunk once this one is applied
+    x: np.ndarray  # (sessions, T, *frame)
+    places: list[int]  # the sessions' positions in the request
+    ending: set[int]  # the positions whose sessions end with this chunk
+    answers: list[Answer] = field(default_factory=list)  # set by the commit
+    refused: dict[int, BaseException] = field(default_factory=dict)
+
+
+# A packed request's block in flight: its model, positions, sessions, chunks, slot, and
+# with a shared store its commit tag
+_Block = tuple[ModelRuntime, list[int], list[Session], np.ndarray, Slot, "_PendingBlock | None"]
+
+
+def _row_answers(names: list[str], next_seqs: list[int], xb: np.ndarray,
+                 outs: list[np.ndarray], places: list[int], ending: set[int],
+                 digests: list[bytes] | None = None) -> list[Answer]:
+    """The answers of a block's sessions: each its own copies of its chunk and output
+    rows (iterating an array's rows is the quickest way to them; 0.2 to 0.4 us per
+    session more than views, which would keep the whole block alive as long as any
+    of its answers). Given the chunks' ``digests`` (a record needs them at once), an
+    answer keeps its digest instead of its chunk."""
+    if digests is not None:
+        return [RowAnswer(seq - 1, names, tuple(a.copy() for a in row), None, i in ending, d)
+                for seq, i, d, *row in zip(next_seqs, places, digests, *outs, strict=True)]
+    if len(outs) == 1:
+        return [RowAnswer(seq - 1, names, (o.copy(),), c.copy(), i in ending)
+                for seq, i, c, o in zip(next_seqs, places, xb, outs[0], strict=True)]
+    return [RowAnswer(seq - 1, names, tuple(a.copy() for a in row), c.copy(), i in ending)
+            for seq, i, c, *row in zip(next_seqs, places, xb, *outs, strict=True)]
 
 
 @dataclass(slots=True)  # not frozen, as ChunkInput: made once per chunk
@@ -186,14 +226,14 @@ def _positions(places: Sequence[int], n: int, what: str) -> set[int]:
     return got
 
 
-def _with(skipped: dict[int, BaseException], results: list[BaseException | None]
-          ) -> list[BaseException | None]:
-    """``results`` of the steps written, with the ``skipped`` ones back at their places."""
-    if not skipped:
-        return results
-    it = iter(results)
-    return [skipped[i] if i in skipped else next(it)
-            for i in range(len(skipped) + len(results))]
+def _closed(session_id: str) -> SessionClosed:
+    """Why a step whose session was closed while it ran is not committed."""
+    return SessionClosed(f"session {session_id!r} has ended; open a new one")
+
+
+def _session_of(pending: _Pending | _PendingBlock, place: int) -> Session:
+    """The session of a commit's write: a step's, or the one at ``place`` in a block."""
+    return pending.sessions[place] if isinstance(pending, _PendingBlock) else pending.session
 
 
 class Core:
@@ -669,13 +709,16 @@ class Core:
         fast: dict[tuple[str, int], tuple[list[int], list[Session]]] = {}
         slow: list[int] = []
         who = principal()
-        held = self.store.live_many(sids) if self.shared is None else [None] * n
+        # with a shared store, only a copy used within the lease's time, whose last step
+        # was not given up, is surely the store's latest (``_lapsed``, ``_stale``)
+        held = self.store.live_many(sids) if self.shared is None else \
+            self.store.live_many(sids, self.shared.lease_s)
         for i, (session, seq) in enumerate(zip(held, seqs, strict=True)):
             if i in failures:
                 continue
             if session is None or session.busy or seq != session.next_seq or \
                     session.model != runtime.name or session.owner != who or \
-                    (opening and i in opening):
+                    session.unsure or (opening and i in opening):
                 slow.append(i)  # (a session twice in the request: busy the second time)
                 continue
             session.busy = True  # until its block lands, or is refused
@@ -686,13 +729,14 @@ class Core:
             got[0].append(i)
             got[1].append(session)
         group = Group()
-        blocks: list[tuple[ModelRuntime, list[int], list[Session], np.ndarray, Slot]] = []
+        blocks: list[_Block] = []
         try:
             for key, (places, sessions) in fast.items():
                 self._queue_blocks(runtime, self.registry.get(*key), places, sessions, x,
-                                   fast_expires, group, blocks, failures, api, started)
+                                   fast_expires, group, blocks, failures, api, started,
+                                   ending)
         except BaseException:  # a bug: no session may stay busy
-            for rt, _, _, _, slot in blocks:
+            for rt, _, _, _, slot, _ in blocks:
                 self.batchers[rt.key].abandon(slot)
             for _, sessions in fast.values():
                 for m in sessions:
@@ -714,24 +758,43 @@ class Core:
                 await asyncio.wait(waiting)
         except asyncio.CancelledError:
             code = _cancelled(expires)
-            for rt, _, members, _, slot in blocks:
+            for rt, _, members, _, slot, pending in blocks:
                 self.batchers[rt.key].abandon(slot)
                 for m in members:
                     m.busy = False
+                    if pending is not None:  # its commit may land all the same: the
+                        m.unsure = True  # next step takes the store's record first
                     self._count(api, m, code, started)
             for _, t in tasks:
                 t.cancel()
             raise
         names = runtime.data_output_names
         outputs: list[np.ndarray] | None = None
+        moved: list[tuple[int, Session]] = []
         if len(blocks) == 1 and len(blocks[0][1]) == n:  # everyone, in order, ran as one
-            outputs = self._land(blocks[0], ending, failures, api, started)
+            outputs = self._land(blocks[0], ending, failures, api, started, moved)
             blocks = []
         pieces: list[tuple[list[int], list[np.ndarray]]] = []
         for block in blocks:
-            landed = self._land(block, ending, failures, api, started)
+            landed = self._land(block, ending, failures, api, started, moved)
             if landed is not None:
                 pieces.append((block[1], landed))
+        late: list[tuple[int, list[np.ndarray]]] = []
+        for k, (i, m) in enumerate(moved):  # rare: the store refused a copy here that
+            try:  # another server or worker had gone on with
+                retried = await self._moved(m.id, seqs[i], runtime, ChunkInput(array=x[i]),
+                                            failures[i])
+            except asyncio.CancelledError:
+                for _, other in moved[k:]:
+                    self._count(api, other, _cancelled(expires), started)
+                raise
+            except Exception as exc:
+                failures[i] = exc
+                self._count(api, m, _code(exc), started)
+                continue
+            del failures[i]
+            late.append((i, [a for _, a in retried.outputs]))
+            self._count(api, m, "OK", started)
         for i, t in tasks:
             failed = t.exception()
             if failed is not None:
@@ -739,18 +802,20 @@ class Core:
                 continue
             # (step refused, before it ran, a session whose outputs differ: ``like``)
             pieces.append(([i], [a[None] for _, a in t.result().outputs]))
-        if outputs is None or failures:
+        if outputs is None or failures or late:
             outputs = self._assemble(runtime, x.shape[1], n, outputs, pieces, failures)
+            for i, arrays in late:
+                for target, a in zip(outputs, arrays, strict=True):
+                    target[i] = a
         return list(zip(names, outputs, strict=True)), failures
 
     def _queue_blocks(self, runtime: ModelRuntime, rt: ModelRuntime, places: list[int],
                       sessions: list[Session], x: np.ndarray, expires: float | None,
-                      group: Group,
-                      blocks: list[tuple[ModelRuntime, list[int], list[Session], np.ndarray,
-                                         Slot]],
-                      failures: dict[int, Exception], api: str, started: float) -> None:
+                      group: Group, blocks: list[_Block], failures: dict[int, Exception],
+                      api: str, started: float, ending: set[int]) -> None:
         """Queue the chunks ``x[places]`` of ``sessions`` (busy, of ``rt``) in blocks of at
-        most a batch each, added to ``blocks``; those refused fail, no longer busy."""
+        most a batch each, added to ``blocks``; those refused fail, no longer busy. With
+        a shared store each block is committed there (one call) before it lands."""
         why = self._packable(runtime, rt)
         if why is not None:
             for i, session in zip(places, sessions, strict=True):
@@ -765,8 +830,11 @@ class Core:
             # consecutive positions (the common case) are a view, others a copy
             xb = x[part[0]:part[-1] + 1] if part[-1] - part[0] == len(part) - 1 \
                 else x[part]
+            pending = None if self.shared is None else _PendingBlock(
+                members, rt, [m.next_seq + 1 for m in members], xb, part, ending)
             try:
-                slot = batcher.submit_block([_row(m) for m in members], xb, expires, group)
+                slot = batcher.submit_block([_row(m) for m in members], xb, expires, group,
+                                            pending)
             except Overloaded as exc:
                 for i, m in zip(part, members, strict=True):
                     m.busy = False
@@ -774,7 +842,7 @@ class Core:
                     self._count(api, m, exc.code, started)
                 continue
             self.store.touch_many(members)
-            blocks.append((rt, part, members, xb, slot))
+            blocks.append((rt, part, members, xb, slot, pending))
 
     def _check_like(self, like: ModelRuntime | None, session: Session) -> None:
         """Refuse a session that a packed request for ``like`` cannot step (``step``)."""
@@ -803,12 +871,14 @@ class Core:
                                 f"version {other.version}")
         return None
 
-    def _land(self, block: tuple[ModelRuntime, list[int], list[Session], np.ndarray, Slot],
-              ending: set[int], failures: dict[int, Exception], api: str, started: float
+    def _land(self, block: _Block, ending: set[int], failures: dict[int, Exception],
+              api: str, started: float, moved: list[tuple[int, Session]]
               ) -> list[np.ndarray] | None:
         """A block's run done: its sessions get their new states and answers (or its
-        failure, each); returns its outputs, or None when it failed."""
-        rt, places, members, xb, slot = block
+        failure, each); returns its outputs, or None when it failed. A session the
+        shared store refused fails with why; one it refused as moved is added to
+        ``moved``, not counted yet (``_moved``)."""
+        rt, places, members, xb, slot, pending = block
         for m in members:
             m.busy = False
         failed = slot.exception()
@@ -819,17 +889,27 @@ class Core:
                 self._count(api, m, code, started)
             return None
         outs, rows = slot.result()  # type: ignore[misc]
-        pool, names = rt.pool, rt.data_output_names
+        pool = rt.pool
         states = [PoolState(pool, row) for row in rows]
-        seqs = [m.next_seq + 1 for m in members]
-        # each answer's own copies of its rows (iterating an array's rows is the
-        # quickest way to them): 0.2 to 0.4 us per session more than views
-        answers: list[Answer] = [
-            RowAnswer(seq - 1, names, (o.copy(),), c.copy(), i in ending)
-            for seq, i, c, o in zip(seqs, places, xb, outs[0], strict=True)
-        ] if len(outs) == 1 else [
-            RowAnswer(seq - 1, names, tuple(a.copy() for a in row), c.copy(), i in ending)
-            for seq, i, c, *row in zip(seqs, places, xb, *outs, strict=True)]
+        if pending is None:
+            seqs = [m.next_seq + 1 for m in members]
+            answers = _row_answers(rt.data_output_names, seqs, xb, outs, places, ending)
+        else:  # committed: the answers its records hold
+            seqs, answers = pending.next_seqs, pending.answers
+            if pending.refused:
+                keep = [j for j in range(len(members)) if j not in pending.refused]
+                for j, why in pending.refused.items():
+                    states[j].release()  # the session keeps its old row (or was dropped)
+                    failures[places[j]] = why  # type: ignore[assignment]
+                    if isinstance(why, SessionMoved):
+                        moved.append((places[j], members[j]))
+                    else:
+                        self._count(api, members[j], _code(why), started)  # type: ignore[arg-type]
+                places = [places[j] for j in keep]
+                members = [members[j] for j in keep]
+                states = [states[j] for j in keep]
+                seqs = [seqs[j] for j in keep]
+                answers = [answers[j] for j in keep]
         nbytes = pool.row_bytes + (answers[0].nbytes if answers else 0)  # one size for all
         gone = self.store.update_many(members, states, seqs, answers, nbytes)
         for j in gone:  # ended while its step ran (closed, evicted): not answered
@@ -951,12 +1031,8 @@ class Core:
         try:
             failure = flight.future.exception()
             if isinstance(failure, SessionMoved):
-                # a stale copy: maybe another server already ended the session with
-                # this very chunk, and this is the client's retry of it
-                ended = await self._final(session_id)
-                if ended is None or ended.answer is None or ended.answer.seq != flight.seq:
-                    raise failure
-                return self._retry(session_id, ended.answer, flight.runtime, chunk)
+                return await self._moved(session_id, flight.seq, flight.runtime, chunk,
+                                         failure)
             if failure is not None:
                 raise failure
             outputs, new_row, _ = flight.future.result()
@@ -980,49 +1056,79 @@ class Core:
             self.store.close(session_id)
         return ChunkOutput(flight.seq, answer.outputs, flight.end)
 
-    async def _commit(self, steps: list[tuple[_Pending, list[np.ndarray],
+    async def _moved(self, session_id: str, seq: int, runtime: ModelRuntime,
+                     chunk: ChunkInput, failure: BaseException) -> ChunkOutput:
+        """A step the store refused as moved (this copy is stale): maybe another server
+        already ended the session with this very chunk, and this is the client's retry
+        of it, which gets that answer; else ``failure`` is raised."""
+        ended = await self._final(session_id)
+        if ended is None or ended.answer is None or ended.answer.seq != seq:
+            raise failure
+        return self._retry(session_id, ended.answer, runtime, chunk)
+
+    async def _commit(self, steps: list[tuple[_Pending | _PendingBlock, list[np.ndarray],
                                               list[np.ndarray] | None]]
                       ) -> list[BaseException | None]:
         """The batcher's commit hook: write a group's steps to the shared store in one
         call. A step the store refuses fails with why; its session is dropped here (another
-        server owns it now: this copy must never answer again)."""
+        server owns it now: this copy must never answer again). A packed block is one
+        step whose sessions are written each: one refused (or closed meanwhile) is set in
+        its ``refused``, and the block fails as a whole only when the store cannot be
+        reached."""
         assert self.shared is not None
-        writes, closed = [], {}
+        results: list[BaseException | None] = [None] * len(steps)
+        writes: list[tuple[str, bytes, int, int, bool, bool]] = []
+        whose: list[tuple[int, int]] = []  # per write: its step, its place in a block or -1
         for i, (p, outputs, state) in enumerate(steps):
             assert state is not None  # the batcher copies the new states for a commit
+            if isinstance(p, _PendingBlock):
+                p.answers = _row_answers(p.runtime.data_output_names, p.next_seqs, p.x,
+                                         outputs, p.places, p.ending, digest_rows(p.x))
+                data = records.encode_rows(p.sessions, state, p.answers)
+                for j, (m, a, d) in enumerate(zip(p.sessions, p.answers, data, strict=True)):
+                    if m.ended == "closed":
+                        p.refused[j] = _closed(m.id)
+                        continue
+                    writes.append((m.id, d, a.seq, a.seq + 1, a.end, m.unsynced))
+                    whose.append((i, j))
+                continue
             if p.session.ended == "closed":  # closed while its step waited: its record is
                 # deleted, or is already a new session's of the same id, at the same seq
-                closed[i] = SessionClosed(f"session {p.session.id!r} has ended; open a "
-                                          "new one")
+                results[i] = _closed(p.session.id)
                 continue
             p.answer = Answer(p.seq, digest(p.x),
                               list(zip(p.runtime.data_output_names, outputs, strict=True)), p.end)
             writes.append((p.session.id, records.encode(p.session, state, p.seq + 1, p.answer),
                            p.seq, p.seq + 1, p.end, p.session.unsynced))
-        if closed:
-            steps = [step for i, step in enumerate(steps) if i not in closed]
+            whose.append((i, -1))
         try:
             refused = await self.shared.checkpoint_many(writes) if writes else []
         except StoreUnavailable as exc:
             if not self.degrade:
-                for p, _, _ in steps:  # a write sent may land all the same: the next
-                    p.session.unsure = True  # step takes the store's record first
-                refused = [StoreUnavailable(str(exc)) for _ in steps]
-                return _with(closed, refused)
+                for i, j in whose:  # a write sent may land all the same: the next
+                    _session_of(steps[i][0], j).unsure = True  # step takes the store's
+                    results[i] = StoreUnavailable(str(exc))  # record first
+                return results
             log.warning("session store unavailable (checkpoint); serving from memory: %s", exc)
-            for p, _, _ in steps:  # their records may stay behind (or the write may land)
-                p.session.unsynced = True
+            for i, j in whose:  # their records may stay behind (or the write may land)
+                _session_of(steps[i][0], j).unsynced = True
                 if self._on_degraded is not None:
                     self._on_degraded("checkpoint")
-            return _with(closed, [None] * len(steps))
-        for (p, _, _), why in zip(steps, refused, strict=True):
-            if why is not None:  # not closed: a later request takes it from the store
-                self.store.drop(p.session)
-                if self._on_refused is not None and isinstance(why, SessionError):
-                    self._on_refused(why.reason.removeprefix("session_"))
+            return results
+        for (i, j), why in zip(whose, refused, strict=True):
+            p = steps[i][0]
+            session = _session_of(p, j)
+            if why is None:
+                session.unsynced = False
+                continue
+            self.store.drop(session)  # not closed: a later request takes it from the store
+            if self._on_refused is not None and isinstance(why, SessionError):
+                self._on_refused(why.reason.removeprefix("session_"))
+            if isinstance(p, _PendingBlock):
+                p.refused[j] = why
             else:
-                p.session.unsynced = False
-        return _with(closed, refused)
+                results[i] = why
+        return results
 
     async def _recover(self, session_id: str, gone: SessionError) -> Session | None:
         """A step for a session this server does not hold (never did, or evicted it):

@@ -44,12 +44,7 @@ def encode(session: Session, state: list[np.ndarray] | None = None, next_seq: in
     # JSON pieces cached per session and per array layout; only the numbers and the
     # digest are formatted per step. It parses as the same JSON object as json.dumps
     # would give (a test checks). No copies where the arrays are little-endian already.
-    prefix = session.record_prefix
-    if not prefix:
-        prefix = session.record_prefix = (
-            f'{{"id":{json.dumps(session.id)},"model":{json.dumps(session.model)},'
-            f'"version":{int(session.version)},"owner":{json.dumps(session.owner)},'
-            '"next_seq":')
+    prefix = session.record_prefix or _prefix(session)
     arrays = list(state)
     if answer is None:
         tail = "null"
@@ -62,6 +57,46 @@ def encode(session: Session, state: list[np.ndarray] | None = None, next_seq: in
             ).encode()
     body = b"".join([MAGIC, struct.pack("<I", len(head)), head, *map(_le_bytes, arrays)])
     return body + struct.pack("<I", zlib.crc32(body))
+
+
+def encode_rows(sessions: list[Session], states: list[np.ndarray],
+                answers: list[Answer]) -> list[bytes]:
+    """``encode`` of each of a block's sessions as it becomes with its answer: session j's
+    new state is row j of each of ``states`` (sessions, ...), its next seq follows its
+    answer's, and every answer's outputs are rows of the same arrays (one layout). Byte
+    for byte what ``encode`` gives (a test checks), the pieces all rows share (layouts,
+    byte order) worked out once."""
+    if not sessions:
+        return []
+    states = [_le(a) for a in states]
+    state_spec = _state_spec([a[0] for a in states])
+    outputs_spec = _outputs_spec(answers[0].outputs)
+    magic, pack, crc = MAGIC, struct.pack, zlib.crc32
+    out = []
+    for j, (session, answer) in enumerate(zip(sessions, answers, strict=True)):
+        seq = int(answer.seq)
+        head = (f'{session.record_prefix or _prefix(session)}{seq + 1},"state":{state_spec},'
+                f'"answer":{{"seq":{seq},"digest":"{answer.digest.hex()}",'
+                f'"end":{"true" if answer.end else "false"},"outputs":{outputs_spec}}}}}'
+                ).encode()
+        body = b"".join([magic, pack("<I", len(head)), head,
+                         *[a[j].tobytes() for a in states],
+                         *[_le_bytes(a) for _, a in answer.outputs]])
+        out.append(body + pack("<I", crc(body)))
+    return out
+
+
+def _prefix(session: Session) -> str:
+    """The start of a session's header, up to its next seq (cached on the session)."""
+    session.record_prefix = (
+        f'{{"id":{json.dumps(session.id)},"model":{json.dumps(session.model)},'
+        f'"version":{int(session.version)},"owner":{json.dumps(session.owner)},'
+        '"next_seq":')
+    return session.record_prefix
+
+
+def _le(a: np.ndarray) -> np.ndarray:
+    return a.astype(a.dtype.newbyteorder("<")) if a.dtype.byteorder == ">" else a
 
 
 _SPECS: dict[tuple[Any, ...], str] = {}

@@ -75,6 +75,19 @@ def digest(x: np.ndarray) -> bytes:
     return h.digest()
 
 
+def digest_rows(xs: np.ndarray) -> list[bytes]:
+    """``digest`` of each row of ``xs`` (a block's chunks), the part they share hashed
+    once."""
+    first = hashlib.blake2b(digest_size=16)
+    first.update(f"{xs.dtype.str}{xs.shape[1:]}".encode())
+    out = []
+    for x in np.ascontiguousarray(xs):
+        h = first.copy()
+        h.update(x.data)
+        out.append(h.digest())
+    return out
+
+
 class Answer:
     """The answer to a session's last chunk, kept so that a retry of that chunk (same
     sequence number, same data) gets it again without advancing the state.
@@ -120,8 +133,11 @@ class RowAnswer(Answer):
     __slots__ = ("_names", "_rows")
 
     def __init__(self, seq: int, names: list[str], rows: tuple[np.ndarray, ...],
-                 chunk: np.ndarray, end: bool = False) -> None:
-        self.seq, self.end, self._digest = seq, end, None
+                 chunk: np.ndarray | None, end: bool = False, digest: bytes | None = None
+                 ) -> None:
+        if (digest is None) == (chunk is None):
+            raise ValueError("an answer takes its chunk's digest or the chunk")
+        self.seq, self.end, self._digest = seq, end, digest
         self._names, self._rows, self._chunk = names, rows, chunk
 
     @property
@@ -174,7 +190,8 @@ class SessionStore(Protocol):
 
     def touch(self, session: Session) -> None: ...
 
-    def live_many(self, session_ids: Sequence[str]) -> list[Session | None]: ...
+    def live_many(self, session_ids: Sequence[str], within_s: float | None = None
+                  ) -> list[Session | None]: ...
 
     def touch_many(self, sessions: list[Session]) -> None: ...
 
@@ -349,12 +366,22 @@ class MemorySessionStore:
             raise self._gone(session_id)
         return session
 
-    def live_many(self, session_ids: Sequence[str]) -> list[Session | None]:
+    def live_many(self, session_ids: Sequence[str], within_s: float | None = None
+                  ) -> list[Session | None]:
         """Per id its live session, or None where ``get`` would not give one (unknown,
-        ended, or idle past the timeout: ``get`` then says why); no side effect. One
+        ended, or idle past the timeout: ``get`` then says why), and with ``within_s``
+        also where its last use is that long ago or longer; no side effect. One
         look-up each, for the packed path's many sessions."""
-        live, since = self._live, self._clock() - self.idle_timeout_s
+        now, live = self._clock(), self._live
         out: list[Session | None] = []
+        if within_s is not None and within_s < self.idle_timeout_s:
+            since = now - within_s  # idle for less than within_s
+            for sid in session_ids:
+                session = live.get(sid)
+                out.append(session if session is not None and session.last_used > since
+                           else None)
+            return out
+        since = now - self.idle_timeout_s
         for sid in session_ids:
             session = live.get(sid)
             out.append(session if session is not None and session.last_used >= since
