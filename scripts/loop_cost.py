@@ -10,7 +10,8 @@ chunk"), and it drifts far less than a benchmark over gRPC on a shared machine.
 
 ``--against DIR``: another checkout of rnnserve (``git worktree add /tmp/base REV``);
 the two builds take turns, each in a fresh process, and the medians are compared.
-``--rpc many,packed``: both RPCs in turns (of this build; ``--against`` runs ``many``).
+``--rpc many,packed``: both RPCs in turns (of this build); with ``--against``, one RPC,
+which both builds run.
 ``--profile``: cProfile's top functions of one run (its overhead inflates the times).
 ``--store redis``: the server on the shared session store (a throw-away redis-server on
 127.0.0.1, started per run), every step written there before it is answered; the
@@ -177,6 +178,8 @@ def main() -> int:
     rpcs = args.rpc.split(",")
     if not set(rpcs) <= {"many", "packed"} or (args.one and len(rpcs) > 1):
         ap.error("--rpc takes many, packed or many,packed")
+    if args.against and len(rpcs) > 1:
+        ap.error("--against compares one RPC: give --rpc many or --rpc packed")
     if args.one:
         import asyncio
         import logging
@@ -203,7 +206,7 @@ def main() -> int:
     here = Path(__file__).resolve().parents[1]
     builds = {(f"this {rpc}" if len(rpcs) > 1 else "this"): (here, rpc) for rpc in rpcs}
     if args.against:
-        builds["against"] = (args.against.resolve(), "many")
+        builds["against"] = (args.against.resolve(), rpcs[0])
     got: dict[str, list[float]] = {name: [] for name in builds}
     for _ in range(args.repeats):
         for name, (root, rpc) in builds.items():

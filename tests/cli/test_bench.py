@@ -267,3 +267,15 @@ def test_loop_cost_measures_this_build_against_another(repo, tmp_path) -> None:
     assert lines[0].startswith("this many") and lines[1].startswith("this packed"), lines
     assert "(8 items)" in lines[1]
     assert re.search(r"this many [0-9.]+ us, this packed [0-9.]+ us$", lines[-1]), lines
+    # packed, both builds, on the shared store (a redis-server started per run)
+    run = subprocess.run([sys.executable, str(root / "scripts" / "loop_cost.py"),
+                          "--repo", str(repo), "--model", "feat", "--groups", "2",
+                          "--per", "4", "--rounds", "4", "--repeats", "1", "--rpc", "packed",
+                          "--store", "redis", "--against", str(other)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    for line in lines[:2]:
+        # (8 items may take less than one clock tick of redis-server's CPU)
+        assert re.search(r"redis-server CPU [0-9.]+ us \(8 items\)", line), lines
+    assert "this / against" in lines[-1], lines

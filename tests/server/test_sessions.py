@@ -47,6 +47,25 @@ def test_idle_sessions_expire_with_a_distinct_status() -> None:
     assert ("expired", a.id) in events and len(s) == 0 and s.state_bytes == 0
 
 
+def test_live_many_gives_what_get_would_and_within_a_window_only_recent_ones() -> None:
+    """The packed path's look-up: per id the live session or None, no side effect; with
+    ``within_s`` (a shared store's lease) only sessions used less than that long ago."""
+    s, clock, events = store(idle_timeout_s=10)
+    a, b = s.create("m", 1, state()), s.create("m", 1, state())
+    s.close(b.id)
+    clock.now += 4
+    c = s.create("m", 1, state())
+    ids = [a.id, b.id, c.id, "nobody"]
+    assert s.live_many(ids) == [a, None, c, None]
+    assert s.live_many(ids, within_s=4) == [None, None, c, None]  # a: used 4 s ago
+    assert s.live_many(ids, within_s=4.5) == [a, None, c, None]
+    assert s.live_many(ids, within_s=60) == [a, None, c, None]  # the idle timeout first
+    clock.now += 6.5  # a idle 10.5 s: past the timeout, not yet reaped
+    assert s.live_many(ids) == [None, None, c, None]
+    assert s.live_many(ids, within_s=7) == [None, None, c, None]
+    assert s.peek(a.id) is a and ("expired", a.id) not in events  # nothing changed
+
+
 def test_reaper_expires_oldest_first_and_reports_next_deadline() -> None:
     s, clock, _ = store(idle_timeout_s=10)
     a = s.create("m", 1, state())

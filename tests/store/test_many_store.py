@@ -94,8 +94,9 @@ def test_sessions_moving_between_servers_mid_request_stay_exact(repo, redis_serv
 def test_packed_sessions_on_the_shared_store_move_between_servers_exactly(
         repo, redis_server, tmp_path) -> None:
     """``StreamPacked`` with a shared store: every session's step is written before it
-    is answered (the core's full step path), so the sessions a request opened on one
-    server go on on another, exactly, and a request sent again gets its answers again."""
+    is answered (a block's in one call, a session to load on the full step path), so
+    the sessions a request opened on one server go on on another, exactly, and a
+    request sent again gets its answers again."""
     from rnnserve.client import packed_request
 
     n = 6
