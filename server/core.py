@@ -678,8 +678,10 @@ class Core:
         The common case costs a look-up and a check per session: a live session of
         ``model`` with no chunk in flight whose chunk is its next one goes to its
         batcher with the others as one block (split at ``--max-batch-size``), and the
-        outputs come back as one array. Any other session (a retry, one to open, one
-        not held here, any session with a shared store) takes ``step``'s path.
+        outputs come back as one array; with a shared store the block's records are
+        written there first, in the batch's one call (``_commit``), for a copy used
+        within its lease and not left unsure. Any other session (a retry, one to open,
+        one not held here, a copy the store may have gone past) takes ``step``'s path.
         Raises (nothing ran) when the request as a whole is malformed: an unknown
         model, chunks it cannot take, positions out of range."""
         started = time.perf_counter()

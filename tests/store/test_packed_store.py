@@ -235,3 +235,79 @@ def test_a_committed_blocks_answers_keep_their_rows_and_the_chunks_digest(
             await server.stop()
 
     asyncio.run(main())
+
+
+def test_a_block_committed_after_its_caller_left_is_answered_on_retry(
+        repo, redis_server, tmp_path) -> None:
+    """The caller of a packed request goes away while Redis holds its block's write
+    (``CLIENT PAUSE ... WRITE``): the write lands all the same, the store one chunk
+    further than the copies here. Sent again on a new stream, without a resume, each
+    session's chunk gets the stored answer: not refused as moved, not run again."""
+    from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+    n, chunks = 6, 4
+    x = np.random.default_rng(55).standard_normal((n, chunks * STEPS, 20)).astype(np.float32)
+    sids = [new_session_id() for _ in range(n)]
+    server = serve(repo, tmp_path, "a", redis_server.url, "--store-timeout-ms", "10000")
+    redis = redis_server.client()
+
+    def request(k: int, **kw: object):
+        req = packed_request("feat", sids, [k] * n,
+                             np.ascontiguousarray(x[:, k * STEPS:(k + 1) * STEPS]), **kw)
+        req.id = k
+        return req
+
+    def steps_run() -> float:
+        return metric_value(server.metrics(), "rnnserve_batch_size_sum")
+
+    async def main() -> list[np.ndarray]:
+        got = []
+        async with AsyncClient(server.target, timeout=30) as client:
+            async with client.packed() as p:
+                for k in range(2):
+                    ans = await p.send(request(k, opens=range(n) if k == 0 else ()))
+                    assert not ans.failures, ans.failures
+                    got.append(ans.outputs["logits"])
+            call = pb_grpc.InferenceStub(client.channel).StreamPacked()
+            before = steps_run()
+            redis.execute_command("CLIENT", "PAUSE", "8000", "WRITE")
+            try:
+                await call.write(request(2))
+                deadline = time.monotonic() + 5
+                while steps_run() < before + n:  # the block ran; its commit waits
+                    assert time.monotonic() < deadline, "the block did not run"
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.1)
+                call.cancel()
+                await asyncio.sleep(0.3)  # the server sees the cancellation
+            finally:
+                redis.execute_command("CLIENT", "UNPAUSE")
+            deadline = time.monotonic() + 5
+            while metric_value(server.metrics(), "rnnserve_chunks_total",
+                               code="CANCELLED") < n:
+                assert time.monotonic() < deadline, "the cancellations were not counted"
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)  # the held write lands in Redis
+            async with client.packed() as p:
+                for k in (2, 3):
+                    ans = await p.send(request(k, ends=range(n) if k == 3 else ()))
+                    assert not ans.failures, (k, ans.failures)
+                    got.append(ans.outputs["logits"])
+        return got
+
+    try:
+        got = asyncio.run(asyncio.wait_for(main(), 60))
+        text = server.metrics()
+    finally:
+        redis.execute_command("CLIENT", "UNPAUSE")
+        assert server.stop() == 0
+    y = np.concatenate(got, axis=1)
+    for i in range(n):
+        assert float(np.abs(y[i] - whole_run(repo, "feat", 1, x[i])).max()) <= 1e-5
+    # the retries took the store's newer records and were answered from them
+    assert metric_value(text, "rnnserve_session_resumes_total", source="store") == n
+    assert metric_value(text, "rnnserve_batch_size_sum") == n * chunks
+    assert metric_value(text, "rnnserve_chunks_total", code="OK") == n * chunks
+    assert metric_value(text, "rnnserve_chunks_total", code="ABORTED") == 0
+    assert metric_value(text, "rnnserve_state_pool_rows") == 0
+    assert metric_value(text, "rnnserve_active_sessions") == 0
