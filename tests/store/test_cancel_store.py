@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +30,37 @@ from .test_failover import serve
 MANY, ALONE, CHUNKS = 4, 4, 4  # sessions on one StreamMany stream, on a Stream each
 
 
+async def leave_while_redis_holds_writes(server, redis, n: int,
+                                         send: Callable[[], Awaitable[None]],
+                                         calls: list[Any]) -> None:
+    """With Redis's writes paused, ``send`` steps of ``n`` sessions; once they all ran
+    (their commits waiting in Redis), cancel ``calls``, let Redis go on, and return
+    once the server counted the ``n`` chunks cancelled and the held writes landed."""
+
+    def steps_run() -> float:
+        return metric_value(server.metrics(), "rnnserve_batch_size_sum")
+
+    before = steps_run()
+    redis.execute_command("CLIENT", "PAUSE", "8000", "WRITE")
+    try:
+        await send()
+        deadline = time.monotonic() + 5
+        while steps_run() < before + n:  # every step ran; their commits wait
+            assert time.monotonic() < deadline, "the steps did not run"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        for call in calls:
+            call.cancel()
+        await asyncio.sleep(0.3)  # the server sees the cancellations
+    finally:
+        redis.execute_command("CLIENT", "UNPAUSE")
+    deadline = time.monotonic() + 5
+    while metric_value(server.metrics(), "rnnserve_chunks_total", code="CANCELLED") < n:
+        assert time.monotonic() < deadline, "the cancellations were not counted"
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)  # the held commits land in Redis
+
+
 def test_a_chunk_committed_after_its_caller_left_is_answered_on_retry(repo, redis_server,
                                                                       tmp_path) -> None:
     n = MANY + ALONE
@@ -39,9 +72,6 @@ def test_a_chunk_committed_after_its_caller_left_is_answered_on_retry(repo, redi
 
     def chunk(j: int, k: int) -> pb.Chunk:
         return pb.Chunk(seq=k, end=k == CHUNKS - 1, tensor=to_tensor(xs[j][2 * k:2 * k + 2]))
-
-    def steps_run() -> float:
-        return metric_value(server.metrics(), "rnnserve_batch_size_sum")
 
     async def main() -> list[list[np.ndarray]]:
         ys: list[list[np.ndarray]] = [[] for _ in range(n)]
@@ -77,30 +107,13 @@ def test_a_chunk_committed_after_its_caller_left_is_answered_on_retry(repo, redi
                     ys[j].append(from_tensor(r.outputs[0].tensor))
 
             # chunk 2 runs, and its commit waits in Redis; the callers go away meanwhile
-            before = steps_run()
-            redis.execute_command("CLIENT", "PAUSE", "8000", "WRITE")
-            try:
+            async def send() -> None:
                 await many.write(pb.ManyRequest(id=2, items=[
                     pb.ManyItem(session_id=sids[j], chunk=chunk(j, 2)) for j in range(MANY)]))
                 for i in range(ALONE):
                     await alone[i].write(pb.StreamRequest(chunk=chunk(MANY + i, 2)))
-                deadline = time.monotonic() + 5
-                while steps_run() < before + n:  # every step ran; their commits wait
-                    assert time.monotonic() < deadline, "the steps did not run"
-                    await asyncio.sleep(0.02)
-                await asyncio.sleep(0.1)
-                many.cancel()
-                for call in alone:
-                    call.cancel()
-                await asyncio.sleep(0.3)  # the server sees the cancellations
-            finally:
-                redis.execute_command("CLIENT", "UNPAUSE")
-            deadline = time.monotonic() + 5
-            while metric_value(server.metrics(), "rnnserve_chunks_total",
-                               code="CANCELLED") < n:
-                assert time.monotonic() < deadline, "the cancellations were not counted"
-                await asyncio.sleep(0.02)
-            await asyncio.sleep(0.3)  # the held commits land in Redis
+
+            await leave_while_redis_holds_writes(server, redis, n, send, [many, *alone])
 
             # the retries of chunk 2, on a new stream, then the last chunk
             async with client.many() as m:

@@ -19,6 +19,7 @@ from rnnserve.server.sessions import digest
 
 from ..server.serving import metric_value
 from ..server.test_grpc_api import whole_run
+from .test_cancel_store import leave_while_redis_holds_writes
 from .test_failover import serve
 
 N, STEPS = 12, 3  # sessions per request, steps per chunk
@@ -257,9 +258,6 @@ def test_a_block_committed_after_its_caller_left_is_answered_on_retry(
         req.id = k
         return req
 
-    def steps_run() -> float:
-        return metric_value(server.metrics(), "rnnserve_batch_size_sum")
-
     async def main() -> list[np.ndarray]:
         got = []
         async with AsyncClient(server.target, timeout=30) as client:
@@ -269,25 +267,8 @@ def test_a_block_committed_after_its_caller_left_is_answered_on_retry(
                     assert not ans.failures, ans.failures
                     got.append(ans.outputs["logits"])
             call = pb_grpc.InferenceStub(client.channel).StreamPacked()
-            before = steps_run()
-            redis.execute_command("CLIENT", "PAUSE", "8000", "WRITE")
-            try:
-                await call.write(request(2))
-                deadline = time.monotonic() + 5
-                while steps_run() < before + n:  # the block ran; its commit waits
-                    assert time.monotonic() < deadline, "the block did not run"
-                    await asyncio.sleep(0.02)
-                await asyncio.sleep(0.1)
-                call.cancel()
-                await asyncio.sleep(0.3)  # the server sees the cancellation
-            finally:
-                redis.execute_command("CLIENT", "UNPAUSE")
-            deadline = time.monotonic() + 5
-            while metric_value(server.metrics(), "rnnserve_chunks_total",
-                               code="CANCELLED") < n:
-                assert time.monotonic() < deadline, "the cancellations were not counted"
-                await asyncio.sleep(0.02)
-            await asyncio.sleep(0.3)  # the held write lands in Redis
+            await leave_while_redis_holds_writes(server, redis, n,
+                                                 lambda: call.write(request(2)), [call])
             async with client.packed() as p:
                 for k in (2, 3):
                     ans = await p.send(request(k, ends=range(n) if k == 3 else ()))
