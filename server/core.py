@@ -123,6 +123,9 @@ def _row_answers(names: list[str], next_seqs: list[int], xb: np.ndarray,
     of its answers). Given the chunks' ``digests`` (a record needs them at once), an
     answer keeps its digest instead of its chunk."""
     if digests is not None:
+        if len(outs) == 1:
+            return [RowAnswer(seq - 1, names, (o.copy(),), None, i in ending, d)
+                    for seq, i, d, o in zip(next_seqs, places, digests, outs[0], strict=True)]
         return [RowAnswer(seq - 1, names, tuple(a.copy() for a in row), None, i in ending, d)
                 for seq, i, d, *row in zip(next_seqs, places, digests, *outs, strict=True)]
     if len(outs) == 1:
@@ -1086,7 +1089,7 @@ class Core:
             if isinstance(p, _PendingBlock):
                 p.answers = _row_answers(p.runtime.data_output_names, p.next_seqs, p.x,
                                          outputs, p.places, p.ending, digest_rows(p.x))
-                data = records.encode_rows(p.sessions, state, p.answers)
+                data = records.encode_rows(p.sessions, state, p.answers, outputs)
                 for j, (m, a, d) in enumerate(zip(p.sessions, p.answers, data, strict=True)):
                     if m.ended == "closed":
                         p.refused[j] = _closed(m.id)

@@ -55,13 +55,14 @@ def test_the_header_is_the_json_of_the_session_and_it_round_trips(sid) -> None:
 @pytest.mark.parametrize("order", ["<", ">"])
 def test_a_blocks_records_are_each_sessions_own_record_byte_for_byte(order) -> None:
     """``encode_rows`` (a packed block's sessions, written in one commit) gives what
-    ``encode`` gives each session, states in either byte order; ``digest_rows`` what
+    ``encode`` gives each session, states and outputs in either byte order, strided or
+    not; ``digest_rows`` what
     ``digest`` gives each chunk."""
     rng = np.random.default_rng(3)
     n = 5
     states = [rng.standard_normal((n, 2, 8)).astype(f"{order}f4"),
               rng.integers(-9, 9, (n, 6)).astype(f"{order}i2")]
-    outs = rng.standard_normal((n, 4, 3)).astype(np.float32)
+    outs = rng.standard_normal((n, 3, 4)).astype(f"{order}f4").transpose(0, 2, 1)  # strided
     chunks = rng.standard_normal((n, 4, 20)).astype(np.float32)[:, ::2]  # not contiguous
     digests = digest_rows(chunks)
     assert digests == [digest(c) for c in chunks]
@@ -70,14 +71,14 @@ def test_a_blocks_records_are_each_sessions_own_record_byte_for_byte(order) -> N
     answers: list[Answer] = [RowAnswer(7 + j, ["y"], (outs[j].copy(),), None, j == 3,
                                        digests[j]) for j in range(n)]
     for _ in range(2):  # the second time from the cached pieces
-        got = records.encode_rows(sessions, states, answers)
+        got = records.encode_rows(sessions, states, answers, [outs])
         want = [records.encode(m, [a[j] for a in states], 8 + j, answers[j])
                 for j, m in enumerate(sessions)]
         assert got == want
     back = records.decode(got[3], "s3")
     assert back.next_seq == 11 and back.answer is not None and back.answer.end
     np.testing.assert_array_equal(back.state.arrays[0], states[0][3])
-    assert records.encode_rows([], states, []) == []
+    assert records.encode_rows([], states, [], [outs]) == []
 
 
 def test_a_flipped_byte_anywhere_is_refused() -> None:
