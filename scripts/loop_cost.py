@@ -55,6 +55,7 @@ async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
 
     import numpy as np
 
+    from rnnserve.client.bench import cpu_seconds
     from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
     from rnnserve.protos.tensors import to_tensor
     from rnnserve.server.api import InferenceServicer
@@ -127,7 +128,7 @@ async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
         warm = min(5, rounds - 1)
         await asyncio.gather(*(stream(g, 0, warm) for g in range(groups)))
         prof = cProfile.Profile() if profile else None
-        redis_cpu = _proc_cpu(redis_pid)
+        redis_cpu = cpu_seconds(redis_pid) if redis_pid else 0.0
         wall, cpu = time.perf_counter(), time.thread_time()
         if prof is not None:
             prof.enable()
@@ -138,22 +139,12 @@ async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
         out = {"loop_cpu_us": 1e6 * (time.thread_time() - cpu) / items,
                "wall_us": 1e6 * (time.perf_counter() - wall) / items, "items": items}
         if redis_pid:
-            out["redis_cpu_us"] = 1e6 * (_proc_cpu(redis_pid) - redis_cpu) / items
+            out["redis_cpu_us"] = 1e6 * (cpu_seconds(redis_pid) - redis_cpu) / items
         if prof is not None:
             pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
         return out
     finally:
         await server.stop()
-
-
-def _proc_cpu(pid: int) -> float:
-    """A process's CPU seconds so far (user and system), from /proc; 0 without one."""
-    if not pid:
-        return 0.0
-    import os
-
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
