@@ -9,6 +9,7 @@ Hierarchy::
     ├── DataError                 a training corpus could not be built
     ├── ModelRepositoryError      a model repository cannot be read or written
     ├── ModelMetadataError        an ONNX model lacks or has malformed rnnserve metadata
+    ├── StoreMisconfigured        a shard of the session store is listed in another place
     └── ExportError               torch -> ONNX export failed
         └── VerificationError     the exported model does not match its contract
 
@@ -44,6 +45,10 @@ class ModelRepositoryError(RnnserveError):
 
 
 class ModelMetadataError(RnnserveError):
+    pass
+
+
+class StoreMisconfigured(RnnserveError):
     pass
 
 

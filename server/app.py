@@ -41,7 +41,7 @@ from rnnserve.server.oip import OipServicer
 from rnnserve.server.runtime import ANSWER_OVERHEAD, CUDA, ModelRegistry, RuntimeOptions
 from rnnserve.server.sessions import MemorySessionStore, Session
 from rnnserve.server.settings import Settings
-from rnnserve.server.shared import RedisStore
+from rnnserve.server.shared import SharedStore, open_store
 
 log = logging.getLogger("rnnserve.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -134,23 +134,24 @@ class RnnServer:
         self.metrics = Metrics(CollectorRegistry())
         for rt in self.registry:
             self.metrics.add_model(rt.name, rt.version)
-        self.shared: RedisStore | None = None
+        self.shared: SharedStore | None = None
         if s.session_store != "memory":
-            self.metrics.add_store()
+            self.metrics.add_store(len(s.store_urls()))
             # The workers of one server share its name: a session may move between them
             # at once (a new connection reaching another worker), fenced by the stored
             # seq alone, while other servers wait out its lease. Each signs its leases
             # with its index, so that one lets go of only its own (shared.py).
             owner = f"{self.worker.owner}|{self.worker.index}" if self.worker \
                 else server_name()
-            self.shared = RedisStore(s.session_store, owner=owner, ttl_s=s.idle_timeout_s,
+            self.shared = open_store(s.session_store, owner=owner, ttl_s=s.idle_timeout_s,
                                      lease_s=s.lease_s, timeout_s=s.store_timeout_ms / 1000,
                                      upsert=s.store_failure == "degrade",
-                                     on_op=self.metrics.store_op)
+                                     on_op=self.metrics.store_hook)
             try:
                 await self.shared.ping()
-                log.info("session store %s (server %s, lease %.1fs)", s.session_store, owner,
-                         s.lease_s)
+                shards = len(s.store_urls())
+                log.info("session store %s (%s, server %s, lease %.1fs)", s.session_store,
+                         f"{shards} shards" if shards > 1 else "one shard", owner, s.lease_s)
             except StoreUnavailable as exc:
                 log.warning("session store unreachable at start (%s); %s until it answers",
                             exc, "serving from memory" if s.store_failure == "degrade"

@@ -54,7 +54,7 @@ from rnnserve.server.sessions import (
     digest,
     digest_rows,
 )
-from rnnserve.server.shared import RedisStore
+from rnnserve.server.shared import SharedStore
 
 log = logging.getLogger("rnnserve.core")
 
@@ -247,7 +247,7 @@ class Core:
 
     def __init__(self, registry: ModelRegistry, store: SessionStore,
                  batchers: dict[tuple[str, int], Batcher],
-                 on_chunk: ChunkHook | None = None, *, shared: RedisStore | None = None,
+                 on_chunk: ChunkHook | None = None, *, shared: SharedStore | None = None,
                  degrade: bool = False, on_resume: ResumeHook | None = None,
                  on_degraded: Callable[[str], None] | None = None,
                  on_refused: Callable[[str], None] | None = None,
@@ -1076,10 +1076,12 @@ class Core:
                       ) -> list[BaseException | None]:
         """The batcher's commit hook: write a group's steps to the shared store in one
         call. A step the store refuses fails with why; its session is dropped here (another
-        server owns it now: this copy must never answer again). A packed block is one
-        step whose sessions are written each: one refused (or closed meanwhile) is set in
-        its ``refused``, and the block fails as a whole only when the store cannot be
-        reached."""
+        server owns it now: this copy must never answer again). A step whose write could
+        not reach the store (all of it, or its session's shard) fails with
+        ``StoreUnavailable`` and its session is marked unsure, or with ``degrade`` is
+        served from memory. A packed block is one step whose sessions are written each:
+        one refused (or closed meanwhile, or on a shard that failed) is set in its
+        ``refused``, and the others land."""
         assert self.shared is not None
         results: list[BaseException | None] = [None] * len(steps)
         writes: list[tuple[str, bytes, int, int, bool, bool]] = []
@@ -1108,23 +1110,29 @@ class Core:
             whose.append((i, -1))
         try:
             refused = await self.shared.checkpoint_many(writes) if writes else []
-        except StoreUnavailable as exc:
-            if not self.degrade:
-                for i, j in whose:  # a write sent may land all the same: the next
-                    _session_of(steps[i][0], j).unsure = True  # step takes the store's
-                    results[i] = StoreUnavailable(str(exc))  # record first
-                return results
-            log.warning("session store unavailable (checkpoint); serving from memory: %s", exc)
-            for i, j in whose:  # their records may stay behind (or the write may land)
-                _session_of(steps[i][0], j).unsynced = True
-                if self._on_degraded is not None:
-                    self._on_degraded("checkpoint")
-            return results
+        except StoreUnavailable as exc:  # the store (every shard of it) failed
+            refused = [exc] * len(writes)
+        cut: StoreUnavailable | None = None  # the first write whose shard failed
         for (i, j), why in zip(whose, refused, strict=True):
             p = steps[i][0]
             session = _session_of(p, j)
             if why is None:
                 session.unsynced = False
+                continue
+            if isinstance(why, StoreUnavailable):
+                cut = cut or why
+                if self.degrade:  # its record may stay behind (or the write may land)
+                    session.unsynced = True
+                    if self._on_degraded is not None:
+                        self._on_degraded("checkpoint")
+                    continue
+                # a write sent may land all the same: the next step takes the store's
+                # record first
+                session.unsure = True
+                if isinstance(p, _PendingBlock):  # the block's others may have landed
+                    p.refused[j] = StoreUnavailable(str(why))
+                else:
+                    results[i] = StoreUnavailable(str(why))
                 continue
             self.store.drop(session)  # not closed: a later request takes it from the store
             if self._on_refused is not None and isinstance(why, SessionError):
@@ -1133,6 +1141,8 @@ class Core:
                 p.refused[j] = why
             else:
                 results[i] = why
+        if cut is not None and self.degrade:
+            log.warning("session store unavailable (checkpoint); serving from memory: %s", cut)
         return results
 
     async def _recover(self, session_id: str, gone: SessionError) -> Session | None:

@@ -181,11 +181,13 @@ class Metrics:
         self.store_seconds = Histogram(
             "rnnserve_store_seconds", "Shared session store round trips that succeeded, by "
             "operation (write: one script call for the new sessions, steps and closes that "
-            "are ready together; load; release)", ("op",),
+            "are ready together; load; release; ping), and shard (its index in the list of "
+            "store URLs; 0 for one store)", ("op", "shard"),
             buckets=LATENCY_BUCKETS, registry=registry)
         self.store_errors = Counter(
             "rnnserve_store_errors_total", "Shared session store operations that failed "
-            "(unreachable, timed out), by operation", ("op",), registry=registry)
+            "(unreachable, timed out), by operation and shard", ("op", "shard"),
+            registry=registry)
         self.store_refusals = Counter(
             "rnnserve_store_refusals_total", "Step writes the session store refused, by "
             "reason: held (another server holds the lease), moved (another server advanced "
@@ -209,20 +211,26 @@ class Metrics:
         for source in ("memory", "store"):
             self.resumes.labels(model, v, source)
 
-    def add_store(self) -> None:
-        for op in ("write", "load", "release"):
-            self.store_seconds.labels(op)
-            self.store_errors.labels(op)
+    def add_store(self, shards: int = 1) -> None:
+        for shard in range(shards):
+            for op in ("write", "load", "release"):
+                self.store_seconds.labels(op, str(shard))
+                self.store_errors.labels(op, str(shard))
         for op in ("create", "load", "checkpoint"):
             self.store_degraded.labels(op)
         for reason in STORE_REFUSALS:
             self.store_refusals.labels(reason)
 
-    def store_op(self, op: str, seconds: float, ok: bool) -> None:
-        if ok:
-            self.store_seconds.labels(op).observe(seconds)
-        else:
-            self.store_errors.labels(op).inc()
+    def store_hook(self, shard: int) -> Callable[[str, float, bool], None]:
+        """The operations hook of the store's shard ``shard`` (shared.open_store)."""
+        seconds, errors, label = self.store_seconds, self.store_errors, str(shard)
+
+        def hook(op: str, took: float, ok: bool) -> None:
+            if ok:
+                seconds.labels(op, label).observe(took)
+            else:
+                errors.labels(op, label).inc()
+        return hook
 
     def store_refused(self, reason: str) -> None:
         self.store_refusals.labels(reason).inc()

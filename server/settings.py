@@ -119,7 +119,8 @@ class Settings(BaseSettings):
     session_store: str = "memory"
     """Where sessions live: memory (this process), or redis://HOST:PORT[/DB] to share them
     between replicas so that a session survives its server (each step is written there
-    before it is answered)."""
+    before it is answered); several Redis URLs separated by commas spread the sessions
+    over them (shards: every server must list the same ones in the same order)."""
     store_failure: Literal["refuse", "degrade"] = "refuse"
     """When the shared store cannot be reached: refuse (new sessions and steps get
     UNAVAILABLE, nothing advances) or degrade (serve from memory, not durable)."""
@@ -143,10 +144,20 @@ class Settings(BaseSettings):
     @field_validator("session_store")
     @classmethod
     def _store_url(cls, v: str) -> str:
-        if v != "memory" and not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("session_store must be 'memory' or a redis://, rediss:// or "
-                             f"unix:// URL, got {v!r}")
-        return v
+        if v == "memory":
+            return v
+        urls = [u.strip() for u in v.split(",")]
+        for u in urls:
+            if not u.startswith(("redis://", "rediss://", "unix://")):
+                raise ValueError("session_store must be 'memory' or redis://, rediss:// or "
+                                 f"unix:// URLs separated by commas, got {u!r} in {v!r}")
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"session_store lists a shard twice: {v!r}")
+        return ",".join(urls)
+
+    def store_urls(self) -> list[str]:
+        """The shared store's URLs, one per shard (none for memory)."""
+        return [] if self.session_store == "memory" else self.session_store.split(",")
 
     @field_validator("batch_buckets")
     @classmethod

@@ -5,8 +5,10 @@ shared store, writes each session's record (``server/records.py``) to Redis afte
 step, before the step is answered: a client that got an answer can resume the session
 on any replica, from exactly that point. The writes of one batch (and new sessions and
 closes) go out together in one script call (group commit: while one call is in flight,
-the next collects). That call writes many sessions' keys, so the store is one Redis
-(with replicas if you like), not a Redis Cluster.
+the next collects). That call writes many sessions' keys, so a store is one Redis (with
+replicas if you like), not a Redis Cluster; to go past what one Redis writes, list
+several (``ShardedStore``): each session lives on one of them, picked by a hash of its
+id, and a batch's writes go to its shards at once.
 
 Per session three keys (their ``{id}`` hash tag keeps them in one slot):
 
@@ -43,6 +45,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError
 
+from rnnserve.errors import StoreMisconfigured
 from rnnserve.server.errors import (
     SessionExists,
     SessionHeld,
@@ -205,8 +208,26 @@ class RedisStore:
             if self._on_op is not None:
                 self._on_op(op, time.perf_counter() - started, ok)
 
-    async def ping(self) -> None:
-        await self._call("ping", self._redis.ping)
+    async def ping(self, place: tuple[int, int] = (0, 1)) -> None:
+        """The store answers and is shard ``place`` (index, count) of the servers' list
+        of shards (one store: the only one). The first server to reach it leaves a mark
+        of its place (the key ``PREFIX:shard``, "index/count"); a server whose list
+        differs (another order, another length, one store where there were several)
+        gets ``StoreMisconfigured``: it would look for sessions where they are not."""
+        want, mark = f"{place[0]}/{place[1]}", f"{self.prefix}:shard"
+
+        async def run() -> Any:
+            await self._redis.set(mark, want, nx=True)
+            return await self._redis.get(mark)
+
+        got = _text(await self._call("ping", run))
+        if got != want:
+            raise StoreMisconfigured(
+                f"the session store at {self.url} is shard {got} (index/count) of its "
+                f"servers' list of shards, but this server lists it as {want}: every "
+                "server must list the same shards in the same order. To change the list, "
+                f"stop the servers and delete the key {mark!r} on every shard (the sessions "
+                "whose shard changes are lost), docs/sessions.md")
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -390,3 +411,154 @@ class RedisStore:
             out.append([refused.get(i) for i in range(at, at + len(ids))])
             at += len(ids)
         return out
+
+
+def jump_hash(key: int, buckets: int) -> int:
+    """Jump consistent hash (Lamping and Veach, 2014): the bucket in ``range(buckets)``
+    of a 64-bit key. Growing ``buckets`` by one moves only the keys that land in the new
+    bucket (about 1/(n+1) of them); no others change bucket."""
+    b, j = -1, 0
+    while j < buckets:
+        b = j
+        key = (key * 2862933555777941757 + 1) & 0xFFFFFFFFFFFFFFFF
+        j = int((b + 1) * ((1 << 31) / ((key >> 33) + 1)))
+    return b
+
+
+def shard_of(sid: str, shards: int) -> int:
+    """The shard (0 .. shards-1) that holds session ``sid``'s keys: the same on every
+    server configured with the same number of shards."""
+    key = int.from_bytes(hashlib.blake2b(sid.encode(), digest_size=8).digest(), "little")
+    return jump_hash(key, shards)
+
+
+class ShardedStore:
+    """Sessions spread over several Redis servers (shards), each session's keys on one
+    of them, picked by a hash of its id (``shard_of``): one Redis runs every write
+    script of the sessions it holds, so several lift the ceiling of one (about 60k
+    step writes a second, docs/sessions.md). Every server must list the same shards in
+    the same order; ``ping`` checks a mark each shard keeps of its place
+    (``RedisStore.ping``).
+
+    The interface is ``RedisStore``'s. A batch's writes are split by shard and go out
+    to the shards together (each with its own group commit); a shard that cannot be
+    reached fails only its own sessions' writes (``StoreUnavailable`` in their places),
+    the others land."""
+
+    def __init__(self, urls: list[str], *, owner: str, ttl_s: float, lease_s: float,
+                 timeout_s: float = 1.0, prefix: str = "rnnserve", upsert: bool = False,
+                 on_op: Callable[[int], StoreHook | None] | None = None) -> None:
+        """``on_op``: given a shard's index, the hook of its operations (for metrics)."""
+        if len(urls) < 2 or len(set(urls)) != len(urls):
+            raise ValueError(f"a sharded store needs two or more distinct URLs, got {urls}")
+        self.urls, self.owner, self.prefix = urls, owner, prefix
+        self.shards = [RedisStore(url, owner=owner, ttl_s=ttl_s, lease_s=lease_s,
+                                  timeout_s=timeout_s, prefix=prefix, upsert=upsert,
+                                  on_op=None if on_op is None else on_op(i))
+                       for i, url in enumerate(urls)]
+        self.url = ",".join(urls)
+        self.lease_s, self.timeout_s, self.upsert = \
+            self.shards[0].lease_s, timeout_s, upsert
+        self._where: dict[str, int] = {}  # shard_of's answers, for the ids live here
+
+    def index(self, sid: str) -> int:
+        """The index of the shard that holds session ``sid``."""
+        i = self._where.get(sid)
+        if i is None:
+            i = shard_of(sid, len(self.shards))
+            if len(self._where) >= 1 << 20:  # a bound, not an eviction policy: the ids
+                self._where.clear()          # are cheap to hash again
+            self._where[sid] = i
+        return i
+
+    def shard(self, sid: str) -> RedisStore:
+        """The shard that holds session ``sid``."""
+        return self.shards[self.index(sid)]
+
+    async def ping(self) -> None:
+        """Every shard answers and holds its own place in this list (``RedisStore.ping``:
+        ``StoreMisconfigured`` if not); ``StoreUnavailable`` names the shards that did
+        not answer."""
+        n = len(self.shards)
+        results = await asyncio.gather(*(s.ping((i, n)) for i, s in enumerate(self.shards)),
+                                       return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, StoreUnavailable):
+                raise r
+        failed = [r for r in results if isinstance(r, StoreUnavailable)]
+        if failed:
+            raise StoreUnavailable("; ".join(str(e) for e in failed))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in self.shards))
+
+    async def create(self, sid: str, data: bytes) -> None:
+        await self.shard(sid).create(sid, data)
+
+    async def acquire(self, sid: str) -> tuple[bytes, bool] | None:
+        return await self.shard(sid).acquire(sid)
+
+    async def peek(self, sid: str) -> bytes | None:
+        return await self.shard(sid).peek(sid)
+
+    async def final(self, sid: str) -> bytes | None:
+        return await self.shard(sid).final(sid)
+
+    async def delete(self, sid: str) -> None:
+        await self.shard(sid).delete(sid)
+        self._where.pop(sid, None)
+
+    async def release(self, sids: Iterable[str]) -> None:
+        """Give up the leases, each shard's in one call, the shards together; raises the
+        first shard's ``StoreUnavailable`` after all have been tried."""
+        parts: dict[int, list[str]] = {}
+        for sid in sids:
+            parts.setdefault(self.index(sid), []).append(sid)
+            self._where.pop(sid, None)
+        results = await asyncio.gather(*(self.shards[i].release(ids)
+                                         for i, ids in parts.items()), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    async def checkpoint_many(self, steps: list[tuple[str, bytes, int, int, bool, bool]]
+                              ) -> list[BaseException | None]:
+        """``RedisStore.checkpoint_many`` over the shards: the writes of each shard in
+        one call, the shards' calls at once; a shard that fails gives its writes
+        ``StoreUnavailable`` (they may land all the same), the others stand."""
+        parts: dict[int, list[int]] = {}
+        where = self._where
+        for k, step in enumerate(steps):
+            i = where.get(step[0])
+            parts.setdefault(self.index(step[0]) if i is None else i, []).append(k)
+        if len(parts) == 1:
+            (i, _), = parts.items()
+            return await self._part(self.shards[i], steps)
+        results: list[BaseException | None] = [None] * len(steps)
+        done = await asyncio.gather(*(self._part(self.shards[i], [steps[k] for k in ks])
+                                      for i, ks in parts.items()))
+        for ks, got in zip(parts.values(), done, strict=True):
+            for k, why in zip(ks, got, strict=True):
+                results[k] = why
+        return results
+
+    @staticmethod
+    async def _part(shard: RedisStore, steps: list[tuple[str, bytes, int, int, bool, bool]]
+                    ) -> list[BaseException | None]:
+        try:
+            return await shard.checkpoint_many(steps)
+        except StoreUnavailable as exc:
+            return [StoreUnavailable(str(exc)) for _ in steps]
+
+
+SharedStore = RedisStore | ShardedStore
+
+
+def open_store(urls: str, **kw: Any) -> SharedStore:
+    """The shared store at ``urls``: one Redis URL, or several separated by commas (a
+    ``ShardedStore``). ``on_op`` is then a function of the shard's index (0 for one)."""
+    parts = [u.strip() for u in urls.split(",") if u.strip()]
+    on_op = kw.pop("on_op", None)
+    if len(parts) == 1:
+        return RedisStore(parts[0], on_op=None if on_op is None else on_op(0), **kw)
+    return ShardedStore(parts, on_op=on_op, **kw)

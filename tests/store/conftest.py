@@ -13,6 +13,11 @@ class RedisServer(RedisProcess):
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port)
 
+    def session_keys(self) -> list[str]:
+        """The keys of sessions (not the mark of the store's place in the list of
+        shards, ``rnnserve:shard``)."""
+        return sorted(k.decode() for k in self.client().keys("rnnserve:{*"))
+
 
 @pytest.fixture
 def redis_server(tmp_path):
