@@ -627,13 +627,17 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
               saturation_streams: int = 0, idle_sessions: int = 0,
               redis_store: bool = False, repeats: int = 1, soak_s: float = 0.0,
               soak_streams: int = 0, connections: int = 0, many: int = 0,
-              spread: bool = True, packed: bool = False) -> dict[str, Any]:
+              spread: bool = True, packed: bool = False,
+              redis_shards: int = 1) -> dict[str, Any]:
     if (server is None) == (repo is None):
         raise RnnserveError("give either --server HOST:PORT or --repo DIR (to start one)")
     if baselines and repo is None:
         raise RnnserveError("--baselines starts its own servers: give --repo, not --server")
     if redis_store and repo is None:
         raise RnnserveError("--redis-store starts its own servers: give --repo, not --server")
+    if redis_shards < 1 or (redis_shards > 1 and not redis_store):
+        raise RnnserveError("--redis-shards takes 1 or more, and more than 1 only with "
+                            "--redis-store")
     if idle_sessions and repo is None:
         raise RnnserveError("--idle-sessions measures a server it starts: give --repo")
     if repeats < 1:
@@ -670,14 +674,19 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
                if repeats > 1 else ""))
         if redis_store:
             assert repo is not None
-            redis = RedisProcess(out)
-            stack.callback(redis.stop)
-            on_redis = Spawned.rnnserve(repo, [*flags, f"--session-store={redis.url}"],
+            shards = []
+            for i in range(redis_shards):
+                (out / f"redis{i}").mkdir(exist_ok=True)
+                shards.append(RedisProcess(out / f"redis{i}"))
+                stack.callback(shards[-1].stop)
+            urls = ",".join(r.url for r in shards)
+            on_redis = Spawned.rnnserve(repo, [*flags, f"--session-store={urls}"],
                                         out / "server-redis.log")
             stack.callback(on_redis.stop)
             targets["redis_store"] = on_redis.target
-            log(f"redis_store: a second server on the Redis session store ({redis.url}; "
-                "every step written before it is answered), taking turns with the "
+            log(f"redis_store: a second server on the Redis session store ({urls}"
+                + (f": {redis_shards} shards" if redis_shards > 1 else "")
+                + "; every step written before it is answered), taking turns with the "
                 "in-memory one (rnnserve) at each level")
         if baselines:  # the echo server takes turns with rnnserve at each level: their
             # ratio is the target, and this machine's speed drifts between minutes
@@ -782,6 +791,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         report["redis_store"] = {
             "capacity_streams": caps["redis_store"],
             "capacity_vs_memory": _ratio(caps["redis_store"], caps["rnnserve"]),
+            "shards": redis_shards,
             "levels": _levels_json(runs["redis_store"]),
         }
     if baselines:

@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the levels with a server on the Redis session store (a "
                    "redis-server started for the run), the two servers taking turns at "
                    "each level, and compare the capacities")
+    b.add_argument("--redis-shards", type=int, default=1, metavar="N",
+                   help="with --redis-store: N redis-servers, the session store sharded "
+                   "over them")
     b.add_argument("--soak-s", type=float, default=0.0, metavar="S",
                    help="after the levels, a soak: one level for S seconds at "
                    "--soak-streams (default 70%% of the capacity found), reporting p99 per "
@@ -355,7 +358,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               saturation_streams=args.saturation_streams, idle_sessions=args.idle_sessions,
               redis_store=args.redis_store, repeats=args.repeats, soak_s=args.soak_s,
               soak_streams=args.soak_streams, connections=args.connections,
-              many=args.many, spread=args.spread == "even", packed=args.packed)
+              many=args.many, spread=args.spread == "even", packed=args.packed,
+              redis_shards=args.redis_shards)
     return 0
 
 

@@ -6,7 +6,7 @@ chunk"), and it drifts far less than a benchmark over gRPC on a shared machine.
 
     python scripts/loop_cost.py --repo runs/workloads/speech-tiny [--model NAME]
         [--groups 16] [--per 64] [--rounds 40] [--repeats 3] [--against DIR] [--profile]
-        [--rpc many[,packed]] [--store redis]
+        [--rpc many[,packed]] [--store redis [--shards N]]
 
 ``--against DIR``: another checkout of rnnserve (``git worktree add /tmp/base REV``);
 the two builds take turns, each in a fresh process, and the medians are compared.
@@ -15,7 +15,9 @@ which both builds run.
 ``--profile``: cProfile's top functions of one run (its overhead inflates the times).
 ``--store redis``: the server on the shared session store (a throw-away redis-server on
 127.0.0.1, started per run), every step written there before it is answered; the
-redis-server's own CPU per item is printed beside the loop's.
+redis-server's own CPU per item is printed beside the loop's. ``--shards N``: N
+redis-servers, the store sharded over them (their CPU per item is printed summed and
+each).
 Build a model repository first, e.g. ``rnnserve bench --workload speech-tiny --streams 1
 --duration-s 1`` (it lands in runs/workloads/speech-tiny).
 """
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 PACKAGES = ("training", "export", "server", "client", "protos")  # rnnserve.<name> = <name>/
 
@@ -47,7 +50,7 @@ def _lay_out(root: Path, where: Path) -> None:
 
 async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
                    profile: bool, rpc: str = "many", store: str = "memory",
-                   redis_pid: int = 0) -> dict[str, float]:
+                   redis_pids: tuple[int, ...] = ()) -> dict[str, Any]:
     import asyncio
     import cProfile
     import pstats
@@ -128,7 +131,7 @@ async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
         warm = min(5, rounds - 1)
         await asyncio.gather(*(stream(g, 0, warm) for g in range(groups)))
         prof = cProfile.Profile() if profile else None
-        redis_cpu = cpu_seconds(redis_pid) if redis_pid else 0.0
+        redis_cpu = [cpu_seconds(pid) for pid in redis_pids]
         wall, cpu = time.perf_counter(), time.thread_time()
         if prof is not None:
             prof.enable()
@@ -136,10 +139,13 @@ async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
         if prof is not None:
             prof.disable()
         items = groups * per * (rounds - warm)
-        out = {"loop_cpu_us": 1e6 * (time.thread_time() - cpu) / items,
-               "wall_us": 1e6 * (time.perf_counter() - wall) / items, "items": items}
-        if redis_pid:
-            out["redis_cpu_us"] = 1e6 * (cpu_seconds(redis_pid) - redis_cpu) / items
+        out: dict[str, Any] = {"loop_cpu_us": 1e6 * (time.thread_time() - cpu) / items,
+                               "wall_us": 1e6 * (time.perf_counter() - wall) / items,
+                               "items": items}
+        if redis_pids:
+            each = [1e6 * (cpu_seconds(pid) - before) / items
+                    for pid, before in zip(redis_pids, redis_cpu, strict=True)]
+            out["redis_cpu_us"], out["redis_cpu_us_each"] = sum(each), each
         if prof is not None:
             pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
         return out
@@ -161,6 +167,8 @@ def main() -> int:
                     help="many, packed, or both in turns (many,packed)")
     ap.add_argument("--store", default="memory", choices=("memory", "redis"),
                     help="the session store: memory, or a redis-server started per run")
+    ap.add_argument("--shards", type=int, default=1,
+                    help="with --store redis: this many redis-servers, the store sharded")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child's run
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -169,6 +177,8 @@ def main() -> int:
     rpcs = args.rpc.split(",")
     if not set(rpcs) <= {"many", "packed"} or (args.one and len(rpcs) > 1):
         ap.error("--rpc takes many, packed or many,packed")
+    if args.shards < 1 or (args.shards > 1 and args.store != "redis"):
+        ap.error("--shards takes 1 or more, and more than 1 only with --store redis")
     if args.against and len(rpcs) > 1:
         ap.error("--against compares one RPC: give --rpc many or --rpc packed")
     if args.one:
@@ -180,19 +190,21 @@ def main() -> int:
             if args.root is not None:
                 _lay_out(args.root, Path(where))
                 sys.path.insert(0, where)
-            redis = None
-            if args.store == "redis":
-                from rnnserve.client.bench import RedisProcess
-
-                redis = RedisProcess(Path(where))
+            redis: list[Any] = []
             try:
+                if args.store == "redis":
+                    from rnnserve.client.bench import RedisProcess
+
+                    for i in range(args.shards):
+                        (Path(where) / f"redis{i}").mkdir()
+                        redis.append(RedisProcess(Path(where) / f"redis{i}"))
                 print(json.dumps(asyncio.run(_measure(
                     args.repo, args.model, args.groups, args.per, args.rounds, args.profile,
-                    args.rpc, redis.url if redis else "memory",
-                    redis.proc.pid if redis and redis.proc else 0))))
+                    args.rpc, ",".join(r.url for r in redis) if redis else "memory",
+                    tuple(r.proc.pid for r in redis if r.proc)))))
             finally:
-                if redis is not None:
-                    redis.stop()
+                for r in redis:
+                    r.stop()
         return 0
     here = Path(__file__).resolve().parents[1]
     builds = {(f"this {rpc}" if len(rpcs) > 1 else "this"): (here, rpc) for rpc in rpcs}
@@ -205,6 +217,7 @@ def main() -> int:
                    "--groups", str(args.groups), "--per", str(args.per),
                    "--rounds", str(args.rounds), "--root", str(root), "--rpc", rpc,
                    "--store", args.store,
+                   *(["--shards", str(args.shards)] if args.shards > 1 else []),
                    *(["--profile"] if args.profile else [])]
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode:
@@ -216,6 +229,9 @@ def main() -> int:
             got[name].append(result["loop_cpu_us"])
             redis_cpu = (f", redis-server CPU {result['redis_cpu_us']:.1f} us"
                          if "redis_cpu_us" in result else "")
+            if len(result.get("redis_cpu_us_each", ())) > 1:
+                redis_cpu += " (" + " + ".join(f"{v:.1f}" for v in
+                                               result["redis_cpu_us_each"]) + ")"
             print(f"{name} ({root}): loop CPU {result['loop_cpu_us']:.1f} us per item, "
                   f"wall {result['wall_us']:.1f} us{redis_cpu} ({result['items']} items)",
                   flush=True)

@@ -139,7 +139,8 @@ def test_bench_compares_the_redis_session_store(tmp_path) -> None:
     out = tmp_path / "bench"
     proc = rnnserve("bench", "--repo", str(repo), "--model", "feat", "--streams", "1,2",
                     "--duration-s", "1", "--out", str(out), "--redis-store", "--no-plot",
-                    "--repeats", "2", "--serve-arg=--intra-op-threads=1", timeout=180)
+                    "--repeats", "2", "--serve-arg=--intra-op-threads=1", "--redis-shards", "2",
+                    timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert "with the Redis session store:" in proc.stdout
     # the two servers take turns at each level, each level twice
@@ -155,8 +156,10 @@ def test_bench_compares_the_redis_session_store(tmp_path) -> None:
             assert lv["answered"] > 0 and lv["errors"] == {}
             assert len(lv["p99_repeats"]) == 2
             assert lv["latency_ms"]["p99"] == max(lv["p99_repeats"])  # the upper median
-    assert store["capacity_streams"] in (0, 1, 2)
-    assert "session store redis://127.0.0.1:" in (out / "server-redis.log").read_text()
+    assert store["capacity_streams"] in (0, 1, 2) and store["shards"] == 2
+    said = (out / "server-redis.log").read_text()
+    assert re.search(r"session store redis://127.0.0.1:\d+/0,redis://127.0.0.1:\d+/0 \(2 "
+                     "shards", said), said
 
 
 
@@ -267,15 +270,16 @@ def test_loop_cost_measures_this_build_against_another(repo, tmp_path) -> None:
     assert lines[0].startswith("this many") and lines[1].startswith("this packed"), lines
     assert "(8 items)" in lines[1]
     assert re.search(r"this many [0-9.]+ us, this packed [0-9.]+ us$", lines[-1]), lines
-    # packed, both builds, on the shared store (a redis-server started per run)
+    # packed, both builds, on the shared store (two redis-servers started per run)
     run = subprocess.run([sys.executable, str(root / "scripts" / "loop_cost.py"),
                           "--repo", str(repo), "--model", "feat", "--groups", "2",
                           "--per", "4", "--rounds", "4", "--repeats", "1", "--rpc", "packed",
-                          "--store", "redis", "--against", str(other)],
+                          "--store", "redis", "--shards", "2", "--against", str(other)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.strip().splitlines()
     for line in lines[:2]:
         # (8 items may take less than one clock tick of redis-server's CPU)
-        assert re.search(r"redis-server CPU [0-9.]+ us \(8 items\)", line), lines
+        assert re.search(r"redis-server CPU [0-9.]+ us \([0-9.]+ \+ [0-9.]+\) \(8 items\)",
+                         line), lines
     assert "this / against" in lines[-1], lines
