@@ -6,7 +6,7 @@ chunk"), and it drifts far less than a benchmark over gRPC on a shared machine.
 
     python scripts/loop_cost.py --repo runs/workloads/speech-tiny [--model NAME]
         [--groups 16] [--per 64] [--rounds 40] [--repeats 3] [--against DIR] [--profile]
-        [--rpc many[,packed]] [--store redis [--shards N]]
+        [--rpc many[,packed]] [--store redis [--shards N[,M]]]
 
 ``--against DIR``: another checkout of rnnserve (``git worktree add /tmp/base REV``);
 the two builds take turns, each in a fresh process, and the medians are compared.
@@ -17,7 +17,7 @@ which both builds run.
 127.0.0.1, started per run), every step written there before it is answered; the
 redis-server's own CPU per item is printed beside the loop's. ``--shards N``: N
 redis-servers, the store sharded over them (their CPU per item is printed summed and
-each).
+each); ``--shards 1,3``: one and three in turns.
 Build a model repository first, e.g. ``rnnserve bench --workload speech-tiny --streams 1
 --duration-s 1`` (it lands in runs/workloads/speech-tiny).
 """
@@ -167,8 +167,9 @@ def main() -> int:
                     help="many, packed, or both in turns (many,packed)")
     ap.add_argument("--store", default="memory", choices=("memory", "redis"),
                     help="the session store: memory, or a redis-server started per run")
-    ap.add_argument("--shards", type=int, default=1,
-                    help="with --store redis: this many redis-servers, the store sharded")
+    ap.add_argument("--shards", default="1",
+                    help="with --store redis: this many redis-servers, the store sharded "
+                    "(1,3: both in turns)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child's run
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -177,8 +178,14 @@ def main() -> int:
     rpcs = args.rpc.split(",")
     if not set(rpcs) <= {"many", "packed"} or (args.one and len(rpcs) > 1):
         ap.error("--rpc takes many, packed or many,packed")
-    if args.shards < 1 or (args.shards > 1 and args.store != "redis"):
+    try:
+        shards = [int(n) for n in args.shards.split(",")]
+    except ValueError:
+        ap.error(f"--shards takes numbers like 3 or 1,3, not {args.shards!r}")
+    if min(shards) < 1 or (max(shards) > 1 and args.store != "redis"):
         ap.error("--shards takes 1 or more, and more than 1 only with --store redis")
+    if len(shards) > 1 and (args.one or args.against or len(rpcs) > 1):
+        ap.error("--shards in turns (1,3) takes one RPC and no --against")
     if args.against and len(rpcs) > 1:
         ap.error("--against compares one RPC: give --rpc many or --rpc packed")
     if args.one:
@@ -195,7 +202,7 @@ def main() -> int:
                 if args.store == "redis":
                     from rnnserve.client.bench import RedisProcess
 
-                    for i in range(args.shards):
+                    for i in range(shards[0]):
                         (Path(where) / f"redis{i}").mkdir()
                         redis.append(RedisProcess(Path(where) / f"redis{i}"))
                 print(json.dumps(asyncio.run(_measure(
@@ -207,17 +214,20 @@ def main() -> int:
                     r.stop()
         return 0
     here = Path(__file__).resolve().parents[1]
-    builds = {(f"this {rpc}" if len(rpcs) > 1 else "this"): (here, rpc) for rpc in rpcs}
+    builds = {(f"this {rpc}" if len(rpcs) > 1 else "this"): (here, rpc, shards[0])
+              for rpc in rpcs}
+    if len(shards) > 1:
+        builds = {f"this {n} shard{'s' if n > 1 else ''}": (here, rpcs[0], n) for n in shards}
     if args.against:
-        builds["against"] = (args.against.resolve(), rpcs[0])
+        builds["against"] = (args.against.resolve(), rpcs[0], shards[0])
     got: dict[str, list[float]] = {name: [] for name in builds}
     for _ in range(args.repeats):
-        for name, (root, rpc) in builds.items():
+        for name, (root, rpc, n) in builds.items():
             cmd = [sys.executable, __file__, "--one", "--repo", args.repo, "--model", args.model,
                    "--groups", str(args.groups), "--per", str(args.per),
                    "--rounds", str(args.rounds), "--root", str(root), "--rpc", rpc,
                    "--store", args.store,
-                   *(["--shards", str(args.shards)] if args.shards > 1 else []),
+                   *(["--shards", str(n)] if n > 1 else []),
                    *(["--profile"] if args.profile else [])]
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode:
