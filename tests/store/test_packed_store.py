@@ -31,6 +31,48 @@ def _stored(redis_client, sid: str):
     return records.decode(data, sid)
 
 
+def packed_handover(repo, a, b, sids: list[str], x: np.ndarray, checked
+                    ) -> tuple[str, str]:
+    """The sessions ``sids`` on packed requests of ``STEPS`` steps to server ``a`` (the
+    first opens them), ``checked(k, answer)`` after each; the last chunk to server ``b``
+    once a's leases (0.5 s) lapsed. Every output must equal one run of the whole
+    sequence, and b must have taken every session from the store. Stops both servers;
+    returns their metrics."""
+    n, chunks = len(sids), x.shape[1] // STEPS
+
+    def part(k: int) -> np.ndarray:
+        return np.ascontiguousarray(x[:, k * STEPS:(k + 1) * STEPS])
+
+    async def main() -> np.ndarray:
+        got = []
+        async with AsyncClient(a.target, timeout=20) as ca, \
+                AsyncClient(b.target, timeout=20) as cb, ca.packed() as pa, \
+                cb.packed() as pb_:
+            for k in range(chunks - 1):  # opened by the first request, then blocks
+                ans = await pa.send(packed_request("feat", sids, [k] * n, part(k),
+                                                   opens=range(n) if k == 0 else ()))
+                assert not ans.failures, ans.failures
+                checked(k, ans)
+                got.append(ans.outputs["logits"])
+            await asyncio.sleep(0.6)  # a's leases lapse: b takes the sessions
+            last = await pb_.send(packed_request("feat", sids, [chunks - 1] * n,
+                                                 part(chunks - 1), ends=range(n)))
+            assert not last.failures, last.failures
+            got.append(last.outputs["logits"])
+        return np.concatenate(got, axis=1)
+
+    try:
+        y = asyncio.run(main())
+        text_a, text_b = a.metrics(), b.metrics()
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+    for i in range(n):
+        assert float(np.abs(y[i] - whole_run(repo, "feat", 1, x[i])).max()) <= 1e-5
+    assert metric_value(text_b, "rnnserve_session_resumes_total", source="store") == n
+    return text_a, text_b
+
+
 def test_every_packed_step_is_in_the_store_before_it_is_answered(repo, redis_server,
                                                                  tmp_path) -> None:
     """After each answer, each session's record holds the next seq, the answer's own
@@ -43,41 +85,16 @@ def test_every_packed_step_is_in_the_store_before_it_is_answered(repo, redis_ser
     a = serve(repo, tmp_path, "a", redis_server.url, "--lease-s", "0.5")
     b = serve(repo, tmp_path, "b", redis_server.url, "--lease-s", "0.5")
 
-    def part(k: int) -> np.ndarray:
-        return np.ascontiguousarray(x[:, k * STEPS:(k + 1) * STEPS])
+    def checked(k: int, ans) -> None:
+        chunk = x[:, k * STEPS:(k + 1) * STEPS]
+        for i, sid in enumerate(sids):
+            rec = _stored(r, sid)
+            assert rec.next_seq == k + 1 and rec.answer is not None
+            assert rec.answer.seq == k and rec.answer.digest == digest(chunk[i])
+            assert np.array_equal(rec.answer.outputs[0][1], ans.outputs["logits"][i])
 
-    async def main() -> np.ndarray:
-        got = []
-        async with AsyncClient(a.target, timeout=20) as ca, \
-                AsyncClient(b.target, timeout=20) as cb, ca.packed() as pa, \
-                cb.packed() as pb_:
-            for k in range(chunks - 1):  # opened by the first request, then blocks
-                ans = await pa.send(packed_request("feat", sids, [k] * N, part(k),
-                                                   opens=range(N) if k == 0 else ()))
-                assert not ans.failures, ans.failures
-                for i, sid in enumerate(sids):
-                    rec = _stored(r, sid)
-                    assert rec.next_seq == k + 1 and rec.answer is not None
-                    assert rec.answer.seq == k and rec.answer.digest == digest(part(k)[i])
-                    assert np.array_equal(rec.answer.outputs[0][1], ans.outputs["logits"][i])
-                got.append(ans.outputs["logits"])
-            await asyncio.sleep(0.6)  # a's leases lapse: b takes the sessions
-            last = await pb_.send(packed_request("feat", sids, [chunks - 1] * N,
-                                                 part(chunks - 1), ends=range(N)))
-            assert not last.failures, last.failures
-            got.append(last.outputs["logits"])
-        return np.concatenate(got, axis=1)
-
-    try:
-        y = asyncio.run(main())
-        text_a, text_b = a.metrics(), b.metrics()
-    finally:
-        assert a.stop() == 0
-        assert b.stop() == 0
-    for i in range(N):
-        assert float(np.abs(y[i] - whole_run(repo, "feat", 1, x[i])).max()) <= 1e-5
+    text_a, _ = packed_handover(repo, a, b, sids, x, checked)
     assert metric_value(text_a, "rnnserve_chunks_total", code="OK") == N * (chunks - 1)
-    assert metric_value(text_b, "rnnserve_session_resumes_total", source="store") == N
     assert r.exists(f"rnnserve:{{{sids[0]}}}:s") == 0  # ended: only the final answers
     assert len(redis_server.session_keys()) == N
 

@@ -21,6 +21,7 @@ from ..server.serving import metric_value, start_server
 from ..server.test_grpc_api import whole_run
 from .conftest import RedisServer
 from .test_failover import serve
+from .test_packed_store import packed_handover
 
 N, STEPS = 24, 3  # sessions per request, steps per chunk
 
@@ -80,39 +81,13 @@ def test_sessions_spread_over_the_shards_and_move_between_servers_exactly(
     a = serve(repo, tmp_path, "a", _urls(shards), "--lease-s", "0.5")
     b = serve(repo, tmp_path, "b", _urls(shards), "--lease-s", "0.5")
 
-    def part(k: int) -> np.ndarray:
-        return np.ascontiguousarray(x[:, k * STEPS:(k + 1) * STEPS])
+    def checked(k: int, _) -> None:
+        for sid in sids:
+            held = [i for i, s in enumerate(shards) if _stored(s, sid) is not None]
+            assert held == [shard_of(sid, 3)], (sid, held)
+            assert _stored(shards[held[0]], sid).next_seq == k + 1
 
-    async def main() -> np.ndarray:
-        got = []
-        async with AsyncClient(a.target, timeout=20) as ca, \
-                AsyncClient(b.target, timeout=20) as cb, ca.packed() as pa, \
-                cb.packed() as pb_:
-            for k in range(chunks - 1):
-                ans = await pa.send(packed_request("feat", sids, [k] * N, part(k),
-                                                   opens=range(N) if k == 0 else ()))
-                assert not ans.failures, ans.failures
-                for sid in sids:
-                    held = [i for i, s in enumerate(shards) if _stored(s, sid) is not None]
-                    assert held == [shard_of(sid, 3)], (sid, held)
-                    assert _stored(shards[held[0]], sid).next_seq == k + 1
-                got.append(ans.outputs["logits"])
-            await asyncio.sleep(0.6)  # a's leases lapse: b takes the sessions
-            last = await pb_.send(packed_request("feat", sids, [chunks - 1] * N,
-                                                 part(chunks - 1), ends=range(N)))
-            assert not last.failures, last.failures
-            got.append(last.outputs["logits"])
-        return np.concatenate(got, axis=1)
-
-    try:
-        y = asyncio.run(main())
-        text_a, text_b = a.metrics(), b.metrics()
-    finally:
-        assert a.stop() == 0
-        assert b.stop() == 0
-    for i in range(N):
-        assert float(np.abs(y[i] - whole_run(repo, "feat", 1, x[i])).max()) <= 1e-5
-    assert metric_value(text_b, "rnnserve_session_resumes_total", source="store") == N
+    text_a, _ = packed_handover(repo, a, b, sids, x, checked)
     per_shard = Counter(shard_of(s, 3) for s in sids)
     assert sorted(per_shard) == [0, 1, 2]  # the ids fall on every shard
     for i, s in enumerate(shards):
