@@ -435,8 +435,8 @@ def shard_of(sid: str, shards: int) -> int:
 class ShardedStore:
     """Sessions spread over several Redis servers (shards), each session's keys on one
     of them, picked by a hash of its id (``shard_of``): one Redis runs every write
-    script of the sessions it holds, so several lift the ceiling of one (about 60k
-    step writes a second, docs/sessions.md). Every server must list the same shards in
+    script of the sessions it holds on one core, so several lift the ceiling of one
+    (about 37,000 speech-small step writes a second, docs/sessions.md). Every server must list the same shards in
     the same order; ``ping`` checks a mark each shard keeps of its place
     (``RedisStore.ping``).
 
