@@ -6,8 +6,9 @@
 #   (6); BENCH_LEVELS (1024,2048,4096), BENCH_VERSION (1: fp32; 2: fp16), WORKERS (4),
 #   LOAD_PROCS (8) and SERVE_EXTRA (more serve flags, space-separated, e.g.
 #   "--cuda-graphs --cuda-sync=blocking") and BENCH_EXTRA (bench flags, e.g.
-#   --spread=kernel) shape the bench, whose server log comes back as
-#   $OUT/server.log; MPS=1 runs the bench under CUDA's MPS daemon (started and stopped
+#   --spread=kernel; "--redis-store --redis-shards=4": also on the kit's redis-servers)
+#   shape the bench (BENCH_TIMEOUT: its limit, 180 s), whose server logs come back as
+#   $OUT/server*.log; MPS=1 runs the bench under CUDA's MPS daemon (started and stopped
 #   here). Step ceiling-sync: the fp32 ceiling again with CUDA_SYNC (default blocking).
 #   DEVICE=cpu rehearses the whole script on a machine without a GPU.
 set -uo pipefail
@@ -46,6 +47,11 @@ for sp in site.getsitepackages():
     dirs.update(glob.glob(os.path.join(sp, 'nvidia', '*', '*', 'lib')))
 print(':'.join(sorted(dirs)))")
 export LD_LIBRARY_PATH=$NV${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# the kit's redis-server (prepare.sh), for BENCH_EXTRA="--redis-store --redis-shards=N"
+if [ -x "$K/redis/redis-server" ]; then
+  export PATH=$K/redis:$PATH
+  echo "redis-server: $(redis-server --version 2>&1 | head -1)"
+fi
 # Outside the repository root: there the bare rnnserve/ folder would shadow the install.
 cd "$K"
 $PY -c "
@@ -84,7 +90,7 @@ case " $STEPS " in *" bench "*)
   # 2026-11-28 passed --connections 8, the same with 8 workers)
   echo "== bench: speech-small v${BENCH_VERSION:-1} on $DEVICE, ${WORKERS:-4} workers" \
     "${SERVE_EXTRA:-}, StreamMany 64 streams per message, ${LOAD_PROCS:-8} load processes"
-  timeout 180 $PY -m rnnserve bench --repo "$K/models" --model speech-small \
+  timeout ${BENCH_TIMEOUT:-180} $PY -m rnnserve bench --repo "$K/models" --model speech-small \
     --version "${BENCH_VERSION:-1}" \
     --serve-arg=--device=$DEVICE --serve-arg=--workers=${WORKERS:-4} --serve-arg=--batch-runners=2 "${EXTRA[@]}" \
     --max-batch-size 1024 --many 64 --load-procs ${LOAD_PROCS:-8} \

@@ -6,8 +6,8 @@
 #   bash scripts/gpu/prepare.sh        # -> .gpu/kit.tar.xz (git-ignored), a few minutes
 #
 # The kit holds the wheels the device lacks (onnxruntime-gpu and the serving
-# dependencies at this venv's versions) and the reference models
-# (random weights) for the benchmarks. scripts/gpu/RUN.md says how to use it.
+# dependencies at this venv's versions), the reference models (random weights) for the
+# benchmarks, and a redis-server for the durable ones. scripts/gpu/RUN.md says how to use it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
@@ -51,6 +51,27 @@ export_checkpoint(ckpt, ".gpu/stage/models", "speech-small", 2, fp16=True, log=l
 print("fp16 speech-small v2 exported")
 EOF
 
+# a redis-server for the durable runs (bench --redis-store): this machine's Debian build
+# and the libraries it links beyond glibc, started through a wrapper that points the
+# loader at them (Python's own ssl is left alone); check.sh puts it on PATH
+if command -v redis-server >/dev/null; then
+  mkdir -p .gpu/stage/redis/real .gpu/stage/redis/lib
+  cp "$(readlink -f "$(command -v redis-server)")" .gpu/stage/redis/real/redis-server
+  ldd "$(command -v redis-server)" | awk '/=> \//{print $3}' \
+    | grep -vE '/(libc|libm|libpthread|libdl|librt|ld-linux[^/]*)\.so' \
+    | xargs -r -I{} cp -L {} .gpu/stage/redis/lib/
+  cat > .gpu/stage/redis/redis-server <<'SH'
+#!/bin/sh
+here=$(dirname "$(readlink -f "$0")")
+LD_LIBRARY_PATH=$here/lib exec "$here/real/redis-server" "$@"
+SH
+  chmod +x .gpu/stage/redis/redis-server
+  echo "redis-server $(.gpu/stage/redis/redis-server --version | cut -d' ' -f3) and" \
+    "$(ls .gpu/stage/redis/lib | wc -l) libraries"
+else
+  echo "no redis-server here (make system-deps): the kit has none, --redis-store runs fail"
+fi
+
 # installed here, then xz over the files: 219 MB for their 404 MB (the tar), where the onnxruntime
 # wheel alone is 255 MB zipped
 $PY -m pip install -q --no-index --no-deps --only-binary=:all: --python-version "$PYVER" \
@@ -58,7 +79,7 @@ $PY -m pip install -q --no-index --no-deps --only-binary=:all: --python-version 
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform manylinux1_x86_64 --target .gpu/stage/site \
   .gpu/stage/whl/*.whl 2>&1 | grep -v "is ignored" || true
-tar -C .gpu/stage -cf - site models | xz "$XZ" -T0 > .gpu/kit.tar.xz
+tar -C .gpu/stage -cf - site models $(test -d .gpu/stage/redis && echo redis) | xz "$XZ" -T0 > .gpu/kit.tar.xz
 rm -rf .gpu/parts && mkdir -p .gpu/parts
 split -b 56m -d .gpu/kit.tar.xz .gpu/parts/kit.
 ls -la .gpu/kit.tar.xz .gpu/parts
