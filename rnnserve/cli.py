@@ -263,6 +263,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "of --streams)")
     b.set_defaults(func=_cmd_bench)
 
+    r = sub.add_parser(
+        "reshard", help="move the shared store's sessions to a new list of Redis shards "
+        "(with the servers stopped)",
+        description="A new list of shards for --session-store puts some sessions on "
+        "another shard; this moves them there (record, lease, final answer, with their "
+        "time to live) and marks every shard with its new place. Stop the servers first; "
+        "start them again with the --to list. Safe to run again after an interruption.")
+    r.add_argument("--from", dest="old", required=True, metavar="URLS",
+                   help="the store URLs the servers ran with, comma-separated, in order")
+    r.add_argument("--to", dest="new", required=True, metavar="URLS",
+                   help="the new list, comma-separated, in the order the servers will use")
+    r.add_argument("--prefix", default="rnnserve", help="the store's key prefix")
+    r.add_argument("--dry-run", action="store_true", help="say what would move; move nothing")
+    r.add_argument("--ignore-leases", action="store_true",
+                   help="move sessions whose lease is live (a server may be writing them)")
+    r.set_defaults(func=_cmd_reshard)
+
     m = sub.add_parser("models", help="list the models in a repository")
     m.add_argument("--repo", required=True)
     m.set_defaults(func=_cmd_models)
@@ -604,6 +621,17 @@ def _cmd_say(args: argparse.Namespace) -> int:
         raise RnnserveError(f"cannot write {args.out!r}: {exc.strerror or exc}") from exc
     print(f"wrote {args.out}: {len(pcm) / FRONT_END.sample_rate:.2f}s at "
           f"{FRONT_END.sample_rate} Hz")
+    return 0
+
+
+def _cmd_reshard(args: argparse.Namespace) -> int:
+    from rnnserve.server.reshard import reshard
+
+    def urls(v: str) -> list[str]:
+        return [u.strip() for u in v.split(",") if u.strip()]
+
+    reshard(urls(args.old), urls(args.new), prefix=args.prefix, dry_run=args.dry_run,
+            ignore_leases=args.ignore_leases, log=lambda line: print(line, flush=True))
     return 0
 
 

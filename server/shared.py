@@ -226,8 +226,8 @@ class RedisStore:
                 f"the session store at {self.url} is shard {got} (index/count) of its "
                 f"servers' list of shards, but this server lists it as {want}: every "
                 "server must list the same shards in the same order. To change the list, "
-                f"stop the servers and delete the key {mark!r} on every shard (the sessions "
-                "whose shard changes are lost), docs/sessions.md")
+                "stop the servers and run `rnnserve reshard --from OLD --to NEW`: it moves "
+                "the sessions the new list puts elsewhere (docs/sessions.md)")
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -436,9 +436,10 @@ class ShardedStore:
     """Sessions spread over several Redis servers (shards), each session's keys on one
     of them, picked by a hash of its id (``shard_of``): one Redis runs every write
     script of the sessions it holds on one core, so several lift the ceiling of one
-    (about 37,000 speech-small step writes a second, docs/sessions.md). Every server must list the same shards in
-    the same order; ``ping`` checks a mark each shard keeps of its place
-    (``RedisStore.ping``).
+    (about 37,000 speech-small step writes a second, docs/sessions.md). Every server
+    must list the same shards in the same order; ``ping`` checks a mark each shard
+    keeps of its place (``RedisStore.ping``); ``rnnserve reshard`` moves the sessions
+    to a new list (``server/reshard.py``).
 
     The interface is ``RedisStore``'s. A batch's writes are split by shard and go out
     to the shards together (each with its own group commit); a shard that cannot be

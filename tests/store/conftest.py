@@ -24,3 +24,17 @@ def redis_server(tmp_path):
     server = RedisServer(tmp_path)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """Three real redis-servers: a store's shards."""
+    made = []
+    try:
+        for i in range(3):
+            (tmp_path / f"redis{i}").mkdir()
+            made.append(RedisServer(tmp_path / f"redis{i}"))
+        yield made
+    finally:
+        for s in made:
+            s.stop()

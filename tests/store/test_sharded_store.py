@@ -26,19 +26,6 @@ from .test_packed_store import packed_handover
 N, STEPS = 24, 3  # sessions per request, steps per chunk
 
 
-@pytest.fixture
-def shards(tmp_path):
-    made = []
-    try:
-        for i in range(3):
-            (tmp_path / f"redis{i}").mkdir()
-            made.append(RedisServer(tmp_path / f"redis{i}"))
-        yield made
-    finally:
-        for s in made:
-            s.stop()
-
-
 def _urls(shards) -> str:
     return ",".join(s.url for s in shards)
 

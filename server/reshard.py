@@ -1,0 +1,222 @@
+"""``rnnserve reshard``: move the sessions of the shared store to a new list of shards.
+
+A session's keys live on the shard ``shared.shard_of`` picks from its id and the number
+of shards, so a new list (one more Redis, one fewer, one store to several) puts some
+sessions elsewhere; servers with the new list would not find them there. With the
+servers stopped, this moves each such session's keys (record, lease, final answer) to
+its new shard, with their time to live, byte for byte (``DUMP`` / ``RESTORE``), and
+marks every shard with its new place (``RedisStore.ping``). Keys already in place are
+not touched, so running it again after an interruption finishes the job.
+
+It refuses to start when the old shards do not carry the marks of ``--from`` (the list
+the servers ran with), and while a session's lease is live (a server may still be
+writing: stop the servers, or wait out ``--lease-s`` after a crash), unless told to
+ignore leases.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import redis
+from redis.exceptions import RedisError, ResponseError
+
+from rnnserve.errors import RnnserveError
+from rnnserve.server.shared import shard_of
+
+T = TypeVar("T")
+KINDS = ("s", "l", "f")  # record, lease, final answer (shared.py)
+
+
+@dataclass
+class Plan:
+    """What a reshard moves: per (old shard, new shard) the sessions' ids."""
+
+    moves: dict[tuple[int, int], list[str]] = field(default_factory=dict)
+    kept: int = 0  # sessions already on their new shard
+    leased: int = 0  # sessions whose lease is live
+
+    @property
+    def moving(self) -> int:
+        return sum(len(ids) for ids in self.moves.values())
+
+
+def _sid(key: bytes, prefix: str) -> tuple[str, str] | None:
+    """(session id, kind) of a session key ``PREFIX:{ID}:KIND``, None for another key."""
+    text = key.decode(errors="replace")
+    head = f"{prefix}:{{"
+    if not text.startswith(head) or text[-2:-1] != ":" or text[-1] not in KINDS \
+            or text[-3] != "}":
+        return None
+    return text[len(head):-3], text[-1]
+
+
+class Resharder:
+    def __init__(self, old: list[str], new: list[str], prefix: str = "rnnserve",
+                 timeout_s: float = 10.0) -> None:
+        for name, urls in (("--from", old), ("--to", new)):
+            if not urls or len(set(urls)) != len(urls):
+                raise RnnserveError(f"{name} needs one or more distinct store URLs, got "
+                                    f"{','.join(urls)!r}")
+        self.old, self.new, self.prefix = old, new, prefix
+        self._clients: dict[str, redis.Redis] = {}
+        self.timeout_s = timeout_s
+
+    def client(self, url: str) -> redis.Redis:
+        if url not in self._clients:
+            self._clients[url] = redis.Redis.from_url(url, socket_timeout=self.timeout_s,
+                                                      socket_connect_timeout=self.timeout_s)
+        return self._clients[url]
+
+    def close(self) -> None:
+        for c in self._clients.values():
+            c.close()
+
+    def _mark(self) -> str:
+        return f"{self.prefix}:shard"
+
+    def check_marks(self) -> None:
+        """Each old shard carries the mark of its place in ``--from``, or of its place
+        in ``--to`` (a reshard that finished: running it again moves nothing), or none
+        (a store no server has reached yet)."""
+        n = len(self.old)
+        for i, url in enumerate(self.old):
+            got: Any = self._call(url, lambda c: c.get(self._mark()))
+            done = url in self.new and got == f"{self.new.index(url)}/{len(self.new)}".encode()
+            if got is not None and got.decode() != f"{i}/{n}" and not done:
+                raise RnnserveError(
+                    f"the store at {url} is shard {got.decode()} (index/count) of the list "
+                    f"its servers ran with, not {i}/{n}: --from must list the shards as the "
+                    "servers did, in the same order")
+
+    def _call(self, url: str, fn: Callable[[redis.Redis], T]) -> T:
+        try:
+            return fn(self.client(url))
+        except RedisError as exc:
+            raise RnnserveError(f"the store at {url}: {exc}") from None
+
+    def plan(self) -> Plan:
+        """Scan the old shards: which sessions move where, how many stay, and how many
+        hold a live lease."""
+        plan = Plan()
+        n = len(self.new)
+        for i, url in enumerate(self.old):
+            seen: set[str] = set()
+
+            def scan(c: redis.Redis) -> list[bytes]:
+                return list(c.scan_iter(match=f"{self.prefix}:{{*}}:?", count=1000))
+
+            keys = self._call(url, scan)
+            for key in keys:
+                got = _sid(key, self.prefix)
+                if got is None:
+                    continue
+                sid, kind = got
+                if kind == "l":
+                    plan.leased += 1
+                if sid in seen:
+                    continue
+                seen.add(sid)
+                j = shard_of(sid, n)
+                if self.new[j] == url:
+                    plan.kept += 1
+                else:
+                    plan.moves.setdefault((i, j), []).append(sid)
+        return plan
+
+    def move(self, plan: Plan, log: Callable[[str], None]) -> Counter[str]:
+        """Move the planned sessions' keys; returns counts of moved sessions and of
+        keys that were already on the new shard (left on both: ``conflicts``)."""
+        done: Counter[str] = Counter()
+        for (i, j), sids in sorted(plan.moves.items()):
+            src, dst = self.client(self.old[i]), self.client(self.new[j])
+            for sid in sids:
+                keys = [f"{self.prefix}:{{{sid}}}:{k}" for k in KINDS]
+                try:
+                    if self._move_one(src, dst, keys):
+                        done["moved"] += 1
+                    else:
+                        done["conflicts"] += 1
+                        log(f"session {sid!r}: the new shard {self.new[j]} holds keys of it "
+                            "already; left on both (delete the stale copy by hand)")
+                except RedisError as exc:
+                    raise RnnserveError(
+                        f"moving session {sid!r} from {self.old[i]} to {self.new[j]}: "
+                        f"{exc}; {done['moved']} moved so far: run it again to finish"
+                    ) from None
+            log(f"  {len(sids)} session(s) from shard {i} ({self.old[i]}) to new shard "
+                f"{j} ({self.new[j]})")
+        return done
+
+    @staticmethod
+    def _move_one(src: redis.Redis, dst: redis.Redis, keys: list[str]) -> bool:
+        """Copy the keys that exist (with their time to live) to ``dst``, then delete
+        them on ``src``; False, touching nothing, if ``dst`` has any of them."""
+        if dst.exists(*keys):
+            return False
+        pipe = src.pipeline(transaction=False)
+        for k in keys:
+            pipe.dump(k)
+            pipe.pttl(k)
+        got = pipe.execute()
+        moved = []
+        for k, blob, ttl in zip(keys, got[0::2], got[1::2], strict=True):
+            if blob is None:
+                continue  # expired or never there
+            try:
+                dst.restore(k, max(0, ttl), blob)  # ttl -1 (none): 0
+            except ResponseError as exc:
+                if "BUSYKEY" in str(exc):
+                    return False
+                raise
+            moved.append(k)
+        if moved:
+            src.delete(*moved)
+        return True
+
+    def mark(self) -> None:
+        """Every new shard gets its place; an old shard left out loses its mark."""
+        n = len(self.new)
+        for url in self.old:
+            if url not in self.new:
+                self._call(url, lambda c: c.delete(self._mark()))
+        for j, url in enumerate(self.new):
+            place = f"{j}/{n}"
+
+            def put(c: redis.Redis, place: str = place) -> Any:
+                return c.set(self._mark(), place)
+
+            self._call(url, put)
+
+
+def reshard(old: list[str], new: list[str], *, prefix: str = "rnnserve",
+            dry_run: bool = False, ignore_leases: bool = False,
+            log: Callable[[str], None] = print) -> dict[str, int]:
+    """Move the store's sessions from the shards ``old`` to ``new`` (module doc)."""
+    r = Resharder(old, new, prefix)
+    try:
+        r.check_marks()
+        plan = r.plan()
+        log(f"{plan.moving} session(s) move, {plan.kept} stay where they are "
+            f"({len(old)} shard(s) -> {len(new)})")
+        if plan.leased and not ignore_leases and not dry_run:
+            raise RnnserveError(
+                f"{plan.leased} session(s) hold a live lease: a server may still be "
+                "running on this store (stop every server first), or crashed less than "
+                "its --lease-s ago (wait that out); --ignore-leases moves them anyway")
+        if dry_run:
+            for (i, j), sids in sorted(plan.moves.items()):
+                log(f"  would move {len(sids)} from shard {i} ({old[i]}) to new shard {j} "
+                    f"({new[j]})")
+            return {"moving": plan.moving, "kept": plan.kept, "moved": 0, "conflicts": 0}
+        done = r.move(plan, log)
+        r.mark()
+        log(f"moved {done['moved']} session(s); {done['conflicts']} left on both shards; "
+            f"the shards are marked for --session-store {','.join(new)}")
+        return {"moving": plan.moving, "kept": plan.kept, "moved": done["moved"],
+                "conflicts": done["conflicts"]}
+    finally:
+        r.close()

@@ -1,0 +1,112 @@
+"""``rnnserve reshard``: a new list of shards, and the sessions moved to where the new
+list puts them, so that servers with that list go on with every one of them exactly.
+Real servers, real redis-servers, the command as a user runs it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from rnnserve.client import AsyncClient, Client, packed_request
+from rnnserve.server.shared import shard_of
+
+from ..cli.test_cli import assert_one_line_error, rnnserve
+from ..server.test_grpc_api import whole_run
+from .test_failover import serve
+
+N, STEPS = 24, 3  # sessions, steps per chunk
+ENDED = [0, 1, 18, 19]  # end at chunk 1: two that stay on their shard, two that move
+
+
+def _where(shards, sid: str) -> list[int]:
+    return [i for i, s in enumerate(shards)
+            if s.client().exists(*(f"rnnserve:{{{sid}}}:{k}" for k in "slf"))]
+
+
+def test_reshard_moves_the_sessions_a_new_shard_takes_and_servers_go_on_exactly(
+        repo, shards, tmp_path) -> None:
+    """Two shards to three: with the server running (its leases live) the move is
+    refused; stopped, a dry run moves nothing; then the sessions the third shard takes
+    move there, record, final answer and time to live, and the rest stay. A server on
+    the three goes on with every live session exactly and answers a retry of an ended
+    one's last chunk from the moved final answer. A wrong --from is refused."""
+    two, three = ",".join(s.url for s in shards[:2]), ",".join(s.url for s in shards)
+    sids = [f"rs-{i}" for i in range(N)]
+    movers = [s for s in sids if shard_of(s, 3) == 2]
+    assert [shard_of(sids[i], 3) == 2 for i in ENDED] == [False, False, True, True]
+    assert 0 < len(movers) < N and all(shard_of(s, 2) == shard_of(s, 3) for s in sids
+                                       if s not in movers)  # one more shard takes, only
+    x = np.random.default_rng(71).standard_normal((N, 3 * STEPS, 20)).astype(np.float32)
+
+    def part(k: int, rows=slice(None)) -> np.ndarray:
+        return np.ascontiguousarray(x[rows, k * STEPS:(k + 1) * STEPS])
+
+    async def first_two(target: str) -> list[np.ndarray]:
+        async with AsyncClient(target, timeout=20) as c, c.packed() as p:
+            got = []
+            for k in range(2):
+                ans = await p.send(packed_request("feat", sids, [k] * N, part(k),
+                                                  opens=range(N) if k == 0 else (),
+                                                  ends=ENDED if k == 1 else ()))
+                assert not ans.failures, ans.failures
+                got.append(ans.outputs["logits"])
+            return got
+
+    a = serve(repo, tmp_path, "a", two, "--lease-s", "30")
+    try:
+        before = asyncio.run(first_two(a.target))
+        live = rnnserve("reshard", "--from", two, "--to", three)
+        assert_one_line_error(live, "hold a live lease", "stop every server")
+    finally:
+        assert a.stop() == 0  # SIGTERM: its leases released
+    for sid in sids:
+        assert _where(shards, sid) == [shard_of(sid, 2)]
+    mover = "rs-20"  # moves, and lives on (its record's time to live is the idle timeout)
+    assert mover in movers and sids.index(mover) not in ENDED
+    ttl = shards[shard_of(mover, 2)].client().pttl(f"rnnserve:{{{mover}}}:s")
+
+    wrong = rnnserve("reshard", "--from", f"{shards[1].url},{shards[0].url}", "--to", three)
+    assert_one_line_error(wrong, f"{shards[1].url} is shard 1/2", "not 0/2")
+    dry = rnnserve("reshard", "--from", two, "--to", three, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"{len(movers)} session(s) move, {N - len(movers)} stay" in dry.stdout, dry.stdout
+    for sid in sids:
+        assert _where(shards, sid) == [shard_of(sid, 2)]  # nothing moved
+    done = rnnserve("reshard", "--from", two, "--to", three)
+    assert done.returncode == 0, done.stderr
+    assert f"moved {len(movers)} session(s); 0 left on both" in done.stdout, done.stdout
+    for sid in sids:
+        assert _where(shards, sid) == [shard_of(sid, 3)], sid
+    moved_ttl = shards[2].client().pttl(f"rnnserve:{{{mover}}}:s")
+    assert 0 < moved_ttl <= ttl  # the idle timeout carried over, not reset nor dropped
+    assert [s.client().get("rnnserve:shard") for s in shards] == [b"0/3", b"1/3", b"2/3"]
+    for old in (two, three):  # again: nothing left to move
+        again = rnnserve("reshard", "--from", old, "--to", three)
+        assert again.returncode == 0 and "0 session(s) move" in again.stdout, again.stdout
+
+    b = serve(repo, tmp_path, "b", three)
+    live = [i for i in range(N) if i not in ENDED]
+    live_ids = [sids[i] for i in live]
+    try:
+        async def last() -> np.ndarray:
+            async with AsyncClient(b.target, timeout=20) as c, c.packed() as p:
+                ans = await p.send(packed_request(
+                    "feat", live_ids, [2] * len(live_ids), part(2, live),
+                    ends=range(len(live_ids))))
+                assert not ans.failures, ans.failures
+                return ans.outputs["logits"]
+
+        tail = asyncio.run(last())
+        with Client(b.target, timeout=10) as client:  # retries of the ended ones' last chunk
+            retried = [client.step(sids[i], 1, part(1, i), end=True)["logits"]
+                       for i in ENDED]
+    finally:
+        assert b.stop() == 0
+    for k, i in enumerate(ENDED):
+        assert np.array_equal(retried[k], before[1][i])  # the stored answer, not a rerun
+        want = whole_run(repo, "feat", 1, x[i, :2 * STEPS])
+        assert float(np.abs(np.concatenate([before[0][i], before[1][i]]) - want).max()) <= 1e-5
+    for k, i in enumerate(live):
+        y = np.concatenate([before[0][i], before[1][i], tail[k]])
+        assert float(np.abs(y - whole_run(repo, "feat", 1, x[i])).max()) <= 1e-5
