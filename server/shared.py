@@ -164,12 +164,21 @@ def _text(v: Any) -> str:
 class RedisStore:
     def __init__(self, url: str, *, owner: str, ttl_s: float, lease_s: float,
                  timeout_s: float = 1.0, prefix: str = "rnnserve",
-                 upsert: bool = False, on_op: StoreHook | None = None) -> None:
+                 upsert: bool = False, on_op: StoreHook | None = None,
+                 place: tuple[int, int] = (0, 1)) -> None:
         """``owner``: this server's name in the leases; a worker of a server with
         several gives ``name|index`` (its siblings then share its leases, module doc).
         ``upsert``: a step may write the record of a session the store does not hold
-        (one opened while the store was down, by a server that degrades)."""
+        (one opened while the store was down, by a server that degrades). ``place``:
+        this store's index in the servers' list of shards, and their count (``ping``)."""
         self.url, self.owner, self.prefix = url, owner, prefix
+        self.place = place
+        # whether the store's mark of its place was found right (``ping``); a store
+        # that did not answer at start is checked before its first use, and one found
+        # in another place refuses every use with ``_wrong``
+        self._placed = False
+        self._wrong: str | None = None
+        self._placing = asyncio.Lock()  # one check at a time; the others wait for it
         self.ttl_ms, self.lease_ms = max(1, int(ttl_s * 1000)), max(1, int(lease_s * 1000))
         self.lease_s = self.lease_ms / 1000
         self.timeout_s = timeout_s
@@ -193,10 +202,15 @@ class RedisStore:
         base = f"{self.prefix}:{{{sid}}}"
         return [f"{base}:s", f"{base}:l", f"{base}:f"]
 
-    async def _call(self, op: str, fn: Callable[[], Any]) -> Any:
+    async def _call(self, op: str, fn: Callable[[], Any], placed: bool = False) -> Any:
+        """``fn``'s call, timed and bounded; Redis's errors become ``StoreUnavailable``.
+        First the store's place is checked if it has not been (``placed``: the check's
+        own call)."""
         started = time.perf_counter()
         ok = False
         try:
+            if not (placed or self._placed):  # a refusal counts as a failed operation
+                await self._place_checked()
             async with asyncio.timeout(self.timeout_s):
                 result = await fn()
             ok = True
@@ -208,26 +222,42 @@ class RedisStore:
             if self._on_op is not None:
                 self._on_op(op, time.perf_counter() - started, ok)
 
-    async def ping(self, place: tuple[int, int] = (0, 1)) -> None:
+    async def ping(self) -> None:
         """The store answers and is shard ``place`` (index, count) of the servers' list
         of shards (one store: the only one). The first server to reach it leaves a mark
         of its place (the key ``PREFIX:shard``, "index/count"); a server whose list
         differs (another order, another length, one store where there were several)
-        gets ``StoreMisconfigured``: it would look for sessions where they are not."""
-        want, mark = f"{place[0]}/{place[1]}", f"{self.prefix}:shard"
+        gets ``StoreMisconfigured``: it would look for sessions where they are not.
+        A store that does not answer now is checked so before its first use."""
+        self._placed = False
+        await self._place_checked(StoreMisconfigured)
+
+    async def _place_checked(self, wrong: type[Exception] = StoreUnavailable) -> None:
+        """Check the store's mark of its place once (``ping``); a store in another place
+        raises ``wrong`` now and ``StoreUnavailable`` on every use after: nothing of
+        this server's sessions is read from it or written to it."""
+        want, mark = f"{self.place[0]}/{self.place[1]}", f"{self.prefix}:shard"
 
         async def run() -> Any:
             await self._redis.set(mark, want, nx=True)
             return await self._redis.get(mark)
 
-        got = _text(await self._call("ping", run))
+        async with self._placing:
+            if self._wrong is not None:
+                raise wrong(self._wrong)
+            if self._placed:
+                return
+            got = _text(await self._call("ping", run, placed=True))
+            self._placed = got == want
         if got != want:
-            raise StoreMisconfigured(
+            self._wrong = (
                 f"the session store at {self.url} is shard {got} (index/count) of its "
                 f"servers' list of shards, but this server lists it as {want}: every "
                 "server must list the same shards in the same order. To change the list, "
                 "stop the servers and run `rnnserve reshard --from OLD --to NEW`: it moves "
                 "the sessions the new list puts elsewhere (docs/sessions.md)")
+            log.error("%s", self._wrong)
+            raise wrong(self._wrong)
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -455,7 +485,8 @@ class ShardedStore:
         self.urls, self.owner, self.prefix = urls, owner, prefix
         self.shards = [RedisStore(url, owner=owner, ttl_s=ttl_s, lease_s=lease_s,
                                   timeout_s=timeout_s, prefix=prefix, upsert=upsert,
-                                  on_op=None if on_op is None else on_op(i))
+                                  on_op=None if on_op is None else on_op(i),
+                                  place=(i, len(urls)))
                        for i, url in enumerate(urls)]
         self.url = ",".join(urls)
         self.lease_s, self.timeout_s, self.upsert = \
@@ -480,8 +511,7 @@ class ShardedStore:
         """Every shard answers and holds its own place in this list (``RedisStore.ping``:
         ``StoreMisconfigured`` if not); ``StoreUnavailable`` names the shards that did
         not answer."""
-        n = len(self.shards)
-        results = await asyncio.gather(*(s.ping((i, n)) for i, s in enumerate(self.shards)),
+        results = await asyncio.gather(*(s.ping() for s in self.shards),
                                        return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, StoreUnavailable):

@@ -66,8 +66,7 @@ def test_a_burst_of_new_sessions_and_closes_is_a_few_writes(redis_server) -> Non
             writes_to_open = ops.count("write")
             closed = await asyncio.gather(*(store.delete(f"n{i}") for i in range(50)),
                                           return_exceptions=True)
-            r = redis_server.client()
-            left = sorted(k.decode() for k in r.keys("rnnserve:*"))
+            left = redis_server.session_keys()
             return made, writes_to_open, closed, left
         finally:
             await store.close()

@@ -179,3 +179,40 @@ def test_a_server_that_lists_the_shards_otherwise_is_refused_at_start(
         assert "lists a shard twice" in str(failed.value)
     finally:
         assert a.stop() == 0
+
+
+def test_a_shard_unreachable_at_start_is_checked_before_its_first_use(
+        repo, shards, tmp_path) -> None:
+    """A server starts while one of its shards does not answer (it cannot check that
+    shard's place then). Once the shard answers, its mark is checked before anything
+    is read from it or written to it: here it is another list's shard, so its sessions
+    get UNAVAILABLE saying so, nothing of them lands on it, and the other shard's
+    sessions are served."""
+    shards[1].client().set("rnnserve:shard", "0/1")  # a single store's, elsewhere
+    urls = _urls(shards[:2])
+    shards[1].client().execute_command("CLIENT", "PAUSE", "4000")
+    paused = time.monotonic()
+    a = serve(repo, tmp_path, "a", urls, "--store-timeout-ms", "300")
+    try:
+        assert "unreachable at start" in a.log.read_text()
+        time.sleep(max(0.0, 4.3 - (time.monotonic() - paused)))
+        z = np.random.default_rng(64).standard_normal((3, 20)).astype(np.float32)
+        with Client(a.target, timeout=10) as client:
+            fine, wrong = "one-0", "one-2"  # on shards 0 and 1
+            client.open_session("feat", session_id=fine)
+            y = client.step(fine, 0, z, end=True)["logits"]
+            for _ in range(2):  # refused each time, not just the first
+                with pytest.raises(grpc.RpcError) as refused:
+                    client.open_session("feat", session_id=wrong)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                said = refused.value.details()
+                assert f"{shards[1].url} is shard 0/1" in said and "lists it as 1/2" in said
+        text = a.metrics()
+    finally:
+        assert a.stop() == 0
+    assert float(np.abs(y - whole_run(repo, "feat", 1, z)).max()) <= 1e-5
+    assert shards[1].session_keys() == []
+    assert shards[1].client().get("rnnserve:shard") == b"0/1"  # left as it was
+    assert "is shard 0/1 (index/count)" in a.log.read_text()
+    # the refused opens count as failed writes there (the alert names the shard)
+    assert metric_value(text, "rnnserve_store_errors_total", op="write", shard="1") == 2
