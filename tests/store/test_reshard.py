@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 
 from rnnserve.client import AsyncClient, Client, packed_request
 from rnnserve.server.shared import shard_of
@@ -24,19 +25,21 @@ def _where(shards, sid: str) -> list[int]:
             if s.client().exists(*(f"rnnserve:{{{sid}}}:{k}" for k in "slf"))]
 
 
-def test_reshard_moves_the_sessions_a_new_shard_takes_and_servers_go_on_exactly(
-        repo, shards, tmp_path) -> None:
-    """Two shards to three: with the server running (its leases live) the move is
-    refused; stopped, a dry run moves nothing; then the sessions the third shard takes
-    move there, record, final answer and time to live, and the rest stay. A server on
-    the three goes on with every live session exactly and answers a retry of an ended
-    one's last chunk from the moved final answer. A wrong --from is refused."""
-    two, three = ",".join(s.url for s in shards[:2]), ",".join(s.url for s in shards)
+@pytest.mark.parametrize("old_n,new_n", [(2, 3), (3, 2)], ids=["grow", "shrink"])
+def test_reshard_moves_the_sessions_the_new_list_puts_elsewhere_and_servers_go_on_exactly(
+        repo, shards, tmp_path, old_n: int, new_n: int) -> None:
+    """Two shards to three, and three to two: with the server running (its leases live)
+    the move is refused; stopped, a dry run moves nothing; then the sessions of the third
+    shard move (to it, or from it), record, final answer and time to live, and the rest
+    stay. A server on the new list goes on with every live session exactly and answers a
+    retry of an ended one's last chunk from the moved final answer. A wrong --from is
+    refused; a shard left out loses its mark."""
+    old, new = (",".join(s.url for s in shards[:n]) for n in (old_n, new_n))
     sids = [f"rs-{i}" for i in range(N)]
     movers = [s for s in sids if shard_of(s, 3) == 2]
     assert [shard_of(sids[i], 3) == 2 for i in ENDED] == [False, False, True, True]
     assert 0 < len(movers) < N and all(shard_of(s, 2) == shard_of(s, 3) for s in sids
-                                       if s not in movers)  # one more shard takes, only
+                                       if s not in movers)  # the third shard's, only
     x = np.random.default_rng(71).standard_normal((N, 3 * STEPS, 20)).astype(np.float32)
 
     def part(k: int, rows=slice(None)) -> np.ndarray:
@@ -53,39 +56,41 @@ def test_reshard_moves_the_sessions_a_new_shard_takes_and_servers_go_on_exactly(
                 got.append(ans.outputs["logits"])
             return got
 
-    a = serve(repo, tmp_path, "a", two, "--lease-s", "30")
+    a = serve(repo, tmp_path, "a", old, "--lease-s", "30")
     try:
         before = asyncio.run(first_two(a.target))
-        live = rnnserve("reshard", "--from", two, "--to", three)
+        live = rnnserve("reshard", "--from", old, "--to", new)
         assert_one_line_error(live, "hold a live lease", "stop every server")
     finally:
         assert a.stop() == 0  # SIGTERM: its leases released
     for sid in sids:
-        assert _where(shards, sid) == [shard_of(sid, 2)]
+        assert _where(shards, sid) == [shard_of(sid, old_n)]
     mover = "rs-20"  # moves, and lives on (its record's time to live is the idle timeout)
     assert mover in movers and sids.index(mover) not in ENDED
-    ttl = shards[shard_of(mover, 2)].client().pttl(f"rnnserve:{{{mover}}}:s")
+    ttl = shards[shard_of(mover, old_n)].client().pttl(f"rnnserve:{{{mover}}}:s")
 
-    wrong = rnnserve("reshard", "--from", f"{shards[1].url},{shards[0].url}", "--to", three)
-    assert_one_line_error(wrong, f"{shards[1].url} is shard 1/2", "not 0/2")
-    dry = rnnserve("reshard", "--from", two, "--to", three, "--dry-run")
+    swapped = ",".join(s.url for s in [shards[1], shards[0], *shards[2:old_n]])
+    wrong = rnnserve("reshard", "--from", swapped, "--to", new)
+    assert_one_line_error(wrong, f"{shards[1].url} is shard 1/{old_n}", f"not 0/{old_n}")
+    dry = rnnserve("reshard", "--from", old, "--to", new, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert f"{len(movers)} session(s) move, {N - len(movers)} stay" in dry.stdout, dry.stdout
     for sid in sids:
-        assert _where(shards, sid) == [shard_of(sid, 2)]  # nothing moved
-    done = rnnserve("reshard", "--from", two, "--to", three)
+        assert _where(shards, sid) == [shard_of(sid, old_n)]  # nothing moved
+    done = rnnserve("reshard", "--from", old, "--to", new)
     assert done.returncode == 0, done.stderr
     assert f"moved {len(movers)} session(s); 0 left on both" in done.stdout, done.stdout
     for sid in sids:
-        assert _where(shards, sid) == [shard_of(sid, 3)], sid
-    moved_ttl = shards[2].client().pttl(f"rnnserve:{{{mover}}}:s")
+        assert _where(shards, sid) == [shard_of(sid, new_n)], sid
+    moved_ttl = shards[shard_of(mover, new_n)].client().pttl(f"rnnserve:{{{mover}}}:s")
     assert 0 < moved_ttl <= ttl  # the idle timeout carried over, not reset nor dropped
-    assert [s.client().get("rnnserve:shard") for s in shards] == [b"0/3", b"1/3", b"2/3"]
-    for old in (two, three):  # again: nothing left to move
-        again = rnnserve("reshard", "--from", old, "--to", three)
+    marks = [s.client().get("rnnserve:shard") for s in shards]
+    assert marks == ([b"0/3", b"1/3", b"2/3"] if new_n == 3 else [b"0/2", b"1/2", None])
+    for listed in (old, new):  # again: nothing left to move
+        again = rnnserve("reshard", "--from", listed, "--to", new)
         assert again.returncode == 0 and "0 session(s) move" in again.stdout, again.stdout
 
-    b = serve(repo, tmp_path, "b", three)
+    b = serve(repo, tmp_path, "b", new)
     live = [i for i in range(N) if i not in ENDED]
     live_ids = [sids[i] for i in live]
     try:
