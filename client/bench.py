@@ -341,8 +341,10 @@ class Spawned:
             if not line:
                 raise RnnserveError(f"the server did not start; see {log_path}")
             try:
-                self.target = f"127.0.0.1:{json.loads(line)['grpc_port']}"
-            except (ValueError, KeyError, TypeError):
+                ready = json.loads(line)
+                self.target = f"127.0.0.1:{ready['grpc_port']}"
+                self.metrics_port: int | None = ready.get("metrics_port")
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise RnnserveError(f"the server did not start: it printed {line.strip()!r} "
                                     f"instead of its ready line; see {log_path}") from None
         except BaseException:
@@ -367,6 +369,18 @@ class Spawned:
     def rnnserve(cls, repo: str, flags: list[str], log_path: Path) -> Spawned:
         return cls([sys.executable, "-m", "rnnserve", "serve", "--repo", repo, "--host",
                     "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", *flags], log_path)
+
+    def chunks_answered(self) -> int:
+        """The chunks the server answered OK so far (its Prometheus endpoint)."""
+        import urllib.request
+
+        if not self.metrics_port:
+            raise RnnserveError("the server gave no metrics port")
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                    timeout=10) as resp:
+            text = resp.read().decode()
+        return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("rnnserve_chunks_total{") and 'code="OK"' in line))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -700,8 +714,19 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
                 f"messages, no model) at {echo.target}, taking turns with rnnserve at "
                 "each level")
         log(f"\nrnnserve (max batch size {max_batch_size})\n{HEADER}")
+        redis_cpu = [cpu_seconds(r.proc.pid) for r in shards if r.proc] if redis_store else []
         runs.update(sweep(gen, targets, meta, levels, duration_s, chunk_ms, chunk_bytes, log,
                           repeats))
+        redis_per_chunk: list[float] = []
+        if redis_store:  # Redis's own CPU per chunk the store's server answered (all levels)
+            chunks = on_redis.chunks_answered()
+            redis_per_chunk = [1e6 * (cpu_seconds(r.proc.pid) - before) / max(1, chunks)
+                               for r, before in zip(shards, redis_cpu, strict=True)
+                               if r.proc]
+            log(f"redis-server CPU per chunk answered on the store: "
+                f"{sum(redis_per_chunk):.1f} us"
+                + (" (" + " + ".join(f"{v:.1f}" for v in redis_per_chunk) + ")"
+                   if len(redis_per_chunk) > 1 else "") + f" over {chunks} chunks")
         if len(targets) > 1:
             log("\nmedian p99 ms per level: " + "; ".join(
                 f"{name} " + ", ".join(f"{lv.streams}: {lv.latency_ms['p99']:.0f}"
@@ -792,6 +817,10 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
             "capacity_streams": caps["redis_store"],
             "capacity_vs_memory": _ratio(caps["redis_store"], caps["rnnserve"]),
             "shards": redis_shards,
+            # redis-server CPU (µs) per chunk answered on the store, over every level: the
+            # figure that sizes the store (docs/sessions.md), summed and per shard
+            "redis_cpu_us_per_chunk": round(sum(redis_per_chunk), 2),
+            "redis_cpu_us_per_chunk_each": [round(v, 2) for v in redis_per_chunk],
             "levels": _levels_json(runs["redis_store"]),
         }
     if baselines:

@@ -157,6 +157,12 @@ def test_bench_compares_the_redis_session_store(tmp_path) -> None:
             assert len(lv["p99_repeats"]) == 2
             assert lv["latency_ms"]["p99"] == max(lv["p99_repeats"])  # the upper median
     assert store["capacity_streams"] in (0, 1, 2) and store["shards"] == 2
+    # Redis's CPU per chunk, each shard's (a clock tick is 10 ms: small runs may show 0)
+    assert len(store["redis_cpu_us_per_chunk_each"]) == 2
+    assert store["redis_cpu_us_per_chunk"] == pytest.approx(
+        sum(store["redis_cpu_us_per_chunk_each"]), abs=0.02)
+    assert re.search(r"^redis-server CPU per chunk answered on the store: [0-9.]+ us "
+                     r"\([0-9.]+ \+ [0-9.]+\) over \d+ chunks$", proc.stdout, re.M), proc.stdout
     said = (out / "server-redis.log").read_text()
     assert re.search(r"session store redis://127.0.0.1:\d+/0,redis://127.0.0.1:\d+/0 \(2 "
                      "shards", said), said
