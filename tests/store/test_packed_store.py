@@ -31,6 +31,19 @@ def _stored(redis_client, sid: str):
     return records.decode(data, sid)
 
 
+async def first_chunks(pa, sids: list[str], part, chunks: int = 2) -> list[np.ndarray]:
+    """Chunks 0 .. ``chunks``-1 of every session of ``sids`` on the packed stream
+    ``pa`` (the first request opens them, ``part(k)`` is chunk k of all), each answered
+    in full; their outputs."""
+    got = []
+    for k in range(chunks):
+        ans = await pa.send(packed_request("feat", sids, [k] * len(sids), part(k),
+                                           opens=range(len(sids)) if k == 0 else ()))
+        assert not ans.failures, ans.failures
+        got.append(ans.outputs["logits"])
+    return got
+
+
 def packed_handover(repo, a, b, sids: list[str], x: np.ndarray, checked
                     ) -> tuple[str, str]:
     """The sessions ``sids`` on packed requests of ``STEPS`` steps to server ``a`` (the
@@ -113,12 +126,7 @@ def test_a_block_the_store_cannot_take_fails_each_session_and_advances_nothing(
 
     async def main() -> tuple[np.ndarray, float]:
         async with AsyncClient(a.target, timeout=20) as ca, ca.packed() as pa:
-            got = []
-            for k in range(2):
-                ans = await pa.send(packed_request("feat", sids, [k] * N, part(k),
-                                                   opens=range(N) if k == 0 else ()))
-                assert not ans.failures, ans.failures
-                got.append(ans.outputs["logits"])
+            got = await first_chunks(pa, sids, part)
             redis_server.client().execute_command("CLIENT", "PAUSE", "1500")
             started = time.monotonic()
             refused = await pa.send(packed_request("feat", sids, [2] * N, part(2)))

@@ -21,7 +21,7 @@ from ..server.serving import metric_value, start_server
 from ..server.test_grpc_api import whole_run
 from .conftest import RedisServer
 from .test_failover import serve
-from .test_packed_store import packed_handover
+from .test_packed_store import first_chunks, packed_handover
 
 N, STEPS = 24, 3  # sessions per request, steps per chunk
 
@@ -99,12 +99,7 @@ def test_a_shard_that_fails_fails_only_its_own_sessions(repo, shards, tmp_path) 
 
     async def main() -> np.ndarray:
         async with AsyncClient(a.target, timeout=20) as ca, ca.packed() as pa:
-            got = []
-            for k in range(2):
-                ans = await pa.send(packed_request("feat", sids, [k] * N, part(k),
-                                                   opens=range(N) if k == 0 else ()))
-                assert not ans.failures, ans.failures
-                got.append(ans.outputs["logits"])
+            got = await first_chunks(pa, sids, part)
             shards[1].client().execute_command("CLIENT", "PAUSE", "1500")
             started = time.monotonic()
             cut = await pa.send(packed_request("feat", sids, [2] * N, part(2)))
