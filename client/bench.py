@@ -714,15 +714,15 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
                 f"messages, no model) at {echo.target}, taking turns with rnnserve at "
                 "each level")
         log(f"\nrnnserve (max batch size {max_batch_size})\n{HEADER}")
-        redis_cpu = [cpu_seconds(r.proc.pid) for r in shards if r.proc] if redis_store else []
+        redis_pids = [r.proc.pid for r in shards if r.proc] if redis_store else []
+        redis_cpu = [cpu_seconds(pid) for pid in redis_pids]
         runs.update(sweep(gen, targets, meta, levels, duration_s, chunk_ms, chunk_bytes, log,
                           repeats))
         redis_per_chunk: list[float] = []
         if redis_store:  # Redis's own CPU per chunk the store's server answered (all levels)
             chunks = on_redis.chunks_answered()
-            redis_per_chunk = [1e6 * (cpu_seconds(r.proc.pid) - before) / max(1, chunks)
-                               for r, before in zip(shards, redis_cpu, strict=True)
-                               if r.proc]
+            redis_per_chunk = [1e6 * (cpu_seconds(pid) - before) / max(1, chunks)
+                               for pid, before in zip(redis_pids, redis_cpu, strict=True)]
             log(f"redis-server CPU per chunk answered on the store: "
                 f"{sum(redis_per_chunk):.1f} us"
                 + (" (" + " + ".join(f"{v:.1f}" for v in redis_per_chunk) + ")"

@@ -143,7 +143,7 @@ class RnnServer:
             # with its index, so that one lets go of only its own (shared.py).
             owner = f"{self.worker.owner}|{self.worker.index}" if self.worker \
                 else server_name()
-            self.shared = open_store(s.session_store, owner=owner, ttl_s=s.idle_timeout_s,
+            self.shared = open_store(s.store_urls(), owner=owner, ttl_s=s.idle_timeout_s,
                                      lease_s=s.lease_s, timeout_s=s.store_timeout_ms / 1000,
                                      upsert=s.store_failure == "degrade",
                                      on_op=self.metrics.store_hook)

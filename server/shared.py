@@ -482,15 +482,12 @@ class ShardedStore:
         """``on_op``: given a shard's index, the hook of its operations (for metrics)."""
         if len(urls) < 2 or len(set(urls)) != len(urls):
             raise ValueError(f"a sharded store needs two or more distinct URLs, got {urls}")
-        self.urls, self.owner, self.prefix = urls, owner, prefix
         self.shards = [RedisStore(url, owner=owner, ttl_s=ttl_s, lease_s=lease_s,
                                   timeout_s=timeout_s, prefix=prefix, upsert=upsert,
                                   on_op=None if on_op is None else on_op(i),
                                   place=(i, len(urls)))
                        for i, url in enumerate(urls)]
-        self.url = ",".join(urls)
-        self.lease_s, self.timeout_s, self.upsert = \
-            self.shards[0].lease_s, timeout_s, upsert
+        self.lease_s = self.shards[0].lease_s
         self._where: dict[str, int] = {}  # shard_of's answers, for the ids live here
 
     def index(self, sid: str) -> int:
@@ -585,11 +582,10 @@ class ShardedStore:
 SharedStore = RedisStore | ShardedStore
 
 
-def open_store(urls: str, **kw: Any) -> SharedStore:
-    """The shared store at ``urls``: one Redis URL, or several separated by commas (a
-    ``ShardedStore``). ``on_op`` is then a function of the shard's index (0 for one)."""
-    parts = [u.strip() for u in urls.split(",") if u.strip()]
+def open_store(urls: list[str], **kw: Any) -> SharedStore:
+    """The shared store at ``urls`` (``Settings.store_urls``): one Redis, or several (a
+    ``ShardedStore``). ``on_op`` is a function of the shard's index (0 for one)."""
     on_op = kw.pop("on_op", None)
-    if len(parts) == 1:
-        return RedisStore(parts[0], on_op=None if on_op is None else on_op(0), **kw)
-    return ShardedStore(parts, on_op=on_op, **kw)
+    if len(urls) == 1:
+        return RedisStore(urls[0], on_op=None if on_op is None else on_op(0), **kw)
+    return ShardedStore(urls, on_op=on_op, **kw)
