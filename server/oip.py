@@ -6,7 +6,8 @@ share the session store and the batchers (their steps batch together).
 Sequences (Triton's sequence extension): request parameters ``sequence_id`` (a
 non-zero integer or a non-empty string), ``sequence_start`` and ``sequence_end``.
 As in Triton, sequence ids are scoped per model: sequence 7 of model ``speech`` is
-the session ``speech/7`` (the native API sees it under that id). A start creates the
+the session ``speech/7`` (the native API sees it under that id); with authentication
+they are scoped per principal too (``speech/7@alice``). A start creates the
 session, or restarts it when the id is still live, here or in the shared store (the
 old state is dropped, as Triton ends a sequence that did not end before its id
 started again); a start whose step fails closes it again; an end closes it after
@@ -55,6 +56,7 @@ from rnnserve.server.errors import (
     InvalidChunk,
     SessionExists,
 )
+from rnnserve.server.identity import principal
 from rnnserve.server.interceptor import rpc_model
 from rnnserve.server.runtime import ANSWER_OVERHEAD, ModelRuntime
 from rnnserve.server.sessions import Session
@@ -268,6 +270,18 @@ def expiry(req: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> floa
     return time.perf_counter() + min(limits) if limits else None
 
 
+def sequence_session(model: str, label: str) -> str:
+    """The session id of sequence ``label`` of ``model`` for the calling principal:
+    ``model/label`` without authentication, ``model/label@principal`` with it (the
+    principal's ``%`` and ``@`` escaped as ``%25`` and ``%40``, so that no two
+    principals' ids meet). Each principal has ids of its own: two tenants may both run
+    sequence 1, as Triton clients that number their sequences from 1 do."""
+    who = principal()
+    if not who:
+        return f"{model}/{label}"
+    return f"{model}/{label}@{who.replace('%', '%25').replace('@', '%40')}"
+
+
 def routing_check(context: grpc.aio.ServicerContext, label: str) -> None:
     """A call routed by ``x-rnnserve-session`` must carry that sequence id."""
     header = next((v for k, v in context.invocation_metadata() or ()
@@ -397,7 +411,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _sequence_step(self, req: pb.ModelInferRequest, runtime: ModelRuntime,
                              seq: SequenceParams, expires: float | None
                              ) -> pb.ModelInferResponse:
-        sid = f"{runtime.name}/{seq.label}"
+        sid = sequence_session(runtime.name, seq.label)
         async with self._in_turn(sid):
             if seq.start:
                 outputs, chunk = self._parse(req, runtime)

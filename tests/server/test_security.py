@@ -142,10 +142,8 @@ def test_bad_security_settings_fail_at_start_with_one_line(repo, tmp_path) -> No
 
 
 def test_a_session_belongs_to_the_principal_that_opened_it(repo, tmp_path) -> None:
-    """Bob cannot step, resume, close or restart Alice's session or sequence; Alice's
-    outputs are as if Bob never tried."""
-    from ..oip.test_protocol import logits, request
-
+    """Bob cannot step, resume or close Alice's session; Alice's outputs are as if Bob
+    never tried."""
     bob_token = "bob-token-0123456789"
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{TOKEN} alice\n{bob_token} bob\n")
@@ -170,29 +168,83 @@ def test_a_session_belongs_to_the_principal_that_opened_it(repo, tmp_path) -> No
                 want = np.concatenate([again.step(alone, 0, x[:3])["logits"],
                                        again.step(alone, 1, x[3:], end=True)["logits"]])
             assert np.array_equal(np.concatenate([a, b]), want)
+    finally:
+        assert srv.stop() == 0
+
+
+def test_each_principal_has_sequence_ids_of_its_own(repo, tmp_path) -> None:
+    """Open Inference Protocol sequence ids are scoped per principal: Alice and Bob both
+    run sequence 1 of the same model, interleaved, each exactly as if alone. Bob cannot
+    continue Alice's sequence (he has none of that id, and is told nothing of hers: not
+    its version), nor reach it by its session id on the native API; a principal whose
+    name holds '@' cannot meet another's ids."""
+    from ..oip.test_protocol import logits, request
+
+    bob_token, odd_token = "bob-token-0123456789", "odd-token-0123456789"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN} alice\n{bob_token} bob\n{odd_token} alice@bob\n")
+    srv = start_server(repo, tmp_path / "s.log", "--tokens-file", str(tokens))
+    rng = np.random.default_rng(8)
+    xa, xb = (rng.standard_normal((6, 20)).astype(np.float32) for _ in range(2))
+    try:
         with grpc.insecure_channel(srv.target) as channel:
             stub = oip_grpc.GRPCInferenceServiceStub(channel)
             as_alice = (("authorization", f"Bearer {TOKEN}"),)
             as_bob = (("authorization", f"Bearer {bob_token}"),)
-            y0 = logits(stub.ModelInfer(request(x[None, :3], sequence_id=1,
-                                                sequence_start=True), metadata=as_alice))
-            for r in (request(x[None, 3:], sequence_id=1),
-                      request(x[None, :3], sequence_id=1, sequence_start=True)):
-                with pytest.raises(grpc.RpcError) as info:
-                    stub.ModelInfer(r, metadata=as_bob)
-                assert info.value.code() == denied, info.value.details()
-            y1 = logits(stub.ModelInfer(request(x[None, 3:], sequence_id=1,
-                                                sequence_end=True), metadata=as_alice))
-            assert np.array_equal(np.concatenate([y0, y1], axis=1)[0], want)
-            # nothing of Alice's sequence is told to Bob, not even its version
+            as_odd = (("authorization", f"Bearer {odd_token}"),)
+
+            def whole(x: np.ndarray) -> np.ndarray:  # sequence 9 of its own, alone
+                return np.concatenate([logits(stub.ModelInfer(
+                    request(x[None, i:i + 2], sequence_id=9, sequence_start=i == 0,
+                            sequence_end=i == 4), metadata=as_alice)) for i in (0, 2, 4)],
+                    axis=1)[0]
+
+            want_a, want_b = whole(xa), whole(xb)
+            # both run sequence 1, interleaved; Bob's ends, Alice's goes on
+            got: dict[str, list[np.ndarray]] = {"a": [], "b": []}
+            for i in (0, 2, 4):
+                for who, x, meta in (("a", xa, as_alice), ("b", xb, as_bob)):
+                    got[who].append(logits(stub.ModelInfer(
+                        request(x[None, i:i + 2], sequence_id=1, sequence_start=i == 0,
+                                sequence_end=i == 4 and who == "b"), metadata=meta)))
+            np.testing.assert_array_equal(np.concatenate(got["a"], axis=1)[0], want_a)
+            np.testing.assert_array_equal(np.concatenate(got["b"], axis=1)[0], want_b)
+            # Bob continuing Alice's text sequence 5 finds none of his own and is told
+            # nothing of hers (not even the version it runs on)
             text = np.frombuffer(b"abcdef", np.uint8)[None]
             stub.ModelInfer(request(text, "text", datatype="UINT8", version="1",
                                     sequence_id=5, sequence_start=True), metadata=as_alice)
             with pytest.raises(grpc.RpcError) as info:
                 stub.ModelInfer(request(text, "text", datatype="UINT8", version="2",
                                         sequence_id=5), metadata=as_bob)
-            assert info.value.code() == denied, info.value.details()
-            assert "version" not in info.value.details()
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "must specify the START flag" in info.value.details()
+            assert "runs on version" not in info.value.details()
+            # "alice@bob"'s sequence "1" and Bob's sequence "1@alice" would both be
+            # feat/1@alice@bob unescaped: each starts from a zero state, alone
+            # (the second start would have met the first's owner: PERMISSION_DENIED)
+            pairs = (("1", as_odd), ("1@alice", as_bob))
+            firsts = [logits(stub.ModelInfer(request(xb[None, :2], sequence_id=label,
+                                                     sequence_start=True), metadata=meta))
+                      for label, meta in pairs]
+            for first, (label, meta) in zip(firsts, pairs, strict=True):
+                nxt = logits(stub.ModelInfer(request(xb[None, 2:4], sequence_id=label),
+                                             metadata=meta))
+                np.testing.assert_array_equal(np.concatenate([first, nxt], axis=1)[0],
+                                              want_b[:4])
+        with Client(srv.target, timeout=5, token=bob_token) as bob, \
+                Client(srv.target, timeout=5, token=TOKEN) as alice:
+            with pytest.raises(grpc.RpcError) as info:
+                bob.step("feat/1@alice", 3, xa[:1])
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            # Alice's sequence is hers on the native API too, and went on untouched
+            tail = alice.step("feat/1@alice", 3, xa[:1], end=True)["logits"]
+            with Client(srv.target, timeout=5, token=TOKEN) as again:
+                sid = again.open_session("feat").session_id
+                for k in range(3):
+                    again.step(sid, k, xa[2 * k:2 * k + 2])
+                expect = again.step(sid, 3, xa[:1], end=True)["logits"]
+            np.testing.assert_array_equal(tail, expect)
     finally:
         assert srv.stop() == 0
 
