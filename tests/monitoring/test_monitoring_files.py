@@ -73,14 +73,17 @@ def test_dashboard_panels_and_variables() -> None:
         assert p["targets"] and all(t["expr"] for t in p["targets"]), p["title"]
         assert p["datasource"]["uid"] == "${datasource}"
         # every panel that reads per-pod series can be narrowed to one model and instance
+        # (the server-wide series, without a model label: to one instance)
         for t in p["targets"]:
-            if re.search(r"rnnserve_\w+\{", t["expr"]) and "build_info" not in t["expr"] \
-                    and "open_streams" not in t["expr"]:
-                assert '"$model"' in t["expr"], (p["title"], t["expr"])
+            if re.search(r"rnnserve_\w+\{", t["expr"]) and "build_info" not in t["expr"]:
+                assert '"$instance"' in t["expr"], (p["title"], t["expr"])
+                if not re.search(r"rnnserve_(open_streams|store_\w+)\{", t["expr"]):
+                    assert '"$model"' in t["expr"], (p["title"], t["expr"])
     text = json.dumps(board)
     for need in ("rnnserve_chunk_latency_seconds_bucket", "rnnserve_queue_wait_seconds",
                  "rnnserve_batch_size", "rnnserve_queue_depth", "rnnserve_active_sessions",
-                 "evicted", "by (instance", "by (code"):
+                 "evicted", "by (instance", "by (code", "rnnserve_store_seconds_bucket",
+                 "by (op, shard", "rnnserve_store_errors_total"):
         assert need in text, need
 
 

@@ -1,13 +1,16 @@
-"""A real Prometheus scrapes a real rnnserve under streaming load; every recording
-rule and every dashboard panel is evaluated on what it collected, and the latency
-quantiles it computes are compared with what the clients measured."""
+"""A real Prometheus scrapes a real rnnserve under streaming load, its sessions kept on a
+session store of two real Redis shards; every recording rule and every dashboard panel
+is evaluated on what it collected, and the latency quantiles it computes are compared
+with what the clients measured."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -15,6 +18,7 @@ import pytest
 import yaml
 
 from rnnserve.client import AsyncClient, Client
+from rnnserve.client.bench import RedisProcess
 from rnnserve.client.client import make_chunk
 from rnnserve.client.load import LoadResult, realtime_streams
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
@@ -72,8 +76,21 @@ async def misbehave(target: str, until: float, rejected: dict[str, int]) -> None
 @pytest.fixture(scope="module")
 def run(repo, tmp_path_factory) -> Run:
     work = tmp_path_factory.mktemp("prometheus")
+    shards = []
+    for i in range(2):
+        (work / f"redis{i}").mkdir()
+        shards.append(RedisProcess(work / f"redis{i}"))
+    try:
+        yield from serve_and_load(repo, work, shards)
+    finally:
+        for shard in shards:
+            shard.stop()
+
+
+def serve_and_load(repo: Path, work: Path, shards: list[RedisProcess]) -> Iterator[Run]:
     server = start_server(repo, work / "server.log", "--max-sessions", str(MAX_SESSIONS),
-                          "--max-batch-size", "32", "--max-batch-delay-ms", "2")
+                          "--max-batch-size", "32", "--max-batch-delay-ms", "2",
+                          "--session-store", ",".join(s.url for s in shards))
     prom = start_prometheus(work, [f"127.0.0.1:{server.metrics_port}"])
     try:
         prom.wait_for_scrapes()  # a baseline before anything happens
@@ -150,6 +167,33 @@ def test_every_dashboard_panel_returns_data(run: Run, model: str) -> None:
         if not any(math.isfinite(v) for v in values):
             empty.append((title, expr, values))
     assert not empty, empty
+
+
+def test_the_store_panels_show_each_shard(run: Run) -> None:
+    """The session store's panels, as the dashboard asks them: both shards wrote the
+    load's steps (one script call per batch and shard), within the panel's latency
+    quantiles, and none failed."""
+    panels: dict[str, list[str]] = {}
+    for title, expr in dashboard_queries():
+        panels.setdefault(title, []).append(expr)
+
+    def by_shard(expr: str) -> dict[tuple[str, str], float]:
+        return {(s["metric"]["op"], s["metric"]["shard"]): float(s["value"][1])
+                for s in run.prom.query(expr, at=run.at)}
+
+    calls, failures = panels["Store calls and failures per second by shard"]
+    writes = {shard: v for (op, shard), v in by_shard(calls).items() if op == "write"}
+    assert set(writes) == {"0", "1"} and min(writes.values()) > 1, writes
+    # a write carries a batch's steps: no more writes than chunks answered
+    chunks = sum(float(s["value"][1]) for s in run.prom.query(
+        'sum(rate(rnnserve_chunks_total{code="OK"}[10s]))', at=run.at))
+    assert sum(writes.values()) <= chunks * 1.05, (writes, chunks)
+    assert set(by_shard(failures).values()) == {0.0}
+    p50, p99 = panels["Store round trips by op and shard (p50, p99)"]
+    for q in (p50, p99):
+        took = {k: v for k, v in by_shard(q).items() if k[0] == "write"}
+        assert set(took) == {("write", "0"), ("write", "1")}, took
+        assert all(0 < v < 1 for v in took.values()), took
 
 
 def test_dashboard_variables_list_the_models_and_the_instance(run: Run) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 OUT = Path(__file__).with_name("rnnserve.json")
 SEL = 'model=~"$model", instance=~"$instance"'
+STORE = 'instance=~"$instance"'  # the store's series have no model label
 RATE = "[$__rate_interval]"
 DS = {"type": "prometheus", "uid": "${datasource}"}
 
@@ -107,6 +108,33 @@ LAYOUT: list[Panel | tuple[str, str]] = [
     ("Recurrent state memory", "bytes", [
         (f"sum by (model) (rnnserve_state_bytes{{{SEL}}})", "{{model}}"),
     ], 6, "timeseries"),
+    # the shared session store (--session-store): empty on servers without one. Its
+    # series have no model label (one write carries many models' steps); shard is the
+    # store's index in the list of URLs
+    ("row", "Session store"),
+    ("Store round trips by op and shard (p50, p99)", "s", [
+        (q(0.5, "rnnserve_store_seconds", "op, shard", STORE), "{{op}} shard {{shard}} p50"),
+        (q(0.99, "rnnserve_store_seconds", "op, shard", STORE), "{{op}} shard {{shard}} p99"),
+    ], 8, "timeseries"),
+    ("Store calls and failures per second by shard", "ops", [
+        (f"sum by (op, shard) (rate(rnnserve_store_seconds_count{{{STORE}}}{RATE}))",
+         "{{op}} shard {{shard}}"),
+        (f"sum by (op, shard) (rate(rnnserve_store_errors_total{{{STORE}}}{RATE}))",
+         "{{op}} shard {{shard}} failed"),
+    ], 8, "timeseries"),
+    ("Writes refused and steps not durable per second", "ops", [
+        (f"sum by (reason) (rate(rnnserve_store_refusals_total{{{STORE}}}{RATE}))",
+         "refused: {{reason}}"),
+        (f"sum by (op) (rate(rnnserve_store_degraded_total{{{STORE}}}{RATE}))",
+         "from memory only: {{op}}"),
+    ], 8, "timeseries"),
+    ("Sessions resumed per second by where the state came from", "ops", [
+        (f"sum by (model, source) (rate(rnnserve_session_resumes_total{{{SEL}}}{RATE}))",
+         "{{model}} from {{source}}"),
+    ], 12, "timeseries"),
+    ("Store round trips by instance (p99)", "s", [
+        (q(0.99, "rnnserve_store_seconds", "instance", STORE), "{{instance}}"),
+    ], 12, "timeseries"),
     ("row", "Per instance"),
     ("Answered chunks per second by instance", "ops", [
         (f'sum by (instance) (rate(rnnserve_chunks_total{{code="OK", {SEL}}}{RATE}))',
@@ -179,7 +207,8 @@ def dashboard() -> dict[str, Any]:
         pid += 1
     return {
         "uid": "rnnserve-overview", "title": "rnnserve: streaming inference",
-        "description": "Latency, traffic, errors, batching, sessions per model and per pod. "
+        "description": "Latency, traffic, errors, batching, sessions and the session store, per "
+                       "model and per pod. "
                        "Built by deploy/monitoring/grafana/generate.py.",
         "tags": ["rnnserve"], "timezone": "browser", "editable": True,
         "schemaVersion": 39, "version": 1, "refresh": "10s",
