@@ -265,11 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser(
         "reshard", help="move the shared store's sessions to a new list of Redis shards "
-        "(with the servers stopped)",
+        "(with the servers stopped, or online)",
         description="A new list of shards for --session-store puts some sessions on "
         "another shard; this moves them there (record, lease, final answer, with their "
         "time to live) and marks every shard with its new place. Stop the servers first; "
-        "start them again with the --to list. Safe to run again after an interruption.")
+        "start them again with the --to list. Or, with --online, keep them serving: "
+        "restart each with --session-store NEW --session-store-from OLD (they hand off "
+        "the sessions they load), then run this to hand off the rest; the servers may "
+        "then drop --session-store-from. Safe to run again after an interruption.")
     r.add_argument("--from", dest="old", required=True, metavar="URLS",
                    help="the store URLs the servers ran with, comma-separated, in order")
     r.add_argument("--to", dest="new", required=True, metavar="URLS",
@@ -278,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="say what would move; move nothing")
     r.add_argument("--ignore-leases", action="store_true",
                    help="move sessions whose lease is live (a server may be writing them)")
+    r.add_argument("--online", action="store_true",
+                   help="the servers keep running, every one of them on --session-store NEW "
+                   "--session-store-from OLD: hand off the sessions they have not")
+    r.add_argument("--wait-s", type=float, default=30.0, metavar="S",
+                   help="with --online: how long to wait for the leases of sessions still "
+                   "written on the old list to lapse (default 30)")
     r.set_defaults(func=_cmd_reshard)
 
     m = sub.add_parser("models", help="list the models in a repository")
@@ -630,8 +639,20 @@ def _cmd_reshard(args: argparse.Namespace) -> int:
     def urls(v: str) -> list[str]:
         return [u.strip() for u in v.split(",") if u.strip()]
 
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    if args.online:
+        from rnnserve.server.reshard import reshard_online
+
+        if args.dry_run or args.ignore_leases:
+            raise UsageError("--online moves sessions as the servers run: it has no "
+                             "--dry-run, and waits for leases rather than ignoring them")
+        reshard_online(urls(args.old), urls(args.new), prefix=args.prefix,
+                       wait_s=args.wait_s, log=log)
+        return 0
     reshard(urls(args.old), urls(args.new), prefix=args.prefix, dry_run=args.dry_run,
-            ignore_leases=args.ignore_leases, log=lambda line: print(line, flush=True))
+            ignore_leases=args.ignore_leases, log=log)
     return 0
 
 

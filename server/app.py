@@ -143,15 +143,19 @@ class RnnServer:
             # with its index, so that one lets go of only its own (shared.py).
             owner = f"{self.worker.owner}|{self.worker.index}" if self.worker \
                 else server_name()
-            self.shared = open_store(s.store_urls(), owner=owner, ttl_s=s.idle_timeout_s,
+            self.shared = open_store(s.store_urls(), s.store_from_urls(), owner=owner,
+                                     ttl_s=s.idle_timeout_s,
                                      lease_s=s.lease_s, timeout_s=s.store_timeout_ms / 1000,
                                      upsert=s.store_failure == "degrade",
                                      on_op=self.metrics.store_hook)
             try:
                 await self.shared.ping()
                 shards = len(s.store_urls())
-                log.info("session store %s (%s, server %s, lease %.1fs)", s.session_store,
-                         f"{shards} shards" if shards > 1 else "one shard", owner, s.lease_s)
+                log.info("session store %s (%s, server %s, lease %.1fs)%s", s.session_store,
+                         f"{shards} shards" if shards > 1 else "one shard", owner, s.lease_s,
+                         f"; resharding online from {s.session_store_from}: sessions not "
+                         "moved yet are handed off from there on first use"
+                         if s.session_store_from else "")
             except StoreUnavailable as exc:
                 log.warning("session store unreachable at start (%s); %s until it answers",
                             exc, "serving from memory" if s.store_failure == "degrade"

@@ -122,6 +122,12 @@ class SessionHeld(SessionError):
     reason = "session_held"
 
 
+class SessionRelocated(SessionHeld):
+    """The session was handed to another shard by an online resharding: a server on the
+    previous list of shards must not read or write it (``shared.py``)."""
+    reason = "session_relocated"
+
+
 class SessionMoved(SessionError):
     code = "ABORTED"
     reason = "session_moved"

@@ -46,8 +46,9 @@ SLO_SECONDS = 0.1  # the streaming latency budget; a bucket boundary (rules use 
 assert SLO_SECONDS in LATENCY_BUCKETS
 
 
-# why the store refused a step's write (shared.py): SessionHeld, SessionMoved, SessionTaken
-STORE_REFUSALS = ("held", "moved", "taken")
+# why the store refused a step's write (shared.py): SessionHeld, SessionMoved,
+# SessionTaken, SessionRelocated (a server on the shards' previous list, resharding online)
+STORE_REFUSALS = ("held", "moved", "taken", "relocated")
 
 class _LoopCount:
     __slots__ = ("value",)
@@ -181,8 +182,10 @@ class Metrics:
         self.store_seconds = Histogram(
             "rnnserve_store_seconds", "Shared session store round trips that succeeded, by "
             "operation (write: one script call for the new sessions, steps and closes that "
-            "are ready together; load; release; ping), and shard (its index in the list of "
-            "store URLs; 0 for one store)", ("op", "shard"),
+            "are ready together; load; release; ping; move: a session handed off to its "
+            "new shard while resharding online), and shard (its index in the list of store "
+            "URLs, 0 for one store; fromJ: shard J of the list before an online "
+            "resharding)", ("op", "shard"),
             buckets=LATENCY_BUCKETS, registry=registry)
         self.store_errors = Counter(
             "rnnserve_store_errors_total", "Shared session store operations that failed "
@@ -192,7 +195,9 @@ class Metrics:
             "rnnserve_store_refusals_total", "Step writes the session store refused, by "
             "reason: held (another server holds the lease), moved (another server advanced "
             "the session), taken (another server took a session this one served from memory "
-            "while the store failed)", ("reason",), registry=registry)
+            "while the store failed), relocated (an online resharding moved the session to "
+            "another shard; this server runs with the previous list)", ("reason",),
+            registry=registry)
         self.store_degraded = Counter(
             "rnnserve_store_degraded_total", "Steps and opens served from memory alone "
             "because the store failed (--store-failure degrade): not durable", ("op",),
@@ -221,8 +226,9 @@ class Metrics:
         for reason in STORE_REFUSALS:
             self.store_refusals.labels(reason)
 
-    def store_hook(self, shard: int) -> Callable[[str, float, bool], None]:
-        """The operations hook of the store's shard ``shard`` (shared.open_store)."""
+    def store_hook(self, shard: int | str) -> Callable[[str, float, bool], None]:
+        """The operations hook of the store's shard ``shard`` (shared.open_store: its
+        index, or "fromJ" for shard J of the previous list while resharding online)."""
         seconds, errors, label = self.store_seconds, self.store_errors, str(shard)
 
         def hook(op: str, took: float, ok: bool) -> None:

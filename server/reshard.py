@@ -12,10 +12,19 @@ It refuses to start when the old shards do not carry the marks of ``--from`` (th
 the servers ran with), and while a session's lease is live (a server may still be
 writing: stop the servers, or wait out ``--lease-s`` after a crash), unless told to
 ignore leases.
+
+Online (``--online``), the servers keep running: they are first restarted with
+``--session-store NEW --session-store-from OLD``, and hand off each session they load
+that is not on its new shard yet (``shared.MovingStore``). This then hands off the
+rest the same way (``HANDOFF`` on the old shard, ``RESTORE`` on the new one), waits
+for the leases of servers still on the old list to lapse (up to ``--wait-s``), and
+marks the shards with their new places; the servers can then drop
+``--session-store-from``.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +34,7 @@ import redis
 from redis.exceptions import RedisError, ResponseError
 
 from rnnserve.errors import RnnserveError
-from rnnserve.server.shared import shard_of
+from rnnserve.server.shared import HANDOFF, RESTORE, shard_of
 
 T = TypeVar("T")
 KINDS = ("s", "l", "f")  # record, lease, final answer (shared.py)
@@ -98,6 +107,12 @@ class Resharder:
         except RedisError as exc:
             raise RnnserveError(f"the store at {url}: {exc}") from None
 
+    def _tombstone(self, url: str, key: bytes) -> bool:
+        """Whether a lease key is the tombstone of an online resharding (``moved``), not
+        a server's lease."""
+        got: Any = self._call(url, lambda c: c.get(key))
+        return bool(got == b"moved")
+
     def plan(self) -> Plan:
         """Scan the old shards: which sessions move where, how many stay, and how many
         hold a live lease."""
@@ -115,7 +130,7 @@ class Resharder:
                 if got is None:
                     continue
                 sid, kind = got
-                if kind == "l":
+                if kind == "l" and not self._tombstone(url, key):
                     plan.leased += 1
                 if sid in seen:
                     continue
@@ -218,5 +233,115 @@ def reshard(old: list[str], new: list[str], *, prefix: str = "rnnserve",
             f"the shards are marked for --session-store {','.join(new)}")
         return {"moving": plan.moving, "kept": plan.kept, "moved": done["moved"],
                 "conflicts": done["conflicts"]}
+    finally:
+        r.close()
+
+
+ONLINE_OWNER = "rnnserve-reshard"  # the lease owner of the online mover (shared.py)
+_DROP_TOMBSTONE = """
+if redis.call('GET', KEYS[1]) == 'moved' then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class OnlineResharder(Resharder):
+    """Hands off, with the servers running, the sessions the new list puts elsewhere
+    (module doc)."""
+
+    def sweep(self, ttl_ms: int, log: Callable[[str], None], clear: bool = False
+              ) -> tuple[Counter[str], int]:
+        """One pass over the old shards; returns the counts (``moved``: handed off now;
+        ``there``: on the new shard already, handed off by a server; ``finals``: final
+        answers moved) and how many are held by a live lease (left for another pass).
+        ``clear``: also delete the tombstones (the last pass, once no server on the old
+        list is left to be kept off the old copies)."""
+        done: Counter[str] = Counter()
+        held = 0
+        n = len(self.new)
+        for i, url in enumerate(self.old):
+            src = self.client(url)
+            keys = self._call(url, lambda c: list(
+                c.scan_iter(match=f"{self.prefix}:{{*}}:?", count=1000)))
+            sids: dict[str, set[str]] = {}
+            for key in keys:
+                got = _sid(key, self.prefix)
+                if got is not None:
+                    sids.setdefault(got[0], set()).add(got[1])
+            handoff, moved_here = src.register_script(HANDOFF), 0
+            drop = src.register_script(_DROP_TOMBSTONE)
+            for sid, kinds in sorted(sids.items()):
+                j = shard_of(sid, n)
+                if self.new[j] == url:
+                    continue
+                dst = self.client(self.new[j])
+                rec, lease, final = (f"{self.prefix}:{{{sid}}}:{k}" for k in KINDS)
+                try:
+                    if "s" in kinds:
+                        status = handoff(keys=[rec, lease], args=[ONLINE_OWNER, ttl_ms])
+                        what = status[0].decode()
+                        if what == "held":
+                            held += 1
+                            continue
+                        if what == "ok":
+                            restore = dst.register_script(RESTORE)
+                            wrote = restore(keys=[rec, lease, f"{rec[:-2]}:a"], args=[
+                                status[2], status[1], status[3], status[4], "", 0])
+                            done["moved" if wrote else "there"] += 1
+                            moved_here += 1
+                            src.delete(rec)  # the tombstone (the lease key) stays
+                    if clear and "l" in kinds:
+                        drop(keys=[lease])
+                    if "f" in kinds and not dst.exists(final):
+                        blob, ttl = src.dump(final), src.pttl(final)
+                        if blob is not None:
+                            try:
+                                dst.restore(final, max(0, ttl), blob)
+                                done["finals"] += 1
+                            except ResponseError as exc:
+                                if "BUSYKEY" not in str(exc):
+                                    raise
+                        src.delete(final)
+                except RedisError as exc:
+                    raise RnnserveError(
+                        f"handing off session {sid!r} from {url} to {self.new[j]}: {exc}; "
+                        f"{done['moved']} moved so far: run it again to finish") from None
+            if moved_here:
+                log(f"  {moved_here} session(s) from shard {i} ({url})")
+        return done, held
+
+
+def reshard_online(old: list[str], new: list[str], *, prefix: str = "rnnserve",
+                   wait_s: float = 30.0, ttl_s: float = 300.0,
+                   log: Callable[[str], None] = print) -> dict[str, int]:
+    """Hand off, with the servers running on ``new`` and ``--session-store-from old``,
+    the sessions that are not on their new shard yet, then mark the shards for ``new``
+    (module doc). Sessions held by a live lease on an old shard (a server still on the
+    old list writes them) are waited for up to ``wait_s``; if some still are, nothing is
+    marked and the error says so (run it again)."""
+    r = OnlineResharder(old, new, prefix)
+    try:
+        r.check_marks()
+        deadline = time.monotonic() + wait_s
+        total: Counter[str] = Counter()
+        while True:
+            done, held = r.sweep(max(1, int(ttl_s * 1000)), log)
+            total += done
+            if not held or time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        if not held:  # the last pass: tombstones go (and what came since moves)
+            done, held = r.sweep(max(1, int(ttl_s * 1000)), log, clear=True)
+            total += done
+        if held:
+            raise RnnserveError(
+                f"{held} session(s) to move are still written by servers on the old list "
+                f"(their leases stayed live for {wait_s:g}s): restart every server with "
+                f"--session-store {','.join(new)} --session-store-from {','.join(old)}, "
+                f"then run this again ({total['moved']} moved so far; nothing is marked yet)")
+        r.mark()
+        log(f"handed off {total['moved']} session(s) ({total['there']} were on their new "
+            f"shard already, {total['finals']} final answer(s) moved); the shards are marked "
+            f"for --session-store {','.join(new)}: the servers may drop --session-store-from")
+        return {"moved": total["moved"], "there": total["there"], "finals": total["finals"]}
     finally:
         r.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -121,6 +121,11 @@ class Settings(BaseSettings):
     between replicas so that a session survives its server (each step is written there
     before it is answered); several Redis URLs separated by commas spread the sessions
     over them (shards: every server must list the same ones in the same order)."""
+    session_store_from: str = ""
+    """Resharding online: the list of Redis URLs the servers ran with before
+    session_store (comma-separated, in their order). A session not yet on its shard of
+    the new list is handed off from its shard of this one when first loaded; `rnnserve
+    reshard --online` moves the rest. Empty when no resharding is under way."""
     store_failure: Literal["refuse", "degrade"] = "refuse"
     """When the shared store cannot be reached: refuse (new sessions and steps get
     UNAVAILABLE, nothing advances) or degrade (serve from memory, not durable)."""
@@ -141,23 +146,29 @@ class Settings(BaseSettings):
     reflection: bool = True
     """Serve gRPC server reflection."""
 
-    @field_validator("session_store")
+    @field_validator("session_store", "session_store_from")
     @classmethod
-    def _store_url(cls, v: str) -> str:
-        if v == "memory":
+    def _store_url(cls, v: str, info: ValidationInfo) -> str:
+        if v == "memory" and info.field_name == "session_store" or \
+                v == "" and info.field_name == "session_store_from":
             return v
         urls = [u.strip() for u in v.split(",")]
         for u in urls:
             if not u.startswith(("redis://", "rediss://", "unix://")):
-                raise ValueError("session_store must be 'memory' or redis://, rediss:// or "
+                what = "'memory' or " if info.field_name == "session_store" else ""
+                raise ValueError(f"{info.field_name} must be {what}redis://, rediss:// or "
                                  f"unix:// URLs separated by commas, got {u!r} in {v!r}")
         if len(set(urls)) != len(urls):
-            raise ValueError(f"session_store lists a shard twice: {v!r}")
+            raise ValueError(f"{info.field_name} lists a shard twice: {v!r}")
         return ",".join(urls)
 
     def store_urls(self) -> list[str]:
         """The shared store's URLs, one per shard (none for memory)."""
         return [] if self.session_store == "memory" else self.session_store.split(",")
+
+    def store_from_urls(self) -> list[str]:
+        """The previous list of shards while resharding online (none otherwise)."""
+        return self.session_store_from.split(",") if self.session_store_from else []
 
     @field_validator("batch_buckets")
     @classmethod
@@ -218,6 +229,17 @@ class Settings(BaseSettings):
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and "
                              "tls_key_file")
+        return self
+
+    @model_validator(mode="after")
+    def _resharding(self) -> Settings:
+        if self.session_store_from:
+            if self.session_store == "memory":
+                raise ValueError("session_store_from (resharding online) needs a "
+                                 "session_store of redis URLs")
+            if self.session_store_from == self.session_store:
+                raise ValueError("session_store_from is the same list as session_store: "
+                                 "nothing to reshard (leave it empty)")
         return self
 
     _config_file: ClassVar[Path | None] = None  # set only while load() builds one

@@ -19,7 +19,10 @@ Per session three keys (their ``{id}`` hash tag keeps them in one slot):
   expiring after ``lease_s`` unless a step renews it; a worker of ``serve --workers``
   writes ``server|index``, and its sibling workers may take the lease at once (the
   stored seq fences their steps) while other servers wait it out;
-- ``rnnserve:{id}:f``: the record a session's last chunk left, for a minute.
+- ``rnnserve:{id}:f``: the record a session's last chunk left, for a minute;
+- while resharding online (``MovingStore``): on a session's old shard the lease is the
+  tombstone ``moved`` once the session was handed off to its new shard; there
+  ``rnnserve:{id}:a`` says it arrived, for as long as the old copy may live.
 
 Every write is a Lua script that checks the lease (another holder: ``SessionHeld``,
 ABORTED, with the time left) and compares the stored ``seq`` with the one the step
@@ -39,7 +42,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
@@ -50,6 +53,7 @@ from rnnserve.server.errors import (
     SessionExists,
     SessionHeld,
     SessionMoved,
+    SessionRelocated,
     SessionTaken,
     StoreUnavailable,
 )
@@ -83,7 +87,9 @@ for i = 0, (#ARGV - 5) / 2 - 1 do
   local holder = redis.call('GET', lk)
   local stored = redis.call('HMGET', rec, 'seq', 'w')
   local seq, writer = stored[1], stored[2]
-  if holder and holder ~= owner
+  if holder == 'moved' then
+    table.insert(failed, i); table.insert(failed, 'relocated'); table.insert(failed, 0)
+  elseif holder and holder ~= owner
       and not (server and string.match(holder, '^(.*)|%d+$') == server) then
     table.insert(failed, i); table.insert(failed, 'held')
     table.insert(failed, redis.call('PTTL', lk))
@@ -124,6 +130,7 @@ return failed
 _ACQUIRE = """
 local holder = redis.call('GET', KEYS[2])
 local server = string.match(ARGV[1], '^(.*)|%d+$')
+if holder == 'moved' then return {'relocated', 0} end
 if holder and holder ~= ARGV[1]
     and not (server and string.match(holder, '^(.*)|%d+$') == server) then
   return {'held', redis.call('PTTL', KEYS[2])}
@@ -133,6 +140,44 @@ if not stored[1] then return {'none', 0} end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[1], 'w', ARGV[1])
 return {'ok', stored[1], stored[2] or ''}
+"""
+
+# Online resharding (``MovingStore``, ``rnnserve reshard --online``). A session whose
+# shard changes is handed off from its old shard: HANDOFF there, RESTORE on the new one.
+#
+# KEYS: record, lease (on the old shard). ARGV: owner, ttl ms. Unless another server
+# holds the lease, the lease becomes the tombstone 'moved' for as long as the record
+# lives: the record is kept (a mover that dies before RESTORE leaves it to the next
+# one) but no server on the previous list of shards reads or writes it any more (the
+# scripts above answer 'relocated'). Returns the record, its seq, its time to live and
+# w; 'held' with the lease's time left; or 'none'.
+HANDOFF = """
+local holder = redis.call('GET', KEYS[2])
+local server = string.match(ARGV[1], '^(.*)|%d+$')
+if holder and holder ~= 'moved' and holder ~= ARGV[1]
+    and not (server and string.match(holder, '^(.*)|%d+$') == server) then
+  return {'held', redis.call('PTTL', KEYS[2])}
+end
+local s = redis.call('HMGET', KEYS[1], 'seq', 'data', 'w')
+if not s[1] then return {'none', 0} end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl <= 0 then ttl = tonumber(ARGV[2]) end
+if holder ~= 'moved' then redis.call('SET', KEYS[2], 'moved', 'PX', ttl) end
+return {'ok', s[2], s[1], ttl, s[3] or ''}
+"""
+
+# KEYS: record, lease, arrival (on the new shard). ARGV: seq, record, ttl ms, w, lease
+# owner ('' for none), lease ms. Writes a handed-off record unless the new shard has
+# one, or had one (the arrival key, kept as long as the old copy lives: a session that
+# arrived and then ended here must not come back from its old copy): 1 if written.
+RESTORE = """
+if redis.call('EXISTS', KEYS[1], KEYS[3]) > 0 then return 0 end
+redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'data', ARGV[2])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'w', ARGV[4]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
+if ARGV[5] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[6]) end
+return 1
 """
 
 # KEYS: lease. ARGV: owner. Only this owner's own lease: a worker's outdated copy
@@ -161,18 +206,39 @@ def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+class Handoff(NamedTuple):
+    """A session's record as handed off by its old shard (``HANDOFF``)."""
+
+    data: bytes
+    seq: int
+    ttl_ms: int
+    writer: str  # w: the server that created or took it last
+
+
+class Marks(NamedTuple):
+    """The marks of its place (``PREFIX:shard``, "index/count") a store accepts, and the
+    one it leaves where none is (None: it leaves none, and accepts none)."""
+
+    claim: str | None
+    accept: frozenset[str]
+
+
 class RedisStore:
     def __init__(self, url: str, *, owner: str, ttl_s: float, lease_s: float,
                  timeout_s: float = 1.0, prefix: str = "rnnserve",
                  upsert: bool = False, on_op: StoreHook | None = None,
-                 place: tuple[int, int] = (0, 1)) -> None:
+                 place: tuple[int, int] = (0, 1), marks: Marks | None = None) -> None:
         """``owner``: this server's name in the leases; a worker of a server with
         several gives ``name|index`` (its siblings then share its leases, module doc).
         ``upsert``: a step may write the record of a session the store does not hold
         (one opened while the store was down, by a server that degrades). ``place``:
-        this store's index in the servers' list of shards, and their count (``ping``)."""
+        this store's index in the servers' list of shards, and their count (``ping``);
+        ``marks``: the marks of its place it accepts, when not only that place's
+        (resharding online, ``MovingStore``)."""
         self.url, self.owner, self.prefix = url, owner, prefix
         self.place = place
+        here = f"{place[0]}/{place[1]}"
+        self.marks = marks or Marks(here, frozenset({here}))
         # whether the store's mark of its place was found right (``ping``); a store
         # that did not answer at start is checked before its first use, and one found
         # in another place refuses every use with ``_wrong``
@@ -193,6 +259,8 @@ class RedisStore:
         self._writer: AbstractConnection | None = None
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._release = self._redis.register_script(_RELEASE)
+        self._handoff = self._redis.register_script(HANDOFF)
+        self._restore = self._redis.register_script(RESTORE)
         # batches of steps waiting for the next write: their ids, script arguments, future
         self._queue: list[_Queued] = []
         self._writing = False  # a batch write is in flight
@@ -237,9 +305,11 @@ class RedisStore:
         raises ``wrong`` now and ``StoreUnavailable`` on every use after: nothing of
         this server's sessions is read from it or written to it."""
         want, mark = f"{self.place[0]}/{self.place[1]}", f"{self.prefix}:shard"
+        claim, accept = self.marks
 
         async def run() -> Any:
-            await self._redis.set(mark, want, nx=True)
+            if claim is not None:
+                await self._redis.set(mark, claim, nx=True)
             return await self._redis.get(mark)
 
         async with self._placing:
@@ -247,15 +317,19 @@ class RedisStore:
                 raise wrong(self._wrong)
             if self._placed:
                 return
-            got = _text(await self._call("ping", run, placed=True))
-            self._placed = got == want
-        if got != want:
+            found = await self._call("ping", run, placed=True)
+            got = None if found is None else _text(found)
+            self._placed = got in accept or (got is None and claim is None)
+        if not self._placed:
             self._wrong = (
                 f"the session store at {self.url} is shard {got} (index/count) of its "
-                f"servers' list of shards, but this server lists it as {want}: every "
-                "server must list the same shards in the same order. To change the list, "
-                "stop the servers and run `rnnserve reshard --from OLD --to NEW`: it moves "
-                "the sessions the new list puts elsewhere (docs/sessions.md)")
+                f"servers' list of shards, but this server lists it as {want}"
+                + (f" (and, resharding, accepts {' or '.join(sorted(accept))})"
+                   if accept != {want} else "")
+                + ": every server must list the same shards in the same order. To change "
+                "the list, run `rnnserve reshard --from OLD --to NEW`: it moves the sessions "
+                "the new list puts elsewhere (with the servers stopped, or online with "
+                "--online; docs/sessions.md)")
             log.error("%s", self._wrong)
             raise wrong(self._wrong)
 
@@ -304,6 +378,12 @@ class RedisStore:
                                "server while this one served it from memory (the store is "
                                f"at chunk {_text(status[1])}); its steps there stand: resume "
                                "it to continue from the store")
+        if kind == "relocated":
+            raise SessionRelocated(
+                f"session {sid!r} was moved to another shard of the session store by an "
+                "online resharding, and this server still runs with the previous list of "
+                "shards: reach a server that runs with the new list (--session-store NEW "
+                "--session-store-from OLD)")
         if kind == "exists":
             raise SessionExists(f"session {sid!r} already exists in the shared store; resume "
                                 "it or pick another id")
@@ -337,6 +417,41 @@ class RedisStore:
         key = self._keys(sid)[0]
         data = await self._call("load", lambda: self._redis.hget(key, "data"))
         return None if data is None else bytes(data)
+
+    async def unmoved(self, sid: str) -> bool:
+        """Whether the store holds a record of the session that was not handed off to
+        another shard (resharding online: its lease is not the tombstone)."""
+        rec, lease = self._keys(sid)[:2]
+
+        async def run() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.exists(rec)
+            pipe.get(lease)
+            return list(await pipe.execute())
+
+        found, holder = await self._call("load", run)
+        return bool(found) and holder != b"moved"
+
+    async def handoff(self, sid: str) -> Handoff | None:
+        """The session's record, handed off to be restored on its new shard (resharding
+        online: ``HANDOFF``); None if there is none. ``SessionHeld`` while another
+        server holds its lease."""
+        keys = self._keys(sid)[:2]
+        status = await self._call("move", lambda: self._handoff(
+            keys=keys, args=[self.owner, self.ttl_ms]))
+        if _text(status[0]) == "none":
+            return None
+        data = bytes(self._check(sid, status))
+        return Handoff(data, int(_text(status[2])), int(status[3]), _text(status[4]))
+
+    async def restore(self, sid: str, moved: Handoff, lease: bool) -> bool:
+        """Write a handed-off record here (with this server's lease when ``lease``) unless
+        this store holds one already: whether it was written."""
+        keys = [*self._keys(sid)[:2], f"{self.prefix}:{{{sid}}}:a"]
+        writer = self.owner if lease else moved.writer
+        return bool(await self._call("move", lambda: self._restore(
+            keys=keys, args=[moved.seq, moved.data, moved.ttl_ms, writer,
+                             self.owner if lease else "", self.lease_ms])))
 
     async def final(self, sid: str) -> bytes | None:
         """The record a session's last chunk left (for a minute), for a retry of it."""
@@ -478,14 +593,17 @@ class ShardedStore:
 
     def __init__(self, urls: list[str], *, owner: str, ttl_s: float, lease_s: float,
                  timeout_s: float = 1.0, prefix: str = "rnnserve", upsert: bool = False,
-                 on_op: Callable[[int], StoreHook | None] | None = None) -> None:
-        """``on_op``: given a shard's index, the hook of its operations (for metrics)."""
+                 on_op: Callable[[int], StoreHook | None] | None = None,
+                 marks: list[Marks] | None = None) -> None:
+        """``on_op``: given a shard's index, the hook of its operations (for metrics);
+        ``marks``: per shard, the marks of its place it accepts (``RedisStore``)."""
         if len(urls) < 2 or len(set(urls)) != len(urls):
             raise ValueError(f"a sharded store needs two or more distinct URLs, got {urls}")
         self.shards = [RedisStore(url, owner=owner, ttl_s=ttl_s, lease_s=lease_s,
                                   timeout_s=timeout_s, prefix=prefix, upsert=upsert,
                                   on_op=None if on_op is None else on_op(i),
-                                  place=(i, len(urls)))
+                                  place=(i, len(urls)),
+                                  marks=None if marks is None else marks[i])
                        for i, url in enumerate(urls)]
         self.lease_s = self.shards[0].lease_s
         self._where: dict[str, int] = {}  # shard_of's answers, for the ids live here
@@ -579,13 +697,135 @@ class ShardedStore:
             return [StoreUnavailable(str(exc)) for _ in steps]
 
 
-SharedStore = RedisStore | ShardedStore
+class MovingStore:
+    """The shared store while its list of shards changes online (``--session-store NEW
+    --session-store-from OLD``; docs/sessions.md, "Resharding online"). Sessions live on
+    the shards of the new list; one that the new list puts on another shard than the
+    old one did, and that is not there yet, is handed off from its old shard on its
+    first load here (``HANDOFF`` there, ``RESTORE`` here), after which servers still
+    on the old list are refused it (``SessionRelocated``): no session is ever written
+    on two shards. ``rnnserve reshard --online`` hands off the rest.
+
+    The interface is ``RedisStore``'s; writes, releases and deletes go to the new list
+    alone (this server holds only sessions it created or loaded there). The shards'
+    marks of their place may be of either list until ``reshard --online`` ends."""
+
+    def __init__(self, urls: list[str], previous: list[str], *, owner: str, ttl_s: float,
+                 lease_s: float, timeout_s: float = 1.0, prefix: str = "rnnserve",
+                 upsert: bool = False,
+                 on_op: Callable[[int | str], StoreHook | None] | None = None) -> None:
+        if urls == previous:
+            raise ValueError("the previous list of shards is the list itself")
+        self.urls, self.previous = urls, previous
+        n, m = len(urls), len(previous)
+
+        def mark(i: int, count: int) -> str:
+            return f"{i}/{count}"
+
+        new_marks = []  # a shard of both lists keeps its old mark until the end
+        for i, url in enumerate(urls):
+            here = mark(i, n)
+            if url in previous:
+                old = mark(previous.index(url), m)
+                new_marks.append(Marks(old, frozenset({here, old})))
+            else:
+                new_marks.append(Marks(here, frozenset({here})))
+        kw: dict[str, Any] = dict(owner=owner, ttl_s=ttl_s, lease_s=lease_s,
+                                  timeout_s=timeout_s, prefix=prefix)
+        self.new = _open(urls, upsert=upsert, on_op=on_op, marks=new_marks, **kw)
+        self.old = {  # read and handed off only; a shard dropped from the list loses
+            url: RedisStore(  # its mark when the resharding ends
+                url, on_op=None if on_op is None else on_op(f"from{j}"), place=(j, m),
+                marks=Marks(None, frozenset({mark(j, m)} | ({mark(urls.index(url), n)}
+                                                             if url in urls else set()))),
+                **kw)
+            for j, url in enumerate(previous)}
+        self.lease_s: float = self.new.lease_s
+        self.owner = owner
+
+    def _from(self, sid: str) -> RedisStore | None:
+        """The session's shard on the previous list, where that is not its shard now."""
+        was = self.previous[shard_of(sid, len(self.previous))]
+        return None if was == self.urls[shard_of(sid, len(self.urls))] else self.old[was]
+
+    async def ping(self) -> None:
+        """The new list's shards as ``ShardedStore.ping``; the previous list's are checked
+        too (a wrong order there would look for sessions where they never were) but,
+        being only read, a shard of it that does not answer is told in the log only."""
+        await self.new.ping()
+        for url, store in self.old.items():
+            try:
+                await store.ping()
+            except StoreUnavailable as exc:
+                log.warning("the previous list's shard %s did not answer at start (%s); "
+                            "sessions not yet moved from it cannot load until it does",
+                            url, exc)
+
+    async def close(self) -> None:
+        await asyncio.gather(self.new.close(), *(s.close() for s in self.old.values()))
+
+    async def create(self, sid: str, data: bytes) -> None:
+        """``SessionExists`` if the session's old shard still holds it (not moved yet)."""
+        src = self._from(sid)
+        if src is not None and await src.unmoved(sid):
+            raise SessionExists(f"session {sid!r} already exists in the shared store (on "
+                                "its shard of the previous list); resume it or pick "
+                                "another id")
+        await self.new.create(sid, data)
+
+    async def acquire(self, sid: str) -> tuple[bytes, bool] | None:
+        got = await self.new.acquire(sid)
+        src = self._from(sid)
+        if got is not None or src is None:
+            return got
+        moved = await src.handoff(sid)
+        if moved is None:
+            return None
+        dst = self.new.shard(sid) if isinstance(self.new, ShardedStore) else self.new
+        if not await dst.restore(sid, moved, lease=True):  # another mover came first
+            return await self.new.acquire(sid)
+        log.info("session %r handed off from %s to %s (resharding)", sid, src.url, dst.url)
+        return moved.data, moved.writer not in ("", self.owner)
+
+    async def peek(self, sid: str) -> bytes | None:
+        got = await self.new.peek(sid)
+        src = self._from(sid)
+        return got if got is not None or src is None else await src.peek(sid)
+
+    async def final(self, sid: str) -> bytes | None:
+        got = await self.new.final(sid)
+        src = self._from(sid)
+        return got if got is not None or src is None else await src.final(sid)
+
+    async def delete(self, sid: str) -> None:
+        await self.new.delete(sid)
+
+    async def release(self, sids: Iterable[str]) -> None:
+        await self.new.release(sids)
+
+    async def checkpoint_many(self, steps: list[tuple[str, bytes, int, int, bool, bool]]
+                              ) -> list[BaseException | None]:
+        return await self.new.checkpoint_many(steps)
 
 
-def open_store(urls: list[str], **kw: Any) -> SharedStore:
+SharedStore = RedisStore | ShardedStore | MovingStore
+
+
+def open_store(urls: list[str], previous: list[str] | None = None, **kw: Any
+               ) -> SharedStore:
     """The shared store at ``urls`` (``Settings.store_urls``): one Redis, or several (a
-    ``ShardedStore``). ``on_op`` is a function of the shard's index (0 for one)."""
+    ``ShardedStore``); with ``previous`` (``Settings.store_from_urls``), a
+    ``MovingStore`` from that list to this one. ``on_op`` is a function of the shard's
+    index (0 for one; "fromJ" for shard J of the previous list)."""
+    if previous:
+        return MovingStore(urls, previous, **kw)
+    return _open(urls, **kw)
+
+
+def _open(urls: list[str], **kw: Any) -> RedisStore | ShardedStore:
     on_op = kw.pop("on_op", None)
+    marks = kw.pop("marks", None)
     if len(urls) == 1:
-        return RedisStore(urls[0], on_op=None if on_op is None else on_op(0), **kw)
-    return ShardedStore(urls, on_op=on_op, **kw)
+        return RedisStore(urls[0], on_op=None if on_op is None else on_op(0),
+                          marks=None if marks is None else marks[0], **kw)
+    return ShardedStore(urls, on_op=on_op, marks=marks, **kw)
