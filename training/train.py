@@ -301,9 +301,12 @@ def train_text(
 
     train_data = torch.from_numpy(corpus.train.copy())  # (N,) uint8
     window = torch.arange(cfg.seq_len + 1)  # (T+1,)
-    n_start = train_data.numel() - cfg.seq_len - 1
+    # a window is T + 1 bytes (inputs and their next bytes): it may start anywhere up to
+    # numel - (T + 1), so that the text's last byte is a target too
+    n_start = train_data.numel() - cfg.seq_len
     if n_start < 1:
-        raise UsageError(f"training text ({train_data.numel()} bytes) is shorter than seq_len")
+        raise UsageError(f"training text ({train_data.numel()} bytes) is shorter than "
+                         f"seq_len + 1 ({cfg.seq_len + 1})")
     info = {
         "parameters": count_parameters(model),
         "corpus": corpus.describe(),

@@ -127,3 +127,26 @@ def test_overwrite_does_not_keep_the_old_runs_files(tmp_path, small_corpus) -> N
     assert load_checkpoint(tmp_path / LAST)["model_config"]["arch"] == "lstm"
     # best.pt of the GRU run that was overwritten would pass for this run's best
     assert not (tmp_path / BEST).exists()
+
+
+def test_a_text_of_one_window_trains_and_one_byte_less_is_refused(tmp_path) -> None:
+    """A training window is seq_len + 1 bytes (inputs and their next bytes) and may
+    start anywhere it fits, the text's last byte included as a target: a text of
+    exactly one window trains, a byte less is refused with the length it needs."""
+    import numpy as np
+
+    from rnnserve.training.data import TextCorpus
+
+    rng = np.random.default_rng(3)
+    val = rng.integers(32, 127, 256, dtype=np.uint8)
+    cfg = replace(TINY, steps=2, eval_every=2)
+    for size in (cfg.seq_len + 1, cfg.seq_len):
+        corpus = TextCorpus(train=rng.integers(32, 127, size, dtype=np.uint8), val=val,
+                            sha256=f"test-{size}", sources=("test",), documents=(1, 1))
+        out = tmp_path / str(size)
+        if size == cfg.seq_len:
+            with pytest.raises(UsageError, match=r"shorter than seq_len \+ 1 \(33\)"):
+                train_text(cfg, out, progress=False, corpus=corpus)
+        else:
+            result = train_text(cfg, out, progress=False, corpus=corpus)
+            assert math.isfinite(result["val_bits_per_byte"])
