@@ -152,6 +152,15 @@ class StoreUnavailable(CoreError):
     reason = "store_unavailable"
 
 
+class StoreUnsure(CoreError):
+    """The store did not answer where a session is while it moves between shards
+    (resharding online): unlike ``StoreUnavailable``, never served from memory instead
+    (``--store-failure degrade``), which could run the session on two shards."""
+
+    code = "UNAVAILABLE"
+    reason = "store_unavailable"
+
+
 class SessionForbidden(SessionError):
     code = "PERMISSION_DENIED"
     reason = "session_forbidden"

@@ -34,10 +34,12 @@ import redis
 from redis.exceptions import RedisError, ResponseError
 
 from rnnserve.errors import RnnserveError
-from rnnserve.server.shared import HANDOFF, RESTORE, shard_of
+from rnnserve.server.shared import HANDOFF, RESTORE, SETTLED, resharding_id, shard_of
 
 T = TypeVar("T")
-KINDS = ("s", "l", "f")  # record, lease, final answer (shared.py)
+# record, lease, final answer, and the arrival of a session handed off by an online
+# resharding (shared.py)
+KINDS = ("s", "l", "f", "a")
 
 
 @dataclass
@@ -100,6 +102,17 @@ class Resharder:
                     f"the store at {url} is shard {got.decode()} (index/count) of the list "
                     f"its servers ran with, not {i}/{n}: --from must list the shards as the "
                     "servers did, in the same order")
+
+    def check_not_online(self) -> None:
+        """No online resharding is under way on a shard of either list (``MovingStore``
+        servers, or ``reshard --online`` not finished)."""
+        for url in [*self.old, *(u for u in self.new if u not in self.old)]:
+            got: Any = self._call(url, lambda c: c.get(f"{self.prefix}:resharding"))
+            if got is not None and not got.startswith(b"done "):
+                raise RnnserveError(
+                    f"the store at {url} is being resharded online ({got.decode()}): finish "
+                    "that with `rnnserve reshard --online` and the lists the servers run "
+                    "with first")
 
     def _call(self, url: str, fn: Callable[[redis.Redis], T]) -> T:
         try:
@@ -181,6 +194,9 @@ class Resharder:
         for k, blob, ttl in zip(keys, got[0::2], got[1::2], strict=True):
             if blob is None:
                 continue  # expired or never there
+            if k.endswith(":l") and src.get(k) == b"moved":
+                moved.append(k)  # a tombstone of an online resharding: it stays behind
+                continue
             try:
                 dst.restore(k, max(0, ttl), blob)  # ttl -1 (none): 0
             except ResponseError as exc:
@@ -214,6 +230,7 @@ def reshard(old: list[str], new: list[str], *, prefix: str = "rnnserve",
     r = Resharder(old, new, prefix)
     try:
         r.check_marks()
+        r.check_not_online()
         plan = r.plan()
         log(f"{plan.moving} session(s) move, {plan.kept} stay where they are "
             f"({len(old)} shard(s) -> {len(new)})")
@@ -239,7 +256,7 @@ def reshard(old: list[str], new: list[str], *, prefix: str = "rnnserve",
 
 ONLINE_OWNER = "rnnserve-reshard"  # the lease owner of the online mover (shared.py)
 _DROP_TOMBSTONE = """
-if redis.call('GET', KEYS[1]) == 'moved' then redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == 'moved' then redis.call('DEL', KEYS[1]); return 1 end
 return 0
 """
 
@@ -248,33 +265,49 @@ class OnlineResharder(Resharder):
     """Hands off, with the servers running, the sessions the new list puts elsewhere
     (module doc)."""
 
-    def sweep(self, ttl_ms: int, log: Callable[[str], None], clear: bool = False
-              ) -> tuple[Counter[str], int]:
+    def __init__(self, old: list[str], new: list[str], prefix: str = "rnnserve") -> None:
+        super().__init__(old, new, prefix)
+        self.id = resharding_id(old, new)
+        self.shards = [*old, *(u for u in new if u not in old)]
+
+    def check_under_way(self) -> None:
+        """No other online resharding is under way on any shard of either list."""
+        for url in self.shards:
+            got: Any = self._call(url, lambda c: c.get(f"{self.prefix}:resharding"))
+            if got is not None and got.decode() not in (self.id, f"done {self.id}") \
+                    and not got.startswith(b"done "):
+                raise RnnserveError(
+                    f"the store at {url} is being resharded online with other lists "
+                    f"({got.decode()}, not {self.id}): --from and --to must be the "
+                    "servers' --session-store-from and --session-store")
+
+    def _movers(self, url: str) -> dict[str, set[str]]:
+        """The sessions on old shard ``url`` that the new list puts elsewhere, with the
+        kinds of their keys there."""
+        keys = self._call(url, lambda c: list(
+            c.scan_iter(match=f"{self.prefix}:{{*}}:?", count=1000)))
+        sids: dict[str, set[str]] = {}
+        n = len(self.new)
+        for key in keys:
+            got = _sid(key, self.prefix)
+            if got is not None and self.new[shard_of(got[0], n)] != url:
+                sids.setdefault(got[0], set()).add(got[1])
+        return sids
+
+    def sweep(self, ttl_ms: int, log: Callable[[str], None]) -> tuple[Counter[str], int]:
         """One pass over the old shards; returns the counts (``moved``: handed off now;
-        ``there``: on the new shard already, handed off by a server; ``finals``: final
-        answers moved) and how many are held by a live lease (left for another pass).
-        ``clear``: also delete the tombstones (the last pass, once no server on the old
-        list is left to be kept off the old copies)."""
+        ``there``: old copies of sessions on their new shard already, dropped;
+        ``finals``: final answers moved) and how many are held by a live lease (left
+        for another pass)."""
         done: Counter[str] = Counter()
         held = 0
-        n = len(self.new)
         for i, url in enumerate(self.old):
             src = self.client(url)
-            keys = self._call(url, lambda c: list(
-                c.scan_iter(match=f"{self.prefix}:{{*}}:?", count=1000)))
-            sids: dict[str, set[str]] = {}
-            for key in keys:
-                got = _sid(key, self.prefix)
-                if got is not None:
-                    sids.setdefault(got[0], set()).add(got[1])
-            handoff, moved_here = src.register_script(HANDOFF), 0
-            drop = src.register_script(_DROP_TOMBSTONE)
-            for sid, kinds in sorted(sids.items()):
-                j = shard_of(sid, n)
-                if self.new[j] == url:
-                    continue
-                dst = self.client(self.new[j])
-                rec, lease, final = (f"{self.prefix}:{{{sid}}}:{k}" for k in KINDS)
+            handoff, settled = src.register_script(HANDOFF), src.register_script(SETTLED)
+            moved_here = 0
+            for sid, kinds in sorted(self._movers(url).items()):
+                dst = self.client(self.new[shard_of(sid, len(self.new))])
+                rec, lease, final = (f"{self.prefix}:{{{sid}}}:{k}" for k in "slf")
                 try:
                     if "s" in kinds:
                         status = handoff(keys=[rec, lease], args=[ONLINE_OWNER, ttl_ms])
@@ -284,13 +317,12 @@ class OnlineResharder(Resharder):
                             continue
                         if what == "ok":
                             restore = dst.register_script(RESTORE)
-                            wrote = restore(keys=[rec, lease, f"{rec[:-2]}:a"], args=[
-                                status[2], status[1], status[3], status[4], "", 0])
+                            wrote = restore(keys=[rec, lease, f"{self.prefix}:{{{sid}}}:a"],
+                                            args=[status[2], status[1], status[3], status[4],
+                                                  "", 0])
+                            settled(keys=[rec, lease])  # the tombstone stays
                             done["moved" if wrote else "there"] += 1
-                            moved_here += 1
-                            src.delete(rec)  # the tombstone (the lease key) stays
-                    if clear and "l" in kinds:
-                        drop(keys=[lease])
+                            moved_here += bool(wrote)
                     if "f" in kinds and not dst.exists(final):
                         blob, ttl = src.dump(final), src.pttl(final)
                         if blob is not None:
@@ -300,48 +332,78 @@ class OnlineResharder(Resharder):
                             except ResponseError as exc:
                                 if "BUSYKEY" not in str(exc):
                                     raise
+                    if "f" in kinds:
                         src.delete(final)
                 except RedisError as exc:
                     raise RnnserveError(
-                        f"handing off session {sid!r} from {url} to {self.new[j]}: {exc}; "
+                        f"handing off session {sid!r} from {url} to its new shard: {exc}; "
                         f"{done['moved']} moved so far: run it again to finish") from None
             if moved_here:
                 log(f"  {moved_here} session(s) from shard {i} ({url})")
         return done, held
 
+    def clear(self) -> int:
+        """Drop the tombstones of the sessions handed off; how many were dropped."""
+        dropped = 0
+        for url in self.old:
+            drop = self.client(url).register_script(_DROP_TOMBSTONE)
+            for sid, kinds in self._movers(url).items():
+                if "l" in kinds:
+                    try:
+                        dropped += int(drop(keys=[f"{self.prefix}:{{{sid}}}:l"]))
+                    except RedisError as exc:
+                        raise RnnserveError(f"the store at {url}: {exc}") from None
+        return dropped
+
+    def end(self) -> None:
+        """Every shard of both lists: the resharding ended."""
+        for url in self.shards:
+            self._call(url, lambda c: c.set(f"{self.prefix}:resharding", f"done {self.id}"))
+
 
 def reshard_online(old: list[str], new: list[str], *, prefix: str = "rnnserve",
                    wait_s: float = 30.0, ttl_s: float = 300.0,
                    log: Callable[[str], None] = print) -> dict[str, int]:
-    """Hand off, with the servers running on ``new`` and ``--session-store-from old``,
-    the sessions that are not on their new shard yet, then mark the shards for ``new``
-    (module doc). Sessions held by a live lease on an old shard (a server still on the
-    old list writes them) are waited for up to ``wait_s``; if some still are, nothing is
-    marked and the error says so (run it again)."""
+    """Hand off, with every server running on ``new`` and ``--session-store-from old``,
+    the sessions that are not on their new shard yet, then end the resharding: drop
+    the tombstones and mark the shards for ``new`` (module doc). Sessions held by a
+    live lease on an old shard (a server still on the old list writes them) are waited
+    for up to ``wait_s``; if some still are, nothing is dropped nor marked and the error
+    says so (run it again). It ends only after a pass that found nothing left to move."""
     r = OnlineResharder(old, new, prefix)
     try:
         r.check_marks()
+        r.check_under_way()
         deadline = time.monotonic() + wait_s
         total: Counter[str] = Counter()
-        while True:
+        for _ in range(100):
             done, held = r.sweep(max(1, int(ttl_s * 1000)), log)
             total += done
-            if not held or time.monotonic() >= deadline:
+            if not held and not done["moved"] and not done["finals"]:
+                break  # a pass with nothing left to move
+            if held and time.monotonic() >= deadline:
                 break
-            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-        if not held:  # the last pass: tombstones go (and what came since moves)
-            done, held = r.sweep(max(1, int(ttl_s * 1000)), log, clear=True)
-            total += done
+            if held:
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         if held:
             raise RnnserveError(
                 f"{held} session(s) to move are still written by servers on the old list "
                 f"(their leases stayed live for {wait_s:g}s): restart every server with "
                 f"--session-store {','.join(new)} --session-store-from {','.join(old)}, "
                 f"then run this again ({total['moved']} moved so far; nothing is marked yet)")
+        dropped = 0
+        for _ in range(10):  # a server may hand off a session meanwhile: until none is left
+            cleared = r.clear()
+            dropped += cleared
+            if not cleared:
+                break
+        r.end()
         r.mark()
         log(f"handed off {total['moved']} session(s) ({total['there']} were on their new "
-            f"shard already, {total['finals']} final answer(s) moved); the shards are marked "
-            f"for --session-store {','.join(new)}: the servers may drop --session-store-from")
-        return {"moved": total["moved"], "there": total["there"], "finals": total["finals"]}
+            f"shard already, {total['finals']} final answer(s) moved, {dropped} tombstone(s) "
+            f"dropped); the shards are marked for --session-store {','.join(new)}: the "
+            "servers may drop --session-store-from")
+        return {"moved": total["moved"], "there": total["there"], "finals": total["finals"],
+                "dropped": dropped}
     finally:
         r.close()

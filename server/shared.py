@@ -56,6 +56,7 @@ from rnnserve.server.errors import (
     SessionRelocated,
     SessionTaken,
     StoreUnavailable,
+    StoreUnsure,
 )
 
 log = logging.getLogger("rnnserve.shared")
@@ -146,11 +147,12 @@ return {'ok', stored[1], stored[2] or ''}
 # shard changes is handed off from its old shard: HANDOFF there, RESTORE on the new one.
 #
 # KEYS: record, lease (on the old shard). ARGV: owner, ttl ms. Unless another server
-# holds the lease, the lease becomes the tombstone 'moved' for as long as the record
-# lives: the record is kept (a mover that dies before RESTORE leaves it to the next
-# one) but no server on the previous list of shards reads or writes it any more (the
-# scripts above answer 'relocated'). Returns the record, its seq, its time to live and
-# w; 'held' with the lease's time left; or 'none'.
+# holds the lease, the lease becomes the tombstone 'moved', for twice as long as the
+# record or the idle timeout (a server on the previous list holds no copy longer): the
+# record is kept until it is written on the new shard (a mover that dies before RESTORE
+# leaves it to the next one, ``MovingStore``), but no server on the previous list reads
+# or writes it any more (the scripts above answer 'relocated'). Returns the record, its
+# seq, its time to live and w; 'held' with the lease's time left; or 'none'.
 HANDOFF = """
 local holder = redis.call('GET', KEYS[2])
 local server = string.match(ARGV[1], '^(.*)|%d+$')
@@ -161,16 +163,33 @@ end
 local s = redis.call('HMGET', KEYS[1], 'seq', 'data', 'w')
 if not s[1] then return {'none', 0} end
 local ttl = redis.call('PTTL', KEYS[1])
-if ttl <= 0 then ttl = tonumber(ARGV[2]) end
-if holder ~= 'moved' then redis.call('SET', KEYS[2], 'moved', 'PX', ttl) end
+if ttl <= 0 then
+  ttl = tonumber(ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+if holder ~= 'moved' then
+  redis.call('SET', KEYS[2], 'moved', 'PX', 2 * math.max(ttl, tonumber(ARGV[2])))
+end
 return {'ok', s[2], s[1], ttl, s[3] or ''}
+"""
+
+# KEYS: record, lease (on the old shard). The record of a session handed off (its
+# lease the tombstone), once it is written on the new shard: the tombstone stays.
+SETTLED = """
+if redis.call('GET', KEYS[2]) == 'moved' then redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 # KEYS: record, lease, arrival (on the new shard). ARGV: seq, record, ttl ms, w, lease
 # owner ('' for none), lease ms. Writes a handed-off record unless the new shard has
 # one, or had one (the arrival key, kept as long as the old copy lives: a session that
-# arrived and then ended here must not come back from its old copy): 1 if written.
+# arrived and then ended here must not come back from its old copy): 1 if written. A
+# tombstone here is of an earlier resharding that moved the session away: what it
+# left here is older than what comes back.
 RESTORE = """
+if redis.call('GET', KEYS[2]) == 'moved' then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])  -- handed off from here before: stale
+end
 if redis.call('EXISTS', KEYS[1], KEYS[3]) > 0 then return 0 end
 redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'data', ARGV[2])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'w', ARGV[4]) end
@@ -178,6 +197,21 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
 if ARGV[5] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[6]) end
 return 1
+"""
+
+# KEYS: the mark of the store's place, the resharding under way. ARGV: the mark to
+# leave where none is ('' for none), the id of the online resharding this server takes
+# part in ('' for none): it is claimed where none is under way (none, or one ended:
+# "done ID"). Returns both keys' values ('' for none).
+_PLACED = """
+if ARGV[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'NX') end
+local r = redis.call('GET', KEYS[2])
+if ARGV[2] ~= '' and (not r or (string.sub(r, 1, 5) == 'done '
+                                 and r ~= 'done ' .. ARGV[2])) then
+  redis.call('SET', KEYS[2], ARGV[2])
+  r = ARGV[2]
+end
+return {redis.call('GET', KEYS[1]) or '', r or ''}
 """
 
 # KEYS: lease. ARGV: owner. Only this owner's own lease: a worker's outdated copy
@@ -227,16 +261,19 @@ class RedisStore:
     def __init__(self, url: str, *, owner: str, ttl_s: float, lease_s: float,
                  timeout_s: float = 1.0, prefix: str = "rnnserve",
                  upsert: bool = False, on_op: StoreHook | None = None,
-                 place: tuple[int, int] = (0, 1), marks: Marks | None = None) -> None:
+                 place: tuple[int, int] = (0, 1), marks: Marks | None = None,
+                 resharding: str = "") -> None:
         """``owner``: this server's name in the leases; a worker of a server with
         several gives ``name|index`` (its siblings then share its leases, module doc).
         ``upsert``: a step may write the record of a session the store does not hold
         (one opened while the store was down, by a server that degrades). ``place``:
         this store's index in the servers' list of shards, and their count (``ping``);
-        ``marks``: the marks of its place it accepts, when not only that place's
-        (resharding online, ``MovingStore``)."""
+        ``marks``: the marks of its place it accepts, when not only that place's, and
+        ``resharding`` the id of the online resharding this server takes part in
+        (``MovingStore``)."""
         self.url, self.owner, self.prefix = url, owner, prefix
         self.place = place
+        self.resharding = resharding
         here = f"{place[0]}/{place[1]}"
         self.marks = marks or Marks(here, frozenset({here}))
         # whether the store's mark of its place was found right (``ping``); a store
@@ -261,6 +298,8 @@ class RedisStore:
         self._release = self._redis.register_script(_RELEASE)
         self._handoff = self._redis.register_script(HANDOFF)
         self._restore = self._redis.register_script(RESTORE)
+        self._settled = self._redis.register_script(SETTLED)
+        self._placed_script = self._redis.register_script(_PLACED)
         # batches of steps waiting for the next write: their ids, script arguments, future
         self._queue: list[_Queued] = []
         self._writing = False  # a batch write is in flight
@@ -301,35 +340,47 @@ class RedisStore:
         await self._place_checked(StoreMisconfigured)
 
     async def _place_checked(self, wrong: type[Exception] = StoreUnavailable) -> None:
-        """Check the store's mark of its place once (``ping``); a store in another place
-        raises ``wrong`` now and ``StoreUnavailable`` on every use after: nothing of
-        this server's sessions is read from it or written to it."""
+        """Check the store's mark of its place once (``ping``), and that no online
+        resharding but this server's own (``resharding``) is under way on it; a store
+        in another place, or in another resharding, raises ``wrong`` now and
+        ``StoreUnavailable`` on every use after: nothing of this server's sessions is
+        read from it or written to it."""
         want, mark = f"{self.place[0]}/{self.place[1]}", f"{self.prefix}:shard"
         claim, accept = self.marks
+        keys = [mark, f"{self.prefix}:resharding"]
 
         async def run() -> Any:
-            if claim is not None:
-                await self._redis.set(mark, claim, nx=True)
-            return await self._redis.get(mark)
+            return await self._placed_script(keys=keys, args=[claim or "", self.resharding])
 
         async with self._placing:
             if self._wrong is not None:
                 raise wrong(self._wrong)
             if self._placed:
                 return
-            found = await self._call("ping", run, placed=True)
-            got = None if found is None else _text(found)
-            self._placed = got in accept or (got is None and claim is None)
-        if not self._placed:
-            self._wrong = (
-                f"the session store at {self.url} is shard {got} (index/count) of its "
-                f"servers' list of shards, but this server lists it as {want}"
-                + (f" (and, resharding, accepts {' or '.join(sorted(accept))})"
-                   if accept != {want} else "")
-                + ": every server must list the same shards in the same order. To change "
-                "the list, run `rnnserve reshard --from OLD --to NEW`: it moves the sessions "
-                "the new list puts elsewhere (with the servers stopped, or online with "
-                "--online; docs/sessions.md)")
+            found, under_way = (_text(v) or None
+                                for v in await self._call("ping", run, placed=True))
+            why = None
+            if not (found in accept or (found is None and claim is None)):
+                why = (f"the session store at {self.url} is shard {found} (index/count) of "
+                       f"its servers' list of shards, but this server lists it as {want}"
+                       + (f" (and, resharding, accepts {' or '.join(sorted(accept))})"
+                          if accept != {want} else "")
+                       + ": every server must list the same shards in the same order. To "
+                       "change the list, run `rnnserve reshard --from OLD --to NEW`: it "
+                       "moves the sessions the new list puts elsewhere (with the servers "
+                       "stopped, or online with --online; docs/sessions.md)")
+            elif under_way is not None and not under_way.startswith("done ") \
+                    and under_way != self.resharding:
+                why = (f"the session store at {self.url} is being resharded online "
+                       f"({under_way}) and this server "
+                       + (f"runs another resharding ({self.resharding})"
+                          if self.resharding else "does not take part")
+                       + ": until `rnnserve reshard --online` ends it, every server must "
+                       "run with the same --session-store NEW and --session-store-from "
+                       "OLD (docs/sessions.md, \"Resharding online\")")
+            self._placed = why is None
+        if why is not None:
+            self._wrong = why
             log.error("%s", self._wrong)
             raise wrong(self._wrong)
 
@@ -418,19 +469,11 @@ class RedisStore:
         data = await self._call("load", lambda: self._redis.hget(key, "data"))
         return None if data is None else bytes(data)
 
-    async def unmoved(self, sid: str) -> bool:
-        """Whether the store holds a record of the session that was not handed off to
-        another shard (resharding online: its lease is not the tombstone)."""
-        rec, lease = self._keys(sid)[:2]
-
-        async def run() -> list[Any]:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.exists(rec)
-            pipe.get(lease)
-            return list(await pipe.execute())
-
-        found, holder = await self._call("load", run)
-        return bool(found) and holder != b"moved"
+    async def settle(self, sid: str) -> None:
+        """Delete the record of a session handed off from here, once it is written on
+        its new shard (its tombstone stays: ``SETTLED``)."""
+        keys = self._keys(sid)[:2]
+        await self._call("move", lambda: self._settled(keys=keys))
 
     async def handoff(self, sid: str) -> Handoff | None:
         """The session's record, handed off to be restored on its new shard (resharding
@@ -594,16 +637,18 @@ class ShardedStore:
     def __init__(self, urls: list[str], *, owner: str, ttl_s: float, lease_s: float,
                  timeout_s: float = 1.0, prefix: str = "rnnserve", upsert: bool = False,
                  on_op: Callable[[int], StoreHook | None] | None = None,
-                 marks: list[Marks] | None = None) -> None:
+                 marks: list[Marks] | None = None, resharding: str = "") -> None:
         """``on_op``: given a shard's index, the hook of its operations (for metrics);
-        ``marks``: per shard, the marks of its place it accepts (``RedisStore``)."""
+        ``marks``: per shard, the marks of its place it accepts, and ``resharding`` the
+        online resharding this server takes part in (``RedisStore``)."""
         if len(urls) < 2 or len(set(urls)) != len(urls):
             raise ValueError(f"a sharded store needs two or more distinct URLs, got {urls}")
         self.shards = [RedisStore(url, owner=owner, ttl_s=ttl_s, lease_s=lease_s,
                                   timeout_s=timeout_s, prefix=prefix, upsert=upsert,
                                   on_op=None if on_op is None else on_op(i),
                                   place=(i, len(urls)),
-                                  marks=None if marks is None else marks[i])
+                                  marks=None if marks is None else marks[i],
+                                  resharding=resharding)
                        for i, url in enumerate(urls)]
         self.lease_s = self.shards[0].lease_s
         self._where: dict[str, int] = {}  # shard_of's answers, for the ids live here
@@ -697,18 +742,28 @@ class ShardedStore:
             return [StoreUnavailable(str(exc)) for _ in steps]
 
 
+def resharding_id(previous: list[str], urls: list[str]) -> str:
+    """The name of an online resharding from the shards ``previous`` to ``urls``: the
+    same on every server (and ``rnnserve reshard --online``) given the same lists."""
+    digest = hashlib.blake2b("\n".join([*previous, ">", *urls]).encode(), digest_size=6)
+    return f"{len(previous)}>{len(urls)} shards {digest.hexdigest()}"
+
+
 class MovingStore:
     """The shared store while its list of shards changes online (``--session-store NEW
     --session-store-from OLD``; docs/sessions.md, "Resharding online"). Sessions live on
     the shards of the new list; one that the new list puts on another shard than the
-    old one did, and that is not there yet, is handed off from its old shard on its
-    first load here (``HANDOFF`` there, ``RESTORE`` here), after which servers still
-    on the old list are refused it (``SessionRelocated``): no session is ever written
-    on two shards. ``rnnserve reshard --online`` hands off the rest.
+    old one did, and that is not there yet, is handed off from its old shard when this
+    server loads it or opens its id (``HANDOFF`` there, ``RESTORE`` here, then the old
+    record is dropped, ``SETTLED``), after which servers still on the old list are
+    refused it (``SessionRelocated``): no session is ever written on two shards.
+    ``rnnserve reshard --online`` hands off the rest.
 
     The interface is ``RedisStore``'s; writes, releases and deletes go to the new list
     alone (this server holds only sessions it created or loaded there). The shards'
-    marks of their place may be of either list until ``reshard --online`` ends."""
+    marks of their place may be of either list until ``reshard --online`` ends; every
+    shard of both lists carries the resharding's id (``resharding_id``) until then, so
+    that a server on other lists, or on one list alone, does not start."""
 
     def __init__(self, urls: list[str], previous: list[str], *, owner: str, ttl_s: float,
                  lease_s: float, timeout_s: float = 1.0, prefix: str = "rnnserve",
@@ -718,6 +773,7 @@ class MovingStore:
             raise ValueError("the previous list of shards is the list itself")
         self.urls, self.previous = urls, previous
         n, m = len(urls), len(previous)
+        self.resharding = resharding_id(previous, urls)
 
         def mark(i: int, count: int) -> str:
             return f"{i}/{count}"
@@ -731,7 +787,8 @@ class MovingStore:
             else:
                 new_marks.append(Marks(here, frozenset({here})))
         kw: dict[str, Any] = dict(owner=owner, ttl_s=ttl_s, lease_s=lease_s,
-                                  timeout_s=timeout_s, prefix=prefix)
+                                  timeout_s=timeout_s, prefix=prefix,
+                                  resharding=self.resharding)
         self.new = _open(urls, upsert=upsert, on_op=on_op, marks=new_marks, **kw)
         self.old = {  # read and handed off only; a shard dropped from the list loses
             url: RedisStore(  # its mark when the resharding ends
@@ -748,43 +805,77 @@ class MovingStore:
         was = self.previous[shard_of(sid, len(self.previous))]
         return None if was == self.urls[shard_of(sid, len(self.urls))] else self.old[was]
 
+    def _to(self, sid: str) -> RedisStore:
+        return self.new.shard(sid) if isinstance(self.new, ShardedStore) else self.new
+
     async def ping(self) -> None:
-        """The new list's shards as ``ShardedStore.ping``; the previous list's are checked
-        too (a wrong order there would look for sessions where they never were) but,
-        being only read, a shard of it that does not answer is told in the log only."""
-        await self.new.ping()
-        for url, store in self.old.items():
-            try:
-                await store.ping()
-            except StoreUnavailable as exc:
-                log.warning("the previous list's shard %s did not answer at start (%s); "
-                            "sessions not yet moved from it cannot load until it does",
-                            url, exc)
+        """Every shard of both lists answers, holds its place in its list and takes part
+        in this resharding (``RedisStore.ping``: ``StoreMisconfigured`` if not); a shard
+        that does not answer is checked before its first use (``StoreUnavailable``
+        names it)."""
+        stores = [*(self.new.shards if isinstance(self.new, ShardedStore) else [self.new]),
+                  *self.old.values()]
+        results = await asyncio.gather(*(s.ping() for s in stores), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, StoreUnavailable):
+                raise r
+        failed = [str(r) for r in results if isinstance(r, StoreUnavailable)]
+        if failed:
+            raise StoreUnavailable("; ".join(failed))
 
     async def close(self) -> None:
         await asyncio.gather(self.new.close(), *(s.close() for s in self.old.values()))
 
+    async def _hand_off(self, src: RedisStore, sid: str, lease: bool) -> Handoff | None:
+        """Hand the session off from its old shard ``src`` to its new one, if it is
+        still there (None if not): its record is written on the new shard (with this
+        server's lease when ``lease``) unless that holds it or held it already, and then
+        dropped from the old one. ``SessionHeld`` while a server on the old list holds
+        it. A shard that does not answer gives ``StoreUnsure``: whether the session is
+        still on its old shard cannot be told, and a server that degrades must not
+        serve it (or its id) from memory meanwhile."""
+        try:
+            moved = await src.handoff(sid)
+            if moved is None:
+                return None
+            dst = self._to(sid)
+            wrote = await dst.restore(sid, moved, lease=lease)
+            await src.settle(sid)
+        except StoreUnavailable as exc:
+            raise StoreUnsure(f"{exc} (session {sid!r} is being moved to another shard by "
+                              "an online resharding)") from None
+        if wrote:
+            log.info("session %r handed off from %s to %s (resharding)", sid, src.url,
+                     dst.url)
+            return moved
+        return None
+
     async def create(self, sid: str, data: bytes) -> None:
-        """``SessionExists`` if the session's old shard still holds it (not moved yet)."""
+        """A session of an id its old shard still holds is handed off first: the create
+        is then refused (``SessionExists``) as for any live id."""
         src = self._from(sid)
-        if src is not None and await src.unmoved(sid):
-            raise SessionExists(f"session {sid!r} already exists in the shared store (on "
-                                "its shard of the previous list); resume it or pick "
-                                "another id")
+        if src is not None:
+            try:
+                await self._hand_off(src, sid, lease=False)
+            except SessionHeld:
+                raise SessionExists(f"session {sid!r} already exists in the shared store (on "
+                                    "its shard of the previous list); resume it or pick "
+                                    "another id") from None
         await self.new.create(sid, data)
 
     async def acquire(self, sid: str) -> tuple[bytes, bool] | None:
-        got = await self.new.acquire(sid)
         src = self._from(sid)
+        try:
+            got = await self.new.acquire(sid)
+        except SessionRelocated:
+            if src is None:
+                raise
+            got = None  # a tombstone of an earlier resharding from this shard
         if got is not None or src is None:
             return got
-        moved = await src.handoff(sid)
-        if moved is None:
-            return None
-        dst = self.new.shard(sid) if isinstance(self.new, ShardedStore) else self.new
-        if not await dst.restore(sid, moved, lease=True):  # another mover came first
+        moved = await self._hand_off(src, sid, lease=True)
+        if moved is None:  # gone, or another mover came first
             return await self.new.acquire(sid)
-        log.info("session %r handed off from %s to %s (resharding)", sid, src.url, dst.url)
         return moved.data, moved.writer not in ("", self.owner)
 
     async def peek(self, sid: str) -> bytes | None:

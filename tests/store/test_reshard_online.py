@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from rnnserve.client import Client
-from rnnserve.server.shared import HANDOFF, shard_of
+from rnnserve.server.shared import HANDOFF, RESTORE, resharding_id, shard_of
 
 from ..cli.test_cli import assert_one_line_error, rnnserve
 from ..server.serving import metric_value
@@ -65,10 +65,13 @@ def test_servers_hand_off_sessions_as_they_load_them_and_reshard_online_moves_th
     list, N on the new one from the old. A session the third shard takes is refused to
     N while O's lease on it is live, then handed off to N on its first load; O is then
     refused it (it would otherwise write the old copy), an id still on its old shard
-    cannot be opened anew on N, and sessions that stay are shared as ever. `reshard
+    is handed off and refused as live when N opens it, and sessions that stay are
+    shared as ever. `reshard
     --online` refuses to finish while O holds sessions, then, O stopped, hands off the
     rest (a session O opened meanwhile too), drops the tombstones and marks the shards;
-    a server on the new list alone goes on with every session exactly."""
+    a server on the new list alone goes on with every session exactly. Meanwhile a
+    server on the new list alone, or on both in another order, does not start, nor
+    does the offline reshard."""
     old, new = (",".join(s.url for s in shards[:n]) for n in (2, 3))
     sids = [f"on-{i}" for i in range(12)]
     movers = [s for s in sids if shard_of(s, 3) == 2]
@@ -103,7 +106,7 @@ def test_servers_hand_off_sessions_as_they_load_them_and_reshard_online_moves_th
                 work.step(on_n, m0)  # handed off on its first load
                 assert keys_of(shards[2], m0) == {"s", "l", "a"}
                 src = shards[shard_of(m0, 2)]
-                assert keys_of(src, m0) == {"s", "l"}
+                assert keys_of(src, m0) == {"l"}  # the old record dropped, a tombstone
                 assert src.client().get(f"rnnserve:{{{m0}}}:l") == b"moved"
                 # O's copy is behind and O may no longer write the old one
                 for call in (lambda: on_o.step(m0, 1, work.chunk(m0)),
@@ -118,16 +121,29 @@ def test_servers_hand_off_sessions_as_they_load_them_and_reshard_online_moves_th
                 assert moves == 1  # the restore on the new shard
                 work.step(on_n, m0)
                 work.step(on_n, stay[0])  # a session that stays: the same keys for both
+                # an id on its old shard: handed off, then refused as any live id
                 err = refused(on_n.open_session, "feat", session_id=m1)
                 assert err.code() == grpc.StatusCode.ALREADY_EXISTS, err.details()
-                assert "previous list" in err.details()
+                assert keys_of(shards[2], m1) == {"s", "a"}  # no lease taken
                 on_o.open_session("feat", session_id=late)  # on the old list, meanwhile
                 work.step(on_o, late)
+            # while the resharding is under way, a server on the new list alone, or on
+            # both lists in another order, would look elsewhere: refused at start
+            swapped = ",".join(x.url for x in (shards[1], shards[0], shards[2]))
+            for name, flags, needle in (
+                    ("alone", (new,), "does not take part"),
+                    ("swapped", (swapped, "--session-store-from", old),
+                     "runs another resharding")):
+                with pytest.raises(RuntimeError) as failed:
+                    serve(repo, tmp_path, name, *flags)
+                assert needle in str(failed.value), str(failed.value)
+            offline = rnnserve("reshard", "--from", old, "--to", new, "--ignore-leases")
+            assert_one_line_error(offline, "being resharded online", "--online")
         assert o.stop() == 0  # drains: its leases are released
 
         done = rnnserve("reshard", "--from", old, "--to", new, "--online")
         assert done.returncode == 0, done.stderr
-        handed = len(movers) - 1 + 1  # every mover but m0, and late
+        handed = len(movers) - 2 + 1  # every mover but m0 and m1, and late
         assert f"handed off {handed} session(s)" in done.stdout, done.stdout
         assert [s.client().get("rnnserve:shard") for s in shards] == [b"0/3", b"1/3", b"2/3"]
         for sid in [*movers, late]:
@@ -135,6 +151,8 @@ def test_servers_hand_off_sessions_as_they_load_them_and_reshard_online_moves_th
             assert "s" in keys_of(shards[2], sid), sid
         for sid in stay:
             assert "s" in keys_of(shards[shard_of(sid, 3)], sid)
+        assert {s.client().get("rnnserve:resharding") for s in shards} == \
+            {f"done {resharding_id(old.split(','), new.split(','))}".encode()}
         again = rnnserve("reshard", "--from", old, "--to", new, "--online")
         assert again.returncode == 0 and "handed off 0 session(s)" in again.stdout, again.stdout
     finally:
@@ -142,7 +160,7 @@ def test_servers_hand_off_sessions_as_they_load_them_and_reshard_online_moves_th
         if n is not None:
             assert n.stop() == 0
 
-    p = serve(repo, tmp_path, "p", new)
+    p = serve(repo, tmp_path, "p", new)  # the new list alone: the resharding ended
     try:
         with Client(p.target, timeout=10) as on_p:
             for sid in [*sids, late]:
@@ -152,51 +170,66 @@ def test_servers_hand_off_sessions_as_they_load_them_and_reshard_online_moves_th
     work.check(repo)
 
 
-def test_a_hand_off_cut_short_is_finished_by_the_next_and_an_ended_session_stays_ended(
+def test_hand_offs_cut_short_are_finished_and_an_ended_session_stays_ended(
         repo, shards, tmp_path) -> None:
-    """A mover that died between its two halves (the old copy tombstoned, nothing on the
-    new shard) leaves the session to the next one: N's first load finishes the hand-off
-    and goes on exactly. Once the session ended on the new shard, a retry of its last
-    chunk gets the stored final answer, its id may be opened anew, and its old copy
-    (which N leaves to the sweep) never brings it back: `reshard --online` drops it."""
+    """Movers that died between the steps of a hand-off. One died after the tombstone,
+    before the new shard had the record: N's first load finishes the hand-off and goes
+    on exactly. One died after writing the new shard, before dropping the old record:
+    N goes on from the new shard; once that session ended there (a retry of its last
+    chunk gets the stored final answer), its old record never brings it back: the
+    sweep drops it, and the id may be opened anew."""
     old, new = (",".join(s.url for s in shards[:n]) for n in (2, 3))
-    sid = next(f"cut-{i}" for i in range(100) if shard_of(f"cut-{i}", 3) == 2)
-    work = Sessions([sid], seed=82)
+    cut, late = [sid for sid in (f"cut-{i}" for i in range(100)) if shard_of(sid, 3) == 2][:2]
+    work = Sessions([cut, late], seed=82)
     o = serve(repo, tmp_path, "o", old)
     try:
         with Client(o.target, timeout=10) as on_o:
-            on_o.open_session("feat", session_id=sid)
-            work.step(on_o, sid)
+            for sid in (cut, late):
+                on_o.open_session("feat", session_id=sid)
+                work.step(on_o, sid)
     finally:
         assert o.stop() == 0
-    src = shards[shard_of(sid, 2)].client()
-    rec, lease = f"rnnserve:{{{sid}}}:s", f"rnnserve:{{{sid}}}:l"
-    status = src.register_script(HANDOFF)(keys=[rec, lease], args=["died|0", 300000])
-    assert status[0] == b"ok" and src.get(lease) == b"moved"
-    assert keys_of(shards[2], sid) == set()
+
+    def keys(sid: str) -> tuple[str, str, str]:
+        return tuple(f"rnnserve:{{{sid}}}:{k}" for k in "sla")  # type: ignore[return-value]
+
+    for sid in (cut, late):  # the first half, by hand
+        src = shards[shard_of(sid, 2)].client()
+        status = src.register_script(HANDOFF)(keys=keys(sid)[:2], args=["died|0", 300000])
+        assert status[0] == b"ok" and src.get(keys(sid)[1]) == b"moved"
+        if sid == late:  # and the second: the new shard written, the old record kept
+            wrote = shards[2].client().register_script(RESTORE)(
+                keys=list(keys(sid)), args=[status[2], status[1], status[3], status[4], "", 0])
+            assert wrote == 1
+    assert keys_of(shards[2], cut) == set() and keys_of(shards[2], late) == {"s", "a"}
 
     n = serve(repo, tmp_path, "n", new, "--session-store-from", old)
     try:
         with Client(n.target, timeout=10) as on_n:
-            work.step(on_n, sid)
-            work.step(on_n, sid, end=True)
-            assert "s" not in keys_of(shards[2], sid)  # ended: only its final answer
-            assert src.exists(rec)  # the old copy, left to the sweep
-            last = work.got[sid][-1]
-            retried = on_n.step(sid, 2, work.x[sid][2 * STEPS:3 * STEPS], end=True)["logits"]
-            assert np.array_equal(retried, last)  # the stored answer, not a rerun
-            err = refused(on_n.step, sid, 3, work.chunk(sid))
+            for sid in (cut, late):
+                work.step(on_n, sid)
+            src = shards[shard_of(cut, 2)].client()
+            assert not src.exists(keys(cut)[0]) and src.get(keys(cut)[1]) == b"moved"
+            assert shards[shard_of(late, 2)].client().exists(keys(late)[0])  # left to sweep
+            work.step(on_n, late, end=True)
+            assert keys_of(shards[2], late) == {"f", "a"}  # ended: its final answer
+            retried = on_n.step(late, 2, work.x[late][2 * STEPS:3 * STEPS], end=True)
+            assert np.array_equal(retried["logits"], work.got[late][-1])  # not a rerun
+            err = refused(on_n.step, late, 3, work.chunk(late))
             assert err.code() in (grpc.StatusCode.NOT_FOUND,
                                   grpc.StatusCode.FAILED_PRECONDITION), err.details()
-            # the id may be opened anew (as OIP clients reuse sequence ids): a handed-off
-            # old copy does not hold it
-            on_n.open_session("feat", session_id=sid)
-            on_n.close_session(sid)
         done = rnnserve("reshard", "--from", old, "--to", new, "--online")
         assert done.returncode == 0, done.stderr
-        assert "handed off 0 session(s)" in done.stdout, done.stdout
-        assert keys_of(shards[shard_of(sid, 2)], sid) == set()
-        assert "s" not in keys_of(shards[2], sid)
+        assert "handed off 0 session(s) (1 were on their new shard already" in done.stdout, \
+            done.stdout
+        for sid in (cut, late):
+            assert keys_of(shards[shard_of(sid, 2)], sid) == set()
+        assert "s" not in keys_of(shards[2], late)  # not brought back
+        with Client(n.target, timeout=10) as on_n:
+            work.step(on_n, cut, end=True)
+            # the ended one's id may be opened anew (as OIP clients reuse sequence ids)
+            on_n.open_session("feat", session_id=late)
+            on_n.close_session(late)
     finally:
         assert n.stop() == 0
     work.check(repo)
@@ -214,3 +247,60 @@ def test_resharding_online_settings_are_checked(repo, tmp_path) -> None:
     both = rnnserve("reshard", "--from", "redis://a:1/0", "--to", "redis://b:1/0",
                     "--online", "--dry-run")
     assert_one_line_error(both, "--online", "no --dry-run")
+
+
+def test_an_id_whose_old_shard_cannot_be_reached_is_not_served_from_memory(
+        repo, shards, tmp_path) -> None:
+    """With --store-failure degrade a server serves from memory while the store fails;
+    but an id whose old shard does not answer may still live there (on a server of the
+    old list): its open is refused UNAVAILABLE, not served from memory, which could run
+    one session on two shards. Once the old shard answers, the id opens."""
+    old, new = (",".join(s.url for s in shards[:n]) for n in (2, 3))
+    sid = next(f"deg-{i}" for i in range(100) if shard_of(f"deg-{i}", 3) == 2)
+    n = serve(repo, tmp_path, "n", new, "--session-store-from", old, "--store-failure",
+              "degrade", "--store-timeout-ms", "300")
+    try:
+        with Client(n.target, timeout=10) as on_n:
+            shards[shard_of(sid, 2)].client().execute_command("CLIENT", "PAUSE", "1500")
+            started = time.monotonic()
+            err = refused(on_n.open_session, "feat", session_id=sid)
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+            assert "online resharding" in err.details()
+            assert metric_value(n.metrics(), "rnnserve_store_degraded_total", op="create") == 0
+            time.sleep(max(0.0, 1.7 - (time.monotonic() - started)))
+            on_n.open_session("feat", session_id=sid)
+            work = Sessions([sid], seed=83)
+            work.step(on_n, sid, end=True)
+    finally:
+        assert n.stop() == 0
+    work.check(repo)
+
+
+def test_a_tombstone_left_by_an_earlier_resharding_does_not_hide_a_session(shards) -> None:
+    """Resharding back soon after a resharding (two shards to one): the session's shard
+    of the new list still holds a tombstone and a stale record the earlier resharding
+    left (a mover that died before dropping them). The session loads from its shard of
+    the previous list, over them: the newest record, not the stale one, nor a refusal."""
+    import asyncio
+
+    from rnnserve.server.shared import MovingStore
+
+    r0, r1 = shards[0], shards[1]
+    sid = next(f"back-{i}" for i in range(100) if shard_of(f"back-{i}", 2) == 1)
+    rec, lease = f"rnnserve:{{{sid}}}:s", f"rnnserve:{{{sid}}}:l"
+    r0.client().hset(rec, mapping={"seq": 1, "data": b"stale", "w": "a"})
+    r0.client().set(lease, "moved", px=60000)
+    r1.client().hset(rec, mapping={"seq": 5, "data": b"newest", "w": "b"})
+    r1.client().pexpire(rec, 60000)
+
+    async def load() -> tuple[bytes, bool] | None:
+        store = MovingStore([r0.url], [r0.url, r1.url], owner="c|0", ttl_s=60, lease_s=5)
+        try:
+            return await store.acquire(sid)
+        finally:
+            await store.close()
+
+    assert asyncio.run(load()) == (b"newest", True)
+    assert r0.client().hgetall(rec) == {b"seq": b"5", b"data": b"newest", b"w": b"c|0"}
+    assert r0.client().get(lease) == b"c|0"
+    assert not r1.client().exists(rec) and r1.client().get(lease) == b"moved"
