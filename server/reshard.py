@@ -195,7 +195,7 @@ class Resharder:
             if blob is None:
                 continue  # expired or never there
             if k.endswith(":l") and src.get(k) == b"moved":
-                moved.append(k)  # a tombstone of an online resharding: it stays behind
+                moved.append(k)  # a tombstone of an online resharding: dropped, not moved
                 continue
             try:
                 dst.restore(k, max(0, ttl), blob)  # ttl -1 (none): 0
@@ -208,9 +208,14 @@ class Resharder:
             src.delete(*moved)
         return True
 
-    def mark(self) -> None:
-        """Every new shard gets its place; an old shard left out loses its mark."""
+    def mark(self, offline: bool = True) -> None:
+        """Every new shard gets its place; an old shard left out loses its mark.
+        ``offline``: the record of an online resharding that ended goes too (a later
+        one between the same lists is a new one)."""
         n = len(self.new)
+        for url in [*self.old, *(u for u in self.new if u not in self.old)]:
+            if offline:
+                self._call(url, lambda c: c.delete(f"{self.prefix}:resharding"))
         for url in self.old:
             if url not in self.new:
                 self._call(url, lambda c: c.delete(self._mark()))
@@ -255,6 +260,11 @@ def reshard(old: list[str], new: list[str], *, prefix: str = "rnnserve",
 
 
 ONLINE_OWNER = "rnnserve-reshard"  # the lease owner of the online mover (shared.py)
+_ENDED = """
+local r = redis.call('GET', KEYS[1])
+if not r or r == ARGV[1] then redis.call('SET', KEYS[1], 'done ' .. ARGV[1]) end
+return 0
+"""
 _DROP_TOMBSTONE = """
 if redis.call('GET', KEYS[1]) == 'moved' then redis.call('DEL', KEYS[1]); return 1 end
 return 0
@@ -271,15 +281,20 @@ class OnlineResharder(Resharder):
         self.shards = [*old, *(u for u in new if u not in old)]
 
     def check_under_way(self) -> None:
-        """No other online resharding is under way on any shard of either list."""
+        """This resharding is under way (or ended) on every shard of both lists: the
+        servers run with ``--session-store-from`` these lists (module doc)."""
         for url in self.shards:
             got: Any = self._call(url, lambda c: c.get(f"{self.prefix}:resharding"))
-            if got is not None and got.decode() not in (self.id, f"done {self.id}") \
-                    and not got.startswith(b"done "):
+            text = None if got is None else got.decode()
+            if text not in (self.id, f"done {self.id}"):
                 raise RnnserveError(
-                    f"the store at {url} is being resharded online with other lists "
-                    f"({got.decode()}, not {self.id}): --from and --to must be the "
-                    "servers' --session-store-from and --session-store")
+                    f"the store at {url} is "
+                    + (f"being resharded online with other lists ({text}, not {self.id}): "
+                       "--from and --to must be the servers' --session-store-from and "
+                       "--session-store" if text and not text.startswith("done ")
+                       else f"not being resharded online to these lists ({self.id}): "
+                       f"first restart every server with --session-store {','.join(self.new)}"
+                       f" --session-store-from {','.join(self.old)}"))
 
     def _movers(self, url: str) -> dict[str, set[str]]:
         """The sessions on old shard ``url`` that the new list puts elsewhere, with the
@@ -317,12 +332,17 @@ class OnlineResharder(Resharder):
                             continue
                         if what == "ok":
                             restore = dst.register_script(RESTORE)
-                            wrote = restore(keys=[rec, lease, f"{self.prefix}:{{{sid}}}:a"],
-                                            args=[status[2], status[1], status[3], status[4],
-                                                  "", 0])
-                            settled(keys=[rec, lease])  # the tombstone stays
-                            done["moved" if wrote else "there"] += 1
-                            moved_here += bool(wrote)
+                            wrote = int(restore(
+                                keys=[rec, lease, f"{self.prefix}:{{{sid}}}:a"],
+                                args=[status[2], status[1], status[3], status[4], "", 0]))
+                            if wrote:  # written, or arrived before: the old copy goes
+                                settled(keys=[rec, lease])  # (the tombstone stays)
+                            else:
+                                log(f"  session {sid!r}: the new shard holds a session of "
+                                    "that id opened there; the old one is left alone "
+                                    "under its tombstone")
+                            done[{1: "moved", 2: "there", 0: "conflicts"}[wrote]] += 1
+                            moved_here += wrote == 1
                     if "f" in kinds and not dst.exists(final):
                         blob, ttl = src.dump(final), src.pttl(final)
                         if blob is not None:
@@ -356,9 +376,14 @@ class OnlineResharder(Resharder):
         return dropped
 
     def end(self) -> None:
-        """Every shard of both lists: the resharding ended."""
+        """Every shard of both lists: the resharding ended (where it, or none, is under
+        way)."""
         for url in self.shards:
-            self._call(url, lambda c: c.set(f"{self.prefix}:resharding", f"done {self.id}"))
+            ended = self.client(url).register_script(_ENDED)
+            try:
+                ended(keys=[f"{self.prefix}:resharding"], args=[self.id])
+            except RedisError as exc:
+                raise RnnserveError(f"the store at {url}: {exc}") from None
 
 
 def reshard_online(old: list[str], new: list[str], *, prefix: str = "rnnserve",
@@ -376,15 +401,23 @@ def reshard_online(old: list[str], new: list[str], *, prefix: str = "rnnserve",
         r.check_under_way()
         deadline = time.monotonic() + wait_s
         total: Counter[str] = Counter()
-        for _ in range(100):
+        busy = 0  # passes that still found sessions to move, none held
+        while True:
             done, held = r.sweep(max(1, int(ttl_s * 1000)), log)
             total += done
             if not held and not done["moved"] and not done["finals"]:
                 break  # a pass with nothing left to move
-            if held and time.monotonic() >= deadline:
-                break
             if held:
+                if time.monotonic() >= deadline:
+                    break
                 time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            else:
+                busy += 1
+                if busy >= 20:
+                    raise RnnserveError(
+                        "sessions keep arriving on the old shards (20 passes each found "
+                        "more to move): a server on the old list alone still runs; stop it "
+                        f"and run this again ({total['moved']} moved so far)")
         if held:
             raise RnnserveError(
                 f"{held} session(s) to move are still written by servers on the old list "
@@ -398,12 +431,13 @@ def reshard_online(old: list[str], new: list[str], *, prefix: str = "rnnserve",
             if not cleared:
                 break
         r.end()
-        r.mark()
+        r.mark(offline=False)
         log(f"handed off {total['moved']} session(s) ({total['there']} were on their new "
             f"shard already, {total['finals']} final answer(s) moved, {dropped} tombstone(s) "
-            f"dropped); the shards are marked for --session-store {','.join(new)}: the "
-            "servers may drop --session-store-from")
+            f"dropped, {total['conflicts']} left on both: an id opened on each); the shards "
+            f"are marked for --session-store {','.join(new)}: the servers may drop "
+            "--session-store-from")
         return {"moved": total["moved"], "there": total["there"], "finals": total["finals"],
-                "dropped": dropped}
+                "dropped": dropped, "conflicts": total["conflicts"]}
     finally:
         r.close()

@@ -181,16 +181,19 @@ return 0
 """
 
 # KEYS: record, lease, arrival (on the new shard). ARGV: seq, record, ttl ms, w, lease
-# owner ('' for none), lease ms. Writes a handed-off record unless the new shard has
-# one, or had one (the arrival key, kept as long as the old copy lives: a session that
-# arrived and then ended here must not come back from its old copy): 1 if written. A
-# tombstone here is of an earlier resharding that moved the session away: what it
-# left here is older than what comes back.
+# owner ('' for none), lease ms. Writes a handed-off record unless the new shard had
+# one arrive already (the arrival key, kept as long as the old copy lives: a session
+# that arrived and then ended here must not come back from its old copy), or has one
+# of its own. Returns 1 if written, 2 if one arrived before (the old copy is stale),
+# 0 if the shard holds a record that did not arrive (a session of that id opened here
+# meanwhile: the old copy is left alone). A tombstone here is of an earlier resharding
+# that moved the session away: what it left here is older than what comes back.
 RESTORE = """
 if redis.call('GET', KEYS[2]) == 'moved' then
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])  -- handed off from here before: stale
 end
-if redis.call('EXISTS', KEYS[1], KEYS[3]) > 0 then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'data', ARGV[2])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'w', ARGV[4]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
@@ -329,60 +332,93 @@ class RedisStore:
             if self._on_op is not None:
                 self._on_op(op, time.perf_counter() - started, ok)
 
-    async def ping(self) -> None:
+    async def ping(self, claim: bool = True) -> None:
         """The store answers and is shard ``place`` (index, count) of the servers' list
         of shards (one store: the only one). The first server to reach it leaves a mark
         of its place (the key ``PREFIX:shard``, "index/count"); a server whose list
         differs (another order, another length, one store where there were several)
         gets ``StoreMisconfigured``: it would look for sessions where they are not.
-        A store that does not answer now is checked so before its first use."""
+        A store that does not answer now is checked so before its first use. ``claim``:
+        also claim this server's online resharding here (else ``claim_resharding``)."""
         self._placed = False
-        await self._place_checked(StoreMisconfigured)
+        await self._place_checked(StoreMisconfigured, claim)
 
-    async def _place_checked(self, wrong: type[Exception] = StoreUnavailable) -> None:
-        """Check the store's mark of its place once (``ping``), and that no online
-        resharding but this server's own (``resharding``) is under way on it; a store
-        in another place, or in another resharding, raises ``wrong`` now and
-        ``StoreUnavailable`` on every use after: nothing of this server's sessions is
-        read from it or written to it."""
-        want, mark = f"{self.place[0]}/{self.place[1]}", f"{self.prefix}:shard"
+    def _misplaced(self, found: str | None, under_way: str | None) -> str | None:
+        """Why this store is not where this server looks for it (None if it is)."""
+        want = f"{self.place[0]}/{self.place[1]}"
         claim, accept = self.marks
-        keys = [mark, f"{self.prefix}:resharding"]
+        if under_way is not None and not under_way.startswith("done ") \
+                and under_way != self.resharding:
+            return (f"the session store at {self.url} is being resharded online "
+                    f"({under_way}) and this server "
+                    + (f"runs another resharding ({self.resharding})"
+                       if self.resharding else "does not take part")
+                    + ": until `rnnserve reshard --online` ends it, every server must "
+                    "run with the same --session-store NEW and --session-store-from OLD "
+                    "(docs/sessions.md, \"Resharding online\")")
+        if not (found in accept or (found is None and claim is None)):
+            return (f"the session store at {self.url} is shard {found} (index/count) of "
+                    f"its servers' list of shards, but this server lists it as {want}"
+                    + (f" (and, resharding, accepts {' or '.join(sorted(accept))})"
+                       if accept != {want} else "")
+                    + ": every server must list the same shards in the same order. To "
+                    "change the list, run `rnnserve reshard --from OLD --to NEW`: it "
+                    "moves the sessions the new list puts elsewhere (with the servers "
+                    "stopped, or online with --online; docs/sessions.md)")
+        return None
 
-        async def run() -> Any:
-            return await self._placed_script(keys=keys, args=[claim or "", self.resharding])
+    async def _read_place(self, claim_mark: str, claim_resharding: str
+                          ) -> tuple[str | None, str | None]:
+        """The mark of the store's place and the resharding under way (``_PLACED``)."""
+        keys = [f"{self.prefix}:shard", f"{self.prefix}:resharding"]
+        got = await self._call("ping", lambda: self._placed_script(
+            keys=keys, args=[claim_mark, claim_resharding]), placed=True)
+        found, under_way = (_text(v) or None for v in got)
+        return found, under_way
 
+    async def _place_checked(self, wrong: type[Exception] = StoreUnavailable,
+                             claim: bool = True) -> None:
+        """Check the store's mark of its place once (``ping``), and that no online
+        resharding but this server's own (``resharding``) is under way on it, then
+        (``claim``) claim that one; a store in another place, or in another resharding,
+        raises ``wrong`` now and ``StoreUnavailable`` on every use after: nothing of
+        this server's sessions is read from it or written to it."""
         async with self._placing:
             if self._wrong is not None:
                 raise wrong(self._wrong)
             if self._placed:
                 return
-            found, under_way = (_text(v) or None
-                                for v in await self._call("ping", run, placed=True))
-            why = None
-            if not (found in accept or (found is None and claim is None)):
-                why = (f"the session store at {self.url} is shard {found} (index/count) of "
-                       f"its servers' list of shards, but this server lists it as {want}"
-                       + (f" (and, resharding, accepts {' or '.join(sorted(accept))})"
-                          if accept != {want} else "")
-                       + ": every server must list the same shards in the same order. To "
-                       "change the list, run `rnnserve reshard --from OLD --to NEW`: it "
-                       "moves the sessions the new list puts elsewhere (with the servers "
-                       "stopped, or online with --online; docs/sessions.md)")
-            elif under_way is not None and not under_way.startswith("done ") \
-                    and under_way != self.resharding:
-                why = (f"the session store at {self.url} is being resharded online "
-                       f"({under_way}) and this server "
-                       + (f"runs another resharding ({self.resharding})"
-                          if self.resharding else "does not take part")
-                       + ": until `rnnserve reshard --online` ends it, every server must "
-                       "run with the same --session-store NEW and --session-store-from "
-                       "OLD (docs/sessions.md, \"Resharding online\")")
+            found, under_way = await self._read_place(self.marks.claim or "", "")
+            why = self._misplaced(found, under_way)
+            if why is None and claim:
+                why = await self._claimed(found, under_way)
             self._placed = why is None
         if why is not None:
             self._wrong = why
             log.error("%s", self._wrong)
             raise wrong(self._wrong)
+
+    async def _claimed(self, found: str | None, under_way: str | None) -> str | None:
+        """Claim this server's online resharding here, if it takes part in one that is
+        not claimed yet; why not, if another was claimed meanwhile."""
+        if not self.resharding or under_way in (self.resharding, f"done {self.resharding}"):
+            return None
+        _, under_way = await self._read_place("", self.resharding)
+        return self._misplaced(found, under_way)
+
+    async def claim_resharding(self) -> None:
+        """Claim this server's online resharding on a store whose place was checked
+        (``ping(claim=False)``); ``StoreMisconfigured`` if another was claimed meanwhile."""
+        async with self._placing:
+            if not self._placed:
+                return  # checked (and claimed) before its first use
+            found, under_way = await self._read_place("", "")
+            why = await self._claimed(found, under_way)
+            if why is not None:
+                self._placed = False
+                self._wrong = why
+                log.error("%s", why)
+                raise StoreMisconfigured(why)
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -487,12 +523,13 @@ class RedisStore:
         data = bytes(self._check(sid, status))
         return Handoff(data, int(_text(status[2])), int(status[3]), _text(status[4]))
 
-    async def restore(self, sid: str, moved: Handoff, lease: bool) -> bool:
+    async def restore(self, sid: str, moved: Handoff, lease: bool) -> int:
         """Write a handed-off record here (with this server's lease when ``lease``) unless
-        this store holds one already: whether it was written."""
+        this store holds one already: 1 if written, 2 if one arrived here before, 0 if
+        this store holds a session of that id that did not arrive (``RESTORE``)."""
         keys = [*self._keys(sid)[:2], f"{self.prefix}:{{{sid}}}:a"]
         writer = self.owner if lease else moved.writer
-        return bool(await self._call("move", lambda: self._restore(
+        return int(await self._call("move", lambda: self._restore(
             keys=keys, args=[moved.seq, moved.data, moved.ttl_ms, writer,
                              self.owner if lease else "", self.lease_ms])))
 
@@ -799,6 +836,7 @@ class MovingStore:
             for j, url in enumerate(previous)}
         self.lease_s: float = self.new.lease_s
         self.owner = owner
+        self._done = False  # the resharding ended (seen when an old shard failed)
 
     def _from(self, sid: str) -> RedisStore | None:
         """The session's shard on the previous list, where that is not its shard now."""
@@ -810,16 +848,23 @@ class MovingStore:
 
     async def ping(self) -> None:
         """Every shard of both lists answers, holds its place in its list and takes part
-        in this resharding (``RedisStore.ping``: ``StoreMisconfigured`` if not); a shard
-        that does not answer is checked before its first use (``StoreUnavailable``
-        names it)."""
+        in no other resharding (``RedisStore.ping``: ``StoreMisconfigured`` if not), and
+        only then is this one claimed on them: a server misconfigured leaves no trace. A
+        shard that does not answer is checked (and claimed) before its first use
+        (``StoreUnavailable`` names it)."""
         stores = [*(self.new.shards if isinstance(self.new, ShardedStore) else [self.new]),
                   *self.old.values()]
-        results = await asyncio.gather(*(s.ping() for s in stores), return_exceptions=True)
+        results = await asyncio.gather(*(s.ping(claim=False) for s in stores),
+                                       return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, StoreUnavailable):
                 raise r
-        failed = [str(r) for r in results if isinstance(r, StoreUnavailable)]
+        claimed = await asyncio.gather(*(s.claim_resharding() for s, r in zip(
+            stores, results, strict=True) if r is None), return_exceptions=True)
+        for r in claimed:
+            if isinstance(r, BaseException) and not isinstance(r, StoreUnavailable):
+                raise r
+        failed = [str(r) for r in [*results, *claimed] if isinstance(r, StoreUnavailable)]
         if failed:
             raise StoreUnavailable("; ".join(failed))
 
@@ -833,22 +878,48 @@ class MovingStore:
         dropped from the old one. ``SessionHeld`` while a server on the old list holds
         it. A shard that does not answer gives ``StoreUnsure``: whether the session is
         still on its old shard cannot be told, and a server that degrades must not
-        serve it (or its id) from memory meanwhile."""
+        serve it (or its id) from memory meanwhile; unless the resharding has ended
+        (``reshard --online``), after which the old shards are not looked at again."""
+        if self._done:
+            return None
+        dst = self._to(sid)
         try:
             moved = await src.handoff(sid)
             if moved is None:
                 return None
-            dst = self._to(sid)
             wrote = await dst.restore(sid, moved, lease=lease)
-            await src.settle(sid)
         except StoreUnavailable as exc:
+            if await self._ended(dst):
+                return None
             raise StoreUnsure(f"{exc} (session {sid!r} is being moved to another shard by "
                               "an online resharding)") from None
         if wrote:
+            try:  # the old copy is inert under its tombstone: the sweep drops it else
+                await src.settle(sid)
+            except StoreUnavailable as exc:
+                log.warning("session %r: its old record stays on %s until `rnnserve "
+                            "reshard --online` drops it (%s)", sid, src.url, exc)
+        else:
+            log.warning("session %r is on %s and on %s, opened on each: the old one is "
+                        "left alone under its tombstone", sid, dst.url, src.url)
+        if wrote == 1:
             log.info("session %r handed off from %s to %s (resharding)", sid, src.url,
                      dst.url)
             return moved
         return None
+
+    async def _ended(self, dst: RedisStore) -> bool:
+        """Whether the resharding ended (``reshard --online`` writes "done ID"): then the
+        old shards may be gone for good."""
+        try:
+            _, under_way = await dst._read_place("", "")
+        except StoreUnavailable:
+            return False
+        self._done = under_way == f"done {self.resharding}"
+        if self._done:
+            log.info("the online resharding %s has ended: the old list of shards is not "
+                     "looked at any more (drop --session-store-from)", self.resharding)
+        return self._done
 
     async def create(self, sid: str, data: bytes) -> None:
         """A session of an id its old shard still holds is handed off first: the create
@@ -874,14 +945,20 @@ class MovingStore:
         if got is not None or src is None:
             return got
         moved = await self._hand_off(src, sid, lease=True)
-        if moved is None:  # gone, or another mover came first
+        if moved is not None:
+            return moved.data, moved.writer not in ("", self.owner)
+        try:  # gone, or another mover came first
             return await self.new.acquire(sid)
-        return moved.data, moved.writer not in ("", self.owner)
+        except SessionRelocated:
+            return None  # nothing here but that earlier tombstone
 
     async def peek(self, sid: str) -> bytes | None:
         got = await self.new.peek(sid)
         src = self._from(sid)
-        return got if got is not None or src is None else await src.peek(sid)
+        if got is not None or src is None or self._done:
+            return got
+        # on the old shard, or handed off between the two reads: then on the new one
+        return await src.peek(sid) or await self.new.peek(sid)
 
     async def final(self, sid: str) -> bytes | None:
         got = await self.new.final(sid)

@@ -40,7 +40,7 @@ class Sessions:
 
     def __init__(self, sids: list[str], seed: int) -> None:
         rng = np.random.default_rng(seed)
-        self.x = {s: rng.standard_normal((4 * STEPS, 20)).astype(np.float32) for s in sids}
+        self.x = {s: rng.standard_normal((6 * STEPS, 20)).astype(np.float32) for s in sids}
         self.got: dict[str, list[np.ndarray]] = {s: [] for s in sids}
 
     def step(self, client: Client, sid: str, end: bool = False) -> None:
@@ -88,10 +88,22 @@ def test_servers_hand_off_sessions_as_they_load_them_and_reshard_online_moves_th
             for sid in sids:
                 on_o.open_session("feat", session_id=sid)
                 work.step(on_o, sid)
+            # before any server runs the resharding, the sweep refuses; a server whose
+            # old list is in another order is refused, and leaves no claim behind
+            early = rnnserve("reshard", "--from", old, "--to", new, "--online")
+            assert_one_line_error(early, "not being resharded online to these lists",
+                                  "first restart every server")
+            swapped_old = ",".join(x.url for x in (shards[1], shards[0]))
+            with pytest.raises(RuntimeError) as failed:
+                serve(repo, tmp_path, "bad", new, "--session-store-from", swapped_old)
+            assert "every server must list the same shards" in str(failed.value)
+            assert {x.client().get("rnnserve:resharding") for x in shards} == {None}
             n = serve(repo, tmp_path, "n", new, "--session-store-from", old, "--lease-s", "3")
             with Client(n.target, timeout=10) as on_n:
+                for sid in movers:  # O renews its leases (held for 3 s from now)
+                    work.step(on_o, sid)
                 # O's lease is live: not handed off, nothing changes
-                err = refused(on_n.step, m0, 1, work.chunk(m0))
+                err = refused(on_n.step, m0, 2, work.chunk(m0))
                 assert err.code() == grpc.StatusCode.ABORTED, err.details()
                 assert "being written by another server" in err.details()
                 assert keys_of(shards[2], m0) == set()
@@ -109,7 +121,7 @@ def test_servers_hand_off_sessions_as_they_load_them_and_reshard_online_moves_th
                 assert keys_of(src, m0) == {"l"}  # the old record dropped, a tombstone
                 assert src.client().get(f"rnnserve:{{{m0}}}:l") == b"moved"
                 # O's copy is behind and O may no longer write the old one
-                for call in (lambda: on_o.step(m0, 1, work.chunk(m0)),
+                for call in (lambda: on_o.step(m0, 2, work.chunk(m0)),
                              lambda: on_o.open_session("feat", session_id=m0, resume=True)):
                     err = refused(call)
                     assert err.code() == grpc.StatusCode.ABORTED, err.details()
@@ -304,3 +316,29 @@ def test_a_tombstone_left_by_an_earlier_resharding_does_not_hide_a_session(shard
     assert r0.client().hgetall(rec) == {b"seq": b"5", b"data": b"newest", b"w": b"c|0"}
     assert r0.client().get(lease) == b"c|0"
     assert not r1.client().exists(rec) and r1.client().get(lease) == b"moved"
+
+
+def test_once_the_resharding_ended_a_dropped_shard_may_be_gone(shards) -> None:
+    """Three shards to two, ended by `reshard --online`, the third Redis shut down while
+    servers still run with --session-store-from: ids it held no longer need it, and an
+    id opens on its new shard instead of UNAVAILABLE for an old shard that is gone."""
+    import asyncio
+
+    from rnnserve.server.shared import MovingStore
+
+    old, new = [s.url for s in shards], [s.url for s in shards[:2]]
+    sid = next(f"gone-{i}" for i in range(100) if shard_of(f"gone-{i}", 3) == 2)
+    for s in shards:
+        s.client().set("rnnserve:resharding", f"done {resharding_id(old, new)}")
+    shards[2].stop()
+
+    async def open_one() -> None:
+        store = MovingStore(new, old, owner="c|0", ttl_s=60, lease_s=5, timeout_s=0.5)
+        try:
+            await store.create(sid, b"first")
+        finally:
+            await store.close()
+
+    asyncio.run(open_one())
+    home = shards[shard_of(sid, 2)].client()
+    assert home.hget(f"rnnserve:{{{sid}}}:s", "data") == b"first"
