@@ -73,6 +73,7 @@ class Resharder:
                 raise RnnserveError(f"{name} needs one or more distinct store URLs, got "
                                     f"{','.join(urls)!r}")
         self.old, self.new, self.prefix = old, new, prefix
+        self.shards = [*old, *(u for u in new if u not in old)]  # of both lists
         self._clients: dict[str, redis.Redis] = {}
         self.timeout_s = timeout_s
 
@@ -103,14 +104,19 @@ class Resharder:
                     f"its servers ran with, not {i}/{n}: --from must list the shards as the "
                     "servers did, in the same order")
 
+    def under_way(self, url: str) -> str | None:
+        """The online resharding under way (or "done ID") on a shard, None if none."""
+        got: Any = self._call(url, lambda c: c.get(f"{self.prefix}:resharding"))
+        return None if got is None else str(got.decode())
+
     def check_not_online(self) -> None:
         """No online resharding is under way on a shard of either list (``MovingStore``
         servers, or ``reshard --online`` not finished)."""
-        for url in [*self.old, *(u for u in self.new if u not in self.old)]:
-            got: Any = self._call(url, lambda c: c.get(f"{self.prefix}:resharding"))
-            if got is not None and not got.startswith(b"done "):
+        for url in self.shards:
+            got = self.under_way(url)
+            if got is not None and not got.startswith("done "):
                 raise RnnserveError(
-                    f"the store at {url} is being resharded online ({got.decode()}): finish "
+                    f"the store at {url} is being resharded online ({got}): finish "
                     "that with `rnnserve reshard --online` and the lists the servers run "
                     "with first")
 
@@ -213,8 +219,8 @@ class Resharder:
         ``offline``: the record of an online resharding that ended goes too (a later
         one between the same lists is a new one)."""
         n = len(self.new)
-        for url in [*self.old, *(u for u in self.new if u not in self.old)]:
-            if offline:
+        if offline:
+            for url in self.shards:
                 self._call(url, lambda c: c.delete(f"{self.prefix}:resharding"))
         for url in self.old:
             if url not in self.new:
@@ -278,14 +284,12 @@ class OnlineResharder(Resharder):
     def __init__(self, old: list[str], new: list[str], prefix: str = "rnnserve") -> None:
         super().__init__(old, new, prefix)
         self.id = resharding_id(old, new)
-        self.shards = [*old, *(u for u in new if u not in old)]
 
     def check_under_way(self) -> None:
         """This resharding is under way (or ended) on every shard of both lists: the
         servers run with ``--session-store-from`` these lists (module doc)."""
         for url in self.shards:
-            got: Any = self._call(url, lambda c: c.get(f"{self.prefix}:resharding"))
-            text = None if got is None else got.decode()
+            text = self.under_way(url)
             if text not in (self.id, f"done {self.id}"):
                 raise RnnserveError(
                     f"the store at {url} is "
@@ -316,12 +320,14 @@ class OnlineResharder(Resharder):
         for another pass)."""
         done: Counter[str] = Counter()
         held = 0
+        restores = {url: self.client(url).register_script(RESTORE) for url in self.new}
         for i, url in enumerate(self.old):
             src = self.client(url)
             handoff, settled = src.register_script(HANDOFF), src.register_script(SETTLED)
             moved_here = 0
             for sid, kinds in sorted(self._movers(url).items()):
-                dst = self.client(self.new[shard_of(sid, len(self.new))])
+                to = self.new[shard_of(sid, len(self.new))]
+                dst = self.client(to)
                 rec, lease, final = (f"{self.prefix}:{{{sid}}}:{k}" for k in "slf")
                 try:
                     if "s" in kinds:
@@ -331,8 +337,7 @@ class OnlineResharder(Resharder):
                             held += 1
                             continue
                         if what == "ok":
-                            restore = dst.register_script(RESTORE)
-                            wrote = int(restore(
+                            wrote = int(restores[to](
                                 keys=[rec, lease, f"{self.prefix}:{{{sid}}}:a"],
                                 args=[status[2], status[1], status[3], status[4], "", 0]))
                             if wrote:  # written, or arrived before: the old copy goes

@@ -149,9 +149,8 @@ class Settings(BaseSettings):
     @field_validator("session_store", "session_store_from")
     @classmethod
     def _store_url(cls, v: str, info: ValidationInfo) -> str:
-        if v == "memory" and info.field_name == "session_store" or \
-                v == "" and info.field_name == "session_store_from":
-            return v
+        if v == ("memory" if info.field_name == "session_store" else ""):
+            return v  # no store; no resharding
         urls = [u.strip() for u in v.split(",")]
         for u in urls:
             if not u.startswith(("redis://", "rediss://", "unix://")):

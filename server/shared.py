@@ -88,12 +88,14 @@ for i = 0, (#ARGV - 5) / 2 - 1 do
   local holder = redis.call('GET', lk)
   local stored = redis.call('HMGET', rec, 'seq', 'w')
   local seq, writer = stored[1], stored[2]
-  if holder == 'moved' then
-    table.insert(failed, i); table.insert(failed, 'relocated'); table.insert(failed, 0)
-  elseif holder and holder ~= owner
+  if holder and holder ~= owner
       and not (server and string.match(holder, '^(.*)|%d+$') == server) then
-    table.insert(failed, i); table.insert(failed, 'held')
-    table.insert(failed, redis.call('PTTL', lk))
+    table.insert(failed, i)
+    if holder == 'moved' then  -- the tombstone of an online resharding
+      table.insert(failed, 'relocated'); table.insert(failed, 0)
+    else
+      table.insert(failed, 'held'); table.insert(failed, redis.call('PTTL', lk))
+    end
   elseif kind == 'c' then
     if seq then
       table.insert(failed, i); table.insert(failed, 'exists'); table.insert(failed, 0)
@@ -131,9 +133,9 @@ return failed
 _ACQUIRE = """
 local holder = redis.call('GET', KEYS[2])
 local server = string.match(ARGV[1], '^(.*)|%d+$')
-if holder == 'moved' then return {'relocated', 0} end
 if holder and holder ~= ARGV[1]
     and not (server and string.match(holder, '^(.*)|%d+$') == server) then
+  if holder == 'moved' then return {'relocated', 0} end
   return {'held', redis.call('PTTL', KEYS[2])}
 end
 local stored = redis.call('HMGET', KEYS[1], 'data', 'w')
@@ -367,8 +369,8 @@ class RedisStore:
                     "stopped, or online with --online; docs/sessions.md)")
         return None
 
-    async def _read_place(self, claim_mark: str, claim_resharding: str
-                          ) -> tuple[str | None, str | None]:
+    async def read_place(self, claim_mark: str = "", claim_resharding: str = ""
+                         ) -> tuple[str | None, str | None]:
         """The mark of the store's place and the resharding under way (``_PLACED``)."""
         keys = [f"{self.prefix}:shard", f"{self.prefix}:resharding"]
         got = await self._call("ping", lambda: self._placed_script(
@@ -388,7 +390,7 @@ class RedisStore:
                 raise wrong(self._wrong)
             if self._placed:
                 return
-            found, under_way = await self._read_place(self.marks.claim or "", "")
+            found, under_way = await self.read_place(self.marks.claim or "")
             why = self._misplaced(found, under_way)
             if why is None and claim:
                 why = await self._claimed(found, under_way)
@@ -403,7 +405,7 @@ class RedisStore:
         not claimed yet; why not, if another was claimed meanwhile."""
         if not self.resharding or under_way in (self.resharding, f"done {self.resharding}"):
             return None
-        _, under_way = await self._read_place("", self.resharding)
+        _, under_way = await self.read_place(claim_resharding=self.resharding)
         return self._misplaced(found, under_way)
 
     async def claim_resharding(self) -> None:
@@ -412,7 +414,7 @@ class RedisStore:
         async with self._placing:
             if not self._placed:
                 return  # checked (and claimed) before its first use
-            found, under_way = await self._read_place("", "")
+            found, under_way = await self.read_place()
             why = await self._claimed(found, under_way)
             if why is not None:
                 self._placed = False
@@ -839,7 +841,10 @@ class MovingStore:
         self._done = False  # the resharding ended (seen when an old shard failed)
 
     def _from(self, sid: str) -> RedisStore | None:
-        """The session's shard on the previous list, where that is not its shard now."""
+        """The session's shard on the previous list, where that is not its shard now
+        and the resharding has not ended."""
+        if self._done:
+            return None
         was = self.previous[shard_of(sid, len(self.previous))]
         return None if was == self.urls[shard_of(sid, len(self.urls))] else self.old[was]
 
@@ -880,8 +885,6 @@ class MovingStore:
         still on its old shard cannot be told, and a server that degrades must not
         serve it (or its id) from memory meanwhile; unless the resharding has ended
         (``reshard --online``), after which the old shards are not looked at again."""
-        if self._done:
-            return None
         dst = self._to(sid)
         try:
             moved = await src.handoff(sid)
@@ -912,7 +915,7 @@ class MovingStore:
         """Whether the resharding ended (``reshard --online`` writes "done ID"): then the
         old shards may be gone for good."""
         try:
-            _, under_way = await dst._read_place("", "")
+            _, under_way = await dst.read_place()
         except StoreUnavailable:
             return False
         self._done = under_way == f"done {self.resharding}"
@@ -955,7 +958,7 @@ class MovingStore:
     async def peek(self, sid: str) -> bytes | None:
         got = await self.new.peek(sid)
         src = self._from(sid)
-        if got is not None or src is None or self._done:
+        if got is not None or src is None:
             return got
         # on the old shard, or handed off between the two reads: then on the new one
         return await src.peek(sid) or await self.new.peek(sid)
