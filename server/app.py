@@ -259,6 +259,12 @@ class RnnServer:
                              f"{exc.strerror or exc}") from None
         self.metrics_port = self._httpd.server_port
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        # why the server stopped itself (``_watch_store``), and the event that says so
+        self.failure: str | None = None
+        self.failed = asyncio.Event()
+        self._watcher = asyncio.get_running_loop().create_task(
+            self._watch_store(self.shared, s.store_check_s)) \
+            if self.shared is not None and s.store_check_s else None
         self._trimmer = asyncio.get_running_loop().create_task(
             self._trim_pools(s.pool_shrink_s)) if s.pool_shrink_s else None
         for name in ("", SERVICE, OIP_SERVICE):
@@ -283,6 +289,21 @@ class RnnServer:
             wait = self.store.next_expiry_in()
             await asyncio.sleep(self.settings.idle_timeout_s if wait is None else wait + 0.01)
             self.store.expire_idle()
+
+    async def _watch_store(self, shared: SharedStore, every_s: float) -> None:
+        """Read the shards' marks of their places again every ``every_s``: a reshard
+        that changed the list while this server ran (it missed a rollout) leaves it
+        looking for sessions where the other servers no longer do, and writing those it
+        opens where none will find them. Then it stops itself (``failed``)."""
+        while True:
+            await asyncio.sleep(every_s)
+            why = await shared.recheck()
+            if why is not None:
+                log.error("%s. This server stops (exit status 1) rather than serve "
+                          "sessions from a list of shards the others no longer use", why)
+                self.failure = why
+                self.failed.set()
+                return
 
     async def _trim_pools(self, every_s: float) -> None:
         """Give back state pool memory a burst of sessions left unused (pool.py)."""
@@ -325,8 +346,9 @@ class RnnServer:
             await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
         await self.server.stop(0)
         self._reaper.cancel()
-        if self._trimmer is not None:
-            self._trimmer.cancel()
+        for task in (self._trimmer, self._watcher):
+            if task is not None:
+                task.cancel()
         for b in self.batchers.values():
             await b.stop()
         if self.shared is not None:
@@ -367,9 +389,12 @@ async def serve(settings: Settings, worker: Worker | None = None,
         on_ready(ready)
     else:
         print(json.dumps(ready), flush=True)
-    await stop.wait()
+    stopping = [loop.create_task(stop.wait()), loop.create_task(server.failed.wait())]
+    await asyncio.wait(stopping, return_when=asyncio.FIRST_COMPLETED)
+    for task in stopping:
+        task.cancel()
     await server.stop()
-    return 0
+    return 1 if server.failure is not None else 0
 
 
 def log_to_stderr(tag: str = "") -> None:

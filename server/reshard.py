@@ -5,8 +5,10 @@ of shards, so a new list (one more Redis, one fewer, one store to several) puts 
 sessions elsewhere; servers with the new list would not find them there. With the
 servers stopped, this moves each such session's keys (record, lease, final answer) to
 its new shard, with their time to live, byte for byte (``DUMP`` / ``RESTORE``), and
-marks every shard with its new place (``RedisStore.ping``). Keys already in place are
-not touched, so running it again after an interruption finishes the job.
+marks every shard with its new place (``RedisStore.ping``) and each shard left out as
+retired (a server that still lists one is refused, at its start or within
+``--store-check-s`` while it runs). Keys already in place are not touched, so running
+it again after an interruption finishes the job.
 
 It refuses to start when the old shards do not carry the marks of ``--from`` (the list
 the servers ran with), and while a session's lease is live (a server may still be
@@ -34,7 +36,14 @@ import redis
 from redis.exceptions import RedisError, ResponseError
 
 from rnnserve.errors import RnnserveError
-from rnnserve.server.shared import HANDOFF, RESTORE, SETTLED, resharding_id, shard_of
+from rnnserve.server.shared import (
+    HANDOFF,
+    RESTORE,
+    RETIRED,
+    SETTLED,
+    resharding_id,
+    shard_of,
+)
 
 T = TypeVar("T")
 # record, lease, final answer, and the arrival of a session handed off by an online
@@ -92,12 +101,13 @@ class Resharder:
 
     def check_marks(self) -> None:
         """Each old shard carries the mark of its place in ``--from``, or of its place
-        in ``--to`` (a reshard that finished: running it again moves nothing), or none
-        (a store no server has reached yet)."""
+        in ``--to`` or retired where ``--to`` leaves it out (a reshard that finished:
+        running it again moves nothing), or none (a store no server has reached yet)."""
         n = len(self.old)
         for i, url in enumerate(self.old):
             got: Any = self._call(url, lambda c: c.get(self._mark()))
-            done = url in self.new and got == f"{self.new.index(url)}/{len(self.new)}".encode()
+            done = got == (f"{self.new.index(url)}/{len(self.new)}" if url in self.new
+                           else RETIRED).encode()
             if got is not None and got.decode() != f"{i}/{n}" and not done:
                 raise RnnserveError(
                     f"the store at {url} is shard {got.decode()} (index/count) of the list "
@@ -215,16 +225,16 @@ class Resharder:
         return True
 
     def mark(self, offline: bool = True) -> None:
-        """Every new shard gets its place; an old shard left out loses its mark.
+        """Every new shard gets its place; an old shard left out is marked retired.
         ``offline``: the record of an online resharding that ended goes too (a later
         one between the same lists is a new one)."""
         n = len(self.new)
         if offline:
             for url in self.shards:
                 self._call(url, lambda c: c.delete(f"{self.prefix}:resharding"))
-        for url in self.old:
+        for url in self.old:  # a server that still lists it is refused
             if url not in self.new:
-                self._call(url, lambda c: c.delete(self._mark()))
+                self._call(url, lambda c: c.set(self._mark(), RETIRED))
         for j, url in enumerate(self.new):
             place = f"{j}/{n}"
 

@@ -134,6 +134,11 @@ class Settings(BaseSettings):
     another replica can resume the session this long after the last step."""
     store_timeout_ms: float = Field(500.0, gt=0)
     """Longest wait for the shared store per operation."""
+    store_check_s: float = Field(10.0, ge=0)
+    """How often the server reads each shard's mark of its place again (0: only at
+    start): a server whose list of shards a reshard has changed since it started
+    (it lists a retired shard, or one in another place) drains and exits with status
+    1, rather than serve sessions where the other servers no longer look."""
     tls_cert_file: Path | None = None
     """PEM certificate (chain) of the server: gRPC over TLS (needs tls_key_file)."""
     tls_key_file: Path | None = None

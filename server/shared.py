@@ -204,12 +204,24 @@ if ARGV[5] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[6]) end
 return 1
 """
 
+# The mark a shard dropped from the list by `rnnserve reshard` keeps: a server that
+# still lists it is refused (``RedisStore._misplaced``), and none leaves its own mark
+# there again, unless a resharding takes it into its new list.
+RETIRED = "retired"
+
 # KEYS: the mark of the store's place, the resharding under way. ARGV: the mark to
 # leave where none is ('' for none), the id of the online resharding this server takes
 # part in ('' for none): it is claimed where none is under way (none, or one ended:
-# "done ID"). Returns both keys' values ('' for none).
+# "done ID"), and '1' where the mark may replace a retired one. Returns both keys'
+# values ('' for none).
 _PLACED = """
-if ARGV[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'NX') end
+if ARGV[1] ~= '' then
+  if ARGV[3] == '1' and redis.call('GET', KEYS[1]) == 'retired' then
+    redis.call('SET', KEYS[1], ARGV[1])
+  else
+    redis.call('SET', KEYS[1], ARGV[1], 'NX')
+  end
+end
 local r = redis.call('GET', KEYS[2])
 if ARGV[2] ~= '' and (not r or (string.sub(r, 1, 5) == 'done '
                                  and r ~= 'done ' .. ARGV[2])) then
@@ -256,10 +268,12 @@ class Handoff(NamedTuple):
 
 class Marks(NamedTuple):
     """The marks of its place (``PREFIX:shard``, "index/count") a store accepts, and the
-    one it leaves where none is (None: it leaves none, and accepts none)."""
+    one it leaves where none is (None: it leaves none, and accepts none); ``reuse``: it
+    leaves its mark where a shard is retired too (a shard an online resharding adds)."""
 
     claim: str | None
     accept: frozenset[str]
+    reuse: bool = False
 
 
 class RedisStore:
@@ -345,12 +359,25 @@ class RedisStore:
         self._placed = False
         await self._place_checked(StoreMisconfigured, claim)
 
-    def _misplaced(self, found: str | None, under_way: str | None) -> str | None:
-        """Why this store is not where this server looks for it (None if it is)."""
+    def _misplaced(self, found: str | None, under_way: str | None,
+                   marks_only: bool = False) -> str | None:
+        """Why this store is not where this server looks for it (None if it is).
+        ``marks_only``: the mark of its place alone counts, not an online resharding
+        that started after this server did (``recheck``: a server still on the old list
+        serves on while it runs, refused each session handed off)."""
         want = f"{self.place[0]}/{self.place[1]}"
-        claim, accept = self.marks
+        claim, accept, _ = self.marks
+        if found == RETIRED:
+            if claim is None and under_way == f"done {self.resharding}":
+                return None  # an old shard this server's own resharding dropped
+            return (f"the session store at {self.url} was dropped from its servers' list "
+                    "of shards by `rnnserve reshard` (its key "
+                    f"{self.prefix}:shard is {RETIRED!r}), but this server still lists it "
+                    f"as shard {want} (index/count): run it with the list the other servers "
+                    "run with (--session-store). A resharding that lists that Redis among "
+                    "its new shards takes it again")
         if under_way is not None and not under_way.startswith("done ") \
-                and under_way != self.resharding:
+                and under_way != self.resharding and not marks_only:
             return (f"the session store at {self.url} is being resharded online "
                     f"({under_way}) and this server "
                     + (f"runs another resharding ({self.resharding})"
@@ -363,18 +390,23 @@ class RedisStore:
                     f"its servers' list of shards, but this server lists it as {want}"
                     + (f" (and, resharding, accepts {' or '.join(sorted(accept))})"
                        if accept != {want} else "")
-                    + ": every server must list the same shards in the same order. To "
-                    "change the list, run `rnnserve reshard --from OLD --to NEW`: it "
-                    "moves the sessions the new list puts elsewhere (with the servers "
-                    "stopped, or online with --online; docs/sessions.md)")
+                    + (": the list was changed (`rnnserve reshard`) since this server "
+                       "started; run it with the list the other servers run with now"
+                       if marks_only else
+                       ": every server must list the same shards in the same order. To "
+                       "change the list, run `rnnserve reshard --from OLD --to NEW`: it "
+                       "moves the sessions the new list puts elsewhere (with the servers "
+                       "stopped, or online with --online; docs/sessions.md)"))
         return None
 
-    async def read_place(self, claim_mark: str = "", claim_resharding: str = ""
-                         ) -> tuple[str | None, str | None]:
-        """The mark of the store's place and the resharding under way (``_PLACED``)."""
+    async def read_place(self, claim_mark: str = "", claim_resharding: str = "",
+                         reuse: bool = False) -> tuple[str | None, str | None]:
+        """The mark of the store's place and the resharding under way (``_PLACED``);
+        ``reuse``: ``claim_mark`` replaces a retired mark too."""
         keys = [f"{self.prefix}:shard", f"{self.prefix}:resharding"]
         got = await self._call("ping", lambda: self._placed_script(
-            keys=keys, args=[claim_mark, claim_resharding]), placed=True)
+            keys=keys, args=[claim_mark, claim_resharding, "1" if reuse else ""]),
+            placed=True)
         found, under_way = (_text(v) or None for v in got)
         return found, under_way
 
@@ -390,7 +422,8 @@ class RedisStore:
                 raise wrong(self._wrong)
             if self._placed:
                 return
-            found, under_way = await self.read_place(self.marks.claim or "")
+            found, under_way = await self.read_place(self.marks.claim or "",
+                                                     reuse=self.marks.reuse)
             why = self._misplaced(found, under_way)
             if why is None and claim:
                 why = await self._claimed(found, under_way)
@@ -399,6 +432,22 @@ class RedisStore:
             self._wrong = why
             log.error("%s", self._wrong)
             raise wrong(self._wrong)
+
+    async def recheck(self) -> str | None:
+        """Read the store's mark of its place again (leaving this server's where none
+        is, as at the start): why this server must no longer use it, when a reshard
+        gave the shards another list since the server started (``--store-check-s``);
+        None when the mark is still one it accepts, or when the store does not answer
+        (that is for its uses to tell), or has not been found in its place yet (its
+        first use checks it, as at the start). A retired mark is never replaced here:
+        only a server that starts in a resharding that adds the shard takes it again."""
+        if not self._placed:
+            return None
+        try:
+            found, under_way = await self.read_place(self.marks.claim or "")
+        except StoreUnavailable:
+            return None
+        return self._misplaced(found, under_way, marks_only=True)
 
     async def _claimed(self, found: str | None, under_way: str | None) -> str | None:
         """Claim this server's online resharding here, if it takes part in one that is
@@ -719,6 +768,10 @@ class ShardedStore:
         if failed:
             raise StoreUnavailable("; ".join(str(e) for e in failed))
 
+    async def recheck(self) -> str | None:
+        """``RedisStore.recheck`` of every shard: the first shard's reason, if any."""
+        return await _first_reason(self.shards)
+
     async def close(self) -> None:
         await asyncio.gather(*(s.close() for s in self.shards))
 
@@ -781,6 +834,11 @@ class ShardedStore:
             return [StoreUnavailable(str(exc)) for _ in steps]
 
 
+async def _first_reason(stores: Iterable[RedisStore]) -> str | None:
+    reasons = await asyncio.gather(*(s.recheck() for s in stores))
+    return next((r for r in reasons if r is not None), None)
+
+
 def resharding_id(previous: list[str], urls: list[str]) -> str:
     """The name of an online resharding from the shards ``previous`` to ``urls``: the
     same on every server (and ``rnnserve reshard --online``) given the same lists."""
@@ -823,8 +881,8 @@ class MovingStore:
             if url in previous:
                 old = mark(previous.index(url), m)
                 new_marks.append(Marks(old, frozenset({here, old})))
-            else:
-                new_marks.append(Marks(here, frozenset({here})))
+            else:  # added by this resharding: it may be one an earlier one dropped
+                new_marks.append(Marks(here, frozenset({here}), reuse=True))
         kw: dict[str, Any] = dict(owner=owner, ttl_s=ttl_s, lease_s=lease_s,
                                   timeout_s=timeout_s, prefix=prefix,
                                   resharding=self.resharding)
@@ -872,6 +930,12 @@ class MovingStore:
         failed = [str(r) for r in [*results, *claimed] if isinstance(r, StoreUnavailable)]
         if failed:
             raise StoreUnavailable("; ".join(failed))
+
+    async def recheck(self) -> str | None:
+        """``RedisStore.recheck`` of every shard of both lists (of the new one alone
+        once the resharding has ended)."""
+        stores = self.new.shards if isinstance(self.new, ShardedStore) else [self.new]
+        return await _first_reason([*stores, *(() if self._done else self.old.values())])
 
     async def close(self) -> None:
         await asyncio.gather(self.new.close(), *(s.close() for s in self.old.values()))

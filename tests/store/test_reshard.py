@@ -5,6 +5,7 @@ Real servers, real redis-servers, the command as a user runs it."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ def test_reshard_moves_the_sessions_the_new_list_puts_elsewhere_and_servers_go_o
     shard move (to it, or from it), record, final answer and time to live, and the rest
     stay. A server on the new list goes on with every live session exactly and answers a
     retry of an ended one's last chunk from the moved final answer. A wrong --from is
-    refused; a shard left out loses its mark."""
+    refused; a shard left out is marked retired."""
     old, new = (",".join(s.url for s in shards[:n]) for n in (old_n, new_n))
     sids = [f"rs-{i}" for i in range(N)]
     movers = [s for s in sids if shard_of(s, 3) == 2]
@@ -85,7 +86,7 @@ def test_reshard_moves_the_sessions_the_new_list_puts_elsewhere_and_servers_go_o
     moved_ttl = shards[shard_of(mover, new_n)].client().pttl(f"rnnserve:{{{mover}}}:s")
     assert 0 < moved_ttl <= ttl  # the idle timeout carried over, not reset nor dropped
     marks = [s.client().get("rnnserve:shard") for s in shards]
-    assert marks == ([b"0/3", b"1/3", b"2/3"] if new_n == 3 else [b"0/2", b"1/2", None])
+    assert marks == ([b"0/3", b"1/3", b"2/3"] if new_n == 3 else [b"0/2", b"1/2", b"retired"])
     for listed in (old, new):  # again: nothing left to move
         again = rnnserve("reshard", "--from", listed, "--to", new)
         assert again.returncode == 0 and "0 session(s) move" in again.stdout, again.stdout
@@ -115,3 +116,56 @@ def test_reshard_moves_the_sessions_the_new_list_puts_elsewhere_and_servers_go_o
     for k, i in enumerate(live):
         y = np.concatenate([before[0][i], before[1][i], tail[k]])
         assert float(np.abs(y - whole_run(repo, "feat", 1, x[i])).max()) <= 1e-5
+
+
+def wait_exit(server, timeout: float = 20.0) -> int:
+    """The exit status of a server that stops by itself."""
+    return server.proc.wait(timeout)
+
+
+def test_a_server_that_missed_a_reshard_stops_and_a_retired_shard_is_refused(
+        repo, shards, tmp_path) -> None:
+    """Three shards to two while a server on the three, holding no lease, kept running
+    (it missed the rollout): within --store-check-s it finds its list changed, drains
+    and exits with status 1, saying why; a server on the new list runs on. The shard
+    left out stays marked retired: a server that lists it is refused at start, while
+    `rnnserve reshard` run again moves nothing, and a reshard that lists it among its
+    new shards takes it again."""
+    three, two = (",".join(s.url for s in shards[:n]) for n in (3, 2))
+    stray = serve(repo, tmp_path, "stray", three, "--store-check-s", "0.3")
+    try:
+        with Client(stray.target, timeout=10) as client:
+            client.open_session("feat", session_id="before")
+            client.step("before", 0, np.zeros((STEPS, 20), np.float32), end=True)
+        done = rnnserve("reshard", "--from", three, "--to", two)
+        assert done.returncode == 0, done.stderr
+        assert shards[2].client().get("rnnserve:shard") == b"retired"
+        assert wait_exit(stray) == 1
+    finally:
+        stray.stop()
+    log = stray.log.read_text()
+    assert "but this server lists it as 0/3: the list was changed" in log, log
+    assert "This server stops (exit status 1)" in log, log
+    assert log.rstrip().endswith("stopped"), log[-500:]  # drained, as on SIGTERM
+
+    b = serve(repo, tmp_path, "b", two, "--store-check-s", "0.3")
+    try:
+        with pytest.raises(RuntimeError) as refused:
+            serve(repo, tmp_path, "old", three)
+        assert f"{shards[2].url} was dropped from its servers' list of shards" in \
+            str(refused.value), str(refused.value)
+        shards[0].client().delete("rnnserve:shard")  # as a Redis that lost its data
+        with Client(b.target, timeout=10) as client:
+            client.open_session("feat", session_id="after")
+            client.step("after", 0, np.zeros((STEPS, 20), np.float32))
+        time.sleep(1)
+        assert b.proc.poll() is None  # checked its marks a few times meanwhile
+        assert shards[0].client().get("rnnserve:shard") == b"0/2"  # and left it again
+    finally:
+        assert b.stop() == 0
+    again = rnnserve("reshard", "--from", three, "--to", two)
+    assert again.returncode == 0 and "0 session(s) move" in again.stdout, again.stdout
+    back = rnnserve("reshard", "--from", two, "--to", three)
+    assert back.returncode == 0, back.stderr
+    assert [s.client().get("rnnserve:shard") for s in shards] == [b"0/3", b"1/3", b"2/3"]
+    assert serve(repo, tmp_path, "c", three).stop() == 0

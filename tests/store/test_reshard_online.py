@@ -342,3 +342,51 @@ def test_once_the_resharding_ended_a_dropped_shard_may_be_gone(shards) -> None:
     asyncio.run(open_one())
     home = shards[shard_of(sid, 2)].client()
     assert home.hget(f"rnnserve:{{{sid}}}:s", "data") == b"first"
+
+
+def test_a_server_left_on_the_old_list_stops_once_the_resharding_ends(
+        repo, shards, tmp_path) -> None:
+    """Three shards to two, online, while a server on the old list alone missed the
+    rollout. It serves on while the resharding runs (a session handed off meanwhile is
+    refused it) and, holding no lease, does not hold up `reshard --online`; once that
+    ends, the third shard retired, the server finds its list changed within
+    --store-check-s, drains and exits with status 1. The resharding's server runs on
+    through the end, one started after the end with both lists still starts, and a
+    resharding back to three shards takes the retired one again."""
+    old, new = (",".join(s.url for s in shards[:n]) for n in (3, 2))
+    sid = next(f"miss-{i}" for i in range(100) if shard_of(f"miss-{i}", 3) == 2)
+    work = Sessions([sid], seed=83)
+    check = ("--store-check-s", "0.3")
+    stray = serve(repo, tmp_path, "stray", old, "--lease-s", "1", *check)
+    n = None
+    try:
+        with Client(stray.target, timeout=10) as on_stray:
+            on_stray.open_session("feat", session_id=sid)
+            work.step(on_stray, sid)
+            n = serve(repo, tmp_path, "n", new, "--session-store-from", old, *check)
+            time.sleep(1.2)  # the stray's lease lapses
+            with Client(n.target, timeout=10) as on_n:
+                work.step(on_n, sid)  # handed off from the third shard
+            err = refused(on_stray.step, sid, 1, work.chunk(sid))
+            assert err.code() == grpc.StatusCode.ABORTED, err.details()
+            assert stray.proc.poll() is None  # the resharding is under way: serves on
+        done = rnnserve("reshard", "--from", old, "--to", new, "--online")
+        assert done.returncode == 0, done.stderr
+        assert [s.client().get("rnnserve:shard") for s in shards] == \
+            [b"0/2", b"1/2", b"retired"]
+        assert stray.proc.wait(20) == 1
+        log = stray.log.read_text()
+        assert "the list was changed (`rnnserve reshard`) since this server started" in log
+        late = serve(repo, tmp_path, "late", new, "--session-store-from", old, *check)
+        assert late.stop() == 0
+        with Client(n.target, timeout=10) as on_n:
+            work.step(on_n, sid, end=True)
+        assert n.proc.poll() is None
+    finally:
+        stray.stop()
+        if n is not None:
+            assert n.stop() == 0
+    work.check(repo)
+    back = serve(repo, tmp_path, "back", old, "--session-store-from", new)
+    assert back.stop() == 0
+    assert [s.client().get("rnnserve:shard") for s in shards] == [b"0/2", b"1/2", b"2/3"]
