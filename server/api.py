@@ -387,8 +387,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 x = from_tensor(req.chunks)
             except TensorError as exc:
                 raise InvalidChunk(str(exc)) from None
+            runtime = self.core.registry.get(req.model, req.version or None)
+            rpc_model(runtime.name, runtime.version)  # the stream's: its last request's
             if self.max_answer_bytes and x.ndim >= 2:
-                runtime = self.core.registry.get(req.model, req.version or None)
                 size = len(sids) * runtime.answer_bytes(x.shape[1])
                 if size > self.max_answer_bytes:
                     raise InvalidChunk(

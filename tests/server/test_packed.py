@@ -64,8 +64,8 @@ def test_packed_sessions_stream_exactly_in_blocks(server, repo) -> None:
     assert _delta(before, after, "rnnserve_queue_wait_seconds_count") == steps
     batches = _delta(before, after, "rnnserve_batch_size_count")
     assert batches < steps / 4, f"{steps} steps in {batches} runs"
-    assert metric_value(after, "rnnserve_requests_total", method="StreamPacked",
-                        code="OK") >= 1
+    assert _delta(before, after, "rnnserve_requests_total", method="StreamPacked",
+                  code="OK", model="feat", version="1") == 1  # labelled by its model
     assert metric_value(after, "rnnserve_state_bytes") == 0  # every session ended
 
 
