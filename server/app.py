@@ -47,6 +47,9 @@ log = logging.getLogger("rnnserve.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 LINGER_S = 0.25  # after the last RPC of a drain ends, before connections close
+# The exit status of a server that stopped itself because a reshard changed its list of
+# shards while it ran (``_watch_store``): a supervisor (``--workers``) stops with it too.
+EXIT_STORE_CHANGED = 3
 
 
 def _read(path: Path) -> bytes:
@@ -297,10 +300,15 @@ class RnnServer:
         opens where none will find them. Then it stops itself (``failed``)."""
         while True:
             await asyncio.sleep(every_s)
-            why = await shared.recheck()
+            try:
+                why = await shared.recheck()
+            except Exception:  # a bug: keep checking rather than stop unseen
+                log.exception("checking the session store's shards failed")
+                continue
             if why is not None:
-                log.error("%s. This server stops (exit status 1) rather than serve "
-                          "sessions from a list of shards the others no longer use", why)
+                log.error("%s. This server stops (exit status %d) rather than serve "
+                          "sessions from a list of shards the others no longer use", why,
+                          EXIT_STORE_CHANGED)
                 self.failure = why
                 self.failed.set()
                 return
@@ -329,6 +337,8 @@ class RnnServer:
     async def stop(self) -> None:
         """Drain: NOT_SERVING, no new sessions, in-flight chunks answered, then stop."""
         grace = self.settings.shutdown_grace_s
+        if self._watcher is not None:
+            self._watcher.cancel()  # a check during the drain would change its status
         log.info("shutting down: answering in-flight chunks (grace %.1fs)", grace)
         await self.health.enter_graceful_shutdown()
         self.core.accepting = False
@@ -346,9 +356,8 @@ class RnnServer:
             await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
         await self.server.stop(0)
         self._reaper.cancel()
-        for task in (self._trimmer, self._watcher):
-            if task is not None:
-                task.cancel()
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         for b in self.batchers.values():
             await b.stop()
         if self.shared is not None:
@@ -394,7 +403,7 @@ async def serve(settings: Settings, worker: Worker | None = None,
     for task in stopping:
         task.cancel()
     await server.stop()
-    return 1 if server.failure is not None else 0
+    return EXIT_STORE_CHANGED if server.failure is not None else 0
 
 
 def log_to_stderr(tag: str = "") -> None:

@@ -227,10 +227,12 @@ class Resharder:
     def mark(self, offline: bool = True) -> None:
         """Every new shard gets its place; an old shard left out is marked retired.
         ``offline``: the record of an online resharding that ended goes too (a later
-        one between the same lists is a new one)."""
+        one between the same lists is a new one), but from the new list's shards only:
+        a retired shard keeps it, so that servers still on that resharding's lists
+        (``--session-store-from``) go on accepting it as retired."""
         n = len(self.new)
         if offline:
-            for url in self.shards:
+            for url in self.new:
                 self._call(url, lambda c: c.delete(f"{self.prefix}:resharding"))
         for url in self.old:  # a server that still lists it is refused
             if url not in self.new:

@@ -138,7 +138,7 @@ class Settings(BaseSettings):
     """How often the server reads each shard's mark of its place again (0: only at
     start): a server whose list of shards a reshard has changed since it started
     (it lists a retired shard, or one in another place) drains and exits with status
-    1, rather than serve sessions where the other servers no longer look."""
+    3, rather than serve sessions where the other servers no longer look."""
     tls_cert_file: Path | None = None
     """PEM certificate (chain) of the server: gRPC over TLS (needs tls_key_file)."""
     tls_key_file: Path | None = None

@@ -212,11 +212,11 @@ RETIRED = "retired"
 # KEYS: the mark of the store's place, the resharding under way. ARGV: the mark to
 # leave where none is ('' for none), the id of the online resharding this server takes
 # part in ('' for none): it is claimed where none is under way (none, or one ended:
-# "done ID"), and '1' where the mark may replace a retired one. Returns both keys'
-# values ('' for none).
+# "done ID"), and the retired mark (RETIRED) where the mark may replace it ('' where
+# not). Returns both keys' values ('' for none).
 _PLACED = """
 if ARGV[1] ~= '' then
-  if ARGV[3] == '1' and redis.call('GET', KEYS[1]) == 'retired' then
+  if ARGV[3] ~= '' and redis.call('GET', KEYS[1]) == ARGV[3] then
     redis.call('SET', KEYS[1], ARGV[1])
   else
     redis.call('SET', KEYS[1], ARGV[1], 'NX')
@@ -370,12 +370,14 @@ class RedisStore:
         if found == RETIRED:
             if claim is None and under_way == f"done {self.resharding}":
                 return None  # an old shard this server's own resharding dropped
+            if self.marks.reuse and not marks_only:
+                return None  # a shard this resharding adds: its claim takes it again
             return (f"the session store at {self.url} was dropped from its servers' list "
                     "of shards by `rnnserve reshard` (its key "
                     f"{self.prefix}:shard is {RETIRED!r}), but this server still lists it "
-                    f"as shard {want} (index/count): run it with the list the other servers "
-                    "run with (--session-store). A resharding that lists that Redis among "
-                    "its new shards takes it again")
+                    f"as shard {want} (index/count): run it with the shards the other "
+                    "servers run with now. A resharding that lists that Redis among its "
+                    "new shards takes it again")
         if under_way is not None and not under_way.startswith("done ") \
                 and under_way != self.resharding and not marks_only:
             return (f"the session store at {self.url} is being resharded online "
@@ -405,7 +407,7 @@ class RedisStore:
         ``reuse``: ``claim_mark`` replaces a retired mark too."""
         keys = [f"{self.prefix}:shard", f"{self.prefix}:resharding"]
         got = await self._call("ping", lambda: self._placed_script(
-            keys=keys, args=[claim_mark, claim_resharding, "1" if reuse else ""]),
+            keys=keys, args=[claim_mark, claim_resharding, RETIRED if reuse else ""]),
             placed=True)
         found, under_way = (_text(v) or None for v in got)
         return found, under_way
@@ -422,8 +424,7 @@ class RedisStore:
                 raise wrong(self._wrong)
             if self._placed:
                 return
-            found, under_way = await self.read_place(self.marks.claim or "",
-                                                     reuse=self.marks.reuse)
+            found, under_way = await self.read_place(self.marks.claim or "")
             why = self._misplaced(found, under_way)
             if why is None and claim:
                 why = await self._claimed(found, under_way)
@@ -434,27 +435,27 @@ class RedisStore:
             raise wrong(self._wrong)
 
     async def recheck(self) -> str | None:
-        """Read the store's mark of its place again (leaving this server's where none
-        is, as at the start): why this server must no longer use it, when a reshard
-        gave the shards another list since the server started (``--store-check-s``);
-        None when the mark is still one it accepts, or when the store does not answer
-        (that is for its uses to tell), or has not been found in its place yet (its
-        first use checks it, as at the start). A retired mark is never replaced here:
-        only a server that starts in a resharding that adds the shard takes it again."""
-        if not self._placed:
-            return None
+        """Read the store's mark of its place again, writing nothing: why this server
+        must no longer use it, when a reshard gave the shards another list since the
+        server started (``--store-check-s``); None when the mark is one it accepts,
+        when there is none (a Redis that lost its data: the next server to start marks
+        it), or when the store does not answer (that is for its uses to tell)."""
         try:
-            found, under_way = await self.read_place(self.marks.claim or "")
+            found, under_way = await self.read_place()
         except StoreUnavailable:
             return None
-        return self._misplaced(found, under_way, marks_only=True)
+        return None if found is None else self._misplaced(found, under_way, marks_only=True)
 
     async def _claimed(self, found: str | None, under_way: str | None) -> str | None:
         """Claim this server's online resharding here, if it takes part in one that is
-        not claimed yet; why not, if another was claimed meanwhile."""
-        if not self.resharding or under_way in (self.resharding, f"done {self.resharding}"):
+        not claimed yet, and this server's mark where the store is retired (a shard the
+        resharding adds: ``Marks.reuse``); why not, if another was claimed meanwhile."""
+        retired = found == RETIRED
+        if not retired and (not self.resharding
+                            or under_way in (self.resharding, f"done {self.resharding}")):
             return None
-        _, under_way = await self.read_place(claim_resharding=self.resharding)
+        found, under_way = await self.read_place(
+            (self.marks.claim or "") if retired else "", self.resharding, reuse=retired)
         return self._misplaced(found, under_way)
 
     async def claim_resharding(self) -> None:
@@ -932,9 +933,11 @@ class MovingStore:
             raise StoreUnavailable("; ".join(failed))
 
     async def recheck(self) -> str | None:
-        """``RedisStore.recheck`` of every shard of both lists (of the new one alone
-        once the resharding has ended)."""
+        """``RedisStore.recheck`` of every shard of both lists, of the new one alone
+        once the resharding has ended (the old shards may be gone then)."""
         stores = self.new.shards if isinstance(self.new, ShardedStore) else [self.new]
+        if not self._done:
+            await self._ended(stores[0])
         return await _first_reason([*stores, *(() if self._done else self.old.values())])
 
     async def close(self) -> None:

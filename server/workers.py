@@ -17,7 +17,10 @@ new connections over them. This process supervises them:
   (then, at the start, this process exits with an error; later, it is started again),
   or one serving whose event loop sent no heartbeat for ``worker_hang_s``;
 - SIGTERM or SIGINT drains every worker (each as ``rnnserve serve`` alone would) and
-  exits 0 when they all stopped cleanly; a worker whose supervisor dies drains itself.
+  exits 0 when they all stopped cleanly; a worker whose supervisor dies drains itself;
+- a worker that stopped itself because a reshard changed the list of shards under it
+  (``EXIT_STORE_CHANGED``) is not started again: every worker is drained, and this
+  process exits with that status (started again, it would be refused at once).
 
 A session lives in the worker that opened it. Calls on the connection that opened it
 (a stream, or one client's channel) reach it; a call on a new connection reaches any
@@ -61,7 +64,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rnnserve.cli import EXIT_ERROR
 from rnnserve.errors import RnnserveError, UsageError
-from rnnserve.server.app import Worker, log_to_stderr, serve, server_name
+from rnnserve.server.app import EXIT_STORE_CHANGED, Worker, log_to_stderr, serve, server_name
 from rnnserve.server.settings import Settings
 
 log = logging.getLogger("rnnserve.workers")
@@ -180,6 +183,7 @@ class Supervisor:
         self.port = settings.grpc_port
         self.owner = server_name()
         self.stopping = threading.Event()
+        self.failure: int | None = None  # a worker's status that stops them all
         self._ctx = multiprocessing.get_context("spawn")
         self._lock: int | None = None  # the port's lock file (see hold_port)
         disable_created_metrics()  # no *_created series, as in the workers (app.py)
@@ -375,6 +379,13 @@ class Supervisor:
     def _died(self, slot: _Slot, now: float) -> None:
         assert slot.proc is not None
         slot.proc.join()
+        if slot.proc.exitcode == EXIT_STORE_CHANGED:
+            log.error("worker %d (pid %d) stopped: the list of shards changed under it "
+                      "(its log says how); stopping every worker", slot.index, slot.proc.pid)
+            self.up.labels(str(slot.index)).set(0)
+            self.failure = EXIT_STORE_CHANGED
+            self.stopping.set()
+            return
         young = slot.serving is None or now - slot.serving < YOUNG_S
         slot.pause = min(MAX_PAUSE_S, slot.pause * 2) if young else 1.0
         log.error("worker %d (pid %d) exited with status %s; starting it again in %.0fs "
@@ -468,7 +479,8 @@ def supervise(settings: Settings) -> int:
         print(json.dumps(ready), flush=True)
         sup.watch()
         log.info("shutting down %d workers", sup.count)
-        return sup.stop()
+        status = sup.stop()
+        return sup.failure or status
     finally:
         httpd.shutdown()
         httpd.server_close()

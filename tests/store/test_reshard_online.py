@@ -350,7 +350,7 @@ def test_a_server_left_on_the_old_list_stops_once_the_resharding_ends(
     rollout. It serves on while the resharding runs (a session handed off meanwhile is
     refused it) and, holding no lease, does not hold up `reshard --online`; once that
     ends, the third shard retired, the server finds its list changed within
-    --store-check-s, drains and exits with status 1. The resharding's server runs on
+    --store-check-s, drains and exits with status 3. The resharding's server runs on
     through the end, one started after the end with both lists still starts, and a
     resharding back to three shards takes the retired one again."""
     old, new = (",".join(s.url for s in shards[:n]) for n in (3, 2))
@@ -374,7 +374,7 @@ def test_a_server_left_on_the_old_list_stops_once_the_resharding_ends(
         assert done.returncode == 0, done.stderr
         assert [s.client().get("rnnserve:shard") for s in shards] == \
             [b"0/2", b"1/2", b"retired"]
-        assert stray.proc.wait(20) == 1
+        assert stray.proc.wait(20) == 3
         log = stray.log.read_text()
         assert "the list was changed (`rnnserve reshard`) since this server started" in log
         late = serve(repo, tmp_path, "late", new, "--session-store-from", old, *check)
