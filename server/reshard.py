@@ -234,16 +234,16 @@ class Resharder:
         if offline:
             for url in self.new:
                 self._call(url, lambda c: c.delete(f"{self.prefix}:resharding"))
-        for url in self.old:  # a server that still lists it is refused
-            if url not in self.new:
-                self._call(url, lambda c: c.set(self._mark(), RETIRED))
-        for j, url in enumerate(self.new):
-            place = f"{j}/{n}"
+        for j, url in enumerate(self.new):  # first: a server still on the old list
+            place = f"{j}/{n}"  # that checks meanwhile sees its list changed here
 
             def put(c: redis.Redis, place: str = place) -> Any:
                 return c.set(self._mark(), place)
 
             self._call(url, put)
+        for url in self.old:  # a server that still lists it is refused
+            if url not in self.new:
+                self._call(url, lambda c: c.set(self._mark(), RETIRED))
 
 
 def reshard(old: list[str], new: list[str], *, prefix: str = "rnnserve",

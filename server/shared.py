@@ -394,7 +394,7 @@ class RedisStore:
                        if accept != {want} else "")
                     + (": the list was changed (`rnnserve reshard`) since this server "
                        "started; run it with the list the other servers run with now"
-                       if marks_only else
+                       if marks_only and self._placed else
                        ": every server must list the same shards in the same order. To "
                        "change the list, run `rnnserve reshard --from OLD --to NEW`: it "
                        "moves the sessions the new list puts elsewhere (with the servers "
@@ -444,7 +444,9 @@ class RedisStore:
             found, under_way = await self.read_place()
         except StoreUnavailable:
             return None
-        return None if found is None else self._misplaced(found, under_way, marks_only=True)
+        if found is None or (found == RETIRED and self.marks.reuse and not self._placed):
+            return None  # (a shard this resharding adds: its first use takes it)
+        return self._misplaced(found, under_way, marks_only=True)
 
     async def _claimed(self, found: str | None, under_way: str | None) -> str | None:
         """Claim this server's online resharding here, if it takes part in one that is
@@ -454,8 +456,8 @@ class RedisStore:
         if not retired and (not self.resharding
                             or under_way in (self.resharding, f"done {self.resharding}")):
             return None
-        found, under_way = await self.read_place(
-            (self.marks.claim or "") if retired else "", self.resharding, reuse=retired)
+        found, under_way = await self.read_place(self.marks.claim or "", self.resharding,
+                                                 reuse=retired)
         return self._misplaced(found, under_way)
 
     async def claim_resharding(self) -> None:
@@ -464,8 +466,12 @@ class RedisStore:
         async with self._placing:
             if not self._placed:
                 return  # checked (and claimed) before its first use
-            found, under_way = await self.read_place()
-            why = await self._claimed(found, under_way)
+            try:
+                found, under_way = await self.read_place()
+                why = await self._claimed(found, under_way)
+            except StoreUnavailable:
+                self._placed = False  # so checked and claimed before its first use
+                raise
             if why is not None:
                 self._placed = False
                 self._wrong = why
@@ -888,6 +894,9 @@ class MovingStore:
                                   timeout_s=timeout_s, prefix=prefix,
                                   resharding=self.resharding)
         self.new = _open(urls, upsert=upsert, on_op=on_op, marks=new_marks, **kw)
+        # the new list as a plain store, for a server started after the resharding ended
+        self._plain = lambda: _open(urls, upsert=upsert, on_op=on_op,
+                                    **{**kw, "resharding": ""})
         self.old = {  # read and handed off only; a shard dropped from the list loses
             url: RedisStore(  # its mark when the resharding ends
                 url, on_op=None if on_op is None else on_op(f"from{j}"), place=(j, m),
@@ -915,9 +924,16 @@ class MovingStore:
         in no other resharding (``RedisStore.ping``: ``StoreMisconfigured`` if not), and
         only then is this one claimed on them: a server misconfigured leaves no trace. A
         shard that does not answer is checked (and claimed) before its first use
-        (``StoreUnavailable`` names it)."""
-        stores = [*(self.new.shards if isinstance(self.new, ShardedStore) else [self.new]),
-                  *self.old.values()]
+        (``StoreUnavailable`` names it). A server started after the resharding ended
+        (a shard of the new list says so) serves the new list as a plain store: it
+        leaves a shard that lost its data the new list's mark, not the old one's, and
+        claims no resharding there again."""
+        if await self._ended_on(self._new_stores()):
+            await self.new.close()
+            self.new = self._plain()
+            await self.new.ping()
+            return
+        stores = [*self._new_stores(), *self.old.values()]
         results = await asyncio.gather(*(s.ping(claim=False) for s in stores),
                                        return_exceptions=True)
         for r in results:
@@ -935,10 +951,30 @@ class MovingStore:
     async def recheck(self) -> str | None:
         """``RedisStore.recheck`` of every shard of both lists, of the new one alone
         once the resharding has ended (the old shards may be gone then)."""
-        stores = self.new.shards if isinstance(self.new, ShardedStore) else [self.new]
+        stores = self._new_stores()
         if not self._done:
-            await self._ended(stores[0])
+            await self._ended_on(stores)
         return await _first_reason([*stores, *(() if self._done else self.old.values())])
+
+    def _new_stores(self) -> list[RedisStore]:
+        return self.new.shards if isinstance(self.new, ShardedStore) else [self.new]
+
+    async def _ended_on(self, stores: list[RedisStore]) -> bool:
+        """Whether the resharding ended (``reshard --online`` writes "done ID") as one
+        of these shards says (one that lost its data, or does not answer, cannot):
+        then the old shards may be gone for good."""
+        for store in stores:
+            try:
+                _, under_way = await store.read_place()
+            except StoreUnavailable:
+                continue
+            if under_way == f"done {self.resharding}":
+                self._done = True
+                log.info("the online resharding %s has ended: the old list of shards is "
+                         "not looked at any more (drop --session-store-from)",
+                         self.resharding)
+                return True
+        return False
 
     async def close(self) -> None:
         await asyncio.gather(self.new.close(), *(s.close() for s in self.old.values()))
@@ -959,7 +995,7 @@ class MovingStore:
                 return None
             wrote = await dst.restore(sid, moved, lease=lease)
         except StoreUnavailable as exc:
-            if await self._ended(dst):
+            if await self._ended_on([dst]):
                 return None
             raise StoreUnsure(f"{exc} (session {sid!r} is being moved to another shard by "
                               "an online resharding)") from None
@@ -977,19 +1013,6 @@ class MovingStore:
                      dst.url)
             return moved
         return None
-
-    async def _ended(self, dst: RedisStore) -> bool:
-        """Whether the resharding ended (``reshard --online`` writes "done ID"): then the
-        old shards may be gone for good."""
-        try:
-            _, under_way = await dst.read_place()
-        except StoreUnavailable:
-            return False
-        self._done = under_way == f"done {self.resharding}"
-        if self._done:
-            log.info("the online resharding %s has ended: the old list of shards is not "
-                     "looked at any more (drop --session-store-from)", self.resharding)
-        return self._done
 
     async def create(self, sid: str, data: bytes) -> None:
         """A session of an id its old shard still holds is handed off first: the create

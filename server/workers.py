@@ -419,6 +419,8 @@ class Supervisor:
                 log.error("%s (pid %s) exited with status %s", proc.name, proc.pid,
                           proc.exitcode)
                 status = 1
+                if proc.exitcode == EXIT_STORE_CHANGED:  # also one stopping meanwhile
+                    self.failure = EXIT_STORE_CHANGED
         for slot in self.slots:
             if slot.conn is not None:
                 slot.conn.close()

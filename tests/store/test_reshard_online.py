@@ -351,8 +351,11 @@ def test_a_server_left_on_the_old_list_stops_once_the_resharding_ends(
     refused it) and, holding no lease, does not hold up `reshard --online`; once that
     ends, the third shard retired, the server finds its list changed within
     --store-check-s, drains and exits with status 3. The resharding's server runs on
-    through the end, one started after the end with both lists still starts, and a
-    resharding back to three shards takes the retired one again."""
+    through the end; one started after the end with both lists starts, and serves the
+    new list alone: a shard that lost its marks gets the new list's, and no resharding
+    is claimed again. A resharding back to three shards takes the retired one again,
+    also when that shard does not answer as its servers start (a check that finds it
+    retired meanwhile leaves it to its first use, which takes it)."""
     old, new = (",".join(s.url for s in shards[:n]) for n in (3, 2))
     sid = next(f"miss-{i}" for i in range(100) if shard_of(f"miss-{i}", 3) == 2)
     work = Sessions([sid], seed=83)
@@ -377,8 +380,11 @@ def test_a_server_left_on_the_old_list_stops_once_the_resharding_ends(
         assert stray.proc.wait(20) == 3
         log = stray.log.read_text()
         assert "the list was changed (`rnnserve reshard`) since this server started" in log
+        shards[0].client().delete("rnnserve:shard", "rnnserve:resharding")  # as emptied
         late = serve(repo, tmp_path, "late", new, "--session-store-from", old, *check)
         assert late.stop() == 0
+        assert shards[0].client().get("rnnserve:shard") == b"0/2"  # the new list's
+        assert shards[0].client().get("rnnserve:resharding") is None
         with Client(n.target, timeout=10) as on_n:
             work.step(on_n, sid, end=True)
         assert n.proc.poll() is None
@@ -387,6 +393,19 @@ def test_a_server_left_on_the_old_list_stops_once_the_resharding_ends(
         if n is not None:
             assert n.stop() == 0
     work.check(repo)
-    back = serve(repo, tmp_path, "back", old, "--session-store-from", new)
-    assert back.stop() == 0
+    there = next(f"back-{i}" for i in range(100) if shard_of(f"back-{i}", 3) == 2)
+    shards[2].client().execute_command("CLIENT", "PAUSE", "4000")
+    paused = time.monotonic()
+    back = serve(repo, tmp_path, "back", old, "--session-store-from", new, *check)
+    try:
+        assert "unreachable at start" in back.log.read_text()
+        time.sleep(max(0.0, 4.6 - (time.monotonic() - paused)))
+        assert back.proc.poll() is None  # checked it, retired, meanwhile
+        assert shards[2].client().get("rnnserve:shard") == b"retired"
+        with Client(back.target, timeout=10) as on_back:
+            on_back.open_session("feat", session_id=there)  # its first use
+            time.sleep(0.7)
+        assert back.proc.poll() is None
+    finally:
+        assert back.stop() == 0
     assert [s.client().get("rnnserve:shard") for s in shards] == [b"0/2", b"1/2", b"2/3"]
