@@ -387,6 +387,9 @@ class RedisStore:
                     + ": until `rnnserve reshard --online` ends it, every server must "
                     "run with the same --session-store NEW and --session-store-from OLD "
                     "(docs/sessions.md, \"Resharding online\")")
+        ours = (self.resharding, f"done {self.resharding}")
+        if marks_only and self._placed and found == claim != want and under_way not in ours:
+            accept = accept - {found}  # a later reshard gave it the old place again
         if not (found in accept or (found is None and claim is None)):
             return (f"the session store at {self.url} is shard {found} (index/count) of "
                     f"its servers' list of shards, but this server lists it as {want}"
@@ -928,7 +931,7 @@ class MovingStore:
         (a shard of the new list says so) serves the new list as a plain store: it
         leaves a shard that lost its data the new list's mark, not the old one's, and
         claims no resharding there again."""
-        if await self._ended_on(self._new_stores()):
+        if await self._ended_on([*self._new_stores(), *self.old.values()]):
             await self.new.close()
             self.new = self._plain()
             await self.new.ping()
@@ -965,10 +968,11 @@ class MovingStore:
         then the old shards may be gone for good."""
         for store in stores:
             try:
-                _, under_way = await store.read_place()
+                found, under_way = await store.read_place()
             except StoreUnavailable:
                 continue
-            if under_way == f"done {self.resharding}":
+            if under_way == f"done {self.resharding}" and (found != RETIRED
+                                                           or store.marks.claim is None):
                 self._done = True
                 log.info("the online resharding %s has ended: the old list of shards is "
                          "not looked at any more (drop --session-store-from)",

@@ -409,3 +409,39 @@ def test_a_server_left_on_the_old_list_stops_once_the_resharding_ends(
     finally:
         assert back.stop() == 0
     assert [s.client().get("rnnserve:shard") for s in shards] == [b"0/2", b"1/2", b"2/3"]
+
+
+def test_a_check_tells_a_later_reshard_from_the_old_place_of_a_shard(shards) -> None:
+    """A server that ran an online resharding from two shards to one, and keeps
+    running with --session-store-from after it ended, accepts the old list's mark of
+    the shard of both lists only while that shard holds the resharding's record: a
+    later offline reshard to two shards gives that shard its old place again, and the
+    server's check says its list changed (it is not on the new one)."""
+    import asyncio
+
+    from rnnserve.server.shared import MovingStore
+
+    r0, r1, r2 = shards
+    old, new = [r0.url, r1.url], [r0.url]
+    moving = resharding_id(old, new)
+
+    async def main() -> list[str | None]:
+        store = MovingStore(new, old, owner="c|0", ttl_s=60, lease_s=5)
+        try:
+            await store.ping()  # the first server: marks and claims
+            said = [await store.recheck()]
+            for s, mark in ((r0, "0/1"), (r1, "retired")):  # `reshard --online` ends
+                s.client().set("rnnserve:resharding", f"done {moving}")
+                s.client().set("rnnserve:shard", mark)
+            said.append(await store.recheck())
+            r0.client().set("rnnserve:shard", "0/2")  # offline, [r0] to [r0, r2]
+            r0.client().delete("rnnserve:resharding")
+            r2.client().set("rnnserve:shard", "1/2")
+            said.append(await store.recheck())
+            return said
+        finally:
+            await store.close()
+
+    before, ended, later = asyncio.run(main())
+    assert before is None and ended is None
+    assert later is not None and "is shard 0/2" in later and "lists it as 0/1" in later
