@@ -213,20 +213,21 @@ RETIRED = "retired"
 # leave where none is ('' for none), the id of the online resharding this server takes
 # part in ('' for none): it is claimed where none is under way (none, or one ended:
 # "done ID"), and the retired mark (RETIRED) where the mark may replace it ('' where
-# not). Returns both keys' values ('' for none).
+# not): only once that resharding is the one under way there (a refused claim leaves
+# the shard retired). Returns both keys' values ('' for none).
 _PLACED = """
-if ARGV[1] ~= '' then
-  if ARGV[3] ~= '' and redis.call('GET', KEYS[1]) == ARGV[3] then
-    redis.call('SET', KEYS[1], ARGV[1])
-  else
-    redis.call('SET', KEYS[1], ARGV[1], 'NX')
-  end
-end
 local r = redis.call('GET', KEYS[2])
 if ARGV[2] ~= '' and (not r or (string.sub(r, 1, 5) == 'done '
                                  and r ~= 'done ' .. ARGV[2])) then
   redis.call('SET', KEYS[2], ARGV[2])
   r = ARGV[2]
+end
+if ARGV[1] ~= '' then
+  if ARGV[3] ~= '' and r == ARGV[2] and redis.call('GET', KEYS[1]) == ARGV[3] then
+    redis.call('SET', KEYS[1], ARGV[1])
+  else
+    redis.call('SET', KEYS[1], ARGV[1], 'NX')
+  end
 end
 return {redis.call('GET', KEYS[1]) or '', r or ''}
 """

@@ -472,7 +472,7 @@ def supervise(settings: Settings) -> int:
         failed = sup.start()
         if failed is not None:
             status = sup.stop()
-            return failed or status
+            return sup.failure or failed or status
         ready = {"event": "ready", "grpc_port": sup.port,
                  "metrics_port": httpd.server_port, "host": settings.host,
                  "workers": [s.proc.pid for s in sup.slots if s.proc is not None]}
