@@ -367,11 +367,12 @@ class RedisStore:
         that started after this server did (``recheck``: a server still on the old list
         serves on while it runs, refused each session handed off)."""
         want = f"{self.place[0]}/{self.place[1]}"
-        claim, accept, _ = self.marks
+        claim, accept, reuse = self.marks
+        changed = marks_only and self._placed  # a check of a store found in place
         if found == RETIRED:
             if claim is None and under_way == f"done {self.resharding}":
                 return None  # an old shard this server's own resharding dropped
-            if self.marks.reuse and not marks_only:
+            if reuse and not changed:
                 return None  # a shard this resharding adds: its claim takes it again
             return (f"the session store at {self.url} was dropped from its servers' list "
                     "of shards by `rnnserve reshard` (its key "
@@ -389,7 +390,7 @@ class RedisStore:
                     "run with the same --session-store NEW and --session-store-from OLD "
                     "(docs/sessions.md, \"Resharding online\")")
         ours = (self.resharding, f"done {self.resharding}")
-        if marks_only and self._placed and found == claim != want and under_way not in ours:
+        if changed and found == claim != want and under_way not in ours:
             accept = accept - {found}  # a later reshard gave it the old place again
         if not (found in accept or (found is None and claim is None)):
             return (f"the session store at {self.url} is shard {found} (index/count) of "
@@ -398,7 +399,7 @@ class RedisStore:
                        if accept != {want} else "")
                     + (": the list was changed (`rnnserve reshard`) since this server "
                        "started; run it with the list the other servers run with now"
-                       if marks_only and self._placed else
+                       if changed else
                        ": every server must list the same shards in the same order. To "
                        "change the list, run `rnnserve reshard --from OLD --to NEW`: it "
                        "moves the sessions the new list puts elsewhere (with the servers "
@@ -448,9 +449,7 @@ class RedisStore:
             found, under_way = await self.read_place()
         except StoreUnavailable:
             return None
-        if found is None or (found == RETIRED and self.marks.reuse and not self._placed):
-            return None  # (a shard this resharding adds: its first use takes it)
-        return self._misplaced(found, under_way, marks_only=True)
+        return None if found is None else self._misplaced(found, under_way, marks_only=True)
 
     async def _claimed(self, found: str | None, under_way: str | None) -> str | None:
         """Claim this server's online resharding here, if it takes part in one that is
@@ -972,6 +971,8 @@ class MovingStore:
                 found, under_way = await store.read_place()
             except StoreUnavailable:
                 continue
+            # a retired shard of the new list (a resharding repeated after a reshard
+            # back) keeps an earlier end's record; an old one keeps this end's
             if under_way == f"done {self.resharding}" and (found != RETIRED
                                                            or store.marks.claim is None):
                 self._done = True
