@@ -42,7 +42,7 @@ from rnnserve.server.errors import (
     ShuttingDown,
     StoreUnavailable,
 )
-from rnnserve.server.identity import principal
+from rnnserve.server.identity import escaped, principal
 from rnnserve.server.pool import ZERO, PoolState
 from rnnserve.server.runtime import ModelRegistry, ModelRuntime
 from rnnserve.server.sessions import (
@@ -313,6 +313,7 @@ class Core:
                                "open the session on another replica")
         runtime = self.registry.get(model, version or None)
         sid = session_id or uuid.uuid4().hex
+        self._check_scope(sid)
         if self.store.peek(sid) is not None:
             raise SessionExists(f"session {sid!r} already exists; resume it or pick another id")
         self.admit(runtime, new_session=True)
@@ -338,6 +339,21 @@ class Core:
             raise
         session.opened_at = time.perf_counter()
         return session, runtime
+
+    def _check_scope(self, sid: str) -> None:
+        """With authentication, an id of the form ``MODEL/LABEL@PRINCIPAL`` (a served
+        model's name) is an Open Inference Protocol sequence of that principal
+        (``oip.sequence_session``): no other principal may open it, or it could hold
+        the ids another tenant's sequences take (they are numbered, not random)."""
+        who = principal()
+        head, at, tail = sid.rpartition("@")
+        if not who or not at or tail == escaped(who):
+            return
+        model, slash, _ = head.partition("/")
+        if slash and any(r.name == model for r in self.registry):
+            raise SessionForbidden(f"session id {sid!r} is of the form MODEL/LABEL@PRINCIPAL, "
+                                   "which names another principal's Open Inference Protocol "
+                                   "sequence; pick another id")
 
     async def undo_open(self, session: Session) -> None:
         """End a session whose own request opened it and then failed (a StreamMany item

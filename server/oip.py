@@ -56,7 +56,7 @@ from rnnserve.server.errors import (
     InvalidChunk,
     SessionExists,
 )
-from rnnserve.server.identity import principal
+from rnnserve.server.identity import principal, scoped
 from rnnserve.server.interceptor import rpc_model
 from rnnserve.server.runtime import ANSWER_OVERHEAD, ModelRuntime
 from rnnserve.server.sessions import Session
@@ -83,7 +83,9 @@ def sequence_params(req: pb.ModelInferRequest) -> SequenceParams:
         if isinstance(value, bool) or isinstance(value, float):
             raise InvalidChunk("parameter sequence_id must be an integer or a string")
         if isinstance(value, int) and value < 0:
-            raise InvalidChunk(f"parameter sequence_id must not be negative, got {value}")
+            # an unsigned id sent as int64_param (Triton's clients keep the id as a
+            # uint64 and send it so; Triton reads it back as one): the same sequence
+            value += 1 << 64
         label = "" if value in (None, 0) else str(value)
     flags = []
     for key in ("sequence_start", "sequence_end"):
@@ -171,15 +173,16 @@ def classify(a: np.ndarray, k: int, labels: tuple[str, ...] | None) -> np.ndarra
     return out
 
 
-def input_rows(req: pb.ModelInferRequest, runtime: ModelRuntime, max_rows: int | None
-               ) -> list[ChunkInput]:
+def input_rows(req: pb.ModelInferRequest, runtime: ModelRuntime, max_rows: int | None,
+               outputs: list[OutputRequest]) -> list[ChunkInput]:
     """The request's one input, split into one chunk per batch row.
 
     Shapes are [batch, time, *frame]; a byte-level text model also takes BYTES of
     shape [batch] or [batch, 1], one byte string per row. ``max_rows`` is the most rows
     a stateless request may have (None: a request of a sequence, one row). The rows
     are counted and refused before any is split off: a request without data ([N, 0,
-    20]) would else cost N chunks' work.
+    20]) would else cost N chunks' work; so are rows whose ``outputs``, encoded as
+    requested, would not fit one answer (``_check_answer``).
     """
     meta = runtime.meta.input
     frame = [int(d) for d in meta.shape[2:]]
@@ -212,7 +215,7 @@ def input_rows(req: pb.ModelInferRequest, runtime: ModelRuntime, max_rows: int |
         if len(lengths) > 1:
             raise InvalidChunk("the strings of one request must have the same length in "
                                "bytes (their outputs form one tensor); send them apart")
-        _check_answer(runtime, x.shape[0], lengths.pop())
+        _check_answer(runtime, outputs, x.shape[0], lengths.pop())
         return [ChunkInput(array=np.frombuffer(b, dtype=np.uint8)) for b in x.reshape(-1)]
     if t.datatype != want_type or x.ndim != 2 + len(frame) or list(x.shape[2:]) != frame:
         raise InvalidChunk(f"model {runtime.name!r} input {meta.name!r} takes {want}; got "
@@ -220,7 +223,7 @@ def input_rows(req: pb.ModelInferRequest, runtime: ModelRuntime, max_rows: int |
     _check_rows(runtime, x.shape[0], max_rows)
     if x.shape[1] < 1:
         raise InvalidChunk("the input's time dimension is 0; send at least one time step")
-    _check_answer(runtime, x.shape[0], x.shape[1])
+    _check_answer(runtime, outputs, x.shape[0], x.shape[1])
     return [ChunkInput(array=row) for row in x]
 
 
@@ -238,19 +241,68 @@ def _check_rows(runtime: ModelRuntime, rows: int, max_rows: int | None) -> None:
                            "request")
 
 
-def _check_answer(runtime: ModelRuntime, rows: int, steps: int) -> None:
-    """A stateless request is answered in one message holding every row's outputs: one
-    that could not be sent is refused before any row runs. (A row too long on its own
-    is refused by the runtime's check, which says how many steps fit.)"""
+# The bytes one element of an answer may take, past its raw size: typed integers are
+# varints (a negative one takes 10 bytes, whatever its width), and a classification
+# entry (Triton's "score:index[:label]") is counted at the widest its score may print
+# (``%f`` of the dtype's lowest value) plus its 4-byte length.
+def _typed_bytes(dtype: np.dtype) -> int:
+    return 10 if dtype.kind in "iu" else dtype.itemsize
+
+
+def _score_chars(dtype: np.dtype) -> int:
+    lowest = np.finfo(dtype).min if dtype.kind == "f" else \
+        np.iinfo(dtype).min if dtype.kind in "iu" else 0
+    return len(f"{float(lowest):f}")
+
+
+def answer_bytes(runtime: ModelRuntime, outputs: list[OutputRequest], steps: int) -> int:
+    """The most bytes one row's requested outputs take in an answer to a chunk of
+    ``steps`` input steps, in the encoding they will be sent in (``_response``)."""
+    meta = {o.name: o for o in runtime.meta.outputs}
+    shapes = dict(zip(runtime.data_output_names, runtime.output_row_shapes(steps),
+                      strict=True))
+    typed = all(o.typed for o in outputs) and all(
+        o.classes or DATATYPES[datatype_of(shapes[o.name][1])][1] is not None
+        for o in outputs)
+    total = 0
+    for o in outputs:
+        shape, dtype = shapes[o.name]
+        n = int(np.prod(shape, dtype=np.int64))
+        if o.classes:
+            classes = shape[-1] if shape else 1
+            labels = meta[o.name].labels
+            entry = 4 + _score_chars(dtype) + 1 + len(str(max(classes - 1, 0))) + (
+                1 + max(len(x.encode()) for x in labels) if labels else 0)
+            total += (n // max(classes, 1)) * min(o.classes, classes) * entry
+        else:
+            total += n * (_typed_bytes(dtype) if typed else dtype.itemsize)
+    return total
+
+
+def _check_answer(runtime: ModelRuntime, outputs: list[OutputRequest], rows: int,
+                  steps: int) -> None:
+    """A request is answered in one message holding every row's outputs, as requested
+    (classified, typed or raw): one that could not be sent is refused before any row
+    runs, and before a sequence moves on."""
     limit = runtime.options.max_answer_bytes
-    one = runtime.answer_bytes(steps)
-    if not limit or one > limit or rows * one <= limit:
+    if not limit:
         return
-    raise InvalidChunk(f"model {runtime.name!r}: {rows} rows of {steps} steps would be "
-                       f"answered with {rows * one} bytes of outputs in one message, more "
-                       f"than it may carry ({limit + ANSWER_OVERHEAD} bytes, "
-                       f"--max-message-bytes); send at most {limit // one} such rows per "
-                       "request")
+    one = answer_bytes(runtime, outputs, steps)
+    carry = f"more than a message may carry ({limit + ANSWER_OVERHEAD} bytes, " \
+        "--max-message-bytes)"
+    if one > limit:
+        hop = runtime.meta.input.hop_samples or 1
+        fixed, per = answer_bytes(runtime, outputs, 0), answer_bytes(runtime, outputs, hop)
+        fit = max(0, (limit - fixed) // max(per - fixed, 1)) * hop
+        raise InvalidChunk(f"model {runtime.name!r}: a chunk of {steps} steps would be "
+                           f"answered with up to {one} bytes of the outputs requested, "
+                           f"{carry}; send chunks of at most {fit} steps, or ask for fewer "
+                           "outputs or classes")
+    if rows * one > limit:
+        raise InvalidChunk(f"model {runtime.name!r}: {rows} rows of {steps} steps would be "
+                           f"answered with up to {rows * one} bytes of outputs in one "
+                           f"message, {carry}; send at most {limit // one} such rows per "
+                           "request")
 
 
 def expiry(req: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> float | None:
@@ -277,9 +329,7 @@ def sequence_session(model: str, label: str) -> str:
     principals' ids meet). Each principal has ids of its own: two tenants may both run
     sequence 1, as Triton clients that number their sequences from 1 do."""
     who = principal()
-    if not who:
-        return f"{model}/{label}"
-    return f"{model}/{label}@{who.replace('%', '%25').replace('@', '%40')}"
+    return scoped(f"{model}/{label}", who) if who else f"{model}/{label}"
 
 
 def routing_check(context: grpc.aio.ServicerContext, label: str) -> None:
@@ -380,7 +430,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             expires = expiry(req, context)
             if not seq.label:
                 outputs = requested_outputs(req, runtime)
-                rows = input_rows(req, runtime, self._max_rows(runtime))
+                rows = input_rows(req, runtime, self._max_rows(runtime), outputs)
         except CoreError as exc:
             self.core.rejected(runtime, exc, API)
             raise
@@ -402,7 +452,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         sequence runs on."""
         try:
             outputs = requested_outputs(req, runtime)
-            (chunk,) = input_rows(req, runtime, None)
+            (chunk,) = input_rows(req, runtime, None, outputs)
         except CoreError as exc:
             self.core.rejected(runtime, exc, API)
             raise

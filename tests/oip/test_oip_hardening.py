@@ -14,7 +14,7 @@ from rnnserve.client import OWN_CONNECTION
 from rnnserve.client.bench import RedisProcess
 from rnnserve.protos.inference import grpc_service_pb2 as pb
 from rnnserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
-from rnnserve.protos.oip import encode_bytes_elements
+from rnnserve.protos.oip import decode_bytes_elements, encode_bytes_elements
 
 from ..server.serving import metric_value, start_server
 from .test_protocol import logits, reference, refused, request
@@ -93,13 +93,64 @@ def test_a_stateless_request_fits_the_queue_and_one_answer(tight, repo) -> None:
     # text: 256 FP32 logits a byte, 16 KiB a row of 16 bytes; 60 KiB fit the answer
     u8 = RNG.integers(0, 256, (8, 16), dtype=np.uint8)
     refused(lambda: tight.ModelInfer(request(u8, "text", datatype="UINT8")), BAD,
-            "8 rows of 16 steps would be answered with 131072 bytes",
+            "8 rows of 16 steps would be answered with up to 131072 bytes",
             "--max-message-bytes", "at most 3 such rows")
     refused(lambda: tight.ModelInfer(strings([bytes(row) for row in u8])), BAD,
             "at most 3 such rows")
     got = logits(tight.ModelInfer(request(u8[:3], "text", datatype="UINT8")))
     np.testing.assert_allclose(got, reference(repo, "text", u8[:3], version=2), atol=1e-5,
                                rtol=0)
+
+
+def classified(x: np.ndarray, classes: int, **params: object) -> pb.ModelInferRequest:
+    """A text request asking for the top ``classes`` of its logits (classification)."""
+    r = request(x, "text", datatype="UINT8", **params)
+    r.outputs.add(name="logits").parameters["classification"].int64_param = classes
+    return r
+
+
+def test_classified_answers_are_bounded_before_anything_runs(tight, repo) -> None:
+    """Triton's classification strings are larger than the logits they rank (256 of
+    them a byte here): a chunk whose strings could not be sent in one message is
+    refused before it runs, so its sequence does not move on and a live one goes on
+    from where it was (these 20 bytes' strings take some 80 KiB, where the logits take
+    20 KiB of the 64 KiB allowed)."""
+    u8 = RNG.integers(0, 256, (1, 24), dtype=np.uint8)
+    want = reference(repo, "text", u8, version=2)[0]
+    first = tight.ModelInfer(classified(u8[:, :4], 256, sequence_id="cls",
+                                        sequence_start=True))
+    (out,) = first.outputs
+    assert out.datatype == "BYTES" and list(out.shape) == [1, 4, 256]
+    entries = decode_bytes_elements(first.raw_output_contents[0], "logits")
+    for t in range(4):
+        ranked = [int(e.split(b":")[1]) for e in entries[256 * t:256 * (t + 1)]]
+        assert ranked == list(np.argsort(-want[t], kind="stable"))
+    refused(lambda: tight.ModelInfer(classified(u8[:, 4:24], 256, sequence_id="cls")), BAD,
+            "a chunk of 20 steps would be answered with up to", "--max-message-bytes",
+            "at most 4 steps", "fewer outputs or classes")
+    refused(lambda: tight.ModelInfer(classified(np.repeat(u8[:, :4], 2, axis=0), 256)), BAD,
+            "2 rows of 4 steps", "at most 1 such rows")
+    refused(lambda: tight.ModelInfer(classified(u8[:, 4:24], 256, sequence_id="new",
+                                                sequence_start=True)), BAD, "at most 4 steps")
+    refused(lambda: tight.ModelInfer(request(u8[:, 4:6], "text", datatype="UINT8",
+                                             sequence_id="new")), BAD, START_FLAG)
+    top = tight.ModelInfer(classified(u8[:, 4:24], 1, sequence_id="cls"))
+    ranked = [int(e.split(b":")[1])
+              for e in decode_bytes_elements(top.raw_output_contents[0], "logits")]
+    assert ranked == list(want[4:24].argmax(axis=-1))  # went on from the 4th byte
+
+
+def test_an_unsigned_id_sent_as_int64_is_one_sequence(stub, repo) -> None:
+    """Triton's clients keep a sequence id as a uint64 and send it as int64_param, so an
+    id of 2**63 or more arrives negative: it is the same sequence as the id sent as
+    uint64_param, as Triton reads it."""
+    x = RNG.standard_normal((1, 4, 20)).astype(np.float32)
+    big = 2**63 + 5
+    first = stub.ModelInfer(request(x[:, :2], sequence_id=big - 2**64, sequence_start=True))
+    r = request(x[:, 2:], sequence_end=True)
+    r.parameters["sequence_id"].uint64_param = big
+    got = np.concatenate([logits(first), logits(stub.ModelInfer(r))], axis=1)
+    np.testing.assert_allclose(got, reference(repo, "feat", x), atol=1e-5, rtol=0)
 
 
 def test_a_start_whose_step_fails_leaves_no_sequence(stub, repo) -> None:

@@ -176,8 +176,8 @@ def test_each_principal_has_sequence_ids_of_its_own(repo, tmp_path) -> None:
     """Open Inference Protocol sequence ids are scoped per principal: Alice and Bob both
     run sequence 1 of the same model, interleaved, each exactly as if alone. Bob cannot
     continue Alice's sequence (he has none of that id, and is told nothing of hers: not
-    its version), nor reach it by its session id on the native API; a principal whose
-    name holds '@' cannot meet another's ids."""
+    its version), nor reach it by its session id on the native API, nor open that id
+    first; a principal whose name holds '@' cannot meet another's ids."""
     from ..oip.test_protocol import logits, request
 
     bob_token, odd_token = "bob-token-0123456789", "odd-token-0123456789"
@@ -245,6 +245,22 @@ def test_each_principal_has_sequence_ids_of_its_own(repo, tmp_path) -> None:
                     again.step(sid, k, xa[2 * k:2 * k + 2])
                 expect = again.step(sid, 3, xa[:1], end=True)["logits"]
             np.testing.assert_array_equal(tail, expect)
+            # nor can Alice take Bob's sequence ids ahead of him on the native API (they
+            # are numbered: she could hold his sequence 7 for as long as she liked);
+            # ids of her own of that form are hers to open
+            with pytest.raises(grpc.RpcError) as info:
+                alice.open_session("feat", session_id="feat/7@bob")
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "another principal's Open Inference Protocol sequence" in \
+                info.value.details()
+            alice.close_session(alice.open_session("feat", session_id="feat/7@alice")
+                                .session_id)
+            alice.close_session(alice.open_session("feat", session_id="x/7@bob").session_id)
+            with grpc.insecure_channel(srv.target) as channel:
+                first = logits(oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                    request(xb[None, :2], sequence_id=7, sequence_start=True,
+                            sequence_end=True), metadata=as_bob))
+            np.testing.assert_array_equal(first[0], want_b[:2])
     finally:
         assert srv.stop() == 0
 
