@@ -21,7 +21,6 @@ models, raw byte values for text models) or a numpy array shaped (time, *frame).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -289,7 +288,20 @@ class StreamSession:
         apply it. A send on a stream that failed so resumes the session where
         ``reconnect_s`` allows, else raises ConnectionError."""
         seq = self.next_seq
-        chunk = make_chunk(seq, data, end, pcm16=self.pcm16, timeout_ms=timeout_ms)
+        try:
+            result = await self._send(seq, make_chunk(seq, data, end, pcm16=self.pcm16,
+                                                      timeout_ms=timeout_ms), end)
+        except BaseException:
+            # a resume on the way may have said the server is past this chunk (it ran,
+            # its answer was lost): the chunk is still the one to send again, under its
+            # own number, and the server answers it from its stored answer; sent as the
+            # next one, its data would be applied twice
+            self.next_seq = seq
+            raise
+        self.next_seq = seq + 1
+        return outputs(result)
+
+    async def _send(self, seq: int, chunk: pb.Chunk, end: bool) -> pb.ChunkResult:
         deadline: float | None = None  # of the reconnects, from the first failure
         while True:
             try:
@@ -298,8 +310,7 @@ class StreamSession:
                                           "(an earlier failure, or a timeout)")
                 self._outbox.put_nowait(pb.StreamRequest(chunk=chunk))
                 resp = await self._read(f"to chunk {seq}", self._timeout)
-                result = resp.result
-                break
+                return resp.result
             except (grpc.aio.AioRpcError, ConnectionError) as exc:
                 if not (self._client.reconnect_s and _resumable(exc)):
                     raise
@@ -310,10 +321,7 @@ class StreamSession:
                 except grpc.aio.AioRpcError as refused:
                     if not (end and refused.code() in ENDED):
                         raise
-                    result = await self._final_answer(chunk, refused, deadline)
-                    break
-        self.next_seq = seq + 1
-        return outputs(result)
+                    return await self._final_answer(chunk, refused, deadline)
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
@@ -445,12 +453,24 @@ class _Pipelined:
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
+        """Half-close, and wait for the answers still due (the server's status with
+        them) for up to ``timeout``; past it, or when the block was left by an error,
+        the stream is cancelled. A cancellation of the caller's own task while it waits
+        is the caller's: it cancels the stream and goes on up."""
         self._outbox.put_nowait(None)  # half-close
         if et is not None:
             self._call.cancel()
-        if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        if self._reader is None:
+            return
+        try:
+            # asyncio.wait neither raises the reader's end nor cancels it on a timeout
+            done, _ = await asyncio.wait({self._reader}, timeout=self._timeout)
+        except asyncio.CancelledError:
+            self._call.cancel()
+            raise
+        if not done:  # answers still due (a send gave up on one): nothing waits on them
+            self._call.cancel()
+            await asyncio.wait({self._reader})
 
 
 class ManyStream(_Pipelined):
@@ -625,14 +645,28 @@ class AsyncClient:
         """A stream of many sessions' chunks packed in one array (see ``PackedStream``)."""
         return PackedStream(self, self.timeout)
 
+    async def _unary(self, method: str, request: Any, session_id: str = "") -> Any:
+        """A unary call on the first target that is there: with several replicas, one
+        that is gone or draining (UNAVAILABLE, as a stream moving off it just saw) is
+        passed over for the next."""
+        for i, stub in enumerate(self._stubs):
+            try:
+                return await getattr(stub, method)(request, timeout=self.timeout,
+                                                   metadata=self.metadata(session_id))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or i == len(self._stubs) - 1:
+                    raise
+        raise AssertionError("unreachable")
+
     async def close_session(self, session_id: str) -> None:
-        """End a session that will not be sent its last chunk (unary ``CloseSession``)."""
-        await self.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id),
-                                     timeout=self.timeout, metadata=self.metadata(session_id))
+        """End a session that will not be sent its last chunk (unary ``CloseSession``;
+        with several targets, on the first that is there: a replica sharing the session
+        store closes it wherever it lives)."""
+        await self._unary("CloseSession", pb.CloseSessionRequest(session_id=session_id),
+                          session_id)
 
     async def list_models(self) -> list[pb.ModelMetadata]:
-        resp = await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout,
-                                          metadata=self.metadata())
+        resp = await self._unary("ListModels", pb.ListModelsRequest())
         return list(resp.models)
 
     async def worker(self) -> tuple[int, int] | None:
@@ -707,9 +741,8 @@ class AsyncClient:
         return turns
 
     async def model_metadata(self, model: str, version: int = 0) -> pb.ModelMetadata:
-        return await self.stub.GetModelMetadata(
-            pb.GetModelMetadataRequest(model=model, version=version), timeout=self.timeout,
-            metadata=self.metadata())
+        return await self._unary("GetModelMetadata",
+                                 pb.GetModelMetadataRequest(model=model, version=version))
 
 
 class Client:

@@ -20,6 +20,7 @@ import asyncio
 import json
 import math
 import sys
+from typing import Any
 
 import grpc
 import numpy as np
@@ -50,10 +51,11 @@ async def _metadata_for(client: AsyncClient, model: str, version: int, kind: str
 
 
 async def stream_text(server: str, model: str, version: int, data: bytes, chunk_bytes: int,
-                      timeout: float) -> int:
+                      timeout: float, connect: dict[str, Any] | None = None) -> int:
+    """``connect``: AsyncClient's token and TLS arguments."""
     if not data:
         raise RnnserveError("nothing to stream: the input is empty")
-    async with AsyncClient(server, timeout=timeout) as client:
+    async with AsyncClient(server, timeout=timeout, **(connect or {})) as client:
         try:
             meta = await _metadata_for(client, model, version, "utf8_bytes",
                                        "`rnnserve stream` sends text")
@@ -105,10 +107,12 @@ def decision_rule(meta: pb.ModelMetadata) -> tuple[DecisionRule, str, float]:
 
 async def stream_audio(server: str, model: str, version: int, pcm: np.ndarray, rate: int,
                        chunk_ms: int, realtime: bool, timeout: float,
-                       show_unknown: bool = False) -> int:
+                       show_unknown: bool = False, connect: dict[str, Any] | None = None
+                       ) -> int:
     """Stream int16 audio at ``rate`` Hz (resampled to the model's rate) chunk by chunk,
-    as a microphone would; print the detections."""
-    async with AsyncClient(server, timeout=timeout) as client:
+    as a microphone would; print the detections. ``connect``: AsyncClient's token and
+    TLS arguments."""
+    async with AsyncClient(server, timeout=timeout, **(connect or {})) as client:
         try:
             meta = await _metadata_for(client, model, version, "pcm16",
                                        "`rnnserve stream --wav` sends PCM16 audio")
