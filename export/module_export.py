@@ -1,8 +1,9 @@
 """Export a PyTorch model of your own, not only those trained by ``rnnserve train``.
 
 Any ``nn.Module`` whose recurrence is one ``nn.LSTM`` or ``nn.GRU`` (any number of
-stacked layers, ``batch_first=True``, one direction) and whose ``forward`` takes and
-returns the state the way that layer does::
+stacked layers, one direction) and whose ``forward`` takes (batch, time, ...) chunks
+(a layer with ``batch_first=False`` is fine when ``forward`` transposes for it) and
+takes and returns the state the way that layer does::
 
     class Tagger(nn.Module):
         def __init__(self):
@@ -24,6 +25,10 @@ session) with a transpose inside the graph, so the module itself needs no change
 Byte models (``input_kind="utf8_bytes"``) get (batch, time) byte values as int64, as
 ``nn.Embedding`` wants them.
 
+Every session starts from a zero state. A ``forward`` whose state is optional is
+also run without it, and a module that then starts from something else (a learned
+``h0``) is refused: served, it would compute something other than ``module(x)``.
+
 The result goes through the same verification as ``rnnserve export``: ONNX against
 the module in torch, chunked streaming against whole sequences, each batch row
 against the row alone, the op types; a module that is not causal in time (one that
@@ -35,6 +40,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
+import math
 import platform
 import re
 import shlex
@@ -75,23 +82,24 @@ KINDS = ("features", "utf8_bytes")
 
 
 def recurrent_layer(module: nn.Module) -> nn.LSTM | nn.GRU:
-    """The module's one ``nn.LSTM``/``nn.GRU``, checked for what streaming needs."""
+    """The module's one ``nn.LSTM``/``nn.GRU``, checked for what streaming needs.
+
+    ``batch_first`` is not checked: a module may transpose for a seq-first layer, and
+    one that does not fails its first forward (``export_module`` then names it)."""
     found = [m for m in module.modules() if isinstance(m, nn.LSTM | nn.GRU)]
     if not found:
         raise ExportError(f"{type(module).__name__} has no nn.LSTM or nn.GRU: rnnserve "
                           "serves recurrent models whose state is such a layer's")
+    for rnn in found:  # first: no change to the module makes such a model stream
+        if rnn.bidirectional:
+            raise ExportError(f"the {type(rnn).__name__} is bidirectional: its backward "
+                              "direction needs the whole sequence, which a stream does not "
+                              "have, so rnnserve cannot serve it")
     if len(found) > 1:
         raise ExportError(f"{type(module).__name__} has {len(found)} recurrent layers; "
                           "rnnserve carries the state of one nn.LSTM or nn.GRU (stack "
                           "layers with its num_layers)")
     rnn = found[0]
-    kind = type(rnn).__name__
-    if not rnn.batch_first:
-        raise ExportError(f"the {kind} needs batch_first=True: rnnserve's chunks are "
-                          "(batch, time, ...)")
-    if rnn.bidirectional:
-        raise ExportError(f"the {kind} is bidirectional: its backward direction needs the "
-                          "whole sequence, which a stream does not have")
     if isinstance(rnn, nn.LSTM) and rnn.proj_size:
         raise ExportError("an LSTM with proj_size is not supported (h and c would differ "
                           "in size)")
@@ -113,9 +121,41 @@ class ModuleAdapter(nn.Module):
         if self.byte_input:
             x = x.long()
         native = tuple(s.transpose(0, 1).contiguous() for s in states)
-        y, new = self.module(x, native if self.lstm else native[0])
-        got = tuple(new) if self.lstm else (new,)
+        y, got = returned(self.module, self.module(x, native if self.lstm else native[0]),
+                          self.lstm)
         return y, tuple(s.transpose(0, 1) for s in got)
+
+
+def returned(module: nn.Module, out: object, lstm: bool
+             ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``(y, state)`` as ``module.forward`` returned it, the state as a tuple of tensors
+    (``(h, c)`` or ``(h,)``). Anything else is refused with what came back and what was
+    expected: unpacking it further would fail with an error that reads as if
+    ``forward`` had failed."""
+    if isinstance(out, tuple | list) and len(out) == 2:
+        y, state = out
+        if lstm and isinstance(state, tuple | list) and len(state) == 2 and all(
+                isinstance(s, torch.Tensor) for s in state):
+            return y, tuple(state)
+        if not lstm and isinstance(state, torch.Tensor):
+            return y, (state,)
+    want = "(y, (h, c)) as the LSTM does" if lstm else "(y, h) as the GRU does"
+    raise ExportError(f"{type(module).__name__}.forward returned {_shown(out)}; it must "
+                      f"return {want}: y a (batch, time, outputs) tensor, "
+                      f"{'h and c each' if lstm else 'h'} (layers, batch, hidden)")
+
+
+def _shown(value: object, depth: int = 0) -> str:
+    """A value's structure, tensors by their shapes: ``(Tensor[1, 8, 5], (Tensor[2, 1,
+    16],))``."""
+    if isinstance(value, torch.Tensor):
+        return f"Tensor[{', '.join(map(str, value.shape))}]"
+    if isinstance(value, tuple | list) and depth < 3:
+        inner = [_shown(v, depth + 1) for v in value[:4]] + (["..."] if len(value) > 4 else [])
+        if isinstance(value, list):
+            return f"[{', '.join(inner)}]"
+        return f"({', '.join(inner)}{',' if len(inner) == 1 else ''})"
+    return type(value).__name__
 
 
 P = ParamSpec("P")
@@ -161,10 +201,10 @@ def export_module(
     ``meaning`` and ``labels`` describe the output (batch, time, outputs) to clients.
     """
     repository.check_name(name)
+    rnn = recurrent_layer(module)
     if input_kind not in KINDS:
         raise ExportError(f"input_kind must be one of {KINDS}, got {input_kind!r} (PCM16 "
                           "speech models need rnnserve's front end: rnnserve train)")
-    rnn = recurrent_layer(module)
     lstm = isinstance(rnn, nn.LSTM)
     byte_input = input_kind == "utf8_bytes"
     if byte_input:
@@ -175,28 +215,36 @@ def export_module(
         x = torch.randn(DUMMY_BATCH, DUMMY_TIME, size)
         inp = InputSpec(name=DATA_INPUT, dtype="float32", shape=(BATCH, TIME, size),
                         kind=input_kind)
-    adapter = ModuleAdapter(module, lstm, byte_input).eval()
+    adapter = ModuleAdapter(module, lstm, byte_input).eval()  # the module, too
     row = (rnn.num_layers, rnn.hidden_size)
     states = tuple(torch.zeros(DUMMY_BATCH, *row) for _ in range(2 if lstm else 1))
-    try:
+    native = tuple(s.transpose(0, 1).contiguous() for s in states)
+    x_in = x.long() if byte_input else x  # as the adapter hands it over
+
+    def forward(chunk: torch.Tensor) -> object:
         with torch.no_grad():
-            y, new = adapter(x, states)
+            return module(chunk, native if lstm else native[0])
+
+    try:
+        out = forward(x_in)
     except Exception as exc:
         shape = ", ".join(map(str, x.shape))
-        raise ExportError(f"{type(module).__name__}.forward failed on a ({shape}) {x.dtype} "
-                          f"chunk and its {'(h, c)' if lstm else 'h'} state: {exc}"
-                          + ("" if byte_input or feature_size else
-                             "; give feature_size (--feature-size) if the input is not "
-                             "the layer's")) from exc
+        hints = [*_input_size_hint(forward, x, rnn, feature_size, exc),
+                 *_batch_first_hint(rnn)]
+        raise ExportError(f"{type(module).__name__}.forward failed on a ({shape}) "
+                          f"{x_in.dtype} chunk and its {'(h, c)' if lstm else 'h'} state: "
+                          f"{exc}" + "".join(f"; {h}" for h in hints)) from exc
+    y, new = returned(module, out, lstm)  # in the layer's layout: (layers, batch, hidden)
     if not isinstance(y, torch.Tensor) or y.dim() != 3 or tuple(y.shape[:2]) != \
             (DUMMY_BATCH, DUMMY_TIME) or y.dtype != torch.float32:
         got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
         raise ExportError(f"{type(module).__name__}.forward must return (y, state) with y a "
                           f"float32 (batch, time, outputs) tensor; y was {got}")
-    if any(tuple(s.shape) != (DUMMY_BATCH, *row) for s in new):
+    if any(tuple(s.shape) != (rnn.num_layers, DUMMY_BATCH, rnn.hidden_size) for s in new):
         raise ExportError(f"{type(module).__name__}.forward must return the new state in the "
                           f"layer's layout, {'(h, c)' if lstm else 'h'} of (layers, batch, "
-                          "hidden)")
+                          f"hidden); it returned {_shown(tuple(new))}")
+    _refuse_other_initial_state(module, x_in, (y, *new), lstm, tolerance)
     outputs = int(y.shape[2])
     if labels is not None and len(labels) != outputs:
         raise ExportError(f"{len(labels)} labels for {outputs} outputs")
@@ -232,6 +280,74 @@ def export_module(
 
     return publish(build, adapter, repo, name, version, source=type(module).__name__,
                    overwrite=overwrite, tolerance=tolerance, seed=seed, fp16=fp16, log=log)
+
+
+def _input_size_hint(forward: Callable[[torch.Tensor], object], x: torch.Tensor,
+                     rnn: nn.LSTM | nn.GRU, feature_size: int | None,
+                     exc: Exception) -> list[str]:
+    """When ``forward`` failed because the features per step are not the ones it takes:
+    the size it takes. Only a size the error names is tried, and named only when
+    ``forward`` then runs: a failure of any other kind gets no hint about sizes."""
+    if x.dim() != 3:
+        return []  # byte values: no feature size to get wrong
+    size = int(x.shape[2])
+    named = dict.fromkeys(int(n) for n in re.findall(r"(?<![\d.])\d{1,6}(?![\d.])", str(exc)))
+    for n in [n for n in named if 0 < n != size][:8]:
+        try:
+            forward(torch.randn(x.shape[0], x.shape[1], n))
+        except Exception:
+            continue
+        given = (f"the feature_size {size} given" if feature_size else
+                 f"{size} (the {type(rnn).__name__}'s input size, taken when feature_size "
+                 "is not given)")
+        return [f"it runs on {n} features per step, not {given}: give feature_size={n} "
+                f"(--feature-size {n})"]
+    return []
+
+
+def _batch_first_hint(rnn: nn.LSTM | nn.GRU) -> list[str]:
+    """A seq-first layer in a module that does not transpose for it fails on the
+    traced chunk (batch 1, time 8: the state's batch is not the layer's)."""
+    if rnn.batch_first:
+        return []
+    return [f"its {type(rnn).__name__} has batch_first=False, while rnnserve gives forward "
+            "(batch, time, ...) chunks: transpose them to (time, batch, ...) for the layer "
+            "and its output back in forward, or build the layer with batch_first=True"]
+
+
+def _refuse_other_initial_state(module: nn.Module, x: torch.Tensor,
+                                from_zeros: tuple[torch.Tensor, ...], lstm: bool,
+                                tolerance: float) -> None:
+    """A ``forward`` whose state may be left out is run without it, and refused when it
+    then starts from something other than zeros (a learned ``h0``, say): rnnserve
+    starts every session from a zero state, so the server would compute something else
+    than ``module(x)``, although every check against torch (given the state) passes."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if len(params) < 2 or params[1].default is inspect.Parameter.empty:
+        return  # the state is always given: the caller chooses it, zeros in rnnserve
+    name, param = type(module).__name__, params[1].name
+    try:
+        with torch.no_grad():
+            y, new = returned(module, module(x), lstm)
+    except Exception:
+        return  # it cannot run without a state after all
+    diff = 0.0
+    for got, want in zip((y, *new), from_zeros, strict=True):
+        diff = max(diff, float((got.double() - want.double()).abs().max())
+                   if isinstance(got, torch.Tensor) and got.shape == want.shape else math.inf)
+    if diff > 0 and not diff <= tolerance:
+        state = "h and c" if lstm else "h"
+        raise ExportError(
+            f"{name}.forward without a state ({name}(x), {param}={params[1].default!r}) does "
+            f"not start from zeros: its output and state differ by {diff:.2e} from those from a "
+            f"zero state (tolerance {tolerance:g}). rnnserve starts every session from a zero "
+            f"state, so the server would not compute what {name}(x) does. Fold the initial "
+            f"state into the module, so that a zero state means it (run the "
+            f"{'LSTM' if lstm else 'GRU'} from {state} + h0 and return the new state "
+            f"minus h0), or start from zeros in torch too ({param}=zeros)")
 
 
 def load_module(spec: str, weights: str | Path) -> nn.Module:

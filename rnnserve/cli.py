@@ -120,10 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--version", type=_positive, dest="model_version",
                    help="version number (default: one past the highest)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing version")
-    e.add_argument("--tolerance", type=float, default=1e-5, help="largest difference allowed")
+    e.add_argument("--tolerance", type=float, default=1e-5,
+                   help="largest difference allowed (default 1e-5); with --fp16 it applies "
+                   "to the fp32 graph, verified before the conversion")
     e.add_argument("--fp16", action="store_true",
                    help="recurrent layers and their states in half precision (for GPUs), "
-                   "verified within 1e-2 x max(1, largest |reference|)")
+                   "the input, front end, output layer and outputs in fp32: the fp32 graph "
+                   "is verified first (within --tolerance), then the fp16 graph within "
+                   "1e-2 x max(1, largest |reference|) for each output and state, against "
+                   "torch also x max(1, feature scale / 10)")
     own = e.add_argument_group("a model of your own (README: Your own PyTorch model)")
     own.add_argument("--module", metavar="PACKAGE.MODULE:NAME",
                    help="your nn.Module: a class or factory called without arguments, "
@@ -146,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--module", help="a model of one's own: compare with this module "
                    "(package.module:Name, importable from here) holding the --checkpoint "
                    "weights")
-    v.add_argument("--tolerance", type=float, default=1e-5)
+    v.add_argument("--tolerance", type=float,
+                   help="largest difference allowed (default 1e-5); not for an fp16 model, "
+                   "whose bound is relative (see export --fp16)")
     v.add_argument("--cases", type=_positive, default=8, help="random cases to run")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--no-write", action="store_true", help="leave the model file untouched")
@@ -177,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--chunk-bytes", type=_positive, default=16, help="bytes per chunk")
     st.add_argument("--timeout", type=float, default=30.0,
                     help="seconds to wait for each chunk's answer (default 30)")
+    st.add_argument("--token-file",
+                    help="file holding the bearer token to send (a server with "
+                    "--tokens-file); default: $RNNSERVE_TOKEN when set")
+    st.add_argument("--tls-ca-file",
+                    help="PEM CA certificate(s) to verify a TLS server with (connects over "
+                    "TLS)")
+    st.add_argument("--tls-cert-file", help="PEM client certificate (mutual TLS)")
+    st.add_argument("--tls-key-file", help="PEM private key of --tls-cert-file")
     st.set_defaults(func=_cmd_stream)
 
     sy = sub.add_parser("say", help="synthesize speech with espeak-ng into a 16 kHz WAV file "
@@ -327,11 +342,37 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run(settings)
 
 
+def _connection(args: argparse.Namespace) -> dict[str, Any]:
+    """AsyncClient's token and TLS arguments from ``stream``'s flags (the token from a
+    file or the environment, not the command line, where other users may read it)."""
+    def read(flag: str, path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise RnnserveError(f"cannot read {flag} {path!r}: {exc.strerror}") from exc
+
+    if (args.tls_cert_file is None) != (args.tls_key_file is None):
+        raise RnnserveError("--tls-cert-file and --tls-key-file go together")
+    raw = read("--token-file", args.token_file)
+    token = raw.decode(errors="replace").strip() if raw is not None else \
+        os.environ.get("RNNSERVE_TOKEN", "").strip()
+    if raw is not None and not token:
+        raise RnnserveError(f"--token-file {args.token_file!r} is empty")
+    return {"token": token or None,
+            "root_certificates": read("--tls-ca-file", args.tls_ca_file),
+            "certificate_chain": read("--tls-cert-file", args.tls_cert_file),
+            "private_key": read("--tls-key-file", args.tls_key_file)}
+
+
 def _cmd_stream(args: argparse.Namespace) -> int:
     import asyncio
 
     from rnnserve.client.stream import stream_audio, stream_text
 
+    connect = _connection(args)
     if args.wav is not None:
         if args.file is not None:
             raise RnnserveError("give either a text file or --wav, not both")
@@ -340,7 +381,7 @@ def _cmd_stream(args: argparse.Namespace) -> int:
         pcm, rate = read_wav(args.wav)
         return asyncio.run(stream_audio(args.server, args.model, args.model_version, pcm, rate,
                                         args.chunk_ms, not args.fast, args.timeout,
-                                        args.show_unknown))
+                                        args.show_unknown, connect))
 
     if args.file is None:
         data = sys.stdin.buffer.read()
@@ -351,7 +392,7 @@ def _cmd_stream(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise RnnserveError(f"cannot read {args.file!r}: {exc.strerror}") from exc
     return asyncio.run(stream_text(args.server, args.model, args.model_version, data,
-                                   args.chunk_bytes, args.timeout))
+                                   args.chunk_bytes, args.timeout, connect))
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -402,3 +402,29 @@ def test_verify_hands_the_torch_model_back_in_its_modes(tmp_path, make_checkpoin
     report = verify_file(mv.path, model=model, write=False, log=_quiet)
     assert report.passed and report.torch_parity == "run"
     assert [m.training for m in model.modules()] == before
+
+
+# 10. a verify without the torch model keeps the torch figures it did not measure
+
+def test_a_plain_verify_keeps_the_torch_figures_of_the_export(tmp_path, capsys) -> None:
+    """`rnnserve verify DIR` of a model of one's own does not compare with torch (it
+    never imports what a model file names): the figures the export measured stay in
+    the record, with when, through any number of such runs."""
+    torch.manual_seed(0)
+    mv = export_module(Branchy(branch=False), tmp_path / "repo", "b", log=_quiet)
+    exported = json.loads(_props(mv.path)["rnnserve.verification"])
+    figures = ("max_abs_diff_vs_torch", "torch_float32_vs_float64", "onnx_vs_float64")
+    assert exported["torch_parity"] == "run" and all(
+        isinstance(exported[k], float) for k in figures)
+    for _ in range(2):
+        assert cli_main(["verify", str(tmp_path / "repo" / "b"), "--cases", "2"]) == 0
+        v = json.loads(_props(mv.path)["rnnserve.verification"])
+        assert v["passed"] and v["cases"] == 2 and v["verified_at"] >= exported["verified_at"]
+        assert {k: v[k] for k in figures} == {k: exported[k] for k in figures}
+        assert v["torch_figures_from"] == {"verified_at": exported["verified_at"],
+                                           "torch_parity": "run", "passed": True}
+        assert v["torch_parity"].startswith("skipped: no checkpoint given; the torch "
+                                            "figures are kept from the verification at "
+                                            f"{exported['verified_at']}")
+    assert f"kept from the verification at {exported['verified_at']}" in \
+        capsys.readouterr().err

@@ -194,8 +194,10 @@ class _FlatOutput(_Layer):
 @pytest.mark.parametrize(("module", "kw", "match"), [
     (_NoRnn(), {}, "has no nn.LSTM or nn.GRU"),
     (_TwoRnns(), {}, "has 2 recurrent layers"),
-    (_Layer(batch_first=False), {}, "needs batch_first=True"),
+    (_Layer(batch_first=False), {}, r"forward failed.*its GRU has batch_first=False.*"
+                                    r"transpose"),
     (_Layer(batch_first=True, bidirectional=True), {}, "is bidirectional"),
+    (_Layer(batch_first=False, bidirectional=True), {}, "GRU is bidirectional"),
     (_FlatOutput(batch_first=True), {}, r"float32 \(batch, time, outputs\) tensor; y was "
                                         r"\(1, 8\)"),
     (_Layer(batch_first=True), {"input_kind": "pcm16"}, "input_kind must be one of"),
@@ -207,6 +209,114 @@ def test_modules_that_cannot_stream_are_refused_with_the_reason(tmp_path, module
     with pytest.raises(ExportError, match=match):
         export_module(module, tmp_path / "repo", "m", log=_quiet, **kw)
     assert not (tmp_path / "repo").exists()  # refused before anything was written
+
+
+class LearnedH0(nn.Module):
+    """A GRU that starts from a learned state when none is given, a common pattern;
+    ``fold``: the state kept relative to that h0, so that a zero state means it."""
+
+    def __init__(self, fold: bool = False) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(8, 16, num_layers=2, batch_first=True)
+        self.h0 = nn.Parameter(torch.randn(2, 1, 16))
+        self.head = nn.Linear(16, 5)
+        self.fold = fold
+
+    def forward(self, x, h=None):
+        if self.fold:
+            start = self.h0.expand(-1, x.shape[0], -1) if h is None else h + self.h0
+            y, h = self.rnn(x, start.contiguous())
+            return self.head(y), h - self.h0
+        if h is None:
+            h = self.h0.expand(-1, x.shape[0], -1).contiguous()
+        y, h = self.rnn(x, h)
+        return self.head(y), h
+
+
+def test_a_module_starting_from_a_learned_state_is_refused_and_its_folded_form_serves(
+        tmp_path) -> None:
+    """Every session starts from zeros: a module whose ``forward(x)`` starts from a
+    learned h0 would pass every check given the state and still be served other
+    outputs than ``module(x)``. It is refused before anything is written; the folded
+    form the message proposes is exported and computes ``module(x)`` from zeros."""
+    torch.manual_seed(11)
+    repo = tmp_path / "repo"
+    learned = LearnedH0()
+    with pytest.raises(ExportError, match=r"LearnedH0.forward without a state \(LearnedH0"
+                                          r"\(x\), h=None\) does not start from zeros") as err:
+        export_module(learned, repo, "h0", log=_quiet)
+    assert "starts every session from a zero state" in str(err.value)
+    assert "Fold the initial state into the module" in str(err.value)
+    assert not repo.exists()
+
+    folded = LearnedH0(fold=True)
+    folded.load_state_dict(learned.state_dict())
+    mv = export_module(folded, repo, "folded", log=_quiet)
+    x = torch.randn(1, 23, 8)
+    with torch.no_grad():
+        want = learned.eval()(x)[0][0].numpy()  # as the user runs it: no state
+    sess = ort.InferenceSession(str(mv.path), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], {"input": x.numpy(),
+                                "h_in": np.zeros((1, 2, 16), dtype=np.float32)})[0][0]
+    assert float(np.abs(got - want).max()) <= 1e-5
+
+
+class SeqFirst(nn.Module):
+    """A seq-first LSTM (``batch_first=False``) that ``forward`` transposes for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(8, 16, num_layers=2)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x, state):
+        y, state = self.rnn(x.transpose(0, 1), state)
+        return self.head(y.transpose(0, 1)), state
+
+
+def test_a_seq_first_layer_exports_when_forward_transposes_for_it(tmp_path) -> None:
+    torch.manual_seed(12)
+    module = SeqFirst()
+    mv = export_module(module, tmp_path / "repo", "seq", log=_quiet)
+    x = np.random.default_rng(13).standard_normal((29, 8)).astype(np.float32)
+    sess = ort.InferenceSession(str(mv.path), providers=["CPUExecutionProvider"])
+    zeros = np.zeros((1, 2, 16), dtype=np.float32)
+    got = sess.run(["logits"], {"input": x[None], "h_in": zeros, "c_in": zeros})[0][0]
+    want = _torch_whole(module, torch.from_numpy(x), lstm=True)
+    assert float(np.abs(got - want).max()) <= 1e-5
+
+
+class _NeedsSpeaker(_Layer):
+    def forward(self, x, h, speaker):  # an input rnnserve does not give
+        y, h = self.rnn(x, h)
+        return y + speaker, h
+
+
+class _WrappedGruState(_Layer):
+    def forward(self, x, h):
+        y, h = self.rnn(x, h)
+        return y, (h,)  # wrapped as an LSTM's (h, c) would be
+
+
+def test_forward_failures_are_told_for_what_they_are(tmp_path) -> None:
+    """The feature size is named only when it is what failed (then with the size the
+    module runs on); a return of another shape is told as such, not as a failure of
+    ``forward``."""
+    repo = tmp_path / "repo"
+    with pytest.raises(ExportError, match=r"forward failed.*; it runs on 40 features per "
+                                          r"step, not 32 \(the LSTM's input size.*give "
+                                          r"feature_size=40 \(--feature-size 40\)"):
+        export_module(Tagger(), repo, "t", log=_quiet)
+    with pytest.raises(ExportError, match="forward failed") as err:
+        export_module(_NeedsSpeaker(batch_first=True), repo, "s", log=_quiet)
+    assert "'speaker'" in str(err.value) and "feature" not in str(err.value)
+    with pytest.raises(ExportError) as err:
+        export_module(_WrappedGruState(batch_first=True), repo, "g", log=_quiet)
+    assert "forward failed" not in str(err.value)
+    assert ("_WrappedGruState.forward returned (Tensor[1, 8, 8], (Tensor[1, 1, 8],)); it "
+            "must return (y, h) as the GRU does: y a (batch, time, outputs) tensor, h "
+            "(layers, batch, hidden)") in str(err.value)
+    assert not repo.exists()
 
 
 def test_a_module_that_looks_at_the_whole_chunk_fails_verification_and_is_not_published(

@@ -4,18 +4,24 @@ verified within their own bound, served through the state pool like fp32 models.
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, numpy_helper
+from torch import nn
 
+from rnnserve.cli import main as cli_main
 from rnnserve.client import AsyncClient
 from rnnserve.errors import VerificationError
+from rnnserve.export import repository
 from rnnserve.export.fp16 import to_fp16
 from rnnserve.export.metadata import ModelMetadata
+from rnnserve.export.module_export import export_module
 from rnnserve.export.onnx_export import export_checkpoint, set_metadata, write_model_atomically
 from rnnserve.export.verify import FP16_RTOL, fp16_bound, verify_file
 from rnnserve.server.runtime import ModelRuntime, RuntimeOptions
@@ -153,3 +159,94 @@ def test_a_server_streams_an_fp16_model_within_its_bound(make_checkpoint, tmp_pa
         assert float(np.abs(y - want).max()) <= fp16_bound(want)
     held = metric_value(text, "rnnserve_state_bytes", model="f16")
     assert held == 0 and metric_value(text, "rnnserve_state_pool_rows") == 0
+
+
+class LeakyNorm(nn.Module):
+    """An LSTM tagger whose output loses ``k`` times its mean over the chunk: not causal
+    in time. ``big_cell``: gates set so that the cell state grows by about 1 a step."""
+
+    def __init__(self, k: float, big_cell: bool = False) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(8, 16, num_layers=1 if big_cell else 2, batch_first=True)
+        self.head = nn.Linear(16, 5)
+        self.k = k
+        if big_cell:
+            with torch.no_grad():
+                self.rnn.bias_ih_l0[:32] = 20.0  # input and forget gates open
+                self.rnn.bias_ih_l0[32:48] = 3.0  # the candidate near +1
+
+    def forward(self, x, state):
+        y, state = self.rnn(x, state)
+        return self.head(y - self.k * y.mean(dim=1, keepdim=True)), state
+
+
+def test_an_fp16_export_verifies_the_fp32_graph_first_and_refuses_what_is_not_causal(
+        tmp_path) -> None:
+    """A module that looks a little at the whole chunk changes its outputs by less than
+    fp16's bound; the fp32 graph's check, at 1e-5 and before any conversion, refuses
+    it and nothing is published. A causal module's fp16 record keeps that check."""
+    torch.manual_seed(1)
+    repo = tmp_path / "repo"
+    lines: list[str] = []
+    with pytest.raises(VerificationError, match=r"verification of the fp32 graph, before its "
+                                                r"fp16 conversion, failed: chunked vs whole"):
+        export_module(LeakyNorm(0.02), repo, "leaky", fp16=True, log=lines.append)
+    assert list(repo.iterdir()) == []  # no version, no staging left
+    [failed] = [line for line in lines if line.startswith("verify FAILED")]
+    found = re.search(r"chunked vs whole ([0-9.e+-]+),", failed)
+    assert found is not None and 1e-5 < float(found.group(1)) < FP16_RTOL  # fp16 passes it
+
+    mv = export_module(LeakyNorm(0.0), repo, "causal", fp16=True, log=_quiet)
+    v = _meta(mv.path).verification
+    assert v["passed"] and v["precision"] == "fp16" and v["tolerance"] is None
+    first = v["fp32_graph"]
+    assert first["passed"] and first["tolerance"] == 1e-5 and first["torch_parity"] == "run"
+    assert first["max_abs_diff_chunked_vs_whole"] <= 1e-5 and first["cases"] == 8
+    assert cli_main(["verify", str(mv.path), "--cases", "2"]) == 0  # cannot rerun it: kept
+    assert _meta(mv.path).verification["fp32_graph"] == first
+
+
+def test_an_fp16_model_bounds_each_output_and_state_by_its_own_size(tmp_path) -> None:
+    """The cell state here grows by about 1 a step while the outputs stay near 1: one
+    bound over both (1e-2 x the cell state's size) passed this module, whose outputs
+    are off by up to 4.4e-2. Each tensor has its own, and the fp16 graph is refused,
+    even when a loose --tolerance passed its fp32 graph."""
+    torch.manual_seed(0)
+    repo = tmp_path / "repo"
+    lines: list[str] = []
+    with pytest.raises(VerificationError) as err:
+        export_module(LeakyNorm(0.05, big_cell=True), repo, "big", fp16=True, tolerance=1.0,
+                      log=lines.append)
+    failures = str(err.value).split(": verification failed: ", 1)[1].split("; ")
+    assert failures and all(f.startswith("chunked vs whole") and f.endswith("(logits)")
+                            for f in failures), failures
+    assert "verify PASSED" in "\n".join(lines)  # the fp32 graph, within 1.0
+    assert list(repo.iterdir()) == []
+
+
+def test_the_tolerance_of_an_fp16_export_applies_to_its_fp32_graph(tmp_path, capsys) -> None:
+    """--tolerance with --fp16 bounds the fp32 graph, verified first, and is recorded
+    there; the fp16 graph has its own bound, and verify refuses a tolerance for it
+    rather than record one nothing applied."""
+    torch.manual_seed(2)
+    repo = tmp_path / "repo"
+    with pytest.raises(VerificationError, match="fp32 graph, before its fp16 conversion"):
+        export_module(LeakyNorm(0.0), repo, "strict", fp16=True, tolerance=-1.0, log=_quiet)
+    mv = export_module(LeakyNorm(0.0), repo, "m", fp16=True, tolerance=3e-5, log=_quiet)
+    v = _meta(mv.path).verification
+    assert v["fp32_graph"]["tolerance"] == 3e-5 and v["tolerance"] is None
+    assert [m.name for m in repository.list_models(repo)] == ["m"]
+
+    before = mv.path.read_bytes()
+    capsys.readouterr()
+    assert cli_main(["verify", str(mv.path), "--tolerance", "1e-3"]) == 1
+    err = capsys.readouterr().err
+    assert "--tolerance) does not apply to an fp16 model" in err, err
+    assert "verified its fp32 graph within 3e-05" in err and "internal error" not in err
+    assert mv.path.read_bytes() == before
+
+    with pytest.raises(SystemExit):
+        cli_main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("the fp32 graph is verified first (within --tolerance), then the fp16 graph "
+            "within 1e-2 x max(1, largest |reference|) for each output and state") in text

@@ -91,6 +91,43 @@ def test_mutual_tls_refuses_clients_without_a_certificate_from_the_ca(repo, pki,
         assert srv.stop() == 0
 
 
+def test_the_stream_command_reaches_a_server_with_mutual_tls_and_tokens(repo, pki,
+                                                                       tmp_path) -> None:
+    """`rnnserve stream` takes the CA, the client's certificate and a token (from a file
+    or $RNNSERVE_TOKEN, never the command line); without the token it says
+    UNAUTHENTICATED in one line."""
+    import os
+    import subprocess
+    import sys
+
+    from ..cli.test_cli import assert_one_line_error, rnnserve
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN} alice\n")
+    srv = start_server(repo, tmp_path / "s.log", "--tls-cert-file", str(pki / "server.pem"),
+                       "--tls-key-file", str(pki / "server.key"),
+                       "--tls-client-ca-file", str(pki / "ca.pem"), "--tokens-file",
+                       str(tokens))
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    (tmp_path / "in.txt").write_text("hello, streaming world")
+    tls = ["--tls-ca-file", str(pki / "ca.pem"), "--tls-cert-file", str(pki / "client.pem"),
+           "--tls-key-file", str(pki / "client.key")]
+    command = ["stream", str(tmp_path / "in.txt"), "--model", "text", "--server",
+               srv.target, *tls]
+    try:
+        ok = rnnserve(*command, "--token-file", str(tmp_path / "token"), timeout=120)
+        assert ok.returncode == 0, ok.stderr
+        assert "bits per byte" in ok.stdout
+        env = {**os.environ, "RNNSERVE_TOKEN": TOKEN}
+        by_env = subprocess.run([sys.executable, "-m", "rnnserve", *command],
+                                capture_output=True, text=True, env=env, timeout=120)
+        assert by_env.returncode == 0, by_env.stderr
+        assert_one_line_error(rnnserve(*command, timeout=120), "UNAUTHENTICATED")
+        assert_one_line_error(rnnserve(*command[:-2], timeout=120), "go together")
+    finally:
+        assert srv.stop() == 0
+
+
 def test_bearer_tokens_guard_both_apis_but_not_health(repo, tmp_path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"# token principal\n{TOKEN} alice\n{'x' * 20} bob\n")
