@@ -16,6 +16,7 @@ import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,13 @@ LINGER_S = 0.25  # after the last RPC of a drain ends, before connections close
 # The exit status of a server that stopped itself because a reshard changed its list of
 # shards while it ran (``_watch_store``): a supervisor (``--workers``) stops with it too.
 EXIT_STORE_CHANGED = 3
+# What a held worker reports NOT_SERVING (``RnnServer.held``): the inference services,
+# which readiness asks about. Not "", the server's own health, which the startup and
+# liveness probes ask about: a held worker is up, and holding "" would stretch the
+# startup probe over worker 0's start plus the others' (deploy/k8s sizes it for one).
+HELD_SERVICES = (SERVICE, OIP_SERVICE)
+# What a supervisor sends a held worker (``serve(held=True)``) once every worker serves.
+RELEASE = "serve"
 
 
 def _read(path: Path) -> bytes:
@@ -109,9 +117,15 @@ class Worker:
 
 
 class RnnServer:
-    def __init__(self, settings: Settings, worker: Worker | None = None) -> None:
+    def __init__(self, settings: Settings, worker: Worker | None = None,
+                 held: bool = False) -> None:
         self.settings = settings
         self.worker = worker
+        # A held worker reports NOT_SERVING for HELD_SERVICES until ``release``: with
+        # --workers the first one binds the port while the others load, and a probe or
+        # client that reached it alone would take the server for ready (and keep its
+        # connections there).
+        self.held = held
         self.grpc_port = 0
         self.metrics_port = 0
 
@@ -225,6 +239,9 @@ class RnnServer:
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(
             OipServicer(self.core, self.streams), self.server)
         self.health = health.aio.HealthServicer()
+        if self.held:  # before the port opens: a service not set yet is NOT_FOUND
+            for name in HELD_SERVICES:
+                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [SERVICE, OIP_SERVICE, health.SERVICE_NAME]
         if s.reflection:
@@ -270,7 +287,7 @@ class RnnServer:
             if self.shared is not None and s.store_check_s else None
         self._trimmer = asyncio.get_running_loop().create_task(
             self._trim_pools(s.pool_shrink_s)) if s.pool_shrink_s else None
-        for name in ("", SERVICE, OIP_SERVICE):
+        for name in ("", *([] if self.held else HELD_SERVICES)):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         for rt in self.registry:
             log.info("serving %s version %d (%s, %s input) on %s", rt.name, rt.version,
@@ -280,6 +297,14 @@ class RnnServer:
         # for ~100 ms (measured with the speech-small workload) and set the p99.
         gc.collect()
         gc.freeze()
+
+    async def release(self) -> None:
+        """SERVING, for a held server once its supervisor saw every worker serve. A
+        server that drains already stays NOT_SERVING (the servicer ignores the set)."""
+        if self.held:
+            self.held = False
+            for name in HELD_SERVICES:
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def _session_event(self, event: str, session: Session) -> None:
         self.metrics.session_event(event, session.model, session.version)
@@ -372,10 +397,12 @@ class RnnServer:
 
 async def serve(settings: Settings, worker: Worker | None = None,
                 on_ready: Callable[[dict[str, Any]], None] | None = None,
-                stop_fd: int | None = None) -> int:
+                control: Connection | None = None, held: bool = False) -> int:
     """Serve until SIGTERM or SIGINT, then drain. ``on_ready`` gets the ready line
-    (else it is printed); ``stop_fd`` also stops the server when it becomes readable
-    (a worker's pipe from its supervisor: end of file when the supervisor is gone)."""
+    (else it is printed). ``control`` is a worker's pipe from its supervisor: its end
+    of file (the supervisor is gone) stops the server too, and ``RELEASE`` on it ends
+    ``held`` (HELD_SERVICES NOT_SERVING until then; the supervisor sends it only after the ready
+    line, so the server has started when it comes)."""
     # Handlers first: a SIGTERM that arrives as soon as the server says it is ready
     # (or while it loads) must drain it, not kill it.
     stop = asyncio.Event()
@@ -384,13 +411,24 @@ async def serve(settings: Settings, worker: Worker | None = None,
         loop.add_signal_handler(sig, stop.set)
     # a worker starts with them blocked (workers.py): one that came meanwhile comes now
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
-    if stop_fd is not None:
-        def parent_gone() -> None:
-            loop.remove_reader(stop_fd)  # at end of file it would stay readable
-            stop.set()
+    server = RnnServer(settings, worker, held=held)
+    releases: set[asyncio.Task[None]] = set()
+    if control is not None:
+        fd = control.fileno()
 
-        loop.add_reader(stop_fd, parent_gone)
-    server = RnnServer(settings, worker)
+        def from_supervisor() -> None:
+            try:
+                message = control.recv()  # one small message, written whole: no wait
+            except (EOFError, OSError):
+                loop.remove_reader(fd)  # at end of file it would stay readable
+                stop.set()
+                return
+            if message == RELEASE:
+                task = loop.create_task(server.release())
+                releases.add(task)
+                task.add_done_callback(releases.discard)
+
+        loop.add_reader(fd, from_supervisor)
     await server.start()
     ready = {"event": "ready", "grpc_port": server.grpc_port,
              "metrics_port": server.metrics_port, "host": settings.host}

@@ -8,7 +8,13 @@ sessions) and listen on the same gRPC port with SO_REUSEPORT, so the kernel spre
 new connections over them. This process supervises them:
 
 - it starts worker 0 first (it picks the port when the port is 0), then the others;
-  it prints one ready line when all are serving, or exits with the first failure;
+  it prints one ready line when all are serving, or exits with the first failure.
+  Each worker reports NOT_SERVING on gRPC health for the inference services (those
+  readiness asks about; app.HELD_SERVICES) until all are ready and this process tells
+  them so: worker 0 listens while the others still load, and a readiness probe or a
+  client reaching it alone then would take the server for ready with one worker of N
+  (and its connections would stay on that one). A worker started again later serves
+  as soon as it is ready: the others serve already;
 - it serves /metrics for all of them: each worker's series with a ``worker`` label,
   plus ``rnnserve_worker_up`` and ``rnnserve_worker_restarts_total`` of its own;
 - a worker that dies is started again (after a pause that doubles while it keeps
@@ -47,6 +53,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -64,14 +71,25 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rnnserve.cli import EXIT_ERROR
 from rnnserve.errors import RnnserveError, UsageError
-from rnnserve.server.app import EXIT_STORE_CHANGED, Worker, log_to_stderr, serve, server_name
+from rnnserve.server.app import (
+    EXIT_STORE_CHANGED,
+    RELEASE,
+    Worker,
+    log_to_stderr,
+    serve,
+    server_name,
+)
 from rnnserve.server.settings import Settings
 
 log = logging.getLogger("rnnserve.workers")
 YOUNG_S = 30.0  # a worker that dies sooner after it began to serve (or before) is
 # restarted after a pause that doubles each time
 MAX_PAUSE_S = 30.0
-SCRAPE_TIMEOUT_S = 5.0
+# The most a scrape of /metrics waits for the workers' own (all fetched at once): a
+# worker that has not answered whole by then is left out of that scrape. Well within
+# the ServiceMonitor's scrapeTimeout (4 s, deploy/k8s; a test keeps it at half or
+# less), or one hung worker would fail the whole pod's scrape instead.
+SCRAPE_BUDGET_S = 2.0
 # Beyond the drain grace, before a worker that has not exited is killed. After the grace
 # a worker only stops its batchers and hands its sessions to the store (bounded by
 # --store-timeout-ms); the margin must end before the pod's own margin does (deploy/k8s:
@@ -95,9 +113,10 @@ def worker_settings(settings: Settings, port: int) -> Settings:
     return settings.model_copy(update=update)
 
 
-def _worker_main(settings: Settings, worker: Worker, conn: Connection) -> None:
+def _worker_main(settings: Settings, worker: Worker, conn: Connection, held: bool) -> None:
     """A worker process: the server as ``rnnserve serve`` runs it, its ready line sent
-    to the supervisor over ``conn``, stopping when ``conn`` closes."""
+    to the supervisor over ``conn``, stopping when ``conn`` closes; ``held``: NOT_SERVING
+    until the supervisor sends RELEASE over ``conn``."""
     index = worker.index
     log_to_stderr(f"[worker {index}]")
     beats: set[asyncio.Task[None]] = set()
@@ -115,7 +134,7 @@ def _worker_main(settings: Settings, worker: Worker, conn: Connection) -> None:
         beats.add(asyncio.get_running_loop().create_task(heartbeat()))
 
     try:
-        code = asyncio.run(serve(settings, worker, on_ready=ready, stop_fd=conn.fileno()))
+        code = asyncio.run(serve(settings, worker, on_ready=ready, control=conn, held=held))
     except RnnserveError as exc:
         print(f"rnnserve serve: error: [worker {index}] {exc}", file=sys.stderr, flush=True)
         code = EXIT_ERROR
@@ -139,30 +158,49 @@ class _Slot:
 
 
 class WorkerScrape:
-    """A collector that gathers the workers' own /metrics on each scrape (in parallel,
-    each bounded by a timeout) and labels every series with its worker; a worker that
-    does not answer (restarting) is left out of that scrape."""
+    """A collector that gathers the workers' own /metrics on each scrape (all at once,
+    the whole bounded by SCRAPE_BUDGET_S) and labels every series with its worker; a
+    worker that does not answer in time (restarting, hung) is left out of that scrape."""
 
-    def __init__(self, ports: Callable[[], dict[int, int]]) -> None:
+    def __init__(self, ports: Callable[[], dict[int, int]], count: int) -> None:
         self._ports = ports  # {worker index: metrics port} of the workers serving now
-        self._pool = ThreadPoolExecutor(4, thread_name_prefix="scrape")
+        # A thread per worker, twice over: a fetch given up on at the budget still holds
+        # its thread until its read times out (SCRAPE_BUDGET_S more at most), and a
+        # scrape that comes meanwhile (a second Prometheus) must not queue behind it.
+        self._pool = ThreadPoolExecutor(2 * count, thread_name_prefix="scrape")
 
     @staticmethod
-    def _fetch(port: int) -> list[Metric] | None:
-        """A worker's metric families; None when it does not answer whole (it may be
-        dying mid-response: a truncated body, a broken exposition)."""
+    def _fetch(port: int, deadline: float) -> list[Metric] | None:
+        """A worker's metric families; None when it does not answer whole by
+        ``deadline`` (hung, or answering slowly), or answers cut short (it may be dying
+        mid-response: a truncated body, a broken exposition). Read piece by piece: the
+        socket's timeout bounds each read, not a body that trickles in."""
         try:
             with _DIRECT.open(f"http://127.0.0.1:{port}/metrics",
-                              timeout=SCRAPE_TIMEOUT_S) as r:
-                return list(text_string_to_metric_families(r.read().decode()))
+                              timeout=SCRAPE_BUDGET_S) as r:
+                body = bytearray()
+                while chunk := r.read1(1 << 16):
+                    body += chunk
+                    if time.monotonic() > deadline:
+                        return None
+                if r.length:  # the connection closed before its Content-Length
+                    return None
+                return list(text_string_to_metric_families(body.decode()))
         except (OSError, http.client.HTTPException, ValueError):
             return None
 
     def collect(self) -> Iterator[Metric]:
         ports = self._ports()
-        scraped = self._pool.map(self._fetch, ports.values())
+        deadline = time.monotonic() + SCRAPE_BUDGET_S
+        fetches = {index: self._pool.submit(self._fetch, port, deadline)
+                   for index, port in ports.items()}
+        wait_futures(fetches.values(), timeout=SCRAPE_BUDGET_S)
         merged: dict[str, Metric] = {}
-        for index, families in zip(ports, scraped, strict=True):
+        for index, fetch in fetches.items():
+            if not fetch.done():  # left out; one not started yet never starts
+                fetch.cancel()
+                continue
+            families = fetch.result()
             if families is None:
                 continue
             for family in families:
@@ -197,14 +235,17 @@ class Supervisor:
             self.up.labels(str(slot.index)).set(0)
             self.restarts.labels(str(slot.index))
         self.registry.register(WorkerScrape(lambda: {
-            s.index: s.ready["metrics_port"] for s in self.slots if s.ready is not None}))
+            s.index: s.ready["metrics_port"] for s in self.slots if s.ready is not None},
+            self.count))
 
-    def _spawn(self, slot: _Slot) -> None:
+    def _spawn(self, slot: _Slot, held: bool) -> None:
+        """Start a slot's worker; ``held``: NOT_SERVING until ``_release`` (see the
+        module docstring)."""
         ours, theirs = self._ctx.Pipe()
         proc = self._ctx.Process(
             target=_worker_main, name=f"rnnserve-worker-{slot.index}",
             args=(worker_settings(self.settings, self.port),
-                  Worker(slot.index, self.count, self.owner), theirs))
+                  Worker(slot.index, self.count, self.owner), theirs, held))
         # The worker starts with SIGTERM and SIGINT blocked (the mask is inherited
         # across the spawn's fork and exec) and unblocks them once its handlers are in
         # place (app.serve): one that arrives while it imports or loads is delivered
@@ -317,15 +358,28 @@ class Supervisor:
     def start(self) -> int | None:
         """Start the workers: the first picks the port when it is 0; None when all
         serve, else the exit status to leave with."""
-        self._spawn(self.slots[0])
+        self._spawn(self.slots[0], held=True)
         failed = self._await_ready(self.slots[:1])
         if failed is not None:
             return failed
         assert self.slots[0].ready is not None
         self.port = int(self.slots[0].ready["grpc_port"])
         for slot in self.slots[1:]:
-            self._spawn(slot)
-        return self._await_ready(self.slots[1:])
+            self._spawn(slot, held=True)
+        failed = self._await_ready(self.slots[1:])
+        if failed is None:
+            self._release()
+        return failed
+
+    def _release(self) -> None:
+        """Tell every worker that all serve: each turns SERVING on gRPC health."""
+        for slot in self.slots:
+            if slot.conn is None:
+                continue
+            try:
+                slot.conn.send(RELEASE)
+            except OSError:  # it died just now: watch starts it again, not held
+                log.warning("worker %d could not be told to serve (it died?)", slot.index)
 
     def watch(self) -> None:
         """Until told to stop: restart the workers that die, kill those that hang
@@ -341,7 +395,7 @@ class Supervisor:
                     return
                 if slot.restart_at is not None:
                     if now >= slot.restart_at:
-                        self._spawn(slot)
+                        self._spawn(slot, held=False)  # the others serve already
                         self.restarts.labels(str(slot.index)).inc()
                         log.info("worker %d started again (pid %s)", slot.index,
                                  slot.proc.pid if slot.proc else "?")

@@ -48,6 +48,24 @@ def stage(dockerfile: str, name: str) -> list[tuple[str, str]]:
     return steps
 
 
+@pytest.mark.parametrize("doc", ["README.md", "deploy/README.md", "deploy/docker/Dockerfile"])
+def test_documented_default_builds_make_the_models_first(doc) -> None:
+    """The default target bakes ./models in, which git ignores: a fresh clone has none,
+    and a `docker build` of it as documented fails unless `make models` came first."""
+    assert re.search(r"^models/$", (ROOT / ".gitignore").read_text(), re.M)
+    assert re.search(r"^models:", (ROOT / "Makefile").read_text(), re.M)
+    lines = [re.sub(r"^#\s*", "", line.strip())
+             for line in (ROOT / doc).read_text().splitlines()]
+    builds = [i for i, line in enumerate(lines)
+              if line.startswith("docker build") and "--target server " not in line]
+    assert builds, doc
+    for i in builds:
+        # in the same block of commands: no blank line between
+        block = lines[:i][::-1]
+        block = block[:block.index("")] if "" in block else block
+        assert any(line.startswith("make models") for line in block), (doc, lines[i])
+
+
 @pytest.mark.parametrize("dockerfile", IMAGES)
 def test_image_declares_what_the_server_uses(dockerfile) -> None:
     server = stage(dockerfile, "server")

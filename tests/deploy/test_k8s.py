@@ -17,10 +17,10 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from rnnserve.protos.headers import SESSION_HEADER
-from rnnserve.server.app import SERVICE
+from rnnserve.server.app import HELD_SERVICES, SERVICE
 from rnnserve.server.metrics import Limits, Metrics, ServingCollector
 from rnnserve.server.settings import Settings
-from rnnserve.server.workers import STOP_MARGIN_S
+from rnnserve.server.workers import SCRAPE_BUDGET_S, STOP_MARGIN_S
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu")
@@ -105,6 +105,11 @@ def test_ports_probes_and_settings_agree_with_the_server(rendered) -> None:
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"]["port"] == s.grpc_port, probe
     assert c["readinessProbe"]["grpc"]["service"] == SERVICE
+    # with RNNSERVE_WORKERS readiness waits for every worker (the service is held until
+    # then), startup and liveness only for one: --worker-start-s bounds one start
+    assert SERVICE in HELD_SERVICES
+    for probe in ("startupProbe", "livenessProbe"):
+        assert c[probe]["grpc"].get("service", "") not in HELD_SERVICES, probe
     assert c["envFrom"][0]["configMapRef"]["name"] == one(docs, "ConfigMap")["metadata"]["name"]
     for svc in (d for d in docs if d["kind"] == "Service"):
         for p in svc["spec"]["ports"]:
@@ -175,6 +180,12 @@ def test_service_monitor_scrapes_the_metrics_port_of_one_service(rendered) -> No
     names = {p["name"] for p in services[0]["spec"]["ports"]}
     for ep in sm["spec"]["endpoints"]:
         assert ep["port"] in names and ep["path"] == "/metrics"
+        # with RNNSERVE_WORKERS the supervisor leaves out a worker that has not answered
+        # within SCRAPE_BUDGET_S: the pod's scrape ends well within the timeout, instead
+        # of failing whole for one hung worker
+        timeout = ep["scrapeTimeout"]
+        assert timeout.endswith("s") and timeout[:-1].isdigit(), timeout
+        assert SCRAPE_BUDGET_S <= int(timeout[:-1]) / 2, (SCRAPE_BUDGET_S, timeout)
 
 
 def test_autoscaler_metric_exists_and_scales_before_eviction(rendered) -> None:
@@ -197,6 +208,21 @@ def test_autoscaler_metric_exists_and_scales_before_eviction(rendered) -> None:
         assert float(pods["target"]["averageValue"]) < s.max_sessions
 
 
+def test_the_cpu_target_is_one_a_gpu_pod_can_reach(rendered) -> None:
+    """On a GPU the model runs on the card, and one server process's own work runs on
+    one core at a time (the GIL): an HPA CPU target above about one of the pod's CPUs
+    per worker could never fire."""
+    _, docs = rendered
+    s = settings_of(docs)
+    if s.device != "cuda":
+        return  # on the CPU onnxruntime's threads use the pod's every core
+    hpa = one(docs, "HorizontalPodAutoscaler")["spec"]
+    (cpu,) = [m["resource"] for m in hpa["metrics"] if m["type"] == "Resource"
+              and m["resource"]["name"] == "cpu"]
+    cpus = int(container(docs)["resources"]["limits"]["cpu"])
+    assert cpu["target"]["averageUtilization"] / 100 * cpus <= s.workers, (cpu, cpus)
+
+
 def test_gpu_overlay_asks_for_a_gpu_node(rendered) -> None:
     overlay, docs = rendered
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
@@ -209,10 +235,11 @@ def test_gpu_overlay_asks_for_a_gpu_node(rendered) -> None:
         assert "nvidia.com/gpu" not in limits and "nodeSelector" not in pod
 
 
-def test_istio_component_hashes_on_the_clients_session_header(tmp_path) -> None:
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_istio_component_hashes_on_the_clients_session_header(tmp_path, overlay) -> None:
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [os.path.relpath(K8S / "overlays" / "cpu", tmp_path)],
+        "resources": [os.path.relpath(K8S / "overlays" / overlay, tmp_path)],
         "components": [os.path.relpath(K8S / "routing", tmp_path)]}))
     docs = kustomize(tmp_path)
     dr = one(docs, "DestinationRule")
@@ -220,6 +247,13 @@ def test_istio_component_hashes_on_the_clients_session_header(tmp_path) -> None:
     assert dr["spec"]["host"] == one(docs, "Service", "rnnserve")["metadata"]["name"]
     lb = dr["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"]
     assert lb["httpHeaderName"] == SESSION_HEADER
+    # each session's stream is one request for its whole life: a client proxy's cap on
+    # the requests in flight to the host (Istio's default 2^32-1) must hold the fleet
+    hpa = one(docs, "HorizontalPodAutoscaler")["spec"]
+    (pods,) = [m["pods"] for m in hpa["metrics"] if m["type"] == "Pods"]
+    fleet = hpa["maxReplicas"] * float(pods["target"]["averageValue"])
+    http = dr["spec"]["trafficPolicy"].get("connectionPool", {}).get("http", {})
+    assert http.get("http2MaxRequests", 2**32 - 1) >= fleet, (http, fleet)
     # the sidecar outlives the preStop sleep, the drain and the supervisor's stop margin
     # (it gets SIGTERM with the server), and is gone by the kubelet's SIGKILL
     pod = one(docs, "Deployment")["spec"]["template"]

@@ -17,7 +17,7 @@ import pytest
 
 from rnnserve.client import OWN_CONNECTION, AsyncClient, Client
 from rnnserve.server.settings import Settings
-from rnnserve.server.workers import WorkerScrape, worker_settings
+from rnnserve.server.workers import SCRAPE_BUDGET_S, WorkerScrape, worker_settings
 
 from ..monitoring.prom import promtool
 from .serving import ServerProcess, launch_server, metric_value, start_server
@@ -336,12 +336,54 @@ def test_a_worker_that_dies_mid_response_is_left_out_of_the_scrape() -> None:
         threading.Thread(target=answer, daemon=True).start()
     ports = {i: s.getsockname()[1] for i, s in enumerate(servers)}
     try:
-        families = list(WorkerScrape(lambda: ports).collect())
+        families = list(WorkerScrape(lambda: ports, len(ports)).collect())
     finally:
         for s in servers:
             s.close()
     assert [(f.name, [(x.labels, x.value) for x in f.samples]) for f in families] == [
         ("a", [({"worker": "2"}, 2.0)])]
+
+
+def test_workers_that_do_not_answer_are_left_out_within_the_scrape_budget() -> None:
+    """Hung workers (the kernel accepts their connections, nobody answers), more of
+    them than a pool of 4 threads, and one whose body trickles in (each read well within
+    a socket timeout) are left out, and the scrape ends within SCRAPE_BUDGET_S (half
+    the ServiceMonitor's scrapeTimeout, tests/deploy) with the worker that answered."""
+    hung = [socket.create_server(("127.0.0.1", 0)) for _ in range(6)]  # never accept
+    trickle, answers = socket.create_server(("127.0.0.1", 0)), socket.create_server(
+        ("127.0.0.1", 0))
+    done = threading.Event()
+
+    def trickling() -> None:
+        conn, _ = trickle.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 100000\r\n\r\n# TYPE b gauge\n")
+            until = time.monotonic() + 10  # a bound for a scrape that waits for it all
+            while not done.wait(0.1) and time.monotonic() < until:
+                conn.sendall(b"#")
+
+    def answering() -> None:
+        conn, _ = answers.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.0 200 OK\r\n\r\n# TYPE a gauge\na 2\n")
+
+    for target in (trickling, answering):
+        threading.Thread(target=target, daemon=True).start()
+    servers = [*hung, trickle, answers]
+    ports = {i: s.getsockname()[1] for i, s in enumerate(servers)}
+    try:
+        began = time.monotonic()
+        families = list(WorkerScrape(lambda: ports, len(ports)).collect())
+        took = time.monotonic() - began
+    finally:
+        done.set()
+        for s in servers:
+            s.close()
+    assert took < SCRAPE_BUDGET_S + 0.5, took
+    assert [(f.name, [(x.labels, x.value) for x in f.samples]) for f in families] == [
+        ("a", [({"worker": "7"}, 2.0)])]
 
 
 def test_a_worker_killed_while_it_starts_is_reported(repo, tmp_path) -> None:
