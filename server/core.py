@@ -229,11 +229,6 @@ def _positions(places: Sequence[int], n: int, what: str) -> set[int]:
     return got
 
 
-def _closed(session_id: str) -> SessionClosed:
-    """Why a step whose session was closed while it ran is not committed."""
-    return SessionClosed(f"session {session_id!r} has ended; open a new one")
-
-
 def _session_of(pending: _Pending | _PendingBlock, place: int) -> Session:
     """The session of a commit's write: a step's, or the one at ``place`` in a block."""
     return pending.sessions[place] if isinstance(pending, _PendingBlock) else pending.session
@@ -327,6 +322,7 @@ class Core:
             except StoreUnavailable as exc:
                 self._degraded("create", exc)
         try:
+            self._check_principal_cap()  # again: opens may have come while it was stored
             session = self.store.create(runtime.name, runtime.version,
                                         PoolState(runtime.pool), sid,
                                         owner=principal())  # the pool's zero row
@@ -388,15 +384,21 @@ class Core:
                     retry_after_ms=retry_after_ms(delay))
         if not new_session:
             return
+        self._check_principal_cap()
+        refused = self.store.refusal(runtime.meta.state_bytes_per_session())
+        if refused is not None:  # before the shared store has a record of it
+            raise refused
+
+    def _check_principal_cap(self) -> None:
+        """--max-sessions-per-principal: asked at admission, and again once the open's
+        record is in the shared store (opens of one principal admitted together while
+        it was written would else all become live)."""
         who = principal()
         if self.max_sessions_per_principal and \
                 self.store.count_of(who) >= self.max_sessions_per_principal:
             raise Overloaded(f"{'principal ' + repr(who) if who else 'this client'} holds "
                              f"its most live sessions ({self.max_sessions_per_principal}); "
                              "close one first", retry_after_ms=1000)
-        refused = self.store.refusal(runtime.meta.state_bytes_per_session())
-        if refused is not None:  # before the shared store has a record of it
-            raise refused
 
     async def _check_stored_owner(self, sid: str) -> None:
         """With tokens: another principal's session is refused before its lease is taken
@@ -449,7 +451,9 @@ class Core:
                     # a copy here as new as the record stays (no copy of the state); one
                     # newer than it (steps served while the store was down) is not undone,
                     # unless another server took the session since: its line stands
-                    if local is None or stored.next_seq > local.next_seq or taken:
+                    # (or the copy ended here while the store was asked: its row is freed)
+                    if local is None or stored.next_seq > local.next_seq or taken or \
+                            self.store.peek(sid) is not local:
                         source = "store"
                         await self._restore(stored, runtime, over=taken)
                 except BaseException as exc:
@@ -936,11 +940,9 @@ class Core:
         for j in gone:  # ended while its step ran (closed, evicted): not answered
             states[j].release()
             m = members[j]
-            failures[places[j]] = SessionClosed(
-                f"session {m.id!r} ended while its chunk ran; open a new one") \
-                if m.ended == "closed" else SessionEvicted(
-                f"session {m.id!r} ended ({m.ended or 'replaced'}) while its chunk ran; "
-                "open a new one")
+            failures[places[j]] = self.store.gone(m.id, m.ended) if m.ended else \
+                SessionEvicted(f"session {m.id!r} ended (replaced) while its chunk ran; "
+                               "open a new one")
             self._count(api, m, failures[places[j]].code, started)  # type: ignore[attr-defined]
         if ending:
             for i, m in zip(places, members, strict=True):
@@ -1010,6 +1012,10 @@ class Core:
         """A step up to its run, without waiting: checked, queued in its batcher, its
         session marked busy. A retry of the last chunk gets its answer here instead."""
         session_id = session.id
+        if self.store.peek(session_id) is not session:
+            # it ended (or was replaced) while the request awaited something since it was
+            # looked up (a store round trip): its pool row may be another session's now
+            raise self.store.gone(session_id, session.ended)
         runtime = self.registry.get(session.model, session.version)
         if session.busy:
             raise SessionBusy(f"session {session_id!r} has a chunk in flight; send the next "
@@ -1109,15 +1115,17 @@ class Core:
                                          outputs, p.places, p.ending, digest_rows(p.x))
                 data = records.encode_rows(p.sessions, state, p.answers, outputs)
                 for j, (m, a, d) in enumerate(zip(p.sessions, p.answers, data, strict=True)):
-                    if m.ended == "closed":
-                        p.refused[j] = _closed(m.id)
+                    if m.ended:
+                        p.refused[j] = self.store.gone(m.id, m.ended)
                         continue
                     writes.append((m.id, d, a.seq, a.seq + 1, a.end, m.unsynced))
                     whose.append((i, j))
                 continue
-            if p.session.ended == "closed":  # closed while its step waited: its record is
-                # deleted, or is already a new session's of the same id, at the same seq
-                results[i] = _closed(p.session.id)
+            if p.session.ended:  # ended here while its step waited. Closed: its record is
+                # deleted, or is already a new session's of the same id, at the same seq;
+                # evicted or expired: its lease was given up, and a later request takes
+                # the record as it was (the chunk was not answered: it runs again then)
+                results[i] = self.store.gone(p.session.id, p.session.ended)
                 continue
             p.answer = Answer(p.seq, digest(p.x),
                               list(zip(p.runtime.data_output_names, outputs, strict=True)), p.end)

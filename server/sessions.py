@@ -204,6 +204,8 @@ class SessionStore(Protocol):
 
     def peek(self, session_id: str) -> Session | None: ...
 
+    def gone(self, session_id: str, reason: str = "") -> SessionError: ...
+
     def update(self, session: Session, state: State, next_seq: int,
                answer: Answer | None = None) -> None: ...
 
@@ -363,7 +365,7 @@ class MemorySessionStore:
             self._end(session, "expired")
             session = None
         if session is None:
-            raise self._gone(session_id)
+            raise self.gone(session_id)
         return session
 
     def live_many(self, session_ids: Sequence[str], within_s: float | None = None
@@ -435,7 +437,9 @@ class MemorySessionStore:
         """The live session with this id, or None; no side effect (no expiry, no LRU move)."""
         return self._live.get(session_id)
 
-    def _gone(self, session_id: str, reason: str = "") -> SessionError:
+    def gone(self, session_id: str, reason: str = "") -> SessionError:
+        """Why session ``session_id`` is not live: ``reason`` (how a copy of it ended),
+        else its tombstone's."""
         reason = reason or self._ended.get(session_id, "")
         if reason == "expired":
             return SessionExpired(f"session {session_id!r} expired after "
@@ -453,7 +457,7 @@ class MemorySessionStore:
         """Give ``session`` its new state (its old one is released). If the session is
         no longer live this raises why, and ``state`` stays the caller's."""
         if self._live.get(session.id) is not session:  # maybe another one of that id now
-            raise self._gone(session.id, session.ended)
+            raise self.gone(session.id, session.ended)
         nbytes = state.nbytes + (answer.nbytes if answer else 0)
         if nbytes != session.nbytes:  # most steps: the same size as the last one
             self._account(session, nbytes - session.nbytes)
@@ -467,7 +471,7 @@ class MemorySessionStore:
     def close(self, session_id: str) -> Session:
         session = self._live.get(session_id)
         if session is None:
-            raise self._gone(session_id)
+            raise self.gone(session_id)
         self._end(session, "closed")
         if session.answer is not None and session.answer.end:
             self._final[session_id] = Session(session.id, session.model, session.version,

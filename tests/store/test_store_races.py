@@ -9,8 +9,10 @@ import time
 
 import grpc
 import numpy as np
+import pytest
 
 from rnnserve.client import Client
+from rnnserve.protos.inference import grpc_service_pb2_grpc as oip_grpc
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
@@ -88,15 +90,18 @@ def test_a_write_that_timed_out_but_landed_answers_the_retry(repo, redis_server,
         assert a.stop() == 0
 
 
-def test_an_open_refused_at_the_cap_leaves_no_record_behind(repo, redis_server,
-                                                             tmp_path) -> None:
-    """--when-full refuse at --max-sessions 1: of two opens at once, both admitted
-    before either is live here, the second is refused (RESOURCE_EXHAUSTED, retry
-    later) once its record is in the shared store. The record goes with the refusal:
-    the same open sent again once there is room (a retry, as the pushback invites)
-    opens the session, and is not refused as ALREADY_EXISTS."""
-    a = serve(repo, tmp_path, "a", redis_server.url, "--when-full", "refuse",
-              "--max-sessions", "1")
+@pytest.mark.parametrize("cap", [["--when-full", "refuse", "--max-sessions", "1"],
+                                 ["--max-sessions-per-principal", "1"]],
+                         ids=["max-sessions", "per-principal"])
+def test_an_open_refused_at_the_cap_leaves_no_record_behind(repo, redis_server, tmp_path,
+                                                             cap) -> None:
+    """--when-full refuse at --max-sessions 1 (or --max-sessions-per-principal 1): of
+    two opens at once, both admitted before either is live here, the second is refused
+    (RESOURCE_EXHAUSTED, retry later) once its record is in the shared store. The
+    record goes with the refusal: the same open sent again once there is room (a
+    retry, as the pushback invites) opens the session, and is not refused as
+    ALREADY_EXISTS."""
+    a = serve(repo, tmp_path, "a", redis_server.url, *cap)
     redis = redis_server.client()
 
     async def main() -> None:
@@ -126,4 +131,58 @@ def test_an_open_refused_at_the_cap_leaves_no_record_behind(repo, redis_server,
         asyncio.run(main())
     finally:
         redis.close()
+        assert a.stop() == 0
+
+
+
+def test_a_copy_evicted_while_its_refresh_waits_is_taken_from_the_store(
+        repo, shards, tmp_path) -> None:
+    """Sequence A's next request finds its copy idle past the lease and asks the store
+    for it; A's shard is paused, so the answer waits. Meanwhile an open evicts A's copy
+    here (the other shard answers) and session B's next state takes the pool row A had.
+    When A's shard answers, A is taken from its record into a row of its own: it must
+    not run from the row it had (B's state now), nor write what that gives to the
+    store."""
+    from rnnserve.server.shared import shard_of
+
+    from ..oip.test_protocol import logits, request
+
+    def on_shard(prefix: str, shard: int) -> str:
+        return next(f"{prefix}{i}" for i in range(1000)
+                    if shard_of(f"{prefix}{i}", len(shards)) == shard)
+
+    label = on_shard("feat/race-", 0).removeprefix("feat/")
+    b_id, c_id = on_shard("b-", 1), on_shard("c-", 1)
+    rng = np.random.default_rng(24)
+    xa, xb = (rng.standard_normal((6, 20)).astype(np.float32) for _ in range(2))
+    a = serve(repo, tmp_path, "a", ",".join(s.url for s in shards), "--lease-s", "0.5",
+              "--max-sessions", "2", "--store-timeout-ms", "5000")
+    try:
+        with grpc.insecure_channel(a.target) as channel, Client(a.target, timeout=10) as on_a:
+            oip = oip_grpc.GRPCInferenceServiceStub(channel)
+
+            def seq_a(i: int, **flags: object) -> np.ndarray:
+                return logits(oip.ModelInfer(request(xa[None, i:i + 2], sequence_id=label,
+                                                     **flags), timeout=10))[0]
+
+            got_a = [seq_a(0, sequence_start=True)]
+            on_a.open_session("feat", session_id=b_id)
+            got_b = [on_a.step(b_id, 0, xb[:2])["logits"]]  # A is the least recent
+            time.sleep(0.7)  # A's copy is past its lease: its next request asks the store
+            shards[0].client().execute_command("CLIENT", "PAUSE", "2000")
+            answers: list[np.ndarray] = []
+            second = threading.Thread(target=lambda: answers.append(seq_a(2)))
+            second.start()
+            time.sleep(0.3)
+            on_a.open_session("feat", session_id=c_id)  # evicts A's copy
+            got_b.append(on_a.step(b_id, 1, xb[2:4])["logits"])  # into A's old row
+            second.join(15)
+            assert answers, "sequence A's second request failed (see the log)"
+            got_a += [answers[0], seq_a(4, sequence_end=True)]
+            got_b.append(on_a.step(b_id, 2, xb[4:], end=True)["logits"])
+        np.testing.assert_allclose(np.concatenate(got_a), whole_run(repo, "feat", 1, xa),
+                                   atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.concatenate(got_b), whole_run(repo, "feat", 1, xb),
+                                   atol=1e-5, rtol=0)
+    finally:
         assert a.stop() == 0
