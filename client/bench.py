@@ -40,7 +40,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from rnnserve.client.client import AsyncClient, Data
+from rnnserve.client.client import AsyncClient, Data, add_many_item, new_session_id, status_of
 from rnnserve.client.load import LoadGenerator, LoadResult
 from rnnserve.errors import RnnserveError
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
@@ -588,22 +588,43 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-async def _open_idle(target: str, model: str, version: int, n: int,
-                     concurrency: int = 64) -> None:
-    async with AsyncClient(target, timeout=60) as client:
-        stub, left = client.stub, iter(range(n))
+async def _open_idle(target: str, meta: pb.ModelMetadata, n: int, chunk: Data, pcm16: bool,
+                     per_request: int = 256, concurrency: int = 4) -> int:
+    """Open ``n`` sessions and step each by one chunk, as a session that spoke and then
+    paused: it holds a row of the state pool and its last answer (an opened session
+    that never stepped holds neither: it reads the pool's shared zero row). Returns how
+    many chunks were answered."""
+    stepped = 0
+    async with AsyncClient(target, timeout=120) as client:
+        left = iter(range(n))
 
         async def opener() -> None:
-            for _ in left:
-                await stub.OpenSession(pb.OpenSessionRequest(model=model, version=version))
+            async with client.many() as m:
+                while True:
+                    request = pb.ManyRequest()
+                    for _ in range(per_request):
+                        if next(left, None) is None:
+                            break
+                        add_many_item(request, new_session_id(), 0, chunk, pcm16=pcm16,
+                                      open_model=meta.name, version=meta.version)
+                    if not request.items:
+                        return
+                    for result in await m.send(request):
+                        if result.code:
+                            raise RnnserveError(f"an idle session's first chunk failed: "
+                                                f"{status_of(result.code).name}: "
+                                                f"{result.message}")
+                    nonlocal stepped
+                    stepped += len(request.items)
 
         await asyncio.gather(*(opener() for _ in range(concurrency)))
+    return stepped
 
 
 def idle_memory(repo: str, model: str, version: int, sessions: int, serve_flags: list[str],
-                out: Path) -> dict[str, Any]:
-    """Resident memory growth of a server holding ``sessions`` idle sessions, against
-    the raw bytes of their recurrent state."""
+                out: Path, chunk_ms: int = 40, chunk_bytes: int = 16) -> dict[str, Any]:
+    """Resident memory growth of a server holding ``sessions`` idle sessions, each
+    stepped once (``_open_idle``), against the raw bytes of their recurrent state."""
     warm = 64  # sessions opened first, to warm every code path once; they stay, so
     # the server holds them and the N measured (none evicted, or refused)
     server = Spawned.rnnserve(repo, [*serve_flags, f"--max-sessions={sessions + warm}",
@@ -611,16 +632,18 @@ def idle_memory(repo: str, model: str, version: int, sessions: int, serve_flags:
                               out / "server-idle.log")
     try:
         meta = asyncio.run(fetch_metadata(server.target, model, version))
-        asyncio.run(_open_idle(server.target, model, version, warm))
+        make, pcm16 = chunk_maker(meta, chunk_ms, chunk_bytes)
+        asyncio.run(_open_idle(server.target, meta, warm, make(0), pcm16))
         before = rss_bytes(server.proc.pid)
         started = time.perf_counter()
-        asyncio.run(_open_idle(server.target, model, version, sessions))
+        stepped = asyncio.run(_open_idle(server.target, meta, sessions, make(0), pcm16))
         seconds = time.perf_counter() - started
         after = rss_bytes(server.proc.pid)
     finally:
         server.stop()
     raw = sessions * meta.state_bytes_per_session
-    return {"sessions": sessions, "state_bytes_per_session": meta.state_bytes_per_session,
+    return {"sessions": sessions, "stepped": stepped,
+            "state_bytes_per_session": meta.state_bytes_per_session,
             "raw_state_bytes": raw, "rss_before": before, "rss_after": after,
             "rss_growth": after - before, "growth_vs_raw": round((after - before) / raw, 3),
             "opened_per_s": round(sessions / seconds)}
@@ -659,6 +682,10 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
     if packed and many < 2:
         raise RnnserveError("--packed sends the streams --many N at a time: give --many "
                             "2 or more")
+    if packed and baselines:
+        raise RnnserveError("--baselines cannot run with --packed: the transport "
+                            "ceiling's echo server serves StreamMany, not StreamPacked; "
+                            "measure the baselines with --many N alone")
     if connections < 0:
         raise RnnserveError("--connections must be 0 (one per worker process of the "
                             "server) or more")
@@ -746,7 +773,9 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
             cpu_us = 1e6 * (cpu.at(result.ended) - cpu.at(result.started)) / closed.answered
         log(f"closed loop, {n} streams: {closed.throughput:.0f} chunks/s, "
             f"p50 {closed.latency_ms['p50']:.2f} ms, load {closed.load_busy:.2f}"
-            + (f", server CPU {cpu_us:.0f} us per chunk" if cpu_us is not None else ""))
+            + (f", server CPU {cpu_us:.0f} us per chunk" if cpu_us is not None else "")
+            + (f"; ERRORS {dict(sorted(closed.errors.items()))}: the throughput and CPU "
+               "figures include refused work" if closed.errors else ""))
         soaked = None
         if soak_s:
             k = soak_streams or int(SOAK_FRACTION * capacity(runs["rnnserve"]))
@@ -780,7 +809,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
     memory = None
     if idle_sessions:
         assert repo is not None
-        memory = idle_memory(repo, meta.name, meta.version, idle_sessions, serve_flags, out)
+        memory = idle_memory(repo, meta.name, meta.version, idle_sessions, serve_flags, out,
+                             chunk_ms, chunk_bytes)
         log(f"\n{idle_sessions} idle sessions: resident memory +{memory['rss_growth'] / 2**20:.0f}"
             f" MiB for {memory['raw_state_bytes'] / 2**20:.0f} MiB of state "
             f"({memory['growth_vs_raw']} x), opened at {memory['opened_per_s']}/s")
@@ -795,7 +825,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         "capacity_streams": caps["rnnserve"],
         "saturation": {"streams": closed.streams, "throughput": closed.throughput,
                        "latency_ms": closed.latency_ms, "load_busy": closed.load_busy,
-                       "server_cpu_us_per_chunk": cpu_us},
+                       "server_cpu_us_per_chunk": cpu_us, "errors": closed.errors},
         "load_generator": {"processes": load_procs, "connections": connections,
                            "spread": spread if connections > 1 else None,
                            "streams_per_message": max(1, many),

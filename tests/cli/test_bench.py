@@ -67,6 +67,8 @@ def test_bench_sweeps_levels_with_baselines_and_writes_json_and_plot(tmp_path) -
         sat["throughput"] / ceiling["steps_per_s"], 3)
     idle = report["idle_memory"]
     assert idle["sessions"] == 300 and idle["rss_before"] > 0 and idle["rss_after"] > 0
+    assert idle["stepped"] == 300  # each holds its state, not the pool's zero row
+    assert sat["errors"] == {}
     assert idle["raw_state_bytes"] == 300 * idle["state_bytes_per_session"] > 0
     assert idle["growth_vs_raw"] == round(idle["rss_growth"] / idle["raw_state_bytes"], 3)
     for line in ("transport ceiling", "rnnserve unbatched", "compute ceiling", "closed loop",
@@ -120,6 +122,9 @@ def test_bench_refuses_bad_arguments(tmp_path) -> None:
     proc = rnnserve("bench", "--server", "127.0.0.1:1", "--model", "x", "--packed",
                     "--out", str(tmp_path))
     assert_one_line_error(proc, "--packed", "--many")
+    proc = rnnserve("bench", "--repo", str(tmp_path), "--model", "x", "--baselines",
+                    "--many", "4", "--packed", "--out", str(tmp_path))
+    assert_one_line_error(proc, "--baselines", "--packed", "StreamMany")
 
 
 def test_a_level_counts_its_median_repeat_and_every_repeats_errors() -> None:
