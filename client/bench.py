@@ -277,8 +277,16 @@ def row(level: Level) -> str:
 
 
 def capacity(levels: list[Level]) -> int:
-    """The most streams of a level within budget (0 when none is)."""
-    return max((lv.streams for lv in levels if lv.within_budget), default=0)
+    """The most streams of a level within budget whose every smaller level was within
+    budget too (0 when the smallest was not): a level that passes above one that failed
+    passed by luck of the run, and a fleet sized from it would run where a smaller load
+    measurably failed."""
+    best = 0
+    for lv in sorted(levels, key=lambda lv: lv.streams):
+        if not lv.within_budget:
+            break
+        best = lv.streams
+    return best
 
 
 def plot(report: dict[str, Any], runs: dict[str, list[Level]], path: Path) -> None:

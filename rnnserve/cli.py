@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="real-time streams swept over concurrency: latency percentiles, "
         "throughput, capacity; writes bench.json and bench.png",
         description="Each stream sends one chunk per --chunk-ms (open loop). Capacity is the "
-        "most streams with p99 chunk latency <= 100 ms and no errors.")
+        "most streams with p99 chunk latency <= 100 ms and no errors, every smaller level "
+        "passing too.")
     where = b.add_mutually_exclusive_group(required=True)
     where.add_argument("--server", help="HOST:PORT of a running rnnserve serve")
     where.add_argument("--repo", help="start rnnserve serve on 127.0.0.1 with this repository "
