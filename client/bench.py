@@ -321,8 +321,9 @@ def plot(report: dict[str, Any], runs: dict[str, list[Level]], path: Path) -> No
                  f"{report['chunk_ms']} ms chunks: capacity {report['capacity_streams']}")
     lines, more = ax.get_legend_handles_labels(), tp.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=7)
-    within = [lv for lv in runs["rnnserve"] if lv.within_budget]
-    top = within[-1] if within else runs["rnnserve"][0]  # the capacity level
+    cap = report["capacity_streams"]
+    top = next((lv for lv in runs["rnnserve"] if lv.streams == cap),
+               runs["rnnserve"][0])  # the capacity level (the first when none passed)
     if top.timeline:
         t, lat = zip(*top.timeline, strict=True)
         tl.scatter(t, np.asarray(lat) * 1000, s=2, alpha=0.4)

@@ -6,6 +6,7 @@ Only this module reads ``Settings``; the parts get narrow arguments.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -56,8 +57,10 @@ EXIT_STORE_CHANGED = 3
 # liveness probes ask about: a held worker is up, and holding "" would stretch the
 # startup probe over worker 0's start plus the others' (deploy/k8s sizes it for one).
 HELD_SERVICES = (SERVICE, OIP_SERVICE)
-# What a supervisor sends a held worker (``serve(held=True)``) once every worker serves.
+# What a supervisor sends a held worker (``serve(held=True)``) once every worker serves,
+# and what the worker answers once its health says SERVING.
 RELEASE = "serve"
+RELEASED = "serving"
 
 
 def _read(path: Path) -> bytes:
@@ -237,7 +240,8 @@ class RnnServer:
                               (self.worker.index, self.worker.count) if self.worker else (0, 1)),
             self.server)
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-            OipServicer(self.core, self.streams), self.server)
+            OipServicer(self.core, self.streams,
+                        ready=lambda: self.core.accepting and not self.held), self.server)
         self.health = health.aio.HealthServicer()
         if self.held:  # before the port opens: a service not set yet is NOT_FOUND
             for name in HELD_SERVICES:
@@ -424,7 +428,12 @@ async def serve(settings: Settings, worker: Worker | None = None,
                 stop.set()
                 return
             if message == RELEASE:
-                task = loop.create_task(server.release())
+                async def release() -> None:
+                    await server.release()
+                    with contextlib.suppress(OSError):  # the supervisor is gone: EOF next
+                        control.send(RELEASED)
+
+                task = loop.create_task(release())
                 releases.add(task)
                 task.add_done_callback(releases.discard)
 

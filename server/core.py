@@ -451,9 +451,12 @@ class Core:
                     # a copy here as new as the record stays (no copy of the state); one
                     # newer than it (steps served while the store was down) is not undone,
                     # unless another server took the session since: its line stands
-                    # (or the copy ended here while the store was asked: its row is freed)
-                    if local is None or stored.next_seq > local.next_seq or taken or \
-                            self.store.peek(sid) is not local:
+                    # (or the copy was evicted or expired here while the store was asked:
+                    # its row is freed, and the record is the session; not one closed
+                    # meanwhile, which ends it, nor one opened anew under its id)
+                    if local is None or stored.next_seq > local.next_seq or taken or (
+                            local.ended in ("evicted", "expired")
+                            and self.store.peek(sid) is None):
                         source = "store"
                         await self._restore(stored, runtime, over=taken)
                 except BaseException as exc:

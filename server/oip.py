@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -250,14 +251,22 @@ def _typed_bytes(dtype: np.dtype) -> int:
 
 
 def _score_chars(dtype: np.dtype) -> int:
-    lowest = np.finfo(dtype).min if dtype.kind == "f" else \
-        np.iinfo(dtype).min if dtype.kind in "iu" else 0
-    return len(f"{float(lowest):f}")
+    info = np.finfo(dtype) if dtype.kind == "f" else np.iinfo(dtype) if dtype.kind in "iu" \
+        else None
+    ends = (0, 1) if info is None else (info.min, info.max)  # uint8's widest is its max
+    return max(len(f"{float(v):f}") for v in ends)
 
 
 def answer_bytes(runtime: ModelRuntime, outputs: list[OutputRequest], steps: int) -> int:
     """The most bytes one row's requested outputs take in an answer to a chunk of
-    ``steps`` input steps, in the encoding they will be sent in (``_response``)."""
+    ``steps`` input steps, in the encoding they will be sent in (``_response``).
+    Asked for every request: worked out once per model, outputs asked and length."""
+    return _answer_bytes(runtime, tuple(outputs), steps)
+
+
+@functools.lru_cache(maxsize=4096)
+def _answer_bytes(runtime: ModelRuntime, outputs: tuple[OutputRequest, ...], steps: int
+                  ) -> int:
     meta = {o.name: o for o in runtime.meta.outputs}
     shapes = dict(zip(runtime.data_output_names, runtime.output_row_shapes(steps),
                       strict=True))
@@ -352,9 +361,14 @@ class _Turn:
 
 
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core: Core, gate: StreamGate) -> None:
+    def __init__(self, core: Core, gate: StreamGate,
+                 ready: Callable[[], bool] | None = None) -> None:
+        """``ready``: what ServerReady and ModelReady say of a loaded model (default:
+        while the core accepts work; a held worker of ``serve --workers`` is not ready
+        until all its siblings serve, as its gRPC health says)."""
         self.core = core
         self.gate = gate
+        self._ready = ready or (lambda: core.accepting)
         self._turns: dict[str, _Turn] = {}
 
     @contextlib.asynccontextmanager
@@ -379,7 +393,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: pb.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.core.accepting)
+        return pb.ServerReadyResponse(ready=self._ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
@@ -390,7 +404,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return pb.ModelReadyResponse(ready=False)  # an unknown model is not ready
         rpc_model(runtime.name, runtime.version)
-        return pb.ModelReadyResponse(ready=self.core.accepting)
+        return pb.ModelReadyResponse(ready=self._ready())
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:

@@ -74,6 +74,7 @@ from rnnserve.errors import RnnserveError, UsageError
 from rnnserve.server.app import (
     EXIT_STORE_CHANGED,
     RELEASE,
+    RELEASED,
     Worker,
     log_to_stderr,
     serve,
@@ -90,6 +91,9 @@ MAX_PAUSE_S = 30.0
 # the ServiceMonitor's scrapeTimeout (4 s, deploy/k8s; a test keeps it at half or
 # less), or one hung worker would fail the whole pod's scrape instead.
 SCRAPE_BUDGET_S = 2.0
+# The most the supervisor waits for its workers to say they serve once released (a set
+# of gRPC health on each one's event loop: milliseconds, unless a loop is blocked).
+RELEASE_WAIT_S = 10.0
 # Beyond the drain grace, before a worker that has not exited is killed. After the grace
 # a worker only stops its batchers and hands its sessions to the store (bounded by
 # --store-timeout-ms); the margin must end before the pod's own margin does (deploy/k8s:
@@ -372,14 +376,33 @@ class Supervisor:
         return failed
 
     def _release(self) -> None:
-        """Tell every worker that all serve: each turns SERVING on gRPC health."""
+        """Tell every worker that all serve, and wait until each says its gRPC health
+        is SERVING (RELEASED), so that the ready line comes after it: a probe or client
+        that reads it and asks at once finds every worker serving. Heartbeats that come
+        meanwhile are taken as such; a worker that dies meanwhile is left to ``watch``."""
+        told = []
         for slot in self.slots:
             if slot.conn is None:
                 continue
             try:
                 slot.conn.send(RELEASE)
+                told.append(slot)
             except OSError:  # it died just now: watch starts it again, not held
                 log.warning("worker %d could not be told to serve (it died?)", slot.index)
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        for slot in told:
+            assert slot.conn is not None
+            while (left := deadline - time.monotonic()) > 0 and slot.conn.poll(left):
+                try:
+                    message = slot.conn.recv()
+                except (EOFError, OSError):
+                    break  # it died: watch sees it
+                slot.beat = time.monotonic()
+                if message == RELEASED:
+                    break
+            else:
+                log.warning("worker %d did not say it serves within %gs", slot.index,
+                            RELEASE_WAIT_S)
 
     def watch(self) -> None:
         """Until told to stop: restart the workers that die, kill those that hang
@@ -426,7 +449,7 @@ class Supervisor:
             except (EOFError, OSError):
                 return  # it died: seen on the next pass
             slot.beat = time.monotonic()
-            if message is not None and slot.ready is None:
+            if isinstance(message, dict) and slot.ready is None:  # not a heartbeat
                 slot.ready, slot.serving = message, slot.beat
                 self.up.labels(str(slot.index)).set(1)
 

@@ -15,6 +15,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rnnserve.client import OWN_CONNECTION
+from rnnserve.protos.inference import grpc_service_pb2 as oip
+from rnnserve.protos.inference import grpc_service_pb2_grpc as oip_grpc
 from rnnserve.server.app import HELD_SERVICES, OIP_SERVICE, SERVICE
 
 from .serving import launch_server, metric_value, start_server
@@ -23,11 +25,20 @@ from .test_workers import alive, wait_until
 SERVICES = ("", SERVICE, OIP_SERVICE)  # the server's own health, then the inference ones
 
 
-def health(target: str) -> list[str]:
+def health(target: str, ready: list[bool | None] | None = None) -> list[str]:
     """Each service's status on one new connection (the kernel picks its worker): the
-    status's name, or the call's code where none answers (UNAVAILABLE: not bound yet)."""
+    status's name, or the call's code where none answers (UNAVAILABLE: not bound yet).
+    ``ready``: gets what the Open Inference Protocol's ServerReady said on the same
+    connection first (a worker's readiness only ever turns on: if it said ready, the
+    health checks after it must say SERVING)."""
     statuses = []
     with grpc.insecure_channel(target, options=OWN_CONNECTION) as channel:
+        if ready is not None:
+            try:
+                ready.append(oip_grpc.GRPCInferenceServiceStub(channel).ServerReady(
+                    oip.ServerReadyRequest(), timeout=2).ready)
+            except grpc.RpcError:
+                ready.append(None)  # not bound yet
         stub = health_pb2_grpc.HealthStub(channel)
         for service in SERVICES:
             try:
@@ -56,11 +67,14 @@ def test_the_port_serves_only_once_every_worker_does(repo, tmp_path) -> None:
     try:
         seen: list[str] = []  # the inference services' statuses, each change
         up_while_held = False
+        readiness: list[bool | None] = []  # ServerReady (Open Inference Protocol), each check
         deadline = time.monotonic() + 90
         while True:
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, (seen, log.read_text()[-3000:])
-            overall, *inference = health(target)
+            overall, *inference = health(target, readiness)
+            if readiness[-1]:  # said ready: its worker was released before the checks
+                assert inference == ["SERVING"] * 2, (inference, seen)
             # read after the check: a SERVING that the handshake allows comes after
             # worker 1's line was written
             worker_1_serves = "rnnserve.server[worker 1]: serving " in log.read_text()
@@ -78,11 +92,14 @@ def test_the_port_serves_only_once_every_worker_does(repo, tmp_path) -> None:
             time.sleep(0.05)
         # worker 0 answered, held, while worker 1 loaded, and said it is up
         assert "NOT_SERVING" in seen and up_while_held, seen
+        assert False in readiness, readiness  # answered "not ready" while held
         assert proc.stdout is not None
         assert '"event": "ready"' in proc.stdout.readline()
-        # both workers serve now: new connections reach either (all on one: 2^-15)
+        # both workers serve once the ready line is out (each said so before it): new
+        # connections reach either (all on one: 2^-15)
         for _ in range(16):
-            assert health(target) == ["SERVING"] * 3
+            ready: list[bool | None] = []
+            assert health(target, ready) == ["SERVING"] * 3 and ready == [True]
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)

@@ -169,11 +169,11 @@ def test_a_copy_evicted_while_its_refresh_waits_is_taken_from_the_store(
             on_a.open_session("feat", session_id=b_id)
             got_b = [on_a.step(b_id, 0, xb[:2])["logits"]]  # A is the least recent
             time.sleep(0.7)  # A's copy is past its lease: its next request asks the store
-            shards[0].client().execute_command("CLIENT", "PAUSE", "2000")
+            shards[0].client().execute_command("CLIENT", "PAUSE", "3000")
             answers: list[np.ndarray] = []
             second = threading.Thread(target=lambda: answers.append(seq_a(2)))
             second.start()
-            time.sleep(0.3)
+            time.sleep(1.0)  # its request waits on the paused shard by then
             on_a.open_session("feat", session_id=c_id)  # evicts A's copy
             got_b.append(on_a.step(b_id, 1, xb[2:4])["logits"])  # into A's old row
             second.join(15)
