@@ -343,17 +343,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run(settings)
 
 
+def _read_file(path: str, what: str = "") -> bytes:
+    """A file's bytes, or a one-line error naming it (and ``what`` it is: a flag)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise RnnserveError(f"cannot read {what + ' ' if what else ''}{path!r}: "
+                            f"{exc.strerror}") from exc
+
+
 def _connection(args: argparse.Namespace) -> dict[str, Any]:
     """AsyncClient's token and TLS arguments from ``stream``'s flags (the token from a
     file or the environment, not the command line, where other users may read it)."""
     def read(flag: str, path: str | None) -> bytes | None:
-        if path is None:
-            return None
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError as exc:
-            raise RnnserveError(f"cannot read {flag} {path!r}: {exc.strerror}") from exc
+        return None if path is None else _read_file(path, flag)
 
     if (args.tls_cert_file is None) != (args.tls_key_file is None):
         raise RnnserveError("--tls-cert-file and --tls-key-file go together")
@@ -387,11 +391,7 @@ def _cmd_stream(args: argparse.Namespace) -> int:
     if args.file is None:
         data = sys.stdin.buffer.read()
     else:
-        try:
-            with open(args.file, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise RnnserveError(f"cannot read {args.file!r}: {exc.strerror}") from exc
+        data = _read_file(args.file)
     return asyncio.run(stream_text(args.server, args.model, args.model_version, data,
                                    args.chunk_bytes, args.timeout, connect))
 

@@ -215,7 +215,7 @@ def test_the_cpu_target_is_one_a_gpu_pod_can_reach(rendered) -> None:
     _, docs = rendered
     s = settings_of(docs)
     if s.device != "cuda":
-        return  # on the CPU onnxruntime's threads use the pod's every core
+        pytest.skip("a CPU pod: onnxruntime's threads use its every core")
     hpa = one(docs, "HorizontalPodAutoscaler")["spec"]
     (cpu,) = [m["resource"] for m in hpa["metrics"] if m["type"] == "Resource"
               and m["resource"]["name"] == "cpu"]
