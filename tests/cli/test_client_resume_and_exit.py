@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from rnnserve.client import AsyncClient, many_item
+from rnnserve.client import OWN_CONNECTION, AsyncClient, many_item
 
 from ..server.serving import ServerProcess
 from ..server.test_grpc_api import whole_run
@@ -73,8 +73,9 @@ def test_leaving_a_many_stream_with_an_answer_due_is_bounded_and_keeps_cancellat
     client's timeout, then cancels the stream, instead of waiting forever; a caller's
     own cancellation while it waits there is raised, not swallowed."""
     async def leave(sid: str, cancel_after: float | None) -> float:
-        # 2 s: the sends that must be answered are, on a busy machine too
-        async with AsyncClient(proxy.target, timeout=2.0) as client:
+        # 2 s: the sends that must be answered are, on a busy machine too; a connection
+        # of its own: gRPC would else reuse the one proxy.cut() broke
+        async with AsyncClient(proxy.target, timeout=2.0, options=OWN_CONNECTION) as client:
             started = 0.0
             async with client.many() as m:
                 await m.send([many_item(sid, 0, "ab", open_model="text")])
