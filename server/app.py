@@ -49,6 +49,10 @@ log = logging.getLogger("rnnserve.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 LINGER_S = 0.25  # after the last RPC of a drain ends, before connections close
+# a session idle this long keeps its last chunk's digest instead of the chunk (its
+# last answer's, for a retry): a streaming session never pays the hash, an idle one
+# keeps 16 bytes instead of the chunk
+ANSWER_IDLE_S = 2.0
 # The exit status of a server that stopped itself because a reshard changed its list of
 # shards while it ran (``_watch_store``): a supervisor (``--workers``) stops with it too.
 EXIT_STORE_CHANGED = 3
@@ -283,6 +287,7 @@ class RnnServer:
                              f"{exc.strerror or exc}") from None
         self.metrics_port = self._httpd.server_port
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        self._compactor = asyncio.get_running_loop().create_task(self._compact_answers())
         # why the server stopped itself (``_watch_store``), and the event that says so
         self.failure: str | None = None
         self.failed = asyncio.Event()
@@ -321,6 +326,14 @@ class RnnServer:
             wait = self.store.next_expiry_in()
             await asyncio.sleep(self.settings.idle_timeout_s if wait is None else wait + 0.01)
             self.store.expire_idle()
+
+    async def _compact_answers(self) -> None:
+        """Every ANSWER_IDLE_S, the chunks kept by the last answers of sessions idle
+        that long are let go (their digests kept; sessions.py), a slice at a time."""
+        while True:
+            await asyncio.sleep(ANSWER_IDLE_S)
+            while self.store.compact_answers(ANSWER_IDLE_S):
+                await asyncio.sleep(0)
 
     async def _watch_store(self, shared: SharedStore, every_s: float) -> None:
         """Read the shards' marks of their places again every ``every_s``: a reshard
@@ -385,6 +398,7 @@ class RnnServer:
             await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
         await self.server.stop(0)
         self._reaper.cancel()
+        self._compactor.cancel()
         if self._trimmer is not None:
             self._trimmer.cancel()
         for b in self.batchers.values():

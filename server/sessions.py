@@ -112,6 +112,18 @@ class Answer:
             self._digest = digest(self._chunk)
         return self._digest
 
+    def compact(self) -> int:
+        """Keep the chunk's digest instead of the chunk (hashed now): for an answer kept
+        a while, most likely for an idle session (store ``compact_answers``). Returns
+        the bytes let go."""
+        chunk = self._chunk
+        if chunk is None:
+            return 0
+        if self._digest is None:
+            self._digest = digest(chunk)
+        self._chunk = None
+        return chunk.nbytes
+
     @property
     def nbytes(self) -> int:
         held = self._chunk.nbytes if self._chunk is not None else 0
@@ -145,14 +157,13 @@ class RowAnswer(Answer):
         return list(zip(self._names, self._rows, strict=True))
 
 
-@dataclass
+@dataclass(slots=True)  # no __dict__: ~100 bytes less per session
 class Session:
     id: str
     model: str
     version: int
     state: State
     next_seq: int = 0
-    created: float = 0.0
     last_used: float = 0.0
     nbytes: int = field(default=0)
     opened_at: float = 0.0  # perf_counter when opened here; 0 once it has answered a chunk
@@ -209,6 +220,8 @@ class SessionStore(Protocol):
     def update(self, session: Session, state: State, next_seq: int,
                answer: Answer | None = None) -> None: ...
 
+    def compact_answers(self, idle_s: float, limit: int = 512) -> bool: ...
+
     def final_answer(self, session_id: str) -> Session | None: ...
 
     def restore(self, stored: Session) -> Session: ...
@@ -257,6 +270,11 @@ class MemorySessionStore:
         self.bytes_by_model: dict[tuple[str, int], int] = {}  # read by the metrics thread
         self.count_by_model: dict[tuple[str, int], int] = {}
         self._count_by_owner: dict[str, int] = {}
+        # sessions given an answer since the last compact_answers, and in the period
+        # before it: an answer keeps its chunk (hashed only when a retry or a record
+        # asks), and those still kept a period later are hashed then
+        self._answered: list[Session] = []
+        self._answered_before: list[Session] = []
 
     def __len__(self) -> int:
         return len(self._live)
@@ -321,7 +339,7 @@ class MemorySessionStore:
         sid = session_id or uuid.uuid4().hex
         if sid in self._live:
             raise SessionExists(f"session {sid!r} already exists; resume it or pick another id")
-        session = Session(sid, model, version, state, created=now, last_used=now, owner=owner)
+        session = Session(sid, model, version, state, last_used=now, owner=owner)
         if session.nbytes > self.max_state_bytes:
             raise SessionEvicted(f"one session of {model!r} needs {session.nbytes} state bytes, "
                                  f"more than the server's cap of {self.max_state_bytes}")
@@ -417,6 +435,7 @@ class MemorySessionStore:
             session.answer = answer
             session.last_used = now
             live.move_to_end(session.id)
+        self._answered.extend(sessions)
         return gone
 
     def touch(self, session: Session) -> None:
@@ -467,6 +486,7 @@ class MemorySessionStore:
         session.answer = answer
         session.last_used = self._clock()
         self._live.move_to_end(session.id)
+        self._answered.append(session)
 
     def close(self, session_id: str) -> Session:
         session = self._live.get(session_id)
@@ -491,6 +511,34 @@ class MemorySessionStore:
             return
         self._end(session, "closed")
         del self._ended[session.id]
+
+    def compact_answers(self, idle_s: float, limit: int = 512) -> bool:
+        """Let go of the chunks that the last answers of sessions idle for ``idle_s`` or
+        more keep, keeping their digests (hashed now; a retry is still told from a
+        different chunk). Called every ``idle_s``: the sessions answered in the period
+        before the last are looked at, at most ``limit`` per call; True while some are
+        left for another call. A session that streams on is given a new answer each
+        chunk and never pays the hash; one that pauses (an idle session is mostly its
+        state) keeps 16 bytes instead of its last chunk."""
+        if not self._answered_before:
+            self._answered_before, self._answered = self._answered, []
+            return False
+        todo = self._answered_before
+        batch = todo[-limit:]
+        del todo[-limit:]
+        since = self._clock() - idle_s
+        for session in batch:
+            answer = session.answer
+            if answer is None or session.last_used > since:
+                continue  # answered since: looked at again after its newer answer
+            freed = answer.compact()
+            if freed and not session.ended:  # an ended one is out of the accounts
+                session.nbytes -= freed
+                self._account(session, -freed)
+        if todo:
+            return True
+        self._answered_before, self._answered = self._answered, []
+        return False
 
     def final_answer(self, session_id: str) -> Session | None:
         """A session that its last chunk ended, without its state but with the answer

@@ -181,6 +181,37 @@ def test_a_retried_chunk_gets_its_answer_again_and_nothing_advances(server, repo
     assert metric_value(server.metrics(), "rnnserve_chunks_total", code="OK") - before == 5
 
 
+def test_an_idle_session_lets_go_of_its_last_chunk_and_still_knows_a_retry(
+        repo, tmp_path) -> None:
+    """A session idle for a couple of seconds keeps its last chunk's digest instead of
+    the chunk (the chunk's bytes leave its state memory): the same chunk again still
+    gets its answer, other data under its number is still refused, and it goes on
+    exactly."""
+    srv = start_server(repo, tmp_path / "s.log")
+    try:
+        x = np.random.default_rng(61).standard_normal((9, 20)).astype(np.float32)
+        want = whole_run(repo, "feat", 1, x)
+        with Client(srv.target, timeout=10) as client:
+            sid = client.open_session("feat").session_id
+            a = client.step(sid, 0, x[:5])["logits"]
+            held = metric_value(srv.metrics(), "rnnserve_state_bytes", model="feat")
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                now = metric_value(srv.metrics(), "rnnserve_state_bytes", model="feat")
+                if now != held:
+                    break
+                time.sleep(0.2)
+            assert held - now == x[:5].nbytes  # the chunk, and only it, let go
+            assert np.array_equal(client.step(sid, 0, x[:5])["logits"], a)
+            code, msg = code_and_message(client.step, sid, 0, x[1:6])
+            assert code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "already applied chunk 0 with other data" in msg
+            b = client.step(sid, 1, x[5:], end=True)["logits"]
+        assert np.abs(np.concatenate([a, b]) - want).max() <= 1e-5
+    finally:
+        srv.stop()
+
+
 def test_a_rejected_chunk_on_a_stream_keeps_the_session_resumable(server, repo) -> None:
     x = np.frombuffer(b"streaming text", dtype=np.uint8)
     want = whole_run(repo, "text", 2, x)

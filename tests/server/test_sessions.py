@@ -224,3 +224,31 @@ def test_the_store_releases_a_state_once_when_it_is_no_longer_used() -> None:
     s.create("m", 1, Tracked("r0"), "r")
     s.restore(restored)  # the outdated live copy's state goes back
     assert Tracked.released[-1] == "r0" and s.get("r").state is restored.state
+
+
+def test_answers_of_sessions_idle_a_period_keep_a_digest_instead_of_their_chunk() -> None:
+    """compact_answers (every period, on the server): an answer given in the period
+    before the last, whose session has not been answered since, lets its chunk go and
+    keeps the chunk's digest; the bytes leave the accounts. A session answered since
+    keeps its chunk (it streams: its answer is replaced before anyone asks)."""
+    from rnnserve.server.sessions import Answer, digest
+
+    s, clock, _ = store()
+    chunk = np.arange(50, dtype=np.float32)
+    idle, busy = s.create("m", 1, state(8)), s.create("m", 1, state(8))
+    s.update(idle, state(8), 1, Answer(0, None, [], chunk=chunk))
+    s.update(busy, state(8), 1, Answer(0, None, [], chunk=chunk.copy()))
+    assert idle.nbytes == 32 + 200 and s.state_bytes == 2 * 232
+    assert not s.compact_answers(2.0)  # the first period: nothing before it
+    clock.now += 2.0
+    s.update(busy, state(8), 2, Answer(1, None, [], chunk=chunk + 1))
+    while s.compact_answers(2.0, limit=1):
+        pass
+    assert idle.answer is not None and idle.nbytes == 32 and s.state_bytes == 32 + 232
+    assert idle.answer.digest == digest(chunk) and idle.answer.nbytes == 0
+    assert busy.answer is not None and busy.answer.nbytes == 200  # answered since
+    clock.now += 2.0
+    s.close(busy.id)  # ended: its answer is let go of too, out of the accounts
+    assert not s.compact_answers(2.0)
+    assert busy.answer.nbytes == 0 and busy.answer.digest == digest(chunk + 1)
+    assert s.state_bytes == 32
