@@ -695,6 +695,14 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         raise RnnserveError("--baselines cannot run with --packed: the transport "
                             "ceiling's echo server serves StreamMany, not StreamPacked; "
                             "measure the baselines with --many N alone")
+    owned = [f for f in serve_flags
+             if f.split("=", 1)[0] in ("--max-batch-size", "--max-sessions",
+                                       "--max-state-bytes", "--idle-timeout-s")]
+    if owned:
+        raise RnnserveError(f"--serve-arg={owned[0]}: the bench sets that flag of the "
+                            "servers it starts itself (the batch size with its own "
+                            "--max-batch-size, which the compute ceiling runs at too; "
+                            "the session limits for --idle-sessions); give --max-batch-size")
     if connections < 0:
         raise RnnserveError("--connections must be 0 (one per worker process of the "
                             "server) or more")

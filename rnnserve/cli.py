@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs/bench", help="where bench.json and bench.png go")
     b.add_argument("--serve-arg", action="append", default=[], metavar="FLAG",
                    help="extra flag for the started server (with --repo), e.g. "
-                   "--serve-arg=--max-batch-size=1; repeatable")
+                   "--serve-arg=--max-batch-delay-ms=5; repeatable (its batch size "
+                   "is --max-batch-size)")
     b.add_argument("--no-plot", action="store_true", help="write bench.json only")
     b.add_argument("--baselines", action="store_true",
                    help="also measure the transport ceiling (no model), rnnserve unbatched "

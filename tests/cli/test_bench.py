@@ -125,6 +125,10 @@ def test_bench_refuses_bad_arguments(tmp_path) -> None:
     proc = rnnserve("bench", "--repo", str(tmp_path), "--model", "x", "--baselines",
                     "--many", "4", "--packed", "--out", str(tmp_path))
     assert_one_line_error(proc, "--baselines", "--packed", "StreamMany")
+    # a server flag the bench sets itself would be overridden without a word
+    proc = rnnserve("bench", "--repo", str(tmp_path), "--model", "x",
+                    "--serve-arg=--max-batch-size=1", "--out", str(tmp_path))
+    assert_one_line_error(proc, "--serve-arg=--max-batch-size=1", "--max-batch-size")
 
 
 def test_a_level_counts_its_median_repeat_and_every_repeats_errors() -> None:
