@@ -289,6 +289,19 @@ def capacity(levels: list[Level]) -> int:
     return best
 
 
+def capacity_capped(levels: list[Level]) -> bool:
+    """Whether every level passed: the capacity is then the top level run, a lower
+    bound, not where the budget ends."""
+    return bool(levels) and capacity(levels) == max(lv.streams for lv in levels)
+
+
+def _bound(num_capped: bool, den_capped: bool) -> str:
+    """What a ratio of two capacities is when either is only a lower bound."""
+    if num_capped and den_capped:
+        return "unknown"
+    return "at least" if num_capped else "at most" if den_capped else "exact"
+
+
 def plot(report: dict[str, Any], runs: dict[str, list[Level]], path: Path) -> None:
     """Left: p50/p99 and throughput against streams, for rnnserve and each baseline;
     right: every chunk's latency over time at rnnserve's capacity."""
@@ -832,6 +845,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
             f" MiB for {memory['raw_state_bytes'] / 2**20:.0f} MiB of state "
             f"({memory['growth_vs_raw']} x), opened at {memory['opened_per_s']}/s")
     caps = {name: capacity(lv) for name, lv in runs.items()}
+    capped = {name: capacity_capped(lv) for name, lv in runs.items()}
     busy = max(lv.load_busy for levels_ in runs.values() for lv in levels_)
     report: dict[str, Any] = {
         "model": meta.name, "version": meta.version, "arch": meta.arch,
@@ -840,6 +854,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         "chunk_ms": chunk_ms, "duration_s": duration_s, "budget_ms": BUDGET_S * 1000,
         "max_batch_size": max_batch_size,
         "capacity_streams": caps["rnnserve"],
+        # every level passed: the capacity is at least the top level, maybe more
+        "capacity_is_lower_bound": capped["rnnserve"],
         "saturation": {"streams": closed.streams, "throughput": closed.throughput,
                        "latency_ms": closed.latency_ms, "load_busy": closed.load_busy,
                        "server_cpu_us_per_chunk": cpu_us, "errors": closed.errors},
@@ -862,7 +878,9 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
     if redis_store:
         report["redis_store"] = {
             "capacity_streams": caps["redis_store"],
+            "capacity_is_lower_bound": capped["redis_store"],
             "capacity_vs_memory": _ratio(caps["redis_store"], caps["rnnserve"]),
+            "capacity_vs_memory_is": _bound(capped["redis_store"], capped["rnnserve"]),
             "shards": redis_shards,
             # redis-server CPU (µs) per chunk answered on the store, over every level: the
             # figure that sizes the store (docs/sessions.md), summed and per shard
@@ -874,8 +892,10 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         assert ceiling is not None
         report["baselines"] = {
             "transport": {"capacity_streams": caps["transport"],
+                          "capacity_is_lower_bound": capped["transport"],
                           "levels": _levels_json(runs["transport"])},
             "unbatched": {"capacity_streams": caps["unbatched"],
+                          "capacity_is_lower_bound": capped["unbatched"],
                           "levels": _levels_json(runs["unbatched"])},
             "compute_ceiling": ceiling,
         }
@@ -883,17 +903,33 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
             "capacity_vs_transport": _ratio(caps["rnnserve"], caps["transport"]),
             "capacity_vs_unbatched": _ratio(caps["rnnserve"], caps["unbatched"]),
             "saturation_vs_compute_ceiling": _ratio(closed.throughput, ceiling["steps_per_s"]),
+            # "exact", or "at least" / "at most" / "unknown" where a capacity is only a
+            # lower bound (its every level passed)
+            "bounds": {"capacity_vs_transport": _bound(capped["rnnserve"], capped["transport"]),
+                       "capacity_vs_unbatched": _bound(capped["rnnserve"],
+                                                       capped["unbatched"])},
         }
-    print(f"\ncapacity: {caps['rnnserve']} real-time streams with p99 <= "
+    def at(name: str) -> str:
+        return f"at least {caps[name]}" if capped[name] else str(caps[name])
+
+    print(f"\ncapacity: {at('rnnserve')} real-time streams with p99 <= "
           f"{BUDGET_S * 1000:g} ms and no errors (of the levels run)")
     if baselines:
-        r = report["ratios"]
-        print(f"  vs transport ceiling {caps['transport']}: {r['capacity_vs_transport']}; "
-              f"vs unbatched {caps['unbatched']}: {r['capacity_vs_unbatched']}; "
+        r, b = report["ratios"], report["ratios"]["bounds"]
+
+        def ratio(key: str) -> str:
+            return str(r[key]) if b[key] == "exact" else f"{r[key]} ({b[key]})"
+
+        print(f"  vs transport ceiling {at('transport')}: {ratio('capacity_vs_transport')}; "
+              f"vs unbatched {at('unbatched')}: {ratio('capacity_vs_unbatched')}; "
               f"saturation throughput vs compute ceiling: "
               f"{r['saturation_vs_compute_ceiling']}")
+    lower = [name for name in caps if capped[name]]
+    if lower:
+        print(f"note: every level passed for {', '.join(lower)}: that capacity is the top "
+              "level run, a lower bound; add higher --streams to find it")
     if redis_store:
-        print(f"  with the Redis session store: {caps['redis_store']} streams "
+        print(f"  with the Redis session store: {at('redis_store')} streams "
               f"({report['redis_store']['capacity_vs_memory']} of the in-memory store's)")
     if busy >= BUSY:
         print(f"note: a load process was {busy:.0%} busy: the load generator may be the "

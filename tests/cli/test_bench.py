@@ -62,7 +62,16 @@ def test_bench_sweeps_levels_with_baselines_and_writes_json_and_plot(tmp_path) -
     assert ceiling["streams"] == pytest.approx(ceiling["steps_per_s"] * 0.04)
     ratios = report["ratios"]
     assert set(ratios) == {"capacity_vs_transport", "capacity_vs_unbatched",
-                           "saturation_vs_compute_ceiling"}
+                           "saturation_vs_compute_ceiling", "bounds"}
+    # a capacity whose every level passed is only a lower bound, and so are its ratios
+    assert report["capacity_is_lower_bound"] == all(within)
+    for name in ("transport", "unbatched"):
+        capped = base[name]["capacity_is_lower_bound"]
+        assert capped == (base[name]["capacity_streams"] == 3)
+        want = {(False, False): "exact", (True, False): "at least",
+                (False, True): "at most", (True, True): "unknown"}[
+            (report["capacity_is_lower_bound"], capped)]
+        assert ratios["bounds"][f"capacity_vs_{name}"] == want
     assert ratios["saturation_vs_compute_ceiling"] == round(
         sat["throughput"] / ceiling["steps_per_s"], 3)
     idle = report["idle_memory"]
@@ -303,7 +312,7 @@ def test_loop_cost_measures_this_build_against_another(repo, tmp_path) -> None:
 def test_capacity_is_the_top_of_the_levels_that_all_passed() -> None:
     """A level that passes above one that failed (by the luck of a run) is not the
     capacity: a fleet sized from it would run where a smaller load failed."""
-    from rnnserve.client.bench import Level, capacity
+    from rnnserve.client.bench import Level, capacity, capacity_capped
 
     def level(streams: int, p99: float, errors: int = 0) -> Level:
         return Level(streams, 1.0, 10 * streams, streams, 0, 0,
@@ -315,3 +324,6 @@ def test_capacity_is_the_top_of_the_levels_that_all_passed() -> None:
     assert capacity([level(32, 40), level(64, 50, errors=1), level(96, 60)]) == 32
     assert capacity([level(1, 120), level(4, 30)]) == 0
     assert capacity([]) == 0
+    assert capacity_capped([level(32, 40), level(96, 90)])  # the top passed: at least 96
+    assert not capacity_capped([level(32, 40), level(64, 150), level(96, 90)])
+    assert not capacity_capped([level(1, 120)]) and not capacity_capped([])
