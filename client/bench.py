@@ -46,6 +46,7 @@ from rnnserve.errors import RnnserveError
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 
 BUDGET_S = 0.1  # capacity: p99 within this, and no errors
+SKEW_NOTE = 0.05  # of a level's duration: a later start of a load process is noted
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 START_TIMEOUT_S = 120.0  # for a started server to print its ready line
 BUSY = 0.85  # a load process this busy (CPU / wall) may be what limits the figures
@@ -77,6 +78,9 @@ class Level:
     p99_repeats: list[float] = field(default_factory=list)  # every repeat's p99 (ms)
     # streams per server worker process, by index (empty: one process)
     worker_streams: list[int] = field(default_factory=list)
+    # seconds between the first and the last load process's start (one connected late):
+    # they overlapped for duration_s less this
+    start_skew_s: float = 0.0
 
     @property
     def within_budget(self) -> bool:
@@ -125,7 +129,8 @@ def summarize(streams: int, duration_s: float, result: LoadResult) -> Level:
                  timeline=list(zip(result.times, result.latencies, strict=True)),
                  worker_streams=[result.workers.get(i, 0)
                                  for i in range(max(result.workers) + 1)]
-                 if len(result.workers) > 1 else [])
+                 if len(result.workers) > 1 else [],
+                 start_skew_s=round(max(0.0, result.latest_start - result.started), 3))
 
 
 async def fetch_metadata(server: str, model: str, version: int) -> pb.ModelMetadata:
@@ -173,6 +178,11 @@ def sweep(gen: LoadGenerator, targets: dict[str, str], meta: pb.ModelMetadata,
             out[name].append(level)
             if not tagged:
                 log(row(level))
+            skew = max(lv.start_skew_s for lv in done)
+            if skew > SKEW_NOTE * duration_s:
+                log(f"{'':>8} note: a load process of {name} started {skew:.2f} s after "
+                    f"the first: the load overlapped for {duration_s - skew:.2f} of "
+                    f"{duration_s:g} s (a slow machine? fewer --load-procs)")
             if level.unsent or level.latency_ms["p99"] > 10 * BUDGET_S * 1000:
                 del live[name]
                 rest = [m for m in levels if m > n]

@@ -57,6 +57,9 @@ class LoadResult:
     late: int = 0  # chunks sent more than one chunk duration after they were due
     unsent: int = 0  # chunks due in the window but still unsent when it overran (below)
     started: float = 0.0  # wall clock (time.time()) of the first chunk's due time
+    # the same for the load process that started last (after the shared start time when
+    # it connected late): the processes overlapped for the duration less the difference
+    latest_start: float = 0.0
     ended: float = 0.0
     busy: float = 0.0  # the busiest load process's CPU time / wall time (0..1)
     # streams per server worker process (serve --workers), by the worker's index
@@ -77,6 +80,7 @@ class LoadResult:
         self.late += other.late
         self.unsent += other.unsent
         self.started = min(self.started or other.started, other.started)
+        self.latest_start = max(self.latest_start, other.latest_start)
         self.ended = max(self.ended, other.ended)
         self.busy = max(self.busy, other.busy)
         self.workers.update(other.workers)
@@ -319,7 +323,7 @@ async def realtime_streams(target: str, model: str, chunk: Callable[[int], Data]
         start_wall = max(start_at or wall + 0.05, wall)
         start = loop.time() + (start_wall - wall)
         until = start + duration_s
-        result.started = start_wall
+        result.started = result.latest_start = start_wall
         if phases is None:
             phases = [i * chunk_s / streams for i in range(streams)]
         await asyncio.sleep(max(0.0, start - loop.time()))

@@ -44,6 +44,7 @@ def test_bench_sweeps_levels_with_baselines_and_writes_json_and_plot(tmp_path) -
             lv["answered"] / lv["duration_s"]
         assert lv["errors"] == {} and lv["sessions"] == lv["streams"]
         assert 0 < lv["load_busy"] < 1.5
+        assert 0 <= lv["start_skew_s"] < lv["duration_s"]  # 2 load processes
     within = [lv["latency_ms"]["p99"] <= 100 for lv in levels]
     assert report["capacity_streams"] == (3 if all(within) else 1 if within[0] else 0)
     sat = report["saturation"]
@@ -327,3 +328,22 @@ def test_capacity_is_the_top_of_the_levels_that_all_passed() -> None:
     assert capacity_capped([level(32, 40), level(96, 90)])  # the top passed: at least 96
     assert not capacity_capped([level(32, 40), level(64, 150), level(96, 90)])
     assert not capacity_capped([level(1, 120)]) and not capacity_capped([])
+
+
+def test_a_load_process_that_started_late_is_recorded_as_the_levels_skew() -> None:
+    """Load processes start together at a shared time; one that connected after it
+    starts late and the load overlaps for less than the level's duration: the level
+    says by how much (and the bench prints a note past 5% of the duration)."""
+    from rnnserve.client.bench import summarize
+    from rnnserve.client.load import LoadResult
+
+    first = LoadResult(latencies=[0.01], times=[0.0], sessions=1, started=100.0,
+                       latest_start=100.0, ended=102.0)
+    late = LoadResult(latencies=[0.02], times=[0.0], sessions=1, started=100.4,
+                      latest_start=100.4, ended=102.4)
+    merged = LoadResult()
+    for part in (late, first):
+        merged.merge(part)
+    level = summarize(2, 2.0, merged)
+    assert level.start_skew_s == 0.4 and merged.started == 100.0
+    assert summarize(1, 2.0, first).start_skew_s == 0.0
