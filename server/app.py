@@ -49,9 +49,9 @@ log = logging.getLogger("rnnserve.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 LINGER_S = 0.25  # after the last RPC of a drain ends, before connections close
-# a session idle this long keeps its last chunk's digest instead of the chunk (its
-# last answer's, for a retry): a streaming session never pays the hash, an idle one
-# keeps 16 bytes instead of the chunk
+# a session idle one to two of these keeps its last chunk's digest instead of the
+# chunk (its last answer's, for a retry): a streaming session never pays the hash, an
+# idle one keeps 16 bytes instead of the chunk
 ANSWER_IDLE_S = 2.0
 # The exit status of a server that stopped itself because a reshard changed its list of
 # shards while it ran (``_watch_store``): a supervisor (``--workers``) stops with it too.
@@ -329,11 +329,16 @@ class RnnServer:
 
     async def _compact_answers(self) -> None:
         """Every ANSWER_IDLE_S, the chunks kept by the last answers of sessions idle
-        that long are let go (their digests kept; sessions.py), a slice at a time."""
+        that long are let go (their digests kept; sessions.py), a slice at a time. A
+        failure is logged and the next period tried: stopped, the list of sessions
+        to look at would grow for as long as the server runs."""
         while True:
             await asyncio.sleep(ANSWER_IDLE_S)
-            while self.store.compact_answers(ANSWER_IDLE_S):
-                await asyncio.sleep(0)
+            try:
+                while self.store.compact_answers():
+                    await asyncio.sleep(0)
+            except Exception:
+                log.exception("letting go of idle sessions' last chunks failed")
 
     async def _watch_store(self, shared: SharedStore, every_s: float) -> None:
         """Read the shards' marks of their places again every ``every_s``: a reshard

@@ -190,7 +190,10 @@ def _zeros(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if nbytes < (1 << 20):
         return np.zeros(shape, dtype)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
+    # private: a page read before it is written (the copy to a CUDA device reads them
+    # all) maps the shared zero page; a shared mapping would give it memory
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(mapping, dtype).reshape(shape)
 
 
 class PoolFull(Overloaded):

@@ -181,6 +181,10 @@ class Session:
     # opened after this one ended is not held back by this one's step)
     busy: bool = field(default=False, repr=False, compare=False)
     ended: str = ""  # why it ended here (one of ENDED_REASONS), "" while live
+    # the store's period of its last answer, and whether it is listed for a look at
+    # its answer's chunk (MemorySessionStore.compact_answers)
+    answered_in: int = field(default=0, repr=False, compare=False)
+    listed: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.nbytes = self.state.nbytes + (self.answer.nbytes if self.answer else 0)
@@ -220,7 +224,7 @@ class SessionStore(Protocol):
     def update(self, session: Session, state: State, next_seq: int,
                answer: Answer | None = None) -> None: ...
 
-    def compact_answers(self, idle_s: float, limit: int = 512) -> bool: ...
+    def compact_answers(self, limit: int = 512, hash_bytes: int = 8 << 20) -> bool: ...
 
     def final_answer(self, session_id: str) -> Session | None: ...
 
@@ -270,11 +274,12 @@ class MemorySessionStore:
         self.bytes_by_model: dict[tuple[str, int], int] = {}  # read by the metrics thread
         self.count_by_model: dict[tuple[str, int], int] = {}
         self._count_by_owner: dict[str, int] = {}
-        # sessions given an answer since the last compact_answers, and in the period
-        # before it: an answer keeps its chunk (hashed only when a retry or a record
-        # asks), and those still kept a period later are hashed then
-        self._answered: list[Session] = []
-        self._answered_before: list[Session] = []
+        # an answer keeps its chunk (hashed only when a retry or a record asks); the
+        # sessions whose answer may still keep one are listed (once each), and a pass
+        # of compact_answers per period hashes those answered a period ago or more
+        self._period = 0  # passes begun
+        self._answered: list[Session] = []  # listed for the next pass
+        self._todo: list[Session] = []  # what is left of the pass under way
 
     def __len__(self) -> int:
         return len(self._live)
@@ -435,7 +440,10 @@ class MemorySessionStore:
             session.answer = answer
             session.last_used = now
             live.move_to_end(session.id)
-        self._answered.extend(sessions)
+            session.answered_in = self._period
+            if not session.listed:
+                session.listed = True
+                self._answered.append(session)
         return gone
 
     def touch(self, session: Session) -> None:
@@ -486,7 +494,10 @@ class MemorySessionStore:
         session.answer = answer
         session.last_used = self._clock()
         self._live.move_to_end(session.id)
-        self._answered.append(session)
+        session.answered_in = self._period
+        if not session.listed:
+            session.listed = True
+            self._answered.append(session)
 
     def close(self, session_id: str) -> Session:
         session = self._live.get(session_id)
@@ -512,33 +523,39 @@ class MemorySessionStore:
         self._end(session, "closed")
         del self._ended[session.id]
 
-    def compact_answers(self, idle_s: float, limit: int = 512) -> bool:
-        """Let go of the chunks that the last answers of sessions idle for ``idle_s`` or
-        more keep, keeping their digests (hashed now; a retry is still told from a
-        different chunk). Called every ``idle_s``: the sessions answered in the period
-        before the last are looked at, at most ``limit`` per call; True while some are
-        left for another call. A session that streams on is given a new answer each
-        chunk and never pays the hash; one that pauses (an idle session is mostly its
-        state) keeps 16 bytes instead of its last chunk."""
-        if not self._answered_before:
-            self._answered_before, self._answered = self._answered, []
-            return False
-        todo = self._answered_before
-        batch = todo[-limit:]
-        del todo[-limit:]
-        since = self._clock() - idle_s
-        for session in batch:
+    def compact_answers(self, limit: int = 512, hash_bytes: int = 8 << 20) -> bool:
+        """Let go of the chunks that the last answers of idle sessions keep, keeping
+        their digests (hashed now: a retry is still told from a different chunk). Call
+        it once a period (and again while it says True): a call with no pass under way
+        begins one over the sessions listed since the last; an answer given in the
+        period before the pass is left for the next, one given earlier is compacted,
+        whatever used the session since (a retry, a resume, a refused step). A session
+        that streams on is given a new answer each chunk and never pays the hash; one
+        that pauses for one to two periods keeps 16 bytes instead of its last chunk.
+        At most ``limit`` sessions and ``hash_bytes`` of chunks per call (the event
+        loop's); True while the pass has more."""
+        if not self._todo:
+            self._period += 1
+            self._todo, self._answered = self._answered, []
+        todo, recent, hashed = self._todo, self._period - 1, 0
+        for _ in range(min(limit, len(todo))):
+            session = todo.pop()
+            session.listed = False
             answer = session.answer
-            if answer is None or session.last_used > since:
-                continue  # answered since: looked at again after its newer answer
+            if session.ended or answer is None:
+                continue  # nothing to retry from the live table (a final answer stays)
+            if session.answered_in >= recent:  # answered in the last period: later
+                session.listed = True
+                self._answered.append(session)
+                continue
             freed = answer.compact()
-            if freed and not session.ended:  # an ended one is out of the accounts
+            if freed:
                 session.nbytes -= freed
                 self._account(session, -freed)
-        if todo:
-            return True
-        self._answered_before, self._answered = self._answered, []
-        return False
+                hashed += freed
+                if hashed >= hash_bytes:
+                    break
+        return bool(todo)
 
     def final_answer(self, session_id: str) -> Session | None:
         """A session that its last chunk ended, without its state but with the answer

@@ -220,8 +220,8 @@ def _resident_bytes() -> int:
 
 
 def test_a_grown_pool_holds_in_memory_the_rows_written_and_no_copy_of_the_old() -> None:
-    """Host memory of a pool on the CPU: rows never written hold none (a pool doubles,
-    and its top half waits for sessions), and growth keeps nothing of the old buffers
+    """Host memory of a pool on the CPU: rows never written hold none, read or not (a
+    pool doubles, and its top half waits for sessions), and growth keeps nothing of the old buffers
     or of the copy between them (before, onnxruntime's arena kept the copy's
     temporary, as large as the old pool: 0.5 x the state of 100,000 idle sessions)."""
     spec = PoolSpec("h", "h_out", (1024,), np.dtype(np.float32))  # 4 KiB a row
@@ -238,6 +238,9 @@ def test_a_grown_pool_holds_in_memory_the_rows_written_and_no_copy_of_the_old() 
     assert grown - written < 16 << 20, f"{(grown - written) >> 20} MiB more resident"
     assert (pool.buffers[0][FIRST:rows] == 1.0).all()
     assert not pool.buffers[0][rows:].any() and not pool.buffers[0][:FIRST].any()
+    # reading rows never written (the copy to a CUDA device reads them all) costs none
+    read = _resident_bytes()
+    assert read - grown < 16 << 20, f"{(read - grown) >> 20} MiB more resident on a read"
 
 
 def test_rows_are_handed_out_while_a_run_holds_the_pool_and_the_run_needing_them_grows_it(

@@ -227,28 +227,39 @@ def test_the_store_releases_a_state_once_when_it_is_no_longer_used() -> None:
 
 
 def test_answers_of_sessions_idle_a_period_keep_a_digest_instead_of_their_chunk() -> None:
-    """compact_answers (every period, on the server): an answer given in the period
-    before the last, whose session has not been answered since, lets its chunk go and
-    keeps the chunk's digest; the bytes leave the accounts. A session answered since
-    keeps its chunk (it streams: its answer is replaced before anyone asks)."""
+    """compact_answers (a pass per period, on the server): an answer given before the
+    last period lets its chunk go and keeps the chunk's digest, whatever used its
+    session since (a retry touches it); the bytes leave the accounts. A session
+    answered in the last period keeps its chunk (it streams: its answer is replaced
+    before anyone asks); each session is looked at once per pass, and an ended one is
+    not hashed for nothing."""
     from rnnserve.server.sessions import Answer, digest
 
-    s, clock, _ = store()
+    s, _, _ = store()
     chunk = np.arange(50, dtype=np.float32)
     idle, busy = s.create("m", 1, state(8)), s.create("m", 1, state(8))
     s.update(idle, state(8), 1, Answer(0, None, [], chunk=chunk))
-    s.update(busy, state(8), 1, Answer(0, None, [], chunk=chunk.copy()))
+    for seq in range(1, 4):  # streams: one look per pass all the same
+        s.update(busy, state(8), seq, Answer(seq - 1, None, [], chunk=chunk + seq))
     assert idle.nbytes == 32 + 200 and s.state_bytes == 2 * 232
-    assert not s.compact_answers(2.0)  # the first period: nothing before it
-    clock.now += 2.0
-    s.update(busy, state(8), 2, Answer(1, None, [], chunk=chunk + 1))
-    while s.compact_answers(2.0, limit=1):
+    assert not s.compact_answers()  # both answered in the period before this pass
+    assert idle.answer is not None and idle.answer.nbytes == 200
+    s.touch(idle)  # a retry, say: no new answer
+    s.update(busy, state(8), 4, Answer(3, None, [], chunk=chunk + 4))
+    while s.compact_answers(limit=1):
         pass
-    assert idle.answer is not None and idle.nbytes == 32 and s.state_bytes == 32 + 232
+    assert idle.nbytes == 32 and s.state_bytes == 32 + 232
     assert idle.answer.digest == digest(chunk) and idle.answer.nbytes == 0
     assert busy.answer is not None and busy.answer.nbytes == 200  # answered since
-    clock.now += 2.0
-    s.close(busy.id)  # ended: its answer is let go of too, out of the accounts
-    assert not s.compact_answers(2.0)
-    assert busy.answer.nbytes == 0 and busy.answer.digest == digest(chunk + 1)
+    s.close(busy.id)
+    assert not s.compact_answers() and not s.compact_answers()
+    assert busy.answer.nbytes == 200  # ended, not in the table: left alone
     assert s.state_bytes == 32
+    # a pass stops after its bytes to hash, the rest left for the next call
+    many = [s.create("m", 1, state(8)) for _ in range(3)]
+    for m in many:
+        s.update(m, state(8), 1, Answer(0, None, [], chunk=chunk.copy()))
+    assert not s.compact_answers()
+    assert s.compact_answers(hash_bytes=200) and s.compact_answers(hash_bytes=200)
+    assert not s.compact_answers(hash_bytes=200)
+    assert all(m.answer is not None and m.answer.nbytes == 0 for m in many)
