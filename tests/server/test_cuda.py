@@ -327,3 +327,31 @@ def test_served_packed_blocks_on_cuda_graphs_equal_the_cpu(cuda_registry, repo,
     for i in range(n):
         diff = float(np.abs(y[i] - whole[i][0]).max())
         assert diff <= 1e-4, f"session {i}: {diff:.2e}"
+
+
+@pytest.mark.requires_cuda
+def test_a_pool_on_cuda_grows_and_shrinks_keeping_its_rows(cuda_registry) -> None:
+    """Resizes on the device: the copy between old and new buffers runs on CUDA (and
+    asks the device arena to shrink after it); every row written survives growth, and
+    every row still held survives a shrink."""
+    from rnnserve.server.pool import FIRST, StatePool
+
+    pool = StatePool(cuda_registry.get("feat").pool.specs, device="cuda",
+                     providers=providers_for(RuntimeOptions(device="cuda")), rows=8)
+    rng = np.random.default_rng(71)
+    written = {}
+    for _ in range(40):  # grows from 8 rows, several times
+        row = pool.alloc()
+        pool.acquire(row + 1)
+        pool.release()
+        written[row] = [rng.standard_normal(s.row_shape).astype(s.dtype) for s in pool.specs]
+        pool.write(row, written[row])
+    assert pool.resizes >= 2 and pool.capacity >= FIRST + 40
+    for row in sorted(written)[10:]:
+        pool.free(row)
+    before = pool.capacity
+    target = pool.trim_target()
+    assert target and pool.shrink(target) and pool.capacity == target < before
+    for row in sorted(written)[:10]:
+        for got, want in zip(pool.read([row]), written[row], strict=True):
+            np.testing.assert_array_equal(got[0], want)
