@@ -130,7 +130,8 @@ def summarize(streams: int, duration_s: float, result: LoadResult) -> Level:
                  worker_streams=[result.workers.get(i, 0)
                                  for i in range(max(result.workers) + 1)]
                  if len(result.workers) > 1 else [],
-                 start_skew_s=round(max(0.0, result.latest_start - result.started), 3))
+                 start_skew_s=round(max(0.0, result.latest_start - result.started), 3)
+                 if result.started else 0.0)
 
 
 async def fetch_metadata(server: str, model: str, version: int) -> pb.ModelMetadata:
@@ -178,11 +179,11 @@ def sweep(gen: LoadGenerator, targets: dict[str, str], meta: pb.ModelMetadata,
             out[name].append(level)
             if not tagged:
                 log(row(level))
-            skew = max(lv.start_skew_s for lv in done)
+            skew = level.start_skew_s  # the most of its repeats (median_level)
             if skew > SKEW_NOTE * duration_s:
                 log(f"{'':>8} note: a load process of {name} started {skew:.2f} s after "
-                    f"the first: the load overlapped for {duration_s - skew:.2f} of "
-                    f"{duration_s:g} s (a slow machine? fewer --load-procs)")
+                    f"the first: the load overlapped for {max(0.0, duration_s - skew):.2f} "
+                    f"of {duration_s:g} s (a slow machine? fewer --load-procs)")
             if level.unsent or level.latency_ms["p99"] > 10 * BUDGET_S * 1000:
                 del live[name]
                 rest = [m for m in levels if m > n]
@@ -205,7 +206,8 @@ def median_level(repeats: list[Level]) -> Level:
         for code, k in lv.errors.items():
             errors[code] = errors.get(code, 0) + k
     return replace(mid, errors=errors, unsent=sum(lv.unsent for lv in repeats),
-                   p99_repeats=[lv.latency_ms["p99"] for lv in repeats])
+                   p99_repeats=[lv.latency_ms["p99"] for lv in repeats],
+                   start_skew_s=max(lv.start_skew_s for lv in repeats))
 
 
 SOAK_FRACTION = 0.7  # of the capacity found, when --soak-streams is not given
@@ -341,7 +343,9 @@ def plot(report: dict[str, Any], runs: dict[str, list[Level]], path: Path) -> No
     ax.set_ylabel("chunk latency (ms)")
     tp.set_ylabel("answered chunks per second")
     ax.set_title(f"{report['model']} ({report['arch']}, {report['input_kind']}), "
-                 f"{report['chunk_ms']} ms chunks: capacity {report['capacity_streams']}")
+                 f"{report['chunk_ms']} ms chunks: capacity "
+                 f"{'at least ' if report['capacity_is_lower_bound'] else ''}"
+                 f"{report['capacity_streams']}")
     lines, more = ax.get_legend_handles_labels(), tp.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=7)
     cap = report["capacity_streams"]
@@ -718,14 +722,12 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         raise RnnserveError("--baselines cannot run with --packed: the transport "
                             "ceiling's echo server serves StreamMany, not StreamPacked; "
                             "measure the baselines with --many N alone")
-    owned = [f for f in serve_flags
-             if f.split("=", 1)[0] in ("--max-batch-size", "--max-sessions",
-                                       "--max-state-bytes", "--idle-timeout-s")]
-    if owned:
-        raise RnnserveError(f"--serve-arg={owned[0]}: the bench sets that flag of the "
-                            "servers it starts itself (the batch size with its own "
-                            "--max-batch-size, which the compute ceiling runs at too; "
-                            "the session limits for --idle-sessions); give --max-batch-size")
+    from rnnserve.cli import settings_given
+
+    if "max_batch_size" in settings_given(serve_flags):
+        raise RnnserveError("--serve-arg sets the max batch size, which the bench sets "
+                            "itself for the servers it starts (and runs the compute "
+                            "ceiling at): give --max-batch-size N instead")
     if connections < 0:
         raise RnnserveError("--connections must be 0 (one per worker process of the "
                             "server) or more")
@@ -928,7 +930,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         r, b = report["ratios"], report["ratios"]["bounds"]
 
         def ratio(key: str) -> str:
-            return str(r[key]) if b[key] == "exact" else f"{r[key]} ({b[key]})"
+            return str(r[key]) if b[key] == "exact" or r[key] is None else \
+                f"{r[key]} ({b[key]})"
 
         print(f"  vs transport ceiling {at('transport')}: {ratio('capacity_vs_transport')}; "
               f"vs unbatched {at('unbatched')}: {ratio('capacity_vs_unbatched')}; "
@@ -939,8 +942,11 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         print(f"note: every level passed for {', '.join(lower)}: that capacity is the top "
               "level run, a lower bound; add higher --streams to find it")
     if redis_store:
+        rs = report["redis_store"]
+        bound = "" if rs["capacity_vs_memory_is"] == "exact" else \
+            f", {rs['capacity_vs_memory_is']}"
         print(f"  with the Redis session store: {at('redis_store')} streams "
-              f"({report['redis_store']['capacity_vs_memory']} of the in-memory store's)")
+              f"({rs['capacity_vs_memory']}{bound} of the in-memory store's)")
     if busy >= BUSY:
         print(f"note: a load process was {busy:.0%} busy: the load generator may be the "
               "limit; run with more --load-procs (or on another machine)")

@@ -73,13 +73,18 @@ class LoadResult:
         return float(np.percentile(self.latencies, q)) if self.latencies else float("nan")
 
     def merge(self, other: LoadResult) -> None:
+        # each part's times count from its own start: from the earliest once merged
+        origin = min((t for t in (self.started, other.started) if t), default=0.0)
+        if self.started and self.started != origin:
+            self.times = [t + self.started - origin for t in self.times]
+        shift = other.started - origin if other.started else 0.0
         self.latencies += other.latencies
-        self.times += other.times
+        self.times += [t + shift for t in other.times] if shift else other.times
         self.errors.update(other.errors)
         self.sessions += other.sessions
         self.late += other.late
         self.unsent += other.unsent
-        self.started = min(self.started or other.started, other.started)
+        self.started = origin
         self.latest_start = max(self.latest_start, other.latest_start)
         self.ended = max(self.ended, other.ended)
         self.busy = max(self.busy, other.busy)

@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--serve-arg", action="append", default=[], metavar="FLAG",
                    help="extra flag for the started server (with --repo), e.g. "
                    "--serve-arg=--max-batch-delay-ms=5; repeatable (its batch size "
-                   "is --max-batch-size)")
+                   "is --max-batch-size, whatever its config or environment says)")
     b.add_argument("--no-plot", action="store_true", help="write bench.json only")
     b.add_argument("--baselines", action="store_true",
                    help="also measure the transport ceiling (no model), rnnserve unbatched "
@@ -324,6 +324,20 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(flag, dest=name, default=None, metavar=name.upper(),
                                 help=f"{field.description} (default: {field.default})")
+
+
+def settings_given(flags: Sequence[str]) -> set[str]:
+    """The server settings that ``flags`` set as ``rnnserve serve`` reads them
+    (argparse's own reading: ``--max-batch-s=8`` is ``--max-batch-size``); flags it
+    cannot read are left to the server to refuse."""
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    parser.add_argument("--config")
+    _add_settings_flags(parser)
+    try:
+        args, _ = parser.parse_known_args(list(flags))
+    except (argparse.ArgumentError, SystemExit):
+        return set()
+    return {k for k, v in vars(args).items() if v is not None and k != "config"}
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -135,10 +135,13 @@ def test_bench_refuses_bad_arguments(tmp_path) -> None:
     proc = rnnserve("bench", "--repo", str(tmp_path), "--model", "x", "--baselines",
                     "--many", "4", "--packed", "--out", str(tmp_path))
     assert_one_line_error(proc, "--baselines", "--packed", "StreamMany")
-    # a server flag the bench sets itself would be overridden without a word
-    proc = rnnserve("bench", "--repo", str(tmp_path), "--model", "x",
-                    "--serve-arg=--max-batch-size=1", "--out", str(tmp_path))
-    assert_one_line_error(proc, "--serve-arg=--max-batch-size=1", "--max-batch-size")
+    # the batch size the bench sets itself would be overridden without a word: in any
+    # spelling the server reads (an abbreviation too)
+    for flags in (["--serve-arg=--max-batch-size=1"], ["--serve-arg=--max-batch-s=1"],
+                  ["--serve-arg=--max-batch-size", "--serve-arg=1"]):
+        proc = rnnserve("bench", "--repo", str(tmp_path), "--model", "x", *flags,
+                        "--out", str(tmp_path))
+        assert_one_line_error(proc, "--serve-arg", "--max-batch-size N")
 
 
 def test_a_level_counts_its_median_repeat_and_every_repeats_errors() -> None:
@@ -347,3 +350,18 @@ def test_a_load_process_that_started_late_is_recorded_as_the_levels_skew() -> No
     level = summarize(2, 2.0, merged)
     assert level.start_skew_s == 0.4 and merged.started == 100.0
     assert summarize(1, 2.0, first).start_skew_s == 0.0
+    # times count from the first start once merged: the late process's chunk was due
+    # 0.4 s into the level
+    assert sorted(merged.times) == [0.0, pytest.approx(0.4)]
+    empty = LoadResult()
+    empty.merge(first)
+    first.merge(LoadResult())  # an empty part moves nothing
+    assert empty.started == first.started == 100.0
+    assert summarize(1, 2.0, first).start_skew_s == 0.0
+    # a level stands for its repeats with the most skew of any
+    from dataclasses import replace
+
+    from rnnserve.client.bench import median_level
+
+    repeats = [replace(level, start_skew_s=k) for k in (0.0, 0.9, 0.1)]
+    assert median_level(repeats).start_skew_s == 0.9
