@@ -724,10 +724,19 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
                             "measure the baselines with --many N alone")
     from rnnserve.cli import settings_given
 
-    if "max_batch_size" in settings_given(serve_flags):
+    try:
+        given = settings_given(serve_flags) if repo is not None else set()
+    except RnnserveError as exc:
+        raise RnnserveError(f"--serve-arg: {exc}") from None
+    if "max_batch_size" in given:
         raise RnnserveError("--serve-arg sets the max batch size, which the bench sets "
                             "itself for the servers it starts (and runs the compute "
                             "ceiling at): give --max-batch-size N instead")
+    overridden = sorted({"max_sessions", "max_state_bytes", "idle_timeout_s"} & given)
+    if idle_sessions and overridden:
+        print("note: the idle-memory server sets its own " + ", ".join(
+            "--" + k.replace("_", "-") for k in overridden) + "; the levels use yours",
+              flush=True)
     if connections < 0:
         raise RnnserveError("--connections must be 0 (one per worker process of the "
                             "server) or more")
@@ -944,9 +953,9 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
     if redis_store:
         rs = report["redis_store"]
         bound = "" if rs["capacity_vs_memory_is"] == "exact" else \
-            f", {rs['capacity_vs_memory_is']}"
+            f"{rs['capacity_vs_memory_is']} "
         print(f"  with the Redis session store: {at('redis_store')} streams "
-              f"({rs['capacity_vs_memory']}{bound} of the in-memory store's)")
+              f"({bound}{rs['capacity_vs_memory']} of the in-memory store's)")
     if busy >= BUSY:
         print(f"note: a load process was {busy:.0%} busy: the load generator may be the "
               "limit; run with more --load-procs (or on another machine)")

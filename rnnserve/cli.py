@@ -326,17 +326,22 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
                                 help=f"{field.description} (default: {field.default})")
 
 
+class _Refusing(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not a usage text and exit
+        raise UsageError(message)
+
+
 def settings_given(flags: Sequence[str]) -> set[str]:
     """The server settings that ``flags`` set as ``rnnserve serve`` reads them
     (argparse's own reading: ``--max-batch-s=8`` is ``--max-batch-size``); flags it
-    cannot read are left to the server to refuse."""
-    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    cannot read (an ambiguous abbreviation, a missing value) are a UsageError."""
+    parser = _Refusing(add_help=False, exit_on_error=False)
     parser.add_argument("--config")
     _add_settings_flags(parser)
     try:
         args, _ = parser.parse_known_args(list(flags))
-    except (argparse.ArgumentError, SystemExit):
-        return set()
+    except argparse.ArgumentError as exc:
+        raise UsageError(str(exc)) from None
     return {k for k, v in vars(args).items() if v is not None and k != "config"}
 
 

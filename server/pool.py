@@ -243,7 +243,7 @@ class StatePool:
         so.log_severity_level = 3
         # no arena: a resize's copy gathers the kept rows into a temporary as large as
         # the old pool, which an arena would keep (100,000 speech-small sessions held
-        # ~270 MB more resident, 0.5 x their state); freed, it goes back at once
+        # 0.55 x their state more resident); freed, it goes back at once
         so.enable_cpu_mem_arena = False
         providers = providers or ["CPUExecutionProvider"]
         self._rows = ort.InferenceSession(_rows_model(self.specs, opset).SerializeToString(),

@@ -142,6 +142,15 @@ def test_bench_refuses_bad_arguments(tmp_path) -> None:
         proc = rnnserve("bench", "--repo", str(tmp_path), "--model", "x", *flags,
                         "--out", str(tmp_path))
         assert_one_line_error(proc, "--serve-arg", "--max-batch-size N")
+    # one it cannot read as serve would is one line too, not a usage text
+    proc = rnnserve("bench", "--repo", str(tmp_path), "--model", "x",
+                    "--serve-arg=--max-batch=8", "--out", str(tmp_path))
+    assert_one_line_error(proc, "--serve-arg", "ambiguous option: --max-batch")
+    # other server flags pass (the run then stops at the missing model)
+    proc = rnnserve("bench", "--repo", str(tmp_path), "--model", "x",
+                    "--serve-arg=--max-sessions=50000", "--serve-arg=--max-batch-delay-ms=5",
+                    "--out", str(tmp_path))
+    assert proc.returncode != 0 and "--serve-arg" not in proc.stderr, proc.stderr
 
 
 def test_a_level_counts_its_median_repeat_and_every_repeats_errors() -> None:

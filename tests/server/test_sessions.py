@@ -246,8 +246,10 @@ def test_answers_of_sessions_idle_a_period_keep_a_digest_instead_of_their_chunk(
     assert idle.answer is not None and idle.answer.nbytes == 200
     s.touch(idle)  # a retry, say: no new answer
     s.update(busy, state(8), 4, Answer(3, None, [], chunk=chunk + 4))
-    while s.compact_answers(limit=1):
-        pass
+    calls = 1
+    while s.compact_answers(limit=1):  # one session per call: one call per session
+        calls += 1
+    assert calls == 2
     assert idle.nbytes == 32 and s.state_bytes == 32 + 232
     assert idle.answer.digest == digest(chunk) and idle.answer.nbytes == 0
     assert busy.answer is not None and busy.answer.nbytes == 200  # answered since
