@@ -335,13 +335,10 @@ def settings_given(flags: Sequence[str]) -> set[str]:
     """The server settings that ``flags`` set as ``rnnserve serve`` reads them
     (argparse's own reading: ``--max-batch-s=8`` is ``--max-batch-size``); flags it
     cannot read (an ambiguous abbreviation, a missing value) are a UsageError."""
-    parser = _Refusing(add_help=False, exit_on_error=False)
+    parser = _Refusing(add_help=False)
     parser.add_argument("--config")
     _add_settings_flags(parser)
-    try:
-        args, _ = parser.parse_known_args(list(flags))
-    except argparse.ArgumentError as exc:
-        raise UsageError(str(exc)) from None
+    args, _ = parser.parse_known_args(list(flags))
     return {k for k, v in vars(args).items() if v is not None and k != "config"}
 
 

@@ -221,9 +221,10 @@ def _resident_bytes() -> int:
 
 def test_a_grown_pool_holds_in_memory_the_rows_written_and_no_copy_of_the_old() -> None:
     """Host memory of a pool on the CPU: rows never written hold none, read or not (a
-    pool doubles, and its top half waits for sessions), and growth keeps nothing of the old buffers
-    or of the copy between them (before, onnxruntime's arena kept the copy's
-    temporary, as large as the old pool: 0.5 x the state of 100,000 idle sessions)."""
+    pool doubles, and its top half waits for sessions), and growth keeps nothing of the
+    old buffers or of the copy between them (before, onnxruntime's arena kept the
+    copy's temporary, as large as the old pool: 0.55 x the state of 100,000 idle
+    speech-small sessions, docs/benchmarks.md)."""
     spec = PoolSpec("h", "h_out", (1024,), np.dtype(np.float32))  # 4 KiB a row
     pool = StatePool([spec], rows=64)
     rows = 16384  # 64 MiB
