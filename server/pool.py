@@ -40,6 +40,7 @@ bookkeeping, the graph extension and the binding that the GPU path runs.
 from __future__ import annotations
 
 import heapq
+import logging
 import mmap
 import threading
 import weakref
@@ -57,6 +58,9 @@ from rnnserve.server.errors import Overloaded
 ZERO = 0  # the zero state, read by new sessions and by padding rows; never written
 TRASH = 1  # written by padding rows and stateless requests; never read as a state
 FIRST = 2  # the first row handed out to a session
+SHRINK = "memory.enable_memory_arena_shrinkage"  # onnxruntime's run option
+
+log = logging.getLogger("rnnserve.pool")
 
 GATHER = "rnnserve_gather"
 SCATTER = "rnnserve_scatter"
@@ -218,7 +222,7 @@ class StatePool:
 
     def __init__(self, specs: Sequence[PoolSpec], *, device: str = "cpu", device_id: int = 0,
                  providers: list[Any] | None = None, rows: int = 64, growable: bool = True,
-                 opset: int = 17) -> None:
+                 opset: int = 17, shrink_arena: str | None = None) -> None:
         self.specs = list(specs)
         self.device, self.device_id = device, device_id
         self.growable = growable
@@ -250,10 +254,15 @@ class StatePool:
                                           so, providers=providers)
         self._copy = ort.InferenceSession(_copy_model(self.specs, opset).SerializeToString(),
                                           so, providers=providers)
+        # the same for the device's arena: shrunk after each copy ("gpu:N", onnxruntime's
+        # form); an onnxruntime that finds no arena there refuses the run, and the copy
+        # then runs again without asking (a resize must not fail for memory it saves)
+        if shrink_arena is None:
+            shrink_arena = f"gpu:{device_id}" if device != "cpu" else ""
+        self.shrink_arena = shrink_arena
         self._copy_options = ort.RunOptions()
-        if device != "cpu":  # the same for the device's arena: shrunk after each copy
-            self._copy_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
-                                                    f"gpu:{device_id}")
+        if shrink_arena:
+            self._copy_options.add_run_config_entry(SHRINK, shrink_arena)
         self._allocate(max(rows, FIRST + 1), None)
         self.first_rows = self.capacity  # shrinking stops here
 
@@ -367,10 +376,23 @@ class StatePool:
                 b.bind_ortvalue_input(f"rnnserve_old_{j}", was)
                 b.bind_ortvalue_output(pool_output(j), new)
             b.bind_cpu_input(SCATTER, np.arange(min(rows, self.capacity), dtype=np.int64))
-            self._copy.run_with_iobinding(b, self._copy_options)
+            self._run_copy(b)
         self.buffers, self.values, self.capacity = buffers, values, rows
         for holder in list(self._holders):  # no run holds the pool now (resizes wait)
             self.bind(holder)
+
+    def _run_copy(self, binding: ort.IOBinding) -> None:
+        try:
+            self._copy.run_with_iobinding(binding, self._copy_options)
+        except Exception as e:  # onnxruntime's InvalidArgument, checked before any node ran
+            if not self.shrink_arena or "arena" not in str(e):
+                raise
+            log.warning("state pool: onnxruntime refused to shrink the arena %r after a "
+                        "resize (%s); resizes go on without asking", self.shrink_arena,
+                        str(e).strip().splitlines()[-1])
+            self.shrink_arena = ""
+            self._copy_options = ort.RunOptions()
+            self._copy.run_with_iobinding(binding, self._copy_options)
 
     def acquire(self, rows: int = 0) -> None:
         """A run starts using the buffers, rows 0..``rows``-1 of them (no resize until

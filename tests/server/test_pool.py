@@ -9,6 +9,7 @@ never touch a live row; rows must come back when steps fail, are cancelled or re
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -588,3 +589,38 @@ def test_a_server_gives_pool_memory_back_after_a_burst(repo, tmp_path) -> None:
         assert float(np.abs(y - want[1:]).max()) <= 1e-5
     assert metric_value(text, "rnnserve_state_pool_rows") == 0
     assert "state pool shrunk from" in (tmp_path / "server.log").read_text()
+
+
+def test_a_pool_whose_arena_shrink_onnxruntime_refuses_still_resizes_and_says_so(
+        caplog) -> None:
+    """After a resize's copy the pool asks onnxruntime to shrink the device's arena (on
+    CUDA, ``gpu:N``). An onnxruntime that finds no arena there refuses the whole run;
+    the copy then runs again without asking, once for good, with a warning: a resize
+    never fails for the memory it meant to save. Here the CPU's arena is asked for, which
+    the pool's helper sessions run without, so onnxruntime refuses as it would."""
+    spec = PoolSpec("h", "h_out", (3,), np.dtype(np.float32))
+    pool = StatePool([spec], rows=8, shrink_arena="cpu:0")
+    pool.acquire(6)
+    pool.release()
+    pool.buffers[0][FIRST:6] = np.arange(12, dtype=np.float32).reshape(4, 3)
+    with caplog.at_level(logging.WARNING, logger="rnnserve.pool"):
+        pool.acquire(9)  # grows: the copy is refused, then runs without the option
+        pool.release()
+    assert pool.resizes == 1 and pool.capacity >= 9 and pool.shrink_arena == ""
+    refused = [r.getMessage() for r in caplog.records if "refused to shrink" in r.getMessage()]
+    assert len(refused) == 1 and "cpu:0" in refused[0], refused
+    np.testing.assert_array_equal(pool.buffers[0][FIRST:6],
+                                  np.arange(12, dtype=np.float32).reshape(4, 3))
+    assert not pool.buffers[0][6:].any() and not pool.buffers[0][:FIRST].any()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rnnserve.pool"):
+        pool.acquire(pool.capacity + 1)  # grows again: not asked, not refused
+        pool.release()
+    assert pool.resizes == 2 and not caplog.records
+    np.testing.assert_array_equal(pool.buffers[0][FIRST:6],
+                                  np.arange(12, dtype=np.float32).reshape(4, 3))
+
+
+def test_a_pool_on_the_cpu_asks_no_arena_to_shrink() -> None:
+    spec = PoolSpec("h", "h_out", (3,), np.dtype(np.float32))
+    assert StatePool([spec], rows=8).shrink_arena == ""
