@@ -66,26 +66,41 @@ StoreHook = Callable[[str, float, bool], None]
 
 # The writes of one or more batches in one script call: new sessions, steps, closes.
 # ARGV: owner, ttl ms, lease ms, upsert (1: a step may write a missing record, for
-# servers that degrade while the store is down), key prefix, then per write "KIND FROM
-# TO ID" and the record. KIND: c creates (refused if the record exists), s steps from
-# seq FROM to TO, f steps and ends the session (its record moves to the final key), d
-# deletes (closes); S and F are s and f for a session served from memory while the
-# store failed (degrade): its record may be behind, so any stored seq up to FROM will
-# do, as long as no other server took the session since (w; the lease still decides
-# who writes). The keys are built here from the ids (fewer
-# arguments to pack: this is on every step's path). Returns the refusals only, flat:
-# index, 'held', 'moved', 'taken' or 'exists', and the lease's time left or the
+# servers that degrade while the store is down), key prefix, the online resharding this
+# server takes part in ('' for none), then per write "KIND FROM TO ID" and the record.
+# KIND: c creates (refused if the record exists), s steps from seq FROM to TO, f steps
+# and ends the session (its record moves to the final key), d deletes (closes); S and F
+# are s and f for a session served from memory while the store failed (degrade): its
+# record may be behind, so any stored seq up to FROM will do, as long as no other server
+# took the session since (w; the lease still decides who writes). The tombstone of an
+# online resharding ('moved') refuses every write ('relocated'), but a create while no
+# resharding other than this server's own is under way on the shard: the tombstone is
+# then one left behind (``reshard --online`` drops them as it ends; a server of a
+# resharding creates an id only on its shard of the new list, where that resharding
+# leaves no tombstone of it), and a create is new data (a record under the tombstone
+# still refuses it: 'exists'). The keys are built here from the ids (fewer arguments
+# to pack: this is on every step's path). Returns the refusals only, flat: index,
+# 'held', 'moved', 'taken', 'relocated' or 'exists', and the lease's time left or the
 # stored seq.
 _WRITE_MANY = """
 local owner, ttl, lease, upsert, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local resharding = ARGV[6]
 local server = string.match(owner, '^(.*)|%d+$')
 local failed = {}
-for i = 0, (#ARGV - 5) / 2 - 1 do
-  local kind, from, to, sid = string.match(ARGV[2 * i + 6], '^(%a) (%-?%d+) (%d+) (.*)$')
-  local data = ARGV[2 * i + 7]
+local stale = nil  -- whether a tombstone here is one left behind (read once, if met)
+for i = 0, (#ARGV - 6) / 2 - 1 do
+  local kind, from, to, sid = string.match(ARGV[2 * i + 7], '^(%a) (%-?%d+) (%d+) (.*)$')
+  local data = ARGV[2 * i + 8]
   local base = prefix .. ':{' .. sid .. '}:'
   local rec, lk = base .. 's', base .. 'l'
   local holder = redis.call('GET', lk)
+  if holder == 'moved' and kind == 'c' then
+    if stale == nil then
+      local r = redis.call('GET', prefix .. ':resharding')
+      stale = not r or string.sub(r, 1, 5) == 'done ' or r == resharding
+    end
+    if stale then holder = false end
+  end
   local stored = redis.call('HMGET', rec, 'seq', 'w')
   local seq, writer = stored[1], stored[2]
   if holder and holder ~= owner
@@ -680,7 +695,7 @@ class RedisStore:
                            ) -> list[list[BaseException | None]]:
         """One script call for several batches; per batch, per write, why it was refused."""
         args: list[Any] = [self.owner, self.ttl_ms, self.lease_ms, 1 if self.upsert else 0,
-                           self.prefix]
+                           self.prefix, self.resharding]
         for _, a in batches:
             args += a
         results = await self._call("write", lambda: self._write(args))
