@@ -92,6 +92,34 @@ def _credentials(root_certificates: bytes | None, private_key: bytes | None,
 OWN_CONNECTION: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1)]
 
 
+def _channel_options(options: list[tuple[str, Any]] | None, keepalive_s: float,
+                    keepalive_timeout_s: float) -> list[tuple[str, Any]]:
+    """``options`` with the keepalive channel arguments for ``keepalive_s`` > 0 added
+    (an option given in ``options`` wins): a ping after ``keepalive_s`` without
+    activity, also on an idle stream or a connection without calls, and the connection
+    closed (its calls fail with UNAVAILABLE) when the ping is not answered within
+    ``keepalive_timeout_s``."""
+    if keepalive_s < 0 or keepalive_timeout_s <= 0:
+        raise ValueError(f"keepalive_s must be >= 0 and keepalive_timeout_s > 0, got "
+                         f"{keepalive_s} and {keepalive_timeout_s}")
+    given = list(options or [])
+    if not keepalive_s:
+        return given
+    names = {name for name, _ in given}
+    keepalive = [
+        ("grpc.keepalive_time_ms", max(1, round(keepalive_s * 1000))),
+        ("grpc.keepalive_timeout_ms", max(1, round(keepalive_timeout_s * 1000))),
+        # what gRPC 1.85 really bounds the answer to a ping by (default a minute): a
+        # keepalive ping rides on one in flight (a BDP probe) and, alone too, is not
+        # always given the keepalive timeout
+        ("grpc.http2.ping_timeout_ms", max(1, round(keepalive_timeout_s * 1000))),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # gRPC otherwise sends 2 pings, then 1 a minute, until it sends data or headers
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    return given + [(name, value) for name, value in keepalive if name not in names]
+
+
 def outputs(result: pb.ChunkResult) -> dict[str, np.ndarray]:
     return {o.name: from_tensor(o.tensor) for o in result.outputs}
 
@@ -586,14 +614,23 @@ class AsyncClient:
     """``target``: one address, or several replicas (tried in turn on reconnects).
     ``timeout``: seconds for each call, and on a stream for each answer (not for the
     whole stream). ``reconnect_s`` > 0 makes streams survive their server: they resume
-    the session on a replica (sharing the session store) for up to that many seconds."""
+    the session on a replica (sharing the session store) for up to that many seconds.
+    ``keepalive_s`` > 0: HTTP/2 keepalive, a ping after that long without activity
+    (also while a stream is idle), and the connection closed when no answer comes
+    within ``keepalive_timeout_s``: a stream on a server that vanished fails with
+    UNAVAILABLE instead of waiting, and an idle connection stays open through NATs and
+    L4 balancers that drop idle flows. Keep it at or above the server's
+    min_client_ping_s (rnnserve's default: 10 s), or the server closes the connection
+    (GOAWAY too_many_pings). ``options`` (gRPC channel arguments) win over these."""
 
     def __init__(self, target: str | Sequence[str], *, timeout: float | None = None,
                  options: list[tuple[str, Any]] | None = None,
                  reconnect_s: float = 0.0, token: str | None = None,
                  root_certificates: bytes | None = None, private_key: bytes | None = None,
-                 certificate_chain: bytes | None = None) -> None:
+                 certificate_chain: bytes | None = None, keepalive_s: float = 0.0,
+                 keepalive_timeout_s: float = 20.0) -> None:
         self.targets = [target] if isinstance(target, str) else list(target)
+        options = _channel_options(options, keepalive_s, keepalive_timeout_s)
         creds = _credentials(root_certificates, private_key, certificate_chain)
         self._auth = (("authorization", f"Bearer {token}"),) if token else ()
         self._channels = [grpc.aio.secure_channel(t, creds, options=options) if creds
@@ -702,7 +739,7 @@ class AsyncClient:
         that the workers take turns: client j is on worker j mod workers as far as the
         spread came out even (against one server: through an address balancing over
         several replicas their workers' indices coincide). ``kwargs``: AsyncClient's
-        (timeout, token, TLS)."""
+        (timeout, token, TLS, keepalive_s, keepalive_timeout_s)."""
         tries = tries or 16 * connections
         own = [*OWN_CONNECTION, *(options or [])]
         kept: dict[int, list[AsyncClient]] = {}
@@ -746,12 +783,15 @@ class AsyncClient:
 
 
 class Client:
-    """Synchronous client: unary calls for clients that cannot stream."""
+    """Synchronous client: unary calls for clients that cannot stream. ``keepalive_s``,
+    ``keepalive_timeout_s``: as AsyncClient's."""
 
     def __init__(self, target: str, *, timeout: float | None = None, token: str | None = None,
                  options: list[tuple[str, Any]] | None = None,
                  root_certificates: bytes | None = None, private_key: bytes | None = None,
-                 certificate_chain: bytes | None = None) -> None:
+                 certificate_chain: bytes | None = None, keepalive_s: float = 0.0,
+                 keepalive_timeout_s: float = 20.0) -> None:
+        options = _channel_options(options, keepalive_s, keepalive_timeout_s)
         creds = _credentials(root_certificates, private_key, certificate_chain)
         self._channel = (grpc.secure_channel(target, creds, options=options) if creds
                          else grpc.insecure_channel(target, options=options))

@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--chunk-bytes", type=_positive, default=16, help="bytes per chunk")
     st.add_argument("--timeout", type=float, default=30.0,
                     help="seconds to wait for each chunk's answer (default 30)")
+    st.add_argument("--keepalive-s", type=float, default=0.0, metavar="S",
+                    help="ping the server after S seconds without activity and give up "
+                    "on the connection when no answer comes within 20 s (0: off, the "
+                    "default; keep S at or above the server's --min-client-ping-s)")
     st.add_argument("--token-file",
                     help="file holding the bearer token to send (a server with "
                     "--tokens-file); default: $RNNSERVE_TOKEN when set")
@@ -371,8 +375,9 @@ def _read_file(path: str, what: str = "") -> bytes:
 
 
 def _connection(args: argparse.Namespace) -> dict[str, Any]:
-    """AsyncClient's token and TLS arguments from ``stream``'s flags (the token from a
-    file or the environment, not the command line, where other users may read it)."""
+    """AsyncClient's token, TLS and keepalive arguments from ``stream``'s flags (the
+    token from a file or the environment, not the command line, where other users may
+    read it)."""
     def read(flag: str, path: str | None) -> bytes | None:
         return None if path is None else _read_file(path, flag)
 
@@ -383,7 +388,9 @@ def _connection(args: argparse.Namespace) -> dict[str, Any]:
         os.environ.get("RNNSERVE_TOKEN", "").strip()
     if raw is not None and not token:
         raise RnnserveError(f"--token-file {args.token_file!r} is empty")
-    return {"token": token or None,
+    if args.keepalive_s < 0:
+        raise RnnserveError("--keepalive-s must be >= 0")
+    return {"token": token or None, "keepalive_s": args.keepalive_s,
             "root_certificates": read("--tls-ca-file", args.tls_ca_file),
             "certificate_chain": read("--tls-cert-file", args.tls_cert_file),
             "private_key": read("--tls-key-file", args.tls_key_file)}

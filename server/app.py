@@ -74,6 +74,30 @@ def _read(path: Path) -> bytes:
         raise UsageError(f"cannot read {str(path)!r}: {exc.strerror}") from None
 
 
+def keepalive_options(s: Settings) -> list[tuple[str, int]]:
+    """gRPC core's keepalive channel arguments for the server (doc/keepalive.md)."""
+    def ms(seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    return [
+        # the server's own pings; INT_MAX is gRPC's "never" (its default is 2 hours)
+        ("grpc.keepalive_time_ms", ms(s.keepalive_s) if s.keepalive_s else 2**31 - 1),
+        ("grpc.keepalive_timeout_ms", ms(s.keepalive_timeout_s)),
+        # what gRPC 1.85 really bounds the answer to a ping by (default a minute): the
+        # keepalive timeout alone is not applied to every keepalive ping
+        ("grpc.http2.ping_timeout_ms", ms(s.keepalive_timeout_s)),
+        # pings on a connection without calls: the server sends them, and takes a
+        # client's at the rate below (without it, one ping per 2 hours there)
+        ("grpc.keepalive_permit_without_calls", 1),
+        # a client's pings while the server sends it nothing: one this soon after the
+        # previous one is a strike, the third since the server last sent data or
+        # headers ends the connection (GOAWAY ENHANCE_YOUR_CALM "too_many_pings")
+        ("grpc.http2.min_ping_interval_without_data_ms",
+         round(s.min_client_ping_s * 1000)),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+
+
 class ReflectionPool:
     """The default descriptor pool for server reflection, plus the one lookup that
     protobuf's upb pool lacks: the file of a method symbol (``pkg.Service.Method``),
@@ -237,7 +261,8 @@ class RnnServer:
             # GOAWAY at that age (gRPC adds +-10% jitter); the grace stays gRPC's default,
             # unbounded: a session's stream is never cut for its connection's age
             *([("grpc.max_connection_age_ms", max(1, round(s.max_connection_age_s * 1000)))]
-              if s.max_connection_age_s else [])])
+              if s.max_connection_age_s else []),
+            *keepalive_options(s)])
         self.streams = StreamGate()
         pb_grpc.add_InferenceServicer_to_server(
             InferenceServicer(self.core, self.streams,

@@ -105,6 +105,23 @@ class Settings(BaseSettings):
     """Ask clients to reconnect (HTTP/2 GOAWAY) once a connection is this old, so new
     calls spread again over the workers of --workers and the replicas behind an L4
     balancer; calls and streams already open go on until they end (0: never)."""
+    keepalive_s: float = Field(60.0, ge=0)
+    """Ping a connection (HTTP/2 PING) after this long without activity, with or without
+    calls on it, and close it when the ping is not answered within keepalive_timeout_s:
+    the streams of a client that vanished (node lost, network partition) end (their
+    sessions stay, to resume or expire), and idle connections stay open through NATs
+    and L4 balancers that drop idle flows (keep it below their idle timeout, e.g. a
+    350 s one); 0: never."""
+    keepalive_timeout_s: float = Field(20.0, gt=0)
+    """How long the server waits for the answer to its keepalive ping before it closes
+    the connection."""
+    min_client_ping_s: float = Field(10.0, ge=0)
+    """The shortest interval between a client's pings that the server accepts while it
+    sends the client nothing (an idle stream, a connection without calls): a client
+    pinging more often gets GOAWAY too_many_pings at the third early ping since the
+    server last sent it data, and its connection is closed (its streams fail with
+    UNAVAILABLE). Clients that ping must ping no more often: AsyncClient(keepalive_s=S)
+    with S >= this, other gRPC clients' keepalive time likewise (0: any rate)."""
     nonfinite: Literal["reject", "allow"] = "reject"
     """Float chunks with NaN or infinity: reject (INVALID_ARGUMENT) or allow (the model
     gets them, and its state may carry them on)."""
