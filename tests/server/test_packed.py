@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from rnnserve.client import AsyncClient, many_item, outputs, packed_request
+from rnnserve.client import AsyncClient, item_status, many_item, outputs, packed_request
 from rnnserve.client.client import new_session_id
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 
@@ -319,3 +319,65 @@ def test_each_packed_answer_holds_only_its_own_rows(repo) -> None:
             await server.stop()
 
     asyncio.run(main())
+
+
+def test_answers_kept_by_idle_sessions_still_answer_retries_on_every_rpc(repo) -> None:
+    """The store packs the last answers of idle sessions (``KeptAnswer``: the chunk's
+    digest and the outputs' bytes in one object, instead of arrays). A chunk sent again
+    after that gets the answer it had, on StreamPacked (a block's answers), StreamMany
+    and Step alike; other data under its number is refused; and each session goes on
+    exactly. The real server in process (its store packed on demand, not after the
+    seconds of a period), over gRPC."""
+    from rnnserve.server.app import RnnServer
+    from rnnserve.server.sessions import KeptAnswer
+    from rnnserve.server.settings import Settings
+
+    x = np.random.default_rng(62).standard_normal((6, 7, 20)).astype(np.float32)
+    sids = [new_session_id() for _ in range(6)]
+
+    def keep_all(store) -> None:  # three passes: every answer is a period old
+        for _ in range(3):
+            while store.compact_answers():
+                pass
+
+    async def main() -> np.ndarray:
+        server = RnnServer(Settings(repo=repo, host="127.0.0.1", grpc_port=0,
+                                    metrics_port=0, device="cpu", intra_op_threads=1))
+        await server.start()
+        try:
+            store = server.core.store
+            async with AsyncClient(f"127.0.0.1:{server.grpc_port}", timeout=20) as client, \
+                    client.packed() as p, client.many() as m:
+                first = await p.send(packed_request("feat", sids, [0] * 6, x[:, :3],
+                                                    opens=range(6)))
+                assert not first.failures, first.failures
+                keep_all(store)
+                kept = [store.peek(s).answer for s in sids]
+                assert all(isinstance(a, KeptAnswer) for a in kept), kept
+                assert kept[0]._layout is kept[5]._layout  # one layout for them all
+                again = await p.send(packed_request("feat", sids, [0] * 6, x[:, :3]))
+                assert not again.failures, again.failures
+                assert np.array_equal(again.outputs["logits"], first.outputs["logits"])
+                many = await m.send([many_item(sids[i], 0, x[i, :3]) for i in (1, 2)])
+                assert [r.code for r in many] == [0, 0], [r.message for r in many]
+                for i, r in zip((1, 2), many, strict=True):
+                    assert np.array_equal(outputs(r.result)["logits"],
+                                          first.outputs["logits"][i])
+                other = await m.send([many_item(sids[3], 0, x[3, :3] + 1)])
+                assert item_status(other[0]) == CODE.FAILED_PRECONDITION
+                assert "already applied chunk 0 with other data" in other[0].message
+                step = await client.stub.Step(pb.StepRequest(
+                    session_id=sids[4], chunk=many_item(sids[4], 0, x[4, :3]).chunk))
+                assert np.array_equal(outputs(step.result)["logits"],
+                                      first.outputs["logits"][4])
+                rest = await p.send(packed_request("feat", sids, [1] * 6, x[:, 3:],
+                                                   ends=range(6)))
+                assert not rest.failures, rest.failures
+                return np.concatenate([first.outputs["logits"], rest.outputs["logits"]],
+                                      axis=1)
+        finally:
+            await server.stop()
+
+    whole = asyncio.run(main())
+    for i in range(6):
+        assert np.abs(whole[i] - whole_run(repo, "feat", 1, x[i])).max() <= 1e-5, i

@@ -265,3 +265,54 @@ def test_answers_of_sessions_idle_a_period_keep_a_digest_instead_of_their_chunk(
     assert s.compact_answers(hash_bytes=200) and s.compact_answers(hash_bytes=200)
     assert not s.compact_answers(hash_bytes=200)
     assert all(m.answer is not None and m.answer.nbytes == 0 for m in many)
+
+
+def test_a_kept_answer_holds_the_same_answer_in_less_memory() -> None:
+    """``Answer.kept``: the digest and outputs of an answer, whatever its outputs'
+    dtypes and shapes (several, a scalar, an empty one, big-endian), packed into one
+    object; answers of the same outputs share one layout. Measured with tracemalloc,
+    2,000 kept answers like an idle speech-small session's (4 x 14 float32 posteriors)
+    hold under 70% of what the same answers held as arrays (some 400 bytes each against
+    some 620)."""
+    import tracemalloc
+
+    from rnnserve.server.sessions import Answer, KeptAnswer, RowAnswer, digest
+
+    rng = np.random.default_rng(5)
+    chunk = rng.standard_normal((3, 20)).astype(np.float32)
+    outs = [("logits", rng.standard_normal((3, 4)).astype(np.float32)),
+            ("half", rng.standard_normal((2, 2)).astype(np.float16)),
+            ("count", np.array(7, dtype=np.int64)),
+            ("none", np.zeros((0, 5), dtype=np.float32)),
+            ("be", np.arange(6, dtype=">i4").reshape(3, 2))]
+    for answer in (Answer(4, None, outs, end=True, chunk=chunk),
+                   RowAnswer(4, [n for n, _ in outs], tuple(a for _, a in outs), chunk,
+                             end=True)):
+        kept = answer.kept()
+        assert isinstance(kept, KeptAnswer) and kept.kept() is kept
+        assert (kept.seq, kept.end, kept.digest) == (4, True, digest(chunk))
+        assert kept.nbytes == sum(a.nbytes for _, a in outs) == answer.nbytes - chunk.nbytes
+        got = kept.outputs
+        assert [n for n, _ in got] == [n for n, _ in outs]
+        for (_, a), (_, b) in zip(got, outs, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+            assert not a.flags.writeable  # views of the kept bytes
+    other = Answer(9, b"x" * 16, [(n, a.copy()) for n, a in outs]).kept()
+    assert other._layout is kept._layout and other.digest == b"x" * 16
+
+    def held(make) -> int:
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            kept_alive = [make(i) for i in range(2000)]
+            used = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+        assert len(kept_alive) == 2000
+        return used
+
+    posteriors = rng.standard_normal((2000, 4, 14)).astype(np.float32)
+    pcm = np.zeros(640, dtype="<i2")
+    as_arrays = held(lambda i: Answer(i, digest(pcm), [("post", posteriors[i].copy())]))
+    as_kept = held(lambda i: Answer(i, digest(pcm), [("post", posteriors[i].copy())]).kept())
+    assert as_kept < 0.7 * as_arrays, (as_kept / 2000, as_arrays / 2000)  # 0.65 measured
