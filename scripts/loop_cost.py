@@ -1,12 +1,13 @@
 """The event loop's CPU per ``StreamMany`` item (or ``StreamPacked`` session, with
-``--rpc packed``), in process: the server's servicer called directly (no gRPC, no
+``--rpc packed``, or ``Stream`` chunk, one stream per session, with ``--rpc stream``),
+in process: the server's servicer called directly (no gRPC, no
 network), on the CPU. Beside gRPC's own work this is what a host
 spends per chunk when a GPU runs the model (docs/benchmarks.md, "The host's work per
 chunk"), and it drifts far less than a benchmark over gRPC on a shared machine.
 
     python scripts/loop_cost.py --repo runs/workloads/speech-tiny [--model NAME]
         [--groups 16] [--per 64] [--rounds 40] [--repeats 3] [--against DIR] [--profile]
-        [--rpc many[,packed]] [--store redis [--shards N[,M]]]
+        [--rpc many[,packed][,stream]] [--store redis [--shards N[,M]]]
 
 ``--against DIR``: another checkout of rnnserve (``git worktree add /tmp/base REV``);
 the two builds take turns, each in a fresh process, and the medians are compared.
@@ -112,6 +113,9 @@ async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
                 req.chunks.shape.extend([per, len(data) // (2 if chunk.pcm16 else 1)])
             return req
 
+        if rpc == "stream":  # one Stream per session, closed loop (the next chunk once
+            # the last is answered: the servicer reads it after yielding the answer)
+            return await _measure_streams(servicer, runtime, chunk, sids, rounds, profile)
         requests = [[(packed if rpc == "packed" else request)(g, k) for k in range(rounds)]
                     for g in range(groups)]
 
@@ -153,6 +157,73 @@ async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
         await server.stop()
 
 
+class _Context:
+    """What the servicer reads of a call's gRPC context, for ``Stream`` in process."""
+
+    def time_remaining(self) -> None:
+        return None
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    async def abort(self, code: Any, details: str = "", *_: Any) -> None:
+        raise RuntimeError(f"a stream failed: {code} {details}")
+
+
+async def _measure_streams(servicer: Any, runtime: Any, chunk: Any, sids: list[list[str]],
+                           rounds: int, profile: bool) -> dict[str, Any]:
+    """The loop's CPU per chunk of ``Stream`` calls, one per session, each resuming its
+    session, then its chunks one by one; timed from a point all streams wait at once
+    their warm-up chunks are answered."""
+    import asyncio
+    import cProfile
+    import pstats
+    import time
+
+    from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
+
+    flat = [sid for group in sids for sid in group]
+    warm = min(5, rounds - 1)
+    arrived, all_there, go = [0], asyncio.Event(), asyncio.Event()
+
+    async def requests(sid: str) -> Any:
+        yield pb.StreamRequest(open=pb.OpenSessionRequest(
+            model=runtime.name, version=runtime.version, session_id=sid, resume=True))
+        for k in range(rounds):
+            if k == warm:
+                arrived[0] += 1
+                if arrived[0] == len(flat):
+                    all_there.set()
+                await go.wait()
+            req = pb.StreamRequest()
+            req.chunk.CopyFrom(chunk)
+            req.chunk.seq = k
+            yield req
+
+    async def stream(sid: str) -> None:
+        n = 0
+        async for resp in servicer.Stream(requests(sid), _Context()):
+            n += resp.HasField("result")
+        if n != rounds:
+            raise RuntimeError(f"a stream got {n} answers of {rounds}")
+
+    tasks = [asyncio.ensure_future(stream(sid)) for sid in flat]
+    await all_there.wait()
+    prof = cProfile.Profile() if profile else None
+    wall, cpu = time.perf_counter(), time.thread_time()
+    if prof is not None:
+        prof.enable()
+    go.set()
+    await asyncio.gather(*tasks)
+    if prof is not None:
+        prof.disable()
+    items = len(flat) * (rounds - warm)
+    if prof is not None:
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+    return {"loop_cpu_us": 1e6 * (time.thread_time() - cpu) / items,
+            "wall_us": 1e6 * (time.perf_counter() - wall) / items, "items": items}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repo", required=True)
@@ -164,7 +235,7 @@ def main() -> int:
     ap.add_argument("--against", type=Path, help="another checkout, in turns with this one")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--rpc", default="many",
-                    help="many, packed, or both in turns (many,packed)")
+                    help="many, packed, stream, or several in turns (many,packed)")
     ap.add_argument("--store", default="memory", choices=("memory", "redis"),
                     help="the session store: memory, or a redis-server started per run")
     ap.add_argument("--shards", default="1",
@@ -176,8 +247,8 @@ def main() -> int:
     if args.rounds < 2 or args.groups < 1 or args.per < 1 or args.repeats < 1:
         ap.error("--rounds must be at least 2; --groups, --per and --repeats at least 1")
     rpcs = args.rpc.split(",")
-    if not set(rpcs) <= {"many", "packed"} or (args.one and len(rpcs) > 1):
-        ap.error("--rpc takes many, packed or many,packed")
+    if not set(rpcs) <= {"many", "packed", "stream"} or (args.one and len(rpcs) > 1):
+        ap.error("--rpc takes many, packed, stream or several of them (many,stream)")
     try:
         shards = [int(n) for n in args.shards.split(",")]
     except ValueError:
@@ -187,7 +258,7 @@ def main() -> int:
     if len(shards) > 1 and (args.one or args.against or len(rpcs) > 1):
         ap.error("--shards in turns (1,3) takes one RPC and no --against")
     if args.against and len(rpcs) > 1:
-        ap.error("--against compares one RPC: give --rpc many or --rpc packed")
+        ap.error("--against compares one RPC: give --rpc many, packed or stream")
     if args.one:
         import asyncio
         import logging
