@@ -90,6 +90,7 @@ def _credentials(root_certificates: bytes | None, private_key: bytes | None,
 # between all channels of a process to the same target, so that every client of the
 # process reaches the same worker of a server running several (`serve --workers`).
 OWN_CONNECTION: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1)]
+MAX_MS_SECONDS = (2**31 - 1) // 1000  # gRPC takes durations in milliseconds (a C int)
 
 
 def _channel_options(options: list[tuple[str, Any]] | None, keepalive_s: float,
@@ -99,20 +100,24 @@ def _channel_options(options: list[tuple[str, Any]] | None, keepalive_s: float,
     activity, also on an idle stream or a connection without calls, and the connection
     closed (its calls fail with UNAVAILABLE) when the ping is not answered within
     ``keepalive_timeout_s``."""
-    if keepalive_s < 0 or keepalive_timeout_s <= 0:
-        raise ValueError(f"keepalive_s must be >= 0 and keepalive_timeout_s > 0, got "
-                         f"{keepalive_s} and {keepalive_timeout_s}")
+    if not (0 <= keepalive_s <= MAX_MS_SECONDS and 0 < keepalive_timeout_s <= MAX_MS_SECONDS):
+        raise ValueError(f"keepalive_s must be >= 0 and keepalive_timeout_s > 0, both at "
+                         f"most {MAX_MS_SECONDS} s, got {keepalive_s} and "
+                         f"{keepalive_timeout_s}")
     given = list(options or [])
     if not keepalive_s:
         return given
-    names = {name for name, _ in given}
+    names = dict(given)
+    # a keepalive timeout given in ``options`` bounds the ping's answer below too
+    timeout_ms = names.get("grpc.keepalive_timeout_ms",
+                           max(1, round(keepalive_timeout_s * 1000)))
     keepalive = [
         ("grpc.keepalive_time_ms", max(1, round(keepalive_s * 1000))),
-        ("grpc.keepalive_timeout_ms", max(1, round(keepalive_timeout_s * 1000))),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
         # what gRPC 1.85 really bounds the answer to a ping by (default a minute): a
         # keepalive ping rides on one in flight (a BDP probe) and, alone too, is not
         # always given the keepalive timeout
-        ("grpc.http2.ping_timeout_ms", max(1, round(keepalive_timeout_s * 1000))),
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         # gRPC otherwise sends 2 pings, then 1 a minute, until it sends data or headers
         ("grpc.http2.max_pings_without_data", 0),

@@ -388,8 +388,10 @@ def _connection(args: argparse.Namespace) -> dict[str, Any]:
         os.environ.get("RNNSERVE_TOKEN", "").strip()
     if raw is not None and not token:
         raise RnnserveError(f"--token-file {args.token_file!r} is empty")
-    if args.keepalive_s < 0:
-        raise RnnserveError("--keepalive-s must be >= 0")
+    from rnnserve.client.client import MAX_MS_SECONDS
+
+    if not 0 <= args.keepalive_s <= MAX_MS_SECONDS:  # nan too
+        raise RnnserveError(f"--keepalive-s must be from 0 to {MAX_MS_SECONDS} seconds")
     return {"token": token or None, "keepalive_s": args.keepalive_s,
             "root_certificates": read("--tls-ca-file", args.tls_ca_file),
             "certificate_chain": read("--tls-cert-file", args.tls_cert_file),

@@ -79,13 +79,16 @@ def keepalive_options(s: Settings) -> list[tuple[str, int]]:
     def ms(seconds: float) -> int:
         return max(1, round(seconds * 1000))
 
-    return [
-        # the server's own pings; INT_MAX is gRPC's "never" (its default is 2 hours)
-        ("grpc.keepalive_time_ms", ms(s.keepalive_s) if s.keepalive_s else 2**31 - 1),
+    pings: list[tuple[str, int]] = [  # the server's own pings
+        ("grpc.keepalive_time_ms", ms(s.keepalive_s)),
         ("grpc.keepalive_timeout_ms", ms(s.keepalive_timeout_s)),
         # what gRPC 1.85 really bounds the answer to a ping by (default a minute): the
         # keepalive timeout alone is not applied to every keepalive ping
         ("grpc.http2.ping_timeout_ms", ms(s.keepalive_timeout_s)),
+    ] if s.keepalive_s else [  # INT_MAX is gRPC's "never" (its default is 2 hours); the
+        ("grpc.keepalive_time_ms", 2**31 - 1)]  # other pings' timeouts stay gRPC's
+    return [
+        *pings,
         # pings on a connection without calls: the server sends them, and takes a
         # client's at the rate below (without it, one ping per 2 hours there)
         ("grpc.keepalive_permit_without_calls", 1),

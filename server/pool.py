@@ -209,6 +209,14 @@ class PoolFull(Overloaded):
                          "--pool-rows)", retry_after_ms=1000)
 
 
+def refused_shrink(error: BaseException) -> bool:
+    """Whether a run failed because onnxruntime refused its arena shrink request (no
+    arena allocator on the device named), which it checks before running any node;
+    not any other failure that mentions an arena (its out-of-memory errors name
+    ``bfc_arena.cc``)."""
+    return "memory arena shrink list" in str(error)
+
+
 class StatePool:
     """The state pools of one model version on one device, and their rows' owners.
 
@@ -385,8 +393,8 @@ class StatePool:
         try:
             self._copy.run_with_iobinding(binding, self._copy_options)
         except Exception as e:  # onnxruntime's InvalidArgument, checked before any node ran
-            if not self.shrink_arena or "arena" not in str(e):
-                raise
+            if not self.shrink_arena or not refused_shrink(e):
+                raise  # a real failure (the device's memory, say: "bfc_arena.cc ...")
             log.warning("state pool: onnxruntime refused to shrink the arena %r after a "
                         "resize (%s); resizes go on without asking", self.shrink_arena,
                         str(e).strip().splitlines()[-1])

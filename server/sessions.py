@@ -152,7 +152,7 @@ class RowAnswer(Answer):
 
 
 # layouts of kept answers, shared by the answers of the same outputs (a few per model:
-# one per chunk length); past the cap, new layouts are no longer shared
+# one per chunk length); at the cap the table starts again
 _LAYOUTS: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 _MAX_LAYOUTS = 1024
 _SIZES: dict[int, int] = {}
@@ -163,9 +163,9 @@ def _shared_int(n: int) -> int:
     idle sessions have the same size: 32 bytes each less than an int apiece)."""
     got = _SIZES.get(n)
     if got is None:
-        got = n
-        if len(_SIZES) < _MAX_LAYOUTS:
-            _SIZES[n] = n
+        if len(_SIZES) >= _MAX_LAYOUTS:
+            _SIZES.clear()
+        _SIZES[n] = got = n
     return got
 
 
@@ -192,8 +192,9 @@ class KeptAnswer(Answer):
                 parts.append((n, a.dtype, a.shape, at, a.size))
                 at += a.nbytes
             layout = (len(d), at - len(d), *parts)
-            if len(_LAYOUTS) < _MAX_LAYOUTS:
-                _LAYOUTS[key] = layout
+            if len(_LAYOUTS) >= _MAX_LAYOUTS:
+                _LAYOUTS.clear()  # shared again from here on (kept answers keep theirs)
+            _LAYOUTS[key] = layout
         self._layout = layout
         self._blob = b"".join([d, *(np.ascontiguousarray(a).data for _, a in outputs)])
 

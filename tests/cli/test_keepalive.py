@@ -31,8 +31,8 @@ def _server(repo, tmp_path_factory, name: str, *flags: str) -> Iterator[ServerPr
 
 @pytest.fixture(scope="module")
 def permissive(repo, tmp_path_factory) -> Iterator[ServerProcess]:
-    """A server that takes a client's ping every second."""
-    yield from _server(repo, tmp_path_factory, "permissive", "--min-client-ping-s", "1")
+    """A server that takes a client's ping every half second."""
+    yield from _server(repo, tmp_path_factory, "permissive", "--min-client-ping-s", "0.5")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def open_streams(server: ServerProcess) -> float:
 def test_a_client_pinging_within_the_servers_allowance_keeps_its_idle_stream(
         permissive) -> None:
     """A client pinging every second on an idle stream, against a server that takes a
-    ping a second: the pings cross (5 of them), no GOAWAY comes, and the stream steps
+    ping every half second: the pings cross (5 of them), no GOAWAY comes, and the stream steps
     on exactly as a session that never paused (gRPC's own allowance, a ping per 5
     minutes and 2 strikes, would cut it at the fourth ping)."""
     proxy = Proxy(permissive.grpc_port)
@@ -163,7 +163,7 @@ def test_the_server_pings_idle_clients_and_drops_one_that_stopped_answering(
             async with client.stream("text") as s:
                 await s.send("hello ")
                 before = proxy.pings("down")
-                await asyncio.sleep(2.5)
+                await asyncio.sleep(4.5)  # a ping after each second idle, and its answer
                 pings = proxy.pings("down") - before
                 opened = open_streams(pinging) - base
                 proxy.freeze()
@@ -193,7 +193,9 @@ def test_keepalive_settings_and_arguments_are_checked(repo) -> None:
     assert (s.keepalive_s, s.keepalive_timeout_s, s.min_client_ping_s) == (60.0, 20.0, 10.0)
     assert Settings.load(keepalive_s="0", min_client_ping_s="0").keepalive_s == 0.0  # off
     for field, bad in [("keepalive_s", "-1"), ("keepalive_timeout_s", "0"),
-                       ("min_client_ping_s", "-0.5")]:
+                       ("min_client_ping_s", "-0.5"), ("keepalive_s", "inf"),
+                       ("keepalive_timeout_s", "nan"), ("min_client_ping_s", "1e7"),
+                       ("max_connection_age_s", "1e7")]:
         with pytest.raises(ValidationError, match=field):
             Settings.load(**{field: bad})
     proc = rnnserve("serve", "--repo", str(repo), "--keepalive-s", "-1", timeout=60)
@@ -201,3 +203,8 @@ def test_keepalive_settings_and_arguments_are_checked(repo) -> None:
     for kwargs in ({"keepalive_s": -1.0}, {"keepalive_s": 1.0, "keepalive_timeout_s": 0.0}):
         with pytest.raises(ValueError, match="keepalive"):
             Client("127.0.0.1:1", **kwargs)
+    proc = rnnserve("stream", "--keepalive-s", "nan", "--model", "text", "x", timeout=60)
+    assert_one_line_error(proc, "--keepalive-s must be from 0 to")
+    for keepalive_s, timeout_s in [(float("nan"), 20.0), (1.0, 1e7), (-1.0, 20.0)]:
+        with pytest.raises(ValueError, match="keepalive_s must be"):
+            AsyncClient("127.0.0.1:1", keepalive_s=keepalive_s, keepalive_timeout_s=timeout_s)

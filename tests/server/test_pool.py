@@ -624,3 +624,20 @@ def test_a_pool_whose_arena_shrink_onnxruntime_refuses_still_resizes_and_says_so
 def test_a_pool_on_the_cpu_asks_no_arena_to_shrink() -> None:
     spec = PoolSpec("h", "h_out", (3,), np.dtype(np.float32))
     assert StatePool([spec], rows=8).shrink_arena == ""
+
+
+def test_only_onnxruntime_s_refusal_of_the_shrink_counts_as_one() -> None:
+    """The refusal is told by onnxruntime's own words, not by any mention of an arena:
+    a device out of memory names its arena's source file, and must fail the resize
+    (the shrink request kept) rather than be retried as a refusal. (That the real
+    refusal is told so, the test above shows: its resize goes through.)"""
+    from rnnserve.server.pool import refused_shrink
+
+    assert refused_shrink(RuntimeError(
+        "Error in execution: Did not find an arena based allocator registered for "
+        "device-id combination in the memory arena shrink list: gpu:0"))
+    oom = RuntimeError(
+        "Error in execution: /onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:359 "
+        "void* onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*) "
+        "Failed to allocate memory for requested buffer of size 268435456")
+    assert not refused_shrink(oom)
