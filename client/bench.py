@@ -810,23 +810,32 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
                 f"{name} " + ", ".join(f"{lv.streams}: {lv.latency_ms['p99']:.0f}"
                                        for lv in runs[name]) for name in targets))
         n = saturation_streams or levels[-1]
-        with (CpuSampler(spawned.proc.pid) if spawned else contextlib.nullcontext()
-              ) as cpu:
-            result = gen.run(target, meta.name, meta.SerializeToString(), streams=n,
-                             chunk_ms=chunk_ms, chunk_bytes=chunk_bytes,
-                             duration_s=duration_s, closed_loop=True)
-        closed = summarize(n, duration_s, result)
-        # the server's CPU per answered chunk, every thread and worker process, over the
-        # run's window (not the closing of the sessions it leaves open): what a host
-        # needs per chunk at full load (the clients' cost not included)
-        cpu_us = None
-        if cpu is not None and closed.answered:
-            cpu_us = 1e6 * (cpu.at(result.ended) - cpu.at(result.started)) / closed.answered
-        log(f"closed loop, {n} streams: {closed.throughput:.0f} chunks/s, "
-            f"p50 {closed.latency_ms['p50']:.2f} ms, load {closed.load_busy:.2f}"
-            + (f", server CPU {cpu_us:.0f} us per chunk" if cpu_us is not None else "")
-            + (f"; ERRORS {dict(sorted(closed.errors.items()))}: the throughput and CPU "
-               "figures include refused work" if closed.errors else ""))
+
+        def closed_loop(at: str, pid: int | None, title: str) -> tuple[Level, float | None]:
+            with (CpuSampler(pid) if pid else contextlib.nullcontext()) as cpu:
+                result = gen.run(at, meta.name, meta.SerializeToString(), streams=n,
+                                 chunk_ms=chunk_ms, chunk_bytes=chunk_bytes,
+                                 duration_s=duration_s, closed_loop=True)
+            done = summarize(n, duration_s, result)
+            # the server's CPU per answered chunk, every thread and worker process, over
+            # the run's window (not the closing of the sessions it leaves open): what a
+            # host needs per chunk at full load (the clients' cost not included)
+            cpu_us = None
+            if cpu is not None and done.answered:
+                cpu_us = 1e6 * (cpu.at(result.ended) - cpu.at(result.started)) / done.answered
+            log(f"{title}, {n} streams: {done.throughput:.0f} chunks/s, "
+                f"p50 {done.latency_ms['p50']:.2f} ms, load {done.load_busy:.2f}"
+                + (f", server CPU {cpu_us:.0f} us per chunk" if cpu_us is not None else "")
+                + (f"; ERRORS {dict(sorted(done.errors.items()))}: the throughput and CPU "
+                   "figures include refused work" if done.errors else ""))
+            return done, cpu_us
+
+        closed, cpu_us = closed_loop(target, spawned.proc.pid if spawned else None,
+                                     "closed loop")
+        echo_closed: tuple[Level, float | None] | None = None
+        if baselines:  # the echo server's own: what the transport alone costs per chunk
+            echo_closed = closed_loop(echo.target, echo.proc.pid,
+                                      "transport ceiling, closed loop")
         soaked = None
         if soak_s:
             k = soak_streams or int(SOAK_FRACTION * capacity(runs["rnnserve"]))
@@ -911,9 +920,17 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         }
     if baselines:
         assert ceiling is not None
+        assert echo_closed is not None
+        echo_sat, echo_cpu_us = echo_closed
         report["baselines"] = {
             "transport": {"capacity_streams": caps["transport"],
                           "capacity_is_lower_bound": capped["transport"],
+                          "saturation": {"streams": echo_sat.streams,
+                                         "throughput": echo_sat.throughput,
+                                         "latency_ms": echo_sat.latency_ms,
+                                         "load_busy": echo_sat.load_busy,
+                                         "server_cpu_us_per_chunk": echo_cpu_us,
+                                         "errors": echo_sat.errors},
                           "levels": _levels_json(runs["transport"])},
             "unbatched": {"capacity_streams": caps["unbatched"],
                           "capacity_is_lower_bound": capped["unbatched"],
@@ -924,6 +941,11 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
             "capacity_vs_transport": _ratio(caps["rnnserve"], caps["transport"]),
             "capacity_vs_unbatched": _ratio(caps["rnnserve"], caps["unbatched"]),
             "saturation_vs_compute_ceiling": _ratio(closed.throughput, ceiling["steps_per_s"]),
+            # closed loops of the same streams: rnnserve's against the transport's alone,
+            # and the server's CPU per chunk against the echo server's (model included)
+            "saturation_vs_transport": _ratio(closed.throughput, echo_sat.throughput),
+            "server_cpu_vs_transport": (None if cpu_us is None or not echo_cpu_us else
+                                        round(cpu_us / echo_cpu_us, 2)),
             # "exact", or "at least" / "at most" / "unknown" where a capacity is only a
             # lower bound (its every level passed)
             "bounds": {"capacity_vs_transport": _bound(capped["rnnserve"], capped["transport"]),
@@ -945,7 +967,9 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         print(f"  vs transport ceiling {at('transport')}: {ratio('capacity_vs_transport')}; "
               f"vs unbatched {at('unbatched')}: {ratio('capacity_vs_unbatched')}; "
               f"saturation throughput vs compute ceiling: "
-              f"{r['saturation_vs_compute_ceiling']}")
+              f"{r['saturation_vs_compute_ceiling']}, vs the transport's: "
+              f"{r['saturation_vs_transport']} (server CPU per chunk: "
+              f"{r['server_cpu_vs_transport']} x the echo server's)")
     lower = [name for name in caps if capped[name]]
     if lower:
         print(f"note: every level passed for {', '.join(lower)}: that capacity is the top "

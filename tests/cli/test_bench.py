@@ -61,9 +61,19 @@ def test_bench_sweeps_levels_with_baselines_and_writes_json_and_plot(tmp_path) -
     assert ceiling["batch"] == 64 and ceiling["steps_per_s"] > 0
     assert 0 < ceiling["host_cpu_ms"] < 60 * ceiling["run_ms"]  # at most the machine's cores
     assert ceiling["streams"] == pytest.approx(ceiling["steps_per_s"] * 0.04)
+    # the echo server in closed loop too, its CPU per chunk beside rnnserve's
+    echo = base["transport"]["saturation"]
+    assert echo["streams"] == 3 and echo["throughput"] > 0 and echo["errors"] == {}
+    assert 20 < echo["server_cpu_us_per_chunk"] < 1e6
     ratios = report["ratios"]
     assert set(ratios) == {"capacity_vs_transport", "capacity_vs_unbatched",
-                           "saturation_vs_compute_ceiling", "bounds"}
+                           "saturation_vs_compute_ceiling", "saturation_vs_transport",
+                           "server_cpu_vs_transport", "bounds"}
+    assert ratios["saturation_vs_transport"] == round(sat["throughput"] / echo["throughput"], 3)
+    assert ratios["server_cpu_vs_transport"] == round(
+        sat["server_cpu_us_per_chunk"] / echo["server_cpu_us_per_chunk"], 2)
+    assert any("transport ceiling, closed loop, 3 streams" in line for line in
+               proc.stderr.splitlines() + lines), proc.stderr[-2000:]
     # a capacity whose every level passed is only a lower bound, and so are its ratios
     assert report["capacity_is_lower_bound"] == all(within)
     for name in ("transport", "unbatched"):
