@@ -94,12 +94,13 @@ for i = 0, (#ARGV - 6) / 2 - 1 do
   local base = prefix .. ':{' .. sid .. '}:'
   local rec, lk = base .. 's', base .. 'l'
   local holder = redis.call('GET', lk)
+  local over = false  -- a create over a tombstone left behind
   if holder == 'moved' and kind == 'c' then
     if stale == nil then
       local r = redis.call('GET', prefix .. ':resharding')
       stale = not r or string.sub(r, 1, 5) == 'done ' or r == resharding
     end
-    if stale then holder = false end
+    if stale then holder, over = false, true end
   end
   local stored = redis.call('HMGET', rec, 'seq', 'w')
   local seq, writer = stored[1], stored[2]
@@ -119,6 +120,9 @@ for i = 0, (#ARGV - 6) / 2 - 1 do
       redis.call('PEXPIRE', rec, ttl)
       redis.call('SET', lk, owner, 'PX', lease)
       redis.call('DEL', base .. 'f')
+      -- what arrived here before is older than this session (as in RESTORE): an old
+      -- copy handed off later is then a conflict to log, not dropped as arrived
+      if over then redis.call('DEL', base .. 'a') end
     end
   elseif kind == 'd' then
     redis.call('DEL', rec, lk)
@@ -143,11 +147,19 @@ end
 return failed
 """
 
-# KEYS: record, lease. ARGV: owner, lease ms. The record, with the lease taken (from
-# this server's sibling worker too), and who had taken it before (w, then ours).
+# KEYS: record, lease, the resharding under way. ARGV: owner, lease ms, the online
+# resharding this server takes part in ('' for none). The record, with the lease taken
+# (from this server's sibling worker too), and who had taken it before (w, then ours).
+# A tombstone refuses it ('relocated'), but one with no record under it while no
+# resharding other than this server's own is under way: one left behind, over nothing
+# ('none', as for any id the store does not hold).
 _ACQUIRE = """
 local holder = redis.call('GET', KEYS[2])
 local server = string.match(ARGV[1], '^(.*)|%d+$')
+if holder == 'moved' and redis.call('EXISTS', KEYS[1]) == 0 then
+  local r = redis.call('GET', KEYS[3])
+  if not r or string.sub(r, 1, 5) == 'done ' or r == ARGV[3] then return {'none', 0} end
+end
 if holder and holder ~= ARGV[1]
     and not (server and string.match(holder, '^(.*)|%d+$') == server) then
   if holder == 'moved' then return {'relocated', 0} end
@@ -565,9 +577,9 @@ class RedisStore:
         another server (or worker) had taken it from the store since this one created
         or took it (a copy held here is then not its line of steps any more); None if
         there is none (never created, closed, or expired in the store)."""
-        keys = self._keys(sid)[:2]
+        keys = [*self._keys(sid)[:2], f"{self.prefix}:resharding"]
         status = await self._call("load", lambda: self._acquire(
-            keys=keys, args=[self.owner, self.lease_ms]))
+            keys=keys, args=[self.owner, self.lease_ms, self.resharding]))
         if _text(status[0]) == "none":
             return None
         data = bytes(self._check(sid, status))
