@@ -238,9 +238,12 @@ def test_a_grown_pool_holds_in_memory_the_rows_written_and_no_copy_of_the_old() 
     grown = _resident_bytes()
     assert pool.capacity >= 2 * rows and pool.resizes == 2
     assert grown - written < 16 << 20, f"{(grown - written) >> 20} MiB more resident"
-    assert (pool.buffers[0][FIRST:rows] == 1.0).all()
+    # reading rows never written (the copy to a CUDA device reads them all) costs none;
+    # reductions only, no temporary as large as the rows (`x == 1.0` would take 16 MiB,
+    # which the allocator may keep: the suite's earlier tests decide)
+    kept = pool.buffers[0][FIRST:rows]
+    assert kept.min() == 1.0 == kept.max()
     assert not pool.buffers[0][rows:].any() and not pool.buffers[0][:FIRST].any()
-    # reading rows never written (the copy to a CUDA device reads them all) costs none
     read = _resident_bytes()
     assert read - grown < 16 << 20, f"{(read - grown) >> 20} MiB more resident on a read"
 
