@@ -186,10 +186,11 @@ def test_a_tombstone_still_refuses_the_old_list_while_the_resharding_is_under_wa
     asyncio.run(main())
 
 
-def test_a_leftover_tombstone_over_a_record_is_not_overwritten_by_a_create(shards) -> None:
-    """A record under a tombstone (an old copy a hand-off left) is not replaced by a
-    create, even once no resharding is under way: the create is refused as existing and
-    both keys stay as they were (``RESTORE`` or the sweep deals with them)."""
+def test_a_leftover_tombstone_over_a_record_refuses_a_create_and_a_resume(shards) -> None:
+    """A record under a tombstone (an old copy a hand-off left) is a session handed off:
+    even once no resharding is under way, a create of its id is refused as existing and
+    a resume as relocated (not answered as none), and neither key changes (``RESTORE``
+    or the sweep deals with them)."""
     a = shards[0].url
     sid, = ids("under", 1)
     rec, lease = keys(sid)
@@ -200,14 +201,18 @@ def test_a_leftover_tombstone_over_a_record_is_not_overwritten_by_a_create(shard
         plain = RedisStore(a, owner="p|0", ttl_s=60, lease_s=5)
         try:
             await plain.ping()
+            assert shards[0].client().get("rnnserve:resharding") is None
             with pytest.raises(SessionExists):
                 await plain.create(sid, b"zero")
+            with pytest.raises(SessionRelocated, match="online resharding"):
+                await plain.acquire(sid)
         finally:
             await plain.close()
 
     asyncio.run(main())
-    assert shards[0].client().hget(rec, "data") == b"old"
+    assert shards[0].client().hgetall(rec) == {b"seq": b"3", b"data": b"old", b"w": b"x|0"}
     assert shards[0].client().get(lease) == b"moved"
+    assert keys_of(shards[0], sid) == {"s", "l"}
 
 
 def arrival(sid: str) -> str:
@@ -291,32 +296,6 @@ def test_a_server_answers_a_resume_over_a_leftover_tombstone_as_unknown(
             assert on_p.open_session("feat", session_id=sid).next_seq == 0
     finally:
         assert p.stop() == 0
-
-
-def test_a_tombstone_over_a_record_still_refuses_a_resume_as_relocated(shards) -> None:
-    """A record under a tombstone (an old copy a hand-off left) is a session handed off:
-    with no resharding under way on the shard, a resume of its id is still refused as
-    relocated (not answered as none), and neither key changes."""
-    a = shards[0].url
-    sid, = ids("underresume", 1)
-    rec, lease = keys(sid)
-    shards[0].client().hset(rec, mapping={"seq": 3, "data": b"old", "w": "x|0"})
-    shards[0].client().set(lease, "moved", px=60000)
-
-    async def main() -> None:
-        plain = RedisStore(a, owner="p|0", ttl_s=60, lease_s=5)
-        try:
-            await plain.ping()
-            assert shards[0].client().get("rnnserve:resharding") is None
-            with pytest.raises(SessionRelocated, match="online resharding"):
-                await plain.acquire(sid)
-        finally:
-            await plain.close()
-
-    asyncio.run(main())
-    assert shards[0].client().hgetall(rec) == {b"seq": b"3", b"data": b"old", b"w": b"x|0"}
-    assert shards[0].client().get(lease) == b"moved"
-    assert keys_of(shards[0], sid) == {"s", "l"}
 
 
 def test_a_leftover_tombstone_still_refuses_a_resume_while_another_resharding_is_under_way(
