@@ -10,8 +10,9 @@ throughput at saturation. It writes ``bench.json`` and ``bench.png``.
 
 With ``--baselines`` the same invocation also measures, on the same machine with
 the same messages: the transport ceiling (``client/echo.py``: the API with no
-model), rnnserve unbatched (max batch size 1), and the compute ceiling
-(onnxruntime alone running full batches in a loop), and prints the ratios.
+model; its levels and a closed loop, with the echo server's CPU per chunk), rnnserve
+unbatched (max batch size 1), and the compute ceiling (onnxruntime alone running full
+batches in a loop), and prints the ratios.
 
 The server is one already running (``--server``) or one this command starts on
 127.0.0.1 from a model repository (``--repo``, or a reference ``--workload`` built
@@ -811,7 +812,9 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
                                        for lv in runs[name]) for name in targets))
         n = saturation_streams or levels[-1]
 
-        def closed_loop(at: str, pid: int | None, title: str) -> tuple[Level, float | None]:
+        def closed_loop(at: str, pid: int | None, title: str
+                        ) -> tuple[Level, float | None, float]:
+            started = time.time()  # the two closed loops run one after the other
             with (CpuSampler(pid) if pid else contextlib.nullcontext()) as cpu:
                 result = gen.run(at, meta.name, meta.SerializeToString(), streams=n,
                                  chunk_ms=chunk_ms, chunk_bytes=chunk_bytes,
@@ -828,11 +831,11 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
                 + (f", server CPU {cpu_us:.0f} us per chunk" if cpu_us is not None else "")
                 + (f"; ERRORS {dict(sorted(done.errors.items()))}: the throughput and CPU "
                    "figures include refused work" if done.errors else ""))
-            return done, cpu_us
+            return done, cpu_us, started
 
-        closed, cpu_us = closed_loop(target, spawned.proc.pid if spawned else None,
-                                     "closed loop")
-        echo_closed: tuple[Level, float | None] | None = None
+        closed, cpu_us, closed_started = closed_loop(
+            target, spawned.proc.pid if spawned else None, "closed loop")
+        echo_closed: tuple[Level, float | None, float] | None = None
         if baselines:  # the echo server's own: what the transport alone costs per chunk
             echo_closed = closed_loop(echo.target, echo.proc.pid,
                                       "transport ceiling, closed loop")
@@ -876,7 +879,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
             f"({memory['growth_vs_raw']} x), opened at {memory['opened_per_s']}/s")
     caps = {name: capacity(lv) for name, lv in runs.items()}
     capped = {name: capacity_capped(lv) for name, lv in runs.items()}
-    busy = max(lv.load_busy for levels_ in runs.values() for lv in levels_)
+    busy = max([lv.load_busy for levels_ in runs.values() for lv in levels_]
+               + [closed.load_busy] + ([echo_closed[0].load_busy] if echo_closed else []))
     report: dict[str, Any] = {
         "model": meta.name, "version": meta.version, "arch": meta.arch,
         "input_kind": meta.input_kind, "provider": meta.execution_provider,
@@ -886,7 +890,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         "capacity_streams": caps["rnnserve"],
         # every level passed: the capacity is at least the top level, maybe more
         "capacity_is_lower_bound": capped["rnnserve"],
-        "saturation": {"streams": closed.streams, "throughput": closed.throughput,
+        "saturation": {"streams": closed.streams, "started": closed_started,
+                       "throughput": closed.throughput,
                        "latency_ms": closed.latency_ms, "load_busy": closed.load_busy,
                        "server_cpu_us_per_chunk": cpu_us, "errors": closed.errors},
         "load_generator": {"processes": load_procs, "connections": connections,
@@ -921,11 +926,12 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
     if baselines:
         assert ceiling is not None
         assert echo_closed is not None
-        echo_sat, echo_cpu_us = echo_closed
+        echo_sat, echo_cpu_us, echo_started = echo_closed
         report["baselines"] = {
             "transport": {"capacity_streams": caps["transport"],
                           "capacity_is_lower_bound": capped["transport"],
                           "saturation": {"streams": echo_sat.streams,
+                                         "started": echo_started,
                                          "throughput": echo_sat.throughput,
                                          "latency_ms": echo_sat.latency_ms,
                                          "load_busy": echo_sat.load_busy,

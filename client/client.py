@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from rnnserve.protos.headers import SESSION_HEADER, WORKER_HEADER
+from rnnserve.protos.headers import MAX_MS_SECONDS, SESSION_HEADER, WORKER_HEADER
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.protos.tensors import fill_tensor, from_tensor
@@ -90,7 +90,6 @@ def _credentials(root_certificates: bytes | None, private_key: bytes | None,
 # between all channels of a process to the same target, so that every client of the
 # process reaches the same worker of a server running several (`serve --workers`).
 OWN_CONNECTION: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1)]
-MAX_MS_SECONDS = (2**31 - 1) // 1000  # gRPC takes durations in milliseconds (a C int)
 
 
 def _channel_options(options: list[tuple[str, Any]] | None, keepalive_s: float,

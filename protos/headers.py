@@ -1,4 +1,4 @@
-"""gRPC metadata keys shared by the server and the clients."""
+"""gRPC metadata keys and limits shared by the server and the clients."""
 
 # The session a call belongs to, for load balancers that keep a session on one pod
 # (consistent hash on this header: deploy/k8s/routing). Clients send it on every
@@ -9,3 +9,7 @@ SESSION_HEADER = "x-rnnserve-session"
 # --workers) the call's connection reached, as "index/count" ("0/1" for one process),
 # so that a client can spread its connections evenly over them (AsyncClient.open_spread).
 WORKER_HEADER = "x-rnnserve-worker"
+
+# The longest duration gRPC's channel arguments take (in milliseconds, a C int), in
+# seconds: keepalive times and timeouts, a connection's maximum age.
+MAX_MS_SECONDS = (2**31 - 1) // 1000

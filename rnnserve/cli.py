@@ -388,7 +388,7 @@ def _connection(args: argparse.Namespace) -> dict[str, Any]:
         os.environ.get("RNNSERVE_TOKEN", "").strip()
     if raw is not None and not token:
         raise RnnserveError(f"--token-file {args.token_file!r} is empty")
-    from rnnserve.client.client import MAX_MS_SECONDS
+    from rnnserve.protos.headers import MAX_MS_SECONDS
 
     if not 0 <= args.keepalive_s <= MAX_MS_SECONDS:  # nan too
         raise RnnserveError(f"--keepalive-s must be from 0 to {MAX_MS_SECONDS} seconds")

@@ -208,7 +208,18 @@ async def _measure_streams(servicer: Any, runtime: Any, chunk: Any, sids: list[l
             raise RuntimeError(f"a stream got {n} answers of {rounds}")
 
     tasks = [asyncio.ensure_future(stream(sid)) for sid in flat]
-    await all_there.wait()
+    there = asyncio.ensure_future(all_there.wait())
+    # a stream that fails before the barrier would leave the others waiting there
+    await asyncio.wait([there, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    if not there.done():
+        there.cancel()
+        go.set()
+        for t in tasks:
+            if t.done() and t.exception() is not None:
+                for other in tasks:
+                    other.cancel()
+                raise t.exception()  # type: ignore[misc]
+        raise RuntimeError("a stream ended before the others were warm")
     prof = cProfile.Profile() if profile else None
     wall, cpu = time.perf_counter(), time.thread_time()
     if prof is not None:
@@ -257,6 +268,8 @@ def main() -> int:
         ap.error("--shards takes 1 or more, and more than 1 only with --store redis")
     if len(shards) > 1 and (args.one or args.against or len(rpcs) > 1):
         ap.error("--shards in turns (1,3) takes one RPC and no --against")
+    if "stream" in rpcs and args.store != "memory":
+        ap.error("--rpc stream runs on the in-memory store only")
     if args.against and len(rpcs) > 1:
         ap.error("--against compares one RPC: give --rpc many, packed or stream")
     if args.one:

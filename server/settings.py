@@ -13,13 +13,14 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-# the longest a duration that gRPC takes in milliseconds (a C int) may be, in seconds
-MAX_MS_SECONDS = (2**31 - 1) // 1000
+from rnnserve.protos.headers import MAX_MS_SECONDS
 
 
 class Settings(BaseSettings):
+    # no inf or nan: a duration of either crashed the start (OverflowError) instead
+    # of being refused as a setting
     model_config = SettingsConfigDict(env_prefix="RNNSERVE_", extra="forbid",
-                                      use_attribute_docstrings=True)
+                                      use_attribute_docstrings=True, allow_inf_nan=False)
 
     repo: Path = Path("models")
     """Model repository: REPO/<name>/<version>/model.onnx."""
@@ -104,21 +105,21 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(4 << 20, ge=1024)
     """Largest gRPC message received or sent; a bigger one gets RESOURCE_EXHAUSTED from
     gRPC before the server reads it."""
-    max_connection_age_s: float = Field(0.0, ge=0, le=MAX_MS_SECONDS, allow_inf_nan=False)
+    max_connection_age_s: float = Field(0.0, ge=0, le=MAX_MS_SECONDS)
     """Ask clients to reconnect (HTTP/2 GOAWAY) once a connection is this old, so new
     calls spread again over the workers of --workers and the replicas behind an L4
     balancer; calls and streams already open go on until they end (0: never)."""
-    keepalive_s: float = Field(60.0, ge=0, le=MAX_MS_SECONDS, allow_inf_nan=False)
+    keepalive_s: float = Field(60.0, ge=0, le=MAX_MS_SECONDS)
     """Ping a connection (HTTP/2 PING) after this long without activity, with or without
     calls on it, and close it when the ping is not answered within keepalive_timeout_s:
     the streams of a client that vanished (node lost, network partition) end (their
     sessions stay, to resume or expire), and idle connections stay open through NATs
     and L4 balancers that drop idle flows (keep it below their idle timeout, e.g. a
     350 s one); 0: never."""
-    keepalive_timeout_s: float = Field(20.0, gt=0, le=MAX_MS_SECONDS, allow_inf_nan=False)
+    keepalive_timeout_s: float = Field(20.0, gt=0, le=MAX_MS_SECONDS)
     """How long the server waits for the answer to its keepalive ping before it closes
     the connection."""
-    min_client_ping_s: float = Field(10.0, ge=0, le=MAX_MS_SECONDS, allow_inf_nan=False)
+    min_client_ping_s: float = Field(10.0, ge=0, le=MAX_MS_SECONDS)
     """The shortest interval between a client's pings that the server accepts while it
     sends the client nothing (an idle stream, a connection without calls): a client
     pinging more often gets GOAWAY too_many_pings at the third early ping since the

@@ -64,6 +64,8 @@ def test_bench_sweeps_levels_with_baselines_and_writes_json_and_plot(tmp_path) -
     # the echo server in closed loop too, its CPU per chunk beside rnnserve's
     echo = base["transport"]["saturation"]
     assert echo["streams"] == 3 and echo["throughput"] > 0 and echo["errors"] == {}
+    # one after the other, rnnserve's first, each at least its duration
+    assert echo["started"] >= sat["started"] + 1 > 1.7e9
     assert 20 < echo["server_cpu_us_per_chunk"] < 1e6
     ratios = report["ratios"]
     assert set(ratios) == {"capacity_vs_transport", "capacity_vs_unbatched",

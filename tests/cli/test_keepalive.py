@@ -195,7 +195,8 @@ def test_keepalive_settings_and_arguments_are_checked(repo) -> None:
     for field, bad in [("keepalive_s", "-1"), ("keepalive_timeout_s", "0"),
                        ("min_client_ping_s", "-0.5"), ("keepalive_s", "inf"),
                        ("keepalive_timeout_s", "nan"), ("min_client_ping_s", "1e7"),
-                       ("max_connection_age_s", "1e7")]:
+                       ("max_connection_age_s", "1e7"), ("lease_s", "inf"),
+                       ("idle_timeout_s", "nan")]:  # no inf or nan in any setting
         with pytest.raises(ValidationError, match=field):
             Settings.load(**{field: bad})
     proc = rnnserve("serve", "--repo", str(repo), "--keepalive-s", "-1", timeout=60)

@@ -644,3 +644,26 @@ def test_only_onnxruntime_s_refusal_of_the_shrink_counts_as_one() -> None:
         "void* onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*) "
         "Failed to allocate memory for requested buffer of size 268435456")
     assert not refused_shrink(oom)
+
+    class OutOfMemory:  # the copy's session failing as a device out of memory would
+        def __init__(self, real: ort.InferenceSession) -> None:
+            self.real = real
+
+        def io_binding(self) -> ort.IOBinding:
+            return self.real.io_binding()
+
+        def run_with_iobinding(self, *_: object) -> None:
+            raise oom
+
+    spec = PoolSpec("h", "h_out", (3,), np.dtype(np.float32))
+    pool = StatePool([spec], rows=8, shrink_arena="gpu:0")
+    real = pool._copy
+    pool._copy = OutOfMemory(real)  # type: ignore[assignment]
+    with pytest.raises(RuntimeError, match="Failed to allocate"):
+        pool.acquire(9)  # grows: the copy fails, and the resize with it
+    assert pool.shrink_arena == "gpu:0" and pool.resizes == 0 and pool.capacity == 8
+    pool._copy = real  # the pool goes on (on the CPU without the device's option)
+    pool.shrink_arena, pool._copy_options = "", ort.RunOptions()
+    pool.acquire(9)
+    pool.release()
+    assert pool.resizes == 1 and pool.capacity >= 9
