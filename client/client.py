@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from rnnserve.protos.headers import MAX_MS_SECONDS, SESSION_HEADER, WORKER_HEADER
+from rnnserve.protos.headers import MAX_MS_SECONDS, SESSION_HEADER, WORKER_HEADER, grpc_ms
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.protos.tensors import fill_tensor, from_tensor
@@ -108,10 +108,9 @@ def _channel_options(options: list[tuple[str, Any]] | None, keepalive_s: float,
         return given
     names = dict(given)
     # a keepalive timeout given in ``options`` bounds the ping's answer below too
-    timeout_ms = names.get("grpc.keepalive_timeout_ms",
-                           max(1, round(keepalive_timeout_s * 1000)))
+    timeout_ms = names.get("grpc.keepalive_timeout_ms", grpc_ms(keepalive_timeout_s))
     keepalive = [
-        ("grpc.keepalive_time_ms", max(1, round(keepalive_s * 1000))),
+        ("grpc.keepalive_time_ms", grpc_ms(keepalive_s)),
         ("grpc.keepalive_timeout_ms", timeout_ms),
         # what gRPC 1.85 really bounds the answer to a ping by (default a minute): a
         # keepalive ping rides on one in flight (a BDP probe) and, alone too, is not

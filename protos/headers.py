@@ -13,3 +13,8 @@ WORKER_HEADER = "x-rnnserve-worker"
 # The longest duration gRPC's channel arguments take (in milliseconds, a C int), in
 # seconds: keepalive times and timeouts, a connection's maximum age.
 MAX_MS_SECONDS = (2**31 - 1) // 1000
+
+
+def grpc_ms(seconds: float) -> int:
+    """A duration as gRPC's channel arguments take it: whole milliseconds, at least 1."""
+    return max(1, round(seconds * 1000))

@@ -53,9 +53,6 @@ async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
                    profile: bool, rpc: str = "many", store: str = "memory",
                    redis_pids: tuple[int, ...] = ()) -> dict[str, Any]:
     import asyncio
-    import cProfile
-    import pstats
-    import time
 
     import numpy as np
 
@@ -134,27 +131,37 @@ async def _measure(repo: str, model: str, groups: int, per: int, rounds: int,
 
         warm = min(5, rounds - 1)
         await asyncio.gather(*(stream(g, 0, warm) for g in range(groups)))
-        prof = cProfile.Profile() if profile else None
         redis_cpu = [cpu_seconds(pid) for pid in redis_pids]
-        wall, cpu = time.perf_counter(), time.thread_time()
-        if prof is not None:
-            prof.enable()
-        await asyncio.gather(*(stream(g, warm, rounds) for g in range(groups)))
-        if prof is not None:
-            prof.disable()
-        items = groups * per * (rounds - warm)
-        out: dict[str, Any] = {"loop_cpu_us": 1e6 * (time.thread_time() - cpu) / items,
-                               "wall_us": 1e6 * (time.perf_counter() - wall) / items,
-                               "items": items}
+        out = await _timed(asyncio.gather(*(stream(g, warm, rounds) for g in range(groups))),
+                           groups * per * (rounds - warm), profile)
         if redis_pids:
-            each = [1e6 * (cpu_seconds(pid) - before) / items
+            each = [1e6 * (cpu_seconds(pid) - before) / out["items"]
                     for pid, before in zip(redis_pids, redis_cpu, strict=True)]
             out["redis_cpu_us"], out["redis_cpu_us_each"] = sum(each), each
-        if prof is not None:
-            pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
         return out
     finally:
         await server.stop()
+
+
+async def _timed(run: Any, items: int, profile: bool) -> dict[str, Any]:
+    """The event loop's CPU and the wall time per item of awaiting ``run``, under
+    cProfile with ``profile`` (its top functions to stderr)."""
+    import cProfile
+    import pstats
+    import time
+
+    prof = cProfile.Profile() if profile else None
+    wall, cpu = time.perf_counter(), time.thread_time()
+    if prof is not None:
+        prof.enable()
+    await run
+    if prof is not None:
+        prof.disable()
+    out = {"loop_cpu_us": 1e6 * (time.thread_time() - cpu) / items,
+           "wall_us": 1e6 * (time.perf_counter() - wall) / items, "items": items}
+    if prof is not None:
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+    return out
 
 
 class _Context:
@@ -176,9 +183,6 @@ async def _measure_streams(servicer: Any, runtime: Any, chunk: Any, sids: list[l
     session, then its chunks one by one; timed from a point all streams wait at once
     their warm-up chunks are answered."""
     import asyncio
-    import cProfile
-    import pstats
-    import time
 
     from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 
@@ -220,19 +224,12 @@ async def _measure_streams(servicer: Any, runtime: Any, chunk: Any, sids: list[l
                     other.cancel()
                 raise t.exception()  # type: ignore[misc]
         raise RuntimeError("a stream ended before the others were warm")
-    prof = cProfile.Profile() if profile else None
-    wall, cpu = time.perf_counter(), time.thread_time()
-    if prof is not None:
-        prof.enable()
-    go.set()
-    await asyncio.gather(*tasks)
-    if prof is not None:
-        prof.disable()
-    items = len(flat) * (rounds - warm)
-    if prof is not None:
-        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
-    return {"loop_cpu_us": 1e6 * (time.thread_time() - cpu) / items,
-            "wall_us": 1e6 * (time.perf_counter() - wall) / items, "items": items}
+
+    async def run() -> None:
+        go.set()
+        await asyncio.gather(*tasks)
+
+    return await _timed(run(), len(flat) * (rounds - warm), profile)
 
 
 def main() -> int:

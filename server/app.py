@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 
 from rnnserve.errors import ModelRepositoryError, UsageError
+from rnnserve.protos.headers import grpc_ms
 from rnnserve.protos.inference import grpc_service_pb2 as oip_pb
 from rnnserve.protos.inference import grpc_service_pb2_grpc as oip_grpc
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
@@ -76,15 +77,12 @@ def _read(path: Path) -> bytes:
 
 def keepalive_options(s: Settings) -> list[tuple[str, int]]:
     """gRPC core's keepalive channel arguments for the server (doc/keepalive.md)."""
-    def ms(seconds: float) -> int:
-        return max(1, round(seconds * 1000))
-
     pings: list[tuple[str, int]] = [  # the server's own pings
-        ("grpc.keepalive_time_ms", ms(s.keepalive_s)),
-        ("grpc.keepalive_timeout_ms", ms(s.keepalive_timeout_s)),
+        ("grpc.keepalive_time_ms", grpc_ms(s.keepalive_s)),
+        ("grpc.keepalive_timeout_ms", grpc_ms(s.keepalive_timeout_s)),
         # what gRPC 1.85 really bounds the answer to a ping by (default a minute): the
         # keepalive timeout alone is not applied to every keepalive ping
-        ("grpc.http2.ping_timeout_ms", ms(s.keepalive_timeout_s)),
+        ("grpc.http2.ping_timeout_ms", grpc_ms(s.keepalive_timeout_s)),
     ] if s.keepalive_s else [  # INT_MAX is gRPC's "never" (its default is 2 hours); the
         ("grpc.keepalive_time_ms", 2**31 - 1)]  # other pings' timeouts stay gRPC's
     return [
@@ -263,7 +261,7 @@ class RnnServer:
             ("grpc.so_reuseport", int(self.worker is not None)),
             # GOAWAY at that age (gRPC adds +-10% jitter); the grace stays gRPC's default,
             # unbounded: a session's stream is never cut for its connection's age
-            *([("grpc.max_connection_age_ms", max(1, round(s.max_connection_age_s * 1000)))]
+            *([("grpc.max_connection_age_ms", grpc_ms(s.max_connection_age_s))]
               if s.max_connection_age_s else []),
             *keepalive_options(s)])
         self.streams = StreamGate()

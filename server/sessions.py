@@ -152,10 +152,10 @@ class RowAnswer(Answer):
 
 
 # layouts of kept answers, shared by the answers of the same outputs (a few per model:
-# one per chunk length); at the cap the table starts again
+# one per chunk length), and the sizes of idle sessions; at the cap a table starts again
 _LAYOUTS: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-_MAX_LAYOUTS = 1024
 _SIZES: dict[int, int] = {}
+_MAX_SHARED = 1024
 
 
 def _shared_int(n: int) -> int:
@@ -163,7 +163,7 @@ def _shared_int(n: int) -> int:
     idle sessions have the same size: 32 bytes each less than an int apiece)."""
     got = _SIZES.get(n)
     if got is None:
-        if len(_SIZES) >= _MAX_LAYOUTS:
+        if len(_SIZES) >= _MAX_SHARED:
             _SIZES.clear()
         _SIZES[n] = got = n
     return got
@@ -192,7 +192,7 @@ class KeptAnswer(Answer):
                 parts.append((n, a.dtype, a.shape, at, a.size))
                 at += a.nbytes
             layout = (len(d), at - len(d), *parts)
-            if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            if len(_LAYOUTS) >= _MAX_SHARED:
                 _LAYOUTS.clear()  # shared again from here on (kept answers keep theirs)
             _LAYOUTS[key] = layout
         self._layout = layout
@@ -611,9 +611,7 @@ class MemorySessionStore:
             if session.answered_in >= recent:  # answered in the last period: later
                 self._list(session)
                 continue
-            if isinstance(answer, KeptAnswer):
-                continue  # kept since (by an earlier pass): nothing left to pack
-            try:
+            try:  # an answer kept by an earlier pass is itself: nothing freed
                 kept = answer.kept()
             except BaseException:
                 self._list(session)  # looked at again, not forgotten with its chunk

@@ -82,7 +82,16 @@ StoreHook = Callable[[str, float, bool], None]
 # to pack: this is on every step's path). Returns the refusals only, flat: index,
 # 'held', 'moved', 'taken', 'relocated' or 'exists', and the lease's time left or the
 # stored seq.
-_WRITE_MANY = """
+# A tombstone is one left behind (by a resharding that ended, or a hand-off that raced
+# its end) when the shard records no resharding under way (none, or "done ID") other
+# than the one this server takes part in (``mine``, '' for none). Both scripts below.
+_LEFT_BEHIND = """
+local function left_behind(marked, mine)
+  return not marked or string.sub(marked, 1, 5) == 'done ' or marked == mine
+end
+"""
+
+_WRITE_MANY = _LEFT_BEHIND + """
 local owner, ttl, lease, upsert, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local resharding = ARGV[6]
 local server = string.match(owner, '^(.*)|%d+$')
@@ -97,8 +106,7 @@ for i = 0, (#ARGV - 6) / 2 - 1 do
   local over = false  -- a create over a tombstone left behind
   if holder == 'moved' and kind == 'c' then
     if stale == nil then
-      local r = redis.call('GET', prefix .. ':resharding')
-      stale = not r or string.sub(r, 1, 5) == 'done ' or r == resharding
+      stale = left_behind(redis.call('GET', prefix .. ':resharding'), resharding)
     end
     if stale then holder, over = false, true end
   end
@@ -153,12 +161,12 @@ return failed
 # A tombstone refuses it ('relocated'), but one with no record under it while no
 # resharding other than this server's own is under way: one left behind, over nothing
 # ('none', as for any id the store does not hold).
-_ACQUIRE = """
+_ACQUIRE = _LEFT_BEHIND + """
 local holder = redis.call('GET', KEYS[2])
 local server = string.match(ARGV[1], '^(.*)|%d+$')
-if holder == 'moved' and redis.call('EXISTS', KEYS[1]) == 0 then
-  local r = redis.call('GET', KEYS[3])
-  if not r or string.sub(r, 1, 5) == 'done ' or r == ARGV[3] then return {'none', 0} end
+if holder == 'moved' and redis.call('EXISTS', KEYS[1]) == 0
+    and left_behind(redis.call('GET', KEYS[3]), ARGV[3]) then
+  return {'none', 0}
 end
 if holder and holder ~= ARGV[1]
     and not (server and string.match(holder, '^(.*)|%d+$') == server) then
