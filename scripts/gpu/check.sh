@@ -87,15 +87,17 @@ case " $STEPS " in *" bench "*)
     nvidia-cuda-mps-control -d && echo "MPS daemon started" || echo "MPS daemon did not start"
   fi
   # connections: one per worker per load process (bench's default; the runs before
-  # 2026-11-28 passed --connections 8, the same with 8 workers)
+  # 2026-11-28 passed --connections 8, the same with 8 workers). The extra flags come
+  # last, so that they override the defaults before them (until 2026-11-29 they came
+  # first: BENCH_EXTRA=--many=256 ran with 64 streams per message)
   echo "== bench: speech-small v${BENCH_VERSION:-1} on $DEVICE, ${WORKERS:-4} workers" \
-    "${SERVE_EXTRA:-}, StreamMany 64 streams per message, ${LOAD_PROCS:-8} load processes"
+    "${SERVE_EXTRA:-}, ${LOAD_PROCS:-8} load processes, bench flags: --many 64 ${BENCH_EXTRA:-}"
   timeout ${BENCH_TIMEOUT:-180} $PY -m rnnserve bench --repo "$K/models" --model speech-small \
     --version "${BENCH_VERSION:-1}" \
-    --serve-arg=--device=$DEVICE --serve-arg=--workers=${WORKERS:-4} --serve-arg=--batch-runners=2 "${EXTRA[@]}" \
+    --serve-arg=--device=$DEVICE --serve-arg=--workers=${WORKERS:-4} --serve-arg=--batch-runners=2 \
     --max-batch-size 1024 --many 64 --load-procs ${LOAD_PROCS:-8} \
     --streams ${BENCH_LEVELS:-1024,2048,4096} --duration-s "$BENCH_S" --no-plot \
-    --out "$OUT/bench-many" 2>&1 | tail -25
+    --out "$OUT/bench-many" "${EXTRA[@]}" 2>&1 | tail -25
   cp "$OUT/bench-many/bench.json" "$OUT/bench-many.json" 2>/dev/null
   for f in "$OUT"/bench-many/*.log; do [ -f "$f" ] && grep -v "W:onnxruntime" "$f" | tail -c 4000000 > "$OUT/$(basename "$f")"; done
   rm -rf "$OUT/bench-many"

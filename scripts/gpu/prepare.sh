@@ -14,6 +14,13 @@ PY=.venv/bin/python
 PYVER=${PYVER:-3.12}  # the device's Python; PYVER=3.11 XZ=-0 builds a kit to rehearse here
 XZ=${XZ:--9}
 [ -x $PY ] || { echo "run make .venv/.installed first" >&2; exit 1; }
+# Checked first: a kit without it fails every durable bench on the card, found only
+# there (2026-11-29); NO_REDIS=1 builds one without, on purpose
+if [ "${NO_REDIS:-0}" != 1 ] && ! command -v redis-server >/dev/null; then
+  echo "no redis-server here: run make system-deps first (the kit carries it for" \
+    "bench --redis-store), or NO_REDIS=1 to build a kit without it" >&2
+  exit 1
+fi
 rm -rf .gpu/stage && mkdir -p .gpu/stage/whl .gpu/stage/models .gpu/stage/site
 
 version() { $PY -c "import importlib.metadata as m; print(m.version('$1'))"; }
