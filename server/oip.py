@@ -6,8 +6,9 @@ share the session store and the batchers (their steps batch together).
 Sequences (Triton's sequence extension): request parameters ``sequence_id`` (a
 non-zero integer or a non-empty string), ``sequence_start`` and ``sequence_end``.
 As in Triton, sequence ids are scoped per model: sequence 7 of model ``speech`` is
-the session ``speech/7`` (the native API sees it under that id); with authentication
-they are scoped per principal too (``speech/7@alice``). A start creates the
+the session ``speech/7`` (the native API sees it under that id; the string id "7" is
+another sequence, ``speech/~7``: ``sequence_key``); with authentication they are
+scoped per principal too (``speech/7@alice``). A start creates the
 session, or restarts it when the id is still live, here or in the shared store (the
 old state is dropped, as Triton ends a sequence that did not end before its id
 started again); a start whose step fails closes it again; an end closes it after
@@ -74,11 +75,24 @@ class SequenceParams:
     label: str  # the id as the client sent it ("" when none)
     start: bool
     end: bool
+    key: str = ""  # the id within the model's session ids (sequence_key)
+
+
+def sequence_key(value: int | str) -> str:
+    """A sequence id as part of a session id, one for each id: an integer as its
+    digits, a string as itself, except that a string of ASCII digits, or one that
+    starts with "~", gets a "~" in front, so that the string "42" is not sequence 42
+    (Triton tells the two kinds of id apart too)."""
+    if isinstance(value, int):
+        return str(value)
+    if value.startswith("~") or (value.isascii() and value.isdigit()):
+        return "~" + value
+    return value
 
 
 def sequence_params(req: pb.ModelInferRequest) -> SequenceParams:
     params = req.parameters
-    label = ""
+    label = key = ""
     if "sequence_id" in params:
         value = parameter_value(params["sequence_id"])
         if isinstance(value, bool) or isinstance(value, float):
@@ -87,16 +101,17 @@ def sequence_params(req: pb.ModelInferRequest) -> SequenceParams:
             # an unsigned id sent as int64_param (Triton's clients keep the id as a
             # uint64 and send it so; Triton reads it back as one): the same sequence
             value += 1 << 64
-        label = "" if value in (None, 0) else str(value)
+        if value not in (None, 0, ""):
+            label, key = str(value), sequence_key(value)
     flags = []
-    for key in ("sequence_start", "sequence_end"):
-        value = parameter_value(params[key]) if key in params else False
+    for name in ("sequence_start", "sequence_end"):
+        value = parameter_value(params[name]) if name in params else False
         if not isinstance(value, bool):
-            raise InvalidChunk(f"parameter {key} must be a bool, got {value!r}")
+            raise InvalidChunk(f"parameter {name} must be a bool, got {value!r}")
         flags.append(value)
     if not label and any(flags):
         raise InvalidChunk("sequence_start and sequence_end need a non-zero sequence_id")
-    return SequenceParams(label, flags[0], flags[1])
+    return SequenceParams(label, flags[0], flags[1], key)
 
 
 def version_number(version: str) -> int:
@@ -331,14 +346,15 @@ def expiry(req: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> floa
     return time.perf_counter() + min(limits) if limits else None
 
 
-def sequence_session(model: str, label: str) -> str:
-    """The session id of sequence ``label`` of ``model`` for the calling principal:
-    ``model/label`` without authentication, ``model/label@principal`` with it (the
+def sequence_session(model: str, key: str) -> str:
+    """The session id of the sequence of ``model`` whose id is ``key``
+    (``sequence_key``) for the calling principal: ``model/key`` without
+    authentication, ``model/key@principal`` with it (the
     principal's ``%`` and ``@`` escaped as ``%25`` and ``%40``, so that no two
     principals' ids meet). Each principal has ids of its own: two tenants may both run
     sequence 1, as Triton clients that number their sequences from 1 do."""
     who = principal()
-    return scoped(f"{model}/{label}", who) if who else f"{model}/{label}"
+    return scoped(f"{model}/{key}", who) if who else f"{model}/{key}"
 
 
 def routing_check(context: grpc.aio.ServicerContext, label: str) -> None:
@@ -475,7 +491,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _sequence_step(self, req: pb.ModelInferRequest, runtime: ModelRuntime,
                              seq: SequenceParams, expires: float | None
                              ) -> pb.ModelInferResponse:
-        sid = sequence_session(runtime.name, seq.label)
+        sid = sequence_session(runtime.name, seq.key)
         async with self._in_turn(sid):
             if seq.start:
                 outputs, chunk = self._parse(req, runtime)

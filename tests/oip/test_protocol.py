@@ -145,6 +145,21 @@ def test_sequence_chunks_equal_the_whole_and_restart_on_start(stub, repo) -> Non
             grpc.StatusCode.INVALID_ARGUMENT, "sequence 5 runs on version 2 of model 'text'")
 
 
+def test_an_integer_id_and_a_string_of_its_digits_are_two_sequences(stub, repo) -> None:
+    # sequence 42, the string "42" and the string "~42" (the escape's own form) each
+    # keep their own state, interleaved (they used to share one session, "feat/42")
+    xs = {sid: RNG.standard_normal((1, 6, 20)).astype(np.float32)
+          for sid in (42, "42", "~42")}
+    got: dict[object, list[np.ndarray]] = {sid: [] for sid in xs}
+    for a, b in [(0, 2), (2, 3), (3, 6)]:
+        for sid, x in xs.items():
+            got[sid].append(logits(stub.ModelInfer(request(
+                x[:, a:b], sequence_id=sid, sequence_start=a == 0, sequence_end=b == 6))))
+    for sid, x in xs.items():
+        np.testing.assert_allclose(np.concatenate(got[sid], axis=1),
+                                   reference(repo, "feat", x), atol=1e-5, rtol=0)
+
+
 def test_rejected_requests_leave_the_sequence_untouched(stub, repo) -> None:
     x = RNG.standard_normal((1, 6, 20)).astype(np.float32)
     want = reference(repo, "feat", x)
