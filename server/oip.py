@@ -76,6 +76,8 @@ class SequenceParams:
     start: bool
     end: bool
     key: str = ""  # the id within the model's session ids (sequence_key)
+    shown: str = ""  # the id in messages: 42, or '42' for the string
+
 
 
 def sequence_key(value: int | str) -> str:
@@ -92,7 +94,7 @@ def sequence_key(value: int | str) -> str:
 
 def sequence_params(req: pb.ModelInferRequest) -> SequenceParams:
     params = req.parameters
-    label = key = ""
+    label = key = shown = ""
     if "sequence_id" in params:
         value = parameter_value(params["sequence_id"])
         if isinstance(value, bool) or isinstance(value, float):
@@ -103,6 +105,7 @@ def sequence_params(req: pb.ModelInferRequest) -> SequenceParams:
             value += 1 << 64
         if value not in (None, 0, ""):
             label, key = str(value), sequence_key(value)
+            shown = repr(value) if isinstance(value, str) else label
     flags = []
     for name in ("sequence_start", "sequence_end"):
         value = parameter_value(params[name]) if name in params else False
@@ -111,7 +114,7 @@ def sequence_params(req: pb.ModelInferRequest) -> SequenceParams:
         flags.append(value)
     if not label and any(flags):
         raise InvalidChunk("sequence_start and sequence_end need a non-zero sequence_id")
-    return SequenceParams(label, flags[0], flags[1], key)
+    return SequenceParams(label, flags[0], flags[1], key, shown)
 
 
 def version_number(version: str) -> int:
@@ -503,7 +506,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 except BaseException as exc:
                     await self.core.undo_open(session)
                     if isinstance(exc, CoreError):
-                        exc.args = (f"{exc}; sequence {seq.label} was not started: send its "
+                        exc.args = (f"{exc}; sequence {seq.shown} was not started: send its "
                                     "first request again with the START flag",)
                     raise
             else:
@@ -523,12 +526,12 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             session, _ = await self.core.open(runtime.name, runtime.version, sid)
         except SessionExists:
             log.warning("sequence %s of model %r started again before it ended; the "
-                        "previous one is dropped", seq.label, runtime.name)
+                        "previous one is dropped", seq.shown, runtime.name)
             await self.core.close(sid)
             try:
                 session, _ = await self.core.open(runtime.name, runtime.version, sid)
             except CoreError as exc:
-                exc.args = (f"{exc}; the previous sequence {seq.label} has ended and this one "
+                exc.args = (f"{exc}; the previous sequence {seq.shown} has ended and this one "
                             "was not started: send its first request again with the START "
                             "flag",)
                 raise
@@ -548,12 +551,12 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 check_owner(session)  # before anything of it is told (its version)
                 runtime = self.core.registry.get(session.model, session.version)
             if session.model != asked.name or (version and session.version != asked.version):
-                raise InvalidChunk(f"sequence {seq.label} runs on version {session.version} "
+                raise InvalidChunk(f"sequence {seq.shown} runs on version {session.version} "
                                    f"of model {session.model!r}, not {asked.version} of "
                                    f"{asked.name!r}")
         except GONE as exc:
             refused = InvalidChunk(
-                f"inference request for sequence {seq.label} to model "
+                f"inference request for sequence {seq.shown} to model "
                 f"'{asked.name}' must specify the START flag on the first request "
                 f"of the sequence ({exc})")
             self.core.rejected(asked, refused, API)

@@ -160,7 +160,7 @@ def test_a_start_whose_step_fails_leaves_no_sequence(stub, repo) -> None:
     x = RNG.standard_normal((1, 6, 20)).astype(np.float32)
     refused(lambda: stub.ModelInfer(request(x[:, :2], sequence_id="fresh",
                                             sequence_start=True, timeout=1)),
-            grpc.StatusCode.DEADLINE_EXCEEDED, "sequence fresh was not started")
+            grpc.StatusCode.DEADLINE_EXCEEDED, "sequence 'fresh' was not started")
     refused(lambda: stub.ModelInfer(request(x[:, 2:4], sequence_id="fresh")), BAD,
             START_FLAG)
     stub.ModelInfer(request(x[:, :2], sequence_id="live", sequence_start=True))

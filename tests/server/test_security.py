@@ -257,10 +257,10 @@ def test_each_principal_has_sequence_ids_of_its_own(repo, tmp_path) -> None:
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "must specify the START flag" in info.value.details()
             assert "runs on version" not in info.value.details()
-            # "alice@bob"'s sequence "1" and Bob's sequence "1@alice" would both be
-            # feat/1@alice@bob unescaped: each starts from a zero state, alone
+            # "alice@bob"'s sequence "x" and Bob's sequence "x@alice" would both be
+            # feat/x@alice@bob unescaped: each starts from a zero state, alone
             # (the second start would have met the first's owner: PERMISSION_DENIED)
-            pairs = (("1", as_odd), ("1@alice", as_bob))
+            pairs = (("x", as_odd), ("x@alice", as_bob))
             firsts = [logits(stub.ModelInfer(request(xb[None, :2], sequence_id=label,
                                                      sequence_start=True), metadata=meta))
                       for label, meta in pairs]
