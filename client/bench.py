@@ -82,6 +82,10 @@ class Level:
     # seconds between the first and the last load process's start (one connected late):
     # they overlapped for duration_s less this
     start_skew_s: float = 0.0
+    # CPU per answered chunk over the run's window, where the bench runs the processes:
+    # the server's (every thread and worker process) and its redis-servers' together
+    server_cpu_us_per_chunk: float | None = None
+    redis_cpu_us_per_chunk: float | None = None
 
     @property
     def within_budget(self) -> bool:
@@ -155,12 +159,16 @@ async def server_workers(server: str) -> int:
 
 def sweep(gen: LoadGenerator, targets: dict[str, str], meta: pb.ModelMetadata,
           levels: list[int], duration_s: float, chunk_ms: int, chunk_bytes: int,
-          log: Callable[[str], None], repeats: int = 1) -> dict[str, list[Level]]:
+          log: Callable[[str], None], repeats: int = 1,
+          pids: dict[str, tuple[list[int], list[int]]] | None = None
+          ) -> dict[str, list[Level]]:
     """Each level on each target (servers running side by side), ``repeats`` times,
     the targets taking turns, so that a slow minute on a shared machine hits them
     alike. Per level and target the repeat with the median p99 stands for the level,
     with every repeat's errors and unsent chunks counted in it and every repeat's p99
-    kept. A target is left out of the higher levels once far beyond capacity."""
+    kept. A target is left out of the higher levels once far beyond capacity.
+    ``pids``: per target, the server's process and its redis-servers, whose CPU per
+    answered chunk each level then reports."""
     blob = meta.SerializeToString()
     out: dict[str, list[Level]] = {name: [] for name in targets}
     live = dict(targets)
@@ -169,9 +177,14 @@ def sweep(gen: LoadGenerator, targets: dict[str, str], meta: pb.ModelMetadata,
         runs: dict[str, list[Level]] = {name: [] for name in live}
         for r in range(repeats):
             for name, target in live.items():
-                result = gen.run(target, meta.name, blob, streams=n, chunk_ms=chunk_ms,
-                                 chunk_bytes=chunk_bytes, duration_s=duration_s)
-                level = summarize(n, duration_s, result)
+                server_pids, redis_pids = (pids or {}).get(name, ([], []))
+                with CpuSampler(*server_pids) as server_cpu, \
+                        CpuSampler(*redis_pids) as redis_cpu:
+                    result = gen.run(target, meta.name, blob, streams=n, chunk_ms=chunk_ms,
+                                     chunk_bytes=chunk_bytes, duration_s=duration_s)
+                level = replace(summarize(n, duration_s, result),
+                                server_cpu_us_per_chunk=server_cpu.per_chunk(result),
+                                redis_cpu_us_per_chunk=redis_cpu.per_chunk(result))
                 runs[name].append(level)
                 if tagged:
                     log(f"{row(level)}  [{name}{f' {r + 1}/{repeats}' if repeats > 1 else ''}]")
@@ -284,6 +297,10 @@ def row(level: Level) -> str:
         errors = f"{level.unsent} unsent; {errors}"
     spread = level.worker_streams
     where = (f"  [streams per worker {min(spread)}..{max(spread)}]" if spread else "")
+    cpu = [f"{who} {us:.0f} us" for who, us in (("server", level.server_cpu_us_per_chunk),
+                                                 ("redis", level.redis_cpu_us_per_chunk))
+           if us is not None]
+    where += f"  [CPU per chunk: {', '.join(cpu)}]" if cpu else ""
     return (f"{level.streams:>8} {level.throughput:>9.1f} {ms['p50']:>8.2f} {ms['p90']:>8.2f} "
             f"{ms['p99']:>8.2f} {ms['p99.9']:>9.2f} {ms['max']:>8.2f} {level.late:>6} "
             f"{level.load_busy:>5.2f}  {errors}{where}")
@@ -583,30 +600,43 @@ def rss_bytes(pid: int) -> int:
 
 
 class CpuSampler:
-    """A process tree's CPU seconds sampled in the background (every ``every_s``), to
-    tell what it used between two wall-clock times: a load run's window, without the
-    set-up before it or the closing of its sessions after."""
+    """Process trees' CPU seconds together, sampled in the background (every
+    ``every_s``), to tell what they used between two wall-clock times: a load run's
+    window, without the set-up before it or the closing of its sessions after. With no
+    process it samples nothing and tells nothing (``per_chunk`` is None)."""
 
-    def __init__(self, pid: int, every_s: float = 0.25) -> None:
-        self.pid, self.every_s = pid, every_s
+    def __init__(self, *pids: int, every_s: float = 0.25) -> None:
+        self.pids, self.every_s = pids, every_s
         self.samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _cpu(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self.pids)
+
     def _run(self) -> None:
         while True:
-            self.samples.append((time.time(), cpu_seconds(self.pid)))
+            self.samples.append((time.time(), self._cpu()))
             if self._stop.wait(self.every_s):
-                self.samples.append((time.time(), cpu_seconds(self.pid)))
+                self.samples.append((time.time(), self._cpu()))
                 return
 
     def __enter__(self) -> CpuSampler:
-        self._thread.start()
+        if self.pids:
+            self._thread.start()
         return self
+
+    def per_chunk(self, result: LoadResult) -> float | None:
+        """Microseconds of CPU per chunk answered over the run's window."""
+        if not self.samples or not result.answered or result.ended <= result.started:
+            return None
+        used = self.at(result.ended) - self.at(result.started)
+        return round(1e6 * used / result.answered, 1)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
     def at(self, wall: float) -> float:
         """CPU seconds at wall-clock time ``wall``, interpolated between samples."""
@@ -795,8 +825,14 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         log(f"\nrnnserve (max batch size {max_batch_size})\n{HEADER}")
         redis_pids = [r.proc.pid for r in shards if r.proc] if redis_store else []
         redis_cpu = [cpu_seconds(pid) for pid in redis_pids]
+        pids: dict[str, tuple[list[int], list[int]]] = {
+            "rnnserve": ([spawned.proc.pid] if spawned else [], [])}
+        if redis_store:
+            pids["redis_store"] = ([on_redis.proc.pid], redis_pids)
+        if baselines:
+            pids["transport"] = ([echo.proc.pid], [])
         runs.update(sweep(gen, targets, meta, levels, duration_s, chunk_ms, chunk_bytes, log,
-                          repeats))
+                          repeats, pids))
         redis_per_chunk: list[float] = []
         if redis_store:  # Redis's own CPU per chunk the store's server answered (all levels)
             chunks = on_redis.chunks_answered()
@@ -815,7 +851,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         def closed_loop(at: str, pid: int | None, title: str
                         ) -> tuple[Level, float | None, float]:
             started = time.time()  # the two closed loops run one after the other
-            with (CpuSampler(pid) if pid else contextlib.nullcontext()) as cpu:
+            with CpuSampler(*([pid] if pid else [])) as cpu:
                 result = gen.run(at, meta.name, meta.SerializeToString(), streams=n,
                                  chunk_ms=chunk_ms, chunk_bytes=chunk_bytes,
                                  duration_s=duration_s, closed_loop=True)
@@ -823,9 +859,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
             # the server's CPU per answered chunk, every thread and worker process, over
             # the run's window (not the closing of the sessions it leaves open): what a
             # host needs per chunk at full load (the clients' cost not included)
-            cpu_us = None
-            if cpu is not None and done.answered:
-                cpu_us = 1e6 * (cpu.at(result.ended) - cpu.at(result.started)) / done.answered
+            cpu_us = cpu.per_chunk(result)
             log(f"{title}, {n} streams: {done.throughput:.0f} chunks/s, "
                 f"p50 {done.latency_ms['p50']:.2f} ms, load {done.load_busy:.2f}"
                 + (f", server CPU {cpu_us:.0f} us per chunk" if cpu_us is not None else "")

@@ -45,6 +45,12 @@ def test_bench_sweeps_levels_with_baselines_and_writes_json_and_plot(tmp_path) -
         assert lv["errors"] == {} and lv["sessions"] == lv["streams"]
         assert 0 < lv["load_busy"] < 1.5
         assert 0 <= lv["start_skew_s"] < lv["duration_s"]  # 2 load processes
+    # the started server's CPU per chunk over each level's window (a clock tick is 10 ms:
+    # a level this small may show 0), none for a server without redis-servers
+    assert all(lv["server_cpu_us_per_chunk"] >= 0 and lv["redis_cpu_us_per_chunk"] is None
+               for lv in levels)
+    assert sum(lv["server_cpu_us_per_chunk"] for lv in levels) > 0
+    assert sum("[CPU per chunk: server " in x for x in lines) >= 2, lines
     within = [lv["latency_ms"]["p99"] <= 100 for lv in levels]
     assert report["capacity_streams"] == (3 if all(within) else 1 if within[0] else 0)
     sat = report["saturation"]
@@ -53,6 +59,7 @@ def test_bench_sweeps_levels_with_baselines_and_writes_json_and_plot(tmp_path) -
     assert 20 < sat["server_cpu_us_per_chunk"] < 1e6
     assert report["load_generator"]["processes"] == 2
     base = report["baselines"]
+    assert all(lv["server_cpu_us_per_chunk"] >= 0 for lv in base["transport"]["levels"])
     for name in ("transport", "unbatched"):
         assert [lv["streams"] for lv in base[name]["levels"]] == [1, 3]
         assert base[name]["capacity_streams"] in (0, 1, 3)
@@ -197,8 +204,12 @@ def test_bench_compares_the_redis_session_store(tmp_path) -> None:
         assert [lv["streams"] for lv in levels] == [1, 2]
         for lv in levels:
             assert lv["answered"] > 0 and lv["errors"] == {}
+            assert lv["server_cpu_us_per_chunk"] >= 0
             assert len(lv["p99_repeats"]) == 2
             assert lv["latency_ms"]["p99"] == max(lv["p99_repeats"])  # the upper median
+    # each level's redis-servers' CPU too, on the store only
+    assert all(lv["redis_cpu_us_per_chunk"] is None for lv in report["levels"])
+    assert all(lv["redis_cpu_us_per_chunk"] >= 0 for lv in store["levels"])
     assert store["capacity_streams"] in (0, 1, 2) and store["shards"] == 2
     # Redis's CPU per chunk, each shard's (a clock tick is 10 ms: small runs may show 0)
     assert len(store["redis_cpu_us_per_chunk_each"]) == 2
