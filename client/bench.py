@@ -888,7 +888,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
                 try:
                     log(f"\n{title}\n{HEADER}")
                     return sweep(gen, {"baseline": server.target}, meta, levels, duration_s,
-                                 chunk_ms, chunk_bytes, log)["baseline"]
+                                 chunk_ms, chunk_bytes, log,
+                                 pids={"baseline": ([server.proc.pid], [])})["baseline"]
                 finally:
                     server.stop()
 

@@ -78,8 +78,6 @@ class SequenceParams:
     key: str = ""  # the id within the model's session ids (sequence_key)
     shown: str = ""  # the id in messages: 42, or '42' for the string
 
-
-
 def sequence_key(value: int | str) -> str:
     """A sequence id as part of a session id, one for each id: an integer as its
     digits, a string as itself, except that a string of ASCII digits, or one that
@@ -360,15 +358,16 @@ def sequence_session(model: str, key: str) -> str:
     return scoped(f"{model}/{key}", who) if who else f"{model}/{key}"
 
 
-def routing_check(context: grpc.aio.ServicerContext, label: str) -> None:
-    """A call routed by ``x-rnnserve-session`` must carry that sequence id."""
+def routing_check(context: grpc.aio.ServicerContext, seq: SequenceParams) -> None:
+    """A call routed by ``x-rnnserve-session`` must carry that sequence id (the header
+    holds it as text: 42 and "42" route alike)."""
     header = next((v for k, v in context.invocation_metadata() or ()
                    if k == SESSION_HEADER), None)
-    if header is not None and label and header != label:
+    if header is not None and seq.label and header != seq.label:
         check_id(str(header))  # named in the refusal
-        check_id(label)
+        check_id(seq.label)
         raise InvalidChunk(f"the {SESSION_HEADER} header names sequence {header!r} but the "
-                           f"request names {label!r}; send the same id in both")
+                           f"request names {seq.shown}; send the same id in both")
 
 
 class _Turn:
@@ -459,7 +458,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         rpc_model(runtime.name, runtime.version)
         try:
             seq = sequence_params(req)
-            routing_check(context, seq.label)
+            routing_check(context, seq)
             expires = expiry(req, context)
             if not seq.label:
                 outputs = requested_outputs(req, runtime)

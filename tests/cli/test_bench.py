@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from rnnserve.client.bench import Level, median_level
+from rnnserve.client.bench import CpuSampler, Level, median_level
+from rnnserve.client.load import LoadResult
 
 from ..conftest import build_repo
 from ..server.serving import metric_value
@@ -397,3 +398,28 @@ def test_a_load_process_that_started_late_is_recorded_as_the_levels_skew() -> No
 
     repeats = [replace(level, start_skew_s=k) for k in (0.0, 0.9, 0.1)]
     assert median_level(repeats).start_skew_s == 0.9
+
+
+def test_cpu_per_chunk_is_what_the_processes_used_in_the_window() -> None:
+    import os
+    import time
+
+    def spin(s: float) -> float:
+        until = time.time() + s
+        while time.time() < until:
+            pass
+        return time.time()
+
+    # this process, busy all along: 0.3 s in the window, 0.25 s before and after it
+    with CpuSampler(os.getpid(), every_s=0.02) as cpu:
+        started = spin(0.25)
+        ended = spin(0.3)
+        spin(0.25)
+    result = LoadResult(latencies=[0.01] * 1000, started=started, ended=ended)
+    # 0.3 s of CPU over 1,000 chunks: 300 us each (the whole run's would be 800), give
+    # or take a sample and a clock tick at each end, and a busy machine's share
+    assert 180 <= cpu.per_chunk(result) <= 420
+    with CpuSampler() as none:  # no process: nothing sampled, nothing told
+        pass
+    assert none.per_chunk(result) is None
+    assert cpu.per_chunk(LoadResult(started=started, ended=ended)) is None  # no answers

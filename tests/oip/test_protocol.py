@@ -226,7 +226,10 @@ def test_bad_requests_get_clear_statuses(stub, server) -> None:
     refused(lambda: stub.ModelInfer(r), bad, "classification must be a positive integer")
     meta = (("x-rnnserve-session", "other"),)
     refused(lambda: stub.ModelInfer(request(x, sequence_id="mine", sequence_start=True),
-                                    metadata=meta), bad, f"the {SESSION_HEADER} header")
+                                    metadata=meta), bad, f"the {SESSION_HEADER} header",
+            "names sequence 'other' but the request names 'mine'")
+    refused(lambda: stub.ModelInfer(request(x, sequence_id=42, sequence_start=True),
+                                    metadata=meta), bad, "the request names 42;")
     refused(lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name="nope")),
             grpc.StatusCode.NOT_FOUND, "model 'nope' not found")
     assert not stub.ModelReady(pb.ModelReadyRequest(name="text", version="9")).ready
