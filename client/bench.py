@@ -224,6 +224,20 @@ def median_level(repeats: list[Level]) -> Level:
                    start_skew_s=max(lv.start_skew_s for lv in repeats))
 
 
+def median_closed(runs: list[tuple[Level, float | None, float]]
+                  ) -> tuple[Level, float | None, float]:
+    """Of a closed loop's repeats (each its level, server CPU per chunk and start), the
+    one with the median throughput (the lower one of an even count), charged with every
+    repeat's errors."""
+    ordered = sorted(runs, key=lambda t: t[0].throughput)
+    level, cpu_us, started = ordered[(len(ordered) - 1) // 2]
+    errors: dict[str, int] = {}
+    for lv, _, _ in runs:
+        for code, k in lv.errors.items():
+            errors[code] = errors.get(code, 0) + k
+    return replace(level, errors=errors), cpu_us, started
+
+
 SOAK_FRACTION = 0.7  # of the capacity found, when --soak-streams is not given
 
 
@@ -850,7 +864,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
 
         def closed_loop(at: str, pid: int | None, title: str
                         ) -> tuple[Level, float | None, float]:
-            started = time.time()  # the two closed loops run one after the other
+            started = time.time()
             with CpuSampler(*([pid] if pid else [])) as cpu:
                 result = gen.run(at, meta.name, meta.SerializeToString(), streams=n,
                                  chunk_ms=chunk_ms, chunk_bytes=chunk_bytes,
@@ -867,12 +881,24 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
                    "figures include refused work" if done.errors else ""))
             return done, cpu_us, started
 
-        closed, cpu_us, closed_started = closed_loop(
-            target, spawned.proc.pid if spawned else None, "closed loop")
-        echo_closed: tuple[Level, float | None, float] | None = None
-        if baselines:  # the echo server's own: what the transport alone costs per chunk
-            echo_closed = closed_loop(echo.target, echo.proc.pid,
-                                      "transport ceiling, closed loop")
+        # rnnserve's closed loop and the echo server's (what the transport alone costs
+        # per chunk) take turns, --repeats times each, as the levels do: their ratio is
+        # a target, and this machine's speed drifts between minutes
+        loops = {"rnnserve": (target, spawned.proc.pid if spawned else None, "closed loop")}
+        if baselines:
+            loops["transport"] = (echo.target, echo.proc.pid, "transport ceiling, closed loop")
+        tries: dict[str, list[tuple[Level, float | None, float]]] = {name: [] for name in loops}
+        for r in range(repeats):
+            for name, (where, pid, title) in loops.items():
+                tries[name].append(closed_loop(
+                    where, pid, title if repeats == 1 else f"{title} {r + 1}/{repeats}"))
+        closed, cpu_us, closed_started = median_closed(tries["rnnserve"])
+        echo_closed = median_closed(tries["transport"]) if baselines else None
+        if repeats > 1:
+            log("closed loops, the median run's chunks/s: " + "; ".join(
+                f"{name} {median_closed(runs_)[0].throughput:.0f} (of "
+                + ", ".join(f"{t[0].throughput:.0f}" for t in runs_) + ")"
+                for name, runs_ in tries.items()))
         soaked = None
         if soak_s:
             k = soak_streams or int(SOAK_FRACTION * capacity(runs["rnnserve"]))
@@ -915,7 +941,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
     caps = {name: capacity(lv) for name, lv in runs.items()}
     capped = {name: capacity_capped(lv) for name, lv in runs.items()}
     busy = max([lv.load_busy for levels_ in runs.values() for lv in levels_]
-               + [closed.load_busy] + ([echo_closed[0].load_busy] if echo_closed else []))
+               + [t[0].load_busy for runs_ in tries.values() for t in runs_])
     report: dict[str, Any] = {
         "model": meta.name, "version": meta.version, "arch": meta.arch,
         "input_kind": meta.input_kind, "provider": meta.execution_provider,
@@ -928,7 +954,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         "saturation": {"streams": closed.streams, "started": closed_started,
                        "throughput": closed.throughput,
                        "latency_ms": closed.latency_ms, "load_busy": closed.load_busy,
-                       "server_cpu_us_per_chunk": cpu_us, "errors": closed.errors},
+                       "server_cpu_us_per_chunk": cpu_us, "errors": closed.errors,
+                       "throughput_repeats": [t[0].throughput for t in tries["rnnserve"]]},
         "load_generator": {"processes": load_procs, "connections": connections,
                            "spread": spread if connections > 1 else None,
                            "streams_per_message": max(1, many),
@@ -971,7 +998,9 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
                                          "latency_ms": echo_sat.latency_ms,
                                          "load_busy": echo_sat.load_busy,
                                          "server_cpu_us_per_chunk": echo_cpu_us,
-                                         "errors": echo_sat.errors},
+                                         "errors": echo_sat.errors,
+                                         "throughput_repeats": [
+                                             t[0].throughput for t in tries["transport"]]},
                           "levels": _levels_json(runs["transport"])},
             "unbatched": {"capacity_streams": caps["unbatched"],
                           "capacity_is_lower_bound": capped["unbatched"],

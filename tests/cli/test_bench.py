@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from rnnserve.client.bench import CpuSampler, Level, median_level
+from rnnserve.client.bench import CpuSampler, Level, median_closed, median_level
 from rnnserve.client.load import LoadResult
 
 from ..conftest import build_repo
@@ -56,6 +56,7 @@ def test_bench_sweeps_levels_with_baselines_and_writes_json_and_plot(tmp_path) -
     assert report["capacity_streams"] == (3 if all(within) else 1 if within[0] else 0)
     sat = report["saturation"]
     assert sat["streams"] == 3 and sat["throughput"] > 0 and sat["latency_ms"]["p50"] > 0
+    assert sat["throughput_repeats"] == [sat["throughput"]]  # --repeats 1: one run
     # the started server's CPU per answered chunk: tens of microseconds at the least
     assert 20 < sat["server_cpu_us_per_chunk"] < 1e6
     assert report["load_generator"]["processes"] == 2
@@ -185,6 +186,20 @@ def test_a_level_counts_its_median_repeat_and_every_repeats_errors() -> None:
     assert clean.latency_ms["p99"] == 80.0 and clean.within_budget
 
 
+def test_a_closed_loop_counts_its_median_run_and_every_runs_errors() -> None:
+    def run(throughput: float, errors: dict[str, int] | None = None
+            ) -> tuple[Level, float | None, float]:
+        return (Level(8, 1.0, 100, 8, 0, 0, errors or {}, throughput,
+                      {"p50": 1.0, "p90": 2.0, "p99": 3.0, "p99.9": 3.0, "max": 3.0}, 0.1),
+                throughput / 100, 1.8e9 + throughput)
+
+    level, cpu, started = median_closed([run(300.0), run(100.0, {"INTERNAL": 1}), run(200.0)])
+    assert (level.throughput, cpu, started) == (200.0, 2.0, 1.8e9 + 200.0)
+    assert level.errors == {"INTERNAL": 1}  # another run's, charged to the one that counts
+    assert median_closed([run(400.0), run(100.0)])[0].throughput == 100.0  # the lower one
+    assert median_closed([run(50.0)])[0].throughput == 50.0
+
+
 def test_bench_compares_the_redis_session_store(tmp_path) -> None:
     repo = build_repo(tmp_path)
     out = tmp_path / "bench"
@@ -199,7 +214,14 @@ def test_bench_compares_the_redis_session_store(tmp_path) -> None:
     assert tags == [(n, name, r) for n in ("1", "2") for r in ("1", "2")
                     for name in ("rnnserve", "redis_store")], proc.stdout
     assert "median p99 ms per level: rnnserve 1: " in proc.stdout
+    # the closed loop twice too, the lower of the two counting (the median of an even
+    # count, as for throughput the cautious one)
+    assert re.findall(r"^closed loop (\d)/2, 2 streams: ", proc.stdout, re.M) == ["1", "2"]
+    assert "closed loops, the median run's chunks/s: rnnserve " in proc.stdout
     report = json.loads((out / "bench.json").read_text())
+    sat = report["saturation"]
+    assert len(sat["throughput_repeats"]) == 2
+    assert sat["throughput"] == min(sat["throughput_repeats"]) > 0
     store = report["redis_store"]
     for levels in (report["levels"], store["levels"]):
         assert [lv["streams"] for lv in levels] == [1, 2]
