@@ -224,6 +224,19 @@ def median_level(repeats: list[Level]) -> Level:
                    start_skew_s=max(lv.start_skew_s for lv in repeats))
 
 
+def paired_median(tries: dict[str, list[tuple[Level, float | None, float]]],
+                  ratio: Callable[[tuple[Level, float | None, float],
+                                   tuple[Level, float | None, float]], float | None]
+                  ) -> float | None:
+    """The median (the lower of an even count) of a ratio of rnnserve's closed-loop run
+    to the echo server's of the same round; None when a round has none."""
+    got = [ratio(a, b) for a, b in zip(tries["rnnserve"], tries["transport"], strict=True)]
+    if any(r is None for r in got):
+        return None
+    ordered = sorted(r for r in got if r is not None)
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def median_closed(runs: list[tuple[Level, float | None, float]]
                   ) -> tuple[Level, float | None, float]:
     """Of a closed loop's repeats (each its level, server CPU per chunk and start), the
@@ -807,8 +820,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
             f"{meta.execution_provider}) at {target}; {chunk_ms} ms chunks, "
             f"{duration_s:g} s per level, {gen.procs} load process(es)"
             f" with {connections} connection(s) each"
-            + (f", {repeats} repeats per level (the median p99's repeat counts)"
-               if repeats > 1 else ""))
+            + (f", {repeats} repeats per level (the median p99's repeat counts) and "
+               "closed loop (the median throughput's)" if repeats > 1 else ""))
         if redis_store:
             assert repo is not None
             shards = []
@@ -1012,10 +1025,14 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
             "capacity_vs_unbatched": _ratio(caps["rnnserve"], caps["unbatched"]),
             "saturation_vs_compute_ceiling": _ratio(closed.throughput, ceiling["steps_per_s"]),
             # closed loops of the same streams: rnnserve's against the transport's alone,
-            # and the server's CPU per chunk against the echo server's (model included)
-            "saturation_vs_transport": _ratio(closed.throughput, echo_sat.throughput),
-            "server_cpu_vs_transport": (None if cpu_us is None or not echo_cpu_us else
-                                        round(cpu_us / echo_cpu_us, 2)),
+            # and the server's CPU per chunk against the echo server's (model included);
+            # with --repeats, each round's two runs (a minute apart) paired, the median
+            # round's ratio counting
+            "saturation_vs_transport": paired_median(
+                tries, lambda a, b: _ratio(a[0].throughput, b[0].throughput)),
+            "server_cpu_vs_transport": paired_median(
+                tries, lambda a, b: None if a[1] is None or not b[1] else
+                round(a[1] / b[1], 2)),
             # "exact", or "at least" / "at most" / "unknown" where a capacity is only a
             # lower bound (its every level passed)
             "bounds": {"capacity_vs_transport": _bound(capped["rnnserve"], capped["transport"]),

@@ -256,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="streams of the soak (default: 70%% of the capacity found)")
     b.add_argument("--repeats", type=_positive, default=1,
                    help="run each level this many times (servers taking turns); the repeat "
-                   "with the median p99 counts, errors of any repeat count (default 1)")
+                   "with the median p99 counts, errors of any repeat count; the closed "
+                   "loops too, the run with the median throughput counting, and with "
+                   "--baselines each round's ratio to the echo server's (default 1)")
     b.add_argument("--load-procs", type=_positive, default=2,
                    help="processes generating the load (default 2)")
     b.add_argument("--connections", type=int, default=0,
