@@ -1,7 +1,7 @@
 """Where a batch's time goes on the device: onnxruntime's profile of the server's runtime
 (speech-small, pool on the device), node time summed by provider and op type.
 
-    python3 scripts/gpu/profile_ops.py MODEL_REPO [BATCH] [GRAPHS:0/1]
+    python3 scripts/gpu/profile_ops.py MODEL_REPO [BATCH] [VERSION]   (no CUDA graphs)
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from rnnserve.client.bench import runs_back_to_back
 
 def main() -> int:
     repo, batch = Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1024
+    version = int(sys.argv[3]) if len(sys.argv) > 3 else 1  # the kit's 2: fp16
     plain = ort.SessionOptions
 
     def profiled() -> ort.SessionOptions:
@@ -29,8 +30,8 @@ def main() -> int:
         return so
 
     runtime.ort.SessionOptions = profiled  # type: ignore[misc]
-    rt = runtime.ModelRuntime(repo / "speech-small" / "1" / "model.onnx", "speech-small", 1,
-                              runtime.RuntimeOptions(device="cuda"))
+    rt = runtime.ModelRuntime(repo / "speech-small" / str(version) / "model.onnx",
+                              "speech-small", version, runtime.RuntimeOptions(device="cuda"))
     rng = np.random.default_rng(0)
     xs = [rng.integers(-3000, 3000, 640).astype(np.int16) for _ in range(batch)]
     print(json.dumps(runs_back_to_back(rt, xs, 1.0, warm_up=3)))
