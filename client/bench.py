@@ -215,40 +215,41 @@ def median_level(repeats: list[Level]) -> Level:
     within budget."""
     ordered = sorted(repeats, key=lambda lv: lv.latency_ms["p99"])
     mid = ordered[len(ordered) // 2]
-    errors: dict[str, int] = {}
-    for lv in repeats:
-        for code, k in lv.errors.items():
-            errors[code] = errors.get(code, 0) + k
-    return replace(mid, errors=errors, unsent=sum(lv.unsent for lv in repeats),
+    return replace(mid, errors=_all_errors(repeats), unsent=sum(lv.unsent for lv in repeats),
                    p99_repeats=[lv.latency_ms["p99"] for lv in repeats],
                    start_skew_s=max(lv.start_skew_s for lv in repeats))
 
 
-def paired_median(tries: dict[str, list[tuple[Level, float | None, float]]],
-                  ratio: Callable[[tuple[Level, float | None, float],
-                                   tuple[Level, float | None, float]], float | None]
-                  ) -> float | None:
+def _all_errors(levels: list[Level]) -> dict[str, int]:
+    """Every run's errors, by status code."""
+    errors: dict[str, int] = {}
+    for lv in levels:
+        for code, k in lv.errors.items():
+            errors[code] = errors.get(code, 0) + k
+    return errors
+
+
+ClosedRun = tuple[Level, float]  # a closed loop's run and when it started (wall clock)
+
+
+def paired_median(tries: dict[str, list[ClosedRun]],
+                  ratio: Callable[[Level, Level], float | None]) -> float | None:
     """The median (the lower of an even count) of a ratio of rnnserve's closed-loop run
     to the echo server's of the same round; None when a round has none."""
-    got = [ratio(a, b) for a, b in zip(tries["rnnserve"], tries["transport"], strict=True)]
+    got = [ratio(a, b) for (a, _), (b, _) in zip(tries["rnnserve"], tries["transport"],
+                                                 strict=True)]
     if any(r is None for r in got):
         return None
     ordered = sorted(r for r in got if r is not None)
     return ordered[(len(ordered) - 1) // 2]
 
 
-def median_closed(runs: list[tuple[Level, float | None, float]]
-                  ) -> tuple[Level, float | None, float]:
-    """Of a closed loop's repeats (each its level, server CPU per chunk and start), the
-    one with the median throughput (the lower one of an even count), charged with every
-    repeat's errors."""
+def median_closed(runs: list[ClosedRun]) -> ClosedRun:
+    """Of a closed loop's repeats, the one with the median throughput (the lower one of
+    an even count), charged with every repeat's errors."""
     ordered = sorted(runs, key=lambda t: t[0].throughput)
-    level, cpu_us, started = ordered[(len(ordered) - 1) // 2]
-    errors: dict[str, int] = {}
-    for lv, _, _ in runs:
-        for code, k in lv.errors.items():
-            errors[code] = errors.get(code, 0) + k
-    return replace(level, errors=errors), cpu_us, started
+    level, started = ordered[(len(ordered) - 1) // 2]
+    return replace(level, errors=_all_errors([lv for lv, _ in runs])), started
 
 
 SOAK_FRACTION = 0.7  # of the capacity found, when --soak-streams is not given
@@ -875,8 +876,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
                                        for lv in runs[name]) for name in targets))
         n = saturation_streams or levels[-1]
 
-        def closed_loop(at: str, pid: int | None, title: str
-                        ) -> tuple[Level, float | None, float]:
+        def closed_loop(at: str, pid: int | None, title: str) -> ClosedRun:
             started = time.time()
             with CpuSampler(*([pid] if pid else [])) as cpu:
                 result = gen.run(at, meta.name, meta.SerializeToString(), streams=n,
@@ -887,12 +887,13 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
             # the run's window (not the closing of the sessions it leaves open): what a
             # host needs per chunk at full load (the clients' cost not included)
             cpu_us = cpu.per_chunk(result)
+            done = replace(done, server_cpu_us_per_chunk=cpu_us)
             log(f"{title}, {n} streams: {done.throughput:.0f} chunks/s, "
                 f"p50 {done.latency_ms['p50']:.2f} ms, load {done.load_busy:.2f}"
                 + (f", server CPU {cpu_us:.0f} us per chunk" if cpu_us is not None else "")
                 + (f"; ERRORS {dict(sorted(done.errors.items()))}: the throughput and CPU "
                    "figures include refused work" if done.errors else ""))
-            return done, cpu_us, started
+            return done, started
 
         # rnnserve's closed loop and the echo server's (what the transport alone costs
         # per chunk) take turns, --repeats times each, as the levels do: their ratio is
@@ -900,16 +901,17 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         loops = {"rnnserve": (target, spawned.proc.pid if spawned else None, "closed loop")}
         if baselines:
             loops["transport"] = (echo.target, echo.proc.pid, "transport ceiling, closed loop")
-        tries: dict[str, list[tuple[Level, float | None, float]]] = {name: [] for name in loops}
+        tries: dict[str, list[ClosedRun]] = {name: [] for name in loops}
         for r in range(repeats):
             for name, (where, pid, title) in loops.items():
                 tries[name].append(closed_loop(
                     where, pid, title if repeats == 1 else f"{title} {r + 1}/{repeats}"))
-        closed, cpu_us, closed_started = median_closed(tries["rnnserve"])
-        echo_closed = median_closed(tries["transport"]) if baselines else None
+        counted = {name: median_closed(runs_) for name, runs_ in tries.items()}
+        closed, closed_started = counted["rnnserve"]
+        echo_closed = counted.get("transport")
         if repeats > 1:
             log("closed loops, the median run's chunks/s: " + "; ".join(
-                f"{name} {median_closed(runs_)[0].throughput:.0f} (of "
+                f"{name} {counted[name][0].throughput:.0f} (of "
                 + ", ".join(f"{t[0].throughput:.0f}" for t in runs_) + ")"
                 for name, runs_ in tries.items()))
         soaked = None
@@ -967,7 +969,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
         "saturation": {"streams": closed.streams, "started": closed_started,
                        "throughput": closed.throughput,
                        "latency_ms": closed.latency_ms, "load_busy": closed.load_busy,
-                       "server_cpu_us_per_chunk": cpu_us, "errors": closed.errors,
+                       "server_cpu_us_per_chunk": closed.server_cpu_us_per_chunk,
+                       "errors": closed.errors,
                        "throughput_repeats": [t[0].throughput for t in tries["rnnserve"]]},
         "load_generator": {"processes": load_procs, "connections": connections,
                            "spread": spread if connections > 1 else None,
@@ -1001,7 +1004,7 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
     if baselines:
         assert ceiling is not None
         assert echo_closed is not None
-        echo_sat, echo_cpu_us, echo_started = echo_closed
+        echo_sat, echo_started = echo_closed
         report["baselines"] = {
             "transport": {"capacity_streams": caps["transport"],
                           "capacity_is_lower_bound": capped["transport"],
@@ -1010,7 +1013,8 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
                                          "throughput": echo_sat.throughput,
                                          "latency_ms": echo_sat.latency_ms,
                                          "load_busy": echo_sat.load_busy,
-                                         "server_cpu_us_per_chunk": echo_cpu_us,
+                                         "server_cpu_us_per_chunk":
+                                             echo_sat.server_cpu_us_per_chunk,
                                          "errors": echo_sat.errors,
                                          "throughput_repeats": [
                                              t[0].throughput for t in tries["transport"]]},
@@ -1029,10 +1033,11 @@ def run_bench(server: str | None, repo: str | None, model: str, version: int,
             # with --repeats, each round's two runs (a minute apart) paired, the median
             # round's ratio counting
             "saturation_vs_transport": paired_median(
-                tries, lambda a, b: _ratio(a[0].throughput, b[0].throughput)),
+                tries, lambda a, b: _ratio(a.throughput, b.throughput)),
             "server_cpu_vs_transport": paired_median(
-                tries, lambda a, b: None if a[1] is None or not b[1] else
-                round(a[1] / b[1], 2)),
+                tries, lambda a, b: None if a.server_cpu_us_per_chunk is None
+                or not b.server_cpu_us_per_chunk
+                else round(a.server_cpu_us_per_chunk / b.server_cpu_us_per_chunk, 2)),
             # "exact", or "at least" / "at most" / "unknown" where a capacity is only a
             # lower bound (its every level passed)
             "bounds": {"capacity_vs_transport": _bound(capped["rnnserve"], capped["transport"]),

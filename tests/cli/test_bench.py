@@ -194,14 +194,15 @@ def test_a_level_counts_its_median_repeat_and_every_repeats_errors() -> None:
 
 
 def test_a_closed_loop_counts_its_median_run_and_every_runs_errors() -> None:
-    def run(throughput: float, errors: dict[str, int] | None = None
-            ) -> tuple[Level, float | None, float]:
+    def run(throughput: float, errors: dict[str, int] | None = None) -> tuple[Level, float]:
         return (Level(8, 1.0, 100, 8, 0, 0, errors or {}, throughput,
-                      {"p50": 1.0, "p90": 2.0, "p99": 3.0, "p99.9": 3.0, "max": 3.0}, 0.1),
-                throughput / 100, 1.8e9 + throughput)
+                      {"p50": 1.0, "p90": 2.0, "p99": 3.0, "p99.9": 3.0, "max": 3.0}, 0.1,
+                      server_cpu_us_per_chunk=throughput / 100),
+                1.8e9 + throughput)
 
-    level, cpu, started = median_closed([run(300.0), run(100.0, {"INTERNAL": 1}), run(200.0)])
-    assert (level.throughput, cpu, started) == (200.0, 2.0, 1.8e9 + 200.0)
+    level, started = median_closed([run(300.0), run(100.0, {"INTERNAL": 1}), run(200.0)])
+    assert (level.throughput, level.server_cpu_us_per_chunk, started) == \
+        (200.0, 2.0, 1.8e9 + 200.0)
     assert level.errors == {"INTERNAL": 1}  # another run's, charged to the one that counts
     assert median_closed([run(400.0), run(100.0)])[0].throughput == 100.0  # the lower one
     assert median_closed([run(50.0)])[0].throughput == 50.0
