@@ -431,24 +431,34 @@ def test_a_load_process_that_started_late_is_recorded_as_the_levels_skew() -> No
 
 
 def test_cpu_per_chunk_is_what_the_processes_used_in_the_window() -> None:
-    import os
-    import time
+    import subprocess
+    import sys
 
-    def spin(s: float) -> float:
-        until = time.time() + s
-        while time.time() < until:
-            pass
-        return time.time()
-
-    # this process, busy all along: 0.3 s in the window, 0.25 s before and after it
-    with CpuSampler(os.getpid(), every_s=0.02) as cpu:
-        started = spin(0.25)
-        ended = spin(0.3)
-        spin(0.25)
+    # a process busy all along: 0.3 s in the window, 0.25 s before and after it; it
+    # says when the window opened and closed, and the CPU it had used by then
+    spinner = """
+import time
+def spin(s):
+    until = time.time() + s
+    while time.time() < until:
+        pass
+    print(time.time(), time.process_time(), flush=True)
+spin(0.25); spin(0.3); spin(0.25)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", spinner], stdout=subprocess.PIPE,
+                            text=True)
+    with CpuSampler(proc.pid, every_s=0.02) as cpu:
+        marks = [tuple(map(float, line.split())) for line in proc.stdout]  # type: ignore[union-attr]
+        assert proc.wait() == 0
+    (started, at_start), (ended, at_end), (_, last) = marks
     result = LoadResult(latencies=[0.01] * 1000, started=started, ended=ended)
-    # 0.3 s of CPU over 1,000 chunks: 300 us each (the whole run's would be 800), give
-    # or take a sample and a clock tick at each end, and a busy machine's share
-    assert 180 <= cpu.per_chunk(result) <= 420
+    # the CPU it used in the window over 1,000 chunks (about 300 us each; the whole
+    # run's about 800), give or take a clock tick at each end and the interpolation
+    # between samples; against its own CPU time, not the wall, which a busy machine
+    # would not give it all of
+    window = (at_end - at_start) * 1e3
+    assert abs(cpu.per_chunk(result) - window) <= 30
+    assert last * 1e3 > 2 * window
     with CpuSampler() as none:  # no process: nothing sampled, nothing told
         pass
     assert none.per_chunk(result) is None
