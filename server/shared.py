@@ -5,12 +5,14 @@ shared store, writes each session's record (``server/records.py``) to Redis afte
 step, before the step is answered: a client that got an answer can resume the session
 on any replica, from exactly that point. The writes of one batch (and new sessions and
 closes) go out together in one script call (group commit: while one call is in flight,
-the next collects). That call writes many sessions' keys, so a store is one Redis (with
-replicas if you like), not a Redis Cluster; to go past what one Redis writes, list
+the next collects). Records of ``STAGE_MIN_BYTES`` or more are staged: sent ahead of
+the call, with their replies off, under a key the script renames into place. That
+call writes many sessions' keys, so a store is one Redis (with replicas if you like),
+not a Redis Cluster; to go past what one Redis writes, list
 several (``ShardedStore``): each session lives on one of them, picked by a hash of its
 id, and a batch's writes go to its shards at once.
 
-Per session three keys (their ``{id}`` hash tag keeps them in one slot):
+Per session these keys (their ``{id}`` hash tag keeps them in one slot):
 
 - ``rnnserve:{id}:s``: a hash with ``seq`` (the next chunk's number), ``data`` (the
   record) and ``w`` (the server that created it or took it last), expiring after the
@@ -20,6 +22,11 @@ Per session three keys (their ``{id}`` hash tag keeps them in one slot):
   writes ``server|index``, and its sibling workers may take the lease at once (the
   stored seq fences their steps) while other servers wait it out;
 - ``rnnserve:{id}:f``: the record a session's last chunk left, for a minute;
+- ``rnnserve:{id}:n:TAG``: a staged record (the hash ``:s`` becomes) between its
+  write and the script call that renames it into place a moment later; one outlives
+  that call only if the call did not run to its end (the connection dropped, Redis
+  failed it), until it expires after the idle timeout. ``reshard`` leaves these (its
+  pattern is ``{id}:?``);
 - while resharding online (``MovingStore``): on a session's old shard the lease is the
   tombstone ``moved`` once the session was handed off to its new shard; there
   ``rnnserve:{id}:a`` says it arrived, for as long as the old copy may live.
@@ -40,13 +47,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from rnnserve.errors import StoreMisconfigured
 from rnnserve.server.errors import (
@@ -67,7 +75,8 @@ StoreHook = Callable[[str, float, bool], None]
 # The writes of one or more batches in one script call: new sessions, steps, closes.
 # ARGV: owner, ttl ms, lease ms, upsert (1: a step may write a missing record, for
 # servers that degrade while the store is down), key prefix, the online resharding this
-# server takes part in ('' for none), then per write "KIND FROM TO ID" and the record.
+# server takes part in ('' for none), the call's staging tag (below), then per write
+# "KIND FROM TO ID" and the record.
 # KIND: c creates (refused if the record exists), s steps from seq FROM to TO, f steps
 # and ends the session (its record moves to the final key), d deletes (closes); S and F
 # are s and f for a session served from memory while the store failed (degrade): its
@@ -82,6 +91,15 @@ StoreHook = Callable[[str, float, bool], None]
 # to pack: this is on every step's path). Returns the refusals only, flat: index,
 # 'held', 'moved', 'taken', 'relocated' or 'exists', and the lease's time left or the
 # stored seq.
+# A write of kind c, s or S with an empty record is staged: its record was written just
+# before, on the same connection, as the hash it becomes (seq, data, w: this server)
+# under the staging key PREFIX:{ID}:n:TAG with the idle timeout's expiry, and is renamed
+# into place here (RENAME keeps that expiry), or deleted if the write is refused. TAG is
+# new for every call, so a staging key that a call cut short left behind is never taken
+# for a later one's (whose own staging write may have failed unseen: replies are off).
+# A record never passes through Lua then: Redis copies and hashes every byte of a
+# script's arguments into Lua strings, which cost more than the rest of a step's write
+# (docs/sessions.md, "How much one Redis writes"). A step (s) keeps the stored w.
 # A tombstone is one left behind (by a resharding that ended, or a hand-off that raced
 # its end) when the shard records no resharding under way (none, or "done ID") other
 # than the one this server takes part in (``mine``, '' for none). Both scripts below.
@@ -93,15 +111,18 @@ end
 
 _WRITE_MANY = _LEFT_BEHIND + """
 local owner, ttl, lease, upsert, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local resharding = ARGV[6]
+local resharding, tag = ARGV[6], ARGV[7]
 local server = string.match(owner, '^(.*)|%d+$')
 local failed = {}
 local stale = nil  -- whether a tombstone here is one left behind (read once, if met)
-for i = 0, (#ARGV - 6) / 2 - 1 do
-  local kind, from, to, sid = string.match(ARGV[2 * i + 7], '^(%a) (%-?%d+) (%d+) (.*)$')
-  local data = ARGV[2 * i + 8]
+for i = 0, (#ARGV - 7) / 2 - 1 do
+  local kind, from, to, sid = string.match(ARGV[2 * i + 8], '^(%a) (%-?%d+) (%d+) (.*)$')
+  local data = ARGV[2 * i + 9]
   local base = prefix .. ':{' .. sid .. '}:'
   local rec, lk = base .. 's', base .. 'l'
+  local stage = data == '' and (kind == 'c' or kind == 's' or kind == 'S')
+    and base .. 'n:' .. tag
+  local refusals = #failed
   local holder = redis.call('GET', lk)
   local over = false  -- a create over a tombstone left behind
   if holder == 'moved' and kind == 'c' then
@@ -124,8 +145,12 @@ for i = 0, (#ARGV - 6) / 2 - 1 do
     if seq then
       table.insert(failed, i); table.insert(failed, 'exists'); table.insert(failed, 0)
     else
-      redis.call('HSET', rec, 'seq', 0, 'data', data, 'w', owner)
-      redis.call('PEXPIRE', rec, ttl)
+      if stage then
+        redis.call('RENAME', stage, rec)
+      else
+        redis.call('HSET', rec, 'seq', 0, 'data', data, 'w', owner)
+        redis.call('PEXPIRE', rec, ttl)
+      end
       redis.call('SET', lk, owner, 'PX', lease)
       redis.call('DEL', base .. 'f')
       -- what arrived here before is older than this session (as in RESTORE): an old
@@ -142,6 +167,12 @@ for i = 0, (#ARGV - 6) / 2 - 1 do
   elseif kind == 'f' or kind == 'F' then
     redis.call('DEL', rec, lk)
     redis.call('SET', base .. 'f', data, 'PX', 60000)
+  elseif stage then  -- s or S, staged
+    redis.call('RENAME', stage, rec)
+    if kind == 's' and writer ~= owner then  -- the stored w stands
+      if writer then redis.call('HSET', rec, 'w', writer) else redis.call('HDEL', rec, 'w') end
+    end
+    redis.call('SET', lk, owner, 'PX', lease)
   elseif kind == 'S' then
     redis.call('HSET', rec, 'seq', to, 'data', data, 'w', owner)
     redis.call('PEXPIRE', rec, ttl)
@@ -151,6 +182,7 @@ for i = 0, (#ARGV - 6) / 2 - 1 do
     redis.call('PEXPIRE', rec, ttl)
     redis.call('SET', lk, owner, 'PX', lease)
   end
+  if stage and #failed > refusals then redis.call('DEL', stage) end
 end
 return failed
 """
@@ -286,7 +318,20 @@ def _command(args: list[Any]) -> bytes:
     return b"".join(parts)
 
 
-_Queued = tuple[list[str], list[Any], "asyncio.Future[list[BaseException | None]]"]
+def _bulk(a: Any) -> bytes:
+    b = a if isinstance(a, bytes) else str(a).encode()
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
+# One write of the batch-write script: kind, the seq it starts from, the next seq, the
+# session's id and its record (b"" for a close).
+_Write = tuple[str, int, int, str, bytes]
+_Queued = tuple[list[_Write], "asyncio.Future[list[BaseException | None]]"]
+_REPLY_OFF, _REPLY_ON = _command(["CLIENT", "REPLY", "OFF"]), _command(["CLIENT", "REPLY", "ON"])
+_STAGED = "csS"  # the kinds whose records are staged (_WRITE_MANY)
+# Records from this size on are staged: below it, the two commands more cost Redis and
+# the server about what Lua's copy of the record does (docs/sessions.md)
+STAGE_MIN_BYTES = 2048
 
 
 def _text(v: Any) -> str:
@@ -349,6 +394,14 @@ class RedisStore:
         # the batch writes go over a connection of their own, one at a time, without
         # the pool, the script wrapper and the general packer (a quarter of the cost)
         self._writer: AbstractConnection | None = None
+        # whether that connection stages records (``_WRITE_MANY``): it sends them with
+        # their replies off (CLIENT REPLY), which an ACL may refuse; checked per connection
+        self._staging = False
+        # staging tags: this store's own, random, and a count of its calls
+        self._stage_id, self._stage_calls = secrets.token_hex(8), 0
+        self._key_head = f"{prefix}:{{".encode()
+        self._stage_w = b"\r\n$1\r\nw\r\n" + _bulk(owner) + b"*3\r\n$7\r\nPEXPIRE\r\n"
+        self._stage_ttl = _bulk(self.ttl_ms)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._release = self._redis.register_script(_RELEASE)
         self._handoff = self._redis.register_script(HANDOFF)
@@ -521,27 +574,82 @@ class RedisStore:
             await self._writer.disconnect()
         await self._redis.aclose()
 
-    async def _write(self, args: list[Any]) -> Any:
-        """One call of the batch-write script on the writer connection; the script is
-        loaded again if Redis lost it (a restart). A failed or interrupted call drops
-        the connection: its reply, if one comes, must not be read as the next one's."""
+    async def _write(self, writes: list[_Write]) -> Any:
+        """One call of the batch-write script on the writer connection, its records
+        staged before it where the connection can; the script is loaded again if Redis
+        lost it (a restart). A failed or interrupted call drops the connection: its
+        reply, if one comes, must not be read as the next one's."""
         if self._writer is None:
-            self._writer = await self._redis.connection_pool.get_connection()
+            conn = await self._redis.connection_pool.get_connection()
+            try:
+                self._staging = await self._replies_off(conn)
+            except BaseException:
+                await conn.disconnect()
+                raise
+            self._writer = conn
         conn = self._writer
+        packed = self._packed(writes)
         try:
             try:
-                await conn.send_packed_command(
-                    [_command(["EVALSHA", self._write_many_sha, 0, *args])], check_health=False)
+                await conn.send_packed_command(packed, check_health=False)
+                if len(packed) > 1:
+                    await conn.read_response()  # CLIENT REPLY ON's, after staged records
                 return await conn.read_response()
-            except NoScriptError:
+            except NoScriptError:  # the staged records are there: only the call again
                 await conn.send_packed_command([_command(["SCRIPT", "LOAD", _WRITE_MANY])])
                 await conn.read_response()
-                await conn.send_packed_command(
-                    [_command(["EVALSHA", self._write_many_sha, 0, *args])])
+                await conn.send_packed_command(packed[-1:])
                 return await conn.read_response()
         except BaseException:
             await conn.disconnect()
             raise
+
+    async def _replies_off(self, conn: AbstractConnection) -> bool:
+        """Whether ``conn`` may turn its replies off (CLIENT REPLY), to stage records
+        with no reply to read for each; an ACL that refuses it leaves the records
+        passed through the script, as before."""
+        await conn.send_packed_command([_REPLY_ON], check_health=False)
+        try:
+            return _text(await conn.read_response()) == "OK"
+        except ResponseError as exc:
+            log.warning("the session store at %s refuses CLIENT REPLY (%s): each step's "
+                        "record goes through the write script, which costs Redis more",
+                        self.url, exc)
+            return False
+
+    def _packed(self, writes: list[_Write]) -> list[bytes]:
+        """The batch write as sent: with staging, each large record's staging commands
+        (a hash as the record becomes, with the idle timeout's expiry), replies off;
+        then the script call, last. Packed here, not by ``_command``: this is on every
+        step's path."""
+        staging = self._staging
+        parts = [_REPLY_OFF]
+        call = [b""]  # the script call: its head goes first once the count is known
+        self._stage_calls += 1
+        tag = f"{self._stage_id}.{self._stage_calls}"
+        head_key, tail_key = self._key_head, f"}}:n:{tag}".encode()
+        for kind, start, to, sid, data in writes:
+            head = f"{kind} {start} {to} {sid}".encode()
+            if staging and kind in _STAGED and len(data) >= STAGE_MIN_BYTES:
+                key = head_key + sid.encode() + tail_key
+                key = b"$%d\r\n%s\r\n" % (len(key), key)
+                seq = b"%d" % to
+                parts += [b"*8\r\n$4\r\nHSET\r\n%s$3\r\nseq\r\n$%d\r\n%s\r\n"
+                          b"$4\r\ndata\r\n$%d\r\n" % (key, len(seq), seq, len(data)),
+                          data, self._stage_w, key, self._stage_ttl]
+                call.append(b"$%d\r\n%s\r\n$0\r\n\r\n" % (len(head), head))
+            else:
+                call += [b"$%d\r\n%s\r\n$%d\r\n" % (len(head), head, len(data)), data, b"\r\n"]
+        fixed = [self.owner, self.ttl_ms, self.lease_ms, 1 if self.upsert else 0, self.prefix,
+                 self.resharding, tag]
+        call[0] = _command(["EVALSHA", self._write_many_sha, 0, *fixed]).replace(
+            b"*10\r\n", b"*%d\r\n" % (10 + 2 * len(writes)), 1)
+        if len(parts) > 1:
+            parts.append(_REPLY_ON)
+        else:
+            parts.clear()
+        parts.append(b"".join(call))
+        return parts
 
     def _check(self, sid: str, status: list[Any]) -> Any:
         kind = _text(status[0])
@@ -576,7 +684,7 @@ class RedisStore:
         """Store a new session's first record and take its lease; ``SessionExists`` if
         the store has one. Goes out with the batch writes: a burst of new sessions is
         a few script calls on one connection, not a connection and a call each."""
-        refused = (await self._submit([sid], [f"c -1 0 {sid}", data]))[0]
+        refused = (await self._submit([("c", -1, 0, sid, data)]))[0]
         if refused is not None:
             raise refused
 
@@ -637,7 +745,7 @@ class RedisStore:
 
     async def delete(self, sid: str) -> None:
         """Delete a closed session's record (``SessionHeld`` if another server has it)."""
-        refused = (await self._submit([sid], [f"d 0 0 {sid}", b""]))[0]
+        refused = (await self._submit([("d", 0, 0, sid, b"")]))[0]
         if refused is not None:
             raise refused
 
@@ -670,22 +778,21 @@ class RedisStore:
         If the caller is cancelled meanwhile, the writes may still land: the store is
         then one chunk ahead of this server's copy, which the core therefore refreshes
         from the store before the session's next step (``Core._give_up``)."""
-        args: list[Any] = []
-        for sid, data, from_seq, to_seq, final, behind in steps:
-            kind = ("F" if final else "S") if behind else ("f" if final else "s")
-            args += [f"{kind} {from_seq} {to_seq} {sid}", data]
-        return await self._submit([sid for sid, *_ in steps], args)
+        return await self._submit([
+            (("F" if final else "S") if behind else ("f" if final else "s"),
+             from_seq, to_seq, sid, data)
+            for sid, data, from_seq, to_seq, final, behind in steps])
 
-    async def _submit(self, ids: list[str], args: list[Any]) -> list[BaseException | None]:
+    async def _submit(self, writes: list[_Write]) -> list[BaseException | None]:
         """Write now if no write is in flight, else with the next one."""
         if self._writing:
             fut: asyncio.Future[list[BaseException | None]] = \
                 asyncio.get_running_loop().create_future()
-            self._queue.append((ids, args, fut))
+            self._queue.append((writes, fut))
             return await fut
         self._writing = True
         try:
-            return (await self._write_batch([(ids, args)]))[0]
+            return (await self._write_batch([writes]))[0]
         finally:
             if self._queue:
                 self._flushing = asyncio.get_running_loop().create_task(self._flush())
@@ -698,7 +805,7 @@ class RedisStore:
             while self._queue:
                 batch, self._queue = self._queue, []
                 try:
-                    results = await self._write_batch([(ids, args) for ids, args, _ in batch])
+                    results = await self._write_batch([writes for writes, _ in batch])
                 except StoreUnavailable as exc:
                     for *_, fut in batch:
                         if not fut.done():
@@ -711,26 +818,22 @@ class RedisStore:
             self._flushing = None
             self._writing = False
 
-    async def _write_batch(self, batches: list[tuple[list[str], list[Any]]]
+    async def _write_batch(self, batches: list[list[_Write]]
                            ) -> list[list[BaseException | None]]:
         """One script call for several batches; per batch, per write, why it was refused."""
-        args: list[Any] = [self.owner, self.ttl_ms, self.lease_ms, 1 if self.upsert else 0,
-                           self.prefix, self.resharding]
-        for _, a in batches:
-            args += a
-        results = await self._call("write", lambda: self._write(args))
-        sids = [sid for ids, _ in batches for sid in ids]
+        writes = [w for batch in batches for w in batch]
+        results = await self._call("write", lambda: self._write(writes))
         refused: dict[int, BaseException] = {}
         for i in range(0, len(results), 3):
             at = int(results[i])
             try:
-                self._check(sids[at], results[i + 1:i + 3])
+                self._check(writes[at][3], results[i + 1:i + 3])
             except Exception as exc:
                 refused[at] = exc
         out, at = [], 0
-        for ids, _ in batches:
-            out.append([refused.get(i) for i in range(at, at + len(ids))])
-            at += len(ids)
+        for batch in batches:
+            out.append([refused.get(i) for i in range(at, at + len(batch))])
+            at += len(batch)
         return out
 
 

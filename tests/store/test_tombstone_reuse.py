@@ -444,10 +444,9 @@ def test_creates_over_leftover_tombstones_and_a_step_in_one_script_call(shards) 
             calls: list[list[str]] = []
             write = plain._write
 
-            async def spy(args: list) -> object:
-                calls.append([str(w).split()[0] + " " + str(w).split()[3]
-                              for w in args[6::2]])
-                return await write(args)
+            async def spy(writes: list) -> object:
+                calls.append([f"{kind} {sid}" for kind, _, _, sid, _ in writes])
+                return await write(writes)
 
             plain._write = spy
             got = await asyncio.gather(
