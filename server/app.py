@@ -28,6 +28,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 
 from rnnserve.errors import ModelRepositoryError, UsageError
+from rnnserve.export import repository
+from rnnserve.export.repository import ModelVersion
 from rnnserve.protos.headers import grpc_ms
 from rnnserve.protos.inference import grpc_service_pb2 as oip_pb
 from rnnserve.protos.inference import grpc_service_pb2_grpc as oip_grpc
@@ -41,7 +43,13 @@ from rnnserve.server.errors import DeviceUnavailable, StoreUnavailable
 from rnnserve.server.interceptor import MetricsInterceptor
 from rnnserve.server.metrics import Limits, Metrics, ServingCollector
 from rnnserve.server.oip import OipServicer
-from rnnserve.server.runtime import ANSWER_OVERHEAD, CUDA, ModelRegistry, RuntimeOptions
+from rnnserve.server.runtime import (
+    ANSWER_OVERHEAD,
+    CUDA,
+    ModelRegistry,
+    ModelRuntime,
+    RuntimeOptions,
+)
 from rnnserve.server.sessions import MemorySessionStore, Session
 from rnnserve.server.settings import Settings
 from rnnserve.server.shared import SharedStore, open_store
@@ -216,21 +224,9 @@ class RnnServer:
                                         when_full=s.when_full,
                                         unknown_hint=self.worker.hint(s.session_store)
                                         if self.worker else "")
-        self.batchers = {
-            rt.key: Batcher(rt, max_batch_size=s.max_batch_size,
-                            max_delay_s=s.max_batch_delay_ms / 1000, max_queue=s.max_queue,
-                            runners=s.batch_runners,
-                            on_batch=self.metrics.batch_hook(rt.name, rt.version))
-            for rt in self.registry
-        }
+        self.batchers = {rt.key: self._batcher(rt) for rt in self.registry}
         for rt in self.registry:  # on the runner thread(s), before any batch runs
-            if s.warmup == "on" or (s.warmup == "auto" and rt.provider == CUDA):
-                seconds = await self.batchers[rt.key].warm_up(s.max_batch_size)
-                log.info("warmed up %s version %d: batch sizes 1..%d (%s)%s in %.2fs",
-                         rt.name, rt.version, s.max_batch_size,
-                         f"buckets {','.join(map(str, rt.buckets))}" if rt.buckets
-                         else "each size",
-                         ", CUDA graphs captured" if s.cuda_graphs else "", seconds)
+            await self._warm_up(rt, self.batchers[rt.key])
         for b in self.batchers.values():
             b.start()
         self.core = Core(self.registry, self.store, self.batchers,
@@ -322,6 +318,8 @@ class RnnServer:
             if self.shared is not None and s.store_check_s else None
         self._trimmer = asyncio.get_running_loop().create_task(
             self._trim_pools(s.pool_shrink_s)) if s.pool_shrink_s else None
+        self._poller = asyncio.get_running_loop().create_task(
+            self._poll_repo(s.repo_poll_s)) if s.repo_poll_s else None
         for name in ("", *([] if self.held else HELD_SERVICES)):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         for rt in self.registry:
@@ -332,6 +330,66 @@ class RnnServer:
         # for ~100 ms (measured with the speech-small workload) and set the p99.
         gc.collect()
         gc.freeze()
+
+    def _batcher(self, rt: ModelRuntime) -> Batcher:
+        s = self.settings
+        return Batcher(rt, max_batch_size=s.max_batch_size,
+                       max_delay_s=s.max_batch_delay_ms / 1000, max_queue=s.max_queue,
+                       runners=s.batch_runners,
+                       on_batch=self.metrics.batch_hook(rt.name, rt.version))
+
+    async def _warm_up(self, rt: ModelRuntime, batcher: Batcher) -> None:
+        s = self.settings
+        if s.warmup == "on" or (s.warmup == "auto" and rt.provider == CUDA):
+            seconds = await batcher.warm_up(s.max_batch_size)
+            log.info("warmed up %s version %d: batch sizes 1..%d (%s)%s in %.2fs",
+                     rt.name, rt.version, s.max_batch_size,
+                     f"buckets {','.join(map(str, rt.buckets))}" if rt.buckets
+                     else "each size",
+                     ", CUDA graphs captured" if s.cuda_graphs else "", seconds)
+
+    async def _poll_repo(self, every_s: float) -> None:
+        """Every ``every_s``, load the versions the repository gained (``repo_poll_s``):
+        each once its model.onnx looked the same (size, modification time) two looks in
+        a row, so that a file being written is not read; one that fails is tried again
+        only once that changes. Loaded and warmed up off the event loop, then served."""
+        loop = asyncio.get_running_loop()
+        seen: dict[tuple[str, int], tuple[int, int]] = {}  # as last looked at
+        failed: dict[tuple[str, int], tuple[int, int]] = {}  # as it failed
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                found = await loop.run_in_executor(None, _new_versions, self.registry)
+            except Exception:  # the repository gone or unreadable: look again later
+                log.exception("looking for new model versions in %s failed",
+                              self.settings.repo)
+                continue
+            for mv, look in found:
+                key, before = (mv.name, mv.version), seen.get((mv.name, mv.version))
+                seen[key] = look
+                if look != before or failed.get(key) == look:
+                    continue  # not settled yet, or failed as it is
+                batcher: Batcher | None = None
+                try:
+                    rt = await loop.run_in_executor(
+                        None, ModelRuntime, mv.path, mv.name, mv.version,
+                        self.registry.options)
+                    batcher = self._batcher(rt)
+                    await self._warm_up(rt, batcher)
+                except Exception as exc:
+                    if batcher is not None:
+                        await batcher.stop()  # its runner threads
+                    failed[key] = look
+                    log.error("model %s version %d in %s not loaded (tried again once "
+                              "its file changes): %s", mv.name, mv.version, mv.path, exc)
+                    continue
+                self.metrics.add_model(rt.name, rt.version)
+                batcher.start()
+                self.core.add_model(rt, batcher)
+                seen.pop(key)
+                failed.pop(key, None)
+                log.info("serving %s version %d (%s, %s input) on %s, loaded while serving",
+                         rt.name, rt.version, rt.meta.arch, rt.meta.input.kind, rt.provider)
 
     async def release(self) -> None:
         """SERVING, for a held server once its supervisor saw every worker serve. A
@@ -412,6 +470,8 @@ class RnnServer:
         grace = self.settings.shutdown_grace_s
         if self._watcher is not None:
             self._watcher.cancel()  # a check during the drain would change its status
+        if self._poller is not None:
+            self._poller.cancel()  # no version loaded while draining
         log.info("shutting down: answering in-flight chunks (grace %.1fs)", grace)
         await self.health.enter_graceful_shutdown()
         self.core.accepting = False
@@ -442,6 +502,20 @@ class RnnServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         log.info("stopped")
+
+
+def _new_versions(registry: ModelRegistry) -> list[tuple[ModelVersion, tuple[int, int]]]:
+    """The repository's versions not in ``registry``, each with its model.onnx's size
+    and modification time ((-1, -1) while it has none)."""
+    out = []
+    for mv in repository.list_models(registry.repo):
+        if (mv.name, mv.version) not in registry:
+            try:
+                st = mv.path.stat()
+                out.append((mv, (st.st_size, st.st_mtime_ns)))
+            except OSError:
+                out.append((mv, (-1, -1)))
+    return out
 
 
 async def serve(settings: Settings, worker: Worker | None = None,

@@ -266,6 +266,14 @@ class Core:
             for batcher in batchers.values():
                 batcher.commit = self._commit
 
+    def add_model(self, runtime: ModelRuntime, batcher: Batcher) -> None:
+        """Serve a version loaded after the start, on its started batcher: new sessions
+        that name no version get it if it is its model's highest."""
+        if self.shared is not None:
+            batcher.commit = self._commit
+        self.batchers[runtime.key] = batcher
+        self.registry.add(runtime)
+
     async def let_go(self, sids: list[str]) -> None:
         """Give up this server's leases of sessions no longer live here (drained,
         expired, evicted, or loaded and refused: a record foreign, damaged or another

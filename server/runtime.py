@@ -657,10 +657,12 @@ class _Bound:
 
 
 class ModelRegistry:
-    """Every version of every model in a repository, loaded at start."""
+    """Every version of every model in a repository, loaded at start (and those the
+    repository gains while serving, with ``serve --repo-poll-s``: ``add``)."""
 
     def __init__(self, repo: str | Path, options: RuntimeOptions = RuntimeOptions()) -> None:
         self.repo = Path(repo)
+        self.options = options
         self._models: dict[tuple[str, int], ModelRuntime] = {}
         for mv in repository.list_models(self.repo):
             self._models[(mv.name, mv.version)] = ModelRuntime(mv.path, mv.name, mv.version,
@@ -671,6 +673,13 @@ class ModelRegistry:
 
     def __len__(self) -> int:
         return len(self._models)
+
+    def __contains__(self, key: tuple[str, int]) -> bool:
+        return key in self._models
+
+    def add(self, runtime: ModelRuntime) -> None:
+        """A version loaded after the start (``serve --repo-poll-s``)."""
+        self._models[runtime.key] = runtime
 
     def get(self, name: str, version: int | None = None) -> ModelRuntime:
         """The named version, or the highest when ``version`` is None or 0."""

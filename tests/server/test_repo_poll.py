@@ -1,0 +1,107 @@
+"""``serve --repo-poll-s``: model versions added to the repository while the server runs
+are loaded and served, sessions open already stay on theirs; a file being written or
+broken is not served, and one that failed is tried again once it changes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from rnnserve.client import Client
+
+from .serving import metric_value, start_server
+from .test_grpc_api import whole_run
+
+SENTENCE = b"The quick brown fox jumps over the lazy dog."
+
+
+def wait_for(log: Path, text: str, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = log.read_text()
+        if text in got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not in the log: {log.read_text()[-3000:]}")
+
+
+def move_in(src: Path, repo: Path, name: str, version: int, tmp: Path) -> None:
+    """A version written elsewhere and moved into the repository in one rename."""
+    staging = tmp / f"staging-{name}-{version}"
+    shutil.copytree(src, staging)
+    (repo / name).mkdir(exist_ok=True)
+    os.rename(staging, repo / name / str(version))
+
+
+@pytest.fixture
+def small_repo(repo, tmp_path) -> Path:
+    """text v1 and feat v1 of the shared repository; text v2 is added by the tests."""
+    out = tmp_path / "models"
+    for name in ("text", "feat"):
+        shutil.copytree(repo / name / "1", out / name / "1")
+    return out
+
+
+def test_a_version_added_while_serving_serves_new_sessions_and_leaves_open_ones(
+        repo, small_repo, tmp_path) -> None:
+    x = np.frombuffer(SENTENCE, dtype=np.uint8)
+    log = tmp_path / "server.log"
+    srv = start_server(small_repo, log, "--repo-poll-s", "0.1")
+    try:
+        with Client(srv.target, timeout=10) as client:
+            old = client.open_session("text")
+            assert old.version == 1
+            ys_old = [client.step(old.session_id, 0, SENTENCE[:20])["logits"]]
+            move_in(repo / "text" / "2", small_repo, "text", 2, tmp_path)
+            wait_for(log, "serving text version 2")
+            new = client.open_session("text")  # no version named: the highest, now 2
+            ys_new = [client.step(new.session_id, 0, SENTENCE[:7])["logits"]]
+            ys_old.append(client.step(old.session_id, 1, SENTENCE[20:])["logits"])
+            ys_new.append(client.step(new.session_id, 1, SENTENCE[7:])["logits"])
+            listed = sorted((m.name, m.version) for m in client.list_models())
+            named = client.open_session("text", version=1)
+            text = srv.metrics()
+        assert new.version == 2 and named.version == 1
+        assert listed == [("feat", 1), ("text", 1), ("text", 2)]
+        assert np.abs(np.concatenate(ys_old) - whole_run(repo, "text", 1, x)).max() <= 1e-5
+        assert np.abs(np.concatenate(ys_new) - whole_run(repo, "text", 2, x)).max() <= 1e-5
+        assert metric_value(text, "rnnserve_sessions_started_total", model="text",
+                            version="2") == 1
+        assert metric_value(text, "rnnserve_model_load_seconds", model="text",
+                            version="2") > 0
+    finally:
+        assert srv.stop() == 0, log.read_text()[-3000:]
+
+
+def test_a_broken_version_is_not_served_and_is_tried_again_once_it_changes(
+        repo, small_repo, tmp_path) -> None:
+    """A model.onnx cut short (as a copy in progress leaves it): refused with the reason
+    in the log, once; the server serves on. Written whole, it is loaded."""
+    log = tmp_path / "server.log"
+    srv = start_server(small_repo, log, "--repo-poll-s", "0.1")
+    try:
+        good = (repo / "text" / "2" / "model.onnx").read_bytes()
+        (small_repo / "text" / "2").mkdir()
+        (small_repo / "text" / "2" / "model.onnx").write_bytes(good[:len(good) // 2])
+        wait_for(log, "not loaded")
+        time.sleep(0.5)  # five more looks: the same broken file is not tried again
+        with Client(srv.target, timeout=10) as client:
+            assert client.open_session("text").version == 1
+            with pytest.raises(grpc.RpcError) as err:
+                client.open_session("text", version=2)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            tmp = small_repo / "text" / "2" / "model.onnx.part"
+            tmp.write_bytes(good)
+            os.replace(tmp, small_repo / "text" / "2" / "model.onnx")
+            wait_for(log, "serving text version 2")
+            assert client.open_session("text").version == 2
+        text = log.read_text()
+        assert text.count("not loaded") == 1, text
+    finally:
+        assert srv.stop() == 0, log.read_text()[-3000:]
