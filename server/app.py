@@ -349,31 +349,59 @@ class RnnServer:
                      ", CUDA graphs captured" if s.cuda_graphs else "", seconds)
 
     async def _poll_repo(self, every_s: float) -> None:
-        """Every ``every_s``, load the versions the repository gained (``repo_poll_s``):
-        each once its model.onnx looked the same (size, modification time) two looks in
-        a row, so that a file being written is not read; one that fails is tried again
-        only once that changes. Loaded and warmed up off the event loop, then served."""
+        """Every ``every_s``, serve the versions the repository gained, and withdraw
+        those it lost (``repo_poll_s``). A new version is loaded once its model.onnx
+        looked the same (size, modification time) two looks in a row, so that a file
+        being written is not read; one that fails is tried again once that changes.
+        Loaded and warmed up off the event loop, then served. A version missing two
+        looks in a row is withdrawn (``ModelRegistry.withdrawn``), and served again to
+        every request if it comes back."""
         loop = asyncio.get_running_loop()
-        seen: dict[tuple[str, int], tuple[int, int]] = {}  # as last looked at
-        failed: dict[tuple[str, int], tuple[int, int]] = {}  # as it failed
+        reg = self.registry
+        seen: dict[Key, Look] = {}  # versions not loaded, as last looked at
+        failed: dict[Key, Look] = {}  # as it failed
+        loaded: dict[Key, Look] = {}  # loaded versions' files, as first seen
+        told: dict[Key, Look] = {}  # changes of a loaded version's file, as logged
+        missing: set[Key] = set()  # loaded versions missing at the last look
         while True:
             await asyncio.sleep(every_s)
             try:
-                found = await loop.run_in_executor(None, _new_versions, self.registry)
+                found = await loop.run_in_executor(None, _versions, reg.repo)
             except Exception:  # the repository gone or unreadable: look again later
-                log.exception("looking for new model versions in %s failed",
-                              self.settings.repo)
+                log.exception("looking for model versions in %s failed", reg.repo)
                 continue
-            for mv, look in found:
-                key, before = (mv.name, mv.version), seen.get((mv.name, mv.version))
-                seen[key] = look
+            for rt in reg:
+                key = rt.key
+                if key in found:
+                    missing.discard(key)
+                    if key in reg.withdrawn:
+                        reg.withdrawn.discard(key)
+                        log.info("model %s version %d is in the repository again: served "
+                                 "to requests that name no version again", *key)
+                    look = found[key][1]
+                    if loaded.setdefault(key, look) != look and told.get(key) != look:
+                        told[key] = look
+                        log.warning("model %s version %d changed in the repository since "
+                                    "it was loaded; the server serves what it loaded until "
+                                    "it restarts (publish a change as a new version)", *key)
+                elif key not in reg.withdrawn:
+                    if key in missing:
+                        reg.withdrawn.add(key)
+                        log.warning("model %s version %d was removed from the repository: "
+                                    "requests that name no version no longer get it; "
+                                    "sessions on it, and requests that name it, are served "
+                                    "until the server restarts", *key)
+                    missing.add(key)
+            for key, (mv, look) in found.items():
+                if key in reg:
+                    continue
+                before, seen[key] = seen.get(key), look
                 if look != before or failed.get(key) == look:
                     continue  # not settled yet, or failed as it is
                 batcher: Batcher | None = None
                 try:
                     rt = await loop.run_in_executor(
-                        None, ModelRuntime, mv.path, mv.name, mv.version,
-                        self.registry.options)
+                        None, ModelRuntime, mv.path, mv.name, mv.version, reg.options)
                     batcher = self._batcher(rt)
                     await self._warm_up(rt, batcher)
                 except Exception as exc:
@@ -386,6 +414,7 @@ class RnnServer:
                 self.metrics.add_model(rt.name, rt.version)
                 batcher.start()
                 self.core.add_model(rt, batcher)
+                loaded[key] = look
                 seen.pop(key)
                 failed.pop(key, None)
                 log.info("serving %s version %d (%s, %s input) on %s, loaded while serving",
@@ -504,17 +533,20 @@ class RnnServer:
         log.info("stopped")
 
 
-def _new_versions(registry: ModelRegistry) -> list[tuple[ModelVersion, tuple[int, int]]]:
-    """The repository's versions not in ``registry``, each with its model.onnx's size
-    and modification time ((-1, -1) while it has none)."""
-    out = []
-    for mv in repository.list_models(registry.repo):
-        if (mv.name, mv.version) not in registry:
-            try:
-                st = mv.path.stat()
-                out.append((mv, (st.st_size, st.st_mtime_ns)))
-            except OSError:
-                out.append((mv, (-1, -1)))
+Key = tuple[str, int]  # a model version: name, version
+Look = tuple[int, int]  # its model.onnx's size and modification time; (-1, -1): none
+
+
+def _versions(repo: Path) -> dict[Key, tuple[ModelVersion, Look]]:
+    """The repository's versions, each with how its model.onnx looks."""
+    out = {}
+    for mv in repository.list_models(repo):
+        try:
+            st = mv.path.stat()
+            look = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            look = (-1, -1)
+        out[(mv.name, mv.version)] = (mv, look)
     return out
 
 

@@ -657,13 +657,16 @@ class _Bound:
 
 
 class ModelRegistry:
-    """Every version of every model in a repository, loaded at start (and those the
-    repository gains while serving, with ``serve --repo-poll-s``: ``add``)."""
+    """Every version of every model in a repository, loaded at start (and, with ``serve
+    --repo-poll-s``, those the repository gains while serving: ``add``; one removed
+    from it is ``withdrawn``: no longer the one a request that names no version gets,
+    served on when named)."""
 
     def __init__(self, repo: str | Path, options: RuntimeOptions = RuntimeOptions()) -> None:
         self.repo = Path(repo)
         self.options = options
         self._models: dict[tuple[str, int], ModelRuntime] = {}
+        self.withdrawn: set[tuple[str, int]] = set()
         for mv in repository.list_models(self.repo):
             self._models[(mv.name, mv.version)] = ModelRuntime(mv.path, mv.name, mv.version,
                                                                options)
@@ -682,7 +685,7 @@ class ModelRegistry:
         self._models[runtime.key] = runtime
 
     def get(self, name: str, version: int | None = None) -> ModelRuntime:
-        """The named version, or the highest when ``version`` is None or 0."""
+        """The named version, or the highest not withdrawn when ``version`` is None or 0."""
         if version:
             found = self._models.get((name, version))
             if found is not None:  # the per-chunk path: one dict lookup
@@ -692,7 +695,12 @@ class ModelRegistry:
             names = sorted({n for n, _ in self._models})
             raise ModelNotFound(f"model {name!r} not found; available: {names}")
         if not version:
-            return self._models[(name, versions[-1])]
+            kept = [v for v in versions if (name, v) not in self.withdrawn]
+            if not kept:
+                raise ModelNotFound(f"model {name!r} has no version in the repository any "
+                                    f"more (removed while serving: {versions}); name a "
+                                    "version to reach one until the server restarts")
+            return self._models[(name, kept[-1])]
         if version not in versions:
             raise ModelNotFound(f"model {name!r} has no version {version}; "
                                 f"available: {versions}")

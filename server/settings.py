@@ -25,11 +25,12 @@ class Settings(BaseSettings):
     repo: Path = Path("models")
     """Model repository: REPO/<name>/<version>/model.onnx."""
     repo_poll_s: float = Field(0.0, ge=0)
-    """How often to look in the repository for model versions not loaded yet (0: only at
+    """How often to look in the repository for versions added or removed (0: only at
     start). A new version is loaded, warmed up and served once its model.onnx has stayed
     unchanged for one period: new sessions that name no version get it, sessions open
     already stay on theirs. One that fails to load is logged and tried again once its
-    file changes. A version removed from the repository serves on until a restart. Write
+    file changes. A version removed (two looks in a row) no longer goes to requests that
+    name none; sessions on it and requests naming it are served until a restart. Write
     a version elsewhere and move its directory in (one rename): no half-written file."""
     host: str = "0.0.0.0"
     """Address the gRPC and metrics servers bind; 127.0.0.1 for loopback only."""

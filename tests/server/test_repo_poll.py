@@ -105,3 +105,58 @@ def test_a_broken_version_is_not_served_and_is_tried_again_once_it_changes(
         assert text.count("not loaded") == 1, text
     finally:
         assert srv.stop() == 0, log.read_text()[-3000:]
+
+
+def test_a_version_removed_while_serving_is_withdrawn_and_served_again_once_back(
+        repo, small_repo, tmp_path) -> None:
+    """Removing the highest version (a rollback) sends new sessions to the one below
+    within two looks; the session open on it finishes exactly, and naming it still
+    reaches it. A model with no version left is NOT_FOUND for a request that names
+    none. Moved back, the version is the default again."""
+    x = np.frombuffer(SENTENCE, dtype=np.uint8)
+    move_in(repo / "text" / "2", small_repo, "text", 2, tmp_path)
+    log = tmp_path / "server.log"
+    srv = start_server(small_repo, log, "--repo-poll-s", "0.1")
+    try:
+        with Client(srv.target, timeout=10) as client:
+            live = client.open_session("text")
+            ys = [client.step(live.session_id, 0, SENTENCE[:9])["logits"]]
+            os.rename(small_repo / "text" / "2", tmp_path / "away-text-2")
+            os.rename(small_repo / "feat", tmp_path / "away-feat")
+            wait_for(log, "model feat version 1 was removed")
+            wait_for(log, "model text version 2 was removed")
+            after = client.open_session("text")
+            named = client.open_session("text", version=2)
+            ys.append(client.step(live.session_id, 1, SENTENCE[9:])["logits"])
+            with pytest.raises(grpc.RpcError) as err:
+                client.open_session("feat")
+            os.rename(tmp_path / "away-text-2", small_repo / "text" / "2")
+            wait_for(log, "model text version 2 is in the repository again")
+            back = client.open_session("text")
+        assert (live.version, after.version, named.version, back.version) == (2, 1, 2, 2)
+        assert np.abs(np.concatenate(ys) - whole_run(repo, "text", 2, x)).max() <= 1e-5
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "no version in the repository any more" in err.value.details()
+    finally:
+        assert srv.stop() == 0, log.read_text()[-3000:]
+
+
+def test_a_loaded_version_whose_file_changes_is_served_as_loaded_and_said_so(
+        repo, small_repo, tmp_path) -> None:
+    """A version is read once: its file replaced in place (another model under the same
+    number) changes nothing served, and the log says to publish a new version."""
+    x = np.frombuffer(SENTENCE, dtype=np.uint8)
+    log = tmp_path / "server.log"
+    srv = start_server(small_repo, log, "--repo-poll-s", "0.1")
+    try:
+        time.sleep(0.3)  # the first looks see the files as loaded
+        part = small_repo / "text" / "1" / "model.onnx.part"
+        shutil.copyfile(repo / "text" / "2" / "model.onnx", part)
+        os.replace(part, small_repo / "text" / "1" / "model.onnx")
+        wait_for(log, "model text version 1 changed in the repository")
+        with Client(srv.target, timeout=10) as client:
+            sid = client.open_session("text").session_id
+            y = client.step(sid, 0, SENTENCE)["logits"]
+        assert np.abs(y - whole_run(repo, "text", 1, x)).max() <= 1e-5
+    finally:
+        assert srv.stop() == 0, log.read_text()[-3000:]
