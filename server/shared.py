@@ -54,7 +54,7 @@ from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoPermissionError, NoScriptError, RedisError, ResponseError
 
 from rnnserve.errors import StoreMisconfigured
 from rnnserve.server.errors import (
@@ -93,13 +93,16 @@ StoreHook = Callable[[str, float, bool], None]
 # stored seq.
 # A write of kind c, s or S with an empty record is staged: its record was written just
 # before, on the same connection, as the hash it becomes (seq, data, w: this server)
-# under the staging key PREFIX:{ID}:n:TAG with the idle timeout's expiry, and is renamed
-# into place here (RENAME keeps that expiry), or deleted if the write is refused. TAG is
-# new for every call, so a staging key that a call cut short left behind is never taken
-# for a later one's (whose own staging write may have failed unseen: replies are off).
-# A record never passes through Lua then: Redis copies and hashes every byte of a
-# script's arguments into Lua strings, which cost more than the rest of a step's write
-# (docs/sessions.md, "How much one Redis writes"). A step (s) keeps the stored w.
+# under the staging key PREFIX:{ID}:n:TAG.I with the idle timeout's expiry, and is
+# renamed into place here (RENAME keeps that expiry), or deleted if the write is
+# refused. TAG is new for every call and I is the write's index in it, so two writes of
+# one session in one call never share a key, and a staging key that a call cut short
+# left behind is never taken for a later one's. A staged record that is not there
+# (its write failed unseen, replies being off: out of memory; or evicted) refuses its
+# write alone ('unstaged'). A record never passes through Lua then: Redis copies and
+# hashes every byte of a script's arguments into Lua strings, which cost more than the
+# rest of a step's write (docs/sessions.md, "How much one Redis writes"). A step (s)
+# keeps the stored w. (A record is never empty: an empty one would read as staged.)
 # A tombstone is one left behind (by a resharding that ended, or a hand-off that raced
 # its end) when the shard records no resharding under way (none, or "done ID") other
 # than the one this server takes part in (``mine``, '' for none). Both scripts below.
@@ -110,6 +113,10 @@ end
 """
 
 _WRITE_MANY = _LEFT_BEHIND + """
+local function placed(stage, rec)  -- the staged record renamed into place, if it is there
+  local r = redis.pcall('RENAME', stage, rec)
+  return type(r) ~= 'table' or r.err == nil
+end
 local owner, ttl, lease, upsert, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local resharding, tag = ARGV[6], ARGV[7]
 local server = string.match(owner, '^(.*)|%d+$')
@@ -121,7 +128,7 @@ for i = 0, (#ARGV - 7) / 2 - 1 do
   local base = prefix .. ':{' .. sid .. '}:'
   local rec, lk = base .. 's', base .. 'l'
   local stage = data == '' and (kind == 'c' or kind == 's' or kind == 'S')
-    and base .. 'n:' .. tag
+    and base .. 'n:' .. tag .. '.' .. i
   local refusals = #failed
   local holder = redis.call('GET', lk)
   local over = false  -- a create over a tombstone left behind
@@ -144,10 +151,10 @@ for i = 0, (#ARGV - 7) / 2 - 1 do
   elseif kind == 'c' then
     if seq then
       table.insert(failed, i); table.insert(failed, 'exists'); table.insert(failed, 0)
+    elseif stage and not placed(stage, rec) then
+      table.insert(failed, i); table.insert(failed, 'unstaged'); table.insert(failed, 0)
     else
-      if stage then
-        redis.call('RENAME', stage, rec)
-      else
+      if not stage then
         redis.call('HSET', rec, 'seq', 0, 'data', data, 'w', owner)
         redis.call('PEXPIRE', rec, ttl)
       end
@@ -167,8 +174,9 @@ for i = 0, (#ARGV - 7) / 2 - 1 do
   elseif kind == 'f' or kind == 'F' then
     redis.call('DEL', rec, lk)
     redis.call('SET', base .. 'f', data, 'PX', 60000)
-  elseif stage then  -- s or S, staged
-    redis.call('RENAME', stage, rec)
+  elseif stage and not placed(stage, rec) then  -- s or S, staged, and not there
+    table.insert(failed, i); table.insert(failed, 'unstaged'); table.insert(failed, 0)
+  elseif stage then  -- s or S, staged: renamed into place above
     if kind == 's' and writer ~= owner then  -- the stored w stands
       if writer then redis.call('HSET', rec, 'w', writer) else redis.call('HDEL', rec, 'w') end
     end
@@ -395,8 +403,9 @@ class RedisStore:
         # the pool, the script wrapper and the general packer (a quarter of the cost)
         self._writer: AbstractConnection | None = None
         # whether that connection stages records (``_WRITE_MANY``): it sends them with
-        # their replies off (CLIENT REPLY), which an ACL may refuse; checked per connection
-        self._staging = False
+        # their replies off (CLIENT REPLY), which an ACL may refuse; None: to be checked
+        # (again after each failure: the connection is made anew)
+        self._staging: bool | None = None
         # staging tags: this store's own, random, and a count of its calls
         self._stage_id, self._stage_calls = secrets.token_hex(8), 0
         self._key_head = f"{prefix}:{{".encode()
@@ -408,7 +417,7 @@ class RedisStore:
         self._restore = self._redis.register_script(RESTORE)
         self._settled = self._redis.register_script(SETTLED)
         self._placed_script = self._redis.register_script(_PLACED)
-        # batches of steps waiting for the next write: their ids, script arguments, future
+        # batches of writes waiting for the next call, each with its future
         self._queue: list[_Queued] = []
         self._writing = False  # a batch write is in flight
         self._flushing: asyncio.Task[None] | None = None
@@ -580,42 +589,58 @@ class RedisStore:
         lost it (a restart). A failed or interrupted call drops the connection: its
         reply, if one comes, must not be read as the next one's."""
         if self._writer is None:
-            conn = await self._redis.connection_pool.get_connection()
-            try:
-                self._staging = await self._replies_off(conn)
-            except BaseException:
-                await conn.disconnect()
-                raise
-            self._writer = conn
+            self._writer = await self._redis.connection_pool.get_connection()
         conn = self._writer
-        packed = self._packed(writes)
         try:
+            if self._staging is None:
+                self._staging = await self._replies_off(conn)
+            packed = self._packed(writes)
             try:
                 await conn.send_packed_command(packed, check_health=False)
-                if len(packed) > 1:
-                    await conn.read_response()  # CLIENT REPLY ON's, after staged records
-                return await conn.read_response()
+                if len(packed) > 1 and _text(await conn.read_response()) != "OK":
+                    raise RedisError("CLIENT REPLY ON was not answered OK")
+                result = await conn.read_response()
             except NoScriptError:  # the staged records are there: only the call again
                 await conn.send_packed_command([_command(["SCRIPT", "LOAD", _WRITE_MANY])])
                 await conn.read_response()
                 await conn.send_packed_command(packed[-1:])
-                return await conn.read_response()
+                result = await conn.read_response()
+            if not isinstance(result, list):
+                raise RedisError(f"the write script answered {type(result).__name__}, "
+                                 "not a list")
+            return result
         except BaseException:
+            self._staging = None  # checked again on the new connection
             await conn.disconnect()
             raise
 
     async def _replies_off(self, conn: AbstractConnection) -> bool:
-        """Whether ``conn`` may turn its replies off (CLIENT REPLY), to stage records
-        with no reply to read for each; an ACL that refuses it leaves the records
-        passed through the script, as before."""
-        await conn.send_packed_command([_REPLY_ON], check_health=False)
+        """Whether ``conn`` turns its replies off when asked (CLIENT REPLY), to stage
+        records with no reply to read for each: an ECHO between OFF and ON must go
+        unanswered. Where an ACL refuses the command, or the server ignores it, the
+        records go through the script, as before (a warning says so); other errors
+        raise (and the next write checks again)."""
+        nonce = secrets.token_hex(4)
+        await conn.send_packed_command(
+            [_REPLY_OFF, _command(["ECHO", "off"]), _REPLY_ON, _command(["ECHO", nonce])],
+            check_health=False)
         try:
-            return _text(await conn.read_response()) == "OK"
+            first, second = _text(await conn.read_response()), \
+                _text(await conn.read_response())
         except ResponseError as exc:
-            log.warning("the session store at %s refuses CLIENT REPLY (%s): each step's "
-                        "record goes through the write script, which costs Redis more",
-                        self.url, exc)
-            return False
+            await conn.disconnect()  # the other replies, unread
+            if not (isinstance(exc, NoPermissionError) or "unknown" in str(exc).lower()):
+                raise
+            why = str(exc)
+        else:
+            if (first, second) == ("OK", nonce):
+                return True
+            await conn.disconnect()
+            why = f"replies went on: {first!r}, {second!r}"
+        log.warning("the session store at %s does not take CLIENT REPLY OFF (%s): each "
+                    "step's record goes through the write script, which costs Redis more",
+                    self.url, why)
+        return False
 
     def _packed(self, writes: list[_Write]) -> list[bytes]:
         """The batch write as sent: with staging, each large record's staging commands
@@ -627,11 +652,11 @@ class RedisStore:
         call = [b""]  # the script call: its head goes first once the count is known
         self._stage_calls += 1
         tag = f"{self._stage_id}.{self._stage_calls}"
-        head_key, tail_key = self._key_head, f"}}:n:{tag}".encode()
-        for kind, start, to, sid, data in writes:
+        head_key, tail_key = self._key_head, f"}}:n:{tag}.".encode()
+        for i, (kind, start, to, sid, data) in enumerate(writes):
             head = f"{kind} {start} {to} {sid}".encode()
             if staging and kind in _STAGED and len(data) >= STAGE_MIN_BYTES:
-                key = head_key + sid.encode() + tail_key
+                key = b"%s%s%s%d" % (head_key, sid.encode(), tail_key, i)
                 key = b"$%d\r\n%s\r\n" % (len(key), key)
                 seq = b"%d" % to
                 parts += [b"*8\r\n$4\r\nHSET\r\n%s$3\r\nseq\r\n$%d\r\n%s\r\n"
@@ -675,6 +700,10 @@ class RedisStore:
                 "online resharding, and this server still runs with the previous list of "
                 "shards: reach a server that runs with the new list (--session-store NEW "
                 "--session-store-from OLD)")
+        if kind == "unstaged":
+            raise StoreUnavailable(f"the session store at {self.url} did not keep session "
+                                   f"{sid!r}'s record until it was written (out of memory, "
+                                   "or evicted); try again")
         if kind == "exists":
             raise SessionExists(f"session {sid!r} already exists in the shared store; resume "
                                 "it or pick another id")
@@ -860,7 +889,7 @@ class ShardedStore:
     """Sessions spread over several Redis servers (shards), each session's keys on one
     of them, picked by a hash of its id (``shard_of``): one Redis runs every write
     script of the sessions it holds on one core, so several lift the ceiling of one
-    (about 37,000 speech-small step writes a second, docs/sessions.md). Every server
+    (about 45,000 speech-small step writes a second, docs/sessions.md). Every server
     must list the same shards in the same order; ``ping`` checks a mark each shard
     keeps of its place (``RedisStore.ping``); ``rnnserve reshard`` moves the sessions
     to a new list (``server/reshard.py``).

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from rnnserve.server.errors import SessionExists, SessionHeld, SessionMoved
+from rnnserve.server.errors import SessionExists, SessionHeld, SessionMoved, StoreUnavailable
 from rnnserve.server.shared import STAGE_MIN_BYTES, RedisStore
 
 from .conftest import RedisServer
@@ -77,7 +77,7 @@ def dump(server) -> dict:
     for key in sorted(r.keys("rnnserve:{*")):
         kind = r.type(key).decode()
         value = r.hgetall(key) if kind == "hash" else r.get(key)
-        out[key.decode()] = (value, r.pttl(key) > 0)
+        out[key.decode()] = (value, r.pttl(key) // 10_000)  # ttl 60 s, lease 30 s
     return out
 
 
@@ -107,20 +107,20 @@ def test_staged_and_plain_writes_leave_the_same_keys(two, caplog) -> None:
     staged, plain = two
     caplog.set_level(logging.WARNING, logger="rnnserve.shared")
     got_staged = asyncio.run(scenario(staged.url))
-    assert "refuses CLIENT REPLY" not in caplog.text
+    assert "CLIENT REPLY" not in caplog.text
     got_plain = asyncio.run(scenario(limited_url(plain)))
-    assert "refuses CLIENT REPLY" in caplog.text
+    assert "does not take CLIENT REPLY OFF" in caplog.text
     assert verdicts(got_staged) == verdicts(got_plain) == [
         None, "SessionMoved", None, "SessionHeld", None, None,
         "SessionExists", "SessionHeld", None, None]
     keys = dump(staged)
     assert keys == dump(plain)
     assert not any(":n:" in k for k in keys), keys
-    assert keys["rnnserve:{c}:s"] == ({b"seq": b"2", b"data": R("c2"), b"w": b"srv-a|1"}, True)
-    assert keys["rnnserve:{new}:s"] == ({b"seq": b"4", b"data": R("n4"), b"w": b"srv-a|0"},
-                                        True)
+    assert keys["rnnserve:{c}:s"] == ({b"seq": b"2", b"data": R("c2"), b"w": b"srv-a|1"}, 5)
+    assert keys["rnnserve:{new}:s"] == ({b"seq": b"4", b"data": R("n4"), b"w": b"srv-a|0"}, 5)
+    assert keys["rnnserve:{a}:l"] == (b"srv-a|0", 2)
     assert keys["rnnserve:{b}:s"][0][b"data"] == R("b0")
-    assert keys["rnnserve:{e}:f"] == (R("eF"), True) and "rnnserve:{gone}:s" not in keys
+    assert keys["rnnserve:{e}:f"] == (R("eF"), 5) and "rnnserve:{gone}:s" not in keys
     assert keys["rnnserve:{a}:s"][0][b"data"] == R("a2")
     # staged and landed: 6 creates (5 mine, 1 theirs), 2 steps of the first batch (not
     # a's, small, b's or theirs, refused, nor e's end, never staged) and 2 of the last
@@ -169,27 +169,97 @@ def test_a_staged_batch_after_the_script_cache_was_flushed(redis_server) -> None
     assert staging == []
 
 
-def test_a_held_session_create_refused_leaves_no_staging_key(redis_server) -> None:
+def test_refused_creates_and_steps_leave_no_staging_key(redis_server) -> None:
     async def main():
         me = RedisStore(redis_server.url, owner="me", ttl_s=60, lease_s=10)
         them = RedisStore(redis_server.url, owner="them", ttl_s=60, lease_s=10)
         r = redis_server.client()
         try:
             await them.create("x", R("theirs"))
-            refused = await me.checkpoint_many([("x", R("mine"), 0, 1, False, False)])
-            return refused, r.keys("*:n:*"), r.hget("rnnserve:{x}:s", "data")
+            try:
+                await me.create("x", R("mine"))
+                created = None
+            except SessionHeld as exc:
+                created = exc
+            stepped = await me.checkpoint_many([("x", R("mine"), 0, 1, False, False)])
+            return created, stepped, r.keys("*:n:*"), r.hget("rnnserve:{x}:s", "data")
         finally:
             await me.close()
             await them.close()
 
-    refused, staging, data = asyncio.run(main())
-    assert isinstance(refused[0], SessionHeld) and staging == [] and data == R("theirs")
+    created, stepped, staging, data = asyncio.run(main())
+    assert isinstance(created, SessionHeld) and isinstance(stepped[0], SessionHeld)
+    assert staging == [] and data == R("theirs")
+
+
+async def one_call(url: str) -> list:
+    """Two creates of one id, two steps of one session from the same seq, and two
+    steps of another one after the other, all in one script call (they queue behind a
+    write in flight); the verdicts."""
+    me = RedisStore(url, owner="me", ttl_s=60, lease_s=30)
+    try:
+        await me.create("y", R("y0"))
+        await me.create("z", R("z0"))
+        return await asyncio.gather(
+            me.create("w", R("w0")),  # in flight while the others queue
+            me.create("x", R("x-first")),
+            me.create("x", R("x-second")),
+            me.checkpoint_many([("y", R("y1-a"), 0, 1, False, False)]),
+            me.checkpoint_many([("y", R("y1-b"), 0, 1, False, False)]),
+            me.checkpoint_many([("z", R("z1"), 0, 1, False, False)]),
+            me.checkpoint_many([("z", R("z2"), 1, 2, False, False)]),
+            return_exceptions=True)
+    finally:
+        await me.close()
+
+
+def test_two_writes_of_one_session_in_one_call_stage_apart(two) -> None:
+    """Each staged write has a key of its own: the refused one of two writes of a
+    session in one call leaves the other's record, as the plain write does."""
+    staged, plain = two
+    got = [asyncio.run(one_call(staged.url)), asyncio.run(one_call(limited_url(plain)))]
+    assert verdicts(got[0]) == verdicts(got[1]) == [
+        None, None, "SessionExists", None, "SessionMoved", None, None]
+    keys = dump(staged)
+    assert keys == dump(plain)
+    assert keys["rnnserve:{x}:s"][0][b"data"] == R("x-first")
+    assert keys["rnnserve:{y}:s"][0] == {b"seq": b"1", b"data": R("y1-a"), b"w": b"me"}
+    assert keys["rnnserve:{z}:s"][0] == {b"seq": b"2", b"data": R("z2"), b"w": b"me"}
+    assert renames(staged) == 4 + 3  # y, z, w, x-first; y1-a, z1, z2
+
+
+def test_a_staged_record_that_did_not_land_fails_its_write_alone(redis_server) -> None:
+    """Out of memory (maxmemory reached, no eviction), the staged records' writes fail
+    unseen (replies are off): each write whose record is missing is refused alone as
+    UNAVAILABLE, nothing is half written, and once memory is there the same writes go
+    through."""
+    async def main():
+        me = RedisStore(redis_server.url, owner="me", ttl_s=60, lease_s=10)
+        r = redis_server.client()
+        try:
+            await me.create("x", R("x0"))
+            await me.create("y", R("y0"))
+            r.config_set("maxmemory-policy", "noeviction")
+            r.config_set("maxmemory", 1)
+            steps = [("x", R("x1"), 0, 1, False, False), ("y", R("y1"), 0, 1, False, False)]
+            full = await me.checkpoint_many(steps)
+            r.config_set("maxmemory", 0)
+            kept = [r.hget(f"rnnserve:{{{s}}}:s", "data") for s in "xy"]
+            again = await me.checkpoint_many(steps)
+            return full, kept, again, r.hget("rnnserve:{y}:s", "data"), r.keys("*:n:*")
+        finally:
+            await me.close()
+
+    full, kept, again, y, staging = asyncio.run(main())
+    assert all(isinstance(v, StoreUnavailable) and "did not keep" in str(v) for v in full)
+    assert kept == [R("x0"), R("y0")] and again == [None, None] and y == R("y1")
+    assert staging == []
 
 
 def test_small_records_go_through_the_script_with_replies_on(redis_server) -> None:
     """Records under ``STAGE_MIN_BYTES`` are not staged (two commands more would cost
-    about what they save), and a batch of only such records leaves replies on: the one
-    CLIENT REPLY is the connection's check."""
+    about what they save), and a batch of only such records leaves replies on: the only
+    CLIENT REPLY calls are the connection's check."""
     async def main():
         me = RedisStore(redis_server.url, owner="me", ttl_s=60, lease_s=10)
         try:
@@ -202,4 +272,5 @@ def test_small_records_go_through_the_script_with_replies_on(redis_server) -> No
     got, record = asyncio.run(main())
     assert got == [None] and record == {b"seq": b"1", b"data": b"rec1", b"w": b"me"}
     stats = redis_server.client().info("commandstats")
-    assert stats["cmdstat_client|reply"]["calls"] == 1 and "cmdstat_rename" not in stats
+    # the connection's check: OFF, ON
+    assert stats["cmdstat_client|reply"]["calls"] == 2 and "cmdstat_rename" not in stats
