@@ -146,15 +146,20 @@ def test_a_step_keeps_a_stored_record_without_writer_so(redis_server) -> None:
     assert renames(redis_server) == 2
 
 
+async def store_with(server, *sids: str) -> RedisStore:
+    """This server's store, with the sessions ``sids`` created (records SID0)."""
+    me = RedisStore(server.url, owner="me", ttl_s=60, lease_s=10)
+    for sid in sids:
+        await me.create(sid, R(f"{sid}0"))
+    return me
+
+
 def test_a_staged_batch_after_the_script_cache_was_flushed(redis_server) -> None:
     """SCRIPT FLUSH between two writes: the records staged with the second are renamed
     into place once the script is loaded again; a refused one's staging key goes."""
     async def main():
-        me = RedisStore(redis_server.url, owner="me", ttl_s=60, lease_s=10)
-        r = redis_server.client()
+        me, r = await store_with(redis_server, "x", "y"), redis_server.client()
         try:
-            await me.create("x", R("rec0"))
-            await me.create("y", R("rec0"))
             r.script_flush()
             got = await me.checkpoint_many([("x", R("rec1"), 0, 1, False, False),
                                             ("y", R("bad"), 7, 8, False, False)])
@@ -165,7 +170,7 @@ def test_a_staged_batch_after_the_script_cache_was_flushed(redis_server) -> None
 
     got, x, y, staging = asyncio.run(main())
     assert got[0] is None and isinstance(got[1], SessionMoved)
-    assert x == {b"seq": b"1", b"data": R("rec1"), b"w": b"me"} and y == R("rec0")
+    assert x == {b"seq": b"1", b"data": R("rec1"), b"w": b"me"} and y == R("y0")
     assert staging == []
 
 
@@ -234,11 +239,8 @@ def test_a_staged_record_that_did_not_land_fails_its_write_alone(redis_server) -
     UNAVAILABLE, nothing is half written, and once memory is there the same writes go
     through."""
     async def main():
-        me = RedisStore(redis_server.url, owner="me", ttl_s=60, lease_s=10)
-        r = redis_server.client()
+        me, r = await store_with(redis_server, "x", "y"), redis_server.client()
         try:
-            await me.create("x", R("x0"))
-            await me.create("y", R("y0"))
             r.config_set("maxmemory-policy", "noeviction")
             r.config_set("maxmemory", 1)
             steps = [("x", R("x1"), 0, 1, False, False), ("y", R("y1"), 0, 1, False, False)]
