@@ -28,6 +28,10 @@ class ModelVersion:
     path: Path  # the model.onnx file
 
 
+def is_model_name(name: str) -> bool:
+    return _NAME.fullmatch(name) is not None
+
+
 def check_name(name: str) -> str:
     if not _NAME.fullmatch(name):
         raise ModelRepositoryError(

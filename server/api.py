@@ -264,10 +264,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         # what one message may carry of a StreamMany request's answers (0: no limit)
         self.max_answer_bytes = max((r.options.max_answer_bytes for r in core.registry),
                                     default=0)
-        # the largest answer any model gives a chunk of so many steps (the models are
-        # fixed for the server's life; lengths other than the few a client sends age out)
+        # the largest answer any model gives a chunk of so many steps (forgotten when a
+        # version is added while serving; lengths other than the few a client sends age
+        # out)
         self._largest_answer = functools.lru_cache(maxsize=256)(
             lambda steps: max((r.answer_bytes(steps) for r in core.registry), default=0))
+        core.on_model_added.append(lambda _: self._largest_answer.cache_clear())
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         await abort(context, exc)

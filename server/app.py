@@ -14,9 +14,10 @@ import os
 import signal
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -318,8 +319,10 @@ class RnnServer:
             if self.shared is not None and s.store_check_s else None
         self._trimmer = asyncio.get_running_loop().create_task(
             self._trim_pools(s.pool_shrink_s)) if s.pool_shrink_s else None
-        self._poller = asyncio.get_running_loop().create_task(
-            self._poll_repo(s.repo_poll_s)) if s.repo_poll_s else None
+        # the loaded versions' files as they look now, so a change from here on shows
+        self._poller = asyncio.get_running_loop().create_task(self._poll_repo(
+            s.repo_poll_s, {k: look for k, (_, look) in _versions(s.repo).items()
+                            if k in self.registry})) if s.repo_poll_s else None
         for name in ("", *([] if self.held else HELD_SERVICES)):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         for rt in self.registry:
@@ -348,77 +351,125 @@ class RnnServer:
                      else "each size",
                      ", CUDA graphs captured" if s.cuda_graphs else "", seconds)
 
-    async def _poll_repo(self, every_s: float) -> None:
+    async def _poll_repo(self, every_s: float, loaded: dict[Key, Look]) -> None:
         """Every ``every_s``, serve the versions the repository gained, and withdraw
-        those it lost (``repo_poll_s``). A new version is loaded once its model.onnx
-        looked the same (size, modification time) two looks in a row, so that a file
-        being written is not read; one that fails is tried again once that changes.
-        Loaded and warmed up off the event loop, then served. A version missing two
-        looks in a row is withdrawn (``ModelRegistry.withdrawn``), and served again to
-        every request if it comes back."""
+        those it lost (``repo_poll_s``); ``loaded``: the loaded versions' files as they
+        looked at start. An unreadable repository is said once, and looked at again."""
         loop = asyncio.get_running_loop()
-        reg = self.registry
-        seen: dict[Key, Look] = {}  # versions not loaded, as last looked at
-        failed: dict[Key, Look] = {}  # as it failed
-        loaded: dict[Key, Look] = {}  # loaded versions' files, as first seen
-        told: dict[Key, Look] = {}  # changes of a loaded version's file, as logged
-        missing: set[Key] = set()  # loaded versions missing at the last look
+        watch = _RepoWatch(loaded)
+        unreadable: str | None = None
         while True:
             await asyncio.sleep(every_s)
             try:
-                found = await loop.run_in_executor(None, _versions, reg.repo)
-            except Exception:  # the repository gone or unreadable: look again later
-                log.exception("looking for model versions in %s failed", reg.repo)
+                found = await loop.run_in_executor(None, _versions, self.registry.repo)
+            except Exception as exc:  # gone or unreadable (a volume away): look again
+                if unreadable != str(exc):
+                    log.warning("the model repository cannot be read (%s); looking again "
+                                "every %gs, serving what is loaded", exc, every_s)
+                unreadable = str(exc)
                 continue
-            for rt in reg:
-                key = rt.key
-                if key in found:
-                    missing.discard(key)
-                    if key in reg.withdrawn:
-                        reg.withdrawn.discard(key)
-                        log.info("model %s version %d is in the repository again: served "
-                                 "to requests that name no version again", *key)
-                    look = found[key][1]
-                    if loaded.setdefault(key, look) != look and told.get(key) != look:
-                        told[key] = look
-                        log.warning("model %s version %d changed in the repository since "
-                                    "it was loaded; the server serves what it loaded until "
-                                    "it restarts (publish a change as a new version)", *key)
-                elif key not in reg.withdrawn:
-                    if key in missing:
-                        reg.withdrawn.add(key)
-                        log.warning("model %s version %d was removed from the repository: "
-                                    "requests that name no version no longer get it; "
-                                    "sessions on it, and requests that name it, are served "
-                                    "until the server restarts", *key)
-                    missing.add(key)
-            for key, (mv, look) in found.items():
-                if key in reg:
-                    continue
-                before, seen[key] = seen.get(key), look
-                if look != before or failed.get(key) == look:
-                    continue  # not settled yet, or failed as it is
-                batcher: Batcher | None = None
-                try:
-                    rt = await loop.run_in_executor(
-                        None, ModelRuntime, mv.path, mv.name, mv.version, reg.options)
-                    batcher = self._batcher(rt)
-                    await self._warm_up(rt, batcher)
-                except Exception as exc:
-                    if batcher is not None:
-                        await batcher.stop()  # its runner threads
-                    failed[key] = look
-                    log.error("model %s version %d in %s not loaded (tried again once "
-                              "its file changes): %s", mv.name, mv.version, mv.path, exc)
-                    continue
-                self.metrics.add_model(rt.name, rt.version)
-                batcher.start()
-                self.core.add_model(rt, batcher)
-                loaded[key] = look
-                seen.pop(key)
-                failed.pop(key, None)
-                log.info("serving %s version %d (%s, %s input) on %s, loaded while serving",
-                         rt.name, rt.version, rt.meta.arch, rt.meta.input.kind, rt.provider)
+            if unreadable is not None:
+                log.info("the model repository can be read again")
+                unreadable = None
+            try:
+                self._withdraw(found, watch)
+                await self._load_new(found, watch)
+            except Exception:  # a bug: keep looking rather than stop unseen
+                log.exception("looking for model versions in the repository failed")
+
+    def _withdraw(self, found: dict[Key, tuple[ModelVersion, Look]], watch: _RepoWatch
+                  ) -> None:
+        """Withdraw the loaded versions missing two looks in a row (``ModelRegistry.
+        withdrawn``), not when none is there at all (a volume remounted shows an empty
+        folder a moment); serve again one that came back as it was loaded, and say
+        once per change that a loaded version's file changed."""
+        reg = self.registry
+        if not found:
+            if not watch.empty:
+                log.warning("the model repository holds no model now; nothing is "
+                            "withdrawn while it looks empty")
+            watch.empty = True
+            return
+        watch.empty = False
+        for rt in reg:
+            key = rt.key
+            if key not in found:
+                if key in watch.missing and key not in reg.withdrawn:
+                    reg.withdrawn.add(key)
+                    log.warning("model %s version %d was removed from the repository: "
+                                "requests that name no version no longer get it (unless "
+                                "it is its model's last); sessions on it, and requests "
+                                "that name it, are served until the server restarts", *key)
+                watch.missing.add(key)
+                continue
+            watch.missing.discard(key)
+            look = found[key][1]
+            if look == watch.loaded.get(key, look):
+                watch.told.pop(key, None)
+                if key in reg.withdrawn:
+                    reg.withdrawn.discard(key)
+                    log.info("model %s version %d is in the repository again: served to "
+                             "requests that name no version again", *key)
+            elif watch.told.get(key) != look:
+                watch.told[key] = look
+                log.warning("model %s version %d changed in the repository since it was "
+                            "loaded; the server serves what it loaded until it restarts%s "
+                            "(publish a change as a new version)", *key,
+                            ", and keeps it withdrawn" if key in reg.withdrawn else "")
+
+    async def _load_new(self, found: dict[Key, tuple[ModelVersion, Look]],
+                        watch: _RepoWatch) -> None:
+        """Load, warm up and serve each version not loaded yet whose model.onnx looked
+        the same two looks in a row (a file being written is not read). One that failed
+        is tried again once its file changes, or after ``RETRY_FAILED_S`` (a failure
+        that was not the file's: device memory, a permission). Off the event loop but
+        for moments (parsing a model holds the GIL). With CUDA graphs none is captured
+        for it: a capture fails when other CUDA work runs meanwhile (runtime.py)."""
+        loop = asyncio.get_running_loop()
+        reg = self.registry
+        for key in [k for k in watch.seen if k not in found]:  # gone: seen anew if back
+            watch.seen.pop(key)
+            watch.failed.pop(key, None)
+        for key, (mv, look) in found.items():
+            if key in reg:
+                continue
+            before, watch.seen[key] = watch.seen.get(key), look
+            failed = watch.failed.get(key)
+            if look != before or (failed is not None and failed[0] == look
+                                  and time.monotonic() - failed[1] < RETRY_FAILED_S):
+                continue  # not settled yet, or failed as it is, lately
+            rt: ModelRuntime | None = None
+            batcher: Batcher | None = None
+            try:
+                rt = new = await loop.run_in_executor(
+                    None, ModelRuntime, mv.path, mv.name, mv.version, reg.options)
+                if self.settings.cuda_graphs:
+                    new.seal()
+                batcher = self._batcher(new)
+                await self._warm_up(new, batcher)
+            except BaseException as exc:
+                if rt is not None:
+                    rt.stop_warming_up()  # the server stopping: not a full warm-up more
+                if batcher is not None:
+                    await batcher.stop()  # its runner threads
+                if not isinstance(exc, Exception):
+                    raise
+                watch.failed[key] = (look, time.monotonic())
+                log.error("model %s version %d in %s not loaded (tried again once its "
+                          "file changes, or in %.0fs): %s", mv.name, mv.version, mv.path,
+                          RETRY_FAILED_S, exc)
+                continue
+            assert rt is not None and batcher is not None
+            self.metrics.add_model(rt.name, rt.version)
+            batcher.start()
+            self.core.add_model(rt, batcher)
+            watch.loaded[key] = look
+            watch.seen.pop(key)
+            watch.failed.pop(key, None)
+            log.info("serving %s version %d (%s, %s input) on %s, loaded while serving%s",
+                     rt.name, rt.version, rt.meta.arch, rt.meta.input.kind, rt.provider,
+                     " (its runs are not captured as CUDA graphs)"
+                     if self.settings.cuda_graphs else "")
 
     async def release(self) -> None:
         """SERVING, for a held server once its supervisor saw every worker serve. A
@@ -534,7 +585,21 @@ class RnnServer:
 
 
 Key = tuple[str, int]  # a model version: name, version
-Look = tuple[int, int]  # its model.onnx's size and modification time; (-1, -1): none
+# its model.onnx's size, modification and change times, inode; all -1 while it has none
+Look = tuple[int, int, int, int]
+RETRY_FAILED_S = 300.0  # a version that failed to load is tried again this much later
+
+
+@dataclass
+class _RepoWatch:
+    """What the model repository looked like to ``RnnServer._poll_repo``."""
+
+    loaded: dict[Key, Look]  # the loaded versions' files, as loaded
+    seen: dict[Key, Look] = field(default_factory=dict)  # not loaded, as last looked at
+    failed: dict[Key, tuple[Look, float]] = field(default_factory=dict)  # as, when
+    told: dict[Key, Look] = field(default_factory=dict)  # a loaded one's change, logged
+    missing: set[Key] = field(default_factory=set)  # loaded, missing at the last look
+    empty: bool = False  # the last look found no version at all
 
 
 def _versions(repo: Path) -> dict[Key, tuple[ModelVersion, Look]]:
@@ -543,9 +608,9 @@ def _versions(repo: Path) -> dict[Key, tuple[ModelVersion, Look]]:
     for mv in repository.list_models(repo):
         try:
             st = mv.path.stat()
-            look = (st.st_size, st.st_mtime_ns)
+            look = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
         except OSError:
-            look = (-1, -1)
+            look = (-1, -1, -1, -1)
         out[(mv.name, mv.version)] = (mv, look)
     return out
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from rnnserve.export.repository import is_model_name
 from rnnserve.server import records
 from rnnserve.server.batcher import Batcher, Group, Slot, StepFuture, retry_after_ms
 from rnnserve.server.errors import (
@@ -261,6 +262,9 @@ class Core:
         self.admission_delay_s = admission_delay_s
         self.max_sessions_per_principal = max_sessions_per_principal
         self.accepting = True
+        # called with each version loaded while serving (``add_model``): what the API
+        # adapters derived from the set of models
+        self.on_model_added: list[Callable[[ModelRuntime], None]] = []
         self._letting_go: set[asyncio.Task[None]] = set()
         if shared is not None:  # every step is written to the store before it is answered
             for batcher in batchers.values():
@@ -273,6 +277,8 @@ class Core:
             batcher.commit = self._commit
         self.batchers[runtime.key] = batcher
         self.registry.add(runtime)
+        for hook in self.on_model_added:
+            hook(runtime)
 
     async def let_go(self, sids: list[str]) -> None:
         """Give up this server's leases of sessions no longer live here (drained,
@@ -348,13 +354,14 @@ class Core:
         """With authentication, an id of the form ``MODEL/LABEL@PRINCIPAL`` (a served
         model's name) is an Open Inference Protocol sequence of that principal
         (``oip.sequence_session``): no other principal may open it, or it could hold
-        the ids another tenant's sequences take (they are numbered, not random)."""
+        the ids another tenant's sequences take (they are numbered, not random). Any
+        model's name counts, served or not: a model may be added while serving."""
         who = principal()
         head, at, tail = sid.rpartition("@")
         if not who or not at or tail == escaped(who):
             return
         model, slash, _ = head.partition("/")
-        if slash and any(r.name == model for r in self.registry):
+        if slash and is_model_name(model):
             raise SessionForbidden(f"session id {sid!r} is of the form MODEL/LABEL@PRINCIPAL, "
                                    "which names another principal's Open Inference Protocol "
                                    "sequence; pick another id")

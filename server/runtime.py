@@ -236,6 +236,7 @@ class ModelRuntime:
         # after warm-up no graph is captured any more: a capture fails when other CUDA
         # work (another runner, model or pool) starts meanwhile, which serving cannot stop
         self._sealed = False
+        self._warming = True  # False: a warm-up under way stops at its next run
         # With CUDA graphs, one run of this session at a time, as onnxruntime requires
         # (its CUDA provider documentation: no runs of a graph-captured session from
         # several threads; overlapping runs served wrong answers on an H200). The
@@ -381,8 +382,15 @@ class ModelRuntime:
             x = np.zeros((steps * hop, *self._frame_shape), dtype=self._np_dtype)
             for b in sizes:
                 for _ in range(runs):
+                    if not self._warming:
+                        return time.perf_counter() - started
                     self.run_rows([x] * b, [ZERO] * b)
         return time.perf_counter() - started
+
+    def stop_warming_up(self) -> None:
+        """Stop a warm-up under way (from another thread) at its next run: a version
+        loaded while serving, when the server stops meanwhile."""
+        self._warming = False
 
     def seal(self) -> None:
         """No more CUDA graph captures: run shapes first seen from now on run from fixed
@@ -660,7 +668,7 @@ class ModelRegistry:
     """Every version of every model in a repository, loaded at start (and, with ``serve
     --repo-poll-s``, those the repository gains while serving: ``add``; one removed
     from it is ``withdrawn``: no longer the one a request that names no version gets,
-    served on when named)."""
+    unless all of its model's are, served on when named)."""
 
     def __init__(self, repo: str | Path, options: RuntimeOptions = RuntimeOptions()) -> None:
         self.repo = Path(repo)
@@ -685,7 +693,8 @@ class ModelRegistry:
         self._models[runtime.key] = runtime
 
     def get(self, name: str, version: int | None = None) -> ModelRuntime:
-        """The named version, or the highest not withdrawn when ``version`` is None or 0."""
+        """The named version, or when ``version`` is None or 0 the highest not withdrawn
+        (the highest if every one is: a model removed whole serves on until a restart)."""
         if version:
             found = self._models.get((name, version))
             if found is not None:  # the per-chunk path: one dict lookup
@@ -695,11 +704,7 @@ class ModelRegistry:
             names = sorted({n for n, _ in self._models})
             raise ModelNotFound(f"model {name!r} not found; available: {names}")
         if not version:
-            kept = [v for v in versions if (name, v) not in self.withdrawn]
-            if not kept:
-                raise ModelNotFound(f"model {name!r} has no version in the repository any "
-                                    f"more (removed while serving: {versions}); name a "
-                                    "version to reach one until the server restarts")
+            kept = [v for v in versions if (name, v) not in self.withdrawn] or versions
             return self._models[(name, kept[-1])]
         if version not in versions:
             raise ModelNotFound(f"model {name!r} has no version {version}; "

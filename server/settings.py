@@ -26,12 +26,13 @@ class Settings(BaseSettings):
     """Model repository: REPO/<name>/<version>/model.onnx."""
     repo_poll_s: float = Field(0.0, ge=0)
     """How often to look in the repository for versions added or removed (0: only at
-    start). A new version is loaded, warmed up and served once its model.onnx has stayed
-    unchanged for one period: new sessions that name no version get it, sessions open
-    already stay on theirs. One that fails to load is logged and tried again once its
-    file changes. A version removed (two looks in a row) no longer goes to requests that
-    name none; sessions on it and requests naming it are served until a restart. Write
-    a version elsewhere and move its directory in (one rename): no half-written file."""
+    start; else at least 0.1). A new version is loaded, warmed up and served once its
+    model.onnx has stayed unchanged for one period: new sessions that name no version
+    get it, sessions open already stay on theirs. One that fails to load is logged and
+    tried again once its file changes (or 5 minutes later). A version removed (two looks
+    in a row) no longer goes to requests that name none, unless it is its model's last;
+    sessions on it and requests naming it are served until a restart. Write a version
+    elsewhere and move its directory in (one rename): no half-written file."""
     host: str = "0.0.0.0"
     """Address the gRPC and metrics servers bind; 127.0.0.1 for loopback only."""
     grpc_port: int = Field(8001, ge=0, le=65535)
@@ -202,6 +203,13 @@ class Settings(BaseSettings):
     def store_from_urls(self) -> list[str]:
         """The previous list of shards while resharding online (none otherwise)."""
         return self.session_store_from.split(",") if self.session_store_from else []
+
+    @field_validator("repo_poll_s")
+    @classmethod
+    def _poll(cls, v: float) -> float:
+        if 0 < v < 0.1:
+            raise ValueError(f"repo_poll_s must be 0 (no polling) or at least 0.1, got {v}")
+        return v
 
     @field_validator("batch_buckets")
     @classmethod

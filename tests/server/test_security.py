@@ -284,15 +284,17 @@ def test_each_principal_has_sequence_ids_of_its_own(repo, tmp_path) -> None:
             np.testing.assert_array_equal(tail, expect)
             # nor can Alice take Bob's sequence ids ahead of him on the native API (they
             # are numbered: she could hold his sequence 7 for as long as she liked);
-            # ids of her own of that form are hers to open
-            with pytest.raises(grpc.RpcError) as info:
-                alice.open_session("feat", session_id="feat/7@bob")
-            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-            assert "another principal's Open Inference Protocol sequence" in \
-                info.value.details()
+            # ids of her own of that form are hers to open; a model not served counts
+            # too (it may be added while serving: serve --repo-poll-s)
+            for taken in ("feat/7@bob", "later/7@bob"):
+                with pytest.raises(grpc.RpcError) as info:
+                    alice.open_session("feat", session_id=taken)
+                assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert "another principal's Open Inference Protocol sequence" in \
+                    info.value.details()
             alice.close_session(alice.open_session("feat", session_id="feat/7@alice")
                                 .session_id)
-            alice.close_session(alice.open_session("feat", session_id="x/7@bob").session_id)
+            alice.close_session(alice.open_session("feat", session_id="/7@bob").session_id)
             with grpc.insecure_channel(srv.target) as channel:
                 first = logits(oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
                     request(xb[None, :2], sequence_id=7, sequence_start=True,
