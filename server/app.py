@@ -237,7 +237,8 @@ class RnnServer:
                          on_degraded=self.metrics.store_degraded_hook,
                          on_refused=self.metrics.store_refused,
                          admission_delay_s=s.admission_queue_wait_ms / 1000,
-                         max_sessions_per_principal=s.max_sessions_per_principal)
+                         max_sessions_per_principal=s.max_sessions_per_principal,
+                         repo_poll_s=s.repo_poll_s)
         self.metrics.registry.register(ServingCollector(
             lambda: ((rt, self.batchers[rt.key]) for rt in self.registry),
             self.store.usage_by_model,

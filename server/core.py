@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from rnnserve.export.repository import is_model_name
+from rnnserve.export.repository import MODEL_FILE, is_model_name
 from rnnserve.server import records
 from rnnserve.server.batcher import Batcher, Group, Slot, StepFuture, retry_after_ms
 from rnnserve.server.errors import (
@@ -42,6 +42,7 @@ from rnnserve.server.errors import (
     SessionTaken,
     ShuttingDown,
     StoreUnavailable,
+    VersionLoading,
 )
 from rnnserve.server.identity import escaped, principal
 from rnnserve.server.pool import ZERO, PoolState
@@ -247,8 +248,10 @@ class Core:
                  degrade: bool = False, on_resume: ResumeHook | None = None,
                  on_degraded: Callable[[str], None] | None = None,
                  on_refused: Callable[[str], None] | None = None,
-                 admission_delay_s: float = 0.0, max_sessions_per_principal: int = 0) -> None:
+                 admission_delay_s: float = 0.0, max_sessions_per_principal: int = 0,
+                 repo_poll_s: float = 0.0) -> None:
         self.registry = registry
+        self.repo_poll_s = repo_poll_s  # the repository looked at while serving (app.py)
         self._on_chunk = on_chunk
         self.store = store
         self.batchers = batchers
@@ -457,6 +460,7 @@ class Core:
                     try:
                         runtime = self.registry.get(stored.model, stored.version)
                     except ModelNotFound:
+                        self._check_loading(sid, stored)
                         raise RecordForeign(f"the stored record of session {sid!r} is for model "
                                             f"{stored.model!r} version {stored.version}, which "
                                             "this server does not serve") from None
@@ -494,6 +498,21 @@ class Core:
         if self._on_resume is not None and not (refresh and source == "memory"):
             self._on_resume(session.model, session.version, source)
         return session, runtime
+
+    def _check_loading(self, sid: str, stored: Session) -> None:
+        """``VersionLoading`` (UNAVAILABLE: clients that resume retry) when a stored
+        session's version is not loaded here but is in the repository, which this
+        server looks at while serving (``repo_poll_s``): a version published a moment
+        ago, loaded by the server that opened the session and not by this one yet."""
+        if not self.repo_poll_s or not is_model_name(stored.model) or stored.version < 1:
+            return
+        path = self.registry.repo / stored.model / str(stored.version) / MODEL_FILE
+        if path.is_file():
+            raise VersionLoading(
+                f"session {sid!r} is on model {stored.model!r} version {stored.version}, "
+                "which is in this server's model repository but not loaded yet (it looks "
+                f"every {self.repo_poll_s:g}s); retry",
+                retry_after_ms=int(1000 * min(self.repo_poll_s, 5.0)))
 
     async def _restore(self, stored: Session, runtime: ModelRuntime, over: bool = False
                        ) -> None:
