@@ -243,7 +243,8 @@ class RnnServer:
             lambda: ((rt, self.batchers[rt.key]) for rt in self.registry),
             self.store.usage_by_model,
             Limits(max_batch_size=s.max_batch_size, max_queue=s.max_queue,
-                   max_sessions=s.max_sessions, max_state_bytes=s.max_state_bytes)))
+                   max_sessions=s.max_sessions, max_state_bytes=s.max_state_bytes),
+            lambda: self.registry.withdrawn))
 
         self.rpcs = MetricsInterceptor(self.metrics)
         interceptors: list[grpc.aio.ServerInterceptor] = [self.rpcs]  # counts denials too
@@ -456,6 +457,7 @@ class RnnServer:
                 if not isinstance(exc, Exception):
                     raise
                 watch.failed[key] = (look, time.monotonic())
+                self.metrics.model_load_failures.labels(mv.name, str(mv.version)).inc()
                 log.error("model %s version %d in %s not loaded (tried again once its "
                           "file changes, or in %.0fs): %s", mv.name, mv.version, mv.path,
                           RETRY_FAILED_S, exc)

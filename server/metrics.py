@@ -202,6 +202,11 @@ class Metrics:
             "rnnserve_store_degraded_total", "Steps and opens served from memory alone "
             "because the store failed (--store-failure degrade): not durable", ("op",),
             registry=registry)
+        self.model_load_failures = Counter(
+            "rnnserve_model_load_failures_total", "Model versions found in the repository "
+            "while serving (--repo-poll-s) that failed to load, by model and version: the "
+            "log says why; tried again when the file changes or 5 minutes later",
+            ("model", "version"), registry=registry)
         self._chunk_series: dict[tuple[str, str, int, str], tuple[Any, Any, Any]] = {}
         build = Info("rnnserve_build", "Versions of the server and what it runs on",
                      registry=registry)
@@ -319,10 +324,12 @@ class ServingCollector(Collector):
 
     def __init__(self, models: Callable[[], Iterable[tuple[Any, Any]]],
                  sessions: Callable[[], dict[tuple[str, int], tuple[int, int]]],
-                 limits: Limits) -> None:
+                 limits: Limits,
+                 withdrawn: Callable[[], Iterable[tuple[str, int]]] = lambda: ()) -> None:
         self._models = models  # -> (runtime, batcher) pairs
         self._sessions = sessions  # -> (live sessions, state bytes) per (model, version)
         self._limits = limits
+        self._withdrawn = withdrawn  # -> the versions removed from the repository
 
     def collect(self) -> Iterator[Any]:
         labels = ["model", "version"]
@@ -345,7 +352,11 @@ class ServingCollector(Collector):
         load = family("rnnserve_model_load_seconds", "Time to load the model")
         info = InfoMetricFamily("rnnserve_model", "Served model versions and their provider",
                                 labels=labels)
+        gone = family("rnnserve_model_withdrawn", "1 for a version removed from the model "
+                      "repository while serving (--repo-poll-s): requests that name no "
+                      "version no longer get it; its sessions are served until a restart")
         held = dict(self._sessions())  # one copy, made under the GIL
+        withdrawn = set(self._withdrawn())
         for runtime, batcher in self._models():
             lbl = [runtime.name, str(runtime.version)]
             depth.add_metric(lbl, batcher.queue_depth)
@@ -357,10 +368,12 @@ class ServingCollector(Collector):
             pool_used.add_metric(lbl, runtime.pool.used)
             pool_cap.add_metric(lbl, runtime.pool.capacity)
             load.add_metric(lbl, runtime.load_seconds)
+            gone.add_metric(lbl, 1 if runtime.key in withdrawn else 0)
             info.add_metric(lbl, {"arch": runtime.meta.arch, "task": runtime.meta.task,
                                   "input_kind": runtime.meta.input.kind,
                                   "provider": runtime.provider})
-        yield from (depth, queue_cap, max_batch, active, state, pool_used, pool_cap, load, info)
+        yield from (depth, queue_cap, max_batch, active, state, pool_used, pool_cap, load, info,
+                    gone)
         yield GaugeMetricFamily("rnnserve_session_capacity",
                                 "Live sessions beyond which the least recently used is evicted",
                                 value=lim.max_sessions)

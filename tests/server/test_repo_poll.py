@@ -106,6 +106,8 @@ def test_a_broken_version_is_not_served_and_is_tried_again_once_it_changes(
             assert client.open_session("text").version == 2
         text = log.read_text()
         assert text.count("not loaded") == 1, text
+        assert metric_value(srv.metrics(), "rnnserve_model_load_failures_total",
+                            model="text", version="2") == 1
     finally:
         assert srv.stop() == 0, log.read_text()[-3000:]
 
@@ -128,6 +130,8 @@ def test_a_version_removed_while_serving_is_withdrawn_and_served_again_once_back
             os.rename(small_repo / "feat", tmp_path / "away-feat")
             wait_for(log, "model feat version 1 was removed")
             wait_for(log, "model text version 2 was removed")
+            gone = metric_value(srv.metrics(), "rnnserve_model_withdrawn", model="text",
+                                version="2")
             after = client.open_session("text")
             named = client.open_session("text", version=2)
             ys.append(client.step(live.session_id, 1, SENTENCE[9:])["logits"])
@@ -135,8 +139,11 @@ def test_a_version_removed_while_serving_is_withdrawn_and_served_again_once_back
             os.rename(tmp_path / "away-text-2", small_repo / "text" / "2")
             wait_for(log, "model text version 2 is in the repository again")
             back = client.open_session("text")
+            withdrawn = [metric_value(srv.metrics(), "rnnserve_model_withdrawn", model=m,
+                                      version=v) for m, v in (("text", "2"), ("feat", "1"))]
         assert (live.version, after.version, named.version, back.version) == (2, 1, 2, 2)
         assert whole.version == 1
+        assert gone == 1 and withdrawn == [0, 1]
         assert np.abs(np.concatenate(ys) - whole_run(repo, "text", 2, x)).max() <= 1e-5
     finally:
         assert srv.stop() == 0, log.read_text()[-3000:]
