@@ -358,3 +358,64 @@ def test_a_pool_on_cuda_grows_and_shrinks_keeping_its_rows(cuda_registry) -> Non
     for row in sorted(written)[:10]:
         for got, want in zip(pool.read([row]), written[row], strict=True):
             np.testing.assert_array_equal(got[0], want)
+
+
+@pytest.mark.requires_cuda
+def test_a_version_loaded_while_serving_on_cuda_graphs_runs_exactly(cuda_registry, repo,
+                                                                    tmp_path) -> None:
+    """``serve --cuda-graphs --repo-poll-s``: a version moved into the repository while
+    another model streams is loaded without capturing graphs (a capture beside live
+    CUDA work fails), and its streams, like the other model's, equal the CPU within
+    1e-4; nothing failed."""
+    import asyncio
+    import os
+    import shutil
+
+    from rnnserve.client.client import AsyncClient
+
+    from .serving import start_server
+    from .test_repo_poll import wait_for
+
+    models = tmp_path / "models"
+    shutil.copytree(repo / "feat" / "1", models / "feat" / "1")
+    log = tmp_path / "server.log"
+    srv = start_server(models, log, "--device", "cuda", "--cuda-graphs", "--repo-poll-s",
+                       "0.2", "--max-batch-size", "16", "--max-batch-delay-ms", "1")
+    cpu = ModelRegistry(repo, RuntimeOptions(device="cpu"))
+    feat, text = cpu.get("feat", 1), cpu.get("text", 2)
+    rng = np.random.default_rng(7)
+    cuts = [0, 1, 5, 8, 9, 13, 16]
+
+    async def stream(client: AsyncClient, rt, x, pause: float) -> np.ndarray:
+        name, parts = rt.meta.outputs[0].name, []
+        async with client.stream(rt.name, rt.version) as s:
+            for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+                parts.append((await s.send(x[a:b], end=b == cuts[-1]))[name])
+                await asyncio.sleep(pause)
+        return np.concatenate(parts)
+
+    async def run() -> list[tuple[object, np.ndarray, np.ndarray]]:
+        xf = _inputs(feat, rng, 8, cuts[-1])
+        xt = _inputs(text, rng, 8, cuts[-1])
+        async with AsyncClient(srv.target, timeout=60) as client:
+            busy = [asyncio.ensure_future(stream(client, feat, x, 0.3)) for x in xf]
+            staging = tmp_path / "staging"
+            shutil.copytree(repo / "text" / "2", staging)
+            (models / "text").mkdir()
+            os.rename(staging, models / "text" / "2")
+            await asyncio.to_thread(wait_for, log, "serving text version 2", 120.0)
+            got = await asyncio.gather(*busy, *(stream(client, text, x, 0.0) for x in xt))
+        return [(rt, x, y) for rt, x, y in zip([feat] * 8 + [text] * 8, xf + xt, got,
+                                                strict=True)]
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        code = srv.stop()
+    out = log.read_text()
+    assert code == 0 and " failed " not in out, out[-3000:]
+    assert "its runs are not captured as CUDA graphs" in out
+    for rt, x, y in results:
+        whole, _ = rt.run([x], [rt.zero_state()])
+        diff = float(np.abs(y - whole[0][0]).max())
+        assert diff <= 1e-4, f"{rt.name} v{rt.version}: {diff:.2e}"
