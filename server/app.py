@@ -343,7 +343,8 @@ class RnnServer:
                        runners=s.batch_runners,
                        on_batch=self.metrics.batch_hook(rt.name, rt.version))
 
-    async def _warm_up(self, rt: ModelRuntime, batcher: Batcher) -> None:
+    async def _warm_up(self, rt: ModelRuntime, batcher: Batcher, captured: bool = True
+                       ) -> None:
         s = self.settings
         if s.warmup == "on" or (s.warmup == "auto" and rt.provider == CUDA):
             seconds = await batcher.warm_up(s.max_batch_size)
@@ -351,7 +352,8 @@ class RnnServer:
                      rt.name, rt.version, s.max_batch_size,
                      f"buckets {','.join(map(str, rt.buckets))}" if rt.buckets
                      else "each size",
-                     ", CUDA graphs captured" if s.cuda_graphs else "", seconds)
+                     ", CUDA graphs captured" if s.cuda_graphs and captured else "",
+                     seconds)
 
     async def _poll_repo(self, every_s: float, loaded: dict[Key, Look]) -> None:
         """Every ``every_s``, serve the versions the repository gained, and withdraw
@@ -432,6 +434,9 @@ class RnnServer:
         for key in [k for k in watch.seen if k not in found]:  # gone: seen anew if back
             watch.seen.pop(key)
             watch.failed.pop(key, None)
+        # for resumes of sessions on a version not loaded here yet (Core._check_loading)
+        self.core.loading = {k for k in found if k not in reg and k not in watch.failed}
+        self.core.load_failed = set(watch.failed)
         for key, (mv, look) in found.items():
             if key in reg:
                 continue
@@ -448,7 +453,7 @@ class RnnServer:
                 if self.settings.cuda_graphs:
                     new.seal()
                 batcher = self._batcher(new)
-                await self._warm_up(new, batcher)
+                await self._warm_up(new, batcher, captured=False)
             except BaseException as exc:
                 if rt is not None:
                     rt.stop_warming_up()  # the server stopping: not a full warm-up more
@@ -457,6 +462,8 @@ class RnnServer:
                 if not isinstance(exc, Exception):
                     raise
                 watch.failed[key] = (look, time.monotonic())
+                self.core.loading.discard(key)
+                self.core.load_failed = self.core.load_failed | {key}
                 self.metrics.model_load_failures.labels(mv.name, str(mv.version)).inc()
                 log.error("model %s version %d in %s not loaded (tried again once its "
                           "file changes, or in %.0fs): %s", mv.name, mv.version, mv.path,
@@ -469,6 +476,7 @@ class RnnServer:
             watch.loaded[key] = look
             watch.seen.pop(key)
             watch.failed.pop(key, None)
+            self.core.load_failed = self.core.load_failed - {key}
             log.info("serving %s version %d (%s, %s input) on %s, loaded while serving%s",
                      rt.name, rt.version, rt.meta.arch, rt.meta.input.kind, rt.provider,
                      " (its runs are not captured as CUDA graphs)"

@@ -252,6 +252,10 @@ class Core:
                  repo_poll_s: float = 0.0) -> None:
         self.registry = registry
         self.repo_poll_s = repo_poll_s  # the repository looked at while serving (app.py)
+        # what the last look at it found (app.py sets them): versions there, not loaded
+        # yet, and those whose load failed
+        self.loading: set[tuple[str, int]] = set()
+        self.load_failed: set[tuple[str, int]] = set()
         self._on_chunk = on_chunk
         self.store = store
         self.batchers = batchers
@@ -460,7 +464,7 @@ class Core:
                     try:
                         runtime = self.registry.get(stored.model, stored.version)
                     except ModelNotFound:
-                        self._check_loading(sid, stored)
+                        await self._check_loading(sid, stored)
                         raise RecordForeign(f"the stored record of session {sid!r} is for model "
                                             f"{stored.model!r} version {stored.version}, which "
                                             "this server does not serve") from None
@@ -499,15 +503,19 @@ class Core:
             self._on_resume(session.model, session.version, source)
         return session, runtime
 
-    def _check_loading(self, sid: str, stored: Session) -> None:
+    async def _check_loading(self, sid: str, stored: Session) -> None:
         """``VersionLoading`` (UNAVAILABLE: clients that resume retry) when a stored
         session's version is not loaded here but is in the repository, which this
         server looks at while serving (``repo_poll_s``): a version published a moment
-        ago, loaded by the server that opened the session and not by this one yet."""
-        if not self.repo_poll_s or not is_model_name(stored.model) or stored.version < 1:
+        ago, loaded by the server that opened the session and not by this one yet. Not
+        one whose load failed here (refused as not served: the log says why)."""
+        key = (stored.model, stored.version)
+        if not self.repo_poll_s or not is_model_name(stored.model) or stored.version < 1 \
+                or key in self.load_failed:
             return
         path = self.registry.repo / stored.model / str(stored.version) / MODEL_FILE
-        if path.is_file():
+        if key in self.loading or await asyncio.get_running_loop().run_in_executor(
+                None, path.is_file):  # not yet looked at; off the loop (a volume may hang)
             raise VersionLoading(
                 f"session {sid!r} is on model {stored.model!r} version {stored.version}, "
                 "which is in this server's model repository but not loaded yet (it looks "

@@ -203,9 +203,9 @@ class Metrics:
             "because the store failed (--store-failure degrade): not durable", ("op",),
             registry=registry)
         self.model_load_failures = Counter(
-            "rnnserve_model_load_failures_total", "Model versions found in the repository "
-            "while serving (--repo-poll-s) that failed to load, by model and version: the "
-            "log says why; tried again when the file changes or 5 minutes later",
+            "rnnserve_model_load_failures_total", "Failed attempts to load a model version "
+            "found in the repository while serving (--repo-poll-s), by model and version: "
+            "the log says why; tried again when the file changes or 5 minutes later",
             ("model", "version"), registry=registry)
         self._chunk_series: dict[tuple[str, str, int, str], tuple[Any, Any, Any]] = {}
         build = Info("rnnserve_build", "Versions of the server and what it runs on",
@@ -354,7 +354,8 @@ class ServingCollector(Collector):
                                 labels=labels)
         gone = family("rnnserve_model_withdrawn", "1 for a version removed from the model "
                       "repository while serving (--repo-poll-s): requests that name no "
-                      "version no longer get it; its sessions are served until a restart")
+                      "version get another of its model's, unless all were removed; its "
+                      "sessions are served until a restart")
         held = dict(self._sessions())  # one copy, made under the GIL
         withdrawn = set(self._withdrawn())
         for runtime, batcher in self._models():

@@ -267,18 +267,28 @@ def test_served_cuda_graphs_stream_every_model_at_once(cuda_registry, repo, tmp_
                 parts.append((await s.send(x[a:b], end=b == cuts[-1]))[name])
         return np.concatenate(parts)
 
-    async def everyone() -> list[np.ndarray]:
+    async def everyone() -> list[tuple[object, np.ndarray, np.ndarray]]:
         async with AsyncClient(srv.target, timeout=60) as client:
-            return await asyncio.gather(*(one(client, rt, x) for rt, x in jobs))
+            got = await asyncio.gather(*(one(client, rt, x) for rt, x in jobs))
+        return [(rt, x, y) for (rt, x), y in zip(jobs, got, strict=True)]
+
+    _served_exactly(srv, log, everyone, "CUDA graphs captured")
+
+
+def _served_exactly(srv, log, main, phrase: str) -> None:
+    """Run ``main`` (it gives (runtime, input, output) triples), then stop the server:
+    it stopped cleanly, nothing failed, its log says ``phrase``, and each output equals
+    the CPU's whole run of its input within 1e-4."""
+    import asyncio
 
     try:
-        got = asyncio.run(everyone())
+        results = asyncio.run(main())
     finally:
         code = srv.stop()
     text = log.read_text()
     assert code == 0 and " failed " not in text, text[-3000:]
-    assert "CUDA graphs captured" in text
-    for (rt, x), y in zip(jobs, got, strict=True):
+    assert phrase in text
+    for rt, x, y in results:
         whole, _ = rt.run([x], [rt.zero_state()])
         diff = float(np.abs(y - whole[0][0]).max())
         assert diff <= 1e-4, f"{rt.name} v{rt.version}: {diff:.2e}"
@@ -379,43 +389,47 @@ def test_a_version_loaded_while_serving_on_cuda_graphs_runs_exactly(cuda_registr
     models = tmp_path / "models"
     shutil.copytree(repo / "feat" / "1", models / "feat" / "1")
     log = tmp_path / "server.log"
-    srv = start_server(models, log, "--device", "cuda", "--cuda-graphs", "--repo-poll-s",
-                       "0.2", "--max-batch-size", "16", "--max-batch-delay-ms", "1")
     cpu = ModelRegistry(repo, RuntimeOptions(device="cpu"))
     feat, text = cpu.get("feat", 1), cpu.get("text", 2)
     rng = np.random.default_rng(7)
     cuts = [0, 1, 5, 8, 9, 13, 16]
+    srv = start_server(models, log, "--device", "cuda", "--cuda-graphs", "--batch-runners",
+                       "2", "--repo-poll-s", "0.2", "--max-batch-size", "16",
+                       "--max-batch-delay-ms", "1")
+    loaded = asyncio.Event()
 
-    async def stream(client: AsyncClient, rt, x, pause: float) -> np.ndarray:
-        name, parts = rt.meta.outputs[0].name, []
+    async def stream(client: AsyncClient, rt, x, busy: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Chunks of 1, 4 and 3 steps of ``x``; ``busy``: on and on until the new
+        version is served and three more (the loading and warm-up run beside them),
+        else all of ``x``. The steps sent, and the outputs."""
+        name, parts, at, k, after = rt.meta.outputs[0].name, [], 0, 0, 0
         async with client.stream(rt.name, rt.version) as s:
-            for a, b in zip(cuts[:-1], cuts[1:], strict=True):
-                parts.append((await s.send(x[a:b], end=b == cuts[-1]))[name])
-                await asyncio.sleep(pause)
-        return np.concatenate(parts)
+            while True:
+                n = (1, 4, 3)[k % 3]
+                k += 1
+                end = at + n + 4 > len(x) or (busy and after >= 3) or (
+                    not busy and at + n >= len(x))
+                parts.append((await s.send(x[at:at + n], end=end))[name])
+                at += n
+                if end:
+                    return x[:at], np.concatenate(parts)
+                if busy:
+                    after += loaded.is_set()
+                    await asyncio.sleep(0.02)
 
     async def run() -> list[tuple[object, np.ndarray, np.ndarray]]:
-        xf = _inputs(feat, rng, 8, cuts[-1])
+        xf = [rng.standard_normal((4000, 20)).astype(np.float32) for _ in range(8)]
         xt = _inputs(text, rng, 8, cuts[-1])
         async with AsyncClient(srv.target, timeout=60) as client:
-            busy = [asyncio.ensure_future(stream(client, feat, x, 0.3)) for x in xf]
+            busy = [asyncio.ensure_future(stream(client, feat, x, True)) for x in xf]
+            await asyncio.sleep(0.2)  # feat streaming
             staging = tmp_path / "staging"
             shutil.copytree(repo / "text" / "2", staging)
             (models / "text").mkdir()
             os.rename(staging, models / "text" / "2")
             await asyncio.to_thread(wait_for, log, "serving text version 2", 120.0)
-            got = await asyncio.gather(*busy, *(stream(client, text, x, 0.0) for x in xt))
-        return [(rt, x, y) for rt, x, y in zip([feat] * 8 + [text] * 8, xf + xt, got,
-                                                strict=True)]
+            loaded.set()
+            got = await asyncio.gather(*busy, *(stream(client, text, x, False) for x in xt))
+        return [(rt, x, y) for rt, (x, y) in zip([feat] * 8 + [text] * 8, got, strict=True)]
 
-    try:
-        results = asyncio.run(run())
-    finally:
-        code = srv.stop()
-    out = log.read_text()
-    assert code == 0 and " failed " not in out, out[-3000:]
-    assert "its runs are not captured as CUDA graphs" in out
-    for rt, x, y in results:
-        whole, _ = rt.run([x], [rt.zero_state()])
-        diff = float(np.abs(y - whole[0][0]).max())
-        assert diff <= 1e-4, f"{rt.name} v{rt.version}: {diff:.2e}"
+    _served_exactly(srv, log, run, "its runs are not captured as CUDA graphs")

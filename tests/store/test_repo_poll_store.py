@@ -49,3 +49,34 @@ def test_a_session_on_a_version_not_loaded_here_yet_is_unavailable_until_it_is(
     finally:
         a.stop()
         assert b.stop() == 0, (tmp_path / "b.log").read_text()[-3000:]
+
+
+def test_a_session_on_a_version_that_failed_to_load_here_is_refused_not_retried(
+        repo, redis_server, tmp_path) -> None:
+    """A version in the repository whose load failed here (a broken file) is not
+    "loading": the resume is refused as a version this server does not serve
+    (FAILED_PRECONDITION), not UNAVAILABLE for clients to retry in vain."""
+    repo_a, repo_b = tmp_path / "a-models", tmp_path / "b-models"
+    shutil.copytree(repo / "text" / "2", repo_a / "text" / "2")
+    shutil.copytree(repo / "text" / "1", repo_b / "text" / "1")
+    a = serve(repo_a, tmp_path, "a", redis_server.url)
+    b = serve(repo_b, tmp_path, "b", redis_server.url, "--repo-poll-s", "0.1")
+    try:
+        with Client(a.target, timeout=10) as on_a:
+            sid = on_a.open_session("text").session_id
+            on_a.step(sid, 0, SENTENCE[:9])
+        assert a.stop() == 0
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        (broken / "model.onnx").write_bytes(b"not a model")
+        (repo_b / "text").mkdir(exist_ok=True)
+        broken.rename(repo_b / "text" / "2")
+        wait_for(tmp_path / "b.log", "not loaded")
+        with Client(b.target, timeout=10) as on_b:
+            code, msg = code_and_message(on_b.open_session, "text", session_id=sid,
+                                         resume=True)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, msg
+        assert "which this server does not serve" in msg
+    finally:
+        a.stop()
+        assert b.stop() == 0, (tmp_path / "b.log").read_text()[-3000:]
