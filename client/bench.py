@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -240,16 +240,22 @@ def paired_median(tries: dict[str, list[ClosedRun]],
                                                  strict=True)]
     if any(r is None for r in got):
         return None
-    ordered = sorted(r for r in got if r is not None)
-    return ordered[(len(ordered) - 1) // 2]
+    return _lower_median([r for r in got if r is not None], key=lambda r: r)
 
 
 def median_closed(runs: list[ClosedRun]) -> ClosedRun:
     """Of a closed loop's repeats, the one with the median throughput (the lower one of
     an even count), charged with every repeat's errors."""
-    ordered = sorted(runs, key=lambda t: t[0].throughput)
-    level, started = ordered[(len(ordered) - 1) // 2]
+    level, started = _lower_median(runs, key=lambda t: t[0].throughput)
     return replace(level, errors=_all_errors([lv for lv, _ in runs])), started
+
+
+T = TypeVar("T")
+
+
+def _lower_median(items: list[T], key: Callable[[T], float]) -> T:
+    """The item with the median key, the lower one of an even count."""
+    return sorted(items, key=key)[(len(items) - 1) // 2]
 
 
 SOAK_FRACTION = 0.7  # of the capacity found, when --soak-streams is not given

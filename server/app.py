@@ -448,12 +448,13 @@ class RnnServer:
             rt: ModelRuntime | None = None
             batcher: Batcher | None = None
             try:
-                rt = new = await loop.run_in_executor(
+                rt = await loop.run_in_executor(
                     None, ModelRuntime, mv.path, mv.name, mv.version, reg.options)
+                assert rt is not None
                 if self.settings.cuda_graphs:
-                    new.seal()
-                batcher = self._batcher(new)
-                await self._warm_up(new, batcher, captured=False)
+                    rt.seal()
+                batcher = self._batcher(rt)
+                await self._warm_up(rt, batcher, captured=False)
             except BaseException as exc:
                 if rt is not None:
                     rt.stop_warming_up()  # the server stopping: not a full warm-up more
