@@ -30,7 +30,13 @@ from typing import Any
 import grpc
 import numpy as np
 
-from rnnserve.protos.headers import MAX_MS_SECONDS, SESSION_HEADER, WORKER_HEADER, grpc_ms
+from rnnserve.protos.headers import (
+    MAX_MS_SECONDS,
+    RETRY_PUSHBACK,
+    SESSION_HEADER,
+    WORKER_HEADER,
+    grpc_ms,
+)
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.protos.tensors import fill_tensor, from_tensor
@@ -142,6 +148,17 @@ def deadline_exceeded(details: str) -> grpc.aio.AioRpcError:
     """The error of an answer that did not come in time, as grpc raises for a deadline."""
     return grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(),
                                 grpc.aio.Metadata(), details)
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """When the server said to try the call that raised ``exc`` again, in seconds (its
+    ``grpc-retry-pushback-ms`` trailer); None when it did not say."""
+    if not isinstance(exc, grpc.aio.AioRpcError):
+        return None
+    value = (exc.trailing_metadata() or grpc.aio.Metadata()).get(RETRY_PUSHBACK)
+    if not isinstance(value, str) or not value.isascii() or not value.isdigit():
+        return None
+    return int(value) / 1000
 
 
 def _resumable(exc: BaseException) -> bool:
@@ -256,6 +273,9 @@ class StreamSession:
             await self._reconnect(exc, None, self._deadline())
         return self
 
+    def _next_target(self) -> int:
+        return (self._target + 1) % len(self._client.targets)
+
     def _deadline(self) -> float:
         return asyncio.get_running_loop().time() + self._client.reconnect_s
 
@@ -265,12 +285,24 @@ class StreamSession:
         unanswered chunk's number (None while opening)."""
         loop = asyncio.get_running_loop()
         pause, last = 0.05, cause
+        not_before: dict[int, float] = {}  # target -> loop time it said to retry after
+        if (hint := retry_after_s(cause)) is not None:
+            not_before[self._target] = loop.time() + hint
         req = pb.OpenSessionRequest()
         req.CopyFrom(self._open)
         req.resume = req.resume or seq is not None
-        while (left := deadline - loop.time()) > 0:
+        while True:
+            # no sooner than the next target said to try it again (a version it is
+            # loading, say), and not at all when that is past the deadline
+            told = not_before.get(self._next_target(), 0.0)
+            if told >= deadline:
+                raise last
+            if told > loop.time():
+                await asyncio.sleep(told - loop.time())
+            if (left := deadline - loop.time()) <= 0:
+                break
             try:
-                self._target = (self._target + 1) % len(self._client.targets)
+                self._target = self._next_target()
                 await self._start(self._client.stub_at(self._target), req,
                                   left if self._timeout is None else min(left, self._timeout))
             except grpc.aio.AioRpcError as exc:
@@ -291,7 +323,9 @@ class StreamSession:
                         "another server's steps stood)") from cause
                 self.resumes += 1
                 return
-            await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+            if (hint := retry_after_s(last)) is not None:
+                not_before[self._target] = loop.time() + hint
+            await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))  # backing off
             pause = min(pause * 2, 0.5)
         raise last
 
@@ -606,8 +640,10 @@ class PackedStream(_Pipelined):
         """Send a request made by ``packed_request`` (its id is set here)."""
         resp: pb.PackedResponse = await self._send(request)
         if resp.code:
-            raise grpc.aio.AioRpcError(status_of(resp.code), grpc.aio.Metadata(),
-                                       grpc.aio.Metadata(), resp.message)
+            hint = grpc.aio.Metadata(*[(RETRY_PUSHBACK, str(resp.retry_after_ms))]
+                                     if resp.retry_after_ms else [])
+            raise grpc.aio.AioRpcError(status_of(resp.code), grpc.aio.Metadata(), hint,
+                                       resp.message)
         return PackedAnswer({o.name: from_tensor(o.tensor) for o in resp.outputs},
                             {f.index: (status_of(f.code), f.message, f.retry_after_ms)
                              for f in resp.failures})

@@ -10,6 +10,11 @@ SESSION_HEADER = "x-rnnserve-session"
 # so that a client can spread its connections evenly over them (AsyncClient.open_spread).
 WORKER_HEADER = "x-rnnserve-worker"
 
+# Sent by the server as a trailer of a call refused for a while (UNAVAILABLE,
+# RESOURCE_EXHAUSTED): when to try again, in milliseconds (gRFC A6, which gRPC's own
+# retry policy honours). The client's resumes wait that long before their next try.
+RETRY_PUSHBACK = "grpc-retry-pushback-ms"
+
 # The longest duration gRPC's channel arguments take (in milliseconds, a C int), in
 # seconds: keepalive times and timeouts, a connection's maximum age.
 MAX_MS_SECONDS = (2**31 - 1) // 1000

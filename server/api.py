@@ -12,14 +12,14 @@ from typing import Any, TypeVar
 
 import grpc
 
-from rnnserve.protos.headers import SESSION_HEADER, WORKER_HEADER
+from rnnserve.protos.headers import RETRY_PUSHBACK, SESSION_HEADER, WORKER_HEADER
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.protos.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.protos.tensors import BY_NAME, TensorError, fill_tensor, from_tensor
 from rnnserve.server.core import ChunkInput, ChunkOutput, Core, StepRequest, check_id
 from rnnserve.server.errors import CoreError, InvalidChunk, ShuttingDown
 from rnnserve.server.interceptor import rpc_model
-from rnnserve.server.runtime import ModelRuntime
+from rnnserve.server.runtime import ModelRegistry, ModelRuntime
 from rnnserve.server.sessions import Session
 
 log = logging.getLogger("rnnserve.api")
@@ -47,7 +47,6 @@ def routed_session_id(context: grpc.aio.ServicerContext, body_id: str) -> str:
 
 
 DRAINING = "the server is shutting down; resume the session on another replica"
-RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRFC A6: when to retry, for gRPC's retry policy
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
@@ -115,11 +114,17 @@ def session_info(session: Session, runtime: ModelRuntime) -> pb.SessionInfo:
                           next_seq=session.next_seq)
 
 
-def model_metadata(runtime: ModelRuntime, versions: list[int]) -> pb.ModelMetadata:
+def model_metadata(runtime: ModelRuntime, registry: ModelRegistry) -> pb.ModelMetadata:
+    """``runtime``'s metadata, with its model's versions in ``registry``: all of them,
+    the default one and those withdrawn."""
     meta = runtime.meta
+    versions = [r.version for r in registry if r.name == runtime.name]
     dyn = [-1 if isinstance(d, str) else int(d) for d in meta.input.shape[1:]]
     return pb.ModelMetadata(
-        name=runtime.name, version=runtime.version, versions=versions, arch=meta.arch,
+        name=runtime.name, version=runtime.version, versions=versions,
+        default_version=registry.get(runtime.name).version,
+        withdrawn_versions=[v for v in versions if (runtime.name, v) in registry.withdrawn],
+        arch=meta.arch,
         task=meta.task, input_kind=meta.input.kind,
         input=pb.TensorInfo(name=meta.input.name, dtype=BY_NAME[meta.input.dtype], shape=dyn),
         outputs=[pb.TensorInfo(name=o.name, dtype=BY_NAME[o.dtype],
@@ -389,7 +394,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 x = from_tensor(req.chunks)
             except TensorError as exc:
                 raise InvalidChunk(str(exc)) from None
-            runtime = self.core.registry.get(req.model, req.version or None)
+            runtime = await self.core.runtime(req.model, req.version)
             rpc_model(runtime.name, runtime.version)  # the stream's: its last request's
             if self.max_answer_bytes and x.ndim >= 2:
                 size = len(sids) * runtime.answer_bytes(x.shape[1])
@@ -405,6 +410,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except CoreError as exc:
             resp.code = grpc.StatusCode[exc.code].value[0]
             resp.message = str(exc)
+            resp.retry_after_ms = exc.retry_after_ms or 0
             return resp
         for i in sorted(failures):
             fill_failure(resp.failures.add(index=i), failures[i])
@@ -502,18 +508,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         await context.send_initial_metadata(self._worker)
-        runtimes = list(self.core.registry)
-        return pb.ListModelsResponse(models=[
-            model_metadata(r, [x.version for x in runtimes if x.name == r.name])
-            for r in runtimes])
+        registry = self.core.registry
+        return pb.ListModelsResponse(models=[model_metadata(r, registry) for r in registry])
 
     async def GetModelMetadata(self, request: pb.GetModelMetadataRequest,
                                context: grpc.aio.ServicerContext) -> pb.ModelMetadata:
         try:
-            runtime = self.core.registry.get(request.model, request.version or None)
+            runtime = await self.core.runtime(request.model, request.version)
             rpc_model(runtime.name, runtime.version)
-            versions = [r.version for r in self.core.registry if r.name == runtime.name]
-            return model_metadata(runtime, versions)
+            return model_metadata(runtime, self.core.registry)
         except Exception as exc:
             await self._fail(context, exc)
             raise

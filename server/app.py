@@ -434,9 +434,13 @@ class RnnServer:
         for key in [k for k in watch.seen if k not in found]:  # gone: seen anew if back
             watch.seen.pop(key)
             watch.failed.pop(key, None)
-        # for resumes of sessions on a version not loaded here yet (Core._check_loading)
-        self.core.loading = {k for k in found if k not in reg and k not in watch.failed}
-        self.core.load_failed = set(watch.failed)
+        # for requests and resumes naming a version not loaded here yet (Core.runtime):
+        # one that failed is refused as not served while its file is as it failed, and
+        # is loading again once the file changed
+        stuck = {k for k, (look, _) in watch.failed.items()
+                 if k in found and found[k][1] == look}
+        self.core.loading = {k for k in found if k not in reg and k not in stuck}
+        self.core.load_failed = stuck
         for key, (mv, look) in found.items():
             if key in reg:
                 continue

@@ -327,7 +327,7 @@ class Core:
         if not self.accepting:
             raise ShuttingDown("the server is shutting down and opens no new sessions; "
                                "open the session on another replica")
-        runtime = self.registry.get(model, version or None)
+        runtime = await self.runtime(model, version)
         sid = session_id or uuid.uuid4().hex
         self._check_scope(sid)
         if self.store.peek(sid) is not None:
@@ -464,7 +464,9 @@ class Core:
                     try:
                         runtime = self.registry.get(stored.model, stored.version)
                     except ModelNotFound:
-                        await self._check_loading(sid, stored)
+                        await self._check_loading(
+                            stored.model, stored.version, f"session {sid!r} is on model "
+                            f"{stored.model!r} version {stored.version}, which")
                         raise RecordForeign(f"the stored record of session {sid!r} is for model "
                                             f"{stored.model!r} version {stored.version}, which "
                                             "this server does not serve") from None
@@ -503,23 +505,37 @@ class Core:
             self._on_resume(session.model, session.version, source)
         return session, runtime
 
-    async def _check_loading(self, sid: str, stored: Session) -> None:
-        """``VersionLoading`` (UNAVAILABLE: clients that resume retry) when a stored
-        session's version is not loaded here but is in the repository, which this
+    async def runtime(self, model: str, version: int = 0) -> ModelRuntime:
+        """``model``'s ``version`` (0: the one a request that names no version gets), as
+        ``ModelRegistry.get``; but a version, or a model, in this server's repository and
+        not loaded yet is ``VersionLoading`` (UNAVAILABLE, retry), not NOT_FOUND."""
+        try:
+            return self.registry.get(model, version or None)
+        except ModelNotFound:
+            await self._check_loading(model, version, f"model {model!r}" + (
+                f" version {version}" if version else ""))
+            raise
+
+    async def _check_loading(self, model: str, version: int, subject: str) -> None:
+        """``VersionLoading`` (UNAVAILABLE: clients retry) when ``model``'s ``version``
+        (0: any of its versions) is not loaded here but is in the repository, which this
         server looks at while serving (``repo_poll_s``): a version published a moment
-        ago, loaded by the server that opened the session and not by this one yet. Not
+        ago, which another server may have loaded and opened sessions on already. Not
         one whose load failed here (refused as not served: the log says why)."""
-        key = (stored.model, stored.version)
-        if not self.repo_poll_s or not is_model_name(stored.model) or stored.version < 1 \
+        key = (model, version)
+        if not self.repo_poll_s or not is_model_name(model) or version < 0 \
                 or key in self.load_failed:
             return
-        path = self.registry.repo / stored.model / str(stored.version) / MODEL_FILE
-        if key in self.loading or await asyncio.get_running_loop().run_in_executor(
-                None, path.is_file):  # not yet looked at; off the loop (a volume may hang)
+        if version:
+            path = self.registry.repo / model / str(version) / MODEL_FILE
+            loading = key in self.loading or await asyncio.get_running_loop(
+                ).run_in_executor(None, path.is_file)  # not looked at yet; off the loop
+        else:  # (a volume may hang)
+            loading = any(name == model for name, _ in self.loading)
+        if loading:
             raise VersionLoading(
-                f"session {sid!r} is on model {stored.model!r} version {stored.version}, "
-                "which is in this server's model repository but not loaded yet (it looks "
-                f"every {self.repo_poll_s:g}s); retry",
+                f"{subject} is in this server's model repository but not loaded yet (it "
+                f"looks every {self.repo_poll_s:g}s); retry",
                 retry_after_ms=int(1000 * min(self.repo_poll_s, 5.0)))
 
     async def _restore(self, stored: Session, runtime: ModelRuntime, over: bool = False
@@ -753,7 +769,7 @@ class Core:
         Raises (nothing ran) when the request as a whole is malformed: an unknown
         model, chunks it cannot take, positions out of range."""
         started = time.perf_counter()
-        runtime = self.registry.get(model, version or None)
+        runtime = await self.runtime(model, version)
         n = len(sids)
         try:
             if len(seqs) != n or x.ndim < 1 or len(x) != n:

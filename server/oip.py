@@ -432,9 +432,9 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
         try:
-            runtime = self.core.registry.get(request.name, version_number(request.version))
+            runtime = await self.core.runtime(request.name, version_number(request.version))
         except CoreError as exc:
-            await context.abort(grpc.StatusCode[exc.code], str(exc))
+            await abort(context, exc)
         rpc_model(runtime.name, runtime.version)
         versions = [str(r.version) for r in self.core.registry if r.name == runtime.name]
         meta = runtime.meta
@@ -454,7 +454,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, req: pb.ModelInferRequest, context: grpc.aio.ServicerContext
                      ) -> pb.ModelInferResponse:
-        runtime = self.core.registry.get(req.model_name, version_number(req.model_version))
+        runtime = await self.core.runtime(req.model_name, version_number(req.model_version))
         rpc_model(runtime.name, runtime.version)
         try:
             seq = sequence_params(req)

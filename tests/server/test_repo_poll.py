@@ -14,8 +14,12 @@ import grpc
 import numpy as np
 import pytest
 
-from rnnserve.client import AsyncClient, Client, many_item
+from rnnserve.client import AsyncClient, Client, many_item, packed_request
+from rnnserve.protos.inference import grpc_service_pb2 as oip_pb
+from rnnserve.protos.inference import grpc_service_pb2_grpc as oip_grpc
+from rnnserve.protos.rnnserve.v1 import rnnserve_pb2 as pb
 
+from ..oip.test_protocol import request as oip_request
 from .serving import metric_value, start_server
 from .test_grpc_api import whole_run
 
@@ -112,6 +116,59 @@ def test_a_broken_version_is_not_served_and_is_tried_again_once_it_changes(
         assert srv.stop() == 0, log.read_text()[-3000:]
 
 
+def versions_listed(client: Client) -> dict[tuple[str, int], tuple[int, list, list]]:
+    """ListModels' entries: (default version, versions, withdrawn versions), and those
+    of GetModelMetadata for the version, which must agree."""
+    got = {}
+    for m in client.list_models():
+        one = client.stub.GetModelMetadata(pb.GetModelMetadataRequest(model=m.name,
+                                                                      version=m.version))
+        assert one == m
+        got[(m.name, m.version)] = (m.default_version, list(m.versions),
+                                    list(m.withdrawn_versions))
+    return got
+
+
+def test_a_failed_version_is_loading_again_once_its_file_changes(
+        repo, small_repo, tmp_path) -> None:
+    """A version whose load failed is refused as not served (NOT_FOUND) while its file
+    is as it failed; once the file changes it is "not loaded yet" (UNAVAILABLE, retry)
+    until it is tried again, and not served again when that fails too."""
+    log = tmp_path / "server.log"
+    srv = start_server(small_repo, log, "--repo-poll-s", "1")
+    good = (repo / "text" / "2" / "model.onnx").read_bytes()
+    target = small_repo / "text" / "2" / "model.onnx"
+
+    def publish(data: bytes) -> None:
+        part = target.with_name("model.onnx.part")
+        part.write_bytes(data)
+        os.replace(part, target)
+
+    def status(client: Client) -> grpc.StatusCode:
+        with pytest.raises(grpc.RpcError) as err:
+            client.open_session("text", version=2)
+        return err.value.code()
+
+    try:
+        target.parent.mkdir()
+        publish(good[:len(good) // 2])
+        wait_for(log, "not loaded")
+        with Client(srv.target, timeout=10) as client:
+            first = status(client)
+            publish(good[:len(good) // 3])
+            seen = []
+            deadline = time.monotonic() + 20
+            while log.read_text().count("not loaded") < 2 and time.monotonic() < deadline:
+                seen.append(status(client))
+                time.sleep(0.05)
+            assert log.read_text().count("not loaded") == 2, log.read_text()[-3000:]
+            last = status(client)
+    finally:
+        assert srv.stop() == 0, log.read_text()[-3000:]
+    assert first == last == grpc.StatusCode.NOT_FOUND
+    assert grpc.StatusCode.UNAVAILABLE in seen, seen
+
+
 def test_a_version_removed_while_serving_is_withdrawn_and_served_again_once_back(
         repo, small_repo, tmp_path) -> None:
     """Removing the highest version (a rollback) sends new sessions to the one below
@@ -136,14 +193,22 @@ def test_a_version_removed_while_serving_is_withdrawn_and_served_again_once_back
             named = client.open_session("text", version=2)
             ys.append(client.step(live.session_id, 1, SENTENCE[9:])["logits"])
             whole = client.open_session("feat")
+            listed = versions_listed(client)
             os.rename(tmp_path / "away-text-2", small_repo / "text" / "2")
             wait_for(log, "model text version 2 is in the repository again")
             back = client.open_session("text")
+            relisted = versions_listed(client)
             withdrawn = [metric_value(srv.metrics(), "rnnserve_model_withdrawn", model=m,
                                       version=v) for m, v in (("text", "2"), ("feat", "1"))]
         assert (live.version, after.version, named.version, back.version) == (2, 1, 2, 2)
         assert whole.version == 1
         assert gone == 1 and withdrawn == [0, 1]
+        # every version listed, each model's default and withdrawn ones said (a model
+        # removed whole keeps its last as the default)
+        assert listed == {("feat", 1): (1, [1], [1]), ("text", 1): (1, [1, 2], [2]),
+                          ("text", 2): (1, [1, 2], [2])}
+        assert relisted == {("feat", 1): (1, [1], [1]), ("text", 1): (2, [1, 2], []),
+                            ("text", 2): (2, [1, 2], [])}
         assert np.abs(np.concatenate(ys) - whole_run(repo, "text", 2, x)).max() <= 1e-5
     finally:
         assert srv.stop() == 0, log.read_text()[-3000:]
@@ -215,3 +280,93 @@ def test_a_many_request_is_bounded_by_the_models_added_while_serving(
         assert got == [("f", 0), ("a", 0), ("b", 0), ("c", refused)]
     finally:
         assert srv.stop() == 0, log.read_text()[-3000:]
+
+
+def pushback(err: grpc.RpcError) -> str | None:
+    """The grpc-retry-pushback-ms trailer of a refused call."""
+    return dict(err.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+
+
+def test_requests_naming_a_version_not_loaded_yet_are_told_when_to_retry(
+        repo, small_repo, tmp_path) -> None:
+    """A version in the repository that this server has not loaded yet (published a
+    moment ago; another replica may serve it already) is UNAVAILABLE "not loaded yet"
+    with a retry hint on every API, not NOT_FOUND, which no client retries. The server
+    here looks every 30 s, so text 2 stays unloaded: the hint is 5 s, and a client
+    whose resumes have 2 s takes the refusal at once, not tries every 50-500 ms."""
+    log = tmp_path / "server.log"
+    srv = start_server(small_repo, log, "--repo-poll-s", "30")
+    move_in(repo / "text" / "2", small_repo, "text", 2, tmp_path)
+    chunk = np.frombuffer(SENTENCE[:5], np.uint8)[None]
+
+    async def clients() -> tuple[grpc.aio.AioRpcError, grpc.aio.AioRpcError, float]:
+        async with AsyncClient(srv.target, timeout=10, reconnect_s=2) as client:
+            async with client.packed() as p:
+                with pytest.raises(grpc.aio.AioRpcError) as packed:
+                    await p.send(packed_request("text", ["p"], [0], chunk, version=2,
+                                                opens=[0]))
+                answer = await p.send(packed_request("text", ["q"], [0], chunk, opens=[0]))
+                assert not answer.failures  # the stream goes on, on the loaded version
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as streamed:
+                async with client.stream("text", version=2):
+                    pass
+            return packed.value, streamed.value, time.monotonic() - started
+
+    try:
+        with Client(srv.target, timeout=10) as client:
+            with pytest.raises(grpc.RpcError) as opened:
+                client.open_session("text", version=2)
+            with pytest.raises(grpc.RpcError) as unknown:
+                client.open_session("text", version=3)  # not in the repository
+            meta = client.stub.GetModelMetadata(pb.GetModelMetadataRequest(model="text"))
+        with grpc.insecure_channel(srv.target) as channel:
+            oip = oip_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as inferred:
+                oip.ModelInfer(oip_request(np.zeros((1, 5), np.uint8), "text",
+                                           datatype="UINT8", version="2"))
+            with pytest.raises(grpc.RpcError) as described:
+                oip.ModelMetadata(oip_pb.ModelMetadataRequest(name="text", version="2"))
+            ready = oip.ModelReady(oip_pb.ModelReadyRequest(name="text", version="2"))
+        packed, streamed, waited = asyncio.run(clients())
+        text = srv.metrics()
+    finally:
+        assert srv.stop() == 0, log.read_text()[-3000:]
+    for err in (opened.value, inferred.value, described.value, packed, streamed):
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+        assert "model 'text' version 2 is in this server's model repository but not " \
+               "loaded yet" in err.details(), err.details()
+        assert pushback(err) == "5000"
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (meta.version, meta.default_version, list(meta.versions)) == (1, 1, [1])
+    assert not ready.ready
+    # the stream's open was refused once; its resumes were told to come back past
+    # their deadline, and did not try
+    assert waited < 1
+    assert metric_value(text, "rnnserve_requests_total", method="Stream",
+                        code="UNAVAILABLE") == 1
+
+
+def test_a_client_opening_a_version_being_loaded_gets_it_once_loaded(
+        repo, small_repo, tmp_path) -> None:
+    """The Python client's resumes take the hint: a stream opened on a version the
+    moment it is published opens once the server has loaded it, and runs exactly."""
+    x = np.frombuffer(SENTENCE, dtype=np.uint8)
+    log = tmp_path / "server.log"
+    srv = start_server(small_repo, log, "--repo-poll-s", "0.3")
+
+    async def main() -> tuple[int, np.ndarray]:
+        async with AsyncClient(srv.target, timeout=10, reconnect_s=30) as client:
+            move_in(repo / "text" / "2", small_repo, "text", 2, tmp_path)
+            async with client.stream("text", version=2) as s:
+                y = (await s.send(SENTENCE, end=True))["logits"]
+                return s.version, y
+
+    try:
+        version, y = asyncio.run(main())
+        refusals = metric_value(srv.metrics(), "rnnserve_requests_total", method="Stream",
+                                code="UNAVAILABLE")
+    finally:
+        assert srv.stop() == 0, log.read_text()[-3000:]
+    assert version == 2 and refusals >= 1
+    assert np.abs(y - whole_run(repo, "text", 2, x)).max() <= 1e-5

@@ -185,18 +185,20 @@ class PackedFailure(_message.Message):
     def __init__(self, index: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class PackedResponse(_message.Message):
-    __slots__ = ("id", "code", "message", "failures", "outputs")
+    __slots__ = ("id", "code", "message", "failures", "outputs", "retry_after_ms")
     ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     id: int
     code: int
     message: str
     failures: _containers.RepeatedCompositeFieldContainer[PackedFailure]
     outputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
-    def __init__(self, id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., failures: _Optional[_Iterable[_Union[PackedFailure, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., failures: _Optional[_Iterable[_Union[PackedFailure, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("session_id", "chunk")
@@ -251,7 +253,7 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
-    __slots__ = ("name", "version", "versions", "arch", "task", "input_kind", "input", "outputs", "labels", "sample_rate", "hop_samples", "state_bytes_per_session", "execution_provider", "properties")
+    __slots__ = ("name", "version", "versions", "arch", "task", "input_kind", "input", "outputs", "labels", "sample_rate", "hop_samples", "state_bytes_per_session", "execution_provider", "properties", "default_version", "withdrawn_versions")
     class PropertiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +275,8 @@ class ModelMetadata(_message.Message):
     STATE_BYTES_PER_SESSION_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     PROPERTIES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAWN_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     versions: _containers.RepeatedScalarFieldContainer[int]
@@ -287,4 +291,6 @@ class ModelMetadata(_message.Message):
     state_bytes_per_session: int
     execution_provider: str
     properties: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., arch: _Optional[str] = ..., task: _Optional[str] = ..., input_kind: _Optional[str] = ..., input: _Optional[_Union[TensorInfo, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., sample_rate: _Optional[int] = ..., hop_samples: _Optional[int] = ..., state_bytes_per_session: _Optional[int] = ..., execution_provider: _Optional[str] = ..., properties: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    default_version: int
+    withdrawn_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., arch: _Optional[str] = ..., task: _Optional[str] = ..., input_kind: _Optional[str] = ..., input: _Optional[_Union[TensorInfo, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., sample_rate: _Optional[int] = ..., hop_samples: _Optional[int] = ..., state_bytes_per_session: _Optional[int] = ..., execution_provider: _Optional[str] = ..., properties: _Optional[_Mapping[str, str]] = ..., default_version: _Optional[int] = ..., withdrawn_versions: _Optional[_Iterable[int]] = ...) -> None: ...
