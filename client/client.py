@@ -273,8 +273,21 @@ class StreamSession:
             await self._reconnect(exc, None, self._deadline())
         return self
 
-    def _next_target(self) -> int:
-        return (self._target + 1) % len(self._client.targets)
+    def _pick(self, not_before: dict[int, float], now: float, deadline: float
+              ) -> tuple[int, float] | None:
+        """The target to try next, and how long to wait for it: the first after this
+        one, round the list, that did not say to wait (a retry hint: a version it is
+        loading, say), else the one that said the soonest; None when every one said a
+        time past ``deadline``."""
+        n = len(self._client.targets)
+        order = [(self._target + k) % n for k in range(1, n + 1)]
+        for t in order:
+            if not_before.get(t, 0.0) <= now:
+                return t, 0.0
+        soonest = min(order, key=lambda t: not_before[t])
+        if not_before[soonest] >= deadline:
+            return None
+        return soonest, not_before[soonest] - now
 
     def _deadline(self) -> float:
         return asyncio.get_running_loop().time() + self._client.reconnect_s
@@ -292,17 +305,16 @@ class StreamSession:
         req.CopyFrom(self._open)
         req.resume = req.resume or seq is not None
         while True:
-            # no sooner than the next target said to try it again (a version it is
-            # loading, say), and not at all when that is past the deadline
-            told = not_before.get(self._next_target(), 0.0)
-            if told >= deadline:
+            picked = self._pick(not_before, loop.time(), deadline)
+            if picked is None:  # every target said to come back past the deadline
                 raise last
-            if told > loop.time():
-                await asyncio.sleep(told - loop.time())
+            target, wait = picked
+            if wait > 0:
+                await asyncio.sleep(wait)
             if (left := deadline - loop.time()) <= 0:
                 break
             try:
-                self._target = self._next_target()
+                self._target = target
                 await self._start(self._client.stub_at(self._target), req,
                                   left if self._timeout is None else min(left, self._timeout))
             except grpc.aio.AioRpcError as exc:

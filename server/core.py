@@ -466,7 +466,7 @@ class Core:
                     except ModelNotFound:
                         await self._check_loading(
                             stored.model, stored.version, f"session {sid!r} is on model "
-                            f"{stored.model!r} version {stored.version}, which")
+                            f"{stored.model!r} version {stored.version}, which", look=True)
                         raise RecordForeign(f"the stored record of session {sid!r} is for model "
                                             f"{stored.model!r} version {stored.version}, which "
                                             "this server does not serve") from None
@@ -507,8 +507,10 @@ class Core:
 
     async def runtime(self, model: str, version: int = 0) -> ModelRuntime:
         """``model``'s ``version`` (0: the one a request that names no version gets), as
-        ``ModelRegistry.get``; but a version, or a model, in this server's repository and
-        not loaded yet is ``VersionLoading`` (UNAVAILABLE, retry), not NOT_FOUND."""
+        ``ModelRegistry.get``; but a version, or a model, that this server's last look
+        found in its repository and has not loaded yet is ``VersionLoading``
+        (UNAVAILABLE, retry), not NOT_FOUND. Its files are not looked at for a request:
+        a client would choose what a thread of the server stats, and how often."""
         try:
             return self.registry.get(model, version or None)
         except ModelNotFound:
@@ -516,21 +518,26 @@ class Core:
                 f" version {version}" if version else ""))
             raise
 
-    async def _check_loading(self, model: str, version: int, subject: str) -> None:
+    async def _check_loading(self, model: str, version: int, subject: str,
+                             look: bool = False) -> None:
         """``VersionLoading`` (UNAVAILABLE: clients retry) when ``model``'s ``version``
         (0: any of its versions) is not loaded here but is in the repository, which this
         server looks at while serving (``repo_poll_s``): a version published a moment
-        ago, which another server may have loaded and opened sessions on already. Not
-        one whose load failed here (refused as not served: the log says why)."""
+        ago, which another server may have loaded and opened sessions on already. As the
+        last look found it; with ``look`` (a stored session's version, not a client's
+        word) the file is looked for too, for a version published since. Not one whose
+        load failed here (refused as not served: the log says why)."""
         key = (model, version)
         if not self.repo_poll_s or not is_model_name(model) or version < 0 \
                 or key in self.load_failed:
             return
         if version:
-            path = self.registry.repo / model / str(version) / MODEL_FILE
-            loading = key in self.loading or await asyncio.get_running_loop(
-                ).run_in_executor(None, path.is_file)  # not looked at yet; off the loop
-        else:  # (a volume may hang)
+            loading = key in self.loading
+            if not loading and look:  # off the loop: a volume may hang
+                path = self.registry.repo / model / str(version) / MODEL_FILE
+                loading = await asyncio.get_running_loop().run_in_executor(
+                    None, path.is_file)
+        else:
             loading = any(name == model for name, _ in self.loading)
         if loading:
             raise VersionLoading(

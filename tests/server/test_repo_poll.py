@@ -5,9 +5,12 @@ broken is not served, and one that failed is tried again once it changes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -287,15 +290,49 @@ def pushback(err: grpc.RpcError) -> str | None:
     return dict(err.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
 
 
+@contextlib.contextmanager
+def kept_unsettled(path: Path) -> Iterator[None]:
+    """``path``'s mtime moved on every 20 ms: to the server's looks, a file still being
+    written, which it does not load (it stays "not loaded yet") until the block ends."""
+    stop = threading.Event()
+
+    def touch() -> None:
+        while not stop.wait(0.02):
+            os.utime(path, ns=(time.time_ns(), time.time_ns()))
+
+    toucher = threading.Thread(target=touch)
+    toucher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        toucher.join()
+
+
+def until_seen(client: Client, model: str, version: int, timeout: float = 30) -> None:
+    """Until the server's look found the version (its open is "not loaded yet")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.open_session(model, version=version)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                return
+            assert err.code() == grpc.StatusCode.NOT_FOUND and time.monotonic() < deadline
+        else:
+            raise AssertionError(f"{model} version {version} is served already")
+        time.sleep(0.05)
+
+
 def test_requests_naming_a_version_not_loaded_yet_are_told_when_to_retry(
         repo, small_repo, tmp_path) -> None:
-    """A version in the repository that this server has not loaded yet (published a
-    moment ago; another replica may serve it already) is UNAVAILABLE "not loaded yet"
-    with a retry hint on every API, not NOT_FOUND, which no client retries. The server
-    here looks every 30 s, so text 2 stays unloaded: the hint is 5 s, and a client
-    whose resumes have 2 s takes the refusal at once, not tries every 50-500 ms."""
+    """A version the server's look found in the repository and it has not loaded yet
+    (published a moment ago; another replica may serve it already) is UNAVAILABLE "not
+    loaded yet" with a retry hint on every API, not NOT_FOUND, which no client retries.
+    Looks every 5 s, so the hint is 5 s: a client whose resumes have 2 s takes the
+    refusal at once, rather than trying every 50-500 ms."""
     log = tmp_path / "server.log"
-    srv = start_server(small_repo, log, "--repo-poll-s", "30")
+    srv = start_server(small_repo, log, "--repo-poll-s", "5")
     move_in(repo / "text" / "2", small_repo, "text", 2, tmp_path)
     chunk = np.frombuffer(SENTENCE[:5], np.uint8)[None]
 
@@ -314,22 +351,24 @@ def test_requests_naming_a_version_not_loaded_yet_are_told_when_to_retry(
             return packed.value, streamed.value, time.monotonic() - started
 
     try:
-        with Client(srv.target, timeout=10) as client:
-            with pytest.raises(grpc.RpcError) as opened:
-                client.open_session("text", version=2)
-            with pytest.raises(grpc.RpcError) as unknown:
-                client.open_session("text", version=3)  # not in the repository
-            meta = client.stub.GetModelMetadata(pb.GetModelMetadataRequest(model="text"))
-        with grpc.insecure_channel(srv.target) as channel:
-            oip = oip_grpc.GRPCInferenceServiceStub(channel)
-            with pytest.raises(grpc.RpcError) as inferred:
-                oip.ModelInfer(oip_request(np.zeros((1, 5), np.uint8), "text",
-                                           datatype="UINT8", version="2"))
-            with pytest.raises(grpc.RpcError) as described:
-                oip.ModelMetadata(oip_pb.ModelMetadataRequest(name="text", version="2"))
-            ready = oip.ModelReady(oip_pb.ModelReadyRequest(name="text", version="2"))
-        packed, streamed, waited = asyncio.run(clients())
-        text = srv.metrics()
+        with kept_unsettled(small_repo / "text" / "2" / "model.onnx"):
+            with Client(srv.target, timeout=10) as client:
+                until_seen(client, "text", 2)
+                with pytest.raises(grpc.RpcError) as opened:
+                    client.open_session("text", version=2)
+                with pytest.raises(grpc.RpcError) as unknown:
+                    client.open_session("text", version=3)  # not in the repository
+                meta = client.stub.GetModelMetadata(pb.GetModelMetadataRequest(model="text"))
+            with grpc.insecure_channel(srv.target) as channel:
+                oip = oip_grpc.GRPCInferenceServiceStub(channel)
+                with pytest.raises(grpc.RpcError) as inferred:
+                    oip.ModelInfer(oip_request(np.zeros((1, 5), np.uint8), "text",
+                                               datatype="UINT8", version="2"))
+                with pytest.raises(grpc.RpcError) as described:
+                    oip.ModelMetadata(oip_pb.ModelMetadataRequest(name="text", version="2"))
+                ready = oip.ModelReady(oip_pb.ModelReadyRequest(name="text", version="2"))
+            packed, streamed, waited = asyncio.run(clients())
+            text = srv.metrics()
     finally:
         assert srv.stop() == 0, log.read_text()[-3000:]
     for err in (opened.value, inferred.value, described.value, packed, streamed):
@@ -347,26 +386,79 @@ def test_requests_naming_a_version_not_loaded_yet_are_told_when_to_retry(
                         code="UNAVAILABLE") == 1
 
 
-def test_a_client_opening_a_version_being_loaded_gets_it_once_loaded(
+def test_a_client_waits_the_hint_and_opens_the_version_once_loaded(
         repo, small_repo, tmp_path) -> None:
-    """The Python client's resumes take the hint: a stream opened on a version the
-    moment it is published opens once the server has loaded it, and runs exactly."""
+    """The Python client's resumes take the hint (1 s here, the poll period): a stream
+    opened on a version the server is loading tries again once a second, not every
+    50-500 ms, and opens once the version is served, exact."""
     x = np.frombuffer(SENTENCE, dtype=np.uint8)
     log = tmp_path / "server.log"
-    srv = start_server(small_repo, log, "--repo-poll-s", "0.3")
+    srv = start_server(small_repo, log, "--repo-poll-s", "1")
+    move_in(repo / "text" / "2", small_repo, "text", 2, tmp_path)
 
-    async def main() -> tuple[int, np.ndarray]:
+    async def main() -> tuple[int, np.ndarray, float]:
         async with AsyncClient(srv.target, timeout=10, reconnect_s=30) as client:
-            move_in(repo / "text" / "2", small_repo, "text", 2, tmp_path)
+            started = time.monotonic()
             async with client.stream("text", version=2) as s:
+                took = time.monotonic() - started
                 y = (await s.send(SENTENCE, end=True))["logits"]
-                return s.version, y
+                return s.version, y, took
 
     try:
-        version, y = asyncio.run(main())
+        with Client(srv.target, timeout=10) as client:
+            with kept_unsettled(small_repo / "text" / "2" / "model.onnx"):
+                until_seen(client, "text", 2)
+                got: list[tuple[int, np.ndarray, float]] = []
+                opening = threading.Thread(target=lambda: got.append(asyncio.run(main())))
+                opening.start()
+                time.sleep(3)  # refused meanwhile: the file does not settle
+            opening.join(30)
         refusals = metric_value(srv.metrics(), "rnnserve_requests_total", method="Stream",
                                 code="UNAVAILABLE")
     finally:
         assert srv.stop() == 0, log.read_text()[-3000:]
-    assert version == 2 and refusals >= 1
+    ((version, y, took),) = got
+    assert version == 2 and took >= 3
+    # a try at most once a second (backing off from 50 ms, ten in the first 3 s)
+    assert 3 <= refusals <= took + 1, (refusals, took)
     assert np.abs(y - whole_run(repo, "text", 2, x)).max() <= 1e-5
+
+
+def test_a_retry_hint_holds_back_its_own_target_not_the_others(
+        repo, small_repo, tmp_path) -> None:
+    """Two replicas loading the version: A looks every 5 s (hint 5 s, past the client's
+    4 s to resume), B every 0.5 s (hint 0.5 s), and loads it a second after the stream
+    first tries. The stream opens on B once loaded, and A is asked once: A's hint past
+    the deadline does not end the retries while B's does not."""
+    repos = {name: tmp_path / f"models-{name}" for name in "ab"}
+    for path in repos.values():
+        shutil.copytree(small_repo, path)
+    a = start_server(repos["a"], tmp_path / "a.log", "--repo-poll-s", "5")
+    b = start_server(repos["b"], tmp_path / "b.log", "--repo-poll-s", "0.5")
+    for name, path in repos.items():
+        move_in(repo / "text" / "2", path, "text", 2, tmp_path / name)
+
+    async def main() -> tuple[int, int]:
+        async with AsyncClient([a.target, b.target], timeout=10, reconnect_s=4) as client:
+            async with client.stream("text", version=2) as s:
+                await s.send(SENTENCE)
+                return s.version, s.resumes
+
+    try:
+        with kept_unsettled(repos["a"] / "text" / "2" / "model.onnx"):
+            with kept_unsettled(repos["b"] / "text" / "2" / "model.onnx"):
+                for srv in (a, b):
+                    with Client(srv.target, timeout=10) as client:
+                        until_seen(client, "text", 2)
+                got: list[tuple[int, int]] = []
+                opening = threading.Thread(target=lambda: got.append(asyncio.run(main())))
+                opening.start()
+                time.sleep(1)
+            opening.join(30)
+        refused = [metric_value(srv.metrics(), "rnnserve_requests_total", method="Stream",
+                                code="UNAVAILABLE") for srv in (a, b)]
+    finally:
+        for srv in (a, b):
+            assert srv.stop() == 0, srv.log.read_text()[-3000:]
+    assert got == [(2, 1)]
+    assert refused[0] == 1 and refused[1] >= 1, refused
