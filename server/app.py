@@ -44,6 +44,7 @@ from rnnserve.server.errors import DeviceUnavailable, StoreUnavailable
 from rnnserve.server.interceptor import MetricsInterceptor
 from rnnserve.server.metrics import Limits, Metrics, ServingCollector
 from rnnserve.server.oip import OipServicer
+from rnnserve.server.prepare import prepared_apart
 from rnnserve.server.runtime import (
     ANSWER_OVERHEAD,
     CUDA,
@@ -426,8 +427,9 @@ class RnnServer:
         """Load, warm up and serve each version not loaded yet whose model.onnx looked
         the same two looks in a row (a file being written is not read). One that failed
         is tried again once its file changes, or after ``RETRY_FAILED_S`` (a failure
-        that was not the file's: device memory, a permission). Off the event loop but
-        for moments (parsing a model holds the GIL). With CUDA graphs none is captured
+        that was not the file's: device memory, a permission). Off the event loop: the
+        file is parsed in another process (parsing holds the GIL), and onnxruntime
+        reads what it wrote in a thread. With CUDA graphs none is captured
         for it: a capture fails when other CUDA work runs meanwhile (runtime.py)."""
         loop = asyncio.get_running_loop()
         reg = self.registry
@@ -452,8 +454,10 @@ class RnnServer:
             rt: ModelRuntime | None = None
             batcher: Batcher | None = None
             try:
-                rt = await loop.run_in_executor(
-                    None, ModelRuntime, mv.path, mv.name, mv.version, reg.options)
+                async with prepared_apart(mv.path) as prepared:  # not holding the GIL
+                    rt = await loop.run_in_executor(
+                        None, ModelRuntime, mv.path, mv.name, mv.version, reg.options,
+                        prepared)
                 assert rt is not None
                 if self.settings.cuda_graphs:
                     rt.seal()
@@ -482,9 +486,10 @@ class RnnServer:
             watch.seen.pop(key)
             watch.failed.pop(key, None)
             self.core.load_failed = self.core.load_failed - {key}
-            log.info("serving %s version %d (%s, %s input) on %s, loaded while serving%s",
-                     rt.name, rt.version, rt.meta.arch, rt.meta.input.kind, rt.provider,
-                     " (its runs are not captured as CUDA graphs)"
+            log.info("serving %s version %d (%s, %s input) on %s, loaded while serving "
+                     "(its file parsed in a process apart in %.2fs)%s", rt.name, rt.version,
+                     rt.meta.arch, rt.meta.input.kind, rt.provider, prepared.seconds,
+                     "; its runs are not captured as CUDA graphs"
                      if self.settings.cuda_graphs else "")
 
     async def release(self) -> None:

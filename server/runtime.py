@@ -152,11 +152,52 @@ def providers_for(options: RuntimeOptions) -> list[Any]:
     return [(CUDA, cuda_options), CPU]
 
 
+def state_specs(meta: ModelMetadata) -> list[PoolSpec]:
+    return [PoolSpec(s.input, s.output, s.row_shape(), np.dtype(s.dtype))
+            for s in meta.states]
+
+
+def prepare(path: Path) -> tuple[dict[str, str], int, onnx.ModelProto]:
+    """A model file read and checked for serving: its metadata properties, its opset,
+    and its graph with the state pool's gather and scatter (``pooled_model``).
+    Parsing the protobuf, and writing it for onnxruntime, hold Python's interpreter
+    lock for long spells, so a server that loads while serving does this in another
+    process (``rnnserve.server.prepare``)."""
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # not a protobuf, truncated, unreadable
+        raise ModelRepositoryError(f"{path}: not a readable ONNX model: {exc}") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    meta = ModelMetadata.from_props(props, source=str(path))
+    graph_inputs = {i.name for i in model.graph.input} - {i.name for i in
+                                                            model.graph.initializer}
+    declared = {meta.input.name, *(s.input for s in meta.states)}
+    if graph_inputs != declared:
+        raise ModelRepositoryError(f"{path}: graph inputs {sorted(graph_inputs)} do not "
+                                   f"match the metadata {sorted(declared)}")
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                default=17)
+    return props, opset, pooled_model(model, state_specs(meta))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What ``prepare`` gave in another process: the pooled graph written to ``path``
+    (onnxruntime reads a file with the interpreter lock released), and the seconds
+    it took."""
+    props: dict[str, str]
+    opset: int
+    path: Path
+    seconds: float
+
+
 class ModelRuntime:
-    """One model version in onnxruntime."""
+    """One model version in onnxruntime; ``prepared``: its file already read, checked
+    and pooled in another process (a version loaded while serving)."""
 
     def __init__(self, path: str | Path, name: str, version: int,
-                 options: RuntimeOptions = RuntimeOptions()) -> None:
+                 options: RuntimeOptions = RuntimeOptions(),
+                 prepared: Prepared | None = None) -> None:
         started = time.perf_counter()
         self.name, self.version, self.path = name, version, Path(path)
         self.options = options
@@ -171,31 +212,22 @@ class ModelRuntime:
         providers = providers_for(options)
         quiet = options.device == "auto" and CUDA in [p[0] for p in providers
                                                       if isinstance(p, tuple)]
-        try:
-            model = onnx.load(str(path))
-        except Exception as exc:  # not a protobuf, truncated, unreadable
-            raise ModelRepositoryError(f"{path}: not a readable ONNX model: {exc}") from None
-        props = {p.key: p.value for p in model.metadata_props}
+        if prepared is None:
+            props, opset, model = prepare(Path(path))
+            source: bytes | str = model.SerializeToString()
+            del model
+        else:  # by ``rnnserve.server.prepare`` in another process
+            props, opset, source = prepared.props, prepared.opset, str(prepared.path)
+            started -= prepared.seconds
         self.meta = ModelMetadata.from_props(props, source=str(path))
-        graph_inputs = {i.name for i in model.graph.input} - {i.name for i in
-                                                                model.graph.initializer}
-        declared = {self.meta.input.name, *(s.input for s in self.meta.states)}
-        if graph_inputs != declared:
-            raise ModelRepositoryError(f"{path}: graph inputs {sorted(graph_inputs)} do not "
-                                       f"match the metadata {sorted(declared)}")
         self._state_dtypes = [np.dtype(s.dtype) for s in self.meta.states]
-        specs = [PoolSpec(s.input, s.output, s.row_shape(), dt)
-                 for s, dt in zip(self.meta.states, self._state_dtypes, strict=True)]
-        opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
-                    default=17)
-        pooled = pooled_model(model, specs).SerializeToString()
-        del model
+        specs = state_specs(self.meta)
         if options.device == "cuda":
             set_cuda_sync(options.cuda_sync, options.device_id)
         if quiet:  # a failed CUDA attempt is expected on CPU machines: say it once, below
             ort.set_default_logger_severity(4)
         try:
-            self.session = ort.InferenceSession(pooled, so, providers=providers)
+            self.session = ort.InferenceSession(source, so, providers=providers)
         finally:
             if quiet:
                 ort.set_default_logger_severity(2)

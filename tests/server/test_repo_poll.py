@@ -60,7 +60,10 @@ def test_a_version_added_while_serving_serves_new_sessions_and_leaves_open_ones(
         repo, small_repo, tmp_path) -> None:
     x = np.frombuffer(SENTENCE, dtype=np.uint8)
     log = tmp_path / "server.log"
-    srv = start_server(small_repo, log, "--repo-poll-s", "0.1")
+    scratch = tmp_path / "scratch"  # where the version is prepared apart (TMPDIR)
+    scratch.mkdir()
+    srv = start_server(small_repo, log, "--repo-poll-s", "0.1",
+                       env={"TMPDIR": str(scratch)})
     try:
         with Client(srv.target, timeout=10) as client:
             old = client.open_session("text")
@@ -83,6 +86,9 @@ def test_a_version_added_while_serving_serves_new_sessions_and_leaves_open_ones(
                             version="2") == 1
         assert metric_value(text, "rnnserve_model_load_seconds", model="text",
                             version="2") > 0
+        # parsed in another process (parsing holds the GIL), in a folder gone since
+        assert "its file parsed in a process apart" in log.read_text()
+        assert list(scratch.glob("rnnserve-load-*")) == []
     finally:
         assert srv.stop() == 0, log.read_text()[-3000:]
 
@@ -113,6 +119,7 @@ def test_a_broken_version_is_not_served_and_is_tried_again_once_it_changes(
             assert client.open_session("text").version == 2
         text = log.read_text()
         assert text.count("not loaded") == 1, text
+        assert "not a readable ONNX model" in text  # the reason, from the process apart
         assert metric_value(srv.metrics(), "rnnserve_model_load_failures_total",
                             model="text", version="2") == 1
     finally:
