@@ -62,7 +62,8 @@ def one_round(python_path: str, repo: Path, model: str, big: Path, work: Path
     proc = subprocess.Popen(
         [sys.executable, "-m", "rnnserve", "serve", "--repo", str(served), "--device", "cpu",
          "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
-         "--repo-poll-s", "0.2"], stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+         "--repo-poll-s", "0.2"], stdout=subprocess.PIPE, stderr=log, env=env, text=True,
+        cwd=work)  # not a checkout: its rnnserve/ would go before PYTHONPATH's
     try:
         assert proc.stdout is not None
         port = json.loads(proc.stdout.readline())["grpc_port"]
@@ -180,7 +181,7 @@ def main() -> None:
                 for how in lags:
                     out = subprocess.run([sys.executable, __file__, "--repo", "-", "--one",
                                           str(big), how], check=True, text=True,
-                                         capture_output=True).stdout
+                                         capture_output=True, cwd=work).stdout
                     lags[how].append(json.loads(out.splitlines()[-1]))
                     print(json.dumps({"round": r, "load": how, **lags[how][-1]}), flush=True)
             for how, rounds in lags.items():

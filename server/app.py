@@ -44,7 +44,7 @@ from rnnserve.server.errors import DeviceUnavailable, StoreUnavailable
 from rnnserve.server.interceptor import MetricsInterceptor
 from rnnserve.server.metrics import Limits, Metrics, ServingCollector
 from rnnserve.server.oip import OipServicer
-from rnnserve.server.prepare import prepared_apart
+from rnnserve.server.prepare import prepared_apart, sweep_stale
 from rnnserve.server.runtime import (
     ANSWER_OVERHEAD,
     CUDA,
@@ -363,6 +363,10 @@ class RnnServer:
         loop = asyncio.get_running_loop()
         watch = _RepoWatch(loaded)
         unreadable: str | None = None
+        try:  # what loads of a server killed meanwhile left in TMPDIR
+            await loop.run_in_executor(None, sweep_stale)
+        except Exception as exc:
+            log.warning("could not look for folders left by earlier loads: %s", exc)
         while True:
             await asyncio.sleep(every_s)
             try:

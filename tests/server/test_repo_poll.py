@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -62,6 +63,13 @@ def test_a_version_added_while_serving_serves_new_sessions_and_leaves_open_ones(
     log = tmp_path / "server.log"
     scratch = tmp_path / "scratch"  # where the version is prepared apart (TMPDIR)
     scratch.mkdir()
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    left = scratch / f"rnnserve-load-{ended.pid}-abc"  # a load of a server killed then
+    left.mkdir()
+    (left / "pooled.onnx").write_bytes(b"x")
+    kept = scratch / f"rnnserve-load-{os.getpid()}-abc"  # a live process's
+    kept.mkdir()
     srv = start_server(small_repo, log, "--repo-poll-s", "0.1",
                        env={"TMPDIR": str(scratch)})
     try:
@@ -86,9 +94,10 @@ def test_a_version_added_while_serving_serves_new_sessions_and_leaves_open_ones(
                             version="2") == 1
         assert metric_value(text, "rnnserve_model_load_seconds", model="text",
                             version="2") > 0
-        # parsed in another process (parsing holds the GIL), in a folder gone since
+        # parsed in another process (parsing holds the GIL), in a folder gone since;
+        # a dead server's folder swept at the start, a live one's kept
         assert "its file parsed in a process apart" in log.read_text()
-        assert list(scratch.glob("rnnserve-load-*")) == []
+        assert list(scratch.glob("rnnserve-load-*")) == [kept]
     finally:
         assert srv.stop() == 0, log.read_text()[-3000:]
 
@@ -434,14 +443,15 @@ def test_a_client_waits_the_hint_and_opens_the_version_once_loaded(
 def test_a_retry_hint_holds_back_its_own_target_not_the_others(
         repo, small_repo, tmp_path) -> None:
     """Two replicas loading the version: A looks every 5 s (hint 5 s, past the client's
-    4 s to resume), B every 0.5 s (hint 0.5 s), and loads it a second after the stream
-    first tries. The stream opens on B once loaded, and A is asked once: A's hint past
-    the deadline does not end the retries while B's does not."""
+    4 s to resume), B every 0.3 s (hint 0.3 s), and loads it once its file settles,
+    half a second after the stream first tries. The stream opens on B once loaded,
+    and A is asked once: A's hint past the deadline does not end the retries while
+    B's does not."""
     repos = {name: tmp_path / f"models-{name}" for name in "ab"}
     for path in repos.values():
         shutil.copytree(small_repo, path)
     a = start_server(repos["a"], tmp_path / "a.log", "--repo-poll-s", "5")
-    b = start_server(repos["b"], tmp_path / "b.log", "--repo-poll-s", "0.5")
+    b = start_server(repos["b"], tmp_path / "b.log", "--repo-poll-s", "0.3")
     for name, path in repos.items():
         move_in(repo / "text" / "2", path, "text", 2, tmp_path / name)
 
@@ -460,7 +470,7 @@ def test_a_retry_hint_holds_back_its_own_target_not_the_others(
                 got: list[tuple[int, int]] = []
                 opening = threading.Thread(target=lambda: got.append(asyncio.run(main())))
                 opening.start()
-                time.sleep(1)
+                time.sleep(0.5)
             opening.join(30)
         refused = [metric_value(srv.metrics(), "rnnserve_requests_total", method="Stream",
                                 code="UNAVAILABLE") for srv in (a, b)]
