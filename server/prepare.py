@@ -9,7 +9,9 @@ the lock released (``runtime.Prepared``).
     python -m rnnserve.server.prepare MODEL.onnx OUT.onnx
 
 writes the pooled graph to OUT.onnx and prints one JSON line (the metadata properties
-and the opset); a model that cannot be served exits 1 with the reason on stderr.
+and the opset); a model that cannot be served exits 1 with the reason on stderr. When
+OUT's folder is a server's (rnnserve-load-PID-*) and that server is no longer this
+process's parent (killed mid-load), it removes the folder and exits 3.
 """
 
 from __future__ import annotations
@@ -84,12 +86,25 @@ async def prepared_apart(path: Path) -> AsyncIterator[Prepared]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _orphaned(dst: Path) -> bool:
+    """Whether the server this load is for (the folder rnnserve-load-PID-*) is gone: a
+    worker killed mid-load, whose ``finally`` never runs."""
+    name = dst.parent.name
+    pid = name[len(PREFIX):].split("-", 1)[0] if name.startswith(PREFIX) else ""
+    return pid.isdigit() and os.getppid() != int(pid)
+
+
 def main(argv: list[str]) -> int:
     from rnnserve.server.runtime import prepare
 
     src, dst = Path(argv[0]), Path(argv[1])
+    gone = f"{src}: the server that asked for it is gone; its folder removed"
     try:
         props, opset, model = prepare(src)
+        if _orphaned(dst):  # after the parse (the long part): nothing left behind
+            shutil.rmtree(dst.parent, ignore_errors=True)
+            print(gone, file=sys.stderr)
+            return 3
     except ModelRepositoryError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -102,6 +117,10 @@ def main(argv: list[str]) -> int:
         print(f"{src}: its prepared graph could not be written to {dst} (TMPDIR): "
               f"{exc.strerror or exc}", file=sys.stderr)
         return 1
+    if _orphaned(dst):  # gone while it was written
+        shutil.rmtree(dst.parent, ignore_errors=True)
+        print(gone, file=sys.stderr)
+        return 3
     print(json.dumps({"props": props, "opset": opset}))
     return 0
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -479,3 +481,27 @@ def test_a_retry_hint_holds_back_its_own_target_not_the_others(
             assert srv.stop() == 0, srv.log.read_text()[-3000:]
     assert got == [(2, 1)]
     assert refused[0] == 1 and refused[1] >= 1, refused
+
+
+def test_a_prepare_child_whose_server_is_gone_leaves_nothing_behind(repo, tmp_path) -> None:
+    """``python -m rnnserve.server.prepare`` writes the pooled graph into its server's
+    folder (rnnserve-load-PID-*) and prints the metadata; when that server is not its
+    parent any more (killed mid-load: the folder would stay in a pod's /tmp), it
+    removes the folder instead and exits 3."""
+    src = repo / "text" / "1" / "model.onnx"
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    runs = {}
+    for pid in (os.getpid(), ended.pid):  # this test's process is the child's parent
+        folder = tmp_path / f"rnnserve-load-{pid}-abc"
+        folder.mkdir()
+        runs[pid] = subprocess.run(
+            [sys.executable, "-P", "-m", "rnnserve.server.prepare", str(src),
+             str(folder / "pooled.onnx")], capture_output=True, text=True, cwd=tmp_path)
+    ours, orphan = runs[os.getpid()], runs[ended.pid]
+    assert ours.returncode == 0, ours.stderr
+    info = json.loads(ours.stdout.splitlines()[-1])
+    assert "rnnserve.model" in info["props"] and info["opset"] >= 13
+    assert (tmp_path / f"rnnserve-load-{os.getpid()}-abc" / "pooled.onnx").stat().st_size
+    assert orphan.returncode == 3 and "is gone" in orphan.stderr, orphan.stderr
+    assert not (tmp_path / f"rnnserve-load-{ended.pid}-abc").exists()
