@@ -37,7 +37,7 @@ CHUNK = bytes(2 * 640)  # 40 ms of 16 kHz PCM16 silence
 
 
 def padded(src: Path, dst: Path, mb: int) -> None:
-    """``src`` with an unused float32 initializer of ``mb`` MB: as large to parse and
+    """``src`` with an unused float32 initializer of ``mb`` MiB: as large to parse and
     write as a model of that size (onnxruntime drops it when it builds the session)."""
     import numpy as np
     import onnx
@@ -102,10 +102,20 @@ def one_round(python_path: str, repo: Path, model: str, big: Path, work: Path
         log.close()
     before = sorted(s for t, s in answers if t < moved)
     during = sorted(s for t, s in answers if moved <= t <= loaded)
-    return {"before_p99_ms": 1000 * before[int(0.99 * (len(before) - 1))],
-            "before_max_ms": 1000 * before[-1], "during_max_ms": 1000 * during[-1],
-            "during_p99_ms": 1000 * during[int(0.99 * (len(during) - 1))],
+    return {"before_p99_ms": _p99_ms(before), "before_max_ms": 1000 * before[-1],
+            "during_max_ms": 1000 * during[-1], "during_p99_ms": _p99_ms(during),
             "load_s": loaded - moved, "answers_during": len(during)}
+
+
+def _p99_ms(ordered: list[float]) -> float:
+    return 1000 * ordered[int(0.99 * (len(ordered) - 1))]
+
+
+def _print_medians(label: str, results: dict[str, list[dict[str, Any]]]) -> None:
+    """One JSON line per entry of ``results``: the median of each figure of its rounds."""
+    for name, rounds in results.items():
+        print(json.dumps({label: name, "median": {
+            k: round(statistics.median(x[k] for x in rounds), 3) for k in rounds[0]}}))
 
 
 def loop_lag(path: Path, apart: bool) -> dict[str, Any]:
@@ -165,17 +175,9 @@ def main() -> None:
     model = args.model or next(d.name for d in sorted(args.repo.iterdir()) if d.is_dir())
     with tempfile.TemporaryDirectory(prefix="load-stall-") as tmp:
         work = Path(tmp)
-        builds = {"this": Path(__file__).resolve().parent.parent}
-        if args.against is not None:
-            builds["against"] = args.against.resolve()
-        paths = {}
-        for name, root in builds.items():
-            (work / name).mkdir()
-            _lay_out(root, work / name)
-            paths[name] = str(work / name)
         big = work / "big" / "model.onnx"
         padded(args.repo / model / "1" / "model.onnx", big, args.pad_mb)
-        if args.in_process:
+        if args.in_process:  # this build (the installed one) only: its two load paths
             lags: dict[str, list[dict[str, Any]]] = {"apart": [], "here": []}
             for r in range(args.rounds):
                 for how in lags:
@@ -184,20 +186,23 @@ def main() -> None:
                                          capture_output=True, cwd=work).stdout
                     lags[how].append(json.loads(out.splitlines()[-1]))
                     print(json.dumps({"round": r, "load": how, **lags[how][-1]}), flush=True)
-            for how, rounds in lags.items():
-                print(json.dumps({"load": how, "median": {
-                    k: round(statistics.median(x[k] for x in rounds), 3)
-                    for k in rounds[0]}}))
+            _print_medians("load", lags)
             return
+        builds = {"this": Path(__file__).resolve().parent.parent}
+        if args.against is not None:
+            builds["against"] = args.against.resolve()
+        paths = {}
+        for name, root in builds.items():
+            (work / name).mkdir()
+            _lay_out(root, work / name)
+            paths[name] = str(work / name)
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in builds}
         for r in range(args.rounds):
             for name in builds:
                 got = one_round(paths[name], args.repo, model, big, work)
                 results[name].append(got)
                 print(json.dumps({"round": r, "build": name, **got}), flush=True)
-        for name, rounds in results.items():
-            print(json.dumps({"build": name, "median": {
-                k: round(statistics.median(x[k] for x in rounds), 3) for k in rounds[0]}}))
+        _print_medians("build", results)
 
 
 if __name__ == "__main__":

@@ -489,7 +489,6 @@ class RnnServer:
             watch.loaded[key] = look
             watch.seen.pop(key)
             watch.failed.pop(key, None)
-            self.core.load_failed = self.core.load_failed - {key}
             log.info("serving %s version %d (%s, %s input) on %s, loaded while serving "
                      "(its file parsed in a process apart in %.2fs)%s", rt.name, rt.version,
                      rt.meta.arch, rt.meta.input.kind, rt.provider, prepared.seconds,

@@ -22,8 +22,9 @@ Hierarchy::
     │   ├── RecordCorrupt          DATA_LOSS: its stored record is damaged
     │   └── RecordForeign          FAILED_PRECONDITION: its record is another model's
     ├── StoreUnavailable           UNAVAILABLE: the shared session store cannot be reached
-    ├── VersionLoading             UNAVAILABLE: a stored session's version is in the model
-    │                              repository, not loaded here yet (--repo-poll-s); retry
+    ├── VersionLoading             UNAVAILABLE: a version named (or a stored session's) is
+    │                              in the model repository, not loaded here yet
+    │                              (--repo-poll-s); retry
     ├── Overloaded                 RESOURCE_EXHAUSTED (queue full, at capacity, a
     │   │                          principal's limit; with a retry hint)
     │   └── PoolFull               a fixed state pool has no free row (server.pool)
